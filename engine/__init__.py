@@ -1,0 +1,30 @@
+"""lightgate's inference engine: token-granular KV memory, continuous batching, a worker process.
+
+The public surface is this module's `__all__`; everything else is internal.
+"""
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.engine_core import EngineStats
+from engine.errors import EngineDeadError, EngineOverloadedError, PromptTooLongError
+from engine.llm import LLM
+from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.sampling_params import RequestOutputKind, SamplingParams
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LLM",
+    "AsyncEngine",
+    "CompletionOutput",
+    "EngineConfig",
+    "EngineDeadError",
+    "EngineOverloadedError",
+    "EngineStats",
+    "Logprob",
+    "PromptTooLongError",
+    "RequestOutput",
+    "RequestOutputKind",
+    "SamplingParams",
+    "__version__",
+]

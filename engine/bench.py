@@ -1,0 +1,103 @@
+"""`lightgate bench offline`: the engine beside transformers' `generate`, in one run.
+
+Both run the same model (the embedded default unless `--model` is given) with greedy
+decoding and a fixed number of output tokens (eos ignored), one after the other, on this
+machine. Reported: single-stream decode tok/s and aggregate output tok/s at `--batch`
+concurrent requests, and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+_PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a bicycle stays upright while moving.",
+    "List some tips for keeping houseplants healthy in winter.",
+    "Describe the water cycle to a ten-year-old.",
+]
+
+
+def _prompts(tokenizer, n: int) -> list[list[int]]:
+    out = []
+    for i in range(n):
+        msgs = [{"role": "user", "content": _PROMPTS[i % len(_PROMPTS)] + f" (variant {i})"}]
+        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        out.append(list(ids))
+    return out
+
+
+def _bench_engine(llm, prompts: list[list[int]], max_tokens: int) -> float:
+    from engine.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    return sum(len(o.outputs[0].token_ids) for o in outs) / elapsed
+
+
+def _bench_transformers(model, tokenizer, prompts: list[list[int]], max_tokens: int) -> float:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    kwargs = dict(do_sample=False, pad_token_id=pad, eos_token_id=None)
+    with torch.inference_mode():
+        model.generate(ids[:1, -8:], attention_mask=mask[:1, -8:], max_new_tokens=4, min_new_tokens=4, **kwargs)
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens, **kwargs)
+        elapsed = time.perf_counter() - start
+    return (out.shape[1] - width) * len(prompts) / elapsed
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lightgate bench offline", description=__doc__)
+    parser.add_argument("--model", default=None, help="model dir or GGUF file (default: embedded SmolLM2-135M)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args(argv)
+
+    from transformers import AutoModelForCausalLM
+
+    from engine.llm import LLM
+
+    llm = LLM(args.model, dtype="float32")
+    tokenizer = llm.get_tokenizer()
+    prompts = _prompts(tokenizer, args.batch)
+    results: dict[str, float] = {}
+    results["engine_single_tok_s"] = _bench_engine(llm, prompts[:1], args.max_tokens)
+    results["engine_batch_tok_s"] = _bench_engine(llm, prompts, args.max_tokens)
+    model_path = llm.core.model_path
+    llm.shutdown()
+    if not args.skip_transformers:
+        hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        hf.eval()
+        results["transformers_single_tok_s"] = _bench_transformers(hf, tokenizer, prompts[:1], args.max_tokens)
+        results["transformers_batch_tok_s"] = _bench_transformers(hf, tokenizer, prompts, args.max_tokens)
+
+    print(f"\nmodel: {model_path}  threads: {torch.get_num_threads()}  output tokens/request: {args.max_tokens}")
+    print(f"{'':28}{'single stream':>16}{f'batch {args.batch} aggregate':>22}")
+    print(f"{'lightgate (tok/s)':28}{results['engine_single_tok_s']:>16.1f}{results['engine_batch_tok_s']:>22.1f}")
+    if not args.skip_transformers:
+        t1, tb = results["transformers_single_tok_s"], results["transformers_batch_tok_s"]
+        print(f"{'transformers generate (tok/s)':28}{t1:>16.1f}{tb:>22.1f}")
+        r1, rb = results["engine_single_tok_s"] / t1, results["engine_batch_tok_s"] / tb
+        results.update(ratio_single=r1, ratio_batch=rb)
+        print(f"{'ratio':28}{r1:>15.2f}x{rb:>21.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""The engine loop's body, synchronous: schedule → execute (worker) → update.
+
+`EngineCore` owns the router (scheduler + slot allocator), the worker handle, the tokenizer
+and the per-request output state (detokenizers, stop-string matchers). It produces *delta*
+`RequestOutput`s: each carries what one step added to each choice that changed. `LLM` and
+`AsyncEngine` turn deltas into what their callers asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer, StopStringMatcher, convert_ids_to_logprob_tokens
+from engine.errors import PromptTooLongError
+from engine.kv_cache import KVSlotAllocator
+from engine.models.loader import load_hf_config, resolve_model
+from engine.outputs import CompletionOutput, Logprob, LogprobsDict, RequestOutput
+from engine.plan import NewRow, SeqStep, StepPlan, StepResult, TokenLogprobs
+from engine.request import Sequence, SequenceStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.tokenizer import eos_token_ids, load_tokenizer
+from engine.worker import ProgressFn, WorkerClient
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # 0..1
+    kv_cache_capacity_tokens: int
+    prefix_cache_queries: int = 0  # cumulative prompt tokens looked up
+    prefix_cache_hits: int = 0  # cumulative prompt tokens found
+
+
+@dataclass(slots=True)
+class _Choice:
+    seq: Sequence
+    detok: IncrementalDetokenizer | None
+    stop_matcher: StopStringMatcher | None
+
+
+@dataclass(slots=True)
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    choices: list[_Choice]
+    arrival_time: float
+    prompt_logprobs: list[LogprobsDict | None] | None = None
+    num_unfinished: int = 0
+    first_token_time: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, progress: ProgressFn | None = None) -> None:
+        self.model_path = resolve_model(config.model)
+        hf_config = load_hf_config(self.model_path)
+        text_config = getattr(hf_config, "text_config", hf_config)
+        config = config.resolve(max_position_embeddings=text_config.max_position_embeddings)
+        self.config = config
+        self.model_name = DEFAULT_MODEL_NAME if config.model is None else os.path.basename(
+            os.path.normpath(config.model)
+        )
+        self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
+        self.eos_token_ids = eos_token_ids(self.model_path, hf_config, self.tokenizer)
+        self.vocab_size: int = text_config.vocab_size
+        self.worker = WorkerClient(config, self.model_path)
+        info = self.worker.wait_ready(progress)
+        self.worker_info = info
+        assert config.max_model_len is not None and config.max_num_batched_tokens is not None
+        self.max_model_len = min(config.max_model_len, info.max_model_len)
+        self.allocator = KVSlotAllocator(info.num_slots)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                num_slots=info.num_slots,
+                admission=config.admission,
+            ),
+            self.allocator,
+        )
+        self.requests: dict[str, RequestState] = {}
+        self._step_id = 0
+        logger.info(
+            "KV cache: %d tokens, %.2f GiB (%s) on %s",
+            info.num_slots, info.kv_cache_bytes / (1 << 30), info.kv_dtype, info.device,
+        )
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Tokenize and check a request; raises ValueError naming the problem."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: send token ids as the prompt", "prompt")
+            prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            prompt_ids = list(prompt)
+            if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt_ids):
+                raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
+        if not prompt_ids:
+            raise ValueError("the prompt must contain at least one token", "prompt")
+        if params.max_tokens is None:
+            if len(prompt_ids) >= self.max_model_len:
+                raise PromptTooLongError(self.max_model_len, len(prompt_ids), 1)
+        elif len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise PromptTooLongError(self.max_model_len, len(prompt_ids), params.max_tokens)
+        if params.logit_bias and any(not 0 <= t < self.vocab_size for t in params.logit_bias):
+            raise ValueError(f"logit_bias keys must be token ids in [0, {self.vocab_size})", "logit_bias")
+        return prompt_ids
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> RequestState:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use", "request_id")
+        prompt_ids = self.validate(prompt, params)
+        if not params.ignore_eos:
+            params.all_stop_token_ids = set(params.stop_token_ids or []) | self.eos_token_ids
+        max_tokens = params.max_tokens or (self.max_model_len - len(prompt_ids))
+        now = time.time()
+        choices = []
+        for i in range(params.n):
+            seq = Sequence(
+                request_id=request_id,
+                seq_id=f"{request_id}#{i}",
+                index=i,
+                prompt_token_ids=prompt_ids,
+                params=params,
+                max_tokens=max_tokens,
+                arrival_time=now,
+            )
+            detok = None
+            if self.tokenizer is not None:
+                detok = IncrementalDetokenizer(
+                    self.tokenizer, prompt_ids, params.skip_special_tokens, params.spaces_between_special_tokens
+                )
+            matcher = StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None
+            choices.append(_Choice(seq, detok, matcher))
+        state = RequestState(
+            request_id, prompt if isinstance(prompt, str) else None, prompt_ids, params, choices, now,
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+            num_unfinished=params.n,
+        )
+        self.requests[request_id] = state
+        for choice in choices:
+            self.scheduler.add(choice.seq)
+        return state
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return None
+        self.scheduler.abort(request_id)
+        outputs = [
+            CompletionOutput(c.seq.index, "", [], [] if state.params.logprobs is not None else None, "abort")
+            for c in state.choices
+            if not c.seq.status.is_finished
+        ]
+        return self._output(state, outputs, finished=True)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=self.allocator.usage,
+            kv_cache_capacity_tokens=self.allocator.num_slots,
+        )
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def schedule(self) -> tuple[SchedulerOutput, StepPlan] | None:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled and not sched.freed_rows:
+            return None
+        self._step_id += 1
+        steps = []
+        for s in sched.scheduled:
+            seq = s.seq
+            new_row = None
+            if s.is_new_row:
+                new_row = NewRow(seq.params, seq.prompt_token_ids, list(seq.output_token_ids))
+            steps.append(
+                SeqStep(
+                    row=s.req_idx,
+                    start_pos=s.start_pos,
+                    token_ids=s.token_ids,
+                    out_slots=s.out_slots,
+                    sample=s.sample,
+                    prefix_slots=s.prefix_slots,
+                    new_row=new_row,
+                    prompt_logprobs=self._wants_prompt_logprobs(seq, s.start_pos),
+                )
+            )
+        return sched, StepPlan(self._step_id, steps, list(sched.freed_rows))
+
+    def _wants_prompt_logprobs(self, seq: Sequence, start_pos: int) -> int | None:
+        state = self.requests.get(seq.request_id)
+        if state is None or state.prompt_logprobs is None or seq.index != 0:
+            return None
+        # Only the chunk that continues exactly where the collected logprobs end (not a recompute).
+        if start_pos + 1 != len(state.prompt_logprobs) or start_pos >= len(seq.prompt_token_ids) - 1:
+            return None
+        return seq.params.prompt_logprobs
+
+    def step(self) -> list[RequestOutput]:
+        """One synchronous step: the offline API's loop body."""
+        planned = self.schedule()
+        if planned is None:
+            return []
+        sched, plan = planned
+        return self.process(sched, plan, self.worker.execute(plan))
+
+    def process(self, sched: SchedulerOutput, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
+        self.scheduler.update_after_step(sched)
+        now = time.time()
+        changed: dict[str, list[CompletionOutput]] = {}
+        for i, entries in result.prompt_logprobs.items():
+            state = self.requests.get(sched.scheduled[i].seq.request_id)
+            if state is not None and state.prompt_logprobs is not None:
+                state.prompt_logprobs.extend(self._logprobs_dict(e) for e in entries)
+        sampled = (s for s in sched.scheduled if s.sample)
+        for s, token_id, lp in zip(sampled, result.sampled_token_ids, result.sampled_logprobs, strict=True):
+            seq = s.seq
+            state = self.requests.get(seq.request_id)
+            if state is None or seq.status.is_finished:
+                continue  # aborted while the step ran
+            if state.first_token_time is None:
+                state.first_token_time = now
+            delta = self._append_token(state, state.choices[seq.index], token_id, lp)
+            changed.setdefault(seq.request_id, []).append(delta)
+        outputs = []
+        for request_id, deltas in changed.items():
+            state = self.requests[request_id]
+            finished = state.num_unfinished == 0
+            if finished:
+                del self.requests[request_id]
+            outputs.append(self._output(state, deltas, finished))
+        return outputs
+
+    def _append_token(
+        self, state: RequestState, choice: _Choice, token_id: int, lp: TokenLogprobs | None
+    ) -> CompletionOutput:
+        seq, params = choice.seq, state.params
+        seq.append_token(token_id)
+        text = ""
+        finish: SequenceStatus | None = None
+        stop_reason: int | str | None = None
+        if token_id in params.all_stop_token_ids and seq.num_output_tokens >= params.min_tokens:
+            finish = SequenceStatus.FINISHED_STOPPED
+            stop_reason = None if token_id in self.eos_token_ids else token_id
+        elif choice.detok is not None:
+            text = choice.detok.add(token_id)
+            if choice.stop_matcher is not None:
+                text, stop_str = choice.stop_matcher.feed(text)
+                if stop_str is not None and seq.num_output_tokens >= params.min_tokens:
+                    finish, stop_reason = SequenceStatus.FINISHED_STOPPED, stop_str
+        if finish is None and (
+            seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len
+        ):
+            finish = SequenceStatus.FINISHED_LENGTH
+        if finish is not None:
+            if finish is SequenceStatus.FINISHED_LENGTH or stop_reason is None:
+                if choice.stop_matcher is not None:
+                    text += choice.stop_matcher.flush()
+            self.scheduler.finish(seq, finish)
+            state.num_unfinished -= 1
+        logprobs = [self._logprobs_dict(lp)] if (lp is not None and params.logprobs is not None) else None
+        if params.logprobs is not None and logprobs is None:
+            logprobs = []
+        return CompletionOutput(
+            seq.index, text, [token_id], logprobs,
+            finish.finish_reason if finish is not None else None, stop_reason,
+        )
+
+    def _logprobs_dict(self, lp: TokenLogprobs) -> LogprobsDict:
+        ids = [lp.token_id, *lp.top_ids]
+        words = convert_ids_to_logprob_tokens(self.tokenizer, ids) if self.tokenizer is not None else [None] * len(ids)
+        out: LogprobsDict = {lp.token_id: Logprob(lp.logprob, lp.rank, words[0])}
+        for rank, (tid, value, word) in enumerate(zip(lp.top_ids, lp.top_logprobs, words[1:], strict=True), 1):
+            if tid not in out:
+                out[tid] = Logprob(value, rank, word)
+        return out
+
+    def _output(self, state: RequestState, outputs: list[CompletionOutput], finished: bool) -> RequestOutput:
+        metrics = {"arrival_time": state.arrival_time}
+        if state.first_token_time is not None:
+            metrics["first_token_time"] = state.first_token_time
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=outputs,
+            finished=finished,
+            prompt_logprobs=state.prompt_logprobs,
+            metrics=metrics,
+        )
+
+    def shutdown(self) -> None:
+        self.worker.shutdown()

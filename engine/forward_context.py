@@ -1,0 +1,125 @@
+"""Per-step attention metadata: the one global the model reads during a forward pass.
+
+The model runner builds a `ForwardContext` for each step and installs it with
+`set_forward_context`; attention layers read it with `get_forward_context()`. Nothing else
+in a forward pass is global.
+
+A step is a packed (padding-free) batch of `num_seqs` sequences. Sequence i contributes
+`new_lens[i]` new tokens at positions `start_pos[i] .. start_pos[i] + new_lens[i] - 1`; its
+earlier `start_pos[i]` tokens are already in the KV pool, at the slots
+`req_to_token[req_indices[i], :start_pos[i]]`. The new tokens' K/V go to `out_slots`, which
+the runner has also written into `req_to_token` before the forward pass, so after the store
+`req_to_token[req_indices[i], :seq_lens[i]]` names every key of sequence i.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class KVPool:
+    """Token-granular KV memory: one K and one V tensor per layer.
+
+    k[layer]: [num_slots + 1, num_kv_heads, head_dim]; the last slot is a dummy that padded
+    entries point at. With int8 KV, `k_scale[layer]`: [num_slots + 1, num_kv_heads] (float).
+    """
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    k_scale: list[torch.Tensor] | None = None
+    v_scale: list[torch.Tensor] | None = None
+
+    @property
+    def num_slots(self) -> int:
+        return self.k[0].shape[0] - 1
+
+    @property
+    def dummy_slot(self) -> int:
+        return self.k[0].shape[0] - 1
+
+
+@dataclass(slots=True)
+class ForwardContext:
+    kv: KVPool
+    req_to_token: torch.Tensor  # [max_running_requests, max_model_len] int32
+    req_indices: torch.Tensor  # [num_seqs] int64: each sequence's row in req_to_token
+    start_pos: torch.Tensor  # [num_seqs] int64: tokens already cached
+    new_lens: torch.Tensor  # [num_seqs] int64: new tokens this step
+    seq_lens: torch.Tensor  # [num_seqs] int64: start_pos + new_lens
+    cu_new_lens: torch.Tensor  # [num_seqs + 1] int64: offsets of each sequence in the packed tokens
+    out_slots: torch.Tensor  # [num_tokens] int64: KV slot of each new token
+    positions: torch.Tensor  # [num_tokens] int64
+    # Host copies of the small vectors, for the torch path's per-sequence loops (no syncs).
+    start_pos_list: list[int]
+    new_lens_list: list[int]
+    req_indices_list: list[int]
+    is_decode_only: bool  # every sequence has exactly one new token
+    max_seq_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.new_lens_list)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.out_slots.shape[0])
+
+
+_context: ForwardContext | None = None
+
+
+def get_forward_context() -> ForwardContext:
+    if _context is None:
+        raise RuntimeError("no forward context is set: run the model through the model runner")
+    return _context
+
+
+@contextmanager
+def set_forward_context(ctx: ForwardContext) -> Iterator[None]:
+    global _context
+    previous, _context = _context, ctx
+    try:
+        yield
+    finally:
+        _context = previous
+
+
+def build_forward_context(
+    kv: KVPool,
+    req_to_token: torch.Tensor,
+    req_indices: list[int],
+    start_pos: list[int],
+    new_lens: list[int],
+    out_slots: torch.Tensor,
+) -> ForwardContext:
+    """Build the metadata of one step from host lists (CPU path and tests)."""
+    device = req_to_token.device
+    seq_lens = [s + n for s, n in zip(start_pos, new_lens, strict=True)]
+    cu = [0]
+    for n in new_lens:
+        cu.append(cu[-1] + n)
+    positions = torch.cat(
+        [torch.arange(s, s + n, dtype=torch.int64) for s, n in zip(start_pos, new_lens, strict=True)]
+    ) if new_lens else torch.zeros(0, dtype=torch.int64)
+    as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
+    return ForwardContext(
+        kv=kv,
+        req_to_token=req_to_token,
+        req_indices=as_tensor(req_indices),
+        start_pos=as_tensor(start_pos),
+        new_lens=as_tensor(new_lens),
+        seq_lens=as_tensor(seq_lens),
+        cu_new_lens=as_tensor(cu),
+        out_slots=out_slots.to(device=device, dtype=torch.int64),
+        positions=positions.to(device),
+        start_pos_list=list(start_pos),
+        new_lens_list=list(new_lens),
+        req_indices_list=list(req_indices),
+        is_decode_only=all(n == 1 for n in new_lens),
+        max_seq_len=max(seq_lens, default=0),
+    )

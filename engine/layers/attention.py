@@ -1,0 +1,166 @@
+"""Attention over the token-granular KV pool (plain torch; the CPU path and the reference).
+
+Data flow of one layer in one step (see `engine/forward_context.py`):
+1. store: the new tokens' k/v [T, KV, D] go to `kv.k[layer][out_slots]` / `kv.v[...]`;
+   with an int8 pool they are quantized first (symmetric, one scale per slot and kv head,
+   scale = absmax / 127) and the scales go to `kv.k_scale[layer][out_slots]`.
+2. read: sequence i's keys are the slots `req_to_token[row_i, :seq_len_i]` (cached prefix
+   plus the tokens just stored), dequantized when int8.
+3. attend: new token j of sequence i sits at position start_pos_i + j and sees keys at
+   positions <= its own (causal), and with a sliding window W only keys with
+   position > its own - W.
+
+Decode-only steps with several sequences gather every sequence's keys into one padded
+[B, L] batch and mask the padding, instead of looping over sequences in Python.
+GQA: query head h reads kv head h // (H / KV) (`enable_gqa`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.forward_context import ForwardContext, KVPool, get_forward_context
+
+_INT8_MAX = 127.0
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [T, KV, D] float -> (int8 [T, KV, D], scale [T, KV] float32); x ~= q * scale."""
+    scale = x.abs().amax(dim=-1).float() / _INT8_MAX
+    scale = scale.clamp(min=1e-8)  # an all-zero head quantizes to zeros, not NaN
+    q = torch.round(x.float() / scale.unsqueeze(-1)).clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """q: [..., KV, D] int8, scale: [..., KV] -> [..., KV, D] in `dtype`."""
+    return (q.float() * scale.float().unsqueeze(-1)).to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        layer_idx: int,
+        sliding_window: int | None = None,
+    ) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.layer_idx = layer_idx
+        self.sliding_window = sliding_window
+
+    # ---- KV pool access -------------------------------------------------------------------
+
+    def _store(self, kv: KVPool, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        # slots: [T]; k, v: [T, KV, D]
+        k_pool, v_pool = kv.k[self.layer_idx], kv.v[self.layer_idx]
+        if kv.k_scale is not None and kv.v_scale is not None:
+            kq, ks = quantize_int8(k)
+            vq, vs = quantize_int8(v)
+            k_pool[slots], v_pool[slots] = kq, vq
+            kv.k_scale[self.layer_idx][slots] = ks.to(kv.k_scale[self.layer_idx].dtype)
+            kv.v_scale[self.layer_idx][slots] = vs.to(kv.v_scale[self.layer_idx].dtype)
+        else:
+            k_pool[slots] = k.to(k_pool.dtype)
+            v_pool[slots] = v.to(v_pool.dtype)
+
+    def _read(self, kv: KVPool, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # slots: any shape S -> k, v: [*S, KV, D] in `dtype`
+        k, v = kv.k[self.layer_idx][slots], kv.v[self.layer_idx][slots]
+        if kv.k_scale is not None and kv.v_scale is not None:
+            k = dequantize_int8(k, kv.k_scale[self.layer_idx][slots], dtype)
+            v = dequantize_int8(v, kv.v_scale[self.layer_idx][slots], dtype)
+        return k.to(dtype), v.to(dtype)
+
+    # ---- forward --------------------------------------------------------------------------
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [T, H * D], k / v: [T, KV * D] -> [T, H * D]
+        ctx = get_forward_context()
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        self._store(
+            ctx.kv,
+            ctx.out_slots,
+            k.view(num_tokens, self.num_kv_heads, self.head_dim),
+            v.view(num_tokens, self.num_kv_heads, self.head_dim),
+        )
+        if ctx.is_decode_only and ctx.num_seqs > 1:
+            out = self._decode_batched(ctx, q)
+        else:
+            out = self._per_sequence(ctx, q)
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)
+
+    def _per_sequence(self, ctx: ForwardContext, q: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(q)  # [T, H, D]
+        offset = 0
+        for row, start, num_new in zip(
+            ctx.req_indices_list, ctx.start_pos_list, ctx.new_lens_list, strict=True
+        ):
+            seq_len = start + num_new
+            slots = ctx.req_to_token[row, :seq_len].long()
+            k, v = self._read(ctx.kv, slots, q.dtype)  # [L, KV, D]
+            q_i = q[offset : offset + num_new].transpose(0, 1)  # [H, n, D]
+            mask = self._mask(start, num_new, seq_len, q.device)
+            o = F.scaled_dot_product_attention(
+                q_i.unsqueeze(0),
+                k.transpose(0, 1).unsqueeze(0),  # [1, KV, L, D]
+                v.transpose(0, 1).unsqueeze(0),
+                attn_mask=mask,
+                is_causal=mask is None and num_new > 1,
+                scale=self.scale,
+                enable_gqa=True,
+            )  # [1, H, n, D]
+            out[offset : offset + num_new] = o[0].transpose(0, 1)
+            offset += num_new
+        return out
+
+    def _mask(self, start: int, num_new: int, seq_len: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean [n, L] mask (True = attend), or None when plain causal or no mask suffices."""
+        windowed = self.sliding_window is not None and seq_len > self.sliding_window
+        if start == 0 and not windowed:
+            return None  # is_causal (n == L) or a single token that sees everything
+        q_pos = torch.arange(start, seq_len, device=device).unsqueeze(1)  # [n, 1]
+        k_pos = torch.arange(seq_len, device=device).unsqueeze(0)  # [1, L]
+        mask = k_pos <= q_pos
+        if windowed:
+            mask &= k_pos > q_pos - self.sliding_window
+        return mask
+
+    def _decode_batched(self, ctx: ForwardContext, q: torch.Tensor) -> torch.Tensor:
+        # One new token per sequence: q [B, H, D]. Keys are gathered into a padded [B, L] grid.
+        seq_lens = ctx.seq_lens  # [B]
+        max_len = ctx.max_seq_len
+        k_pos = torch.arange(max_len, device=q.device).unsqueeze(0)  # [1, L]
+        valid = k_pos < seq_lens.unsqueeze(1)  # [B, L]
+        if self.sliding_window is not None:
+            valid &= k_pos > (seq_lens - 1 - self.sliding_window).unsqueeze(1)
+        slots = ctx.req_to_token[ctx.req_indices, :max_len].long()  # [B, L]
+        # Padding entries may hold stale slot ids: point them at the dummy slot.
+        slots = torch.where(valid, slots, ctx.kv.dummy_slot)
+        k, v = self._read(ctx.kv, slots, q.dtype)  # [B, L, KV, D]
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2),  # [B, H, 1, D]
+            k.transpose(1, 2),  # [B, KV, L, D]
+            v.transpose(1, 2),
+            attn_mask=valid[:, None, None, :],  # [B, 1, 1, L]
+            scale=self.scale,
+            enable_gqa=True,
+        )  # [B, H, 1, D]
+        return o.squeeze(2)
+
+    def extra_repr(self) -> str:
+        return (
+            f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"layer={self.layer_idx}, sliding_window={self.sliding_window}"
+        )

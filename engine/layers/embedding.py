@@ -1,0 +1,91 @@
+"""Token embedding and LM head, sharded along the vocabulary.
+
+Rank r owns vocabulary rows [r * shard, (r + 1) * shard) where shard = ceil(vocab / tp); the
+last shard is zero-padded. With tp > 1 the embedding output is summed over ranks (each rank
+contributes zeros for ids it does not own) and the logits are gathered; with tp == 1 both
+are the identity, which is the only case wired today.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        params_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings  # the real vocabulary size
+        self.embedding_dim = embedding_dim
+        self.tp_rank = tp_rank
+        self.tp_size = tp_size
+        self.shard_size = -(-num_embeddings // tp_size)
+        self.vocab_start = tp_rank * self.shard_size
+        self.vocab_end = min(self.vocab_start + self.shard_size, num_embeddings)
+        # [shard_size, embedding_dim]; rows past vocab_end (last rank only) stay zero.
+        self.weight = nn.Parameter(
+            torch.empty(self.shard_size, embedding_dim, dtype=params_dtype), requires_grad=False
+        )
+        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        if loaded_weight.shape[1] != self.embedding_dim or loaded_weight.shape[0] < self.vocab_end:
+            raise ValueError(f"embedding shape mismatch: checkpoint {tuple(loaded_weight.shape)}")
+        owned = self.vocab_end - self.vocab_start
+        param.data[owned:].zero_()
+        param.data[:owned].copy_(loaded_weight[self.vocab_start : self.vocab_end])
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # input_ids: [num_tokens] int64 -> [num_tokens, embedding_dim]
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        owned = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
+        local_ids = torch.where(owned, input_ids - self.vocab_start, 0)
+        out = F.embedding(local_ids, self.weight)
+        return out * owned.unsqueeze(-1).to(out.dtype)  # the all-reduce over ranks goes here
+
+    def extra_repr(self) -> str:
+        return f"vocab={self.num_embeddings}, dim={self.embedding_dim}, tp={self.tp_size}"
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Projects hidden states onto the vocabulary: logits = hidden @ W.T (+ b)."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        bias: bool = False,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        params_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(num_embeddings, embedding_dim, tp_rank, tp_size, params_dtype)
+        self.bias: nn.Parameter | None = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.shard_size, dtype=params_dtype), requires_grad=False)
+            self.bias.weight_loader = self.bias_loader  # type: ignore[attr-defined]
+
+    def bias_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        owned = self.vocab_end - self.vocab_start
+        param.data[owned:].zero_()
+        param.data[:owned].copy_(loaded_weight[self.vocab_start : self.vocab_end])
+
+    def tie_weights(self, embedding: VocabParallelEmbedding) -> None:
+        """Share the input embedding's weight (tie_word_embeddings)."""
+        self.weight = embedding.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # hidden: [num_rows, embedding_dim] -> logits [num_rows, vocab] (this rank's shard when tp > 1)
+        logits = F.linear(hidden, self.weight, self.bias)
+        if self.tp_size == 1 and self.shard_size != self.num_embeddings:
+            logits = logits[:, : self.num_embeddings]
+        return logits

@@ -1,0 +1,207 @@
+"""Linear layers with tensor-parallel names and per-parameter weight loaders.
+
+Every parameter carries a `weight_loader(param, loaded_weight, shard_id=None)` that copies the
+slice of a full checkpoint tensor that belongs to this rank. With `tp_size == 1` (the only
+case today) each rank owns the whole tensor; the collectives (all-gather after a column
+layer, all-reduce after a row layer) are added where the process groups live, not here.
+
+Weights are `[output_size, input_size]` as in `torch.nn.Linear`:
+- ColumnParallelLinear shards dim 0 (outputs), RowParallelLinear shards dim 1 (inputs).
+- MergedColumnParallelLinear stacks several column layers (gate | up) along dim 0.
+- QKVParallelLinear stacks q | k | v heads along dim 0; kv heads are replicated when there
+  are fewer kv heads than ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _divide(numerator: int, denominator: int) -> int:
+    if numerator % denominator:
+        raise ValueError(f"{numerator} is not divisible by {denominator}")
+    return numerator // denominator
+
+
+def _new_param(*shape: int, dtype: torch.dtype | None) -> nn.Parameter:
+    # Uninitialised on purpose: every parameter is overwritten by its weight_loader.
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+class LinearBase(nn.Module):
+    """y = x @ W.T (+ b). Subclasses decide the shape of W on this rank and how to load it."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        params_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.input_size = input_size  # on this rank
+        self.output_size = output_size  # on this rank
+        self.tp_rank = tp_rank
+        self.tp_size = tp_size
+        self.weight = _new_param(output_size, input_size, dtype=params_dtype)
+        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        self.bias: nn.Parameter | None = None
+        if bias:
+            self.bias = _new_param(output_size, dtype=params_dtype)
+            self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        _copy(param.data, loaded_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [num_tokens, input_size] -> [num_tokens, output_size]
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}, tp={self.tp_size}"
+        )
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if dst.shape != src.shape:
+        raise ValueError(
+            f"weight shape mismatch: parameter {tuple(dst.shape)}, checkpoint {tuple(src.shape)}"
+        )
+    dst.copy_(src)
+
+
+class ReplicatedLinear(LinearBase):
+    """Every rank holds the full weight."""
+
+
+class ColumnParallelLinear(LinearBase):
+    """Outputs are split across ranks: rank r holds rows [r * out/tp, (r + 1) * out/tp)."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        params_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(input_size, _divide(output_size, tp_size), bias, tp_rank, tp_size, params_dtype)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        shard = param.data.shape[0]
+        _copy(param.data, loaded_weight.narrow(0, self.tp_rank * shard, shard))
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column layers fused along the output dim (e.g. gate_proj | up_proj)."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: list[int],
+        bias: bool = False,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        params_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.output_sizes = output_sizes
+        super().__init__(input_size, sum(output_sizes), bias, tp_rank, tp_size, params_dtype)
+
+    def weight_loader(  # type: ignore[override]
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int
+    ) -> None:
+        # Each part is split on its own, so rank r holds [gate_r | up_r].
+        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
+        size = self.output_sizes[shard_id] // self.tp_size
+        rank_part = loaded_weight.narrow(0, self.tp_rank * size, size)
+        _copy(param.data.narrow(0, offset, size), rank_part)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Fused q | k | v projection; `forward` output is [T, (H + 2 * KV) * D] on this rank."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_size: int,
+        total_num_heads: int,
+        total_num_kv_heads: int | None = None,
+        bias: bool = False,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        params_dtype: torch.dtype | None = None,
+    ) -> None:
+        total_num_kv_heads = total_num_kv_heads or total_num_heads
+        self.head_size = head_size
+        self.total_num_heads = total_num_heads
+        self.total_num_kv_heads = total_num_kv_heads
+        self.num_heads = _divide(total_num_heads, tp_size)
+        if tp_size >= total_num_kv_heads:
+            # Fewer kv heads than ranks: each kv head is replicated on tp / KV ranks.
+            self.num_kv_heads = 1
+            self.num_kv_head_replicas = _divide(tp_size, total_num_kv_heads)
+        else:
+            self.num_kv_heads = _divide(total_num_kv_heads, tp_size)
+            self.num_kv_head_replicas = 1
+        output_size = (self.num_heads + 2 * self.num_kv_heads) * head_size * tp_size
+        super().__init__(hidden_size, output_size, bias, tp_rank, tp_size, params_dtype)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_size
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_size
+
+    def weight_loader(  # type: ignore[override]
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str
+    ) -> None:
+        if shard_id == "q":
+            offset, size, rank_idx = 0, self.q_size, self.tp_rank
+        elif shard_id == "k":
+            offset, size = self.q_size, self.kv_size
+            rank_idx = self.tp_rank // self.num_kv_head_replicas
+        elif shard_id == "v":
+            offset, size = self.q_size + self.kv_size, self.kv_size
+            rank_idx = self.tp_rank // self.num_kv_head_replicas
+        else:
+            raise ValueError(f"shard_id must be q, k or v, got {shard_id!r}")
+        rank_part = loaded_weight.narrow(0, rank_idx * size, size)
+        _copy(param.data.narrow(0, offset, size), rank_part)
+
+
+class RowParallelLinear(LinearBase):
+    """Inputs are split across ranks; the partial outputs are summed by an all-reduce (later).
+
+    The bias is added on rank 0 only so that the all-reduce counts it once.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        params_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(_divide(input_size, tp_size), output_size, bias, tp_rank, tp_size, params_dtype)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        if param.data.dim() == 1:  # bias: not sharded
+            _copy(param.data, loaded_weight)
+            return
+        shard = param.data.shape[1]
+        _copy(param.data, loaded_weight.narrow(1, self.tp_rank * shard, shard))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [num_tokens, input_size / tp] -> [num_tokens, output_size] (partial sum when tp > 1)
+        bias = self.bias if self.tp_rank == 0 else None
+        return F.linear(x, self.weight, bias)

@@ -1,0 +1,104 @@
+"""`LLM`: the offline API. Add every prompt, step until all finish, return in input order."""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from engine.config import EngineConfig
+from engine.engine_core import EngineCore
+from engine.outputs import OutputAccumulator, RequestOutput
+from engine.sampling_params import SamplingParams
+
+PromptType = str | list[int]
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        dtype: str = "auto",
+        tensor_parallel_size: int = 1,
+        kv_cache_dtype: str = "auto",
+        kv_cache_memory_gb: float | None = None,
+        max_model_len: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        config = EngineConfig(
+            model=model,
+            dtype=dtype,
+            tensor_parallel_size=tensor_parallel_size,
+            kv_cache_dtype=kv_cache_dtype,
+            kv_cache_memory_gb=kv_cache_memory_gb,
+            max_model_len=max_model_len,
+            **kwargs,
+        )
+        self._core: EngineCore | None = EngineCore(config)
+        self._ids = itertools.count()
+        atexit.register(self.shutdown)
+
+    @property
+    def core(self) -> EngineCore:
+        if self._core is None:
+            raise RuntimeError("this LLM has been shut down")
+        return self._core
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        return self.core.allocator.num_slots
+
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
+
+    def get_tokenizer(self) -> Any:
+        return self.core.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompt_list: list[PromptType] = list(prompts)  # type: ignore[arg-type]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params_list = (
+            [sampling_params] * len(prompt_list)
+            if isinstance(sampling_params, SamplingParams)
+            else list(sampling_params)
+        )
+        if len(params_list) != len(prompt_list):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        core = self.core
+        order: list[str] = []
+        accs: dict[str, OutputAccumulator] = {}
+        try:
+            for prompt, params in zip(prompt_list, params_list, strict=True):
+                request_id = f"offline-{next(self._ids)}"
+                core.add_request(request_id, prompt, params)
+                order.append(request_id)
+                accs[request_id] = OutputAccumulator(params.n)
+            while core.has_unfinished():
+                for out in core.step():
+                    accs[out.request_id].add(out)
+        except BaseException:
+            for request_id in order:
+                core.abort_request(request_id)
+            raise
+        return [accs[r].result() for r in order]
+
+    def shutdown(self) -> None:
+        if self._core is not None:
+            self._core.shutdown()
+            self._core = None
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

@@ -1,0 +1,173 @@
+"""The worker's side of a step: KV pool, `req_to_token`, forward pass, sampling.
+
+`ModelRunner.execute(plan)` writes the plan's slots into `req_to_token`, packs the step's
+tokens into one padding-free batch, runs the model, samples the rows that reached their last
+known token and returns only what the engine core needs (token ids and logprobs).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine.config import EngineConfig
+from engine.forward_context import KVPool, build_forward_context, set_forward_context
+from engine.plan import SeqStep, StepPlan, StepResult, TokenLogprobs, WorkerInfo
+from engine.sampler import Sampler, SamplingState, compute_prompt_logprobs
+
+logger = logging.getLogger(__name__)
+
+_GIB = 1 << 30
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype) -> int:
+    """Bytes one token occupies in the pool: K and V of every layer (+ scales for int8)."""
+    elem = torch.empty((), dtype=kv_dtype).element_size()
+    per_layer = 2 * num_kv_heads * head_dim * elem
+    if kv_dtype == torch.int8:
+        per_layer += 2 * num_kv_heads * 4  # one float32 scale per (token, kv head), K and V
+    return num_layers * per_layer
+
+
+def allocate_kv_pool(
+    num_slots: int, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: str
+) -> KVPool:
+    # One extra slot at the end: the dummy that padded entries point at.
+    shape = (num_slots + 1, num_kv_heads, head_dim)
+    k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+    v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+    if dtype != torch.int8:
+        return KVPool(k=k, v=v)
+    scale_shape = (num_slots + 1, num_kv_heads)
+    k_scale = [torch.ones(scale_shape, dtype=torch.float32, device=device) for _ in range(num_layers)]
+    v_scale = [torch.ones(scale_shape, dtype=torch.float32, device=device) for _ in range(num_layers)]
+    return KVPool(k=k, v=v, k_scale=k_scale, v_scale=v_scale)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model: torch.nn.Module, hf_config: object) -> None:
+        self.config = config
+        self.model = model
+        self.device = config.resolved_device()
+        text_config = getattr(hf_config, "text_config", hf_config)
+        self.num_layers: int = text_config.num_hidden_layers
+        self.num_kv_heads: int = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+        self.head_dim: int = getattr(text_config, "head_dim", None) or (
+            text_config.hidden_size // text_config.num_attention_heads
+        )
+        assert config.max_model_len is not None, "resolve the config before building a runner"
+        self.max_model_len = config.max_model_len
+        self.kv_dtype = config.kv_torch_dtype()
+        self.num_slots = self._profile_num_slots()
+        self.kv = allocate_kv_pool(
+            self.num_slots, self.num_layers, self.num_kv_heads, self.head_dim, self.kv_dtype, self.device
+        )
+        # [max_num_seqs, max_model_len]: row r, position p -> KV slot. Unused entries point at the dummy.
+        self.req_to_token = torch.full(
+            (config.max_num_seqs, self.max_model_len), self.kv.dummy_slot, dtype=torch.int32, device=self.device
+        )
+        self.sampler = Sampler(device=self.device, seed=config.seed)
+        self.states: dict[int, SamplingState] = {}
+
+    def _profile_num_slots(self) -> int:
+        per_token = kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.kv_dtype)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            free, _total = torch.cuda.mem_get_info()
+            # Leave room for activations of one full step (a crude bound until profiling lands).
+            budget = int(free * self.config.gpu_memory_utilization)
+        else:
+            budget = int((self.config.kv_cache_memory_gb or 1.0) * _GIB)
+        num_slots = budget // per_token
+        if num_slots < 16:
+            raise ValueError(f"KV cache budget of {budget} bytes holds only {num_slots} tokens")
+        return num_slots
+
+    def info(self) -> WorkerInfo:
+        per_token = kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.kv_dtype)
+        return WorkerInfo(
+            num_slots=self.num_slots,
+            kv_cache_bytes=per_token * self.num_slots,
+            max_model_len=self.max_model_len,
+            device=self.device,
+            dtype=str(self.config.torch_dtype()).removeprefix("torch."),
+            kv_dtype=str(self.kv_dtype).removeprefix("torch."),
+        )
+
+    # -- one step -------------------------------------------------------------------------
+
+    def _update_rows(self, plan: StepPlan) -> None:
+        for row in plan.freed_rows:
+            self.states.pop(row, None)
+        r2t = self.req_to_token
+        for s in plan.seqs:
+            if s.new_row is not None:
+                self.states[s.row] = SamplingState(
+                    s.new_row.params,
+                    s.new_row.prompt_token_ids,
+                    s.new_row.output_token_ids,
+                    device=self.device,
+                )
+            if s.prefix_slots:
+                r2t[s.row, : len(s.prefix_slots)] = torch.tensor(s.prefix_slots, dtype=torch.int32)
+            r2t[s.row, s.start_pos : s.start_pos + len(s.out_slots)] = torch.tensor(s.out_slots, dtype=torch.int32)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        self._update_rows(plan)
+        seqs = plan.seqs
+        if not seqs:
+            return StepResult(plan.step_id, [], [])
+        input_ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.int64, device=self.device)
+        out_slots = torch.tensor([t for s in seqs for t in s.out_slots], dtype=torch.int64)
+        ctx = build_forward_context(
+            self.kv,
+            self.req_to_token,
+            req_indices=[s.row for s in seqs],
+            start_pos=[s.start_pos for s in seqs],
+            new_lens=[len(s.token_ids) for s in seqs],
+            out_slots=out_slots,
+        )
+        with set_forward_context(ctx):
+            hidden = self.model(input_ids, ctx.positions)  # [num_tokens, hidden]
+
+        result = StepResult(plan.step_id, [], [])
+        ends = ctx.cu_new_lens.tolist()
+        self._prompt_logprobs(seqs, hidden, ends, result)
+        sample_idx = [i for i, s in enumerate(seqs) if s.sample]
+        if not sample_idx:
+            return result
+        last_tokens = torch.tensor([ends[i + 1] - 1 for i in sample_idx], device=self.device)
+        logits = self.model.compute_logits(hidden[last_tokens])  # [num_sampled, vocab] float32
+        states = [self.states[seqs[i].row] for i in sample_idx]
+        out = self.sampler.sample(logits, states)
+        result.sampled_token_ids = out.token_ids
+        result.sampled_logprobs = [None] * len(sample_idx)
+        for j, state in enumerate(states):
+            state.append(out.token_ids[j])
+            if state.params.logprobs is not None and out.logprobs is not None:
+                lp = out.logprobs[j]
+                result.sampled_logprobs[j] = TokenLogprobs(
+                    out.token_ids[j], lp.sampled_logprob, lp.sampled_rank, lp.top_ids, lp.top_logprobs
+                )
+        return result
+
+    def _prompt_logprobs(self, seqs: list[SeqStep], hidden: torch.Tensor, ends: list[int], result: StepResult) -> None:
+        for i, s in enumerate(seqs):
+            if s.prompt_logprobs is None:
+                continue
+            prompt = self.states[s.row].prompt_token_ids
+            # Position p predicts token p + 1; only positions whose successor is a prompt token count.
+            first, last = s.start_pos, min(s.start_pos + len(s.token_ids), len(prompt) - 1)
+            if last <= first:
+                result.prompt_logprobs[i] = []
+                continue
+            rows = hidden[ends[i] : ends[i] + (last - first)]
+            logits = self.model.compute_logits(rows)
+            targets = prompt[first + 1 : last + 1]
+            entries = compute_prompt_logprobs(logits, targets, s.prompt_logprobs)
+            result.prompt_logprobs[i] = [
+                TokenLogprobs(t, e.sampled_logprob, e.sampled_rank, e.top_ids, e.top_logprobs)
+                for t, e in zip(targets, entries, strict=True)
+            ]

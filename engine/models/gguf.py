@@ -1,0 +1,159 @@
+"""GGUF file -> Hugging Face directory (config.json, model.safetensors, tokenizer files).
+
+The conversion runs once per file (the loader caches its output): tensors are dequantized
+with `gguf.quants.dequantize` (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and whatever
+else the installed `gguf` package can dequantize), renamed from llama.cpp's names
+(`blk.N.attn_q.weight`) to transformers' (`model.layers.N.self_attn.q_proj.weight`), and for
+the `llama` architecture the q/k rows are un-permuted: llama.cpp's converter interleaves the
+two rotary halves of every head, `undo_rope_permute` restores the `rotate_half` layout.
+Config and tokenizer come from transformers' own GGUF metadata readers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+# general.architecture -> transformers class
+GGUF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+# Tensors with no transformers counterpart (llama3's precomputed rope factors come from config).
+_SKIPPED = {"rope_freqs.weight"}
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """llama.cpp tensor name -> transformers name (None for tensors that are not loaded)."""
+    if gguf_name in _SKIPPED:
+        return None
+    match = _BLOCK_RE.match(gguf_name)
+    if match:
+        layer, part, kind = match.groups()
+        if part not in _BLOCK_NAMES:
+            raise ValueError(f"unsupported GGUF tensor {gguf_name!r}")
+        return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+    base, _, kind = gguf_name.rpartition(".")
+    if base not in _GLOBAL_NAMES:
+        raise ValueError(f"unsupported GGUF tensor {gguf_name!r}")
+    return f"{_GLOBAL_NAMES[base]}.{kind}"
+
+
+def undo_rope_permute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Rows of q/k (weight [H * D, in] or bias [H * D]) from llama.cpp's layout to HF's.
+
+    llama.cpp stores head h's rows as (d/2, 2) pairs [x0, x_{D/2}, x1, ...]; HF as (2, d/2).
+    """
+    shape = weight.shape
+    head_dim = shape[0] // num_heads
+    w = weight.reshape(num_heads, head_dim // 2, 2, *shape[1:])
+    return w.transpose(1, 2).reshape(shape)
+
+
+def dequantize_tensor(tensor: Any) -> torch.Tensor:
+    """A `gguf.ReaderTensor` -> torch tensor in transformers' [rows, cols] order.
+
+    F16 and BF16 keep their dtype; everything else becomes float32.
+    """
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    shape = tuple(int(n) for n in reversed(tensor.shape))  # ggml lists the fastest dim first
+    qtype = tensor.tensor_type
+    if qtype == GGMLQuantizationType.F16:
+        return torch.from_numpy(np.array(tensor.data, dtype=np.float16).reshape(shape))
+    if qtype == GGMLQuantizationType.BF16:
+        raw = np.array(tensor.data).view(np.int16).reshape(shape)
+        return torch.from_numpy(raw).view(torch.bfloat16)
+    try:
+        data = dequantize(tensor.data, qtype)
+    except NotImplementedError as e:
+        raise ValueError(f"GGUF tensor {tensor.name!r}: quantization {qtype.name} is not supported") from e
+    return torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))  # a writable copy
+
+
+def read_gguf_tensors(reader: Any, config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (transformers name, tensor) for every tensor of an opened `gguf.GGUFReader`."""
+    architecture = _read_str(reader, "general.architecture")
+    num_heads = int(config["num_attention_heads"])
+    num_kv_heads = int(config.get("num_key_value_heads") or num_heads)
+    for tensor in reader.tensors:
+        name = hf_tensor_name(tensor.name)
+        if name is None:
+            continue
+        value = dequantize_tensor(tensor)
+        if architecture == "llama":  # only llama's converter permutes q/k
+            if ".self_attn.q_proj." in name:
+                value = undo_rope_permute(value, num_heads)
+            elif ".self_attn.k_proj." in name:
+                value = undo_rope_permute(value, num_kv_heads)
+        yield name, value.contiguous()
+
+
+def _read_str(reader: Any, key: str) -> str:
+    field = reader.fields[key]
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def gguf_config(gguf_path: str) -> dict[str, Any]:
+    """config.json content (a dict) from the GGUF metadata, with `architectures` filled in."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = dict(load_gguf_checkpoint(gguf_path, return_tensors=False)["config"])
+    config.pop("_model_name_or_path", None)
+    model_type = config.get("model_type")
+    if model_type not in GGUF_ARCHITECTURES:
+        raise ValueError(
+            f"GGUF architecture {model_type!r} is not supported; supported: {', '.join(sorted(GGUF_ARCHITECTURES))}"
+        )
+    config["architectures"] = [GGUF_ARCHITECTURES[model_type]]
+    return config
+
+
+def convert_gguf(gguf_path: str, out_dir: str) -> None:
+    """Write config.json, model.safetensors and the tokenizer files of `gguf_path` into `out_dir`."""
+    from gguf import GGUFReader
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    config_dict = gguf_config(gguf_path)
+    model_type = config_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **config_dict)
+    config.save_pretrained(out_dir)
+
+    reader = GGUFReader(gguf_path)
+    has_tokenizer = "tokenizer.ggml.model" in reader.fields
+    tensors = dict(read_gguf_tensors(reader, config_dict))
+    if config_dict.get("tie_word_embeddings"):
+        tensors.pop("lm_head.weight", None)
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    del tensors, reader
+
+    if has_tokenizer:
+        directory, filename = os.path.split(os.path.abspath(gguf_path))
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+        tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,210 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2): wiring only, over `engine/layers`.
+
+A step's tokens are packed: input_ids [T] and positions [T] hold every sequence's new tokens
+back to back; the attention layers find each sequence's keys through the ForwardContext.
+Checkpoint names follow transformers (`model.layers.N.self_attn.q_proj.weight`, ...); the
+separate q/k/v and gate/up tensors load into fused parameters via `packed_modules_mapping`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.layers import (
+    Attention,
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    SiluAndMul,
+    VocabParallelEmbedding,
+    get_rope,
+)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self,
+        config: Any,
+        layer_idx: int,
+        rotary_emb: RotaryEmbedding,
+        qkv_bias: bool,
+        o_bias: bool,
+        sliding_window: int | None,
+        tp_rank: int,
+        tp_size: int,
+    ) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        total_heads = config.num_attention_heads
+        total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
+        head_dim = getattr(config, "head_dim", None) or hidden // total_heads
+        self.qkv_proj = QKVParallelLinear(
+            hidden, head_dim, total_heads, total_kv_heads, qkv_bias, tp_rank, tp_size
+        )
+        self.o_proj = RowParallelLinear(total_heads * head_dim, hidden, o_bias, tp_rank, tp_size)
+        self.rotary_emb = rotary_emb
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        self.attn = Attention(
+            self.qkv_proj.num_heads,
+            self.qkv_proj.num_kv_heads,
+            head_dim,
+            scale=head_dim**-0.5,
+            layer_idx=layer_idx,
+            sliding_window=sliding_window,
+        )
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)  # [T, (H + 2 KV) * D]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: Any, tp_rank: int, tp_size: int) -> None:
+        super().__init__()
+        bias = bool(getattr(config, "mlp_bias", False))
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [inter, inter], bias, tp_rank, tp_size
+        )
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias, tp_rank, tp_size)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self,
+        config: Any,
+        layer_idx: int,
+        rotary_emb: RotaryEmbedding,
+        arch: type[LlamaForCausalLM],
+        tp_rank: int,
+        tp_size: int,
+    ) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(
+            config,
+            layer_idx,
+            rotary_emb,
+            qkv_bias=arch.qkv_bias(config),
+            o_bias=arch.o_bias(config),
+            sliding_window=arch.sliding_window_of(config, layer_idx),
+            tp_rank=tp_rank,
+            tp_size=tp_size,
+        )
+        self.mlp = LlamaMLP(config, tp_rank, tp_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # hidden / residual: [T, hidden_size]; the residual add is fused into the norms.
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: Any, arch: type[LlamaForCausalLM], tp_rank: int, tp_size: int) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp_rank, tp_size)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        rotary_emb = get_rope(config, head_dim)  # shared by every layer (one cos/sin cache)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, rotary_emb, arch, tp_rank, tp_size)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # [T, hidden_size]
+        residual: torch.Tensor | None = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint name part -> (fused parameter name part, shard id for its weight_loader)
+    packed_modules_mapping: dict[str, tuple[str, str | int]] = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: Any, tp_rank: int = 0, tp_size: int = 1) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, type(self), tp_rank, tp_size)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp_rank=tp_rank, tp_size=tp_size)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head.tie_weights(self.model.embed_tokens)
+
+    # ---- per-architecture knobs (overridden by the subclasses below) ----------------------
+
+    @classmethod
+    def qkv_bias(cls, config: Any) -> bool:
+        return bool(getattr(config, "attention_bias", False))
+
+    @classmethod
+    def o_bias(cls, config: Any) -> bool:
+        return bool(getattr(config, "attention_bias", False))
+
+    @classmethod
+    def sliding_window_of(cls, config: Any, layer_idx: int) -> int | None:
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types and layer_types[layer_idx] == "sliding_attention":
+            return getattr(config, "sliding_window", None)
+        return None
+
+    # ---- forward --------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # input_ids, positions: [T] int64 -> hidden [T, hidden_size] after the final norm
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [N, hidden_size] (the rows to sample) -> [N, vocab] float32
+        return self.lm_head(hidden).float()
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Llama with a sliding window over every layer when `config.sliding_window` is set."""
+
+    @classmethod
+    def sliding_window_of(cls, config: Any, layer_idx: int) -> int | None:
+        if getattr(config, "layer_types", None):
+            return super().sliding_window_of(config, layer_idx)
+        return getattr(config, "sliding_window", None)
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Llama with biases on q/k/v (not on o_proj)."""
+
+    @classmethod
+    def qkv_bias(cls, config: Any) -> bool:
+        return True
+
+    @classmethod
+    def o_bias(cls, config: Any) -> bool:
+        return False

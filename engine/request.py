@@ -1,0 +1,152 @@
+"""One choice of a request as the router sees it: a `Sequence` and its `SequenceStatus`.
+
+A request with `n > 1` becomes `n` sequences (`seq_id = f"{request_id}#{i}"`). They share the
+prompt's KV: sibling `i > 0` waits until a sibling has computed the first `prompt_len - 1`
+positions, then takes references to those slots and computes only the last prompt token
+itself (its own sampling starts there).
+
+Life of a sequence: WAITING → (admitted) RUNNING → FINISHED_*; preemption sends a RUNNING
+sequence back to WAITING with `num_computed_tokens = 0` and its output tokens kept, so it
+recomputes prompt + output when it is admitted again.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED_STOPPED = enum.auto()  # eos, a stop token id or a stop string
+    FINISHED_LENGTH = enum.auto()  # max_tokens or the model's context
+    FINISHED_ABORTED = enum.auto()  # the client went away or asked to stop
+    FINISHED_ERROR = enum.auto()  # the engine could not serve it
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISH_REASONS
+
+    @property
+    def finish_reason(self) -> str | None:
+        """OpenAI's `finish_reason` for a finished status; None while waiting or running."""
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS: dict[SequenceStatus, str] = {
+    SequenceStatus.FINISHED_STOPPED: "stop",
+    SequenceStatus.FINISHED_LENGTH: "length",
+    SequenceStatus.FINISHED_ABORTED: "abort",
+    SequenceStatus.FINISHED_ERROR: "error",
+}
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """Mutable per-choice state. Identity matters (eq=False): two sequences are never equal."""
+
+    request_id: str
+    seq_id: str
+    index: int  # the choice index, 0..n-1
+    prompt_token_ids: list[int]  # shared between siblings; never mutated
+    params: SamplingParams
+    max_tokens: int  # resolved: params.max_tokens or what is left of the context
+    arrival_time: float = field(default_factory=time.time)
+    output_token_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    # Positions [0, num_computed_tokens) have their K/V in the pool.
+    num_computed_tokens: int = 0
+    req_idx: int | None = None  # the req_to_token row while running
+    # slots[p] is the KV slot of position p. Between `schedule()` and `update_after_step()` it also
+    # holds the slots of the tokens scheduled in that step, so len(slots) >= num_computed_tokens.
+    slots: list[int] = field(default_factory=list)
+    # Leading slots shared by reference with siblings (the prompt minus its last token), or 0.
+    num_shared_prefix: int = 0
+    num_preemptions: int = 0
+    # prompt + output, appended in place: the scheduler slices it every step without copying.
+    _all_token_ids: list[int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.prompt_token_ids:
+            raise ValueError("a sequence needs at least one prompt token")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        self._all_token_ids = [*self.prompt_token_ids, *self.output_token_ids]
+
+    # -- derived values -------------------------------------------------------------------------
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self._all_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """prompt + output. The live list, not a copy: read it, never mutate it."""
+        return self._all_token_ids
+
+    @property
+    def last_token_id(self) -> int:
+        return self._all_token_ids[-1]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self._all_token_ids) - self.num_computed_tokens
+
+    @property
+    def max_num_slots(self) -> int:
+        """Slots this sequence holds at its largest: the last sampled token is never computed."""
+        return self.num_prompt_tokens + self.max_tokens - 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.status.finish_reason
+
+    @property
+    def reached_max_tokens(self) -> bool:
+        return len(self.output_token_ids) >= self.max_tokens
+
+    # -- mutation ----------------------------------------------------------------------------------
+
+    def append_token(self, token_id: int) -> None:
+        """Add one sampled token (the engine calls this once per step with `sample=True`)."""
+        self.output_token_ids.append(token_id)
+        self._all_token_ids.append(token_id)
+
+
+def create_sequences(
+    request_id: str,
+    prompt_token_ids: list[int],
+    params: SamplingParams,
+    max_tokens: int,
+    arrival_time: float | None = None,
+) -> list[Sequence]:
+    """The `params.n` sequences of one request, sharing one prompt list and one arrival time."""
+    now = time.time() if arrival_time is None else arrival_time
+    return [
+        Sequence(
+            request_id=request_id,
+            seq_id=f"{request_id}#{i}",
+            index=i,
+            prompt_token_ids=prompt_token_ids,
+            params=params,
+            max_tokens=max_tokens,
+            arrival_time=now,
+        )
+        for i in range(params.n)
+    ]

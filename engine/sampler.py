@@ -1,0 +1,323 @@
+"""Batched sampling over one step's logits, in the worker process.
+
+Each running row owns a `SamplingState` (its params and what penalties need). A step hands
+the sampler `logits [num_rows, vocab]` and the rows' states, in the same order:
+
+    logits ─► logit_bias ─► min_tokens (mask stop ids) ─► repetition penalty
+           ─► presence / frequency penalties ─► greedy rows: argmax
+                                               other rows: temperature ─► top_k ─► top_p
+                                                            ─► min_p ─► exponential race
+
+Sampling is an exponential race: `argmax(probs / E)` with `E ~ Exp(1)` per vocab entry picks
+token i with probability `probs[i] / sum(probs)`. Each row's `E` is a counter-based stream of
+one 63-bit seed: for a seeded request a hash of (seed, number of tokens generated so far), so
+its tokens do not depend on the batch it shares or on preemption; for the others a draw from
+the sampler's own random source. Logprobs describe the raw distribution (log_softmax of the
+logits before any processing). Everything is plain torch, so CPU and CUDA behave alike.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from engine.sampling_params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64 finalizer: a well-spread 64-bit hash of a 64-bit integer."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def step_seed(seed: int, num_generated: int) -> int:
+    """The generator seed of a seeded row's draw for its `num_generated`-th output token."""
+    return _mix64(_mix64(seed & _MASK64) ^ num_generated) >> 1  # 63 bits: valid everywhere
+
+
+class TokenLogprobs(NamedTuple):
+    sampled_logprob: float  # of the sampled (or actual prompt) token
+    sampled_rank: int  # 1 = most likely
+    top_ids: list[int]  # most likely first
+    top_logprobs: list[float]
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: list[int]  # one per row
+    sampled: torch.Tensor  # [num_rows] int64, on the logits' device (next step's input ids)
+    logprobs: list[TokenLogprobs | None] | None = None  # None for rows that asked for none
+
+
+@dataclass(slots=True)
+class SamplingState:
+    """What sampling needs to remember about one running row.
+
+    Created when a sequence enters the batch (again, after preemption, with the outputs it
+    already has) and told every token it samples via `append`. Penalty tensors live on the
+    logits' device and are built on the first step that needs them; `append` only records
+    the id, and the counts catch up on the next step in one indexed add.
+    """
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int] = ()
+    num_output_tokens: int = field(init=False, default=0)
+    _pending_ids: list[int] = field(init=False, default_factory=list)  # not yet in _counts
+    _counts: torch.Tensor | None = field(init=False, default=None)  # [vocab] int32
+    _prompt_mask: torch.Tensor | None = field(init=False, default=None)  # [vocab] bool
+
+    def __post_init__(self) -> None:
+        self.num_output_tokens = len(self.output_token_ids)
+        if self.params.needs_penalties:
+            self._pending_ids = list(self.output_token_ids)
+        if self.params.repetition_penalty == 1.0:
+            self.prompt_token_ids = ()  # only the repetition penalty looks at the prompt
+        self.output_token_ids = ()  # counted from here on; the engine keeps the ids
+
+    def append(self, token_id: int) -> None:
+        self.num_output_tokens += 1
+        if self.params.needs_penalties:
+            self._pending_ids.append(token_id)
+
+    @property
+    def is_plain(self) -> bool:
+        """True when nothing is done to the logits before temperature and the filters."""
+        p = self.params
+        return not (p.logit_bias or p.needs_penalties or self.blocks_stop_ids)
+
+    @property
+    def blocks_stop_ids(self) -> bool:
+        p = self.params
+        return self.num_output_tokens < p.min_tokens and bool(p.all_stop_token_ids)
+
+    def output_counts(self, vocab_size: int, device: torch.device) -> torch.Tensor:
+        """[vocab] int32: how often each token occurs in the output so far."""
+        if self._counts is None:
+            self._counts = torch.zeros(vocab_size, dtype=torch.int32, device=device)
+        if self._pending_ids:
+            ids = torch.tensor(self._pending_ids, dtype=torch.long, device=device)
+            self._counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+            self._pending_ids.clear()
+        return self._counts
+
+    def seen_mask(self, vocab_size: int, device: torch.device) -> torch.Tensor:
+        """[vocab] bool: tokens in the prompt or the output (the repetition penalty's set)."""
+        seen = self.output_counts(vocab_size, device) > 0
+        if self.prompt_token_ids:
+            if self._prompt_mask is None:
+                ids = torch.tensor(list(self.prompt_token_ids), dtype=torch.long, device=device)
+                self._prompt_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+                self._prompt_mask[ids[ids < vocab_size]] = True
+            seen |= self._prompt_mask
+        return seen
+
+
+def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
+
+
+def _apply_bias_and_min_tokens(logits: torch.Tensor, states: list[SamplingState]) -> None:
+    """Add each row's logit_bias, and -inf to its stop ids while it is short of min_tokens.
+
+    One accumulating scatter: -inf plus any bias stays -inf, so the order does not matter.
+    """
+    rows: list[int] = []
+    ids: list[int] = []
+    values: list[float] = []
+    for i, s in enumerate(states):
+        entries = list((s.params.logit_bias or {}).items())
+        if s.blocks_stop_ids:
+            entries += [(t, float("-inf")) for t in s.params.all_stop_token_ids]
+        for token_id, value in entries:
+            if 0 <= token_id < logits.shape[1]:
+                rows.append(i)
+                ids.append(token_id)
+                values.append(value)
+    if rows:
+        index = torch.tensor([rows, ids], dtype=torch.long, device=logits.device)
+        add = torch.tensor(values, dtype=logits.dtype, device=logits.device)
+        logits.index_put_((index[0], index[1]), add, accumulate=True)
+
+
+def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
+    """Repetition penalty (prompt + output), then OpenAI's presence and frequency penalties."""
+    rows = [i for i, s in enumerate(states) if s.params.needs_penalties]
+    if not rows:
+        return
+    pen_states = [states[i] for i in rows]
+    vocab_size, device = logits.shape[1], logits.device
+    index = torch.tensor(rows, dtype=torch.long, device=device)
+    sub = logits.index_select(0, index)  # [num_penalized, vocab]
+    counts = torch.stack([s.output_counts(vocab_size, device) for s in pen_states])
+    rep = [s.params.repetition_penalty for s in pen_states]
+    if any(r != 1.0 for r in rep):
+        seen = torch.stack([s.seen_mask(vocab_size, device) for s in pen_states])
+        r = _column(rep, sub)
+        sub = torch.where(seen, torch.where(sub > 0, sub / r, sub * r), sub)
+    freq = _column([s.params.frequency_penalty for s in pen_states], sub)
+    presence = _column([s.params.presence_penalty for s in pen_states], sub)
+    sub = sub - freq * counts - presence * (counts > 0)
+    logits.index_copy_(0, index, sub)
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
+    """Mask (-inf) what lies outside each row's top_k, then outside its top_p nucleus."""
+    vocab_size = logits.shape[1]
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+    if any(0 < k < vocab_size for k in top_ks):
+        ks = [k if 0 < k < vocab_size else vocab_size for k in top_ks]
+        k_index = torch.tensor(ks, dtype=torch.long, device=logits.device).unsqueeze(1) - 1
+        kth = sorted_logits.gather(1, k_index)  # ties with the k-th value stay in
+        sorted_logits.masked_fill_(sorted_logits < kth, float("-inf"))
+    if any(p < 1.0 for p in top_ps):
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # 0 for the top token: it always stays
+        ps = _column([p if p < 1.0 else 2.0 for p in top_ps], probs)
+        sorted_logits.masked_fill_(mass_before > ps, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter_(1, sorted_idx, sorted_logits)
+
+
+def gather_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, num_top: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw-distribution logprob and rank of `token_ids [N]` plus the `num_top` best per row.
+
+    Returns (logprob [N], rank [N], top_logprobs [N, num_top], top_ids [N, num_top]).
+    """
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(1, token_ids.long().unsqueeze(1))
+    rank = (logprobs > chosen).sum(dim=-1) + 1
+    top_logprobs, top_ids = logprobs.topk(num_top, dim=-1)
+    return chosen.squeeze(1), rank, top_logprobs, top_ids
+
+
+def _to_token_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, counts: list[int]
+) -> tuple[list[int], list[TokenLogprobs]]:
+    """Row i: token_ids[i], its logprob and rank, and its `counts[i]` best alternatives.
+
+    Two device→host copies for the whole batch: one of integers, one of floats.
+    """
+    n, num_top = len(counts), max(counts, default=0)
+    chosen, rank, top_lps, top_ids = gather_logprobs(logits, token_ids, num_top)
+    ints = torch.cat([token_ids.long(), rank, top_ids.flatten()]).tolist()
+    floats = torch.cat([chosen, top_lps.flatten()]).tolist()
+    out: list[TokenLogprobs] = []
+    for i, k in enumerate(counts):
+        ids_at, lps_at = 2 * n + i * num_top, n + i * num_top
+        out.append(
+            TokenLogprobs(floats[i], ints[n + i], ints[ids_at : ids_at + k], floats[lps_at : lps_at + k])
+        )
+    return ints[:n], out
+
+
+def compute_prompt_logprobs(
+    logits: torch.Tensor, next_token_ids: Sequence[int] | torch.Tensor, num_top: int, chunk_size: int = 512
+) -> list[TokenLogprobs]:
+    """logits [T, vocab] of prompt positions; next_token_ids [T]: the token that follows each.
+
+    Works in chunks of positions so a long prompt never materialises [T, vocab] logprobs.
+    """
+    ids = torch.as_tensor(next_token_ids, dtype=torch.long, device=logits.device)
+    out: list[TokenLogprobs] = []
+    for start in range(0, logits.shape[0], chunk_size):
+        end = min(start + chunk_size, logits.shape[0])
+        out.extend(_to_token_logprobs(logits[start:end], ids[start:end], [num_top] * (end - start))[1])
+    return out
+
+
+def process_logits(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """logit_bias, min_tokens and penalties applied to a copy (or `logits` itself if none apply)."""
+    if all(s.is_plain for s in states):
+        return logits
+    processed = logits.clone()
+    _apply_bias_and_min_tokens(processed, states)
+    _apply_penalties(processed, states)
+    return processed
+
+
+def _srl(x: torch.Tensor, shift: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> shift) & ((1 << (64 - shift)) - 1)
+
+
+def _int64(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def exponential_noise(seeds: list[int], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """Exp(1) noise [len(seeds), vocab]: row i is the SplitMix64 stream of seeds[i].
+
+    Counter-based, so a row depends on its seed alone (not on the batch), all rows come from
+    one batched computation, and CPU and CUDA give the same numbers. int64 products wrap.
+    """
+    seed = torch.tensor(seeds, dtype=torch.int64, device=device).unsqueeze(1)
+    counter = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=device)
+    x = seed + counter * _int64(0x9E3779B97F4A7C15)  # [n, vocab]
+    x = (x ^ _srl(x, 30)) * _int64(0xBF58476D1CE4E5B9)
+    x = (x ^ _srl(x, 27)) * _int64(0x94D049BB133111EB)
+    x = x ^ _srl(x, 31)
+    uniform = (_srl(x, 40).float() + 0.5) * 2.0**-24  # 24 random bits → (0, 1)
+    return uniform.log_().neg_()
+
+
+class Sampler:
+    """Stateless apart from the random source of unseeded rows."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._rng = random.Random(seed)
+
+    def sample(self, logits: torch.Tensor, states: list[SamplingState]) -> SamplerOutput:
+        """logits [num_rows, vocab] float32; states[i] belongs to row i."""
+        if logits.shape[0] != len(states):
+            raise ValueError(f"{logits.shape[0]} logits rows but {len(states)} sampling states")
+        logits = logits.float()
+        processed = process_logits(logits, states)
+        random_rows = [i for i, s in enumerate(states) if not s.params.greedy]
+        if not random_rows:
+            sampled = processed.argmax(dim=-1)
+        elif len(random_rows) == len(states):
+            sampled = self._sample_random(processed, states)
+        else:
+            index = torch.tensor(random_rows, dtype=torch.long, device=logits.device)
+            drawn = self._sample_random(processed.index_select(0, index), [states[i] for i in random_rows])
+            sampled = processed.argmax(dim=-1).index_copy_(0, index, drawn)
+
+        lp_counts = [s.params.logprobs for s in states]
+        if all(k is None for k in lp_counts):
+            return SamplerOutput(sampled.tolist(), sampled)
+        token_ids, rows = _to_token_logprobs(logits, sampled, [k or 0 for k in lp_counts])
+        logprobs = [row if k is not None else None for row, k in zip(rows, lp_counts, strict=True)]
+        return SamplerOutput(token_ids, sampled, logprobs)
+
+    def _sample_random(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        """logits [n, vocab] of rows that sample (temperature > 0) → token ids [n]."""
+        temps = [s.params.temperature for s in states]
+        if any(t != 1.0 for t in temps):
+            logits = logits / _column(temps, logits)
+        top_ks = [s.params.top_k for s in states]
+        top_ps = [s.params.top_p for s in states]
+        if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps):
+            logits = _apply_top_k_top_p(logits, top_ks, top_ps)
+        probs = logits.softmax(dim=-1)
+        min_ps = [s.params.min_p for s in states]
+        if any(m > 0.0 for m in min_ps):
+            threshold = _column(min_ps, probs) * probs.amax(dim=-1, keepdim=True)
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        seeds = [
+            step_seed(s.params.seed, s.num_output_tokens)
+            if s.params.seed is not None
+            else self._rng.getrandbits(63)
+            for s in states
+        ]
+        noise = exponential_noise(seeds, probs.shape[1], probs.device)
+        return (probs / noise).argmax(dim=-1)

@@ -1,0 +1,374 @@
+"""The router: which sequences compute which tokens in the next step.
+
+There is no prefill or decode phase. Every sequence has `num_computed_tokens` catching up to
+`num_tokens`; a step is a token budget (`max_num_batched_tokens`) filled in this order:
+
+1. running sequences that need one token (decodes), oldest first;
+2. running sequences still prefilling, next chunk, oldest first;
+3. waiting sequences, first come first served, while a `req_to_token` row, slots, budget and
+   the future-usage check allow (a prompt larger than the budget left gets a chunk).
+
+Admission (LightLLM's future-usage check): for the running sequences plus the candidate, let
+`used_i` be its known tokens (held slots plus the prompt or recompute still to come: chunked
+prefill computes those far faster than one per step) and `remaining_i` the tokens it may still
+generate. Sorted by `remaining` descending, sequence i finishes no earlier than those before
+it, so when it does the pool holds at most `remaining_i * (i + 1) + sum(used_j for j <= i)`.
+The candidate is admitted when the maximum over i fits `num_slots` (minus the watermark).
+Conservative mode predicts `max_tokens` for every sequence; aggressive mode a running average
+of observed output lengths, capped by `max_tokens`, with preemption as the safety valve.
+
+Preemption is by recompute: when a running sequence cannot get a slot, the most recently
+arrived running sequence not yet scheduled in this step gives up its slots and row and goes to
+the front of the waiting queue with its output kept. Admission never preempts.
+
+The caller's loop: `schedule()` → run the step → `update_after_step(out)` → append sampled
+tokens → `finish(seq, status)` for those that ended. Rows in `freed_rows` must be reset by
+the worker before it applies the step's new rows (a freed row may be handed out again).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from engine.errors import PromptTooLongError
+from engine.kv_cache import KVSlotAllocator, ReqRowAllocator
+from engine.request import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig
+
+_OUTPUT_LEN_EMA = 0.1  # weight of the newest observation in the aggressive output-length average
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int  # rows of req_to_token = running sequences at most
+    max_num_batched_tokens: int  # token budget of one step
+    max_model_len: int
+    num_slots: int  # KV pool size in tokens
+    admission: Literal["conservative", "aggressive"] = "conservative"
+    watermark: float = 0.0  # fraction of the pool the admission check keeps spare
+    initial_output_len: int = 128  # aggressive: predicted output length before any has finished
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_slots", "initial_output_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.admission not in ("conservative", "aggressive"):
+            raise ValueError(f"admission must be conservative or aggressive, got {self.admission!r}")
+        if not 0.0 <= self.watermark < 1.0:
+            raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
+
+    @classmethod
+    def from_engine_config(cls, config: EngineConfig, num_slots: int, max_model_len: int) -> SchedulerConfig:
+        assert config.max_num_batched_tokens is not None, "resolve() the EngineConfig first"
+        return cls(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=max_model_len,
+            num_slots=num_slots,
+            admission=config.admission,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    req_idx: int  # the req_to_token row
+    start_pos: int  # = num_computed_tokens when scheduled
+    token_ids: list[int]  # computed this step, at positions start_pos..
+    out_slots: list[int]  # one fresh slot per token in token_ids
+    prefix_slots: list[int] | None  # new row with a shared prefix: slots of [0, start_pos); else None
+    is_new_row: bool  # the sequence (re)entered a row this step: the worker sets the row up
+    sample: bool  # this step computes the last known token: the engine appends one sampled token
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq]
+    freed_rows: list[int]  # rows released since the previous schedule(), to reset first
+    preempted: list[Sequence]
+    num_batched_tokens: int
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled and not self.freed_rows
+
+
+def future_peak(entries: list[tuple[int, int]]) -> int:
+    """Peak pool use if every sequence runs to its predicted end. entries: (remaining, used)."""
+    peak = held = 0
+    for i, (remaining, used) in enumerate(sorted(entries, key=lambda e: -e[0])):
+        held += used
+        peak = max(peak, remaining * (i + 1) + held)
+    return peak
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, allocator: KVSlotAllocator) -> None:
+        if allocator.num_slots != config.num_slots:
+            raise ValueError(f"allocator has {allocator.num_slots} slots, config says {config.num_slots}")
+        self.config = config
+        self.allocator = allocator
+        self.rows = ReqRowAllocator(config.max_num_seqs)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # sorted by arrival at the start of each schedule()
+        self._unfinished: dict[str, list[Sequence]] = {}  # request_id -> its unfinished sequences
+        self._freed_rows: list[int] = []
+        self._slot_limit = config.num_slots - int(config.watermark * config.num_slots)
+        self._avg_output_len: float | None = None
+        self.num_preemptions = 0  # total, for stats
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def kv_usage(self) -> float:
+        return self.allocator.usage
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence (FCFS). Raises ValueError for one that could never fit."""
+        if seq.status is not SequenceStatus.WAITING or seq.num_computed_tokens or seq.slots:
+            raise ValueError(f"sequence {seq.seq_id} is not new")
+        if seq.num_prompt_tokens + seq.max_tokens > self.config.max_model_len:
+            raise PromptTooLongError(self.config.max_model_len, seq.num_prompt_tokens, seq.max_tokens)
+        if seq.num_prompt_tokens + seq.max_tokens > self.config.num_slots:
+            raise ValueError(
+                f"{seq.num_prompt_tokens} prompt + {seq.max_tokens} output tokens exceed the KV cache "
+                f"of {self.config.num_slots} tokens"
+            )
+        siblings = self._unfinished.setdefault(seq.request_id, [])
+        if any(s.seq_id == seq.seq_id for s in siblings):
+            raise ValueError(f"sequence {seq.seq_id} is already scheduled")
+        siblings.append(seq)
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> list[Sequence]:
+        """Finish all sequences of a request now, freeing their slots and rows."""
+        seqs = self._unfinished.pop(request_id, [])
+        if not seqs:
+            return []
+        self.running = [s for s in self.running if s.request_id != request_id]
+        if any(s.status is SequenceStatus.WAITING for s in seqs):
+            self.waiting = deque(s for s in self.waiting if s.request_id != request_id)
+        for seq in seqs:
+            self._release(seq)
+            seq.status = SequenceStatus.FINISHED_ABORTED
+        return seqs
+
+    def finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        """Mark a sequence finished and free its slots and row. A no-op if it already finished
+        (for example aborted while its step ran)."""
+        if not status.is_finished:
+            raise ValueError(f"{status} is not a finished status")
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status = status
+        siblings = self._unfinished[seq.request_id]
+        siblings.remove(seq)
+        if not siblings:
+            del self._unfinished[seq.request_id]
+        if status in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH):
+            n = seq.num_output_tokens
+            avg = self._avg_output_len
+            self._avg_output_len = n if avg is None else avg + _OUTPUT_LEN_EMA * (n - avg)
+
+    # -- the step --------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        scheduled_ids: set[str] = set()
+        preempted: list[Sequence] = []
+        self.running.sort(key=lambda s: (s.arrival_time, s.index))
+        decodes: list[Sequence] = []
+        prefills: list[Sequence] = []
+        for seq in self.running:
+            num_uncomputed = seq.num_uncomputed_tokens
+            if num_uncomputed == 0:
+                raise RuntimeError(f"{seq.seq_id}: its sampled token was neither appended nor finished")
+            (decodes if num_uncomputed == 1 else prefills).append(seq)
+        for seq in decodes + prefills:
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = self._make_room(seq, min(seq.num_uncomputed_tokens, budget), scheduled_ids, preempted)
+            if n:
+                scheduled.append(self._take(seq, n, None, is_new_row=False))
+                scheduled_ids.add(seq.seq_id)
+                budget -= n
+        if not preempted:  # a step that had to preempt admits nothing new
+            budget -= self._admit(budget, scheduled)
+        freed_rows, self._freed_rows = self._freed_rows, []
+        return SchedulerOutput(scheduled, freed_rows, preempted, self.config.max_num_batched_tokens - budget)
+
+    def update_after_step(self, output: SchedulerOutput) -> None:
+        """The step ran: its tokens' K/V are in the pool."""
+        for s in output.scheduled:
+            seq = s.seq
+            if seq.status is SequenceStatus.RUNNING and seq.req_idx == s.req_idx:
+                seq.num_computed_tokens += len(s.token_ids)
+
+    # -- running sequences -----------------------------------------------------------------------
+
+    def _make_room(self, seq: Sequence, n: int, scheduled_ids: set[str], preempted: list[Sequence]) -> int:
+        """How many of `n` wanted tokens `seq` can take now (0: none), preempting newer ones."""
+        while self.allocator.num_free < n:
+            if n > 1 and self.allocator.num_free > 0:
+                return self.allocator.num_free  # a prefill chunk shrinks before anyone is preempted
+            victim = next(
+                (s for s in reversed(self.running) if s is seq or s.seq_id not in scheduled_ids), seq
+            )
+            if victim is seq and scheduled_ids:
+                return 0  # only older sequences hold what it needs and they are progressing: wait
+            self._preempt(victim, preempted)
+            if victim is seq:
+                return 0
+        return n
+
+    def _preempt(self, seq: Sequence, preempted: list[Sequence]) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        preempted.append(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.slots:
+            self.allocator.free(seq.slots)
+            seq.slots = []
+        seq.num_shared_prefix = 0
+        if seq.req_idx is not None:
+            self.rows.free(seq.req_idx)
+            self._freed_rows.append(seq.req_idx)
+            seq.req_idx = None
+
+    def _take(self, seq: Sequence, n: int, prefix_slots: list[int] | None, is_new_row: bool) -> ScheduledSeq:
+        start = seq.num_computed_tokens
+        if len(seq.slots) != start:
+            raise RuntimeError(f"{seq.seq_id}: update_after_step() was not called after the last step")
+        out_slots = self.allocator.allocate(n)
+        assert out_slots is not None, "callers make room first"
+        seq.slots.extend(out_slots)
+        assert seq.req_idx is not None
+        return ScheduledSeq(
+            seq, seq.req_idx, start, seq.all_token_ids[start : start + n], out_slots,
+            prefix_slots, is_new_row, sample=start + n == seq.num_tokens,
+        )
+
+    # -- admission ---------------------------------------------------------------------------------
+
+    def _admit(self, budget: int, scheduled: list[ScheduledSeq]) -> int:
+        """Admit waiting sequences in FCFS order; returns the tokens scheduled for them."""
+        if not (self.waiting and budget > 0 and self.rows.num_free):
+            return 0
+        used_budget = 0
+        skipped: list[Sequence] = []
+        entries: list[list[int]] = []  # [remaining, used] of the running sequences, for _fits
+        holders: dict[str, int] = {}  # request_id -> entry that counts the request's shared prefix
+        for seq in self.running:
+            self._add_entry(entries, holders, seq, seq.num_shared_prefix)
+        while self.waiting and used_budget < budget and self.rows.num_free:
+            seq = self.waiting[0]
+            donor = self._prefix_donor(seq)
+            if donor is None and self._waits_for_sibling(seq):
+                skipped.append(self.waiting.popleft())  # not ready yet; later requests may pass
+                continue
+            num_shared = seq.num_prompt_tokens - 1 if donor is not None else 0
+            n = min(seq.num_tokens - num_shared, budget - used_budget, self.allocator.num_free)
+            if n <= 0 or not self._fits(seq, num_shared, entries, holders):
+                break
+            self.waiting.popleft()
+            seq.req_idx = self.rows.allocate()
+            seq.status = SequenceStatus.RUNNING
+            prefix_slots = None
+            if donor is not None:
+                seq.slots = donor.slots[:num_shared]
+                self.allocator.incref(seq.slots)
+                seq.num_computed_tokens = seq.num_shared_prefix = num_shared
+                donor.num_shared_prefix = num_shared
+                prefix_slots = list(seq.slots)
+            self.running.append(seq)
+            scheduled.append(self._take(seq, n, prefix_slots, is_new_row=True))
+            used_budget += n
+        self.waiting.extendleft(reversed(skipped))
+        return used_budget
+
+    def _prefix_donor(self, seq: Sequence) -> Sequence | None:
+        """A running sibling whose computed slots cover the prompt minus its last token."""
+        need = seq.num_prompt_tokens - 1
+        if need <= 0:
+            return None
+        for sib in self._unfinished[seq.request_id]:
+            if sib is not seq and sib.status is SequenceStatus.RUNNING and sib.num_computed_tokens >= need:
+                return sib
+        return None
+
+    def _waits_for_sibling(self, seq: Sequence) -> bool:
+        """Sibling i > 0 waits while sibling 0 is unfinished: it will compute the shared prompt."""
+        if seq.index == 0 or seq.num_prompt_tokens <= 1:
+            return False
+        return any(s.index == 0 for s in self._unfinished[seq.request_id])
+
+    def _predicted_slots(self, seq: Sequence) -> int:
+        """Slots `seq` holds at its predicted end."""
+        if self.config.admission == "conservative":
+            return seq.max_num_slots
+        avg = self._avg_output_len
+        predicted = self.config.initial_output_len if avg is None else round(avg)
+        output_len = min(seq.max_tokens, max(predicted, seq.num_output_tokens + 1))
+        return seq.num_prompt_tokens + output_len - 1
+
+    def _add_entry(self, entries: list[list[int]], holders: dict[str, int], seq: Sequence, prefix: int) -> None:
+        """Add `seq` to the future-usage model as [remaining, used].
+
+        Known tokens not computed yet (a prompt, or prompt + output after preemption) count as
+        used: chunked prefill computes them many per step, far faster than the one token per
+        step the check assumes for what is still to be generated. A prefix shared between
+        siblings is counted once, on the holder predicted to live longest.
+        """
+        entries.append([max(self._predicted_slots(seq) - seq.num_tokens, 0), seq.num_tokens - prefix])
+        if not prefix:
+            return
+        j = holders.get(seq.request_id)
+        if j is not None and entries[j][0] >= entries[-1][0]:
+            return
+        if j is not None:
+            entries[j][1] -= prefix
+        entries[-1][1] += prefix
+        holders[seq.request_id] = len(entries) - 1
+
+    def _fits(self, candidate: Sequence, num_shared: int, entries: list[list[int]], holders: dict[str, int]) -> bool:
+        """The future-usage check for what runs plus `candidate`, which joins `entries` (the
+        caller stops admitting on False, so a refused candidate is never taken back out)."""
+        alone = not self.running  # alone it always fits (checked in add): nothing can starve
+        self._add_entry(entries, holders, candidate, num_shared)
+        return alone or future_peak([(r, u) for r, u in entries]) <= self._slot_limit

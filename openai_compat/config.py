@@ -1,0 +1,131 @@
+"""Server settings: `LIGHTGATE_*` environment variables and `.env`, overridden by CLI flags.
+
+This is the one place where the server reads its environment. `Settings` is resolved once
+at start-up and frozen; `engine_config()` maps it onto the engine's `EngineConfig`.
+Every field becomes a flag of `lightgate serve` (`--max-num-seqs 64`), see `add_cli_flags`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from engine import EngineConfig
+
+# Comma-separated in the environment and on the command line ("a,b"); JSON lists also work.
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LIGHTGATE_", env_file=".env", extra="ignore", frozen=True, protected_namespaces=()
+    )
+
+    # -- HTTP ------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    served_model_name: str | None = Field(
+        None, description="the name clients send as `model` (default: the model directory's name)"
+    )
+    model_aliases: CommaList = Field(default_factory=list, description="more accepted model names, comma-separated")
+    api_keys: CommaList = Field(
+        default_factory=list, description="accepted bearer tokens, comma-separated; empty: no authentication"
+    )
+    cors_allow_origins: CommaList = Field(
+        default_factory=lambda: ["*"], description="CORS origins, comma-separated; empty: CORS off"
+    )
+    cors_allow_headers: CommaList = Field(
+        default_factory=lambda: ["*"], description="request headers allowed cross-origin (* covers Authorization, X-Stainless-*)"
+    )
+    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429 when the queue is full")
+    shutdown_timeout: float = Field(
+        30.0, ge=0, description="seconds running requests may take to finish after SIGTERM"
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
+    access_log: bool = Field(True, description="log one line per HTTP request")
+
+    # -- engine ------------------------------------------------------------------------------
+    model: str | None = Field(None, description="HF model directory or GGUF file (default: embedded SmolLM2-135M-Instruct)")
+    tokenizer: str | None = Field(None, description="tokenizer directory (default: the model's)")
+    dtype: str = Field("auto", description="weights and activations: auto, float32, float16, bfloat16")
+    device: str = Field("auto", description="auto, cpu or cuda")
+    kv_cache_dtype: str = Field("auto", description="auto (the model dtype) or int8")
+    kv_cache_memory_gb: float | None = Field(None, gt=0, description="CPU: GiB for the KV pool (default 1)")
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="GPU: fraction of free memory after the weights used for the KV pool"
+    )
+    max_model_len: int | None = Field(None, ge=1, description="context length (default: the model's)")
+    max_num_seqs: int = Field(256, ge=1, description="sequences running at once")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, description="tokens per engine step (default 8192 on GPU, 512 on CPU)"
+    )
+    max_waiting_requests: int = Field(4096, ge=1, description="waiting requests before 429")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs the model is split over")
+    admission: Literal["conservative", "aggressive"] = Field(
+        "conservative", description="router admission: by max_tokens, or by observed lengths with preemption"
+    )
+    enable_prefix_caching: bool = Field(True, description="share KV of common prompt prefixes")
+    enforce_eager: bool = Field(False, description="GPU: no CUDA graphs")
+    seed: int = Field(0, description="engine seed for requests without their own")
+
+    @field_validator("model_aliases", "api_keys", "cors_allow_origins", "cors_allow_headers", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.model,
+            tokenizer=self.tokenizer,
+            dtype=self.dtype,
+            device=self.device,
+            tensor_parallel_size=self.tensor_parallel_size,
+            kv_cache_dtype=self.kv_cache_dtype,
+            kv_cache_memory_gb=self.kv_cache_memory_gb,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_waiting_requests=self.max_waiting_requests,
+            admission=self.admission,
+            enable_prefix_caching=self.enable_prefix_caching,
+            seed=self.seed,
+            enforce_eager=self.enforce_eager,
+        )
+
+
+def add_cli_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; a flag left out keeps the environment's (or the default) value."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description} [env LIGHTGATE_{name.upper()}]"
+        annotation = field.annotation
+        if annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        choices = None
+        if get_origin(annotation) is Literal:
+            choices = list(get_args(annotation))
+        parser.add_argument(flag, dest=name, default=None, choices=choices, help=help_text)
+
+
+def load_settings(args: argparse.Namespace | None = None) -> Settings:
+    """Settings from the environment and `.env`, with the flags that were given on top."""
+    overrides = {}
+    if args is not None:
+        overrides = {
+            name: value
+            for name, value in vars(args).items()
+            if name in Settings.model_fields and value is not None
+        }
+    return Settings(**overrides)

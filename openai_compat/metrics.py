@@ -1,0 +1,132 @@
+"""Prometheus metrics under the names vLLM dashboards know, prefixed `lightgate:`.
+
+Per-request numbers (tokens, latencies, finish reasons) are recorded as responses are
+produced, through one `RequestRecorder` per engine request. Engine-wide gauges and the
+prefix-cache counters are read from `engine.stats()` when `/metrics` is scraped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from engine import EngineStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+                0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+StatsFn = Callable[[], "EngineStats | None"]
+
+
+class _EngineCollector(Collector):
+    """Gauges and cumulative counters read from the engine at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._metrics.stats_fn()
+        labels = [self._metrics.model_name]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(f"lightgate:{name}", doc, labels=["model_name"])
+            family.add_metric(labels, value)
+            return family
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(f"lightgate:{name}", doc, labels=["model_name"])
+            family.add_metric(labels, value)
+            return family
+
+        yield gauge("num_requests_running", "Sequences in the running batch.", stats.num_running if stats else 0)
+        yield gauge("num_requests_waiting", "Sequences waiting to be admitted.", stats.num_waiting if stats else 0)
+        yield gauge("kv_cache_usage_perc", "Fraction of KV slots in use (0..1).", stats.kv_cache_usage if stats else 0)
+        yield gauge(
+            "kv_cache_capacity_tokens", "Tokens the KV pool holds.", stats.kv_cache_capacity_tokens if stats else 0
+        )
+        yield counter(
+            "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+            stats.prefix_cache_queries if stats else 0,
+        )
+        yield counter(
+            "prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits if stats else 0
+        )
+
+
+class Metrics:
+    def __init__(self, stats_fn: StatsFn, model_name: str = "") -> None:
+        self.stats_fn = stats_fn
+        self.model_name = model_name
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        self.prompt_tokens = Counter(
+            "lightgate:prompt_tokens", "Prefilled prompt tokens.", labels, registry=self.registry
+        )
+        self.generation_tokens = Counter(
+            "lightgate:generation_tokens", "Generated tokens.", labels, registry=self.registry
+        )
+        self.request_success = Counter(
+            "lightgate:request_success", "Finished requests by finish reason.",
+            [*labels, "finished_reason"], registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "lightgate:time_to_first_token_seconds", "Time from arrival to the first generated token.",
+            labels, buckets=_TTFT_BUCKETS, registry=self.registry,
+        )
+        self.itl = Histogram(
+            "lightgate:inter_token_latency_seconds", "Time between two outputs of one request.",
+            labels, buckets=_ITL_BUCKETS, registry=self.registry,
+        )
+        self.e2e = Histogram(
+            "lightgate:e2e_request_latency_seconds", "Time from arrival to the last token.",
+            labels, buckets=_E2E_BUCKETS, registry=self.registry,
+        )
+        self.registry.register(_EngineCollector(self))
+
+    def recorder(self) -> RequestRecorder:
+        return RequestRecorder(self, time.monotonic())
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+@dataclass(slots=True)
+class RequestRecorder:
+    """What one engine request contributes to the metrics; each method is cheap and idempotent."""
+
+    metrics: Metrics
+    arrival_time: float
+    last_token_time: float | None = None
+    finished: bool = False
+
+    def on_tokens(self, num_prompt_tokens: int, num_new_tokens: int) -> None:
+        if num_new_tokens <= 0 or self.finished:
+            return
+        now = time.monotonic()
+        name = self.metrics.model_name
+        if self.last_token_time is None:
+            self.metrics.ttft.labels(name).observe(now - self.arrival_time)
+            self.metrics.prompt_tokens.labels(name).inc(num_prompt_tokens)
+        else:
+            self.metrics.itl.labels(name).observe(now - self.last_token_time)
+        self.last_token_time = now
+        self.metrics.generation_tokens.labels(name).inc(num_new_tokens)
+
+    def on_finish(self, finished_reason: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        name = self.metrics.model_name
+        self.metrics.e2e.labels(name).observe(time.monotonic() - self.arrival_time)
+        self.metrics.request_success.labels(name, finished_reason).inc()

@@ -1,0 +1,249 @@
+"""What chat and completions share: server state, engine streams, sampling params, usage.
+
+`ServerState` knows whether the engine is loading, ready, dead or draining, and which model
+names it answers to. `GenerationStream` wraps one `engine.generate` call: its first output is
+fetched before any response starts (so that a full queue or an oversized prompt still gets a
+real HTTP status), every output is observed for metrics, and `close()` aborts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from functools import partial
+from typing import Any, TypeVar
+
+import anyio.to_thread
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from engine import AsyncEngine, RequestOutput, RequestOutputKind, SamplingParams
+from openai_compat.config import Settings
+from openai_compat.errors import OpenAIError, from_validation_error, invalid_json, model_not_found, not_ready
+from openai_compat.metrics import Metrics, RequestRecorder
+from openai_compat.protocol import PromptTokensDetails, SamplingFields, UsageInfo
+
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+SYSTEM_FINGERPRINT = "fp_lightgate"
+
+
+class ServerState:
+    """The engine plus what the HTTP side knows about it; one per app."""
+
+    def __init__(self, settings: Settings, engine: AsyncEngine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.created = int(time.time())
+        self.loaded = False
+        self.load_error: BaseException | None = None
+        self.draining = False
+        self.metrics = Metrics(self._stats)
+
+    def _stats(self) -> Any:
+        return self.engine.stats() if self.loaded else None
+
+    @property
+    def served_model_name(self) -> str:
+        return self.settings.served_model_name or self.engine.model_name
+
+    @property
+    def model_names(self) -> list[str]:
+        return [self.served_model_name, *self.settings.model_aliases]
+
+    def mark_loaded(self) -> None:
+        self.loaded = True
+        self.metrics.model_name = self.served_model_name
+
+    @property
+    def healthy(self) -> bool:
+        return self.loaded and not self.engine.errored
+
+    def check_ready(self) -> None:
+        if self.load_error is not None:
+            raise not_ready(f"The model failed to load: {self.load_error}")
+        if not self.loaded:
+            raise not_ready("The model is still loading. Please retry shortly.")
+        if self.engine.errored:
+            raise not_ready(f"The inference engine is not available: {self.engine.dead_error}")
+        if self.draining:
+            raise not_ready("The server is shutting down.")
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.model_names:
+            raise model_not_found(model)
+
+    @property
+    def tokenizer(self) -> Any:
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise OpenAIError("This model ships no tokenizer: send token ids as the prompt.", param="prompt")
+        return tokenizer
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """The request body validated as `model`; 400 naming the field on any problem."""
+    body = await request.body()
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        if first["type"] in ("json_invalid", "model_type") and not first["loc"]:
+            raise invalid_json() from None
+        raise from_validation_error(e) from None
+
+
+async def run_in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Tokenizer work (CPU) off the event loop."""
+    return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs))
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def build_sampling_params(
+    req: SamplingFields, *, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+) -> SamplingParams:
+    """OpenAI's request fields as engine `SamplingParams` (which raises ValueError naming a field)."""
+    logit_bias = None
+    if req.logit_bias:
+        try:
+            logit_bias = {int(token): float(bias) for token, bias in req.logit_bias.items()}
+        except ValueError:
+            raise ValueError("logit_bias keys must be token ids (integers as strings).", "logit_bias") from None
+    return SamplingParams(
+        n=req.n if req.n is not None else 1,
+        temperature=req.temperature if req.temperature is not None else 1.0,
+        top_p=req.top_p if req.top_p is not None else 1.0,
+        top_k=req.top_k if req.top_k is not None else -1,
+        min_p=req.min_p if req.min_p is not None else 0.0,
+        seed=req.seed,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else 1.0,
+        logit_bias=logit_bias,
+        stop=req.stop,
+        stop_token_ids=req.stop_token_ids,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        ignore_eos=req.ignore_eos,
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+        spaces_between_special_tokens=req.spaces_between_special_tokens,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+def finish_reason(reason: str) -> str:
+    """The engine's finish reason as OpenAI's; an abort the client did not ask for is an error."""
+    if reason in ("stop", "length"):
+        return reason
+    raise OpenAIError(
+        "The request was aborted by the server.", status_code=503, type="server_error", code="aborted"
+    )
+
+
+def make_usage(num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens: int) -> UsageInfo:
+    return UsageInfo(
+        prompt_tokens=num_prompt_tokens,
+        completion_tokens=num_completion_tokens,
+        total_tokens=num_prompt_tokens + num_completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=num_cached_tokens),
+    )
+
+
+class GenerationStream:
+    """One engine request (all its choices): first output prefetched, then pulled one by one."""
+
+    def __init__(
+        self, engine: AsyncEngine, prompt_ids: list[int], params: SamplingParams, request_id: str,
+        recorder: RequestRecorder,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.num_cached_tokens = 0
+        self.num_generated_tokens = 0
+        self.finished = False
+        self._engine = engine
+        self._recorder = recorder
+        self._outputs: AsyncIterator[RequestOutput] = engine.generate(prompt_ids, params, request_id)
+        self._pending: RequestOutput | None = None
+
+    async def start(self) -> None:
+        """Wait for the first output; raises what the engine refused the request with."""
+        try:
+            self._pending = await self._pull()
+        except Exception:
+            self.finished = True  # refused: nothing to abort, nothing to count
+            raise
+
+    async def next_output(self) -> RequestOutput | None:
+        """The next delta output, or None once the request finished."""
+        if self._pending is not None:
+            out, self._pending = self._pending, None
+            return out
+        if self.finished:
+            return None
+        return await self._pull()
+
+    async def _pull(self) -> RequestOutput:
+        try:
+            out = await self._outputs.__anext__()
+        except StopAsyncIteration:
+            raise OpenAIError("The request ended without output.", 500, "server_error") from None
+        num_new = sum(len(c.token_ids) for c in out.outputs)
+        self.num_generated_tokens += num_new
+        self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
+        self._recorder.on_tokens(len(out.prompt_token_ids), num_new)
+        if out.finished:
+            self.finished = True
+            reasons = {c.index: c.finish_reason for c in out.outputs if c.finish_reason}
+            self._recorder.on_finish(reasons.get(0) or next(iter(reasons.values()), "stop"))
+        return out
+
+    async def close(self) -> None:
+        """Abort the request unless it finished; safe to call more than once."""
+        if self.finished:
+            return
+        self.finished = True
+        self._recorder.on_finish("abort")
+        aclose = getattr(self._outputs, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        await self._engine.abort(self.request_id)
+
+
+async def open_streams(
+    state: ServerState, prompts: list[list[int]], params: SamplingParams, request_id: str
+) -> list[GenerationStream]:
+    """Start one engine request per prompt and wait for each one's first output."""
+    streams = [
+        GenerationStream(state.engine, ids, params, request_id if len(prompts) == 1 else f"{request_id}-{i}",
+                         state.metrics.recorder())
+        for i, ids in enumerate(prompts)
+    ]
+    tasks = [asyncio.ensure_future(s.start()) for s in streams]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await close_all(streams)
+        raise
+    return streams
+
+
+async def close_all(streams: list[GenerationStream]) -> None:
+    for stream in streams:
+        try:
+            await stream.close()
+        except Exception:  # closing must reach every stream
+            pass

@@ -1,0 +1,208 @@
+"""POST /v1/chat/completions: messages → chat template → engine → JSON or SSE chunks.
+
+Streaming: each choice opens with a chunk {"role": "assistant", "content": ""}, then one
+chunk per engine output that changed it, the last one carrying its finish_reason; with
+`stream_options.include_usage` a chunk with `choices: []` and the usage follows, and
+`data: [DONE]` always ends the stream, also after an error event.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from openai_compat.errors import OpenAIError, from_exception, unsupported
+from openai_compat.logprobs import chat_logprobs
+from openai_compat.protocol import (
+    ChatChoiceLogprobs,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    DeltaMessage,
+)
+from openai_compat.serving_base import (
+    SYSTEM_FINGERPRINT,
+    GenerationStream,
+    ServerState,
+    build_sampling_params,
+    finish_reason,
+    make_usage,
+    new_id,
+    open_streams,
+    parse_body,
+    run_in_thread,
+)
+from openai_compat.sse import DONE, ClientDisconnected, SSEResponse, format_event, run_until_disconnect
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as chat templates expect them: plain-text content, developer → system."""
+    out = []
+    for i, message in enumerate(messages):
+        if message.role == "function":
+            raise OpenAIError("The 'function' role is not supported; use 'tool'.", param=f"messages[{i}].role")
+        entry = message.model_dump(exclude_none=True)
+        entry["role"] = "system" if message.role == "developer" else message.role
+        content = message.content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.type == "text" and part.text is not None:
+                    texts.append(part.text)
+                elif part.type == "refusal" and part.refusal is not None:
+                    texts.append(part.refusal)
+                else:
+                    raise OpenAIError(
+                        f"Content parts of type '{part.type}' are not supported; only text.",
+                        param=f"messages[{i}].content[{j}].type",
+                        code="unsupported_parameter",
+                    )
+            content = "\n".join(texts)
+        entry["content"] = content or ""
+        out.append(entry)
+    return out
+
+
+def render_chat_prompt(
+    tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool, kwargs: dict[str, Any] | None
+) -> list[int]:
+    """The chat template applied and tokenized (runs in a worker thread)."""
+    options = {"add_generation_prompt": add_generation_prompt, **(kwargs or {})}
+    options.pop("tokenize", None)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, **options)
+    except Exception as e:  # template errors: role order, missing fields, no template at all
+        raise OpenAIError(f"The chat template could not render these messages: {e}", param="messages") from None
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+class ChatServing:
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    async def create(self, request: Request) -> Response:
+        state = self.state
+        state.check_ready()
+        req = await parse_body(request, ChatCompletionRequest)
+        state.check_model(req.model)
+        field = req.unsupported_field()
+        if field is not None:
+            raise unsupported(field)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise OpenAIError("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
+        tokenizer = state.tokenizer
+        messages = template_messages(req.messages)
+        prompt_ids = await run_in_thread(
+            render_chat_prompt, tokenizer, messages, req.add_generation_prompt, req.chat_template_kwargs
+        )
+        try:
+            params = build_sampling_params(
+                req,
+                max_tokens=req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
+                logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+            )
+            request_id = new_id("chatcmpl")
+            streams = await run_until_disconnect(request, open_streams(state, [prompt_ids], params, request_id))
+        except ClientDisconnected:
+            return Response(status_code=499)
+        except Exception as e:
+            raise from_exception(e, state.settings.retry_after_s) from None
+        stream = streams[0]
+        if req.stream:
+            return SSEResponse(self._events(req, stream, request_id))
+        try:
+            response = await run_until_disconnect(request, self._collect(req, stream, request_id))
+        except ClientDisconnected:
+            return Response(status_code=499)
+        except Exception as e:
+            raise from_exception(e, state.settings.retry_after_s) from None
+        finally:
+            await stream.close()
+        return JSONResponse(response.model_dump())
+
+    def _logprobs(self, req: ChatCompletionRequest, token_ids: list[int], entries: Any) -> ChatChoiceLogprobs | None:
+        if not req.logprobs:
+            return None
+        content = chat_logprobs(self.state.engine.tokenizer, token_ids, entries or [], req.top_logprobs or 0)
+        return ChatChoiceLogprobs(content=content)
+
+    async def _collect(
+        self, req: ChatCompletionRequest, stream: GenerationStream, request_id: str
+    ) -> ChatCompletionResponse:
+        n = stream.params.n
+        texts = [""] * n
+        token_ids: list[list[int]] = [[] for _ in range(n)]
+        entries: list[list[Any]] = [[] for _ in range(n)]
+        reasons = ["stop"] * n
+        while (out := await stream.next_output()) is not None:
+            for c in out.outputs:
+                texts[c.index] += c.text
+                token_ids[c.index].extend(c.token_ids)
+                entries[c.index].extend(c.logprobs or [])
+                if c.finish_reason is not None:
+                    reasons[c.index] = finish_reason(c.finish_reason)
+        choices = [
+            ChatCompletionChoice(
+                index=i,
+                message=ChatResponseMessage(content=texts[i]),
+                logprobs=self._logprobs(req, token_ids[i], entries[i]),
+                finish_reason=reasons[i],  # type: ignore[arg-type]
+            )
+            for i in range(n)
+        ]
+        return ChatCompletionResponse(
+            id=request_id,
+            created=int(time.time()),
+            model=req.model,
+            system_fingerprint=SYSTEM_FINGERPRINT,
+            choices=choices,
+            usage=make_usage(len(stream.prompt_ids), stream.num_generated_tokens, stream.num_cached_tokens),
+        )
+
+    async def _events(self, req: ChatCompletionRequest, stream: GenerationStream, request_id: str) -> AsyncIterator[bytes]:
+        created = int(time.time())
+        exclude = None if req.include_usage else {"usage"}
+
+        def chunk(choice: ChatStreamChoice | None) -> bytes:
+            payload = ChatCompletionChunk(
+                id=request_id, created=created, model=req.model, system_fingerprint=SYSTEM_FINGERPRINT,
+                choices=[choice] if choice is not None else [],
+            )
+            return format_event(payload.model_dump_json(exclude=exclude))
+
+        try:
+            for i in range(stream.params.n):
+                yield chunk(ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
+            while (out := await stream.next_output()) is not None:
+                for c in out.outputs:
+                    reason = finish_reason(c.finish_reason) if c.finish_reason is not None else None
+                    if not c.text and reason is None and not (req.logprobs and c.token_ids):
+                        continue  # text held back (a partial character or a possible stop string)
+                    yield chunk(
+                        ChatStreamChoice(
+                            index=c.index,
+                            delta=DeltaMessage(content=c.text if c.text or reason is None else None),
+                            logprobs=self._logprobs(req, c.token_ids, c.logprobs),
+                            finish_reason=reason,  # type: ignore[arg-type]
+                        )
+                    )
+            if req.include_usage:
+                usage = make_usage(len(stream.prompt_ids), stream.num_generated_tokens, stream.num_cached_tokens)
+                payload = ChatCompletionChunk(
+                    id=request_id, created=created, model=req.model, system_fingerprint=SYSTEM_FINGERPRINT,
+                    choices=[], usage=usage,
+                )
+                yield format_event(payload.model_dump_json())
+        except Exception as e:  # the engine died, or an abort the client did not ask for
+            yield format_event(from_exception(e).sse_data())
+        finally:
+            await stream.close()
+        yield DONE

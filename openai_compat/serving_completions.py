@@ -1,0 +1,237 @@
+"""POST /v1/completions: prompt(s) → engine → JSON or SSE chunks.
+
+`prompt` is a string, a list of strings, a list of token ids or a list of such lists; each
+prompt is one engine request with `n` choices, and its choices are numbered
+`prompt_index * n + choice_index`. With `echo` the prompt text (and, with `logprobs`, the
+prompt's logprobs) lead each choice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from engine import RequestOutput
+from openai_compat.errors import OpenAIError, from_exception, unsupported
+from openai_compat.logprobs import CompletionLogprobsBuilder
+from openai_compat.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from openai_compat.serving_base import (
+    SYSTEM_FINGERPRINT,
+    GenerationStream,
+    ServerState,
+    build_sampling_params,
+    close_all,
+    finish_reason,
+    make_usage,
+    new_id,
+    open_streams,
+    parse_body,
+    run_in_thread,
+)
+from openai_compat.sse import DONE, ClientDisconnected, SSEResponse, format_event, run_until_disconnect
+
+
+def split_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise OpenAIError("'prompt' must not be empty.", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]  # type: ignore[arg-type]
+    return list(prompt)  # type: ignore[arg-type]
+
+
+def tokenize_prompts(tokenizer: Any, prompts: list[str | list[int]]) -> list[list[int]]:
+    """Token ids of every prompt (runs in a worker thread)."""
+    return [list(tokenizer.encode(p)) if isinstance(p, str) else p for p in prompts]
+
+
+class _Choice:
+    """One choice's running state: echo still owed, logprobs offsets."""
+
+    def __init__(self, echo_text: str | None, builder: CompletionLogprobsBuilder | None) -> None:
+        self.echo_text = echo_text
+        self.builder = builder
+        self.text = ""
+        self.logprobs = CompletionLogprobs() if builder is not None else None
+        self.finish_reason: str | None = None
+
+    def delta(self, out: RequestOutput, token_ids: list[int], text: str, entries: Any) -> tuple[str, CompletionLogprobs | None]:
+        """This output's text and logprobs for the choice, with the echo in front the first time."""
+        logprobs = CompletionLogprobs() if self.builder is not None else None
+        if self.echo_text is not None:
+            text = self.echo_text + text
+            if self.builder is not None:
+                self.builder.add(out.prompt_token_ids, out.prompt_logprobs or [None] * len(out.prompt_token_ids), logprobs)
+            self.echo_text = None
+        if self.builder is not None:
+            self.builder.add(token_ids, entries or [], logprobs)
+        return text, logprobs
+
+
+class CompletionServing:
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    async def create(self, request: Request) -> Response:
+        state = self.state
+        state.check_ready()
+        req = await parse_body(request, CompletionRequest)
+        state.check_model(req.model)
+        field = req.unsupported_field()
+        if field is not None:
+            raise unsupported(field)
+        prompts = split_prompts(req.prompt)
+        tokenizer = state.engine.tokenizer
+        if tokenizer is None and any(isinstance(p, str) for p in prompts):
+            raise OpenAIError("This model ships no tokenizer: send token ids as the prompt.", param="prompt")
+        prompt_ids = await run_in_thread(tokenize_prompts, tokenizer, prompts)
+        echo_texts: list[str | None] = [None] * len(prompts)
+        if req.echo:
+            echo_texts = [p if isinstance(p, str) else self._decode(p) for p in prompts]
+        try:
+            params = build_sampling_params(
+                req,
+                max_tokens=req.max_tokens,
+                logprobs=req.logprobs,
+                prompt_logprobs=req.logprobs if req.echo else None,
+            )
+            request_id = new_id("cmpl")
+            streams = await run_until_disconnect(request, open_streams(state, prompt_ids, params, request_id))
+        except ClientDisconnected:
+            return Response(status_code=499)
+        except Exception as e:
+            raise from_exception(e, state.settings.retry_after_s, prompt_param="prompt") from None
+        choices = {
+            (p, i): _Choice(echo_texts[p], CompletionLogprobsBuilder(tokenizer, req.logprobs) if req.logprobs is not None else None)
+            for p in range(len(streams))
+            for i in range(params.n)
+        }
+        if req.stream:
+            return SSEResponse(self._events(req, streams, choices, request_id))
+        try:
+            response = await run_until_disconnect(request, self._collect(req, streams, choices, request_id))
+        except ClientDisconnected:
+            return Response(status_code=499)
+        except Exception as e:
+            raise from_exception(e, state.settings.retry_after_s) from None
+        finally:
+            await close_all(streams)
+        return JSONResponse(response.model_dump())
+
+    def _decode(self, token_ids: list[int]) -> str:
+        tokenizer = self.state.engine.tokenizer
+        return "" if tokenizer is None else str(tokenizer.decode(token_ids))
+
+    def _usage(self, streams: list[GenerationStream]) -> Any:
+        return make_usage(
+            sum(len(s.prompt_ids) for s in streams),
+            sum(s.num_generated_tokens for s in streams),
+            sum(s.num_cached_tokens for s in streams),
+        )
+
+    async def _collect(
+        self, req: CompletionRequest, streams: list[GenerationStream], choices: dict[tuple[int, int], _Choice],
+        request_id: str,
+    ) -> CompletionResponse:
+        async def drain(p: int, stream: GenerationStream) -> None:
+            while (out := await stream.next_output()) is not None:
+                for c in out.outputs:
+                    choice = choices[(p, c.index)]
+                    text, logprobs = choice.delta(out, c.token_ids, c.text, c.logprobs)
+                    choice.text += text
+                    if logprobs is not None and choice.logprobs is not None:
+                        for name in ("text_offset", "token_logprobs", "tokens", "top_logprobs"):
+                            getattr(choice.logprobs, name).extend(getattr(logprobs, name))
+                    if c.finish_reason is not None:
+                        choice.finish_reason = finish_reason(c.finish_reason)
+
+        await asyncio.gather(*(drain(p, s) for p, s in enumerate(streams)))
+        n = streams[0].params.n
+        return CompletionResponse(
+            id=request_id,
+            created=int(time.time()),
+            model=req.model,
+            system_fingerprint=SYSTEM_FINGERPRINT,
+            choices=[
+                CompletionChoice(
+                    index=p * n + i, text=c.text, logprobs=c.logprobs,
+                    finish_reason=c.finish_reason or "stop",  # type: ignore[arg-type]
+                )
+                for (p, i), c in choices.items()
+            ],
+            usage=self._usage(streams),
+        )
+
+    async def _events(
+        self, req: CompletionRequest, streams: list[GenerationStream], choices: dict[tuple[int, int], _Choice],
+        request_id: str,
+    ) -> AsyncIterator[bytes]:
+        created = int(time.time())
+        exclude = None if req.include_usage else {"usage"}
+        n = streams[0].params.n
+        outputs = merge_outputs(streams)
+        try:
+            async for p, out in outputs:
+                for c in out.outputs:
+                    reason = finish_reason(c.finish_reason) if c.finish_reason is not None else None
+                    text, logprobs = choices[(p, c.index)].delta(out, c.token_ids, c.text, c.logprobs)
+                    if not text and reason is None and not (logprobs and logprobs.tokens):
+                        continue
+                    chunk = CompletionResponse(
+                        id=request_id, created=created, model=req.model, system_fingerprint=SYSTEM_FINGERPRINT,
+                        choices=[CompletionChoice(index=p * n + c.index, text=text, logprobs=logprobs,
+                                                  finish_reason=reason)],  # type: ignore[arg-type]
+                    )
+                    yield format_event(chunk.model_dump_json(exclude=exclude))
+            if req.include_usage:
+                chunk = CompletionResponse(
+                    id=request_id, created=created, model=req.model, system_fingerprint=SYSTEM_FINGERPRINT,
+                    choices=[], usage=self._usage(streams),
+                )
+                yield format_event(chunk.model_dump_json())
+        except Exception as e:  # the engine died, or an abort the client did not ask for
+            yield format_event(from_exception(e).sse_data())
+        finally:
+            await outputs.aclose()  # type: ignore[attr-defined]
+            await close_all(streams)
+        yield DONE
+
+
+async def merge_outputs(streams: list[GenerationStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, output) from all streams as they arrive."""
+    if len(streams) == 1:
+        while (out := await streams[0].next_output()) is not None:
+            yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(p: int, stream: GenerationStream) -> None:
+        try:
+            while (out := await stream.next_output()) is not None:
+                queue.put_nowait((p, out))
+        except Exception as e:
+            queue.put_nowait((p, e))
+        finally:
+            queue.put_nowait((p, None))
+
+    tasks = [asyncio.ensure_future(pump(p, s)) for p, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            p, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield p, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

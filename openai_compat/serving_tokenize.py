@@ -1,0 +1,53 @@
+"""POST /tokenize and /detokenize, as vLLM serves them.
+
+/tokenize takes a `prompt` (tokenized as /v1/completions does) or `messages` (rendered with
+the chat template as /v1/chat/completions does) and returns the ids, their count and the
+context length; /detokenize turns `tokens` back into text.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from openai_compat.errors import OpenAIError
+from openai_compat.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from openai_compat.serving_base import ServerState, parse_body, run_in_thread
+from openai_compat.serving_chat import render_chat_prompt, template_messages
+
+
+def _state(request: Request) -> ServerState:
+    state: ServerState = request.app.state.server
+    state.check_ready()
+    return state
+
+
+async def tokenize(request: Request) -> Response:
+    state = _state(request)
+    req = await parse_body(request, TokenizeRequest)
+    state.check_model(req.model)
+    tokenizer = state.tokenizer
+    if req.messages is not None:
+        if not req.messages:
+            raise OpenAIError("'messages' must not be empty.", param="messages")
+        ids = await run_in_thread(
+            render_chat_prompt, tokenizer, template_messages(req.messages), req.add_generation_prompt,
+            req.chat_template_kwargs,
+        )
+    elif req.prompt is not None:
+        ids = await run_in_thread(tokenizer.encode, req.prompt, add_special_tokens=req.add_special_tokens)
+    else:
+        raise OpenAIError("Either 'prompt' or 'messages' is required.", param="prompt")
+    body = TokenizeResponse(count=len(ids), max_model_len=state.engine.max_model_len, tokens=list(ids))
+    return JSONResponse(body.model_dump())
+
+
+async def detokenize(request: Request) -> Response:
+    state = _state(request)
+    req = await parse_body(request, DetokenizeRequest)
+    state.check_model(req.model)
+    tokenizer = state.tokenizer
+    if any(not 0 <= t < len(tokenizer) for t in req.tokens):
+        raise OpenAIError(f"Token ids must be in [0, {len(tokenizer)}).", param="tokens")
+    text = await run_in_thread(tokenizer.decode, req.tokens)
+    return JSONResponse(DetokenizeResponse(prompt=str(text)).model_dump())

@@ -1,0 +1,80 @@
+"""Tensor-parallel linear / embedding layers: the rank shards put back together equal the full layer."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.layers import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+
+TP = 2
+
+
+def test_column_and_row_shards_compose_to_full_mlp() -> None:
+    x = torch.randn(3, 8)
+    w1, b1, w2, b2 = torch.randn(6, 8), torch.randn(6), torch.randn(5, 6), torch.randn(5)
+    full = torch.nn.functional.linear(torch.nn.functional.linear(x, w1, b1), w2, b2)
+    total = torch.zeros(3, 5)
+    for rank in range(TP):
+        col = ColumnParallelLinear(8, 6, bias=True, tp_rank=rank, tp_size=TP)
+        row = RowParallelLinear(6, 5, bias=True, tp_rank=rank, tp_size=TP)
+        for layer, w, b in ((col, w1, b1), (row, w2, b2)):
+            layer.weight.weight_loader(layer.weight, w)
+            layer.bias.weight_loader(layer.bias, b)
+        total += row(col(x))  # the all-reduce of the row layer's partial sums
+    torch.testing.assert_close(total, full)
+
+
+def test_merged_column_keeps_gate_and_up_per_rank() -> None:
+    gate, up = torch.randn(4, 3), torch.randn(4, 3)
+    for rank in range(TP):
+        layer = MergedColumnParallelLinear(3, [4, 4], tp_rank=rank, tp_size=TP)
+        layer.weight.weight_loader(layer.weight, gate, 0)
+        layer.weight.weight_loader(layer.weight, up, 1)
+        expected = torch.cat([gate[rank * 2 : rank * 2 + 2], up[rank * 2 : rank * 2 + 2]])
+        assert torch.equal(layer.weight.data, expected)
+
+
+def test_qkv_shards_and_replicates_kv_heads() -> None:
+    head, heads, kv_heads = 2, 4, 1
+    q, k, v = torch.randn(heads * head, 3), torch.randn(kv_heads * head, 3), torch.randn(kv_heads * head, 3)
+    for rank in range(TP):
+        layer = QKVParallelLinear(3, head, heads, kv_heads, tp_rank=rank, tp_size=TP)
+        assert (layer.num_heads, layer.num_kv_heads, layer.num_kv_head_replicas) == (2, 1, 2)
+        for shard_id, w in zip("qkv", (q, k, v), strict=True):
+            layer.weight.weight_loader(layer.weight, w, shard_id)
+        expected = torch.cat([q[rank * 4 : rank * 4 + 4], k, v])  # the single kv head on both ranks
+        assert torch.equal(layer.weight.data, expected)
+    single = QKVParallelLinear(3, head, heads, kv_heads, bias=True)
+    assert single.weight.shape == (12, 3) and (single.q_size, single.kv_size) == (8, 2)
+
+
+def test_vocab_parallel_embedding_shards_sum_to_full() -> None:
+    vocab, dim = 7, 3  # not divisible by TP: the last shard is padded
+    table = torch.randn(vocab, dim)
+    ids = torch.tensor([0, 3, 4, 6])
+    total = torch.zeros(4, dim)
+    for rank in range(TP):
+        emb = VocabParallelEmbedding(vocab, dim, tp_rank=rank, tp_size=TP)
+        emb.weight.weight_loader(emb.weight, table)
+        total += emb(ids)
+    torch.testing.assert_close(total, table[ids])
+
+
+def test_lm_head_tied_and_replicated() -> None:
+    emb = VocabParallelEmbedding(10, 4)
+    emb.weight.weight_loader(emb.weight, torch.randn(10, 4))
+    head = ParallelLMHead(10, 4)
+    head.tie_weights(emb)
+    hidden = torch.randn(2, 4)
+    torch.testing.assert_close(head(hidden), hidden @ emb.weight.T)
+    rep = ReplicatedLinear(4, 3, bias=False)
+    rep.weight.weight_loader(rep.weight, torch.eye(3, 4))
+    assert torch.equal(rep(hidden), hidden[:, :3])

@@ -1,0 +1,28 @@
+"""RMSNorm (with fused residual) and SiluAndMul."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.layers import RMSNorm, SiluAndMul
+
+
+def test_rms_norm_with_residual() -> None:
+    norm = RMSNorm(8, eps=1e-5)
+    norm.weight.data = torch.randn(8)
+    x, residual = torch.randn(3, 8), torch.randn(3, 8)
+    expected = (x + residual) * torch.rsqrt((x + residual).pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    out, new_residual = norm(x, residual)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(new_residual, x + residual)
+    torch.testing.assert_close(norm(x + residual), expected)
+
+
+def test_rms_norm_keeps_input_dtype() -> None:
+    norm = RMSNorm(4, params_dtype=torch.bfloat16)
+    assert norm(torch.randn(2, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_silu_and_mul() -> None:
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(SiluAndMul()(x), torch.nn.functional.silu(x[:, :3]) * x[:, 3:])

@@ -1,0 +1,56 @@
+"""Rotary embedding: parameters from old and new configs, inverse frequencies vs transformers."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from engine.layers import RotaryEmbedding, get_rope, rope_parameters_from_config
+from engine.layers.rotary import compute_inv_freq
+
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 128,
+    "rope_theta": 500000.0,
+}
+
+
+@pytest.mark.parametrize("params", [{"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, LLAMA3])
+def test_inv_freq_matches_transformers(params: dict[str, object]) -> None:
+    config = LlamaConfig(hidden_size=256, num_attention_heads=2, rope_parameters=dict(params))
+    expected, _ = ROPE_INIT_FUNCTIONS[str(params["rope_type"])](config, "cpu")
+    actual = compute_inv_freq(128, rope_parameters_from_config(config), 4096)
+    torch.testing.assert_close(actual, expected.float())
+
+
+def test_old_style_rope_scaling_is_read() -> None:
+    old = SimpleNamespace(
+        rope_scaling={"type": "linear", "factor": 3.0}, rope_theta=5e5, max_position_embeddings=64
+    )
+    params = rope_parameters_from_config(old)
+    assert params == {"type": "linear", "factor": 3.0, "rope_theta": 5e5, "rope_type": "linear"}
+    plain = SimpleNamespace(rope_scaling=None, rope_theta=None, max_position_embeddings=64)
+    assert rope_parameters_from_config(plain) == {"rope_theta": 10000.0, "rope_type": "default"}
+    with pytest.raises(ValueError, match="unsupported rope_type 'yarn'"):
+        compute_inv_freq(8, {"rope_type": "yarn", "rope_theta": 1e4}, 64)
+
+
+def test_rotation_preserves_norm_and_is_relative() -> None:
+    rope = get_rope(SimpleNamespace(rope_theta=1e4, max_position_embeddings=8), head_size=16)
+    assert isinstance(rope, RotaryEmbedding)
+    q, k = torch.randn(1, 2 * 16), torch.randn(1, 16)
+    dots = []
+    for shift in (0, 37):  # beyond the initial cache: it grows
+        pos_q, pos_k = torch.tensor([5 + shift]), torch.tensor([2 + shift])
+        rq, _ = rope(pos_q, q, k)
+        _, rk = rope(pos_k, q, k)
+        torch.testing.assert_close(rq.norm(), q.norm())
+        dots.append(rq[:, :16] @ rk.T)
+    torch.testing.assert_close(dots[0], dots[1], rtol=1e-4, atol=1e-4)

@@ -1,0 +1,125 @@
+"""A minimal model runner for tests: a KV pool, req_to_token, prefill (chunked) + greedy decode.
+
+Slots are handed out from a shuffled free list so that every test goes through the
+req_to_token indirection rather than relying on contiguous slots.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.forward_context import KVPool, build_forward_context, set_forward_context
+
+
+class Harness:
+    def __init__(
+        self,
+        model: nn.Module,
+        num_slots: int = 2048,
+        max_rows: int = 8,
+        max_len: int = 512,
+        kv_dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+    ) -> None:
+        config: Any = model.config  # type: ignore[assignment]
+        num_kv_heads = config.num_key_value_heads or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        layers = config.num_hidden_layers
+        shape = (num_slots + 1, num_kv_heads, head_dim)
+        int8 = kv_dtype == torch.int8
+        self.kv = KVPool(
+            k=[torch.zeros(shape, dtype=kv_dtype) for _ in range(layers)],
+            v=[torch.zeros(shape, dtype=kv_dtype) for _ in range(layers)],
+            k_scale=[torch.zeros(shape[:2]) for _ in range(layers)] if int8 else None,
+            v_scale=[torch.zeros(shape[:2]) for _ in range(layers)] if int8 else None,
+        )
+        self.model = model
+        # Stale garbage in unused entries: attention must never read past seq_len.
+        self.req_to_token = torch.randint(0, num_slots, (max_rows, max_len), dtype=torch.int32)
+        generator = torch.Generator().manual_seed(seed)
+        self.free_slots: list[int] = torch.randperm(num_slots, generator=generator).tolist()
+        self.seq_lens = [0] * max_rows
+
+    @torch.inference_mode()
+    def step(self, batch: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
+        """batch: (row, new token ids) per sequence -> per sequence logits [n_new, vocab] float32."""
+        rows = [row for row, _ in batch]
+        starts = [self.seq_lens[row] for row in rows]
+        new_lens = [len(ids) for _, ids in batch]
+        slots = [self.free_slots.pop() for _ in range(sum(new_lens))]
+        offset = 0
+        for row, start, n in zip(rows, starts, new_lens, strict=True):
+            self.req_to_token[row, start : start + n] = torch.tensor(
+                slots[offset : offset + n], dtype=torch.int32
+            )
+            self.seq_lens[row] = start + n
+            offset += n
+        ctx = build_forward_context(
+            self.kv, self.req_to_token, rows, starts, new_lens, torch.tensor(slots, dtype=torch.int64)
+        )
+        input_ids = torch.tensor([t for _, ids in batch for t in ids], dtype=torch.int64)
+        with set_forward_context(ctx):
+            hidden = self.model(input_ids, ctx.positions)
+        logits = self.model.compute_logits(hidden)  # type: ignore[operator]
+        return list(logits.split(new_lens))
+
+    def prefill(self, row: int, prompt: list[int], chunk_sizes: list[int] | None = None) -> torch.Tensor:
+        """Feed `prompt` (in chunks of the given sizes, the rest last) -> logits [len, vocab]."""
+        chunks, pos = [], 0
+        for size in chunk_sizes or []:
+            chunks.append(prompt[pos : pos + size])
+            pos += size
+        chunks.append(prompt[pos:])
+        return torch.cat([self.step([(row, chunk)])[0] for chunk in chunks if chunk])
+
+    def generate(self, prompt: list[int], max_new_tokens: int, row: int = 0) -> list[int]:
+        """Greedy decoding of one sequence."""
+        logits = self.prefill(row, prompt)
+        out = [int(logits[-1].argmax())]
+        while len(out) < max_new_tokens:
+            out.append(int(self.step([(row, [out[-1]])])[0][-1].argmax()))
+        return out
+
+
+def tiny_config(kind: str = "llama", **overrides: Any) -> Any:
+    """A small transformers config of the given family; `initializer_range` is large so that
+    random logits are peaked and greedy decoding has no near-ties."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common: dict[str, Any] = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+    )
+    common.update(overrides)
+    if kind == "llama":
+        return LlamaConfig(architectures=["LlamaForCausalLM"], **common)
+    if kind == "mistral":
+        common.setdefault("sliding_window", 6)
+        return MistralConfig(architectures=["MistralForCausalLM"], **common)
+    if kind == "qwen2":
+        common.setdefault("tie_word_embeddings", True)
+        return Qwen2Config(architectures=["Qwen2ForCausalLM"], **common)
+    raise ValueError(kind)
+
+
+def save_tiny_model(path: str, config: Any, seed: int = 0, **save_kwargs: Any) -> nn.Module:
+    """Random-weight transformers model saved (safetensors) to `path`; returns it in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.save_pretrained(path, **save_kwargs)
+    return model
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.float() - expected.float()).norm() / expected.float().norm())

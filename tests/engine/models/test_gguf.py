@@ -1,0 +1,178 @@
+"""GGUF -> HF conversion: names, dequantization per quant type, llama.cpp's q/k permutation, cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from harness import Harness, rel_err, save_tiny_model, tiny_config
+from safetensors.torch import load_file
+from torch import nn
+
+from engine.models import gguf as gguf_convert
+from engine.models import load_model, resolve_model
+from engine.models.gguf import hf_tensor_name, undo_rope_permute
+
+QT = gguf.GGMLQuantizationType
+QUANT_TYPES = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1]
+_HF_TO_GGUF = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def _gguf_name(hf_name: str) -> str:
+    if hf_name.startswith("model.layers."):
+        _, _, layer, rest = hf_name.split(".", 3)
+        module, kind = rest.rsplit(".", 1)
+        return f"blk.{layer}.{_HF_TO_GGUF[module]}.{kind}"
+    return {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }[hf_name]
+
+
+def _rope_permute(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """What llama.cpp's converter does to q/k rows (the inverse of undo_rope_permute)."""
+    return (
+        w.reshape(num_heads, 2, w.shape[0] // num_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    )
+
+
+def write_gguf(path: Path, hf: nn.Module, qtype: gguf.GGMLQuantizationType) -> None:
+    """A llama GGUF file of `hf`'s weights: 2-D weights in `qtype`, norms in F32 (as llama.cpp)."""
+    cfg: Any = hf.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    for name, tensor in hf.state_dict().items():
+        w = tensor.detach().float()
+        if ".q_proj." in name:
+            w = _rope_permute(w, cfg.num_attention_heads)
+        elif ".k_proj." in name:
+            w = _rope_permute(w, cfg.num_key_value_heads)
+        t = w.numpy()
+        if t.ndim == 1 or qtype == QT.F32:
+            writer.add_tensor(_gguf_name(name), t)
+        else:
+            writer.add_tensor(_gguf_name(name), gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> nn.Module:
+    cfg = tiny_config("llama", num_hidden_layers=1, tie_word_embeddings=False)
+    return save_tiny_model(str(tmp_path_factory.mktemp("hf")), cfg)
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("LIGHTGATE_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda q: q.name)
+def test_converted_tensors_equal_gguf_dequantize(
+    qtype: gguf.GGMLQuantizationType, tiny_hf: nn.Module, tmp_path: Path, cache: Path
+) -> None:
+    file = tmp_path / f"tiny-{qtype.name}.gguf"
+    write_gguf(file, tiny_hf, qtype)
+    converted = load_file(os.path.join(resolve_model(str(file)), "model.safetensors"))
+    cfg: Any = tiny_hf.config
+    reader = gguf.GGUFReader(str(file))
+    assert len(converted) == len(reader.tensors)
+    for tensor in reader.tensors:
+        shape = tuple(int(n) for n in reversed(tensor.shape))
+        expected = torch.from_numpy(
+            np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type))
+        ).reshape(shape)
+        name = hf_tensor_name(tensor.name)
+        assert name is not None
+        if ".q_proj." in name:
+            expected = undo_rope_permute(expected, cfg.num_attention_heads)
+        elif ".k_proj." in name:
+            expected = undo_rope_permute(expected, cfg.num_key_value_heads)
+        torch.testing.assert_close(converted[name].float(), expected.float(), rtol=0, atol=0)
+        # Up to quantization error, the original (un-permuted) HF weight comes back.
+        assert rel_err(converted[name], tiny_hf.state_dict()[name]) < 0.15
+
+
+@torch.inference_mode()
+def test_f32_gguf_model_matches_original_and_transformers_gguf(
+    tiny_hf: nn.Module, tmp_path: Path, cache: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    file = tmp_path / "tiny.gguf"
+    write_gguf(file, tiny_hf, QT.F32)
+    model = load_model(resolve_model(str(file)), torch.float32, "cpu")
+    prompt = list(range(3, 40, 3))
+    ours = Harness(model).prefill(0, prompt)
+    assert rel_err(ours, tiny_hf(torch.tensor([prompt])).logits[0]) < 1e-4
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=file.name, dtype=torch.float32)
+    assert rel_err(ours, ref(torch.tensor([prompt])).logits[0]) < 1e-4
+
+
+def test_conversion_is_cached_and_keyed_by_mtime(
+    tiny_hf: nn.Module, tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    file = tmp_path / "tiny.gguf"
+    write_gguf(file, tiny_hf, QT.Q8_0)
+    first = resolve_model(str(file))
+    assert Path(first).parent == cache
+
+    def fail(*args: object) -> None:
+        raise AssertionError("converted twice")
+
+    monkeypatch.setattr(gguf_convert, "convert_gguf", fail)
+    assert resolve_model(str(file)) == first
+    os.utime(file, ns=(1, 1))  # a changed file is a new cache entry
+    with pytest.raises(AssertionError, match="converted twice"):
+        resolve_model(str(file))
+
+
+def test_crash_during_conversion_leaves_no_cache_entry(
+    tiny_hf: nn.Module, tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    file = tmp_path / "tiny.gguf"
+    write_gguf(file, tiny_hf, QT.F16)
+    real = gguf_convert.convert_gguf
+
+    def crash(gguf_path: str, out_dir: str) -> None:
+        real(gguf_path, out_dir)  # everything written, then the process "dies" before the rename
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gguf_convert, "convert_gguf", crash)
+    with pytest.raises(KeyboardInterrupt):
+        resolve_model(str(file))
+    assert list(cache.iterdir()) == []
+    monkeypatch.setattr(gguf_convert, "convert_gguf", real)
+    assert os.path.isfile(os.path.join(resolve_model(str(file)), "model.safetensors"))
+
+
+def test_unsupported_tensor_name_is_reported() -> None:
+    with pytest.raises(ValueError, match="unsupported GGUF tensor"):
+        hf_tensor_name("blk.0.ssm_conv1d.weight")
