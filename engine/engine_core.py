@@ -8,6 +8,7 @@ and the per-request output state (detokenizers, stop-string matchers). It produc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -131,12 +132,17 @@ class EngineCore:
         now = time.time()
         choices = []
         for i in range(params.n):
+            # Seeded choices of one request must differ from each other: choice i uses seed + i.
+            seq_params = params
+            if params.seed is not None and i > 0:
+                seq_params = dataclasses.replace(params, seed=params.seed + i)
+                seq_params.all_stop_token_ids = params.all_stop_token_ids
             seq = Sequence(
                 request_id=request_id,
                 seq_id=f"{request_id}#{i}",
                 index=i,
                 prompt_token_ids=prompt_ids,
-                params=params,
+                params=seq_params,
                 max_tokens=max_tokens,
                 arrival_time=now,
             )
@@ -273,9 +279,8 @@ class EngineCore:
         ):
             finish = SequenceStatus.FINISHED_LENGTH
         if finish is not None:
-            if finish is SequenceStatus.FINISHED_LENGTH or stop_reason is None:
-                if choice.stop_matcher is not None:
-                    text += choice.stop_matcher.flush()
+            if not isinstance(stop_reason, str):  # not ended by a stop string: release held-back text
+                text += self._flush_text(choice)
             self.scheduler.finish(seq, finish)
             state.num_unfinished -= 1
         logprobs = [self._logprobs_dict(lp)] if (lp is not None and params.logprobs is not None) else None
@@ -285,6 +290,16 @@ class EngineCore:
             seq.index, text, [token_id], logprobs,
             finish.finish_reason if finish is not None else None, stop_reason,
         )
+
+    @staticmethod
+    def _flush_text(choice: _Choice) -> str:
+        if choice.detok is None:
+            return ""
+        text = choice.detok.flush()
+        if choice.stop_matcher is None:
+            return text
+        emitted, stop_str = choice.stop_matcher.feed(text)
+        return emitted if stop_str is not None else emitted + choice.stop_matcher.flush()
 
     def _logprobs_dict(self, lp: TokenLogprobs) -> LogprobsDict:
         ids = [lp.token_id, *lp.top_ids]

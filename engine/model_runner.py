@@ -67,8 +67,9 @@ class ModelRunner:
         self.req_to_token = torch.full(
             (config.max_num_seqs, self.max_model_len), self.kv.dummy_slot, dtype=torch.int32, device=self.device
         )
-        self.sampler = Sampler(device=self.device, seed=config.seed)
+        self.sampler = Sampler(seed=config.seed)
         self.states: dict[int, SamplingState] = {}
+        self.prompts: dict[int, list[int]] = {}  # row -> prompt ids, for prompt logprobs
 
     def _profile_num_slots(self) -> int:
         per_token = kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.kv_dtype)
@@ -100,15 +101,15 @@ class ModelRunner:
     def _update_rows(self, plan: StepPlan) -> None:
         for row in plan.freed_rows:
             self.states.pop(row, None)
+            self.prompts.pop(row, None)
         r2t = self.req_to_token
         for s in plan.seqs:
             if s.new_row is not None:
                 self.states[s.row] = SamplingState(
-                    s.new_row.params,
-                    s.new_row.prompt_token_ids,
-                    s.new_row.output_token_ids,
-                    device=self.device,
+                    s.new_row.params, s.new_row.prompt_token_ids, s.new_row.output_token_ids
                 )
+                if s.new_row.params.prompt_logprobs is not None:
+                    self.prompts[s.row] = s.new_row.prompt_token_ids
             if s.prefix_slots:
                 r2t[s.row, : len(s.prefix_slots)] = torch.tensor(s.prefix_slots, dtype=torch.int32)
             r2t[s.row, s.start_pos : s.start_pos + len(s.out_slots)] = torch.tensor(s.out_slots, dtype=torch.int32)
@@ -157,7 +158,7 @@ class ModelRunner:
         for i, s in enumerate(seqs):
             if s.prompt_logprobs is None:
                 continue
-            prompt = self.states[s.row].prompt_token_ids
+            prompt = self.prompts[s.row]
             # Position p predicts token p + 1; only positions whose successor is a prompt token count.
             first, last = s.start_pos, min(s.start_pos + len(s.token_ids), len(prompt) - 1)
             if last <= first:

@@ -186,31 +186,20 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[flo
     return torch.full_like(logits, float("-inf")).scatter_(1, sorted_idx, sorted_logits)
 
 
-def gather_logprobs(
-    logits: torch.Tensor, token_ids: torch.Tensor, num_top: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Raw-distribution logprob and rank of `token_ids [N]` plus the `num_top` best per row.
-
-    Returns (logprob [N], rank [N], top_logprobs [N, num_top], top_ids [N, num_top]).
-    """
-    logprobs = logits.float().log_softmax(dim=-1)
-    chosen = logprobs.gather(1, token_ids.long().unsqueeze(1))
-    rank = (logprobs > chosen).sum(dim=-1) + 1
-    top_logprobs, top_ids = logprobs.topk(num_top, dim=-1)
-    return chosen.squeeze(1), rank, top_logprobs, top_ids
-
-
 def _to_token_logprobs(
     logits: torch.Tensor, token_ids: torch.Tensor, counts: list[int]
 ) -> tuple[list[int], list[TokenLogprobs]]:
-    """Row i: token_ids[i], its logprob and rank, and its `counts[i]` best alternatives.
+    """Row i: token_ids[i], its raw logprob and rank, and its `counts[i]` best alternatives.
 
     Two device→host copies for the whole batch: one of integers, one of floats.
     """
     n, num_top = len(counts), max(counts, default=0)
-    chosen, rank, top_lps, top_ids = gather_logprobs(logits, token_ids, num_top)
+    logprobs = logits.float().log_softmax(dim=-1)  # [n, vocab]
+    chosen = logprobs.gather(1, token_ids.long().unsqueeze(1))  # [n, 1]
+    rank = (logprobs > chosen).sum(dim=-1) + 1
+    top_lps, top_ids = logprobs.topk(num_top, dim=-1)  # [n, num_top]
     ints = torch.cat([token_ids.long(), rank, top_ids.flatten()]).tolist()
-    floats = torch.cat([chosen, top_lps.flatten()]).tolist()
+    floats = torch.cat([chosen.squeeze(1), top_lps.flatten()]).tolist()
     out: list[TokenLogprobs] = []
     for i, k in enumerate(counts):
         ids_at, lps_at = 2 * n + i * num_top, n + i * num_top

@@ -11,11 +11,13 @@ Messages are tuples `(kind, payload)`:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -72,6 +74,27 @@ def _worker_main(conn: Connection, config: EngineConfig, model_path: str, parent
             return
 
 
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Keep a spawned worker from re-running the user's script.
+
+    A spawned child re-executes the parent's `__main__` file unless the script guards its
+    top level with `if __name__ == "__main__"`. The worker's entry point is an importable
+    function and needs nothing from `__main__`, so while the process starts the script's path
+    is hidden from multiprocessing; plain scripts then work with or without the guard.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or path is None or getattr(main, "__spec__", None) is not None:
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
+
+
 class WorkerClient:
     """Starts a worker process and exchanges plans and results with it."""
 
@@ -84,7 +107,8 @@ class WorkerClient:
             name="lightgate-worker",
             daemon=True,
         )
-        self._proc.start()
+        with _main_module_hidden():
+            self._proc.start()
         child_conn.close()
         self.info: WorkerInfo | None = None
         self.dead_reason: str | None = None

@@ -84,8 +84,12 @@ class RotaryEmbedding(nn.Module):
         return freqs.cos(), freqs.sin()
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if positions.numel() and int(positions.max()) >= self.cos_cache.shape[0]:
-            self.cos_cache, self.sin_cache = self._build_cache(2 * int(positions.max()) + 1)
+        # The cache covers max_position_embeddings. Growing it past that needs positions.max()
+        # on the host, so it is only checked on CPU (on GPU it would sync every layer).
+        if positions.device.type == "cpu" and positions.numel():
+            max_pos = int(positions.max())
+            if max_pos >= self.cos_cache.shape[0]:
+                self.cos_cache, self.sin_cache = self._build_cache(2 * max_pos + 1)
         if self.cos_cache.device != positions.device:
             self.cos_cache = self.cos_cache.to(positions.device)
             self.sin_cache = self.sin_cache.to(positions.device)
