@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Names pydantic puts into an error's location for the branch of a union it tried.
-_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "model", "json-or-python"}
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 class OpenAIError(Exception):
