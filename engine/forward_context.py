@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -60,6 +60,9 @@ class ForwardContext:
     req_indices_list: list[int]
     is_decode_only: bool  # every sequence has exactly one new token
     max_seq_len: int
+    # Tensors derived from the metadata once per step and shared by every layer (e.g. the
+    # padded slot grid of a batched decode), keyed by what they depend on.
+    derived: dict[object, object] = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:

@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine import AsyncEngine, __version__
 from openai_compat.config import Settings
-from openai_compat.errors import OpenAIError, from_exception, invalid_api_key
+from openai_compat.errors import OpenAIError, from_exception, invalid_api_key, model_not_found
 from openai_compat.metrics import CONTENT_TYPE
 from openai_compat.openapi import openapi_document
 from openai_compat.protocol import ModelCard, ModelList
@@ -104,7 +104,7 @@ async def get_model(request: Request) -> Response:
     for card in _model_cards(_server(request)):
         if card.id == name:
             return JSONResponse(card.model_dump())
-    raise OpenAIError(f"The model `{name}` does not exist.", 404, param="model", code="model_not_found")
+    raise model_not_found(name)
 
 
 async def _openai_error(request: Request, exc: Exception) -> Response:
@@ -114,7 +114,8 @@ async def _openai_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-    return OpenAIError(str(exc.detail), exc.status_code, param=None, code=code, headers=exc.headers).response()
+    return OpenAIError(str(exc.detail), exc.status_code, param=None, code=code,
+                       headers=dict(exc.headers) if exc.headers else None).response()
 
 
 async def _load(state: ServerState, progress: ProgressFn | None, on_loaded: Callable[[ServerState], None] | None,
@@ -154,6 +155,7 @@ def build_app(
                 loader.cancel()
             await asyncio.gather(loader, return_exceptions=True)
             await state.engine.shutdown()
+            state.close()
 
     routes = [
         Route("/v1/chat/completions", chat.create, methods=["POST"]),
@@ -175,7 +177,7 @@ def build_app(
                 allow_origins=settings.cors_allow_origins,
                 allow_methods=["GET", "POST", "OPTIONS"],
                 allow_headers=settings.cors_allow_headers,
-                expose_headers=["Retry-After", "X-Request-Id"],
+                expose_headers=["Retry-After"],
             )
         )
     if settings.api_keys:

@@ -54,7 +54,7 @@ class Client:
     def stream(self, text: str, system: str | None = None, **params: Any) -> Iterator[str]:
         """The answer to one user message, piece by piece as the server streams it."""
         params = {k: v for k, v in params.items() if v is not None}
-        chunks = self.openai.chat.completions.create(
+        chunks: Any = self.openai.chat.completions.create(
             model=self.model, messages=self._messages(text, system), stream=True, **params  # type: ignore[arg-type]
         )
         for chunk in chunks:

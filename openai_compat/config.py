@@ -15,13 +15,19 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from engine import EngineConfig
 
-# Comma-separated in the environment and on the command line ("a,b"); JSON lists also work.
+# Comma-separated in the environment and on the command line ("a,b"); JSON lists also work;
+# "none" is the empty list.
 CommaList = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="LIGHTGATE_", env_file=".env", extra="ignore", frozen=True, protected_namespaces=()
+        env_prefix="LIGHTGATE_",
+        env_file=".env",
+        env_ignore_empty=True,  # `LIGHTGATE_MODEL=` means "the default", not an empty path
+        extra="ignore",
+        frozen=True,
+        protected_namespaces=(),
     )
 
     # -- HTTP ------------------------------------------------------------------------------
@@ -35,7 +41,7 @@ class Settings(BaseSettings):
         default_factory=list, description="accepted bearer tokens, comma-separated; empty: no authentication"
     )
     cors_allow_origins: CommaList = Field(
-        default_factory=lambda: ["*"], description="CORS origins, comma-separated; empty: CORS off"
+        default_factory=lambda: ["*"], description="CORS origins, comma-separated; none: CORS off"
     )
     cors_allow_headers: CommaList = Field(
         default_factory=lambda: ["*"], description="request headers allowed cross-origin (* covers Authorization, X-Stainless-*)"
@@ -70,6 +76,9 @@ class Settings(BaseSettings):
     enable_prefix_caching: bool = Field(True, description="share KV of common prompt prefixes")
     enforce_eager: bool = Field(False, description="GPU: no CUDA graphs")
     seed: int = Field(0, description="engine seed for requests without their own")
+    cache_dir: str | None = Field(
+        None, description="where converted GGUF models are cached (default ~/.cache/lightgate)"
+    )
 
     @field_validator("model_aliases", "api_keys", "cors_allow_origins", "cors_allow_headers", mode="before")
     @classmethod
@@ -80,6 +89,8 @@ class Settings(BaseSettings):
                 import json
 
                 return json.loads(text)
+            if text.lower() == "none":
+                return []
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
 

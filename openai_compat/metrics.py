@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -66,6 +66,9 @@ class _EngineCollector(Collector):
 
 class Metrics:
     def __init__(self, stats_fn: StatsFn, model_name: str = "") -> None:
+        # No `*_created` series beside every counter and histogram (prometheus-client's
+        # switch is process-wide), as vLLM dashboards expect.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.stats_fn = stats_fn
         self.model_name = model_name
         self.registry = CollectorRegistry()

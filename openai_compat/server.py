@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -41,7 +42,7 @@ class LoadProgress:
 
     def close(self) -> None:
         with self._lock:
-            if self._bar is not None:
+            if self._bar is not None:  # None when the engine reported no progress
                 self._bar.close()
                 self._bar = None
 
@@ -78,11 +79,15 @@ def serve(settings: Settings) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if settings.cache_dir:
+        # The engine's model loader (and its worker processes) read the cache location from here.
+        os.environ["LIGHTGATE_CACHE_DIR"] = settings.cache_dir
     progress = LoadProgress()
     server: GracefulServer | None = None
     url = f"http://{settings.host}:{settings.port}"
 
     def on_loaded(state: ServerState) -> None:
+        progress(1.0, "ready")
         progress.close()
         stats = state.engine.stats()
         logger.info(

@@ -12,14 +12,14 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
 
-import anyio.to_thread
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from engine import AsyncEngine, RequestOutput, RequestOutputKind, SamplingParams
+from engine import AsyncEngine, EngineStats, RequestOutput, RequestOutputKind, SamplingParams
 from openai_compat.config import Settings
 from openai_compat.errors import OpenAIError, from_validation_error, invalid_json, model_not_found, not_ready
 from openai_compat.metrics import Metrics, RequestRecorder
@@ -42,9 +42,15 @@ class ServerState:
         self.load_error: BaseException | None = None
         self.draining = False
         self.metrics = Metrics(self._stats)
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightgate-tokenizer")
 
-    def _stats(self) -> Any:
-        return self.engine.stats() if self.loaded else None
+    def _stats(self) -> EngineStats | None:
+        if not self.loaded:
+            return None
+        try:
+            return self.engine.stats()
+        except Exception:  # a dead engine must not take /metrics down with it
+            return None
 
     @property
     def served_model_name(self) -> str:
@@ -76,6 +82,15 @@ class ServerState:
         if model is not None and model not in self.model_names:
             raise model_not_found(model)
 
+    async def run_tokenizer(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Tokenizer work (CPU) off the event loop, one call at a time: a Hugging Face fast
+        tokenizer is not safe to use from several threads at once."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizer_thread, partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+
     @property
     def tokenizer(self) -> Any:
         tokenizer = self.engine.tokenizer
@@ -94,11 +109,6 @@ async def parse_body(request: Request, model: type[M]) -> M:
         if first["type"] in ("json_invalid", "model_type") and not first["loc"]:
             raise invalid_json() from None
         raise from_validation_error(e) from None
-
-
-async def run_in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Tokenizer work (CPU) off the event loop."""
-    return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs))
 
 
 def new_id(prefix: str) -> str:
@@ -175,6 +185,7 @@ class GenerationStream:
         self._recorder = recorder
         self._outputs: AsyncIterator[RequestOutput] = engine.generate(prompt_ids, params, request_id)
         self._pending: RequestOutput | None = None
+        self._finish_reasons: dict[int, str] = {}  # choice index -> the engine's finish reason
 
     async def start(self) -> None:
         """Wait for the first output; raises what the engine refused the request with."""
@@ -202,9 +213,12 @@ class GenerationStream:
         self.num_generated_tokens += num_new
         self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
         self._recorder.on_tokens(len(out.prompt_token_ids), num_new)
+        for c in out.outputs:
+            if c.finish_reason is not None:
+                self._finish_reasons.setdefault(c.index, c.finish_reason)
         if out.finished:
             self.finished = True
-            reasons = {c.index: c.finish_reason for c in out.outputs if c.finish_reason}
+            reasons = self._finish_reasons
             self._recorder.on_finish(reasons.get(0) or next(iter(reasons.values()), "stop"))
         return out
 

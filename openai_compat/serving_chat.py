@@ -38,7 +38,6 @@ from openai_compat.serving_base import (
     new_id,
     open_streams,
     parse_body,
-    run_in_thread,
 )
 from openai_compat.sse import DONE, ClientDisconnected, SSEResponse, format_event, run_until_disconnect
 
@@ -100,7 +99,7 @@ class ChatServing:
             raise OpenAIError("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
         tokenizer = state.tokenizer
         messages = template_messages(req.messages)
-        prompt_ids = await run_in_thread(
+        prompt_ids = await state.run_tokenizer(
             render_chat_prompt, tokenizer, messages, req.add_generation_prompt, req.chat_template_kwargs
         )
         try:
@@ -117,7 +116,7 @@ class ChatServing:
             raise from_exception(e, state.settings.retry_after_s) from None
         stream = streams[0]
         if req.stream:
-            return SSEResponse(self._events(req, stream, request_id))
+            return SSEResponse(self._events(req, stream, request_id), cleanup=stream.close)
         try:
             response = await run_until_disconnect(request, self._collect(req, stream, request_id))
         except ClientDisconnected:

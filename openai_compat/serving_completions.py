@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from functools import partial
 from typing import Any
 
 from starlette.requests import Request
@@ -31,7 +32,6 @@ from openai_compat.serving_base import (
     new_id,
     open_streams,
     parse_body,
-    run_in_thread,
 )
 from openai_compat.sse import DONE, ClientDisconnected, SSEResponse, format_event, run_until_disconnect
 
@@ -90,10 +90,10 @@ class CompletionServing:
         tokenizer = state.engine.tokenizer
         if tokenizer is None and any(isinstance(p, str) for p in prompts):
             raise OpenAIError("This model ships no tokenizer: send token ids as the prompt.", param="prompt")
-        prompt_ids = await run_in_thread(tokenize_prompts, tokenizer, prompts)
+        prompt_ids = await state.run_tokenizer(tokenize_prompts, tokenizer, prompts)
         echo_texts: list[str | None] = [None] * len(prompts)
         if req.echo:
-            echo_texts = [p if isinstance(p, str) else self._decode(p) for p in prompts]
+            echo_texts = [p if isinstance(p, str) else await state.run_tokenizer(self._decode, p) for p in prompts]
         try:
             params = build_sampling_params(
                 req,
@@ -113,7 +113,7 @@ class CompletionServing:
             for i in range(params.n)
         }
         if req.stream:
-            return SSEResponse(self._events(req, streams, choices, request_id))
+            return SSEResponse(self._events(req, streams, choices, request_id), cleanup=partial(close_all, streams))
         try:
             response = await run_until_disconnect(request, self._collect(req, streams, choices, request_id))
         except ClientDisconnected:
@@ -198,12 +198,12 @@ class CompletionServing:
         except Exception as e:  # the engine died, or an abort the client did not ask for
             yield format_event(from_exception(e).sse_data())
         finally:
-            await outputs.aclose()  # type: ignore[attr-defined]
+            await outputs.aclose()
             await close_all(streams)
         yield DONE
 
 
-async def merge_outputs(streams: list[GenerationStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def merge_outputs(streams: list[GenerationStream]) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """(prompt index, output) from all streams as they arrive."""
     if len(streams) == 1:
         while (out := await streams[0].next_output()) is not None:

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, Response
 
 from openai_compat.errors import OpenAIError
 from openai_compat.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
-from openai_compat.serving_base import ServerState, parse_body, run_in_thread
+from openai_compat.serving_base import ServerState, parse_body
 from openai_compat.serving_chat import render_chat_prompt, template_messages
 
 
@@ -30,12 +30,12 @@ async def tokenize(request: Request) -> Response:
     if req.messages is not None:
         if not req.messages:
             raise OpenAIError("'messages' must not be empty.", param="messages")
-        ids = await run_in_thread(
+        ids = await state.run_tokenizer(
             render_chat_prompt, tokenizer, template_messages(req.messages), req.add_generation_prompt,
             req.chat_template_kwargs,
         )
     elif req.prompt is not None:
-        ids = await run_in_thread(tokenizer.encode, req.prompt, add_special_tokens=req.add_special_tokens)
+        ids = await state.run_tokenizer(tokenizer.encode, req.prompt, add_special_tokens=req.add_special_tokens)
     else:
         raise OpenAIError("Either 'prompt' or 'messages' is required.", param="prompt")
     body = TokenizeResponse(count=len(ids), max_model_len=state.engine.max_model_len, tokens=list(ids))
@@ -49,5 +49,5 @@ async def detokenize(request: Request) -> Response:
     tokenizer = state.tokenizer
     if any(not 0 <= t < len(tokenizer) for t in req.tokens):
         raise OpenAIError(f"Token ids must be in [0, {len(tokenizer)}).", param="tokens")
-    text = await run_in_thread(tokenizer.decode, req.tokens)
+    text = await state.run_tokenizer(tokenizer.decode, req.tokens)
     return JSONResponse(DetokenizeResponse(prompt=str(text)).model_dump())

@@ -6,13 +6,18 @@ ASGI `http.disconnect` message; when the client hangs up it cancels the producer
 `finally` blocks close the engine streams, which aborts the requests and frees their KV.
 `run_until_disconnect` does the same for work done before a response starts (non-streaming
 generation, or waiting for the first token of a long prefill).
+
+The framing is written here rather than with sse-starlette: that package cancels every open
+stream as soon as the server is asked to stop, while a graceful shutdown here lets running
+streams finish (and its defaults, `\\r\\n` separators and keep-alive comments, differ from
+OpenAI's framing).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TypeVar
 
 from starlette.requests import Request
@@ -71,8 +76,16 @@ class SSEResponse(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[bytes], headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        events: AsyncIterator[bytes],
+        cleanup: Callable[[], Awaitable[None]] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.events = events
+        # Runs however the stream ends, also when the client left before the producer started
+        # (then its own `finally` never runs).
+        self.cleanup = cleanup
         self.status_code = 200
         self.background = None
         self.init_headers({**SSE_HEADERS, **(headers or {})})
@@ -85,18 +98,21 @@ class SSEResponse(Response):
         finally:
             watch_task.cancel()
             if not stream_task.done():
-                await _cancel(stream_task)  # the client left: the producer's cleanup aborts
-        if not stream_task.cancelled():
-            error = stream_task.exception()
-            if error is not None:
-                raise error
+                await _cancel(stream_task)  # the client left: stop producing
+            await self._close()
+        error = stream_task.exception() if not stream_task.cancelled() else None
+        if error is not None:
+            raise error
 
     async def _stream(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        try:
-            async for event in self.events:
-                await send({"type": "http.response.body", "body": event, "more_body": True})
-        finally:
-            with contextlib.suppress(Exception):
-                await self.events.aclose()  # type: ignore[attr-defined]
+        async for event in self.events:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _close(self) -> None:
+        """Finish the producer (its `finally` blocks abort the engine requests), then clean up."""
+        with contextlib.suppress(Exception):
+            await self.events.aclose()  # type: ignore[attr-defined]
+        if self.cleanup is not None:
+            await self.cleanup()

@@ -71,8 +71,8 @@ class Attention(nn.Module):
             kv.k_scale[self.layer_idx][slots] = ks.to(kv.k_scale[self.layer_idx].dtype)
             kv.v_scale[self.layer_idx][slots] = vs.to(kv.v_scale[self.layer_idx].dtype)
         else:
-            k_pool[slots] = k.to(k_pool.dtype)
-            v_pool[slots] = v.to(v_pool.dtype)
+            k_pool.index_copy_(0, slots, k.to(k_pool.dtype))
+            v_pool.index_copy_(0, slots, v.to(v_pool.dtype))
 
     def _read(self, kv: KVPool, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # slots: any shape S -> k, v: [*S, KV, D] in `dtype`
@@ -139,15 +139,7 @@ class Attention(nn.Module):
 
     def _decode_batched(self, ctx: ForwardContext, q: torch.Tensor) -> torch.Tensor:
         # One new token per sequence: q [B, H, D]. Keys are gathered into a padded [B, L] grid.
-        seq_lens = ctx.seq_lens  # [B]
-        max_len = ctx.max_seq_len
-        k_pos = torch.arange(max_len, device=q.device).unsqueeze(0)  # [1, L]
-        valid = k_pos < seq_lens.unsqueeze(1)  # [B, L]
-        if self.sliding_window is not None:
-            valid &= k_pos > (seq_lens - 1 - self.sliding_window).unsqueeze(1)
-        slots = ctx.req_to_token[ctx.req_indices, :max_len].long()  # [B, L]
-        # Padding entries may hold stale slot ids: point them at the dummy slot.
-        slots = torch.where(valid, slots, ctx.kv.dummy_slot)
+        slots, valid = self._decode_grid(ctx)
         k, v = self._read(ctx.kv, slots, q.dtype)  # [B, L, KV, D]
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2),  # [B, H, 1, D]
@@ -158,6 +150,24 @@ class Attention(nn.Module):
             enable_gqa=True,
         )  # [B, H, 1, D]
         return o.squeeze(2)
+
+    def _decode_grid(self, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded slot ids [B, L] and validity mask [B, L]; computed once per step and window."""
+        key = ("decode_grid", self.sliding_window)
+        cached = ctx.derived.get(key)
+        if cached is not None:
+            return cached  # type: ignore[return-value]
+        seq_lens = ctx.seq_lens  # [B]
+        max_len = ctx.max_seq_len
+        k_pos = torch.arange(max_len, device=seq_lens.device).unsqueeze(0)  # [1, L]
+        valid = k_pos < seq_lens.unsqueeze(1)  # [B, L]
+        if self.sliding_window is not None:
+            valid &= k_pos > (seq_lens - 1 - self.sliding_window).unsqueeze(1)
+        slots = ctx.req_to_token[ctx.req_indices, :max_len].long()  # [B, L]
+        # Padding entries may hold stale slot ids: point them at the dummy slot.
+        slots = torch.where(valid, slots, ctx.kv.dummy_slot)
+        ctx.derived[key] = (slots, valid)
+        return slots, valid
 
     def extra_repr(self) -> str:
         return (

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from conftest import ProcessServer
+from tests.openai_compat.conftest import ProcessServer
 
 pytestmark = pytest.mark.slow
 

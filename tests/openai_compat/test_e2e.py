@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import TINY, ProcessServer, get_metrics, metric_value, wait_for
-from openai_schema import validate
+from tests.openai_compat.conftest import TINY, ProcessServer, get_metrics, metric_value, wait_for
+from tests.openai_compat.openai_schema import validate
 
 PROMPT = [{"role": "user", "content": "Tell me about lighthouses."}]
 GREEDY: dict[str, Any] = {"temperature": 0.0}

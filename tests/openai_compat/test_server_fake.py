@@ -8,9 +8,9 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import ThreadServer, fake_server, get_metrics, metric_value, wait_for
-from fake_engine import FakeEngine
-from openai_schema import validate
+from tests.openai_compat.conftest import ThreadServer, fake_server, get_metrics, metric_value, wait_for
+from tests.openai_compat.fake_engine import FakeEngine
+from tests.openai_compat.openai_schema import validate
 
 REPLY = "Hello world, this is lightgate."
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -263,3 +263,26 @@ def test_timing_of_many_small_requests(fake: ThreadServer) -> None:
         for _ in range(20):
             assert client.post(f"{fake.url}/v1/chat/completions", json={**CHAT, "max_tokens": 2}).status_code == 200
     assert time.monotonic() - start < 5
+
+
+def test_chat_command_and_python_client(fake: ThreadServer, capsys: pytest.CaptureFixture[str]) -> None:
+    from openai_compat import Client
+    from openai_compat.cli import main
+
+    assert main(["chat", "--text", "你好,世界!", "--system", "short", "--base-url", f"{fake.url}/v1"]) == 0
+    assert capsys.readouterr().out == REPLY + "\n"
+    client = Client(base_url=f"{fake.url}/v1")
+    assert client.model == "fake-model"
+    assert client.query("hi", system="be brief", max_tokens=5) == REPLY[:5]
+    assert "".join(client.stream("hi")) == REPLY
+    client.close()
+    assert main(["chat", "--text", "x", "--base-url", "http://127.0.0.1:9/v1"]) == 1
+
+
+def test_unknown_routes_and_methods_use_the_envelope(fake: ThreadServer) -> None:
+    missing = httpx.get(f"{fake.url}/v1/nothing")
+    assert missing.status_code == 404
+    validate("ErrorResponse", missing.json())
+    wrong = httpx.get(f"{fake.url}/v1/chat/completions")
+    assert wrong.status_code == 405
+    validate("ErrorResponse", wrong.json())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import Harness
+from tests.engine.models.harness import Harness
 
 from engine.models import load_model, resolve_model
 from engine.models.loader import default_gguf_path

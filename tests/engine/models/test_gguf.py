@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from harness import Harness, rel_err, save_tiny_model, tiny_config
+from tests.engine.models.harness import Harness, rel_err, save_tiny_model, tiny_config
 from safetensors.torch import load_file
 from torch import nn
 

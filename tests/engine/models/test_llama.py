@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from harness import Harness, rel_err, save_tiny_model, tiny_config
+from tests.engine.models.harness import Harness, rel_err, save_tiny_model, tiny_config
 from torch import nn
 
 from engine.models import load_model

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import Harness, rel_err, save_tiny_model, tiny_config
+from tests.engine.models.harness import Harness, rel_err, save_tiny_model, tiny_config
 from safetensors.torch import load_file, save_file
 
 from engine.models import get_model_class, load_hf_config, load_model, resolve_model, supported_architectures

@@ -1,0 +1,90 @@
+"""`AsyncEngine`: streaming deltas, abort frees memory, a dead worker fails requests fast."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from engine import AsyncEngine, EngineConfig, EngineDeadError, RequestOutputKind, SamplingParams
+from tests.engine.models.harness import save_tiny_model, tiny_config
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> str:
+    save_tiny_model(str(tmp_path), tiny_config("llama"))
+    return str(tmp_path)
+
+
+async def _started(model_dir: str) -> AsyncEngine:
+    engine = AsyncEngine(EngineConfig(model=model_dir, kv_cache_memory_gb=0.01))
+    await engine.start()
+    return engine
+
+
+async def test_delta_stream_adds_up_to_the_final_output(model_dir: str) -> None:
+    engine = await _started(model_dir)
+    try:
+        prompt = [5, 9, 11, 200, 17]
+        final = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, n=2, seed=1,
+                               output_kind=RequestOutputKind.FINAL_ONLY)
+        outs = [o async for o in engine.generate(prompt, final, "final")]
+        assert len(outs) == 1 and outs[0].finished
+        delta = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, n=2, seed=1,
+                               output_kind=RequestOutputKind.DELTA)
+        tokens: dict[int, list[int]] = {0: [], 1: []}
+        finishes: dict[int, int] = {0: 0, 1: 0}
+        async for out in engine.generate(prompt, delta, "delta"):
+            for choice in out.outputs:
+                assert len(choice.token_ids) == 1  # one token per delta
+                tokens[choice.index] += choice.token_ids
+                finishes[choice.index] += choice.finish_reason is not None
+        assert tokens == {c.index: c.token_ids for c in outs[0].outputs}
+        assert finishes == {0: 1, 1: 1}  # each choice finishes exactly once
+    finally:
+        await engine.shutdown()
+
+
+async def test_closing_the_stream_aborts_and_frees_slots(model_dir: str) -> None:
+    engine = await _started(model_dir)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+        streams = [engine.generate(list(range(3, 60)), params, f"r{i}") for i in range(8)]
+        for stream in streams:
+            await stream.__anext__()
+        assert engine.stats().num_running == 8 and engine.stats().kv_cache_usage > 0
+        for stream in streams:
+            await stream.aclose()
+        await asyncio.sleep(0.05)
+        stats = engine.stats()
+        assert stats.num_running == 0 and stats.num_waiting == 0 and stats.kv_cache_usage == 0
+        # The engine keeps serving afterwards.
+        done = [o async for o in engine.generate([3, 4], SamplingParams(max_tokens=3, ignore_eos=True), "after")]
+        assert len(done[-1].outputs[0].token_ids) == 3
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_killed_worker_fails_running_requests_within_seconds(model_dir: str) -> None:
+    engine = await _started(model_dir)
+    try:
+        params = SamplingParams(max_tokens=400, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+        stream = engine.generate(list(range(3, 40)), params, "victim")
+        await stream.__anext__()
+        pid = engine.core.worker.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(EngineDeadError):
+            async for _ in stream:
+                pass
+        assert time.monotonic() - start < 5
+        assert engine.errored
+        with pytest.raises(EngineDeadError):
+            await engine.generate([3], params, "later").__anext__()
+    finally:
+        await engine.shutdown()
