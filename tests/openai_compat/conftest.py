@@ -19,10 +19,9 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.openai_compat.fake_engine import FakeEngine  # noqa: E402
-
 from openai_compat.app import build_app  # noqa: E402
 from openai_compat.config import Settings  # noqa: E402
+from tests.openai_compat.fake_engine import FakeEngine  # noqa: E402
 
 
 def free_port() -> int:

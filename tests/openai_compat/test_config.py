@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 
 import pytest
-from tests.openai_compat.conftest import REPO
 
 from openai_compat.config import Settings, add_cli_flags, load_settings
+from tests.openai_compat.conftest import REPO
 
 
 def parse(*argv: str) -> argparse.Namespace:

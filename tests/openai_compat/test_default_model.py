@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
+
 from tests.openai_compat.conftest import ProcessServer
 
 pytestmark = pytest.mark.slow

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+
 from tests.openai_compat.conftest import TINY, ProcessServer, get_metrics, metric_value, wait_for
 from tests.openai_compat.openai_schema import validate
 

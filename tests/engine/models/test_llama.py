@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 import torch
-from tests.engine.models.harness import Harness, rel_err, save_tiny_model, tiny_config
 from torch import nn
 
 from engine.models import load_model
+from tests.engine.models.harness import Harness, rel_err, save_tiny_model, tiny_config
 
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": ("llama", {}),

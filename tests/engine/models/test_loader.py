@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.engine.models.harness import Harness, rel_err, save_tiny_model, tiny_config
 from safetensors.torch import load_file, save_file
 
 from engine.models import get_model_class, load_hf_config, load_model, resolve_model, supported_architectures
 from engine.models.loader import safetensors_files
+from tests.engine.models.harness import Harness, rel_err, save_tiny_model, tiny_config
 
 
 def _logits(path: Path, prompt: list[int]) -> torch.Tensor:
