@@ -32,7 +32,7 @@ class EngineConfig:
     device: str = "auto"  # auto: cuda when available
     tensor_parallel_size: int = 1
     kv_cache_dtype: str = "auto"  # auto: the model dtype; "int8"
-    kv_cache_memory_gb: float | None = None  # CPU budget for the KV pool (default 1 GiB)
+    kv_cache_memory_gb: float | None = None  # KV pool size; default: 1 GiB on CPU, a fraction of free memory on GPU
     gpu_memory_utilization: float = 0.85  # GPU: fraction of free memory (after weights) for KV
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_num_seqs: int = 256  # cap on running sequences (rows of req_to_token)

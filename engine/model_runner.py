@@ -73,13 +73,15 @@ class ModelRunner:
 
     def _profile_num_slots(self) -> int:
         per_token = kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.kv_dtype)
-        if self.device.startswith("cuda"):
+        if self.config.kv_cache_memory_gb is not None:
+            budget = int(self.config.kv_cache_memory_gb * _GIB)
+        elif self.device.startswith("cuda"):
             torch.cuda.synchronize()
             free, _total = torch.cuda.mem_get_info()
-            # Leave room for activations of one full step (a crude bound until profiling lands).
+            # A fraction of what is free after the weights (activation profiling comes with the GPU path).
             budget = int(free * self.config.gpu_memory_utilization)
         else:
-            budget = int((self.config.kv_cache_memory_gb or 1.0) * _GIB)
+            budget = _GIB  # CPU default: 1 GiB
         num_slots = budget // per_token
         if num_slots < 16:
             raise ValueError(f"KV cache budget of {budget} bytes holds only {num_slots} tokens")

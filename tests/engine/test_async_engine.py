@@ -21,7 +21,7 @@ def model_dir(tmp_path: Path) -> str:
 
 
 async def _started(model_dir: str) -> AsyncEngine:
-    engine = AsyncEngine(EngineConfig(model=model_dir, kv_cache_memory_gb=0.01))
+    engine = AsyncEngine(EngineConfig(model=model_dir, dtype="float32", kv_cache_memory_gb=0.01))
     await engine.start()
     return engine
 

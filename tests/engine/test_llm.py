@@ -33,7 +33,7 @@ def _prompts(num: int, seed: int = 0, vocab: int = 256) -> list[list[int]]:
 def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     path = tmp_path_factory.mktemp(request.param)
     hf = save_tiny_model(str(path), tiny_config(request.param))
-    with LLM(str(path), kv_cache_memory_gb=0.01) as llm:
+    with LLM(str(path), dtype="float32", kv_cache_memory_gb=0.01) as llm:
         yield hf, llm
 
 
@@ -97,11 +97,11 @@ def test_kv_pressure_all_finish_with_unpressured_outputs(tmp_path: Path) -> None
         SamplingParams(temperature=0.0, max_tokens=60 + i % 40, ignore_eos=True) for i in range(len(prompts))
     ]
     need = sum(len(p) + sp.max_tokens for p, sp in zip(prompts, params, strict=True))
-    with LLM(str(tmp_path)) as roomy:
+    with LLM(str(tmp_path), dtype="float32") as roomy:
         expected = [o.outputs[0].token_ids for o in roomy.generate(prompts, params)]
     per_token = kv_bytes_per_token(2, 2, 16, torch.float32)
     for admission in ("conservative", "aggressive"):
-        with LLM(str(tmp_path), kv_cache_memory_gb=300 * per_token / (1 << 30), admission=admission) as tight:
+        with LLM(str(tmp_path), dtype="float32", kv_cache_memory_gb=300 * per_token / (1 << 30), admission=admission) as tight:
             assert 250 <= tight.kv_cache_tokens <= 300 and need >= 10 * tight.kv_cache_tokens
             outs = tight.generate(prompts, params)
             assert [o.outputs[0].token_ids for o in outs] == expected
@@ -121,7 +121,7 @@ def test_directory_without_tokenizer_generates_from_token_ids(tiny) -> None:
 
 def test_shutdown_leaves_no_worker(tmp_path: Path) -> None:
     save_tiny_model(str(tmp_path), tiny_config("llama"))
-    llm = LLM(str(tmp_path), kv_cache_memory_gb=0.01)
+    llm = LLM(str(tmp_path), dtype="float32", kv_cache_memory_gb=0.01)
     worker = llm.core.worker
     assert worker.alive
     llm.shutdown()

@@ -1,0 +1,137 @@
+"""Real servers for the HTTP tests: a tiny random-weight Llama, and `python -m openai_compat`
+started in a subprocess exactly as users start it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+
+TINY = "tiny"  # the name the tiny model is served under
+TINY_ARGS = ("--served-model-name", TINY, "--max-model-len", "512", "--kv-cache-memory-gb", "0.05")
+
+
+def build_tiny_model(out: Path) -> Path:
+    """A random 2-layer Llama in `out`, with the default model's real tokenizer and chat template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from engine.models.loader import resolve_model
+
+    source = Path(resolve_model(None))  # the packaged default model, converted once and cached
+    out.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens")) or path.name == "chat_template.jinja":
+            shutil.copy(path, out / path.name)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), max_position_embeddings=4096, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of the first sample called `name` (carrying `labels`) in a Prometheus text page."""
+    for line in text.splitlines():
+        if not (line.startswith(name + "{") or line.startswith(name + " ")):
+            continue
+        if all(f'{key}="{value}"' in line for key, value in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+def get_metrics(url: str) -> str:
+    return httpx.get(f"{url}/metrics", timeout=10).text
+
+
+def sse_events(body: bytes) -> list[str]:
+    """The data of each event of a complete stream; asserts OpenAI's exact framing on the way."""
+    text = body.decode()
+    assert text.endswith("\n\n"), text[-200:]
+    events = text[:-2].split("\n\n")
+    for event in events:
+        assert event.startswith("data: ") and "\n" not in event, event
+    return [event[len("data: "):] for event in events]
+
+
+class ProcessServer:
+    """`python -m openai_compat --port N ...` in a subprocess, as users start it."""
+
+    def __init__(self, *args: str, log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"server-{self.port}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "openai_compat", "--port", str(self.port), "--log-level", "warning",
+             "--no-access-log", *args],
+            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_healthy(self, timeout: float = 180.0) -> ProcessServer:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"the server was not healthy within {timeout} s:\n{self.log()}")
+
+    def worker_pid(self) -> int:
+        """The pid of the model worker process the server spawned."""
+        import psutil
+
+        workers = [
+            child for child in psutil.Process(self.proc.pid).children()
+            if "spawn_main" in " ".join(child.cmdline())  # not multiprocessing's resource tracker
+        ]
+        assert len(workers) == 1, [child.cmdline() for child in workers]
+        return int(workers[0].pid)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return int(self.proc.returncode)
