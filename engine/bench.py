@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=None, help="model dir or GGUF file (default: embedded SmolLM2-135M)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="engine dtypes to run, comma-separated")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -71,32 +72,38 @@ def main(argv: list[str] | None = None) -> None:
 
     from engine.llm import LLM
 
-    llm = LLM(args.model, dtype="float32")
-    tokenizer = llm.get_tokenizer()
-    prompts = _prompts(tokenizer, args.batch)
-    results: dict[str, float] = {}
-    results["engine_single_tok_s"] = _bench_engine(llm, prompts[:1], args.max_tokens)
-    results["engine_batch_tok_s"] = _bench_engine(llm, prompts, args.max_tokens)
-    model_path = llm.core.model_path
-    llm.shutdown()
+    rows: dict[str, tuple[float, float]] = {}
+    model_path = tokenizer = None
+    for dtype in args.dtypes.split(","):
+        llm = LLM(args.model, dtype=dtype)
+        tokenizer, model_path = llm.get_tokenizer(), llm.core.model_path
+        prompts = _prompts(tokenizer, args.batch)
+        rows[f"lightgate {dtype}"] = (
+            _bench_engine(llm, prompts[:1], args.max_tokens),
+            _bench_engine(llm, prompts, args.max_tokens),
+        )
+        llm.shutdown()
     if not args.skip_transformers:
-        hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        hf.eval()
-        results["transformers_single_tok_s"] = _bench_transformers(hf, tokenizer, prompts[:1], args.max_tokens)
-        results["transformers_batch_tok_s"] = _bench_transformers(hf, tokenizer, prompts, args.max_tokens)
+        prompts = _prompts(tokenizer, args.batch)
+        hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        rows["transformers generate float32"] = (
+            _bench_transformers(hf, tokenizer, prompts[:1], args.max_tokens),
+            _bench_transformers(hf, tokenizer, prompts, args.max_tokens),
+        )
 
-    print(f"\nmodel: {model_path}  threads: {torch.get_num_threads()}  output tokens/request: {args.max_tokens}")
-    print(f"{'':28}{'single stream':>16}{f'batch {args.batch} aggregate':>22}")
-    print(f"{'lightgate (tok/s)':28}{results['engine_single_tok_s']:>16.1f}{results['engine_batch_tok_s']:>22.1f}")
-    if not args.skip_transformers:
-        t1, tb = results["transformers_single_tok_s"], results["transformers_batch_tok_s"]
-        print(f"{'transformers generate (tok/s)':28}{t1:>16.1f}{tb:>22.1f}")
-        r1, rb = results["engine_single_tok_s"] / t1, results["engine_batch_tok_s"] / tb
-        results.update(ratio_single=r1, ratio_batch=rb)
-        print(f"{'ratio':28}{r1:>15.2f}x{rb:>21.2f}x")
+    print(f"\nmodel: {model_path}\nthreads: {torch.get_num_threads()}, greedy, {args.max_tokens} output tokens "
+          "per request (eos ignored); output tok/s")
+    ref = rows.get("transformers generate float32")
+    header = f"{'':32}{'single stream':>15}{f'batch {args.batch} aggregate':>22}"
+    print(header + ("" if ref is None else f"{'vs transformers':>20}"))
+    for name, (single, batch) in rows.items():
+        line = f"{name:32}{single:>15.1f}{batch:>22.1f}"
+        if ref is not None:
+            line += f"{f'{single / ref[0]:.2f}x / {batch / ref[1]:.2f}x':>20}"
+        print(line)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({k: {"single_tok_s": v[0], "batch_tok_s": v[1]} for k, v in rows.items()}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,8 @@ class Attention(nn.Module):
 
     def _read(self, kv: KVPool, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # slots: any shape S -> k, v: [*S, KV, D] in `dtype`
-        k, v = kv.k[self.layer_idx][slots], kv.v[self.layer_idx][slots]
+        k = kv.k[self.layer_idx].index_select(0, slots.reshape(-1)).view(*slots.shape, *kv.k[self.layer_idx].shape[1:])
+        v = kv.v[self.layer_idx].index_select(0, slots.reshape(-1)).view(*slots.shape, *kv.v[self.layer_idx].shape[1:])
         if kv.k_scale is not None and kv.v_scale is not None:
             k = dequantize_int8(k, kv.k_scale[self.layer_idx][slots], dtype)
             v = dequantize_int8(v, kv.v_scale[self.layer_idx][slots], dtype)
