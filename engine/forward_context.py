@@ -82,6 +82,11 @@ def get_forward_context() -> ForwardContext:
     return _context
 
 
+def current_forward_context() -> ForwardContext | None:
+    """The context of the running step, or None outside the model runner (unit tests)."""
+    return _context
+
+
 @contextmanager
 def set_forward_context(ctx: ForwardContext) -> Iterator[None]:
     global _context

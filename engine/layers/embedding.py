@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers import cpu_gemm
+
 
 class VocabParallelEmbedding(nn.Module):
     def __init__(
@@ -73,11 +75,18 @@ class ParallelLMHead(VocabParallelEmbedding):
         if bias:
             self.bias = nn.Parameter(torch.empty(self.shard_size, dtype=params_dtype), requires_grad=False)
             self.bias.weight_loader = self.bias_loader  # type: ignore[attr-defined]
+        self.packed_weight: torch.Tensor | None = None  # CPU half-precision layout, see cpu_gemm
 
     def bias_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         owned = self.vocab_end - self.vocab_start
         param.data[owned:].zero_()
         param.data[:owned].copy_(loaded_weight[self.vocab_start : self.vocab_end])
+
+    def pack_weight_for_cpu(self) -> bool:
+        if not cpu_gemm.can_pack(self.weight):
+            return False
+        self.packed_weight = cpu_gemm.pack_weight(self.weight)
+        return True
 
     def tie_weights(self, embedding: VocabParallelEmbedding) -> None:
         """Share the input embedding's weight (tie_word_embeddings)."""
@@ -85,7 +94,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         # hidden: [num_rows, embedding_dim] -> logits [num_rows, vocab] (this rank's shard when tp > 1)
-        logits = F.linear(hidden, self.weight, self.bias)
+        logits = cpu_gemm.linear(hidden, self.weight, self.bias, self.packed_weight)
         if self.tp_size == 1 and self.shard_size != self.num_embeddings:
             logits = logits[:, : self.num_embeddings]
         return logits

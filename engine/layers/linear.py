@@ -15,8 +15,9 @@ Weights are `[output_size, input_size]` as in `torch.nn.Linear`:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from engine.layers import cpu_gemm
 
 
 def _divide(numerator: int, denominator: int) -> int:
@@ -54,12 +55,20 @@ class LinearBase(nn.Module):
             self.bias = _new_param(output_size, dtype=params_dtype)
             self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
 
+        self.packed_weight: torch.Tensor | None = None  # CPU half-precision layout, see cpu_gemm
+
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         _copy(param.data, loaded_weight)
 
+    def pack_weight_for_cpu(self) -> bool:
+        if not cpu_gemm.can_pack(self.weight):
+            return False
+        self.packed_weight = cpu_gemm.pack_weight(self.weight)
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, input_size] -> [num_tokens, output_size]
-        return F.linear(x, self.weight, self.bias)
+        return cpu_gemm.linear(x, self.weight, self.bias, self.packed_weight)
 
     def extra_repr(self) -> str:
         return (
@@ -204,4 +213,4 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, input_size / tp] -> [num_tokens, output_size] (partial sum when tp > 1)
         bias = self.bias if self.tp_rank == 0 else None
-        return F.linear(x, self.weight, bias)
+        return cpu_gemm.linear(x, self.weight, bias, self.packed_weight)

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.forward_context import current_forward_context
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -84,6 +86,17 @@ class RotaryEmbedding(nn.Module):
         return freqs.cos(), freqs.sin()
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # Every layer rotates at the same positions: look them up once per step.
+        ctx = current_forward_context()
+        if ctx is None or ctx.positions is not positions:
+            return self._lookup(positions, dtype)
+        key = ("rope", id(self), dtype)
+        cached = ctx.derived.get(key)
+        if cached is None:
+            cached = ctx.derived[key] = self._lookup(positions, dtype)
+        return cached  # type: ignore[return-value]
+
+    def _lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # The cache covers max_position_embeddings. Growing it past that needs positions.max()
         # on the host, so it is only checked on CPU (on GPU it would sync every layer).
         if positions.device.type == "cpu" and positions.numel():

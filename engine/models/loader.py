@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.layers.cpu_gemm import pack_model_weights
 from engine.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)
@@ -194,4 +195,5 @@ def load_model(path: str, dtype: torch.dtype, device: str | torch.device) -> nn.
     with _default_dtype(dtype), torch.device(device):
         model = model_class(config)
     load_weights(model, iterate_weights(path))
+    pack_model_weights(model)  # CPU bf16/fp16 only; a no-op elsewhere
     return model.eval()

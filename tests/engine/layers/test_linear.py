@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from engine.layers import (
@@ -78,3 +79,23 @@ def test_lm_head_tied_and_replicated() -> None:
     rep = ReplicatedLinear(4, 3, bias=False)
     rep.weight.weight_loader(rep.weight, torch.eye(3, 4))
     assert torch.equal(rep(hidden), hidden[:, :3])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_packed_cpu_weights_give_the_same_products(dtype: torch.dtype) -> None:
+    from engine.layers import cpu_gemm
+
+    torch.manual_seed(0)
+    layer = ReplicatedLinear(48, 80, bias=True, params_dtype=dtype)
+    layer.weight.data.copy_(torch.randn(80, 48))
+    assert layer.bias is not None
+    layer.bias.data.copy_(torch.randn(80))
+    if not cpu_gemm.can_pack(layer.weight):
+        pytest.skip("this torch build has no oneDNN packing for this dtype")
+    for rows in (1, 5, 33):
+        x = torch.randn(rows, 48, dtype=dtype)
+        expected = layer(x)
+        assert layer.pack_weight_for_cpu()
+        got = layer(x)
+        layer.packed_weight = None
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
