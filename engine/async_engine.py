@@ -24,6 +24,7 @@ from engine.worker import ProgressFn
 logger = logging.getLogger(__name__)
 
 _Item = RequestOutput | BaseException
+_IDLE_CHECK_S = 0.5  # how often an idle engine checks that its worker is alive
 
 
 class AsyncEngine:
@@ -135,7 +136,11 @@ class AsyncEngine:
             while True:
                 if not core.has_unfinished():
                     self._wakeup.clear()
-                    await self._wakeup.wait()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), _IDLE_CHECK_S)
+                    except asyncio.TimeoutError:
+                        if not core.worker.alive:  # noticed while idle, not only at the next request
+                            raise EngineDeadError(core.worker.dead_reason or "the worker process exited") from None
                     continue
                 planned = core.schedule()
                 if planned is None:

@@ -88,3 +88,17 @@ async def test_a_killed_worker_fails_running_requests_within_seconds(model_dir: 
             await engine.generate([3], params, "later").__anext__()
     finally:
         await engine.shutdown()
+
+
+async def test_a_worker_dying_while_idle_is_noticed(model_dir: str) -> None:
+    engine = await _started(model_dir)
+    try:
+        pid = engine.core.worker.pid
+        assert pid is not None and not engine.errored
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 3
+        while not engine.errored and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert engine.errored
+    finally:
+        await engine.shutdown()

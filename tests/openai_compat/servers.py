@@ -18,6 +18,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[2]
 
 TINY = "tiny"  # the name the tiny model is served under
+ALIASES = ("alias-a", "alias-b")  # more names the shared tiny server answers to
 TINY_ARGS = ("--served-model-name", TINY, "--max-model-len", "512", "--kv-cache-memory-gb", "0.05")
 
 

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from openai_compat.config import Settings, add_cli_flags, load_settings
-from tests.openai_compat.conftest import REPO
+from tests.openai_compat.servers import REPO
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.openai_compat.conftest import ProcessServer
+from tests.openai_compat.servers import ProcessServer
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,8 @@ import httpx
 import openai
 import pytest
 
-from tests.openai_compat.conftest import TINY, ProcessServer, get_metrics, metric_value, wait_for
 from tests.openai_compat.openai_schema import validate
+from tests.openai_compat.servers import TINY, TINY_ARGS, ProcessServer, get_metrics, metric_value, wait_for
 
 PROMPT = [{"role": "user", "content": "Tell me about lighthouses."}]
 GREEDY: dict[str, Any] = {"temperature": 0.0}
@@ -229,15 +229,30 @@ async def test_fifty_clients_hang_up_mid_stream(tiny_server: ProcessServer) -> N
     assert 'finished_reason="abort"' in get_metrics(tiny_server.url)
 
 
-def test_sigterm_finishes_running_requests_then_exits_0(tiny_model_dir: Any, tmp_path: Any) -> None:
-    server = ProcessServer("--model", str(tiny_model_dir), "--served-model-name", TINY, "--max-model-len", "512",
-                           "--kv-cache-memory-gb", "0.05", log_dir=tmp_path).wait_healthy()
+def status_or_refused(method: str, url: str, **kwargs: Any) -> int | None:
+    """The status of a request on a new connection; None when the server takes no more connections."""
+    try:
+        response = httpx.request(method, url, timeout=10, **kwargs)
+    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
+        return None
+    if response.status_code == 503 and "/v1/" in url:
+        validate("ErrorResponse", response.json())
+    return response.status_code
+
+
+def test_sigterm_drains_finishes_running_requests_then_exits_0(tiny_model_dir: Any, tmp_path: Any) -> None:
+    server = ProcessServer("--model", str(tiny_model_dir), *TINY_ARGS, log_dir=tmp_path).wait_healthy()
     body = {"model": TINY, "messages": PROMPT, "max_tokens": 60, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
         server.proc.send_signal(15)
+        # Draining: load balancers see the server leave (503 or no more connections) and new
+        # requests are refused, while the running stream goes on.
+        assert status_or_refused("GET", f"{server.url}/health") in (503, None)
+        chat = {"model": TINY, "messages": PROMPT, "max_tokens": 2}
+        assert status_or_refused("POST", f"{server.url}/v1/chat/completions", json=chat) in (503, None)
         rest = [line for line in lines if line]
     assert rest[-1] == "data: [DONE]"
     assert json.loads(rest[-2][6:])["usage"]["completion_tokens"] == 60
