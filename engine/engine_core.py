@@ -89,15 +89,13 @@ class EngineCore:
                 max_model_len=self.max_model_len,
                 num_slots=info.num_slots,
                 admission=config.admission,
+                enable_prefix_caching=config.enable_prefix_caching,
             ),
             self.allocator,
         )
         self.requests: dict[str, RequestState] = {}
         self._step_id = 0
-        logger.info(
-            "KV cache: %d tokens, %.2f GiB (%s) on %s",
-            info.num_slots, info.kv_cache_bytes / (1 << 30), info.kv_dtype, info.device,
-        )
+        logger.info("%s", info.kv_cache_summary())
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -182,8 +180,10 @@ class EngineCore:
         return EngineStats(
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
-            kv_cache_usage=self.allocator.usage,
+            kv_cache_usage=self.scheduler.kv_usage,
             kv_cache_capacity_tokens=self.allocator.num_slots,
+            prefix_cache_queries=self.scheduler.prefix_cache_queries,
+            prefix_cache_hits=self.scheduler.prefix_cache_hits,
         )
 
     # -- steps --------------------------------------------------------------------------------
@@ -321,6 +321,7 @@ class EngineCore:
             outputs=outputs,
             finished=finished,
             prompt_logprobs=state.prompt_logprobs,
+            num_cached_tokens=state.choices[0].seq.num_prefix_cache_hit or 0,
             metrics=metrics,
         )
 

@@ -12,7 +12,7 @@ import logging
 import torch
 
 from engine.config import EngineConfig
-from engine.forward_context import KVPool, build_forward_context, set_forward_context
+from engine.forward_context import INT8_KV_SCALE_DTYPE, KVPool, build_forward_context, set_forward_context
 from engine.plan import SeqStep, StepPlan, StepResult, TokenLogprobs, WorkerInfo
 from engine.sampler import Sampler, SamplingState, compute_prompt_logprobs
 
@@ -23,10 +23,9 @@ _GIB = 1 << 30
 
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype) -> int:
     """Bytes one token occupies in the pool: K and V of every layer (+ scales for int8)."""
-    elem = torch.empty((), dtype=kv_dtype).element_size()
-    per_layer = 2 * num_kv_heads * head_dim * elem
+    per_layer = 2 * num_kv_heads * head_dim * kv_dtype.itemsize
     if kv_dtype == torch.int8:
-        per_layer += 2 * num_kv_heads * 4  # one float32 scale per (token, kv head), K and V
+        per_layer += 2 * num_kv_heads * INT8_KV_SCALE_DTYPE.itemsize  # one scale per (token, kv head), K and V
     return num_layers * per_layer
 
 
@@ -40,8 +39,8 @@ def allocate_kv_pool(
     if dtype != torch.int8:
         return KVPool(k=k, v=v)
     scale_shape = (num_slots + 1, num_kv_heads)
-    k_scale = [torch.ones(scale_shape, dtype=torch.float32, device=device) for _ in range(num_layers)]
-    v_scale = [torch.ones(scale_shape, dtype=torch.float32, device=device) for _ in range(num_layers)]
+    k_scale = [torch.ones(scale_shape, dtype=INT8_KV_SCALE_DTYPE, device=device) for _ in range(num_layers)]
+    v_scale = [torch.ones(scale_shape, dtype=INT8_KV_SCALE_DTYPE, device=device) for _ in range(num_layers)]
     return KVPool(k=k, v=v, k_scale=k_scale, v_scale=v_scale)
 
 
@@ -59,7 +58,10 @@ class ModelRunner:
         assert config.max_model_len is not None, "resolve the config before building a runner"
         self.max_model_len = config.max_model_len
         self.kv_dtype = config.kv_torch_dtype()
-        self.num_slots = self._profile_num_slots()
+        self.kv_budget_bytes = self._kv_budget_bytes()
+        self.num_slots = self.kv_budget_bytes // self._bytes_per_token(self.kv_dtype)
+        if self.num_slots < 16:
+            raise ValueError(f"KV cache budget of {self.kv_budget_bytes} bytes holds only {self.num_slots} tokens")
         self.kv = allocate_kv_pool(
             self.num_slots, self.num_layers, self.num_kv_heads, self.head_dim, self.kv_dtype, self.device
         )
@@ -71,31 +73,35 @@ class ModelRunner:
         self.states: dict[int, SamplingState] = {}
         self.prompts: dict[int, list[int]] = {}  # row -> prompt ids, for prompt logprobs
 
-    def _profile_num_slots(self) -> int:
-        per_token = kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.kv_dtype)
+        logger.info("%s", self.info().kv_cache_summary())
+
+    def _bytes_per_token(self, kv_dtype: torch.dtype) -> int:
+        return kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, kv_dtype)
+
+    def _kv_budget_bytes(self) -> int:
         if self.config.kv_cache_memory_gb is not None:
-            budget = int(self.config.kv_cache_memory_gb * _GIB)
-        elif self.device.startswith("cuda"):
+            return int(self.config.kv_cache_memory_gb * _GIB)
+        if self.device.startswith("cuda"):
             torch.cuda.synchronize()
             free, _total = torch.cuda.mem_get_info()
             # A fraction of what is free after the weights (activation profiling comes with the GPU path).
-            budget = int(free * self.config.gpu_memory_utilization)
-        else:
-            budget = _GIB  # CPU default: 1 GiB
-        num_slots = budget // per_token
-        if num_slots < 16:
-            raise ValueError(f"KV cache budget of {budget} bytes holds only {num_slots} tokens")
-        return num_slots
+            return int(free * self.config.gpu_memory_utilization)
+        return _GIB  # CPU default: 1 GiB
+
+    def kv_capacity_ratio(self) -> float:
+        """Tokens this pool holds over the tokens the same budget holds in the model dtype."""
+        reference_slots = self.kv_budget_bytes // self._bytes_per_token(self.config.torch_dtype())
+        return self.num_slots / max(reference_slots, 1)
 
     def info(self) -> WorkerInfo:
-        per_token = kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.kv_dtype)
         return WorkerInfo(
             num_slots=self.num_slots,
-            kv_cache_bytes=per_token * self.num_slots,
+            kv_cache_bytes=self._bytes_per_token(self.kv_dtype) * self.num_slots,
             max_model_len=self.max_model_len,
             device=self.device,
             dtype=str(self.config.torch_dtype()).removeprefix("torch."),
             kv_dtype=str(self.kv_dtype).removeprefix("torch."),
+            kv_capacity_ratio=self.kv_capacity_ratio(),
         )
 
     # -- one step -------------------------------------------------------------------------

@@ -70,5 +70,16 @@ class WorkerInfo:
     kv_cache_bytes: int
     max_model_len: int
     device: str
-    dtype: str
-    kv_dtype: str
+    dtype: str  # the model's dtype
+    kv_dtype: str  # the KV pool's dtype: the model's, another float dtype, or int8
+    # Tokens the pool holds over the tokens the same memory holds in the model's dtype
+    # (int8 with bf16 scales at head_dim 64: 1.94 against bf16, 3.88 against float32).
+    kv_capacity_ratio: float = 1.0
+
+    def kv_cache_summary(self) -> str:
+        """One line for the start-up log, e.g. 'KV cache: 90382 tokens, 1.00 GiB (int8; 3.88x
+        the float32 capacity) on cpu'."""
+        kind = self.kv_dtype
+        if self.kv_dtype != self.dtype:
+            kind += f"; {self.kv_capacity_ratio:.2f}x the {self.dtype} capacity"
+        return f"KV cache: {self.num_slots} tokens, {self.kv_cache_bytes / (1 << 30):.2f} GiB ({kind}) on {self.device}"

@@ -3,7 +3,8 @@
 A request with `n > 1` becomes `n` sequences (`seq_id = f"{request_id}#{i}"`). They share the
 prompt's KV: sibling `i > 0` waits until a sibling has computed the first `prompt_len - 1`
 positions, then takes references to those slots and computes only the last prompt token
-itself (its own sampling starts there).
+itself (its own sampling starts there). With the radix prefix cache on, that sharing goes
+through the cache: the prompt is cached once a sequence has computed it, and siblings match it.
 
 Life of a sequence: WAITING → (admitted) RUNNING → FINISHED_*; preemption sends a RUNNING
 sequence back to WAITING with `num_computed_tokens = 0` and its output tokens kept, so it
@@ -15,8 +16,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.prefix_cache import RadixNode
 
 
 class SequenceStatus(enum.Enum):
@@ -64,8 +69,11 @@ class Sequence:
     # slots[p] is the KV slot of position p. Between `schedule()` and `update_after_step()` it also
     # holds the slots of the tokens scheduled in that step, so len(slots) >= num_computed_tokens.
     slots: list[int] = field(default_factory=list)
-    # Leading slots shared by reference with siblings (the prompt minus its last token), or 0.
+    # Leading slots shared by reference with siblings (the prompt minus its last token) or, with the
+    # prefix cache on, slots on the locked path of the cache; else 0.
     num_shared_prefix: int = 0
+    prefix_node: RadixNode | None = None  # the prefix-cache node this sequence locks while running
+    num_prefix_cache_hit: int | None = None  # tokens matched in the prefix cache at first admission
     num_preemptions: int = 0
     # prompt + output, appended in place: the scheduler slices it every step without copying.
     _all_token_ids: list[int] = field(init=False, repr=False)

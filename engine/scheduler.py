@@ -21,6 +21,13 @@ Preemption is by recompute: when a running sequence cannot get a slot, the most 
 arrived running sequence not yet scheduled in this step gives up its slots and row and goes to
 the front of the waiting queue with its output kept. Admission never preempts.
 
+Prefix cache (`enable_prefix_caching`): a waiting sequence starts from the longest cached prefix
+of its tokens but the last (it locks that path and takes references on its slots); a sequence
+that finishes, is preempted or aborted caches its computed tokens before dropping its own
+references; when the pool runs short, unlocked cached prefixes are evicted before anyone is
+preempted, and admission counts them as free. Siblings of `n > 1` share the prompt through the
+cache: the first to compute it caches it and locks it.
+
 The caller's loop: `schedule()` → run the step → `update_after_step(out)` → append sampled
 tokens → `finish(seq, status)` for those that ended. Rows in `freed_rows` must be reset by
 the worker before it applies the step's new rows (a freed row may be handed out again).
@@ -34,6 +41,7 @@ from typing import TYPE_CHECKING, Literal
 
 from engine.errors import PromptTooLongError
 from engine.kv_cache import KVSlotAllocator, ReqRowAllocator
+from engine.prefix_cache import RadixPrefixCache
 from engine.request import Sequence, SequenceStatus
 
 if TYPE_CHECKING:
@@ -51,6 +59,7 @@ class SchedulerConfig:
     admission: Literal["conservative", "aggressive"] = "conservative"
     watermark: float = 0.0  # fraction of the pool the admission check keeps spare
     initial_output_len: int = 128  # aggressive: predicted output length before any has finished
+    enable_prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_slots", "initial_output_len"):
@@ -70,6 +79,7 @@ class SchedulerConfig:
             max_model_len=max_model_len,
             num_slots=num_slots,
             admission=config.admission,
+            enable_prefix_caching=config.enable_prefix_caching,
         )
 
 
@@ -124,6 +134,9 @@ class Scheduler:
         self._slot_limit = config.num_slots - int(config.watermark * config.num_slots)
         self._avg_output_len: float | None = None
         self.num_preemptions = 0  # total, for stats
+        self.prefix_cache = RadixPrefixCache(allocator) if config.enable_prefix_caching else None
+        self.prefix_cache_queries = 0  # tokens of admitted sequences looked up in the cache
+        self.prefix_cache_hits = 0  # of those, tokens found
 
     # -- queries ---------------------------------------------------------------------------------
 
@@ -141,7 +154,13 @@ class Scheduler:
 
     @property
     def kv_usage(self) -> float:
-        return self.allocator.usage
+        """Fraction of the pool in use, leaving out cached prefixes that could be evicted."""
+        evictable = self.prefix_cache.num_evictable_tokens if self.prefix_cache is not None else 0
+        return (self.allocator.num_used - evictable) / self.allocator.num_slots
+
+    def reset_prefix_cache(self) -> int:
+        """Evict every unlocked cached prefix; returns the slots freed."""
+        return self.prefix_cache.evict_all() if self.prefix_cache is not None else 0
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -233,12 +252,31 @@ class Scheduler:
             seq = s.seq
             if seq.status is SequenceStatus.RUNNING and seq.req_idx == s.req_idx:
                 seq.num_computed_tokens += len(s.token_ids)
+                need = seq.num_prompt_tokens - 1
+                if self.prefix_cache is not None and seq.params.n > 1 and s.start_pos < need <= seq.num_computed_tokens:
+                    self._cache_shared_prompt(seq, need)
+
+    def _cache_shared_prompt(self, seq: Sequence, need: int) -> None:
+        """Cache the prompt (minus its last token) of a running sibling and lock it for the siblings."""
+        cache = self.prefix_cache
+        assert cache is not None
+        ids = seq.prompt_token_ids[:need]
+        num_cached_before = cache.insert(ids, seq.slots[:need])
+        _, node = cache.match_prefix(ids)
+        cache.lock(node)
+        if seq.prefix_node is not None:
+            cache.unlock(seq.prefix_node)
+        seq.prefix_node = node
+        if num_cached_before <= seq.num_shared_prefix:  # its own slots are the cached ones
+            seq.num_shared_prefix = need
 
     # -- running sequences -----------------------------------------------------------------------
 
     def _make_room(self, seq: Sequence, n: int, scheduled_ids: set[str], preempted: list[Sequence]) -> int:
         """How many of `n` wanted tokens `seq` can take now (0: none), preempting newer ones."""
         while self.allocator.num_free < n:
+            if self.prefix_cache is not None and self.prefix_cache.evict(n - self.allocator.num_free) > 0:
+                continue
             if n > 1 and self.allocator.num_free > 0:
                 return self.allocator.num_free  # a prefill chunk shrinks before anyone is preempted
             victim = next(
@@ -262,6 +300,14 @@ class Scheduler:
         preempted.append(seq)
 
     def _release(self, seq: Sequence) -> None:
+        cache = self.prefix_cache
+        if cache is not None:
+            k = min(seq.num_computed_tokens, len(seq.slots))  # tokens whose K/V are in the pool
+            if k:
+                cache.insert(seq.all_token_ids[:k], seq.slots[:k])
+            if seq.prefix_node is not None:
+                cache.unlock(seq.prefix_node)
+                seq.prefix_node = None
         if seq.slots:
             self.allocator.free(seq.slots)
             seq.slots = []
@@ -302,6 +348,12 @@ class Scheduler:
             if donor is None and self._waits_for_sibling(seq):
                 skipped.append(self.waiting.popleft())  # not ready yet; later requests may pass
                 continue
+            if self.prefix_cache is not None:
+                n = self._admit_cached(seq, budget - used_budget, entries, scheduled)
+                if not n:
+                    break
+                used_budget += n
+                continue
             num_shared = seq.num_prompt_tokens - 1 if donor is not None else 0
             n = min(seq.num_tokens - num_shared, budget - used_budget, self.allocator.num_free)
             if n <= 0 or not self._fits(seq, num_shared, entries, holders):
@@ -321,6 +373,43 @@ class Scheduler:
             used_budget += n
         self.waiting.extendleft(reversed(skipped))
         return used_budget
+
+    def _admit_cached(self, seq: Sequence, budget: int, entries: list[list[int]], scheduled: list[ScheduledSeq]) -> int:
+        """Admit the head of the waiting queue starting from its longest cached prefix; returns the
+        tokens scheduled for it (0: not admitted, nothing changed but the cache's LRU order)."""
+        cache = self.prefix_cache
+        assert cache is not None
+        slots: list[int] = []
+        node = cache.root
+        if seq.params.prompt_logprobs is None:  # prompt logprobs need every prompt position computed
+            slots, node = cache.match_prefix(seq.all_token_ids[: seq.num_tokens - 1])
+        cache.lock(node)  # before counting what eviction could free: the match itself must stay
+        m = len(slots)
+        n = min(seq.num_tokens - m, budget, self.allocator.num_free + cache.num_evictable_tokens)
+        locked = cache.num_cached_tokens - cache.num_evictable_tokens
+        if n <= 0 or not self._fits(seq, m, entries, {}, self._slot_limit - locked):
+            cache.unlock(node)
+            return 0
+        if self.allocator.num_free < n:
+            cache.evict(n - self.allocator.num_free)
+            n = min(n, self.allocator.num_free)
+            if n == 0:
+                cache.unlock(node)
+                return 0
+        self.waiting.popleft()
+        seq.req_idx = self.rows.allocate()
+        seq.status = SequenceStatus.RUNNING
+        self.allocator.incref(slots)
+        seq.slots = list(slots)
+        seq.num_computed_tokens = seq.num_shared_prefix = m
+        seq.prefix_node = node
+        if seq.num_prefix_cache_hit is None:
+            seq.num_prefix_cache_hit = m
+        self.prefix_cache_queries += seq.num_tokens
+        self.prefix_cache_hits += m
+        self.running.append(seq)
+        scheduled.append(self._take(seq, n, list(slots) if m else None, is_new_row=True))
+        return n
 
     def _prefix_donor(self, seq: Sequence) -> Sequence | None:
         """A running sibling whose computed slots cover the prompt minus its last token."""
@@ -356,7 +445,7 @@ class Scheduler:
         siblings is counted once, on the holder predicted to live longest.
         """
         entries.append([max(self._predicted_slots(seq) - seq.num_tokens, 0), seq.num_tokens - prefix])
-        if not prefix:
+        if not prefix or self.prefix_cache is not None:  # cached prefixes count in the limit instead
             return
         j = holders.get(seq.request_id)
         if j is not None and entries[j][0] >= entries[-1][0]:
@@ -366,9 +455,14 @@ class Scheduler:
         entries[-1][1] += prefix
         holders[seq.request_id] = len(entries) - 1
 
-    def _fits(self, candidate: Sequence, num_shared: int, entries: list[list[int]], holders: dict[str, int]) -> bool:
+    def _fits(
+        self, candidate: Sequence, num_shared: int, entries: list[list[int]], holders: dict[str, int],
+        limit: int | None = None,
+    ) -> bool:
         """The future-usage check for what runs plus `candidate`, which joins `entries` (the
-        caller stops admitting on False, so a refused candidate is never taken back out)."""
+        caller stops admitting on False, so a refused candidate is never taken back out). With the
+        prefix cache, locked cached prefixes are left out of `entries` and out of `limit`."""
         alone = not self.running  # alone it always fits (checked in add): nothing can starve
         self._add_entry(entries, holders, candidate, num_shared)
-        return alone or future_peak([(r, u) for r, u in entries]) <= self._slot_limit
+        limit = self._slot_limit if limit is None else limit
+        return alone or future_peak([(r, u) for r, u in entries]) <= limit

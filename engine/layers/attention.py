@@ -3,7 +3,8 @@
 Data flow of one layer in one step (see `engine/forward_context.py`):
 1. store: the new tokens' k/v [T, KV, D] go to `kv.k[layer][out_slots]` / `kv.v[...]`;
    with an int8 pool they are quantized first (symmetric, one scale per slot and kv head,
-   scale = absmax / 127) and the scales go to `kv.k_scale[layer][out_slots]`.
+   scale = absmax / 127 rounded to the pool's scale dtype, values rounded to the nearest
+   step of that scale) and the scales go to `kv.k_scale[layer][out_slots]`.
 2. read: sequence i's keys are the slots `req_to_token[row_i, :seq_len_i]` (cached prefix
    plus the tokens just stored), dequantized when int8.
 3. attend: new token j of sequence i sits at position start_pos_i + j and sees keys at
@@ -21,16 +22,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.forward_context import ForwardContext, KVPool, get_forward_context
+from engine.forward_context import INT8_KV_SCALE_DTYPE, ForwardContext, KVPool, get_forward_context
 
 _INT8_MAX = 127.0
 
 
-def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [T, KV, D] float -> (int8 [T, KV, D], scale [T, KV] float32); x ~= q * scale."""
-    scale = x.abs().amax(dim=-1).float() / _INT8_MAX
-    scale = scale.clamp(min=1e-8)  # an all-zero head quantizes to zeros, not NaN
-    q = torch.round(x.float() / scale.unsqueeze(-1)).clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+def quantize_int8(
+    x: torch.Tensor, scale_dtype: torch.dtype = INT8_KV_SCALE_DTYPE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [T, KV, D] float -> (int8 [T, KV, D], scale [T, KV] in `scale_dtype`); x ~= q * scale.
+
+    The scale is rounded to `scale_dtype` before the values are divided by it, so the stored
+    pair dequantizes with an error of at most about half a step per element, whatever the
+    precision of the scale (an absmax element that lands just past 127 is clamped).
+    """
+    scale = (x.abs().amax(dim=-1).float() / _INT8_MAX).clamp(min=1e-8)  # an all-zero head: zeros, not NaN
+    scale = scale.to(scale_dtype)
+    q = torch.round(x.float() / scale.float().unsqueeze(-1)).clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
     return q, scale
 
 
@@ -65,11 +73,13 @@ class Attention(nn.Module):
         # slots: [T]; k, v: [T, KV, D]
         k_pool, v_pool = kv.k[self.layer_idx], kv.v[self.layer_idx]
         if kv.k_scale is not None and kv.v_scale is not None:
-            kq, ks = quantize_int8(k)
-            vq, vs = quantize_int8(v)
-            k_pool[slots], v_pool[slots] = kq, vq
-            kv.k_scale[self.layer_idx][slots] = ks.to(kv.k_scale[self.layer_idx].dtype)
-            kv.v_scale[self.layer_idx][slots] = vs.to(kv.v_scale[self.layer_idx].dtype)
+            k_scale, v_scale = kv.k_scale[self.layer_idx], kv.v_scale[self.layer_idx]
+            kq, ks = quantize_int8(k, k_scale.dtype)
+            vq, vs = quantize_int8(v, v_scale.dtype)
+            k_pool.index_copy_(0, slots, kq)
+            v_pool.index_copy_(0, slots, vq)
+            k_scale.index_copy_(0, slots, ks)
+            v_scale.index_copy_(0, slots, vs)
         else:
             k_pool.index_copy_(0, slots, k.to(k_pool.dtype))
             v_pool.index_copy_(0, slots, v.to(v_pool.dtype))

@@ -29,6 +29,7 @@ def create_scheduler(
     admission: Literal["conservative", "aggressive"] = "conservative",
     watermark: float = 0.0,
     initial_output_len: int = 128,
+    enable_prefix_caching: bool = False,
 ) -> Scheduler:
     config = SchedulerConfig(
         max_num_seqs=max_num_seqs,
@@ -38,6 +39,7 @@ def create_scheduler(
         admission=admission,
         watermark=watermark,
         initial_output_len=initial_output_len,
+        enable_prefix_caching=enable_prefix_caching,
     )
     return Scheduler(config, KVSlotAllocator(num_slots))
 

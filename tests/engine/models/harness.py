@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.forward_context import KVPool, build_forward_context, set_forward_context
+from engine.forward_context import build_forward_context, set_forward_context
+from engine.model_runner import allocate_kv_pool
 
 
 class Harness:
@@ -27,15 +28,8 @@ class Harness:
         config: Any = model.config  # type: ignore[assignment]
         num_kv_heads = config.num_key_value_heads or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        layers = config.num_hidden_layers
-        shape = (num_slots + 1, num_kv_heads, head_dim)
-        int8 = kv_dtype == torch.int8
-        self.kv = KVPool(
-            k=[torch.zeros(shape, dtype=kv_dtype) for _ in range(layers)],
-            v=[torch.zeros(shape, dtype=kv_dtype) for _ in range(layers)],
-            k_scale=[torch.zeros(shape[:2]) for _ in range(layers)] if int8 else None,
-            v_scale=[torch.zeros(shape[:2]) for _ in range(layers)] if int8 else None,
-        )
+        # The model runner's pool layout (int8: int8 values and per (slot, kv head) scales).
+        self.kv = allocate_kv_pool(num_slots, config.num_hidden_layers, num_kv_heads, head_dim, kv_dtype, "cpu")
         self.model = model
         # Stale garbage in unused entries: attention must never read past seq_len.
         self.req_to_token = torch.randint(0, num_slots, (max_rows, max_len), dtype=torch.int32)
