@@ -1,4 +1,4 @@
-"""The `lightgate` command: `serve`, `chat` and `bench offline`.
+"""The `lightgate` command: `serve`, `chat`, `bench offline` and `bench multiturn`.
 
     lightgate serve --model ./my-model --port 8000
     lightgate chat --text "你好,世界!" --system "Answer briefly."
@@ -48,10 +48,16 @@ def run_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_bench_offline(argv: list[str]) -> int:
-    from engine import bench  # the engine's benchmark; heavy imports only when asked for
+def run_bench(name: str, argv: list[str]) -> int:
+    # The engine's benchmarks; heavy imports only when asked for.
+    if name == "offline":
+        from engine import bench
 
-    bench.main(argv)
+        bench.main(argv)
+    else:
+        from engine import bench_multiturn
+
+        bench_multiturn.main(argv)
     return 0
 
 
@@ -78,13 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
     # Its own flags are parsed by the benchmark itself: everything after `offline` is passed on.
     bench_commands.add_parser("offline", help="the engine beside transformers, in this process", add_help=False)
+    bench_commands.add_parser("multiturn", help="multi-turn chats, prefix cache on vs off", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list[:2] == ["bench", "offline"]:
-        return run_bench_offline(args_list[2:])
+    if args_list[:1] == ["bench"] and args_list[1:2] in (["offline"], ["multiturn"]):
+        return run_bench(args_list[1], args_list[2:])
     args = build_parser().parse_args(args_list)
     status: int = args.func(args)
     return status
