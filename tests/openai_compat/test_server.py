@@ -547,3 +547,26 @@ def test_worker_death_mid_stream_then_503(fresh_server: ProcessServer) -> None:
         time.sleep(0.5)
     # Today the process keeps running after its worker died (it does not exit on its own).
     assert server.proc.poll() is None
+
+
+def test_repeated_prompt_is_served_from_the_prefix_cache(tiny_server: ProcessServer) -> None:
+    """A second request with the same messages reports cached tokens and counts cache hits."""
+    url = tiny_server.url
+    body = {**NO_EOS, "model": TINY, "max_tokens": 3, "temperature": 0,
+            "messages": [{"role": "system", "content": "A long shared system prompt " * 8},
+                         {"role": "user", "content": "and a question that repeats"}]}
+    first = post(url, "/v1/chat/completions", body).json()
+    before = get_metrics(url)
+    second = post(url, "/v1/chat/completions", body).json()
+    after = get_metrics(url)
+    num_prompt = second["usage"]["prompt_tokens"]
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached == num_prompt - 1  # all but the last prompt token, which is computed to sample
+    assert second["choices"][0]["message"] == first["choices"][0]["message"]
+
+    def delta(name: str) -> float:
+        return counter(after, name, model_name=TINY) - counter(before, name, model_name=TINY)
+
+    assert delta("lightgate:prefix_cache_queries_total") == num_prompt
+    assert delta("lightgate:prefix_cache_hits_total") == cached
+    assert idle(url)
