@@ -49,3 +49,20 @@ def test_outputs_equal_with_cache_on_and_off_under_pressure(tmp_path: Path) -> N
             core.scheduler.reset_prefix_cache()
             assert core.allocator.num_free == core.allocator.num_slots
     assert results[True] == results[False]
+
+
+def test_prefix_cache_with_int8_kv(tmp_path: Path) -> None:
+    """With an int8 pool the cached prefix is the quantized one, as a fresh prefill would write it."""
+    save_tiny_model(str(tmp_path), tiny_config("qwen2"))
+    prompts = _shared_prefix_prompts(6, seed=5)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, n=2)
+    results = {}
+    for enabled in (False, True):
+        with LLM(str(tmp_path), dtype="float32", kv_cache_dtype="int8", kv_cache_memory_gb=0.01,
+                 enable_prefix_caching=enabled) as llm:
+            first = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params)]
+            again = llm.generate(prompts, params)
+            if enabled:
+                assert all(o.num_cached_tokens == len(p) - 1 for o, p in zip(again, prompts, strict=True))
+            results[enabled] = (first, [[c.token_ids for c in o.outputs] for o in again])
+    assert results[True] == results[False]
