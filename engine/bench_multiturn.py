@@ -57,8 +57,9 @@ async def _run(config: EngineConfig, args: argparse.Namespace) -> dict[str, floa
             ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
             params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
                                     output_kind=RequestOutputKind.DELTA)
-            text, start, first = "", time.perf_counter(), None
-            async with limit:
+            text, first = "", None
+            async with limit:  # time to first token counts from here, not from queueing for a slot
+                start = time.perf_counter()
                 async for out in engine.generate(ids, params, f"conv{c}-turn{turn}"):
                     if first is None:
                         first = time.perf_counter() - start

@@ -1,0 +1,401 @@
+"""Decode attention over the token-granular KV pool (flash-decoding, GQA head grouping).
+
+Each sequence b has one query token q[b] ([H, D]) at position seq_lens[b] - 1 and keys at
+positions 0 .. seq_lens[b] - 1, whose slots are req_to_token[req_indices[b], pos].
+
+Stage 1 (`_decode_split_kernel`, grid [B, KV, num_splits]): one program takes one kv head
+and one split of up to BLOCK_SEQ key positions; it loads the split's K/V once for all
+G = H // KV query heads of the group (a [BLOCK_G, D] query tile, so the scores are a tensor
+core dot) and keeps an online softmax in float32. It writes the split's normalized partial
+output and its log2-sum-exp to float32 scratch buffers.
+Stage 2 (`_decode_reduce_kernel`, grid [B, H]): merges the splits of each (sequence, head).
+
+The number of splits comes from a host int (`max_seq_len`, which the caller knows), never
+from the device tensors, so the launcher never synchronizes; programs whose split lies past
+their sequence's end exit at once. With a sliding window W the splits start at the window's
+first key, so the grid covers only min(max_seq_len, W) positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["decode_attention"]
+
+_LOG2E = 1.4426950408889634
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Scratch is float32: [B, H, num_splits, D] partial outputs, [B, H, num_splits] log2-sum-exps.
+_REDUCE_CHUNK = 16  # splits merged per iteration of stage 2
+_MIN_PROGRAMS = 1024  # stage-1 programs worth splitting finer for (several per SM)
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
+    req_to_token_ptr,
+    req_indices_ptr,
+    seq_lens_ptr,
+    mid_o_ptr,
+    mid_lse_ptr,
+    sm_scale_log2,
+    window,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    stride_kss,
+    stride_ksh,
+    stride_vss,
+    stride_vsh,
+    stride_rr,
+    stride_rp,
+    stride_mob,
+    stride_moh,
+    stride_mos,
+    stride_mod,
+    stride_mlb,
+    stride_mlh,
+    stride_mls,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SEQ: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    IS_INT8: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    first_key = 0
+    if HAS_WINDOW:
+        first_key = tl.maximum(seq_len - window, 0)  # keys at pos <= seq_len - 1 - window are out
+    split_start = first_key + split * BLOCK_SEQ
+    if split_start >= seq_len:
+        return  # stage 2 only reads the splits that hold keys
+    split_end = tl.minimum(split_start + BLOCK_SEQ, seq_len)
+    row = tl.load(req_indices_ptr + b).to(tl.int64)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_mask = offs_g < GROUP  # the tile is padded to BLOCK_G >= 16 rows for tl.dot
+    heads = kv_head * GROUP + offs_g
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+        mask=g_mask[:, None],
+        other=0.0,
+    )  # [BLOCK_G, D]
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    # Every block of the loop holds at least one valid key, so m_i is finite after the first.
+    for block_start in range(split_start, split_end, BLOCK_N):
+        pos = block_start + tl.arange(0, BLOCK_N)
+        valid = pos < split_end
+        slots = tl.load(req_to_token_ptr + row * stride_rr + pos * stride_rp, mask=valid, other=0)
+        slots = slots.to(tl.int64)  # slot * stride overflows int32 in large pools
+        k = tl.load(
+            k_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :] * stride_kd,
+            mask=valid[:, None],
+            other=0.0,
+        )  # [BLOCK_N, D]
+        # int8 values are exact in fp16/bf16; the per-slot scale is applied to the fp32 scores.
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)))  # [BLOCK_G, BLOCK_N] fp32
+        if IS_INT8:
+            k_scale = tl.load(k_scale_ptr + slots * stride_kss + kv_head * stride_ksh, mask=valid, other=0.0)
+            qk = qk * k_scale.to(tl.float32)[None, :]
+        qk = tl.where(valid[None, :], qk * sm_scale_log2, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+
+        v = tl.load(
+            v_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :] * stride_vd,
+            mask=valid[:, None],
+            other=0.0,
+        )  # [BLOCK_N, D]
+        if IS_INT8:
+            v_scale = tl.load(v_scale_ptr + slots * stride_vss + kv_head * stride_vsh, mask=valid, other=0.0)
+            v = v.to(tl.float32) * v_scale.to(tl.float32)[:, None]
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
+
+    mid_o = acc / l_i[:, None]
+    tl.store(
+        mid_o_ptr
+        + b * stride_mob
+        + heads[:, None] * stride_moh
+        + split * stride_mos
+        + offs_d[None, :] * stride_mod,
+        mid_o,
+        mask=g_mask[:, None],
+    )
+    tl.store(
+        mid_lse_ptr + b * stride_mlb + heads * stride_mlh + split * stride_mls,
+        m_i + tl.log2(l_i),
+        mask=g_mask,
+    )
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    mid_o_ptr,
+    mid_lse_ptr,
+    out_ptr,
+    seq_lens_ptr,
+    window,
+    stride_mob,
+    stride_moh,
+    stride_mos,
+    stride_mod,
+    stride_mlb,
+    stride_mlh,
+    stride_mls,
+    stride_ob,
+    stride_oh,
+    stride_od,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SEQ: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    num_keys = seq_len
+    if HAS_WINDOW:
+        num_keys = tl.minimum(seq_len, window)
+    num_splits = tl.cdiv(num_keys, BLOCK_SEQ)  # the splits stage 1 wrote for this sequence
+
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_i = float("-inf")
+    l_i = 0.0
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        s_mask = offs_s < num_splits
+        lse = tl.load(
+            mid_lse_ptr + b * stride_mlb + head * stride_mlh + offs_s * stride_mls,
+            mask=s_mask,
+            other=float("-inf"),
+        )  # [BLOCK_S]
+        part = tl.load(
+            mid_o_ptr
+            + b * stride_mob
+            + head * stride_moh
+            + offs_s[:, None] * stride_mos
+            + offs_d[None, :] * stride_mod,
+            mask=s_mask[:, None],
+            other=0.0,
+        )  # [BLOCK_S, D]
+        m_new = tl.maximum(m_i, tl.max(lse, 0))  # finite: each chunk holds a written split
+        alpha = tl.exp2(m_i - m_new)
+        w = tl.exp2(lse - m_new)
+        acc = acc * alpha + tl.sum(w[:, None] * part, 0)
+        l_i = l_i * alpha + tl.sum(w, 0)
+        m_i = m_new
+
+    l_i = tl.where(l_i > 0.0, l_i, 1.0)  # a sequence without keys gets zeros, not NaN
+    out = acc / l_i
+    tl.store(
+        out_ptr + b * stride_ob + head * stride_oh + offs_d * stride_od, out.to(out_ptr.dtype.element_ty)
+    )
+
+
+def _check_pool(
+    name: str, pool: torch.Tensor, scale: torch.Tensor | None, num_kv_heads: int, head_dim: int
+) -> None:
+    if pool.dim() != 3 or pool.shape[1] != num_kv_heads or pool.shape[2] != head_dim:
+        raise ValueError(
+            f"{name} must be [num_slots + 1, {num_kv_heads}, {head_dim}], got {tuple(pool.shape)}"
+        )
+    if pool.dtype == torch.int8:
+        if scale is None:
+            raise ValueError(f"an int8 {name} needs its per (slot, kv head) scales")
+        if tuple(scale.shape) != tuple(pool.shape[:2]) or not scale.is_floating_point():
+            raise ValueError(
+                f"the scales of {name} must be float [{pool.shape[0]}, {num_kv_heads}], "
+                f"got {scale.dtype} {tuple(scale.shape)}"
+            )
+    elif pool.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or int8, got {pool.dtype}")
+    elif scale is not None:
+        raise ValueError(f"scales were given for the {pool.dtype} {name}; only int8 pools take scales")
+
+
+def _check_inputs(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    out: torch.Tensor | None,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    sliding_window: int | None,
+) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"q must be [batch, num_heads, head_dim], got {tuple(q.shape)}")
+    batch, num_heads, head_dim = q.shape
+    if q.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    num_kv_heads = k_pool.shape[1] if k_pool.dim() == 3 else -1
+    if num_kv_heads <= 0 or num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of the pool's kv heads {num_kv_heads}")
+    _check_pool("k_pool", k_pool, k_scale, num_kv_heads, head_dim)
+    _check_pool("v_pool", v_pool, v_scale, num_kv_heads, head_dim)
+    if k_pool.dtype != v_pool.dtype or k_pool.shape != v_pool.shape:
+        raise ValueError("k_pool and v_pool must have the same shape and dtype")
+    if req_to_token.dim() != 2 or req_to_token.dtype != torch.int32:
+        raise ValueError(
+            f"req_to_token must be a 2-D int32 tensor, got {req_to_token.dtype} {tuple(req_to_token.shape)}"
+        )
+    for name, t in (("req_indices", req_indices), ("seq_lens", seq_lens)):
+        if t.dim() != 1 or t.shape[0] != batch or t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be int32/int64 of shape [{batch}], got {t.dtype} {tuple(t.shape)}")
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
+        raise ValueError(f"out must be {q.dtype} {tuple(q.shape)}, got {out.dtype} {tuple(out.shape)}")
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window must be positive, got {sliding_window}")
+    tensors = [k_pool, v_pool, req_to_token, req_indices, seq_lens, out, k_scale, v_scale]
+    devices = {t.device for t in tensors if t is not None}
+    if devices != {q.device}:
+        raise ValueError(f"all tensors must be on q's device {q.device}, got {sorted(map(str, devices))}")
+
+
+def _block_sizes(device: torch.device, num_groups: int, num_keys: int) -> tuple[int, int]:
+    """(BLOCK_SEQ, BLOCK_N) for `num_groups` (sequence, kv head) pairs of up to `num_keys` keys.
+
+    Long splits amortize stage 2; shorter ones fill the GPU when the batch is small (a
+    program per SM is not enough to hide the latency of the gathered loads). Under the CPU
+    interpreter, small tiles keep it fast and exercise several splits and several blocks per
+    split at tiny shapes.
+    """
+    if device.type == "cpu":
+        return 32, 16
+    block_seq = 256
+    while block_seq > 64 and num_groups * triton.cdiv(num_keys, block_seq) < _MIN_PROGRAMS:
+        block_seq //= 2
+    return block_seq, 64
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    *,
+    sliding_window: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """One query token per sequence attending to all its keys in the pool.
+
+    q: [B, H, D]; k_pool / v_pool: [num_slots + 1, KV, D] (float, or int8 with `k_scale` /
+    `v_scale` [num_slots + 1, KV]); req_to_token: [R, M] int32; req_indices, seq_lens: [B].
+    Sequence b's keys are the slots req_to_token[req_indices[b], :seq_lens[b]]; with
+    `sliding_window` W only the last W of them. Returns `out` (allocated when None): [B, H, D]
+    in q's dtype; a sequence with seq_len 0 gets zeros.
+
+    `max_seq_len` is an upper bound on seq_lens that sizes the grid (its number of splits);
+    when None the row length of req_to_token is used, which is always a bound but launches
+    more programs that exit at once. No device value is read on the host.
+    """
+    _check_inputs(
+        q, k_pool, v_pool, req_to_token, req_indices, seq_lens, out, k_scale, v_scale, sliding_window
+    )
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_pool.shape[1]
+    group = num_heads // num_kv_heads
+    if out is None:
+        out = torch.empty_like(q)
+    if max_seq_len is None:
+        max_seq_len = req_to_token.shape[1]
+    num_keys = max_seq_len if sliding_window is None else min(max_seq_len, sliding_window)
+    if batch == 0 or num_keys <= 0:
+        return out.zero_()
+
+    block_seq, block_n = _block_sizes(q.device, batch * num_kv_heads, num_keys)
+    num_splits = triton.cdiv(num_keys, block_seq)
+    mid_o = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    is_int8 = k_pool.dtype == torch.int8
+    # Unused pointer arguments when the pool is not int8: any tensor will do.
+    ks = k_scale if k_scale is not None else seq_lens
+    vs = v_scale if v_scale is not None else seq_lens
+    ks_strides = k_scale.stride() if k_scale is not None else (0, 0)
+    vs_strides = v_scale.stride() if v_scale is not None else (0, 0)
+    window = sliding_window or 0
+
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q,
+        k_pool,
+        v_pool,
+        ks,
+        vs,
+        req_to_token,
+        req_indices,
+        seq_lens,
+        mid_o,
+        mid_lse,
+        scale * _LOG2E,
+        window,
+        *q.stride(),
+        *k_pool.stride(),
+        *v_pool.stride(),
+        *ks_strides,
+        *vs_strides,
+        *req_to_token.stride(),
+        *mid_o.stride(),
+        *mid_lse.stride(),
+        GROUP=group,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SEQ=block_seq,
+        BLOCK_N=block_n,
+        HAS_WINDOW=sliding_window is not None,
+        IS_INT8=is_int8,
+        num_warps=4,
+        num_stages=2,
+    )
+    _decode_reduce_kernel[(batch, num_heads)](
+        mid_o,
+        mid_lse,
+        out,
+        seq_lens,
+        window,
+        *mid_o.stride(),
+        *mid_lse.stride(),
+        *out.stride(),
+        HEAD_DIM=head_dim,
+        BLOCK_SEQ=block_seq,
+        BLOCK_S=_REDUCE_CHUNK,
+        HAS_WINDOW=sliding_window is not None,
+        num_warps=4 if head_dim >= 128 else 2,
+    )
+    return out

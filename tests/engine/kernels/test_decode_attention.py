@@ -1,0 +1,274 @@
+"""Decode attention kernel against a few-line torch reference over the same pool.
+
+Without CUDA these run under the Triton interpreter (conftest) at tiny shapes, where the
+launcher picks small tiles, so several splits and several key blocks per split are covered.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine.forward_context import INT8_KV_SCALE_DTYPE
+from engine.kernels.decode_attention import decode_attention
+from engine.layers.attention import quantize_int8
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAN = float("nan")
+
+
+class Case:
+    """A pool whose slots are scattered at random, unused slots poisoned with NaN, and a
+    req_to_token whose unused entries (past each length, other rows) point at poisoned slots."""
+
+    def __init__(
+        self,
+        seq_lens: list[int],
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        int8: bool = False,
+        window: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        batch, max_len = len(seq_lens), max(seq_lens)
+        num_slots = sum(seq_lens) + 64
+        num_rows = batch + 3
+        kv_shape = (num_slots + 1, num_kv_heads, head_dim)
+        k = torch.randn(kv_shape, generator=gen)
+        v = torch.randn(kv_shape, generator=gen)
+        free = torch.randperm(num_slots, generator=gen)
+        poison = free[sum(seq_lens) :]  # never used by a sequence
+        self.req_to_token = poison[
+            torch.randint(0, len(poison), (num_rows, max_len + 5), generator=gen)
+        ].int()
+        self.req_indices = torch.randperm(num_rows, generator=gen)[:batch]
+        used = 0
+        for b, length in enumerate(seq_lens):
+            slots = free[used : used + length]
+            used += length
+            if window is not None and length > window:
+                slots[: length - window] = poison[
+                    torch.randint(0, len(poison), (length - window,), generator=gen)
+                ]
+            self.req_to_token[self.req_indices[b], :length] = slots.int()
+        if int8:
+            k_q, k_s = quantize_int8(k, INT8_KV_SCALE_DTYPE)
+            v_q, v_s = quantize_int8(v, INT8_KV_SCALE_DTYPE)
+            k_s[poison], v_s[poison] = NAN, NAN
+            self.k_pool, self.v_pool, self.k_scale, self.v_scale = k_q, v_q, k_s, v_s
+        else:
+            k[poison], v[poison] = NAN, NAN
+            self.k_pool, self.v_pool = k.to(dtype), v.to(dtype)
+            self.k_scale = self.v_scale = None
+        self.q = torch.randn(batch, num_heads, head_dim, generator=gen).to(dtype)
+        self.seq_lens = torch.tensor(seq_lens, dtype=torch.int64)
+        self.scale = 1.0 / math.sqrt(head_dim)
+        self.window = window
+
+    def to(self, device: str) -> Case:
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
+
+    def run(self, **kwargs: object) -> torch.Tensor:
+        out = torch.full_like(self.q, NAN)  # poisoned: an unwritten element fails the test
+        result = decode_attention(
+            self.q,
+            self.k_pool,
+            self.v_pool,
+            self.req_to_token,
+            self.req_indices,
+            self.seq_lens,
+            self.scale,
+            out,
+            sliding_window=self.window,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        assert result is out
+        return out
+
+    def reference(self) -> torch.Tensor:
+        """Gather each sequence's (windowed) keys, repeat kv heads, softmax in float32."""
+        group = self.q.shape[1] // self.k_pool.shape[1]
+        outs = []
+        for b, length in enumerate(self.seq_lens.tolist()):
+            first = max(0, length - self.window) if self.window is not None else 0
+            slots = self.req_to_token[self.req_indices[b], first:length].long()
+            k, v = self.k_pool[slots].float(), self.v_pool[slots].float()  # [L, KV, D]
+            if self.k_scale is not None and self.v_scale is not None:
+                k = k * self.k_scale[slots].float()[..., None]
+                v = v * self.v_scale[slots].float()[..., None]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            scores = torch.einsum("hd,lhd->hl", self.q[b].float(), k) * self.scale
+            outs.append(torch.einsum("hl,lhd->hd", scores.softmax(-1), v))
+        return torch.stack(outs).to(self.q.dtype)
+
+
+def tolerance(dtype: torch.dtype) -> dict[str, float]:
+    return {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+
+
+@pytest.mark.parametrize(
+    ("group", "head_dim", "dtype"),
+    [
+        (1, 64, torch.float32),
+        (4, 64, torch.float32),
+        (8, 64, torch.float16),
+        (4, 128, torch.float32),
+    ],
+)
+def test_matches_reference_on_ragged_batch(group: int, head_dim: int, dtype: torch.dtype) -> None:
+    case = Case([1, 17, 40, 75], num_heads=2 * group, num_kv_heads=2, head_dim=head_dim, dtype=dtype).to(
+        DEVICE
+    )
+    torch.testing.assert_close(case.run(max_seq_len=75), case.reference(), **tolerance(dtype))
+
+
+def test_sliding_window_excludes_old_keys() -> None:
+    # Keys outside the window point at NaN slots: reading one would poison the output.
+    case = Case([5, 20, 21, 70], num_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.float32, window=20)
+    case.to(DEVICE)
+    torch.testing.assert_close(case.run(max_seq_len=70), case.reference(), **tolerance(torch.float32))
+
+
+def test_int8_pool_dequantized_with_scales() -> None:
+    case = Case([3, 33, 50], num_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.float32, int8=True)
+    case.to(DEVICE)
+    # q is float32, the pool int8: the same values the reference dequantizes.
+    out = case.run(max_seq_len=50)
+    torch.testing.assert_close(out, case.reference(), **tolerance(torch.float32))
+
+
+def test_without_max_seq_len_hint_uses_row_length() -> None:
+    case = Case([9, 2, 38], num_heads=4, num_kv_heads=1, head_dim=64, dtype=torch.float32).to(DEVICE)
+    torch.testing.assert_close(case.run(), case.reference(), **tolerance(torch.float32))
+
+
+def test_rejects_bad_inputs() -> None:
+    case = Case([4, 6], num_heads=4, num_kv_heads=2, head_dim=64, dtype=torch.float32)
+    args = (case.q, case.k_pool, case.v_pool, case.req_to_token, case.req_indices, case.seq_lens, 0.1)
+    with pytest.raises(ValueError, match="multiple"):
+        decode_attention(case.q[:, :3], *args[1:])
+    with pytest.raises(ValueError, match="power of two"):
+        decode_attention(case.q[..., :48], case.k_pool[..., :48], case.v_pool[..., :48], *args[3:])
+    with pytest.raises(ValueError, match="req_to_token"):
+        decode_attention(*args[:3], case.req_to_token.long(), *args[4:])
+    with pytest.raises(ValueError, match="seq_lens"):
+        decode_attention(*args[:5], case.seq_lens[:1], 0.1)
+    with pytest.raises(ValueError, match="out"):
+        decode_attention(*args, torch.empty_like(case.q, dtype=torch.float16))
+    with pytest.raises(ValueError, match="scales"):
+        decode_attention(*args[:1], case.k_pool.to(torch.int8), case.v_pool.to(torch.int8), *args[3:])
+
+
+# ---- GPU, real shapes ---------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch", [64, 256])
+def test_gpu_real_shapes(batch: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(batch)
+    seq_lens = torch.randint(1, 4097, (batch,), generator=gen).tolist()
+    case = Case(seq_lens, num_heads=32, num_kv_heads=8, head_dim=128, dtype=dtype, seed=batch).to("cuda")
+    torch.testing.assert_close(case.run(max_seq_len=max(seq_lens)), case.reference(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    ("group", "head_dim", "window", "int8"), [(1, 64, None, False), (4, 128, 1000, True)]
+)
+def test_gpu_variants(group: int, head_dim: int, window: int | None, int8: bool) -> None:
+    seq_lens = torch.randint(1, 3000, (96,), generator=torch.Generator().manual_seed(1)).tolist()
+    case = Case(
+        seq_lens,
+        num_heads=8 * group,
+        num_kv_heads=8,
+        head_dim=head_dim,
+        dtype=torch.bfloat16,
+        int8=int8,
+        window=window,
+    ).to("cuda")
+    torch.testing.assert_close(case.run(max_seq_len=max(seq_lens)), case.reference(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("batch", "seq_len"), [(1, 4096), (64, 1024), (256, 2048)])
+def test_gpu_timing_against_sdpa(batch: int, seq_len: int) -> None:
+    """Prints kernel time beside SDPA on K/V already gathered into a dense batch (not an assertion)."""
+    case = Case([seq_len] * batch, num_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16).to(
+        "cuda"
+    )
+    slots = case.req_to_token[case.req_indices, :seq_len].long()  # [B, L]
+    k = case.k_pool[slots].transpose(1, 2)  # [B, KV, L, D]
+    v = case.v_pool[slots].transpose(1, 2)
+    q = case.q.unsqueeze(2)  # [B, H, 1, D]
+    out = torch.empty_like(case.q)
+
+    def kernel() -> None:
+        decode_attention(
+            case.q,
+            case.k_pool,
+            case.v_pool,
+            case.req_to_token,
+            case.req_indices,
+            case.seq_lens,
+            case.scale,
+            out,
+            max_seq_len=seq_len,
+        )
+
+    def sdpa() -> None:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=case.scale, enable_gqa=True)
+
+    def gather_sdpa() -> None:
+        s = case.req_to_token[case.req_indices, :seq_len].long()
+        torch.nn.functional.scaled_dot_product_attention(
+            q,
+            case.k_pool[s].transpose(1, 2),
+            case.v_pool[s].transpose(1, 2),
+            scale=case.scale,
+            enable_gqa=True,
+        )
+
+    # Graph replays, as decode steps run in the engine: GPU time without the launch overhead.
+    times = {
+        name: _graph_time_ms(fn)
+        for name, fn in [("kernel", kernel), ("sdpa", sdpa), ("gather+sdpa", gather_sdpa)]
+    }
+    kv_bytes = 2 * batch * seq_len * 8 * 128 * 2
+    print(
+        f"\ndecode B={batch} L={seq_len} H=32 KV=8 D=128 bf16: "
+        + ", ".join(f"{n} {t * 1e3:.1f} us" for n, t in times.items())
+        + f"; kernel {kv_bytes / times['kernel'] / 1e6:.0f} GB/s of K/V"
+    )
+    torch.testing.assert_close(out, case.reference(), atol=1e-2, rtol=1e-2)
+
+
+def _graph_time_ms(fn: object, iters: int = 50) -> float:
+    assert callable(fn)
+    fn()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters

@@ -1,0 +1,289 @@
+"""Packed prefill attention kernel against a few-line torch reference over the same pool.
+
+Without CUDA these run under the Triton interpreter (conftest) at tiny shapes, where the
+launcher picks 16-row tiles, so several query and key blocks per sequence are covered.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine.forward_context import INT8_KV_SCALE_DTYPE
+from engine.kernels.prefill_attention import prefill_attention
+from engine.layers.attention import quantize_int8
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAN = float("nan")
+
+
+class Case:
+    """Sequences given as (cached prefix length, new length); slots scattered at random, unused
+    slots poisoned with NaN, unused req_to_token entries (and, with a window, entries of keys
+    that no query of the sequence may see) pointing at poisoned slots."""
+
+    def __init__(
+        self,
+        seqs: list[tuple[int, int]],
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        int8: bool = False,
+        window: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        seq_lens = [s + n for s, n in seqs]
+        num_seqs, max_len = len(seqs), max(seq_lens)
+        num_slots = sum(seq_lens) + 64
+        num_rows = num_seqs + 3
+        kv_shape = (num_slots + 1, num_kv_heads, head_dim)
+        k = torch.randn(kv_shape, generator=gen)
+        v = torch.randn(kv_shape, generator=gen)
+        free = torch.randperm(num_slots, generator=gen)
+        poison = free[sum(seq_lens) :]
+        self.req_to_token = poison[
+            torch.randint(0, len(poison), (num_rows, max_len + 5), generator=gen)
+        ].int()
+        self.req_indices = torch.randperm(num_rows, generator=gen)[:num_seqs]
+        used = 0
+        for i, ((start, _), length) in enumerate(zip(seqs, seq_lens, strict=True)):
+            slots = free[used : used + length]
+            used += length
+            unseen = 0 if window is None else max(0, start - window + 1)  # before the first query's window
+            slots[:unseen] = poison[torch.randint(0, len(poison), (unseen,), generator=gen)]
+            self.req_to_token[self.req_indices[i], :length] = slots.int()
+        if int8:
+            k_q, k_s = quantize_int8(k, INT8_KV_SCALE_DTYPE)
+            v_q, v_s = quantize_int8(v, INT8_KV_SCALE_DTYPE)
+            k_s[poison], v_s[poison] = NAN, NAN
+            self.k_pool, self.v_pool, self.k_scale, self.v_scale = k_q, v_q, k_s, v_s
+        else:
+            k[poison], v[poison] = NAN, NAN
+            self.k_pool, self.v_pool = k.to(dtype), v.to(dtype)
+            self.k_scale = self.v_scale = None
+        num_tokens = sum(n for _, n in seqs)
+        self.q = torch.randn(num_tokens, num_heads, head_dim, generator=gen).to(dtype)
+        self.start_pos = torch.tensor([s for s, _ in seqs], dtype=torch.int64)
+        self.cu_new_lens = torch.tensor([0] + [n for _, n in seqs], dtype=torch.int64).cumsum(0)
+        self.seqs = seqs
+        self.scale = 1.0 / math.sqrt(head_dim)
+        self.window = window
+
+    def to(self, device: str) -> Case:
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
+
+    def run(self, **kwargs: object) -> torch.Tensor:
+        out = torch.full_like(self.q, NAN)  # poisoned: an unwritten element fails the test
+        result = prefill_attention(
+            self.q,
+            self.k_pool,
+            self.v_pool,
+            self.req_to_token,
+            self.req_indices,
+            self.start_pos,
+            self.cu_new_lens,
+            self.scale,
+            out,
+            sliding_window=self.window,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        assert result is out
+        return out
+
+    def reference(self) -> torch.Tensor:
+        """Gather each sequence's keys, repeat kv heads, masked softmax in float32."""
+        group = self.q.shape[1] // self.k_pool.shape[1]
+        outs = []
+        offset = 0
+        for i, (start, num_new) in enumerate(self.seqs):
+            length = start + num_new
+            first = 0 if self.window is None else max(0, start - self.window + 1)
+            slots = self.req_to_token[self.req_indices[i], first:length].long()
+            k, v = self.k_pool[slots].float(), self.v_pool[slots].float()  # [L, KV, D]
+            if self.k_scale is not None and self.v_scale is not None:
+                k = k * self.k_scale[slots].float()[..., None]
+                v = v * self.v_scale[slots].float()[..., None]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            q = self.q[offset : offset + num_new].float()
+            offset += num_new
+            scores = torch.einsum("nhd,lhd->hnl", q, k) * self.scale
+            q_pos = torch.arange(start, length, device=q.device)[:, None]
+            k_pos = torch.arange(first, length, device=q.device)[None, :]
+            allowed = k_pos <= q_pos
+            if self.window is not None:
+                allowed &= k_pos > q_pos - self.window
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            outs.append(torch.einsum("hnl,lhd->nhd", scores.softmax(-1), v))
+        return torch.cat(outs).to(self.q.dtype)
+
+
+def tolerance(dtype: torch.dtype) -> dict[str, float]:
+    return {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+
+
+# Fresh prompts, cached prefixes, single tokens (decode rows inside a prefill step), and
+# lengths that end inside and on the edges of 16-row tiles.
+RAGGED = [(0, 37), (20, 5), (0, 1), (33, 18), (7, 1), (16, 16)]
+
+
+@pytest.mark.parametrize(
+    ("group", "head_dim", "dtype"),
+    [
+        (1, 64, torch.float32),
+        (4, 64, torch.float32),
+        (8, 64, torch.float16),
+        (2, 128, torch.float32),
+    ],
+)
+def test_matches_reference_on_ragged_batch(group: int, head_dim: int, dtype: torch.dtype) -> None:
+    case = Case(RAGGED, num_heads=2 * group, num_kv_heads=2, head_dim=head_dim, dtype=dtype).to(DEVICE)
+    torch.testing.assert_close(case.run(max_new_len=37), case.reference(), **tolerance(dtype))
+
+
+def test_sliding_window_excludes_old_keys() -> None:
+    case = Case(
+        [(0, 40), (30, 9), (3, 20), (50, 1)],
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        dtype=torch.float32,
+        window=12,
+    ).to(DEVICE)
+    torch.testing.assert_close(case.run(max_new_len=40), case.reference(), **tolerance(torch.float32))
+
+
+def test_int8_pool_dequantized_with_scales() -> None:
+    case = Case([(0, 21), (25, 12)], num_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.float32, int8=True)
+    case.to(DEVICE)
+    torch.testing.assert_close(case.run(max_new_len=21), case.reference(), **tolerance(torch.float32))
+
+
+def test_without_max_new_len_hint_uses_num_tokens() -> None:
+    case = Case([(3, 6), (0, 19)], num_heads=2, num_kv_heads=2, head_dim=64, dtype=torch.float32).to(DEVICE)
+    torch.testing.assert_close(case.run(), case.reference(), **tolerance(torch.float32))
+
+
+def test_rejects_bad_inputs() -> None:
+    case = Case([(2, 3), (0, 4)], num_heads=4, num_kv_heads=2, head_dim=64, dtype=torch.float32)
+    args = (
+        case.q,
+        case.k_pool,
+        case.v_pool,
+        case.req_to_token,
+        case.req_indices,
+        case.start_pos,
+        case.cu_new_lens,
+        0.1,
+    )
+    with pytest.raises(ValueError, match="multiple"):
+        prefill_attention(case.q[:, :3], *args[1:])
+    with pytest.raises(ValueError, match="cu_new_lens"):
+        prefill_attention(*args[:6], case.cu_new_lens[1:], 0.1)
+    with pytest.raises(ValueError, match="start_pos"):
+        prefill_attention(*args[:5], case.start_pos.float(), *args[6:])
+    with pytest.raises(ValueError, match="out"):
+        prefill_attention(*args, case.q[:1])
+    with pytest.raises(ValueError, match="sliding_window"):
+        prefill_attention(*args, sliding_window=0)
+    with pytest.raises(ValueError, match="scales"):
+        prefill_attention(*args[:1], case.k_pool.to(torch.int8), case.v_pool.to(torch.int8), *args[3:])
+
+
+# ---- GPU, real shapes ---------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_real_shapes(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    # 64 sequences: fresh prompts, long cached prefixes with short chunks, single tokens.
+    starts = torch.randint(0, 3000, (64,), generator=gen)
+    starts[:16] = 0
+    new_lens = torch.randint(1, 1025, (64,), generator=gen)
+    new_lens[48:] = 1
+    seqs = list(zip(starts.tolist(), new_lens.tolist(), strict=True))
+    case = Case(seqs, num_heads=32, num_kv_heads=8, head_dim=128, dtype=dtype).to("cuda")
+    torch.testing.assert_close(
+        case.run(max_new_len=max(new_lens.tolist())), case.reference(), atol=1e-2, rtol=1e-2
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("group", "head_dim", "window", "int8"), [(1, 64, None, False), (4, 128, 700, True)])
+def test_gpu_variants(group: int, head_dim: int, window: int | None, int8: bool) -> None:
+    seqs = [(0, 4096), (1000, 2000), (3000, 1), (0, 777), (2500, 1500)]
+    case = Case(
+        seqs,
+        num_heads=8 * group,
+        num_kv_heads=8,
+        head_dim=head_dim,
+        dtype=torch.bfloat16,
+        int8=int8,
+        window=window,
+    ).to("cuda")
+    torch.testing.assert_close(case.run(max_new_len=4096), case.reference(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_timing() -> None:
+    """Prints kernel time beside causal SDPA on dense, already gathered K/V (not an assertion)."""
+    seqs = [(0, 2048)] * 8
+    case = Case(seqs, num_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16).to("cuda")
+    out = torch.empty_like(case.q)
+    slots = case.req_to_token[case.req_indices, :2048].long()  # [8, L]
+    k = case.k_pool[slots].transpose(1, 2)  # [8, KV, L, D]
+    v = case.v_pool[slots].transpose(1, 2)
+    q = case.q.view(8, 2048, 32, 128).transpose(1, 2)
+
+    def kernel() -> None:
+        prefill_attention(
+            case.q,
+            case.k_pool,
+            case.v_pool,
+            case.req_to_token,
+            case.req_indices,
+            case.start_pos,
+            case.cu_new_lens,
+            case.scale,
+            out,
+            max_new_len=2048,
+        )
+
+    def sdpa() -> None:
+        torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=case.scale, enable_gqa=True
+        )
+
+    times = {name: _cuda_time_ms(fn) for name, fn in [("kernel", kernel), ("sdpa", sdpa)]}
+    flops = 8 * 32 * 2048 * 2048 * 128 * 2  # causal half of 4 * T * L * D per head
+    print(
+        "\nprefill 8 x 2048 H=32 KV=8 D=128 bf16: "
+        + ", ".join(f"{n} {t * 1e3:.0f} us ({flops / t / 1e9:.0f} TFLOP/s)" for n, t in times.items())
+    )
+    torch.testing.assert_close(out, case.reference(), atol=1e-2, rtol=1e-2)
+
+
+def _cuda_time_ms(fn: object, iters: int = 20) -> float:
+    assert callable(fn)
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
