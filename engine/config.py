@@ -42,6 +42,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     enforce_eager: bool = False  # GPU: no CUDA graphs
+    attention_backend: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton kernels on CUDA
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:

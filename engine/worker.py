@@ -46,11 +46,13 @@ def _watch_parent(parent_pid: int) -> None:
 def _worker_main(conn: Connection, config: EngineConfig, model_path: str, parent_pid: int) -> None:
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     try:
+        from engine.layers.backend import select_backend
         from engine.model_runner import ModelRunner
         from engine.models.loader import load_hf_config, load_model
 
         if config.resolved_device() == "cpu":
             torch.set_num_threads(max(1, os.cpu_count() or 1))
+        select_backend(config.resolved_device(), config.attention_backend)  # once, before the model exists
         conn.send(("progress", (0.1, "loading weights")))
         hf_config = load_hf_config(model_path)
         model = load_model(model_path, config.torch_dtype(), config.resolved_device())

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.forward_context import INT8_KV_SCALE_DTYPE, ForwardContext, KVPool, get_forward_context
+from engine.layers.backend import use_triton
 
 _INT8_MAX = 127.0
 
@@ -66,6 +67,8 @@ class Attention(nn.Module):
         self.scale = scale
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
+        # The kernels take power-of-two head sizes; other models keep the torch path on CUDA too.
+        self._kernel_head_dim = head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
     # ---- KV pool access -------------------------------------------------------------------
 
@@ -100,6 +103,8 @@ class Attention(nn.Module):
         ctx = get_forward_context()
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
+        if self._kernel_head_dim and q.is_cuda and use_triton():
+            return self._forward_triton(ctx, q, k, v).reshape(num_tokens, self.num_heads * self.head_dim)
         self._store(
             ctx.kv,
             ctx.out_slots,
@@ -111,6 +116,34 @@ class Attention(nn.Module):
         else:
             out = self._per_sequence(ctx, q)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
+
+    def _forward_triton(
+        self, ctx: ForwardContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        from engine.kernels.decode_attention import decode_attention
+        from engine.kernels.kv_store import store_kv
+        from engine.kernels.prefill_attention import prefill_attention
+
+        kv, layer = ctx.kv, self.layer_idx
+        k_scale = kv.k_scale[layer] if kv.k_scale is not None else None
+        v_scale = kv.v_scale[layer] if kv.v_scale is not None else None
+        num_tokens = q.shape[0]
+        store_kv(
+            k.view(num_tokens, self.num_kv_heads, self.head_dim),
+            v.view(num_tokens, self.num_kv_heads, self.head_dim),
+            kv.k[layer], kv.v[layer], ctx.out_slots, k_scale, v_scale,
+        )
+        if ctx.is_decode_only:
+            return decode_attention(
+                q, kv.k[layer], kv.v[layer], ctx.req_to_token, ctx.req_indices, ctx.seq_lens, self.scale,
+                sliding_window=self.sliding_window, k_scale=k_scale, v_scale=v_scale,
+                max_seq_len=ctx.max_seq_len,
+            )
+        return prefill_attention(
+            q, kv.k[layer], kv.v[layer], ctx.req_to_token, ctx.req_indices, ctx.start_pos, ctx.cu_new_lens,
+            self.scale, sliding_window=self.sliding_window, k_scale=k_scale, v_scale=v_scale,
+            max_new_len=max(ctx.new_lens_list),
+        )
 
     def _per_sequence(self, ctx: ForwardContext, q: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(q)  # [T, H, D]

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.backend import use_triton
+
 
 class RMSNorm(nn.Module):
     """y = x / rms(x) * weight, computed in float32 and cast back to the input dtype.
@@ -31,6 +33,10 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if use_triton() and x.is_cuda:
+            from engine.kernels.rmsnorm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)  # the residual is updated in place
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from engine.forward_context import current_forward_context
+from engine.layers.backend import use_triton
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -113,6 +114,13 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if use_triton() and q.is_cuda:
+            from engine.kernels.rotary import apply_rotary
+
+            if self.cos_cache.device != q.device:
+                self.cos_cache, self.sin_cache = self.cos_cache.to(q.device), self.sin_cache.to(q.device)
+            apply_rotary(q, k, positions, self.cos_cache, self.sin_cache, self.head_size, self.rotary_dim)
+            return q, k  # rotated in place
         num_tokens = positions.shape[0]
         cos, sin = self._cos_sin(positions, q.dtype)
         q = q.view(num_tokens, -1, self.head_size)

@@ -1,0 +1,54 @@
+"""Offline throughput of the engine on a GPU with a model directory (eager, no server).
+
+    python scripts/gpu_offline.py MODEL_DIR [--backend triton|torch]
+
+bs1: one 512-token prompt, 256 output tokens: TTFT ~ the time of a 1-token request, TPOT from
+the rest. batch: N requests with prompts of 128..1024 and outputs of 64..512 random token
+ids (eos ignored), all at once: output and total tok/s. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+from engine import LLM, SamplingParams
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--kv-cache-dtype", default="auto")
+    args = parser.parse_args()
+    rng = random.Random(0)
+    llm = LLM(args.model, attention_backend=args.backend, kv_cache_dtype=args.kv_cache_dtype,
+              enable_prefix_caching=False)
+    prompt = [rng.randrange(1000, 40000) for _ in range(512)]
+    llm.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+    start = time.perf_counter()
+    llm.generate([prompt], SamplingParams(max_tokens=1, ignore_eos=True))
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    llm.generate([prompt], SamplingParams(max_tokens=257, ignore_eos=True))
+    tpot = (time.perf_counter() - start - ttft) / 256
+    prompts = [[rng.randrange(1000, 40000) for _ in range(rng.randint(128, 1024))] for _ in range(args.requests)]
+    params = [SamplingParams(max_tokens=rng.randint(64, 512), ignore_eos=True) for _ in prompts]
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    wall = time.perf_counter() - start
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    in_tokens = sum(len(p) for p in prompts)
+    print(json.dumps({
+        "backend": args.backend, "kv_cache_tokens": llm.kv_cache_tokens, "bs1_ttft_ms": 1e3 * ttft,
+        "bs1_tpot_ms": 1e3 * tpot, "batch_requests": len(prompts), "batch_output_tok_s": out_tokens / wall,
+        "batch_total_tok_s": (out_tokens + in_tokens) / wall,
+    }))
+    llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
