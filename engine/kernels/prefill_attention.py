@@ -17,10 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels._attention_checks import check_q_and_pools
+
 __all__ = ["prefill_attention"]
 
 _LOG2E = 1.4426950408889634
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -146,27 +147,6 @@ def _prefill_kernel(
     )
 
 
-def _check_pool(
-    name: str, pool: torch.Tensor, scale: torch.Tensor | None, num_kv_heads: int, head_dim: int
-) -> None:
-    if pool.dim() != 3 or pool.shape[1] != num_kv_heads or pool.shape[2] != head_dim:
-        raise ValueError(
-            f"{name} must be [num_slots + 1, {num_kv_heads}, {head_dim}], got {tuple(pool.shape)}"
-        )
-    if pool.dtype == torch.int8:
-        if scale is None:
-            raise ValueError(f"an int8 {name} needs its per (slot, kv head) scales")
-        if tuple(scale.shape) != tuple(pool.shape[:2]) or not scale.is_floating_point():
-            raise ValueError(
-                f"the scales of {name} must be float [{pool.shape[0]}, {num_kv_heads}], "
-                f"got {scale.dtype} {tuple(scale.shape)}"
-            )
-    elif pool.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float16, bfloat16, float32 or int8, got {pool.dtype}")
-    elif scale is not None:
-        raise ValueError(f"scales were given for the {pool.dtype} {name}; only int8 pools take scales")
-
-
 def _check_inputs(
     q: torch.Tensor,
     k_pool: torch.Tensor,
@@ -180,24 +160,8 @@ def _check_inputs(
     v_scale: torch.Tensor | None,
     sliding_window: int | None,
 ) -> None:
-    if q.dim() != 3:
-        raise ValueError(f"q must be [num_tokens, num_heads, head_dim], got {tuple(q.shape)}")
+    check_q_and_pools(q, k_pool, v_pool, req_to_token, k_scale, v_scale, "num_tokens")
     _, num_heads, head_dim = q.shape
-    if q.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
-    num_kv_heads = k_pool.shape[1] if k_pool.dim() == 3 else -1
-    if num_kv_heads <= 0 or num_heads % num_kv_heads:
-        raise ValueError(f"num_heads {num_heads} is not a multiple of the pool's kv heads {num_kv_heads}")
-    _check_pool("k_pool", k_pool, k_scale, num_kv_heads, head_dim)
-    _check_pool("v_pool", v_pool, v_scale, num_kv_heads, head_dim)
-    if k_pool.dtype != v_pool.dtype or k_pool.shape != v_pool.shape:
-        raise ValueError("k_pool and v_pool must have the same shape and dtype")
-    if req_to_token.dim() != 2 or req_to_token.dtype != torch.int32:
-        raise ValueError(
-            f"req_to_token must be a 2-D int32 tensor, got {req_to_token.dtype} {tuple(req_to_token.shape)}"
-        )
     num_seqs = req_indices.shape[0] if req_indices.dim() == 1 else -1
     for name, t, length in (
         ("req_indices", req_indices, num_seqs),

@@ -45,10 +45,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pac
 
 
 def pack_model_weights(model: nn.Module) -> int:
-    """Pack every packable projection of `model` in place; returns how many were packed."""
+    """Pack every packable projection of `model` in place; returns how many were packed.
+
+    A projection is a module with a `weight` and a `packed_weight` slot (the linear layers and
+    the LM head); `linear()` uses the packed copy when there is one.
+    """
     count = 0
     for module in model.modules():
-        pack = getattr(module, "pack_weight_for_cpu", None)
-        if pack is not None and pack():
+        if hasattr(module, "packed_weight") and can_pack(module.weight):
+            module.packed_weight = pack_weight(module.weight)
             count += 1
     return count

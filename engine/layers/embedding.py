@@ -82,12 +82,6 @@ class ParallelLMHead(VocabParallelEmbedding):
         param.data[owned:].zero_()
         param.data[:owned].copy_(loaded_weight[self.vocab_start : self.vocab_end])
 
-    def pack_weight_for_cpu(self) -> bool:
-        if not cpu_gemm.can_pack(self.weight):
-            return False
-        self.packed_weight = cpu_gemm.pack_weight(self.weight)
-        return True
-
     def tie_weights(self, embedding: VocabParallelEmbedding) -> None:
         """Share the input embedding's weight (tie_word_embeddings)."""
         self.weight = embedding.weight

@@ -60,12 +60,6 @@ class LinearBase(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         _copy(param.data, loaded_weight)
 
-    def pack_weight_for_cpu(self) -> bool:
-        if not cpu_gemm.can_pack(self.weight):
-            return False
-        self.packed_weight = cpu_gemm.pack_weight(self.weight)
-        return True
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, input_size] -> [num_tokens, output_size]
         return cpu_gemm.linear(x, self.weight, self.bias, self.packed_weight)

@@ -95,7 +95,7 @@ def test_packed_cpu_weights_give_the_same_products(dtype: torch.dtype) -> None:
     for rows in (1, 5, 33):
         x = torch.randn(rows, 48, dtype=dtype)
         expected = layer(x)
-        assert layer.pack_weight_for_cpu()
+        assert cpu_gemm.pack_model_weights(layer) == 1
         got = layer(x)
         layer.packed_weight = None
         torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
