@@ -59,7 +59,9 @@ class Settings(BaseSettings):
     dtype: str = Field("auto", description="weights and activations: auto, float32, float16, bfloat16")
     device: str = Field("auto", description="auto, cpu or cuda")
     kv_cache_dtype: str = Field("auto", description="auto (the model dtype) or int8")
-    kv_cache_memory_gb: float | None = Field(None, gt=0, description="CPU: GiB for the KV pool (default 1)")
+    kv_cache_memory_gb: float | None = Field(
+        None, gt=0, description="GiB for the KV pool (default: 1 on CPU, gpu_memory_utilization on GPU)"
+    )
     gpu_memory_utilization: float = Field(
         0.85, gt=0, le=1, description="GPU: fraction of free memory after the weights used for the KV pool"
     )
@@ -75,6 +77,9 @@ class Settings(BaseSettings):
     )
     enable_prefix_caching: bool = Field(True, description="share KV of common prompt prefixes")
     enforce_eager: bool = Field(False, description="GPU: no CUDA graphs")
+    attention_backend: Literal["auto", "triton", "torch"] = Field(
+        "auto", description="layer kernels: auto (Triton on CUDA, torch elsewhere), triton or torch"
+    )
     seed: int = Field(0, description="engine seed for requests without their own")
     cache_dir: str | None = Field(
         None, description="where converted GGUF models are cached (default ~/.cache/lightgate)"
@@ -112,6 +117,7 @@ class Settings(BaseSettings):
             enable_prefix_caching=self.enable_prefix_caching,
             seed=self.seed,
             enforce_eager=self.enforce_eager,
+            attention_backend=self.attention_backend,
         )
 
 
