@@ -30,9 +30,9 @@ class EngineConfig:
     tokenizer: str | None = None  # defaults to the model's own tokenizer files
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     device: str = "auto"  # auto: cuda when available
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # worker ranks the model is split over (heads must divide)
     kv_cache_dtype: str = "auto"  # auto: the model dtype; "int8"
-    kv_cache_memory_gb: float | None = None  # KV pool size; default: 1 GiB on CPU, a fraction of free memory on GPU
+    kv_cache_memory_gb: float | None = None  # KV pool size per rank; default: 1 GiB on CPU, a fraction of free memory on GPU
     gpu_memory_utilization: float = 0.85  # GPU: fraction of free memory (after weights) for KV
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_num_seqs: int = 256  # cap on running sequences (rows of req_to_token)

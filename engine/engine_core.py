@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer, StopStringMatcher, convert_ids_to_logprob_tokens
+from engine.distributed import check_tensor_parallel
 from engine.errors import PromptTooLongError
 from engine.kv_cache import KVSlotAllocator
 from engine.models.loader import load_hf_config, resolve_model
@@ -69,6 +70,7 @@ class EngineCore:
         hf_config = load_hf_config(self.model_path)
         text_config = getattr(hf_config, "text_config", hf_config)
         config = config.resolve(max_position_embeddings=text_config.max_position_embeddings)
+        check_tensor_parallel(text_config, config.tensor_parallel_size, config.resolved_device())  # before spawning
         self.config = config
         self.model_name = DEFAULT_MODEL_NAME if config.model is None else os.path.basename(
             os.path.normpath(config.model)

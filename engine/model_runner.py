@@ -3,6 +3,10 @@
 `ModelRunner.execute(plan)` writes the plan's slots into `req_to_token`, packs the step's
 tokens into one padding-free batch, runs the model, samples the rows that reached their last
 known token and returns only what the engine core needs (token ids and logprobs).
+
+With tensor parallelism every rank runs this on the same plan: each holds its shard of the
+weights and a KV pool of its own KV heads (the same number of slots on every rank); the
+logits are gathered on every rank, and only rank 0 samples and returns a result.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import logging
 import torch
 
 from engine.config import EngineConfig
+from engine.distributed import get_tp_rank, get_tp_size, num_local_kv_heads
+from engine.distributed.parallel_state import all_reduce_min_int
 from engine.forward_context import INT8_KV_SCALE_DTYPE, KVPool, build_forward_context, set_forward_context
 from engine.plan import SeqStep, StepPlan, StepResult, TokenLogprobs, WorkerInfo
 from engine.sampler import Sampler, SamplingState, compute_prompt_logprobs
@@ -51,7 +57,9 @@ class ModelRunner:
         self.device = config.resolved_device()
         text_config = getattr(hf_config, "text_config", hf_config)
         self.num_layers: int = text_config.num_hidden_layers
-        self.num_kv_heads: int = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        total_kv_heads: int = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+        self.num_kv_heads = num_local_kv_heads(total_kv_heads, self.tp_size)  # on this rank
         self.head_dim: int = getattr(text_config, "head_dim", None) or (
             text_config.hidden_size // text_config.num_attention_heads
         )
@@ -59,7 +67,8 @@ class ModelRunner:
         self.max_model_len = config.max_model_len
         self.kv_dtype = config.kv_torch_dtype()
         self.kv_budget_bytes = self._kv_budget_bytes()
-        self.num_slots = self.kv_budget_bytes // self._bytes_per_token(self.kv_dtype)
+        # The same slot indices are valid on every rank: the smallest pool any rank can hold.
+        self.num_slots = all_reduce_min_int(self.kv_budget_bytes // self._bytes_per_token(self.kv_dtype))
         if self.num_slots < 16:
             raise ValueError(f"KV cache budget of {self.kv_budget_bytes} bytes holds only {self.num_slots} tokens")
         self.kv = allocate_kv_pool(
@@ -79,6 +88,7 @@ class ModelRunner:
         return kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, kv_dtype)
 
     def _kv_budget_bytes(self) -> int:
+        # Per rank: each rank's pool holds its own KV heads for every slot.
         if self.config.kv_cache_memory_gb is not None:
             return int(self.config.kv_cache_memory_gb * _GIB)
         if self.device.startswith("cuda"):
@@ -149,6 +159,8 @@ class ModelRunner:
             return result
         last_tokens = torch.tensor([ends[i + 1] - 1 for i in sample_idx], device=self.device)
         logits = self.model.compute_logits(hidden[last_tokens])  # [num_sampled, vocab] float32
+        if self.tp_rank != 0:
+            return result  # the gather above is collective; sampling is rank 0's alone
         states = [self.states[seqs[i].row] for i in sample_idx]
         out = self.sampler.sample(logits, states)
         result.sampled_token_ids = out.token_ids
@@ -174,6 +186,8 @@ class ModelRunner:
                 continue
             rows = hidden[ends[i] : ends[i] + (last - first)]
             logits = self.model.compute_logits(rows)
+            if self.tp_rank != 0:
+                continue
             targets = prompt[first + 1 : last + 1]
             entries = compute_prompt_logprobs(logits, targets, s.prompt_logprobs)
             result.prompt_logprobs[i] = [

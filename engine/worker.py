@@ -1,12 +1,19 @@
-"""The model worker process and the server process's handle on it.
+"""The model worker processes and the server process's handle on them.
 
-The worker loads the model, allocates the KV pool, reports `WorkerInfo`, then answers one
+A worker loads the model, allocates the KV pool, reports `WorkerInfo`, then answers one
 `StepPlan` with one `StepResult` over a pipe until it is told to stop or its parent dies.
+With `tensor_parallel_size=N` there are N workers, ranks 0..N-1 of one process group (gloo
+on CPU, NCCL on CUDA) that rendezvous on a free loopback port picked at start. Every rank
+gets the same plan over its own pipe and runs the forward pass; only rank 0 sends results.
 Messages are tuples `(kind, payload)`:
 
     parent -> worker: ("step", StepPlan) | ("stop", None)
     worker -> parent: ("progress", (fraction, message)) | ("ready", WorkerInfo)
-                      | ("result", StepResult) | ("error", traceback text)
+                      | ("result", StepResult, rank 0 only) | ("error", traceback text)
+
+The parent watches every rank: an error message or an exit from any of them marks the
+engine dead (`EngineDeadError`) and the remaining ranks are killed, so a collective that
+waits for a dead peer never hangs the server.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import torch
@@ -43,19 +50,30 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(1)
 
 
-def _worker_main(conn: Connection, config: EngineConfig, model_path: str, parent_pid: int) -> None:
+def _worker_main(
+    conn: Connection,
+    config: EngineConfig,
+    model_path: str,
+    parent_pid: int,
+    rank: int = 0,
+    port: int = 0,
+) -> None:
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    tp_size = config.tensor_parallel_size
     try:
+        from engine.distributed import init_tensor_parallel
         from engine.layers.backend import select_backend
         from engine.model_runner import ModelRunner
         from engine.models.loader import load_hf_config, load_model
 
-        if config.resolved_device() == "cpu":
-            torch.set_num_threads(max(1, os.cpu_count() or 1))
-        select_backend(config.resolved_device(), config.attention_backend)  # once, before the model exists
+        device = config.resolved_device()
+        if device == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp_size))
+        init_tensor_parallel(rank, tp_size, port, device)  # nothing at tp=1
+        select_backend(device, config.attention_backend)  # once, before the model exists
         conn.send(("progress", (0.1, "loading weights")))
         hf_config = load_hf_config(model_path)
-        model = load_model(model_path, config.torch_dtype(), config.resolved_device())
+        model = load_model(model_path, config.torch_dtype(), device, tp_rank=rank, tp_size=tp_size)
         conn.send(("progress", (0.8, "allocating KV cache")))
         runner = ModelRunner(config, model, hf_config)
         conn.send(("ready", runner.info()))
@@ -70,7 +88,9 @@ def _worker_main(conn: Connection, config: EngineConfig, model_path: str, parent
         if kind == "stop":
             return
         try:
-            conn.send(("result", runner.execute(payload)))
+            result = runner.execute(payload)
+            if rank == 0:
+                conn.send(("result", result))
         except BaseException:
             conn.send(("error", traceback.format_exc()))
             return
@@ -98,40 +118,79 @@ def _main_module_hidden() -> Iterator[None]:
 
 
 class WorkerClient:
-    """Starts a worker process and exchanges plans and results with it."""
+    """Starts the worker processes (one per tensor-parallel rank) and exchanges plans and
+    results with them."""
 
     def __init__(self, config: EngineConfig, model_path: str) -> None:
         ctx = mp.get_context("spawn")
-        self._conn, child_conn = ctx.Pipe(duplex=True)
-        self._proc = ctx.Process(
-            target=_worker_main,
-            args=(child_conn, config, model_path, os.getpid()),
-            name="lightgate-worker",
-            daemon=True,
-        )
-        with _main_module_hidden():
-            self._proc.start()
-        child_conn.close()
+        n = config.tensor_parallel_size
+        port = 0
+        if n > 1:
+            from engine.distributed import find_free_port
+
+            port = find_free_port()
+            if config.resolved_device().startswith("cuda"):
+                os.environ["NCCL_NVLS_ENABLE"] = "0"  # inherited by the workers: never NVLink multicast
+        self._conns: list[Connection] = []
+        self._procs: list[Any] = []
+        for rank in range(n):
+            conn, child_conn = ctx.Pipe(duplex=True)
+            proc = ctx.Process(
+                target=_worker_main,
+                args=(child_conn, config, model_path, os.getpid(), rank, port),
+                name="lightgate-worker" if n == 1 else f"lightgate-worker-{rank}",
+                daemon=True,
+            )
+            with _main_module_hidden():
+                proc.start()
+            child_conn.close()
+            self._conns.append(conn)
+            self._procs.append(proc)
+        self._ready = [False] * n
         self.info: WorkerInfo | None = None
         self.dead_reason: str | None = None
 
+    @property
+    def _conn(self) -> Connection:
+        return self._conns[0]
+
+    @property
+    def _proc(self) -> Any:
+        return self._procs[0]
+
+    @property
+    def pids(self) -> list[int | None]:
+        return [p.pid for p in self._procs]
+
     def wait_ready(self, progress: ProgressFn | None = None) -> WorkerInfo:
-        while True:
+        while not self._ready[0]:
             kind, payload = self._recv()
             if kind == "progress":
                 if progress is not None:
                     progress(*payload)
             elif kind == "ready":
                 self.info = payload
-                return payload
+                self._ready[0] = True
             else:
                 raise self._died(f"the worker failed to start:\n{payload}")
+        for rank in range(1, len(self._conns)):
+            while not self._ready[rank]:
+                kind, payload = self._recv(rank)
+                if kind == "ready":
+                    self._ready[rank] = True
+                elif kind != "progress":
+                    raise self._died(f"worker rank {rank} failed to start:\n{payload}")
+        assert self.info is not None
+        return self.info
 
     def send_step(self, plan: StepPlan) -> None:
-        try:
-            self._conn.send(("step", plan))
-        except (OSError, ValueError) as e:
-            raise self._died(f"the worker is gone: {e}") from e
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
+        for rank, conn in enumerate(self._conns):
+            try:
+                conn.send(("step", plan))
+            except (OSError, ValueError) as e:
+                raise self._died(f"worker rank {rank} is gone: {e}") from e
 
     def recv_result(self) -> StepResult:
         kind, payload = self._recv()
@@ -143,36 +202,70 @@ class WorkerClient:
         self.send_step(plan)
         return self.recv_result()
 
-    def _recv(self) -> tuple[str, Any]:
+    def _recv(self, rank: int = 0) -> tuple[str, Any]:
+        """The next message from `rank`, while watching every other rank for an error or an exit."""
         if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
+        conn = self._conns[rank]
+        if len(self._conns) == 1:
+            return self._recv_one(rank)
+        watched: list[Any] = [*self._conns, *(p.sentinel for p in self._procs)]
+        while True:
+            ready = wait(watched)
+            if conn in ready:
+                return self._recv_one(rank)
+            for other, other_conn in enumerate(self._conns):
+                if other_conn in ready:
+                    kind, payload = self._recv_one(other)
+                    if kind == "error":
+                        raise self._died(f"worker rank {other} failed:\n{payload}")
+                    if kind == "ready":
+                        self._ready[other] = True
+            for other, proc in enumerate(self._procs):
+                if proc.sentinel in ready:
+                    raise self._died(f"worker rank {other} exited (exit code {proc.exitcode})")
+
+    def _recv_one(self, rank: int) -> tuple[str, Any]:
         try:
-            return self._conn.recv()
+            message: tuple[str, Any] = self._conns[rank].recv()
+            return message
         except (EOFError, OSError) as e:
-            code = self._proc.exitcode if not self._proc.is_alive() else None
-            raise self._died(f"the worker process exited (exit code {code})") from e
+            proc = self._procs[rank]
+            proc.join(0.1)
+            code = proc.exitcode
+            who = "the worker process" if len(self._procs) == 1 else f"worker rank {rank}"
+            raise self._died(f"{who} exited (exit code {code})") from e
 
     def _died(self, reason: str) -> EngineDeadError:
         self.dead_reason = reason
         logger.error(reason)
+        if len(self._procs) > 1:
+            # The other ranks would wait for the dead one inside a collective: end them now.
+            for proc in self._procs:
+                if proc.is_alive():
+                    proc.kill()
         return EngineDeadError(reason)
 
     @property
     def alive(self) -> bool:
-        return self.dead_reason is None and self._proc.is_alive()
+        return self.dead_reason is None and all(p.is_alive() for p in self._procs)
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid
+        return self._procs[0].pid
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        if self._proc.is_alive():
-            try:
-                self._conn.send(("stop", None))
-            except (OSError, ValueError):
-                pass
-            self._proc.join(timeout)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(timeout)
-        self._conn.close()
+        for proc, conn in zip(self._procs, self._conns, strict=True):
+            if proc.is_alive():
+                try:
+                    conn.send(("stop", None))
+                except (OSError, ValueError):
+                    pass
+        for proc in self._procs:
+            proc.join(timeout)
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout)
+        for conn in self._conns:
+            conn.close()

@@ -2,8 +2,8 @@
 
 Rank r owns vocabulary rows [r * shard, (r + 1) * shard) where shard = ceil(vocab / tp); the
 last shard is zero-padded. With tp > 1 the embedding output is summed over ranks (each rank
-contributes zeros for ids it does not own) and the logits are gathered; with tp == 1 both
-are the identity, which is the only case wired today.
+contributes zeros for ids it does not own) and the logits are gathered along the vocabulary;
+with tp == 1 (or outside a tensor-parallel group) both collectives are the identity.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.distributed import all_gather, all_reduce
 from engine.layers import cpu_gemm
 
 
@@ -52,7 +53,7 @@ class VocabParallelEmbedding(nn.Module):
         owned = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
         local_ids = torch.where(owned, input_ids - self.vocab_start, 0)
         out = F.embedding(local_ids, self.weight)
-        return out * owned.unsqueeze(-1).to(out.dtype)  # the all-reduce over ranks goes here
+        return all_reduce(out * owned.unsqueeze(-1).to(out.dtype))
 
     def extra_repr(self) -> str:
         return f"vocab={self.num_embeddings}, dim={self.embedding_dim}, tp={self.tp_size}"
@@ -87,8 +88,10 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        # hidden: [num_rows, embedding_dim] -> logits [num_rows, vocab] (this rank's shard when tp > 1)
+        # hidden: [num_rows, embedding_dim] -> logits [num_rows, vocab] on every rank
         logits = cpu_gemm.linear(hidden, self.weight, self.bias, self.packed_weight)
-        if self.tp_size == 1 and self.shard_size != self.num_embeddings:
-            logits = logits[:, : self.num_embeddings]
+        if self.tp_size > 1:
+            logits = all_gather(logits)  # [num_rows, shard * tp]; the shard alone outside a group
+        if logits.shape[-1] > self.num_embeddings:
+            logits = logits[:, : self.num_embeddings]  # the last shard's zero padding
         return logits

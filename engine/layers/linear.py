@@ -1,9 +1,10 @@
 """Linear layers with tensor-parallel names and per-parameter weight loaders.
 
 Every parameter carries a `weight_loader(param, loaded_weight, shard_id=None)` that copies the
-slice of a full checkpoint tensor that belongs to this rank. With `tp_size == 1` (the only
-case today) each rank owns the whole tensor; the collectives (all-gather after a column
-layer, all-reduce after a row layer) are added where the process groups live, not here.
+slice of a full checkpoint tensor that belongs to this rank. With `tp_size == 1` each rank
+owns the whole tensor. A column layer's output stays sharded (the next row layer consumes
+the shard); a row layer sums its partial outputs over the ranks with an all-reduce
+(`engine.distributed`; a no-op in a process without a tensor-parallel group).
 
 Weights are `[output_size, input_size]` as in `torch.nn.Linear`:
 - ColumnParallelLinear shards dim 0 (outputs), RowParallelLinear shards dim 1 (inputs).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.distributed import all_reduce
 from engine.layers import cpu_gemm
 
 
@@ -181,7 +183,7 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(LinearBase):
-    """Inputs are split across ranks; the partial outputs are summed by an all-reduce (later).
+    """Inputs are split across ranks; the partial outputs are summed by an all-reduce.
 
     The bias is added on rank 0 only so that the all-reduce counts it once.
     """
@@ -205,6 +207,7 @@ class RowParallelLinear(LinearBase):
         _copy(param.data, loaded_weight.narrow(1, self.tp_rank * shard, shard))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [num_tokens, input_size / tp] -> [num_tokens, output_size] (partial sum when tp > 1)
+        # x: [num_tokens, input_size / tp] -> [num_tokens, output_size], summed over the ranks
         bias = self.bias if self.tp_rank == 0 else None
-        return cpu_gemm.linear(x, self.weight, bias, self.packed_weight)
+        out = cpu_gemm.linear(x, self.weight, bias, self.packed_weight)
+        return all_reduce(out) if self.tp_size > 1 else out

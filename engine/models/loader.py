@@ -185,15 +185,21 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def load_model(path: str, dtype: torch.dtype, device: str | torch.device) -> nn.Module:
-    """Build the architecture named by `path/config.json` and load its weights."""
+def load_model(
+    path: str, dtype: torch.dtype, device: str | torch.device, tp_rank: int = 0, tp_size: int = 1
+) -> nn.Module:
+    """Build the architecture named by `path/config.json` and load its weights.
+
+    With `tp_size > 1` only rank `tp_rank`'s shard of each layer is built, and each
+    parameter's weight loader copies only that rank's slice of a checkpoint tensor.
+    """
     config = load_hf_config(path)
     architectures = getattr(config, "architectures", None) or []
     if not architectures:
         raise ValueError(f"{path}/config.json names no architectures")
     model_class = get_model_class(architectures[0])
     with _default_dtype(dtype), torch.device(device):
-        model = model_class(config)
+        model = model_class(config, tp_rank=tp_rank, tp_size=tp_size)  # type: ignore[call-arg]
     load_weights(model, iterate_weights(path))
     pack_model_weights(model)  # CPU bf16/fp16 only; a no-op elsewhere
     return model.eval()

@@ -1,0 +1,122 @@
+"""Tensor parallelism on CPU (gloo): tp=2 matches tp=1, bad splits fail early, a dead rank fails fast."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from engine import LLM, AsyncEngine, EngineConfig, EngineDeadError, RequestOutputKind, SamplingParams
+from engine.distributed import all_gather, all_reduce, check_tensor_parallel, get_tp_rank, get_tp_size
+from engine.outputs import RequestOutput
+from tests.engine.models.harness import save_tiny_model, tiny_config
+
+PROMPTS: list[list[int]] = [[1, 5, 9, 33, 7, 250, 4], [100, 2, 3], list(range(10, 50))]
+
+
+def _run(model_dir: str, tp: int) -> list[RequestOutput]:
+    # A small step budget splits the 40-token prompt into chunks (chunked prefill across ranks).
+    llm = LLM(model_dir, dtype="float32", tensor_parallel_size=tp, kv_cache_memory_gb=0.01,
+              max_num_batched_tokens=16)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=5, prompt_logprobs=3)
+        return llm.generate(PROMPTS, params)
+    finally:
+        llm.shutdown()
+
+
+def _logprob_values(entries: list[Any] | None) -> dict[tuple[int, int], float]:
+    values: dict[tuple[int, int], float] = {}
+    for pos, entry in enumerate(entries or []):
+        for token_id, lp in (entry or {}).items():
+            values[(pos, token_id)] = lp.logprob
+    return values
+
+
+@pytest.mark.parametrize(
+    "kind,overrides",
+    [
+        ("llama", {}),  # 4 heads, 2 kv heads: one kv head per rank
+        ("qwen2", {}),  # q/k/v biases, tied embeddings
+        ("llama", {"num_key_value_heads": 1}),  # fewer kv heads than ranks: replicated
+    ],
+    ids=["llama", "qwen2", "llama-kv1"],
+)
+def test_tp2_matches_tp1(tmp_path: Path, kind: str, overrides: dict[str, Any]) -> None:
+    save_tiny_model(str(tmp_path), tiny_config(kind, vocab_size=251, **overrides))  # 251: a padded shard
+    single, split = _run(str(tmp_path), 1), _run(str(tmp_path), 2)
+    for a, b in zip(single, split, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for got, expected in (
+            (_logprob_values(b.outputs[0].logprobs), _logprob_values(a.outputs[0].logprobs)),
+            (_logprob_values(b.prompt_logprobs), _logprob_values(a.prompt_logprobs)),
+        ):
+            assert got.keys() == expected.keys() and expected
+            assert max(abs(got[k] - expected[k]) for k in expected) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        ({"num_attention_heads": 3, "num_key_value_heads": 3, "hidden_size": 48}, "num_attention_heads"),
+        ({"num_attention_heads": 6, "num_key_value_heads": 3, "hidden_size": 48}, "num_key_value_heads"),
+    ],
+)
+def test_heads_that_do_not_divide_fail_before_any_worker_starts(
+    tmp_path: Path, overrides: dict[str, Any], field: str
+) -> None:
+    save_tiny_model(str(tmp_path), tiny_config("llama", **overrides))
+    before = {p.pid for p in multiprocessing.active_children()}
+    with pytest.raises(ValueError, match=field):
+        LLM(str(tmp_path), dtype="float32", tensor_parallel_size=2, kv_cache_memory_gb=0.01)
+    assert {p.pid for p in multiprocessing.active_children()} <= before
+
+
+def test_split_checks_and_collectives_without_a_group() -> None:
+    config = tiny_config("llama", num_key_value_heads=1, num_attention_heads=8, hidden_size=64)
+    check_tensor_parallel(config, 4, "cpu")  # 1 kv head replicated on 4 ranks
+    with pytest.raises(ValueError, match="vocab_size"):
+        check_tensor_parallel(tiny_config("llama", vocab_size=1), 2, "cpu")
+    x = torch.randn(2, 3)
+    assert (get_tp_rank(), get_tp_size()) == (0, 1)
+    assert all_reduce(x) is x and all_gather(x) is x  # tp=1: no process group, no copies
+
+
+def _alive(pids: list[int]) -> list[int]:
+    children = {p.pid for p in multiprocessing.active_children()}  # also reaps exited children
+    return [pid for pid in pids if pid in children]
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+async def test_a_killed_rank_fails_requests_and_leaves_no_process(tmp_path: Path, victim: int) -> None:
+    save_tiny_model(str(tmp_path), tiny_config("llama"))
+    engine = AsyncEngine(EngineConfig(model=str(tmp_path), dtype="float32", kv_cache_memory_gb=0.01,
+                                      tensor_parallel_size=2))
+    await engine.start()
+    assert engine.core is not None
+    pids = [pid for pid in engine.core.worker.pids if pid is not None]
+    try:
+        assert len(pids) == 2 and len(_alive(pids)) == 2
+        params = SamplingParams(max_tokens=400, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+        stream = engine.generate(list(range(3, 40)), params, "victim")
+        await stream.__anext__()
+        os.kill(pids[victim], signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(EngineDeadError):
+            async for _ in stream:
+                pass
+        assert time.monotonic() - start < 5
+        assert engine.errored
+        deadline = time.monotonic() + 5
+        while _alive(pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _alive(pids) == []  # the surviving rank was ended, not left waiting in a collective
+    finally:
+        await engine.shutdown()
+    assert _alive(pids) == []
