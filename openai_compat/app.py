@@ -131,6 +131,15 @@ async def _load(state: ServerState, progress: ProgressFn | None, on_loaded: Call
     state.mark_loaded()
     if on_loaded is not None:
         on_loaded(state)
+    # From here on, watch the worker: once it is dead the server answers 503 for a short while
+    # (so clients and probes see why), then stops with a non-zero status for a supervisor to act on.
+    while not state.engine.errored:
+        await asyncio.sleep(0.25)
+    delay = state.settings.dead_worker_exit_delay
+    logger.error("the engine's worker died: answering 503, exiting with status 1 in %.0f s", delay)
+    await asyncio.sleep(delay)
+    if on_failed is not None:
+        on_failed(state.engine.dead_error or RuntimeError("the engine's worker died"))
 
 
 def build_app(

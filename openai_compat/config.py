@@ -81,6 +81,9 @@ class Settings(BaseSettings):
         "auto", description="layer kernels: auto (Triton on CUDA, torch elsewhere), triton or torch"
     )
     seed: int = Field(0, description="engine seed for requests without their own")
+    dead_worker_exit_delay: float = Field(
+        5.0, ge=0, description="after a worker dies: seconds of 503 answers before the server exits with status 1"
+    )
     cache_dir: str | None = Field(
         None, description="where converted GGUF models are cached (default ~/.cache/lightgate)"
     )

@@ -119,4 +119,4 @@ def serve(settings: Settings) -> int:
     )
     server = GracefulServer(config, start_draining)
     server.run()
-    return 1 if state.load_error is not None else 0
+    return 1 if state.load_error is not None or state.engine.errored else 0
