@@ -11,17 +11,15 @@ import math
 import pytest
 import torch
 
-from engine.forward_context import INT8_KV_SCALE_DTYPE
 from engine.kernels.decode_attention import decode_attention
-from engine.layers.attention import quantize_int8
+from tests.engine.kernels.pools import NAN, PoisonedPool
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-NAN = float("nan")
 
 
-class Case:
-    """A pool whose slots are scattered at random, unused slots poisoned with NaN, and a
-    req_to_token whose unused entries (past each length, other rows) point at poisoned slots."""
+class Case(PoisonedPool):
+    """One decode step over a `PoisonedPool`: a query per sequence; keys outside a sliding
+    window point at poisoned slots too."""
 
     def __init__(
         self,
@@ -35,46 +33,13 @@ class Case:
         seed: int = 0,
     ) -> None:
         gen = torch.Generator().manual_seed(seed)
-        batch, max_len = len(seq_lens), max(seq_lens)
-        num_slots = sum(seq_lens) + 64
-        num_rows = batch + 3
-        kv_shape = (num_slots + 1, num_kv_heads, head_dim)
-        k = torch.randn(kv_shape, generator=gen)
-        v = torch.randn(kv_shape, generator=gen)
-        free = torch.randperm(num_slots, generator=gen)
-        poison = free[sum(seq_lens) :]  # never used by a sequence
-        self.req_to_token = poison[
-            torch.randint(0, len(poison), (num_rows, max_len + 5), generator=gen)
-        ].int()
-        self.req_indices = torch.randperm(num_rows, generator=gen)[:batch]
-        used = 0
-        for b, length in enumerate(seq_lens):
-            slots = free[used : used + length]
-            used += length
-            if window is not None and length > window:
-                slots[: length - window] = poison[
-                    torch.randint(0, len(poison), (length - window,), generator=gen)
-                ]
-            self.req_to_token[self.req_indices[b], :length] = slots.int()
-        if int8:
-            k_q, k_s = quantize_int8(k, INT8_KV_SCALE_DTYPE)
-            v_q, v_s = quantize_int8(v, INT8_KV_SCALE_DTYPE)
-            k_s[poison], v_s[poison] = NAN, NAN
-            self.k_pool, self.v_pool, self.k_scale, self.v_scale = k_q, v_q, k_s, v_s
-        else:
-            k[poison], v[poison] = NAN, NAN
-            self.k_pool, self.v_pool = k.to(dtype), v.to(dtype)
-            self.k_scale = self.v_scale = None
+        batch = len(seq_lens)
+        unseen = [0 if window is None else max(0, length - window) for length in seq_lens]
+        super().__init__(gen, seq_lens, unseen, num_kv_heads, head_dim, dtype, int8)
         self.q = torch.randn(batch, num_heads, head_dim, generator=gen).to(dtype)
         self.seq_lens = torch.tensor(seq_lens, dtype=torch.int64)
         self.scale = 1.0 / math.sqrt(head_dim)
         self.window = window
-
-    def to(self, device: str) -> Case:
-        for name, value in vars(self).items():
-            if isinstance(value, torch.Tensor):
-                setattr(self, name, value.to(device))
-        return self
 
     def run(self, **kwargs: object) -> torch.Tensor:
         out = torch.full_like(self.q, NAN)  # poisoned: an unwritten element fails the test

@@ -11,15 +11,13 @@ import math
 import pytest
 import torch
 
-from engine.forward_context import INT8_KV_SCALE_DTYPE
 from engine.kernels.prefill_attention import prefill_attention
-from engine.layers.attention import quantize_int8
+from tests.engine.kernels.pools import NAN, PoisonedPool
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-NAN = float("nan")
 
 
-class Case:
+class Case(PoisonedPool):
     """Sequences given as (cached prefix length, new length); slots scattered at random, unused
     slots poisoned with NaN, unused req_to_token entries (and, with a window, entries of keys
     that no query of the sequence may see) pointing at poisoned slots."""
@@ -37,34 +35,9 @@ class Case:
     ) -> None:
         gen = torch.Generator().manual_seed(seed)
         seq_lens = [s + n for s, n in seqs]
-        num_seqs, max_len = len(seqs), max(seq_lens)
-        num_slots = sum(seq_lens) + 64
-        num_rows = num_seqs + 3
-        kv_shape = (num_slots + 1, num_kv_heads, head_dim)
-        k = torch.randn(kv_shape, generator=gen)
-        v = torch.randn(kv_shape, generator=gen)
-        free = torch.randperm(num_slots, generator=gen)
-        poison = free[sum(seq_lens) :]
-        self.req_to_token = poison[
-            torch.randint(0, len(poison), (num_rows, max_len + 5), generator=gen)
-        ].int()
-        self.req_indices = torch.randperm(num_rows, generator=gen)[:num_seqs]
-        used = 0
-        for i, ((start, _), length) in enumerate(zip(seqs, seq_lens, strict=True)):
-            slots = free[used : used + length]
-            used += length
-            unseen = 0 if window is None else max(0, start - window + 1)  # before the first query's window
-            slots[:unseen] = poison[torch.randint(0, len(poison), (unseen,), generator=gen)]
-            self.req_to_token[self.req_indices[i], :length] = slots.int()
-        if int8:
-            k_q, k_s = quantize_int8(k, INT8_KV_SCALE_DTYPE)
-            v_q, v_s = quantize_int8(v, INT8_KV_SCALE_DTYPE)
-            k_s[poison], v_s[poison] = NAN, NAN
-            self.k_pool, self.v_pool, self.k_scale, self.v_scale = k_q, v_q, k_s, v_s
-        else:
-            k[poison], v[poison] = NAN, NAN
-            self.k_pool, self.v_pool = k.to(dtype), v.to(dtype)
-            self.k_scale = self.v_scale = None
+        # Keys before the first query's window are never seen by the sequence.
+        unseen = [0 if window is None else max(0, start - window + 1) for start, _ in seqs]
+        super().__init__(gen, seq_lens, unseen, num_kv_heads, head_dim, dtype, int8)
         num_tokens = sum(n for _, n in seqs)
         self.q = torch.randn(num_tokens, num_heads, head_dim, generator=gen).to(dtype)
         self.start_pos = torch.tensor([s for s, _ in seqs], dtype=torch.int64)
@@ -72,12 +45,6 @@ class Case:
         self.seqs = seqs
         self.scale = 1.0 / math.sqrt(head_dim)
         self.window = window
-
-    def to(self, device: str) -> Case:
-        for name, value in vars(self).items():
-            if isinstance(value, torch.Tensor):
-                setattr(self, name, value.to(device))
-        return self
 
     def run(self, **kwargs: object) -> torch.Tensor:
         out = torch.full_like(self.q, NAN)  # poisoned: an unwritten element fails the test
