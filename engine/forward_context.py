@@ -67,6 +67,9 @@ class ForwardContext:
     req_indices_list: list[int]
     is_decode_only: bool  # every sequence has exactly one new token
     max_seq_len: int
+    # Splits per sequence of the decode attention launch when fixed (a CUDA graph's launch,
+    # sized for any length); None: sized from max_seq_len.
+    decode_num_splits: int | None = None
     # Tensors derived from the metadata once per step and shared by every layer (e.g. the
     # padded slot grid of a batched decode), keyed by what they depend on.
     derived: dict[object, object] = field(default_factory=dict)

@@ -12,6 +12,7 @@ logits are gathered on every rank, and only rank 0 samples and returns a result.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,12 +20,18 @@ from engine.config import EngineConfig
 from engine.distributed import get_tp_rank, get_tp_size, num_local_kv_heads
 from engine.distributed.parallel_state import all_reduce_min_int
 from engine.forward_context import INT8_KV_SCALE_DTYPE, KVPool, build_forward_context, set_forward_context
+from engine.layers.backend import use_triton
 from engine.plan import SeqStep, StepPlan, StepResult, TokenLogprobs, WorkerInfo
 from engine.sampler import Sampler, SamplingState, compute_prompt_logprobs
+from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.cuda_graphs import DecodeGraphs
 
 logger = logging.getLogger(__name__)
 
 _GIB = 1 << 30
+_PROFILE_PARAMS = SamplingParams(temperature=1.0, top_p=0.9, top_k=50)  # the costliest sampling path
 
 
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype) -> int:
@@ -66,6 +73,7 @@ class ModelRunner:
         assert config.max_model_len is not None, "resolve the config before building a runner"
         self.max_model_len = config.max_model_len
         self.kv_dtype = config.kv_torch_dtype()
+        self.activation_peak_bytes = 0  # measured by a profiling pass on CUDA
         self.kv_budget_bytes = self._kv_budget_bytes()
         # The same slot indices are valid on every rank: the smallest pool any rank can hold.
         self.num_slots = all_reduce_min_int(self.kv_budget_bytes // self._bytes_per_token(self.kv_dtype))
@@ -83,6 +91,16 @@ class ModelRunner:
         self.prompts: dict[int, list[int]] = {}  # row -> prompt ids, for prompt logprobs
 
         logger.info("%s", self.info().kv_cache_summary())
+        self.graphs: DecodeGraphs | None = None
+        if self.device.startswith("cuda") and use_triton() and not config.enforce_eager:
+            from engine.cuda_graphs import DecodeGraphs  # imports triton
+
+            text_config = getattr(hf_config, "text_config", hf_config)
+            self.graphs = DecodeGraphs(
+                model, self.kv, self.req_to_token, config.max_num_seqs, self.max_model_len,
+                text_config.vocab_size,
+            )
+            self.graphs.capture()
 
     def _bytes_per_token(self, kv_dtype: torch.dtype) -> int:
         return kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, kv_dtype)
@@ -92,11 +110,49 @@ class ModelRunner:
         if self.config.kv_cache_memory_gb is not None:
             return int(self.config.kv_cache_memory_gb * _GIB)
         if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
+            # Weights are loaded: measure the largest step's activations, then take a fraction
+            # of what is free beside them.
+            self.activation_peak_bytes = self._profile_activations()
+            torch.cuda.empty_cache()
             free, _total = torch.cuda.mem_get_info()
-            # A fraction of what is free after the weights (activation profiling comes with the GPU path).
-            return int(free * self.config.gpu_memory_utilization)
+            budget = int((free - self.activation_peak_bytes) * self.config.gpu_memory_utilization)
+            logger.info(
+                "GPU memory: %.2f GiB free after the weights, %.2f GiB peak activations, %.0f%% of the rest for KV",
+                free / _GIB, self.activation_peak_bytes / _GIB, 100 * self.config.gpu_memory_utilization,
+            )
+            return budget
         return _GIB  # CPU default: 1 GiB
+
+    @torch.inference_mode()
+    def _profile_activations(self) -> int:
+        """Peak memory of the largest step the scheduler can plan, beyond the weights.
+
+        A prefill of max_num_batched_tokens tokens (cut into sequences of at most
+        max_model_len) over a temporary pool of its own, and logits for max_num_seqs rows.
+        """
+        num_tokens = self.config.max_num_batched_tokens or 8192
+        lens = [min(self.max_model_len, num_tokens - i) for i in range(0, num_tokens, self.max_model_len)]
+        kv = allocate_kv_pool(num_tokens, self.num_layers, self.num_kv_heads, self.head_dim, self.kv_dtype, self.device)
+        req_to_token = torch.full((len(lens), self.max_model_len), kv.dummy_slot, dtype=torch.int32, device=self.device)
+        offsets = [sum(lens[:i]) for i in range(len(lens))]
+        for row, (offset, n) in enumerate(zip(offsets, lens, strict=True)):
+            req_to_token[row, :n] = torch.arange(offset, offset + n, dtype=torch.int32)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        ctx = build_forward_context(
+            kv, req_to_token, list(range(len(lens))), [0] * len(lens), lens, torch.arange(num_tokens)
+        )
+        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        with set_forward_context(ctx):
+            hidden = self.model(input_ids, ctx.positions)
+        rows = min(self.config.max_num_seqs, num_tokens)
+        logits = self.model.compute_logits(hidden[:rows])
+        self.sampler.sample(logits, [SamplingState(_PROFILE_PARAMS, [])] * rows)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del kv, req_to_token, ctx, hidden, logits
+        return peak
 
     def kv_capacity_ratio(self) -> float:
         """Tokens this pool holds over the tokens the same budget holds in the model dtype."""
@@ -120,7 +176,9 @@ class ModelRunner:
         for row in plan.freed_rows:
             self.states.pop(row, None)
             self.prompts.pop(row, None)
-        r2t = self.req_to_token
+        rows: list[int] = []
+        cols: list[int] = []
+        slots: list[int] = []
         for s in plan.seqs:
             if s.new_row is not None:
                 self.states[s.row] = SamplingState(
@@ -129,8 +187,23 @@ class ModelRunner:
                 if s.new_row.params.prompt_logprobs is not None:
                     self.prompts[s.row] = s.new_row.prompt_token_ids
             if s.prefix_slots:
-                r2t[s.row, : len(s.prefix_slots)] = torch.tensor(s.prefix_slots, dtype=torch.int32)
-            r2t[s.row, s.start_pos : s.start_pos + len(s.out_slots)] = torch.tensor(s.out_slots, dtype=torch.int32)
+                rows += [s.row] * len(s.prefix_slots)
+                cols += range(len(s.prefix_slots))
+                slots += s.prefix_slots
+            rows += [s.row] * len(s.out_slots)
+            cols += range(s.start_pos, s.start_pos + len(s.out_slots))
+            slots += s.out_slots
+        if rows:  # one scatter into req_to_token for the whole step
+            index = torch.tensor([rows, cols], dtype=torch.int64).to(self.device, non_blocking=True)
+            values = torch.tensor(slots, dtype=torch.int32).to(self.device, non_blocking=True)
+            self.req_to_token.index_put_((index[0], index[1]), values)
+
+    def _graphable(self, seqs: list[SeqStep]) -> bool:
+        return (
+            self.graphs is not None
+            and self.graphs.can_run(len(seqs))
+            and all(len(s.token_ids) == 1 and s.sample and s.prompt_logprobs is None for s in seqs)
+        )
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
@@ -138,29 +211,18 @@ class ModelRunner:
         seqs = plan.seqs
         if not seqs:
             return StepResult(plan.step_id, [], [])
-        input_ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.int64, device=self.device)
-        out_slots = torch.tensor([t for s in seqs for t in s.out_slots], dtype=torch.int64)
-        ctx = build_forward_context(
-            self.kv,
-            self.req_to_token,
-            req_indices=[s.row for s in seqs],
-            start_pos=[s.start_pos for s in seqs],
-            new_lens=[len(s.token_ids) for s in seqs],
-            out_slots=out_slots,
-        )
-        with set_forward_context(ctx):
-            hidden = self.model(input_ids, ctx.positions)  # [num_tokens, hidden]
-
         result = StepResult(plan.step_id, [], [])
-        ends = ctx.cu_new_lens.tolist()
-        self._prompt_logprobs(seqs, hidden, ends, result)
-        sample_idx = [i for i, s in enumerate(seqs) if s.sample]
-        if not sample_idx:
-            return result
-        last_tokens = torch.tensor([ends[i + 1] - 1 for i in sample_idx], device=self.device)
-        logits = self.model.compute_logits(hidden[last_tokens])  # [num_sampled, vocab] float32
-        if self.tp_rank != 0:
-            return result  # the gather above is collective; sampling is rank 0's alone
+        if self._graphable(seqs):
+            assert self.graphs is not None
+            logits = self.graphs.run(
+                [s.token_ids[0] for s in seqs], [s.start_pos for s in seqs], [s.row for s in seqs],
+                [s.out_slots[0] for s in seqs],
+            )
+            sample_idx = list(range(len(seqs)))
+        else:
+            logits, sample_idx = self._forward_eager(seqs, result)
+        if logits is None or self.tp_rank != 0:
+            return result  # sampling is rank 0's alone
         states = [self.states[seqs[i].row] for i in sample_idx]
         out = self.sampler.sample(logits, states)
         result.sampled_token_ids = out.token_ids
@@ -173,6 +235,31 @@ class ModelRunner:
                     out.token_ids[j], lp.sampled_logprob, lp.sampled_rank, lp.top_ids, lp.top_logprobs
                 )
         return result
+
+    def _forward_eager(self, seqs: list[SeqStep], result: StepResult) -> tuple[torch.Tensor | None, list[int]]:
+        """The packed batch through the model -> (logits of the rows to sample, their plan indices)."""
+        input_ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.int64, device=self.device)
+        out_slots = torch.tensor([t for s in seqs for t in s.out_slots], dtype=torch.int64)
+        ctx = build_forward_context(
+            self.kv,
+            self.req_to_token,
+            req_indices=[s.row for s in seqs],
+            start_pos=[s.start_pos for s in seqs],
+            new_lens=[len(s.token_ids) for s in seqs],
+            out_slots=out_slots,
+        )
+        with set_forward_context(ctx):
+            hidden = self.model(input_ids, ctx.positions)  # [num_tokens, hidden]
+        ends = [0]
+        for s in seqs:
+            ends.append(ends[-1] + len(s.token_ids))
+        self._prompt_logprobs(seqs, hidden, ends, result)
+        sample_idx = [i for i, s in enumerate(seqs) if s.sample]
+        if not sample_idx:
+            return None, sample_idx
+        last_tokens = torch.tensor([ends[i + 1] - 1 for i in sample_idx]).to(self.device, non_blocking=True)
+        # [num_sampled, vocab] float32; the gather across ranks is collective: every rank computes it
+        return self.model.compute_logits(hidden[last_tokens]), sample_idx
 
     def _prompt_logprobs(self, seqs: list[SeqStep], hidden: torch.Tensor, ends: list[int], result: StepResult) -> None:
         for i, s in enumerate(seqs):

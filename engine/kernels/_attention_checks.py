@@ -56,3 +56,9 @@ def check_q_and_pools(
         raise ValueError(
             f"req_to_token must be a 2-D int32 tensor, got {req_to_token.dtype} {tuple(req_to_token.shape)}"
         )
+
+
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """tl.dot's input precision: exact products for float32 inputs (the precise path, checked
+    token for token against the CPU); None (the default) for half-precision inputs."""
+    return "ieee" if dtype == torch.float32 else None

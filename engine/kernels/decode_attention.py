@@ -4,16 +4,18 @@ Each sequence b has one query token q[b] ([H, D]) at position seq_lens[b] - 1 an
 positions 0 .. seq_lens[b] - 1, whose slots are req_to_token[req_indices[b], pos].
 
 Stage 1 (`_decode_split_kernel`, grid [B, KV, num_splits]): one program takes one kv head
-and one split of up to BLOCK_SEQ key positions; it loads the split's K/V once for all
+and one split of the sequence's keys; it loads the split's K/V once for all
 G = H // KV query heads of the group (a [BLOCK_G, D] query tile, so the scores are a tensor
 core dot) and keeps an online softmax in float32. It writes the split's normalized partial
 output and its log2-sum-exp to float32 scratch buffers.
 Stage 2 (`_decode_reduce_kernel`, grid [B, H]): merges the splits of each (sequence, head).
 
-The number of splits comes from a host int (`max_seq_len`, which the caller knows), never
-from the device tensors, so the launcher never synchronizes; programs whose split lies past
-their sequence's end exit at once. With a sliding window W the splits start at the window's
-first key, so the grid covers only min(max_seq_len, W) positions.
+The number of splits S comes from a host int (`max_seq_len`, which the caller knows, or
+`num_splits` itself), never from the device tensors, so the launcher never synchronizes and a
+CUDA graph can hold the launch. Each sequence cuts its own keys into splits of
+ceil(num_keys / S) positions rounded up to a whole key block, on the device: a short sequence
+in a batch sized for long ones gets short splits, and programs past its end exit at once.
+With a sliding window W the splits start at the window's first key.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels._attention_checks import check_q_and_pools
+from engine.kernels._attention_checks import check_q_and_pools, dot_precision
 
 __all__ = ["decode_attention"]
 
@@ -30,6 +32,13 @@ _LOG2E = 1.4426950408889634
 # Scratch is float32: [B, H, num_splits, D] partial outputs, [B, H, num_splits] log2-sum-exps.
 _REDUCE_CHUNK = 16  # splits merged per iteration of stage 2
 _MIN_PROGRAMS = 1024  # stage-1 programs worth splitting finer for (several per SM)
+
+
+@triton.jit
+def _split_len(num_keys, num_splits, BLOCK_N: tl.constexpr):
+    """Keys per split of a sequence with `num_keys` keys: a whole number of key blocks (>= 1)."""
+    blocks = tl.cdiv(tl.cdiv(num_keys, BLOCK_N), num_splits)
+    return tl.maximum(blocks, 1) * BLOCK_N
 
 
 @triton.jit
@@ -71,10 +80,11 @@ def _decode_split_kernel(
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    BLOCK_SEQ: tl.constexpr,
+    num_splits,
     BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     IS_INT8: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -84,10 +94,11 @@ def _decode_split_kernel(
     first_key = 0
     if HAS_WINDOW:
         first_key = tl.maximum(seq_len - window, 0)  # keys at pos <= seq_len - 1 - window are out
-    split_start = first_key + split * BLOCK_SEQ
+    split_len = _split_len(seq_len - first_key, num_splits, BLOCK_N)
+    split_start = first_key + split * split_len
     if split_start >= seq_len:
         return  # stage 2 only reads the splits that hold keys
-    split_end = tl.minimum(split_start + BLOCK_SEQ, seq_len)
+    split_end = tl.minimum(split_start + split_len, seq_len)
     row = tl.load(req_indices_ptr + b).to(tl.int64)
 
     offs_g = tl.arange(0, BLOCK_G)
@@ -115,7 +126,7 @@ def _decode_split_kernel(
             other=0.0,
         )  # [BLOCK_N, D]
         # int8 values are exact in fp16/bf16; the per-slot scale is applied to the fp32 scores.
-        qk = tl.dot(q, tl.trans(k.to(q.dtype)))  # [BLOCK_G, BLOCK_N] fp32
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N] fp32
         if IS_INT8:
             k_scale = tl.load(k_scale_ptr + slots * stride_kss + kv_head * stride_ksh, mask=valid, other=0.0)
             qk = qk * k_scale.to(tl.float32)[None, :]
@@ -134,7 +145,7 @@ def _decode_split_kernel(
         if IS_INT8:
             v_scale = tl.load(v_scale_ptr + slots * stride_vss + kv_head * stride_vsh, mask=valid, other=0.0)
             v = v.to(tl.float32) * v_scale.to(tl.float32)[:, None]
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         m_i = m_new
 
     mid_o = acc / l_i[:, None]
@@ -171,8 +182,9 @@ def _decode_reduce_kernel(
     stride_ob,
     stride_oh,
     stride_od,
+    num_splits,
     HEAD_DIM: tl.constexpr,
-    BLOCK_SEQ: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
 ):
@@ -183,15 +195,16 @@ def _decode_reduce_kernel(
     num_keys = seq_len
     if HAS_WINDOW:
         num_keys = tl.minimum(seq_len, window)
-    num_splits = tl.cdiv(num_keys, BLOCK_SEQ)  # the splits stage 1 wrote for this sequence
+    # The splits stage 1 wrote for this sequence (none without keys).
+    num_written = tl.cdiv(num_keys, _split_len(num_keys, num_splits, BLOCK_N))
 
     offs_d = tl.arange(0, HEAD_DIM)
     m_i = float("-inf")
     l_i = 0.0
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
+    for s0 in range(0, num_written, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
-        s_mask = offs_s < num_splits
+        s_mask = offs_s < num_written
         lse = tl.load(
             mid_lse_ptr + b * stride_mlb + head * stride_mlh + offs_s * stride_mls,
             mask=s_mask,
@@ -247,20 +260,35 @@ def _check_inputs(
         raise ValueError(f"all tensors must be on q's device {q.device}, got {sorted(map(str, devices))}")
 
 
-def _block_sizes(device: torch.device, num_groups: int, num_keys: int) -> tuple[int, int]:
-    """(BLOCK_SEQ, BLOCK_N) for `num_groups` (sequence, kv head) pairs of up to `num_keys` keys.
+def _block_n(device: torch.device) -> int:
+    # Under the CPU interpreter, small blocks keep it fast and exercise several blocks per split.
+    return 16 if device.type == "cpu" else 64
 
-    Long splits amortize stage 2; shorter ones fill the GPU when the batch is small (a
-    program per SM is not enough to hide the latency of the gathered loads). Under the CPU
-    interpreter, small tiles keep it fast and exercise several splits and several blocks per
-    split at tiny shapes.
+
+def default_num_splits(device: torch.device, num_groups: int, num_keys: int) -> int:
+    """Splits per sequence for `num_groups` (sequence, kv head) pairs of up to `num_keys` keys.
+
+    Long splits amortize stage 2; more of them fill the GPU when the batch is small (a
+    program per SM is not enough to hide the latency of the gathered loads): splits of 256
+    keys, halved down to 64 until there are `_MIN_PROGRAMS` programs. Under the CPU
+    interpreter, splits of 32 keys exercise several splits at tiny shapes.
     """
     if device.type == "cpu":
-        return 32, 16
+        return triton.cdiv(num_keys, 32)
     block_seq = 256
     while block_seq > 64 and num_groups * triton.cdiv(num_keys, block_seq) < _MIN_PROGRAMS:
         block_seq //= 2
-    return block_seq, 64
+    return triton.cdiv(num_keys, block_seq)
+
+
+def graph_num_splits(device: torch.device, batch: int, num_kv_heads: int, max_keys: int) -> int:
+    """A fixed number of splits for a launch captured once and replayed at any lengths.
+
+    Enough programs to fill the GPU (`_MIN_PROGRAMS`) if every sequence were long, and never
+    more splits than key blocks in `max_keys`; each sequence's splits shrink with its length.
+    """
+    wanted = triton.cdiv(_MIN_PROGRAMS, max(batch * num_kv_heads, 1))
+    return max(1, min(wanted, triton.cdiv(max_keys, _block_n(device))))
 
 
 def decode_attention(
@@ -277,6 +305,7 @@ def decode_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     max_seq_len: int | None = None,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
     """One query token per sequence attending to all its keys in the pool.
 
@@ -288,7 +317,8 @@ def decode_attention(
 
     `max_seq_len` is an upper bound on seq_lens that sizes the grid (its number of splits);
     when None the row length of req_to_token is used, which is always a bound but launches
-    more programs that exit at once. No device value is read on the host.
+    more programs that exit at once. `num_splits` fixes the number of splits per sequence
+    instead (a CUDA graph's launch, see `graph_num_splits`). No device value is read on the host.
     """
     _check_inputs(
         q, k_pool, v_pool, req_to_token, req_indices, seq_lens, out, k_scale, v_scale, sliding_window
@@ -304,8 +334,9 @@ def decode_attention(
     if batch == 0 or num_keys <= 0:
         return out.zero_()
 
-    block_seq, block_n = _block_sizes(q.device, batch * num_kv_heads, num_keys)
-    num_splits = triton.cdiv(num_keys, block_seq)
+    block_n = _block_n(q.device)
+    if num_splits is None:
+        num_splits = default_num_splits(q.device, batch * num_kv_heads, num_keys)
     mid_o = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     is_int8 = k_pool.dtype == torch.int8
@@ -340,10 +371,11 @@ def decode_attention(
         GROUP=group,
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
-        BLOCK_SEQ=block_seq,
+        num_splits=num_splits,
         BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None,
         IS_INT8=is_int8,
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4,
         num_stages=2,
     )
@@ -356,8 +388,9 @@ def decode_attention(
         *mid_o.stride(),
         *mid_lse.stride(),
         *out.stride(),
+        num_splits=num_splits,
         HEAD_DIM=head_dim,
-        BLOCK_SEQ=block_seq,
+        BLOCK_N=block_n,
         BLOCK_S=_REDUCE_CHUNK,
         HAS_WINDOW=sliding_window is not None,
         num_warps=4 if head_dim >= 128 else 2,

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels._attention_checks import check_q_and_pools
+from engine.kernels._attention_checks import check_q_and_pools, dot_precision
 
 __all__ = ["prefill_attention"]
 
@@ -62,6 +62,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     IS_INT8: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     m_block = tl.program_id(0)
     seq = tl.program_id(1)
@@ -106,7 +107,7 @@ def _prefill_kernel(
             mask=k_valid[:, None],
             other=0.0,
         )  # [BLOCK_N, D]
-        qk = tl.dot(q, tl.trans(k.to(q.dtype)))  # [BLOCK_M, BLOCK_N] fp32
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
         if IS_INT8:
             k_scale = tl.load(
                 k_scale_ptr + slots * stride_kss + kv_head * stride_ksh, mask=k_valid, other=0.0
@@ -134,7 +135,7 @@ def _prefill_kernel(
                 v_scale_ptr + slots * stride_vss + kv_head * stride_vsh, mask=k_valid, other=0.0
             )
             v = v.to(tl.float32) * v_scale.to(tl.float32)[:, None]
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         m_i = m_new
 
     # Every valid row sees at least its own key, so l_i > 0 there; padding rows are not stored.
@@ -281,6 +282,7 @@ def prefill_attention(
         BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None,
         IS_INT8=is_int8,
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -137,7 +137,7 @@ class Attention(nn.Module):
             return decode_attention(
                 q, kv.k[layer], kv.v[layer], ctx.req_to_token, ctx.req_indices, ctx.seq_lens, self.scale,
                 sliding_window=self.sliding_window, k_scale=k_scale, v_scale=v_scale,
-                max_seq_len=ctx.max_seq_len,
+                max_seq_len=ctx.max_seq_len, num_splits=ctx.decode_num_splits,
             )
         return prefill_attention(
             q, kv.k[layer], kv.v[layer], ctx.req_to_token, ctx.req_indices, ctx.start_pos, ctx.cu_new_lens,

@@ -117,6 +117,18 @@ def test_without_max_seq_len_hint_uses_row_length() -> None:
     torch.testing.assert_close(case.run(), case.reference(), **tolerance(torch.float32))
 
 
+@pytest.mark.parametrize("num_splits", [1, 3, 16])
+def test_fixed_splits_as_a_graph_launches_them(num_splits: int) -> None:
+    # A CUDA graph fixes the grid: every sequence cuts its keys into `num_splits` splits of
+    # its own length (1 split: one program per sequence and kv head; 16: more splits than
+    # key blocks for the short ones). A padded row (seq_len 0) gets zeros.
+    case = Case([1, 17, 40, 75, 0], num_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.float32).to(DEVICE)
+    out = case.run(max_seq_len=128, num_splits=num_splits)
+    expected = case.reference()
+    torch.testing.assert_close(out[:4], expected[:4], **tolerance(torch.float32))
+    assert torch.equal(out[4], torch.zeros_like(out[4]))
+
+
 def test_rejects_bad_inputs() -> None:
     case = Case([4, 6], num_heads=4, num_kv_heads=2, head_dim=64, dtype=torch.float32)
     args = (case.q, case.k_pool, case.v_pool, case.req_to_token, case.req_indices, case.seq_lens, 0.1)
