@@ -1,7 +1,10 @@
 """`AsyncEngine`: the engine loop as an asyncio task beside the HTTP server.
 
-One task runs schedule → send plan → await result → process, forever. The worker's answer
-is awaited in a dedicated thread, so the event loop keeps serving HTTP while the model runs.
+One task runs schedule → send plan → await result → process, forever. The plan is sent and
+the worker's answer awaited in a dedicated thread, so the event loop keeps serving HTTP while
+the model runs, and never blocks on a worker's pipe. A worker that dies, or hangs past the
+step timeout (the worker client's watchdog), fails every in-flight request with
+`EngineDeadError`.
 Each request has an `asyncio.Queue` of delta outputs; `generate()` turns them into what the
 caller's `output_kind` asks for. Closing the iterator early aborts the request.
 """
@@ -147,8 +150,7 @@ class AsyncEngine:
                     await asyncio.sleep(0.001)
                     continue
                 sched, plan = planned
-                core.worker.send_step(plan)
-                result = await loop.run_in_executor(self._recv_thread, core.worker.recv_result)
+                result = await loop.run_in_executor(self._recv_thread, core.worker.execute, plan)
                 for out in core.process(sched, plan, result):
                     queue = self._queues.get(out.request_id)
                     if queue is not None:

@@ -24,6 +24,17 @@ _DTYPES = {
 }
 
 
+# A step is bounded by max_num_batched_tokens (8192 on GPU: well under 5 s even for a 70B model),
+# so 60 s on GPU is over 10x any healthy step, kernel compilation included. On CPU a 512-token
+# prefill chunk of a multi-billion-parameter model can legitimately take a minute or more on a
+# few cores, so the default is 300 s there (vLLM's and SGLang's watchdogs also default to 300 s).
+DEFAULT_STEP_TIMEOUT_S_GPU = 60.0
+DEFAULT_STEP_TIMEOUT_S_CPU = 300.0
+# The first steps compile Triton kernels (and may capture CUDA graphs): they get longer.
+WARMUP_STEPS = 4
+WARMUP_TIMEOUT_FACTOR = 5.0
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # HF directory, GGUF file, or None for the embedded default
@@ -43,6 +54,10 @@ class EngineConfig:
     seed: int = 0
     enforce_eager: bool = False  # GPU: no CUDA graphs
     attention_backend: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton kernels on CUDA
+    # Seconds one step may take before the workers count as hung: every rank is killed and the
+    # in-flight requests fail with EngineDeadError. None: 60 on GPU, 300 on CPU; 0: never.
+    # The first WARMUP_STEPS steps get WARMUP_TIMEOUT_FACTOR times as long (kernel compilation).
+    step_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -55,6 +70,15 @@ class EngineConfig:
             raise ValueError(f"admission must be conservative or aggressive, got {self.admission!r}")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
+        if self.step_timeout_s is not None and not self.step_timeout_s >= 0:
+            raise ValueError(f"step_timeout_s must be >= 0 (0: no timeout), got {self.step_timeout_s!r}")
+
+    def resolved_step_timeout_s(self) -> float | None:
+        """The step timeout in seconds, or None for no timeout (`step_timeout_s=0`)."""
+        if self.step_timeout_s is None:
+            on_gpu = self.resolved_device().startswith("cuda")
+            return DEFAULT_STEP_TIMEOUT_S_GPU if on_gpu else DEFAULT_STEP_TIMEOUT_S_CPU
+        return self.step_timeout_s or None
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -84,4 +108,5 @@ class EngineConfig:
             device=self.resolved_device(),
             max_model_len=max_model_len,
             max_num_batched_tokens=budget,
+            step_timeout_s=self.resolved_step_timeout_s() or 0.0,
         )

@@ -74,6 +74,7 @@ class ModelRunner:
         self.max_model_len = config.max_model_len
         self.kv_dtype = config.kv_torch_dtype()
         self.activation_peak_bytes = 0  # measured by a profiling pass on CUDA
+        self.sampler = Sampler(seed=config.seed)
         self.kv_budget_bytes = self._kv_budget_bytes()
         # The same slot indices are valid on every rank: the smallest pool any rank can hold.
         self.num_slots = all_reduce_min_int(self.kv_budget_bytes // self._bytes_per_token(self.kv_dtype))
@@ -86,7 +87,6 @@ class ModelRunner:
         self.req_to_token = torch.full(
             (config.max_num_seqs, self.max_model_len), self.kv.dummy_slot, dtype=torch.int32, device=self.device
         )
-        self.sampler = Sampler(seed=config.seed)
         self.states: dict[int, SamplingState] = {}
         self.prompts: dict[int, list[int]] = {}  # row -> prompt ids, for prompt logprobs
 

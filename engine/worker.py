@@ -14,6 +14,13 @@ Messages are tuples `(kind, payload)`:
 The parent watches every rank: an error message or an exit from any of them marks the
 engine dead (`EngineDeadError`) and the remaining ranks are killed, so a collective that
 waits for a dead peer never hangs the server.
+
+A rank that hangs instead of dying (stopped, deadlocked, stuck in a driver call) is caught by
+a watchdog thread: every step must produce its result within `step_timeout_s` (longer for the
+first steps, which compile kernels). A rank hung inside a collective holds the others up in
+the same collective, so the one timeout covers that too. When it expires, the engine is dead
+as above and every rank is killed (SIGKILL also ends a stopped process); the thread blocked
+on the pipes then sees them close and raises `EngineDeadError` with the timeout as reason.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection, wait
@@ -31,7 +39,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from engine.config import EngineConfig
+from engine.config import WARMUP_STEPS, WARMUP_TIMEOUT_FACTOR, EngineConfig
 from engine.errors import EngineDeadError
 from engine.plan import StepPlan, StepResult, WorkerInfo
 
@@ -96,6 +104,24 @@ def _worker_main(
             return
 
 
+def _process_state(pid: int | None) -> str:
+    """What the OS says a process is doing (Linux /proc), for the hung-worker message."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "state unknown"
+    names = {
+        "R": "running",
+        "S": "sleeping",
+        "D": "in uninterruptible I/O",
+        "T": "stopped",
+        "t": "stopped by a tracer",
+        "Z": "exited",
+    }
+    return names.get(state, f"state {state}")
+
+
 @contextlib.contextmanager
 def _main_module_hidden() -> Iterator[None]:
     """Keep a spawned worker from re-running the user's script.
@@ -149,6 +175,14 @@ class WorkerClient:
         self._ready = [False] * n
         self.info: WorkerInfo | None = None
         self.dead_reason: str | None = None
+        self._dead_lock = threading.Lock()  # the watchdog and the receiving thread may both fail
+        # The step watchdog: armed by send_step, disarmed by recv_result.
+        self.step_timeout_s = config.resolved_step_timeout_s()  # None: no watchdog
+        self._steps_sent = 0
+        self._watch = threading.Condition()
+        self._deadline: tuple[float, float, int] | None = None  # (monotonic deadline, timeout, step id)
+        self._closed = False
+        self._watchdog: threading.Thread | None = None
 
     @property
     def _conn(self) -> Connection:
@@ -186,6 +220,7 @@ class WorkerClient:
     def send_step(self, plan: StepPlan) -> None:
         if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
+        self._arm(plan.step_id)  # before sending: a hung rank with a full pipe blocks the send too
         for rank, conn in enumerate(self._conns):
             try:
                 conn.send(("step", plan))
@@ -193,7 +228,10 @@ class WorkerClient:
                 raise self._died(f"worker rank {rank} is gone: {e}") from e
 
     def recv_result(self) -> StepResult:
-        kind, payload = self._recv()
+        try:
+            kind, payload = self._recv()
+        finally:
+            self._disarm()
         if kind != "result":
             raise self._died(f"the worker failed:\n{payload}")
         return payload
@@ -236,14 +274,70 @@ class WorkerClient:
             who = "the worker process" if len(self._procs) == 1 else f"worker rank {rank}"
             raise self._died(f"{who} exited (exit code {code})") from e
 
+    # -- the step watchdog -------------------------------------------------------------------
+
+    def _arm(self, step_id: int) -> None:
+        if self.step_timeout_s is None:
+            return
+        self._steps_sent += 1
+        timeout = self.step_timeout_s
+        if self._steps_sent <= WARMUP_STEPS:
+            timeout *= WARMUP_TIMEOUT_FACTOR  # kernels compile on first use
+        with self._watch:
+            self._deadline = (time.monotonic() + timeout, timeout, step_id)
+            self._watch.notify()
+        if self._watchdog is None:
+            self._watchdog = threading.Thread(
+                target=self._watch_steps, name="lightgate-watchdog", daemon=True
+            )
+            self._watchdog.start()
+
+    def _disarm(self) -> None:
+        if self.step_timeout_s is None:
+            return
+        with self._watch:
+            self._deadline = None
+            self._watch.notify()
+
+    def _watch_steps(self) -> None:
+        with self._watch:
+            while True:
+                if self._closed:
+                    return
+                if self._deadline is None:
+                    self._watch.wait()
+                    continue
+                deadline, timeout, step_id = self._deadline
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    self._watch.wait(remaining)
+                    continue
+                self._deadline = None
+                break
+        states = ", ".join(
+            f"rank {rank}: {_process_state(proc.pid)}" for rank, proc in enumerate(self._procs)
+        )
+        self._died(
+            f"step {step_id} got no result within {timeout:g} s (step_timeout_s): a worker is hung "
+            f"({states}); every worker process was killed"
+        )
+
+    # -- failure --------------------------------------------------------------------------------
+
     def _died(self, reason: str) -> EngineDeadError:
-        self.dead_reason = reason
-        logger.error(reason)
-        if len(self._procs) > 1:
-            # The other ranks would wait for the dead one inside a collective: end them now.
-            for proc in self._procs:
-                if proc.is_alive():
-                    proc.kill()
+        """Mark the engine dead (the first reason wins) and kill every rank that is left."""
+        with self._dead_lock:
+            if self.dead_reason is None:
+                self.dead_reason = reason
+                logger.error(reason)
+            reason = self.dead_reason
+        # A rank still alive is hung, or would wait for a dead peer inside a collective.
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.kill()
+        deadline = time.monotonic() + 5.0
+        for proc in self._procs:  # reap them (SIGKILL also ends a stopped process)
+            proc.join(max(0.0, deadline - time.monotonic()))
         return EngineDeadError(reason)
 
     @property
@@ -255,6 +349,10 @@ class WorkerClient:
         return self._procs[0].pid
 
     def shutdown(self, timeout: float = 5.0) -> None:
+        with self._watch:
+            self._closed = True
+            self._deadline = None
+            self._watch.notify()
         for proc, conn in zip(self._procs, self._conns, strict=True):
             if proc.is_alive():
                 try:

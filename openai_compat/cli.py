@@ -1,4 +1,4 @@
-"""The `lightgate` command: `serve`, `chat`, `bench offline` and `bench multiturn`.
+"""The `lightgate` command: `serve`, `chat`, `bench offline`, `bench multiturn` and `bench serve`.
 
     lightgate serve --model ./my-model --port 8000
     lightgate chat --text "你好,世界!" --system "Answer briefly."
@@ -54,6 +54,10 @@ def run_bench(name: str, argv: list[str]) -> int:
         from engine import bench
 
         bench.main(argv)
+    elif name == "serve":
+        from engine import bench_serve
+
+        return bench_serve.main(argv)
     else:
         from engine import bench_multiturn
 
@@ -85,12 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     # Its own flags are parsed by the benchmark itself: everything after `offline` is passed on.
     bench_commands.add_parser("offline", help="the engine beside transformers, in this process", add_help=False)
     bench_commands.add_parser("multiturn", help="multi-turn chats, prefix cache on vs off", add_help=False)
+    bench_commands.add_parser("serve", help="a benchmark client for any OpenAI-compatible server", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list[:1] == ["bench"] and args_list[1:2] in (["offline"], ["multiturn"]):
+    if args_list[:1] == ["bench"] and args_list[1:2] in (["offline"], ["multiturn"], ["serve"]):
         return run_bench(args_list[1], args_list[2:])
     args = build_parser().parse_args(args_list)
     status: int = args.func(args)

@@ -81,6 +81,12 @@ class Settings(BaseSettings):
         "auto", description="layer kernels: auto (Triton on CUDA, torch elsewhere), triton or torch"
     )
     seed: int = Field(0, description="engine seed for requests without their own")
+    step_timeout_s: float | None = Field(
+        None,
+        ge=0,
+        description="seconds one engine step may take before the workers count as hung and are killed "
+        "(default 60 on GPU, 300 on CPU; the first 4 steps get 5x; 0: never)",
+    )
     dead_worker_exit_delay: float = Field(
         5.0, ge=0, description="after a worker dies: seconds of 503 answers before the server exits with status 1"
     )
@@ -121,6 +127,7 @@ class Settings(BaseSettings):
             seed=self.seed,
             enforce_eager=self.enforce_eager,
             attention_backend=self.attention_backend,
+            step_timeout_s=self.step_timeout_s,
         )
 
 

@@ -1,5 +1,7 @@
-"""Tensor parallelism: the process group of a worker rank and its collectives."""
+"""Tensor parallelism: the process group of a worker rank, its collectives, and reading a
+rank's shard of a checkpoint tensor (`LazyWeight`)."""
 
+from engine.distributed.lazy_weight import LazyWeight, WeightLike, read_weight
 from engine.distributed.parallel_state import (
     all_gather,
     all_reduce,
@@ -13,6 +15,8 @@ from engine.distributed.parallel_state import (
 )
 
 __all__ = [
+    "LazyWeight",
+    "WeightLike",
     "all_gather",
     "all_reduce",
     "check_tensor_parallel",
@@ -22,4 +26,5 @@ __all__ = [
     "get_tp_size",
     "init_tensor_parallel",
     "num_local_kv_heads",
+    "read_weight",
 ]

@@ -4,6 +4,8 @@ Rank r owns vocabulary rows [r * shard, (r + 1) * shard) where shard = ceil(voca
 last shard is zero-padded. With tp > 1 the embedding output is summed over ranks (each rank
 contributes zeros for ids it does not own) and the logits are gathered along the vocabulary;
 with tp == 1 (or outside a tensor-parallel group) both collectives are the identity.
+The weight loaders narrow a checkpoint's `LazyWeight` to the rank's rows before reading, so a
+rank reads only its part of the vocabulary from disk.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.distributed import all_gather, all_reduce
+from engine.distributed import WeightLike, all_gather, all_reduce, read_weight
 from engine.layers import cpu_gemm
 
 
@@ -31,7 +33,8 @@ class VocabParallelEmbedding(nn.Module):
         self.tp_rank = tp_rank
         self.tp_size = tp_size
         self.shard_size = -(-num_embeddings // tp_size)
-        self.vocab_start = tp_rank * self.shard_size
+        # min(): with a tiny vocabulary the last rank may own no rows at all
+        self.vocab_start = min(tp_rank * self.shard_size, num_embeddings)
         self.vocab_end = min(self.vocab_start + self.shard_size, num_embeddings)
         # [shard_size, embedding_dim]; rows past vocab_end (last rank only) stay zero.
         self.weight = nn.Parameter(
@@ -39,12 +42,21 @@ class VocabParallelEmbedding(nn.Module):
         )
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
-        if loaded_weight.shape[1] != self.embedding_dim or loaded_weight.shape[0] < self.vocab_end:
-            raise ValueError(f"embedding shape mismatch: checkpoint {tuple(loaded_weight.shape)}")
+    def weight_loader(self, param: nn.Parameter, loaded_weight: WeightLike) -> None:
+        shape = tuple(loaded_weight.shape)
+        if len(shape) != 2 or shape[1] != self.embedding_dim or shape[0] < self.num_embeddings:
+            raise ValueError(
+                f"embedding shape mismatch: parameter ({self.num_embeddings}, {self.embedding_dim}) "
+                f"before sharding, checkpoint {shape}"
+            )
+        self._load_rows(param, loaded_weight)
+
+    def _load_rows(self, param: nn.Parameter, loaded_weight: WeightLike) -> None:
+        """Read this rank's vocabulary rows [vocab_start, vocab_end) only; zero the padding."""
         owned = self.vocab_end - self.vocab_start
         param.data[owned:].zero_()
-        param.data[:owned].copy_(loaded_weight[self.vocab_start : self.vocab_end])
+        if owned:
+            param.data[:owned].copy_(read_weight(loaded_weight.narrow(0, self.vocab_start, owned)))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # input_ids: [num_tokens] int64 -> [num_tokens, embedding_dim]
@@ -78,10 +90,10 @@ class ParallelLMHead(VocabParallelEmbedding):
             self.bias.weight_loader = self.bias_loader  # type: ignore[attr-defined]
         self.packed_weight: torch.Tensor | None = None  # CPU half-precision layout, see cpu_gemm
 
-    def bias_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
-        owned = self.vocab_end - self.vocab_start
-        param.data[owned:].zero_()
-        param.data[:owned].copy_(loaded_weight[self.vocab_start : self.vocab_end])
+    def bias_loader(self, param: nn.Parameter, loaded_weight: WeightLike) -> None:
+        if loaded_weight.dim() != 1 or loaded_weight.shape[0] < self.num_embeddings:
+            raise ValueError(f"lm_head bias shape mismatch: checkpoint {tuple(loaded_weight.shape)}")
+        self._load_rows(param, loaded_weight)
 
     def tie_weights(self, embedding: VocabParallelEmbedding) -> None:
         """Share the input embedding's weight (tie_word_embeddings)."""

@@ -1,8 +1,10 @@
 """Linear layers with tensor-parallel names and per-parameter weight loaders.
 
 Every parameter carries a `weight_loader(param, loaded_weight, shard_id=None)` that copies the
-slice of a full checkpoint tensor that belongs to this rank. With `tp_size == 1` each rank
-owns the whole tensor. A column layer's output stays sharded (the next row layer consumes
+slice of a full checkpoint tensor that belongs to this rank. `loaded_weight` is a `LazyWeight`
+(`engine.distributed`) when it comes from a checkpoint: the loader narrows it to this rank's
+rows or columns before reading, so a rank reads only its shard from disk. A plain tensor works
+too. With `tp_size == 1` each rank owns the whole tensor. A column layer's output stays sharded (the next row layer consumes
 the shard); a row layer sums its partial outputs over the ranks with an all-reduce
 (`engine.distributed`; a no-op in a process without a tensor-parallel group).
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.distributed import all_reduce
+from engine.distributed import WeightLike, all_reduce, read_weight
 from engine.layers import cpu_gemm
 
 
@@ -59,7 +61,7 @@ class LinearBase(nn.Module):
 
         self.packed_weight: torch.Tensor | None = None  # CPU half-precision layout, see cpu_gemm
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded_weight: WeightLike) -> None:
         _copy(param.data, loaded_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,12 +74,22 @@ class LinearBase(nn.Module):
         )
 
 
-def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+def _copy(dst: torch.Tensor, src: WeightLike) -> None:
+    """Check the shape, then read `src` (only its region, for a LazyWeight) into `dst`."""
     if dst.shape != src.shape:
         raise ValueError(
             f"weight shape mismatch: parameter {tuple(dst.shape)}, checkpoint {tuple(src.shape)}"
         )
-    dst.copy_(src)
+    dst.copy_(read_weight(src))
+
+
+def _check_full_size(loaded_weight: WeightLike, dim: int, expected: int, what: str) -> None:
+    """The checkpoint tensor must be the whole (unsharded) size along the dim that is split."""
+    if loaded_weight.shape[dim] != expected:
+        raise ValueError(
+            f"weight shape mismatch: {what} needs {expected} along dim {dim}, "
+            f"checkpoint {tuple(loaded_weight.shape)}"
+        )
 
 
 class ReplicatedLinear(LinearBase):
@@ -98,8 +110,9 @@ class ColumnParallelLinear(LinearBase):
     ) -> None:
         super().__init__(input_size, _divide(output_size, tp_size), bias, tp_rank, tp_size, params_dtype)
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded_weight: WeightLike) -> None:
         shard = param.data.shape[0]
+        _check_full_size(loaded_weight, 0, shard * self.tp_size, "a column-parallel layer")
         _copy(param.data, loaded_weight.narrow(0, self.tp_rank * shard, shard))
 
 
@@ -119,11 +132,12 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(input_size, sum(output_sizes), bias, tp_rank, tp_size, params_dtype)
 
     def weight_loader(  # type: ignore[override]
-        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int
+        self, param: nn.Parameter, loaded_weight: WeightLike, shard_id: int
     ) -> None:
         # Each part is split on its own, so rank r holds [gate_r | up_r].
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         size = self.output_sizes[shard_id] // self.tp_size
+        _check_full_size(loaded_weight, 0, self.output_sizes[shard_id], f"part {shard_id}")
         rank_part = loaded_weight.narrow(0, self.tp_rank * size, size)
         _copy(param.data.narrow(0, offset, size), rank_part)
 
@@ -166,18 +180,23 @@ class QKVParallelLinear(ColumnParallelLinear):
         return self.num_kv_heads * self.head_size
 
     def weight_loader(  # type: ignore[override]
-        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str
+        self, param: nn.Parameter, loaded_weight: WeightLike, shard_id: str
     ) -> None:
+        # A replicated kv head (fewer kv heads than ranks) is read by each of its tp / KV ranks.
         if shard_id == "q":
             offset, size, rank_idx = 0, self.q_size, self.tp_rank
+            total_heads = self.total_num_heads
         elif shard_id == "k":
             offset, size = self.q_size, self.kv_size
             rank_idx = self.tp_rank // self.num_kv_head_replicas
+            total_heads = self.total_num_kv_heads
         elif shard_id == "v":
             offset, size = self.q_size + self.kv_size, self.kv_size
             rank_idx = self.tp_rank // self.num_kv_head_replicas
+            total_heads = self.total_num_kv_heads
         else:
             raise ValueError(f"shard_id must be q, k or v, got {shard_id!r}")
+        _check_full_size(loaded_weight, 0, total_heads * self.head_size, f"{shard_id}_proj")
         rank_part = loaded_weight.narrow(0, rank_idx * size, size)
         _copy(param.data.narrow(0, offset, size), rank_part)
 
@@ -199,11 +218,12 @@ class RowParallelLinear(LinearBase):
     ) -> None:
         super().__init__(_divide(input_size, tp_size), output_size, bias, tp_rank, tp_size, params_dtype)
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded_weight: WeightLike) -> None:
         if param.data.dim() == 1:  # bias: not sharded
             _copy(param.data, loaded_weight)
             return
         shard = param.data.shape[1]
+        _check_full_size(loaded_weight, 1, shard * self.tp_size, "a row-parallel layer")
         _copy(param.data, loaded_weight.narrow(1, self.tp_rank * shard, shard))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,12 @@ resolve_model: None -> the embedded default GGUF; a GGUF file -> a cached HF dir
 never leaves a half-written cache entry); an HF directory -> itself.
 
 load_model: config.json -> registry class -> parameters allocated uninitialised on the
-target device -> every checkpoint tensor read through safetensors' mmap and handed to its
-parameter's `weight_loader` (fused q/k/v and gate/up via `packed_modules_mapping`).
+target device -> every checkpoint tensor opened lazily (safetensors' `get_slice` over the
+memory-mapped file, wrapped in a `LazyWeight`) and handed to its parameter's `weight_loader`
+(fused q/k/v and gate/up via `packed_modules_mapping`). The loader narrows the lazy tensor to
+its rank's rows or columns before reading, so with tensor parallelism each rank reads only its
+shard from disk; replicated tensors (norms) are read whole, skipped ones not at all. A GGUF
+model loads the same way, from its converted safetensors directory.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.distributed.lazy_weight import LazyWeight, WeightLike, read_weight
 from engine.layers.cpu_gemm import pack_model_weights
 from engine.models.registry import get_model_class
 
@@ -124,25 +129,31 @@ def safetensors_files(path: str) -> list[str]:
     return [os.path.join(path, n) for n in names]
 
 
-def iterate_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every checkpoint tensor, read lazily through mmap."""
-    from safetensors import safe_open
+def iterate_weights(path: str) -> Iterator[tuple[str, LazyWeight]]:
+    """(name, lazy tensor) for every checkpoint tensor; nothing is read until a loader asks.
+
+    Each `LazyWeight` is valid while the iteration is at it (its file is open), which is
+    when `load_weights` hands it to a weight loader.
+    """
+    import safetensors
 
     for file in safetensors_files(path):
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with safetensors.safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                lazy = f.get_slice(name)
+                yield name, LazyWeight(lazy, lazy.get_shape())
 
 
-def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+def default_weight_loader(param: nn.Parameter, loaded_weight: WeightLike) -> None:
+    """Replicated parameters (norms, ...): the whole tensor on every rank."""
     if param.shape != loaded_weight.shape:
         raise ValueError(
             f"weight shape mismatch: parameter {tuple(param.shape)}, checkpoint {tuple(loaded_weight.shape)}"
         )
-    param.data.copy_(loaded_weight)
+    param.data.copy_(read_weight(loaded_weight))
 
 
-def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, WeightLike]]) -> None:
     """Copy checkpoint tensors into `model`; raises if a parameter received nothing."""
     params = dict(model.named_parameters())  # tied lm_head.weight appears once, as embed_tokens
     packed: dict[str, tuple[str, str | int]] = getattr(model, "packed_modules_mapping", {})
@@ -191,7 +202,7 @@ def load_model(
     """Build the architecture named by `path/config.json` and load its weights.
 
     With `tp_size > 1` only rank `tp_rank`'s shard of each layer is built, and each
-    parameter's weight loader copies only that rank's slice of a checkpoint tensor.
+    parameter's weight loader reads only that rank's slice of a checkpoint tensor from disk.
     """
     config = load_hf_config(path)
     architectures = getattr(config, "architectures", None) or []

@@ -1,7 +1,8 @@
-"""Tensor parallelism on CPU (gloo): tp=2 matches tp=1, bad splits fail early, a dead rank fails fast."""
+"""Tensor parallelism on CPU (gloo): tp=2 matches tp=1, bad splits fail early, a dead or hung rank fails fast."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -22,10 +23,17 @@ PROMPTS: list[list[int]] = [[1, 5, 9, 33, 7, 250, 4], [100, 2, 3], list(range(10
 
 def _run(model_dir: str, tp: int) -> list[RequestOutput]:
     # A small step budget splits the 40-token prompt into chunks (chunked prefill across ranks).
-    llm = LLM(model_dir, dtype="float32", tensor_parallel_size=tp, kv_cache_memory_gb=0.01,
-              max_num_batched_tokens=16)
+    llm = LLM(
+        model_dir,
+        dtype="float32",
+        tensor_parallel_size=tp,
+        kv_cache_memory_gb=0.01,
+        max_num_batched_tokens=16,
+    )
     try:
-        params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=5, prompt_logprobs=3)
+        params = SamplingParams(
+            temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=5, prompt_logprobs=3
+        )
         return llm.generate(PROMPTS, params)
     finally:
         llm.shutdown()
@@ -96,8 +104,9 @@ def _alive(pids: list[int]) -> list[int]:
 @pytest.mark.parametrize("victim", [0, 1])
 async def test_a_killed_rank_fails_requests_and_leaves_no_process(tmp_path: Path, victim: int) -> None:
     save_tiny_model(str(tmp_path), tiny_config("llama"))
-    engine = AsyncEngine(EngineConfig(model=str(tmp_path), dtype="float32", kv_cache_memory_gb=0.01,
-                                      tensor_parallel_size=2))
+    engine = AsyncEngine(
+        EngineConfig(model=str(tmp_path), dtype="float32", kv_cache_memory_gb=0.01, tensor_parallel_size=2)
+    )
     await engine.start()
     assert engine.core is not None
     pids = [pid for pid in engine.core.worker.pids if pid is not None]
@@ -120,3 +129,74 @@ async def test_a_killed_rank_fails_requests_and_leaves_no_process(tmp_path: Path
     finally:
         await engine.shutdown()
     assert _alive(pids) == []
+
+
+STEP_TIMEOUT_S = 2.0
+
+
+@pytest.mark.parametrize("tp,victim", [(1, 0), (2, 0), (2, 1)], ids=["tp1", "tp2-rank0", "tp2-rank1"])
+async def test_a_hung_rank_fails_requests_within_the_step_timeout(
+    tmp_path: Path, tp: int, victim: int
+) -> None:
+    """SIGSTOP one rank mid-generation: it neither answers nor exits (at tp=2 the other rank
+    then waits in a collective). The step watchdog must fail the request within the timeout
+    plus a little, and kill every rank (SIGKILL ends stopped processes too)."""
+    from engine.config import WARMUP_STEPS
+
+    save_tiny_model(str(tmp_path), tiny_config("llama"))
+    engine = AsyncEngine(
+        EngineConfig(
+            model=str(tmp_path),
+            dtype="float32",
+            kv_cache_memory_gb=0.01,
+            tensor_parallel_size=tp,
+            step_timeout_s=STEP_TIMEOUT_S,
+        )
+    )
+    await engine.start()
+    assert engine.core is not None
+    pids = [pid for pid in engine.core.worker.pids if pid is not None]
+    try:
+        assert len(pids) == tp and len(_alive(pids)) == tp
+        params = SamplingParams(max_tokens=400, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+        stream = engine.generate(list(range(3, 40)), params, "victim")
+        for _ in range(WARMUP_STEPS + 2):  # past the warm-up steps, which get a longer timeout
+            await stream.__anext__()
+        os.kill(pids[victim], signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(EngineDeadError, match="step_timeout_s") as info:
+            async for _ in stream:
+                pass
+        elapsed = time.monotonic() - start
+        assert elapsed < STEP_TIMEOUT_S + 3, elapsed
+        assert f"rank {victim}: stopped" in str(info.value)
+        assert engine.errored
+        with pytest.raises(EngineDeadError):  # new requests are refused at once
+            await engine.generate([1, 2, 3], SamplingParams(max_tokens=2), "late").__anext__()
+        deadline = time.monotonic() + 5
+        while _alive(pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _alive(pids) == []  # the stopped rank and its peer were killed
+    finally:
+        for pid in pids:  # never leave a stopped process behind, even when an assertion failed
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await engine.shutdown()
+    assert _alive(pids) == []
+
+
+def test_step_timeout_defaults_and_validation() -> None:
+    from engine.config import DEFAULT_STEP_TIMEOUT_S_CPU, DEFAULT_STEP_TIMEOUT_S_GPU
+
+    assert EngineConfig(device="cpu").resolved_step_timeout_s() == DEFAULT_STEP_TIMEOUT_S_CPU == 300
+    assert EngineConfig(device="cuda").resolved_step_timeout_s() == DEFAULT_STEP_TIMEOUT_S_GPU == 60
+    assert EngineConfig(device="cpu", step_timeout_s=0).resolved_step_timeout_s() is None  # no watchdog
+    resolved = EngineConfig(device="cpu").resolve(max_position_embeddings=64)
+    assert (
+        resolved.step_timeout_s == 300 and resolved.resolve(max_position_embeddings=64).step_timeout_s == 300
+    )
+    assert (
+        EngineConfig(device="cpu", step_timeout_s=0).resolve(max_position_embeddings=64).step_timeout_s == 0
+    )
+    with pytest.raises(ValueError, match="step_timeout_s"):
+        EngineConfig(step_timeout_s=-1)

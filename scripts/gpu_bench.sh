@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# The serving benchmark of ../shared/BENCHMARKS.md in one device call: installs the carried
+# wheels, writes the 8B-shaped random model, then for each server configuration starts
+# `serve` in the background, runs the workloads with `lightgate bench serve` and stops it;
+# ends with one table beside LightLLM's figures. Run from the repository root, with `.whl`
+# and `.gpu_tok` carried (scripts/prepare_device.sh fills them here):
+#
+#   bash scripts/gpu_bench.sh [WORKLOAD ...]
+#
+# Settings (environment):
+#   WORKLOADS          default "bs1 offline1000 online8rps long2k prefix16rps" (or the arguments)
+#   KV_DTYPES          default "auto": one server, and one pass over WORKLOADS, per KV dtype
+#                      ("auto int8" compares the two)
+#   NOCACHE_WORKLOADS  default "prefix16rps": run again on a server with the prefix cache off
+#                      (first KV dtype); "" skips it
+#   SERVE_ARGS         more flags for `serve`; BENCH_ARGS more flags for `bench serve`
+#                      (e.g. "--num-requests 200" to cut every workload short)
+#   MODEL              default /tmp/llama8b; written by .gpu_tok/make_random_llama.py unless it
+#                      holds a config.json already; MODEL_ARGS: more flags for that tool
+#   BUDGET_S           default 570: seconds for the whole script (a device command gets 600);
+#                      a benchmark still running when only RESERVE_S (25) are left is stopped,
+#                      and what it finished is kept
+#   OUT                where results go (the device sets it; default ./out)
+#   PYTHON, PORT       default python3, 8000; SKIP_WHEELS=1 to use PYTHON's own packages
+#
+# Files under $OUT: results.json (every run and workload), bench.png (TTFT/TPOT/ITL CDFs),
+# summary.txt (the tables), server.log (every server, one after the other), gpu_bench.log.
+#
+# Trying it on a CPU with a tiny model (what the script's own check does):
+#   PYTHON=.venv/bin/python SKIP_WHEELS=1 MODEL=/tmp/tiny MODEL_ARGS="--layers 2 --hidden 64 --heads 4 \
+#     --kv-heads 2 --ffn 128 --max-pos 4096" WORKLOADS="cpu1 cpu16" KV_DTYPES="auto int8" \
+#     BENCH_ARGS="--num-requests 4 --output-len 4:8" OUT=/tmp/gb bash scripts/gpu_bench.sh
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+
+WORKLOADS=${*:-${WORKLOADS:-bs1 offline1000 online8rps long2k prefix16rps}}
+KV_DTYPES=${KV_DTYPES:-auto}
+NOCACHE_WORKLOADS=${NOCACHE_WORKLOADS-prefix16rps}
+SERVE_ARGS=${SERVE_ARGS:-}
+BENCH_ARGS=${BENCH_ARGS:-}
+MODEL=${MODEL:-/tmp/llama8b}
+MODEL_ARGS=${MODEL_ARGS:-}
+BUDGET_S=${BUDGET_S:-570}
+RESERVE_S=${RESERVE_S:-25}
+PYTHON=${PYTHON:-python3}
+PORT=${PORT:-8000}
+OUT=${OUT:-out}
+RES=$(mktemp -d /tmp/gpu_bench.XXXXXX)
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu_bench.log") 2>&1
+export PYTHONUNBUFFERED=1
+
+left() { echo $((BUDGET_S - SECONDS)); }
+say() { echo "[gpu_bench $(printf '%4d' "$SECONDS") s] $*"; }
+
+# No `pip install -e .`: the repository and the carried wheels are on PYTHONPATH.
+if [ "${SKIP_WHEELS:-0}" != 1 ]; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || { say "installing the carried wheels failed"; exit 1; }
+    export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+else
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$PYTHON" -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__,
+'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+"$PYTHON" -c "import pydantic, starlette, uvicorn, httpx, tqdm" || { say "the server's packages do not import"; exit 1; }
+
+if [ ! -f "$MODEL/config.json" ]; then
+    say "writing the random model to $MODEL"
+    # shellcheck disable=SC2086
+    "$PYTHON" .gpu_tok/make_random_llama.py --out "$MODEL" --tokenizer-dir .gpu_tok/tok $MODEL_ARGS \
+        || { say "writing the model failed"; exit 1; }
+fi
+
+SERVER_PID=
+stop_server() {
+    [ -n "$SERVER_PID" ] || return 0
+    local children
+    children=$(pgrep -P "$SERVER_PID" || true)
+    kill -TERM "$SERVER_PID" 2>/dev/null
+    for _ in $(seq 30); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 1; done
+    kill -KILL "$SERVER_PID" 2>/dev/null
+    wait "$SERVER_PID" 2>/dev/null
+    for pid in $children; do  # the model worker, should it outlive the server
+        for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+        kill -KILL "$pid" 2>/dev/null
+    done
+    SERVER_PID=
+}
+trap stop_server EXIT
+
+# start_server LABEL FLAGS...: in the background, log appended to $OUT/server.log; waits for /health.
+start_server() {
+    local label=$1
+    shift
+    echo "===== $label: serve $* =====" >>"$OUT/server.log"
+    # shellcheck disable=SC2086
+    "$PYTHON" -m openai_compat.cli serve --model "$MODEL" --port "$PORT" --no-access-log --shutdown-timeout 5 \
+        "$@" $SERVE_ARGS \
+        >>"$OUT/server.log" 2>&1 &
+    SERVER_PID=$!
+    if ! "$PYTHON" - "$PORT" "$SERVER_PID" "$(($(left) - RESERVE_S))" <<'EOF'; then
+import os, sys, time
+import httpx
+port, pid, limit = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+deadline = time.monotonic() + limit
+while time.monotonic() < deadline:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        sys.exit("the server exited")
+    try:
+        if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+            sys.exit(0)
+    except httpx.HTTPError:
+        pass
+    time.sleep(0.5)
+sys.exit(f"the server was not healthy within {limit:.0f} s")
+EOF
+        say "server $label did not start; the end of its log:"
+        tail -n 30 "$OUT/server.log"
+        stop_server
+        return 1
+    fi
+    say "server $label ready: $(grep -o 'KV cache capacity [0-9]* tokens' "$OUT/server.log" | tail -n 1)"
+}
+
+# bench LABEL WORKLOAD...: the client against the running server, stopped when the budget ends.
+bench() {
+    local label=$1
+    shift
+    local limit=$(($(left) - RESERVE_S))
+    if [ "$limit" -lt 20 ]; then
+        say "no time left for $label: $*"
+        return 1
+    fi
+    say "bench $label: $* (at most $limit s)"
+    # shellcheck disable=SC2086
+    timeout -s TERM "$limit" "$PYTHON" -m openai_compat.cli bench serve --base-url "http://127.0.0.1:$PORT/v1" \
+        --workload "$@" --label "$label" --json "$RES/$label.json" --no-progress $BENCH_ARGS
+    local status=$?
+    [ "$status" = 124 ] && say "bench $label stopped at the time budget; its finished workloads are kept"
+    [ -f "$RES/$label.json" ] && RUN_FILES+=("$RES/$label.json")
+    return 0
+}
+RUN_FILES=()
+
+first_kv=
+for kv in $KV_DTYPES; do
+    first_kv=${first_kv:-$kv}
+    # shellcheck disable=SC2086  # the list of workloads is split into words on purpose
+    start_server "kv-$kv" --kv-cache-dtype "$kv" && bench "kv-$kv" $WORKLOADS
+    stop_server
+done
+if [ -n "$NOCACHE_WORKLOADS" ] && [ "$(left)" -gt $((RESERVE_S + 60)) ]; then
+    # shellcheck disable=SC2086
+    start_server "kv-$first_kv-nocache" --kv-cache-dtype "$first_kv" --no-enable-prefix-caching \
+        && bench "kv-$first_kv-nocache" $NOCACHE_WORKLOADS
+    stop_server
+fi
+
+say "results"
+if [ "${#RUN_FILES[@]}" -gt 0 ]; then
+    "$PYTHON" -m openai_compat.cli bench serve --from-json "${RUN_FILES[@]}" --compare-lightllm \
+        --json "$OUT/results.json" --plot "$OUT/bench.png" | tee "$OUT/summary.txt"
+else
+    say "no benchmark finished"
+    exit 1
+fi
