@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -28,6 +29,48 @@ logger = logging.getLogger(__name__)
 
 _Item = RequestOutput | BaseException
 _IDLE_CHECK_S = 0.5  # how often an idle engine checks that its worker is alive
+_STATS_LOG_S = 10.0  # how often a busy engine logs where its steps' time went
+
+
+class StepTimes:
+    """Where the engine loop's wall time goes, logged every `_STATS_LOG_S` while busy.
+
+    schedule: planning the step; worker: the worker's round trip (send the plan, forward
+    pass, sampling, the result back), of which execute is the worker's own time; process:
+    appending tokens, stop checks, detokenizing; rest: handing outputs to the requests' queues
+    and serving HTTP between steps.
+    """
+
+    PHASES = ("schedule", "worker", "process", "rest")
+
+    def __init__(self) -> None:
+        self.reset(time.perf_counter())
+
+    def reset(self, now: float) -> None:
+        self.since = now
+        self.steps = self.seqs = self.tokens = 0
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+        self.seconds["execute"] = 0.0
+
+    def add(self, seqs: int, tokens: int, times: tuple[float, ...], execute_seconds: float) -> None:
+        self.steps += 1
+        self.seconds["execute"] += execute_seconds
+        self.seqs += seqs
+        self.tokens += tokens
+        for name, start, end in zip(self.PHASES, times, times[1:], strict=False):
+            self.seconds[name] += end - start
+
+    def maybe_log(self, now: float, stats: EngineStats) -> None:
+        if now - self.since < _STATS_LOG_S or not self.steps:
+            return
+        per_step = ", ".join(f"{k} {1e3 * v / self.steps:.2f}" for k, v in self.seconds.items())
+        logger.info(
+            "%.1f steps/s, %.1f seqs and %.0f tokens per step; ms per step: %s; running %d, waiting %d, "
+            "KV cache %.0f%%",
+            self.steps / (now - self.since), self.seqs / self.steps, self.tokens / self.steps, per_step,
+            stats.num_running, stats.num_waiting, 100 * stats.kv_cache_usage,
+        )
+        self.reset(now)
 
 
 class AsyncEngine:
@@ -135,6 +178,7 @@ class AsyncEngine:
     async def _run(self) -> None:
         core = self._core()
         loop = asyncio.get_running_loop()
+        times = StepTimes()
         try:
             while True:
                 if not core.has_unfinished():
@@ -145,17 +189,25 @@ class AsyncEngine:
                         if not core.worker.alive:  # noticed while idle, not only at the next request
                             raise EngineDeadError(core.worker.dead_reason or "the worker process exited") from None
                     continue
+                t0 = time.perf_counter()
                 planned = core.schedule()
                 if planned is None:
                     await asyncio.sleep(0.001)
                     continue
                 sched, plan = planned
+                t1 = time.perf_counter()
                 result = await loop.run_in_executor(self._recv_thread, core.worker.execute, plan)
-                for out in core.process(sched, plan, result):
+                t2 = time.perf_counter()
+                outputs = core.process(sched, plan, result)
+                t3 = time.perf_counter()
+                for out in outputs:
                     queue = self._queues.get(out.request_id)
                     if queue is not None:
                         queue.put_nowait(out)
                 await asyncio.sleep(0)  # let HTTP handlers run between steps
+                t4 = time.perf_counter()
+                times.add(len(plan.seqs), sched.num_batched_tokens, (t0, t1, t2, t3, t4), result.execute_seconds)
+                times.maybe_log(t4, core.stats())
         except EngineDeadError as e:
             self._fail_all(e)
         except asyncio.CancelledError:

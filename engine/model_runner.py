@@ -198,31 +198,51 @@ class ModelRunner:
             values = torch.tensor(slots, dtype=torch.int32).to(self.device, non_blocking=True)
             self.req_to_token.index_put_((index[0], index[1]), values)
 
-    def _graphable(self, seqs: list[SeqStep]) -> bool:
-        return (
-            self.graphs is not None
-            and self.graphs.can_run(len(seqs))
-            and all(len(s.token_ids) == 1 and s.sample and s.prompt_logprobs is None for s in seqs)
-        )
+    @staticmethod
+    def _is_plain_decode(s: SeqStep) -> bool:
+        return len(s.token_ids) == 1 and s.sample and s.prompt_logprobs is None
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
+        """Run one step. With CUDA graphs, the step's plain decodes (one token, sampled) replay
+        a graph and the rest (prefill chunks, prompt logprobs) run eagerly right after, as a
+        second pass over the weights: a step that admits a prompt does not push the running
+        decodes through the eager path. The graph is launched first, so the host queues the
+        eager pass's kernels while the GPU runs it."""
         self._update_rows(plan)
         seqs = plan.seqs
-        if not seqs:
-            return StepResult(plan.step_id, [], [])
         result = StepResult(plan.step_id, [], [])
-        if self._graphable(seqs):
+        if not seqs:
+            return result
+        decode_idx: list[int] = []
+        if self.graphs is not None:
+            decode_idx = [i for i, s in enumerate(seqs) if self._is_plain_decode(s)]
+            if not self.graphs.can_run(len(decode_idx)):
+                decode_idx = []
+        parts: list[tuple[torch.Tensor, list[int]]] = []  # (logits, their plan indices)
+        if decode_idx:
             assert self.graphs is not None
+            decodes = [seqs[i] for i in decode_idx]
             logits = self.graphs.run(
-                [s.token_ids[0] for s in seqs], [s.start_pos for s in seqs], [s.row for s in seqs],
-                [s.out_slots[0] for s in seqs],
+                [s.token_ids[0] for s in decodes], [s.start_pos for s in decodes], [s.row for s in decodes],
+                [s.out_slots[0] for s in decodes],
             )
-            sample_idx = list(range(len(seqs)))
-        else:
-            logits, sample_idx = self._forward_eager(seqs, result)
-        if logits is None or self.tp_rank != 0:
+            parts.append((logits, decode_idx))
+        if len(decode_idx) < len(seqs):
+            in_graph = set(decode_idx)
+            rest_idx = [i for i in range(len(seqs)) if i not in in_graph]
+            logits, sample_idx = self._forward_eager([seqs[i] for i in rest_idx], rest_idx, result)
+            if logits is not None:
+                parts.append((logits, sample_idx))
+        if not parts or self.tp_rank != 0:
             return result  # sampling is rank 0's alone
+        if len(parts) == 1:
+            logits, sample_idx = parts[0]
+        else:  # both passes sampled: rows back in plan order
+            sample_idx = parts[0][1] + parts[1][1]
+            order = sorted(range(len(sample_idx)), key=sample_idx.__getitem__)
+            logits = torch.cat([parts[0][0], parts[1][0]])[torch.tensor(order, device=self.device)]
+            sample_idx = [sample_idx[j] for j in order]
         states = [self.states[seqs[i].row] for i in sample_idx]
         out = self.sampler.sample(logits, states)
         result.sampled_token_ids = out.token_ids
@@ -236,8 +256,11 @@ class ModelRunner:
                 )
         return result
 
-    def _forward_eager(self, seqs: list[SeqStep], result: StepResult) -> tuple[torch.Tensor | None, list[int]]:
-        """The packed batch through the model -> (logits of the rows to sample, their plan indices)."""
+    def _forward_eager(
+        self, seqs: list[SeqStep], plan_idx: list[int], result: StepResult
+    ) -> tuple[torch.Tensor | None, list[int]]:
+        """`seqs` (the plan's entries at `plan_idx`) as one packed batch through the model ->
+        (logits of the rows to sample, their plan indices); prompt logprobs go into `result`."""
         input_ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.int64, device=self.device)
         out_slots = torch.tensor([t for s in seqs for t in s.out_slots], dtype=torch.int64)
         ctx = build_forward_context(
@@ -253,16 +276,18 @@ class ModelRunner:
         ends = [0]
         for s in seqs:
             ends.append(ends[-1] + len(s.token_ids))
-        self._prompt_logprobs(seqs, hidden, ends, result)
-        sample_idx = [i for i, s in enumerate(seqs) if s.sample]
-        if not sample_idx:
-            return None, sample_idx
-        last_tokens = torch.tensor([ends[i + 1] - 1 for i in sample_idx]).to(self.device, non_blocking=True)
+        self._prompt_logprobs(seqs, plan_idx, hidden, ends, result)
+        sampled = [j for j, s in enumerate(seqs) if s.sample]
+        if not sampled:
+            return None, []
+        last_tokens = torch.tensor([ends[j + 1] - 1 for j in sampled]).to(self.device, non_blocking=True)
         # [num_sampled, vocab] float32; the gather across ranks is collective: every rank computes it
-        return self.model.compute_logits(hidden[last_tokens]), sample_idx
+        return self.model.compute_logits(hidden[last_tokens]), [plan_idx[j] for j in sampled]
 
-    def _prompt_logprobs(self, seqs: list[SeqStep], hidden: torch.Tensor, ends: list[int], result: StepResult) -> None:
-        for i, s in enumerate(seqs):
+    def _prompt_logprobs(
+        self, seqs: list[SeqStep], plan_idx: list[int], hidden: torch.Tensor, ends: list[int], result: StepResult
+    ) -> None:
+        for j, (i, s) in enumerate(zip(plan_idx, seqs, strict=True)):
             if s.prompt_logprobs is None:
                 continue
             prompt = self.prompts[s.row]
@@ -271,7 +296,7 @@ class ModelRunner:
             if last <= first:
                 result.prompt_logprobs[i] = []
                 continue
-            rows = hidden[ends[i] : ends[i] + (last - first)]
+            rows = hidden[ends[j] : ends[j] + (last - first)]
             logits = self.model.compute_logits(rows)
             if self.tp_rank != 0:
                 continue

@@ -60,6 +60,7 @@ class StepResult:
     # Per plan index (only for SeqSteps that asked): logprobs of the chunk's prompt tokens,
     # one per token whose successor is in the prompt.
     prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)
+    execute_seconds: float = 0.0  # the worker's own time for the step (forward pass and sampling)
 
 
 @dataclass(slots=True)

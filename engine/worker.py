@@ -96,7 +96,9 @@ def _worker_main(
         if kind == "stop":
             return
         try:
+            start = time.perf_counter()
             result = runner.execute(payload)
+            result.execute_seconds = time.perf_counter() - start
             if rank == 0:
                 conn.send(("result", result))
         except BaseException:

@@ -63,22 +63,28 @@ def test_gpu_greedy_matches_cpu(kind: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
 def test_cuda_graphs_match_eager_across_buckets(kv_cache_dtype: str, tmp_path: Path) -> None:
-    # 37 requests of different lengths finishing at different steps: the decode batch shrinks
-    # through the buckets (48, 32, 16, 8, 4, 2, 1), with padded rows in most steps.
+    # 37 requests of different lengths finishing at different steps: the decode batch grows and
+    # shrinks through the buckets (1 .. 48), with padded rows in most steps. A step budget of 64
+    # tokens admits the prompts in chunks while earlier requests decode: those steps replay the
+    # graph for the decodes and run the prefill chunks (one with prompt logprobs) eagerly.
     save_tiny_model(str(tmp_path), tiny_config("llama"))
     prompts = _prompts(37, seed=1)
-    params = [SamplingParams(temperature=0.0, max_tokens=4 + i, ignore_eos=True, logprobs=1) for i in range(37)]
+    params = [SamplingParams(temperature=0.0, max_tokens=4 + i, ignore_eos=True, logprobs=1,
+                             prompt_logprobs=1 if i == 20 else None) for i in range(37)]
     results = {}
     for eager in (True, False):
         with LLM(str(tmp_path), device="cuda", dtype="float32", kv_cache_memory_gb=0.05,
-                 kv_cache_dtype=kv_cache_dtype, enforce_eager=eager, max_num_seqs=48) as llm:
+                 kv_cache_dtype=kv_cache_dtype, enforce_eager=eager, max_num_seqs=48,
+                 max_num_batched_tokens=64) as llm:
             results[eager] = llm.generate(prompts, params)
-            if not eager:
-                assert llm.core.worker_info.num_slots > 0
     for got, want in zip(results[False], results[True], strict=True):
         assert got.outputs[0].token_ids == want.outputs[0].token_ids
         for g, w, tid in zip(got.outputs[0].logprobs, want.outputs[0].logprobs, want.outputs[0].token_ids, strict=True):
             assert g[tid].logprob == pytest.approx(w[tid].logprob, abs=1e-4)
+    got_prompt, want_prompt = results[False][20].prompt_logprobs, results[True][20].prompt_logprobs
+    assert got_prompt is not None and len(got_prompt) == len(prompts[20])
+    for g, w, tid in zip(got_prompt[1:], want_prompt[1:], prompts[20][1:], strict=True):
+        assert g[tid].logprob == pytest.approx(w[tid].logprob, abs=1e-4)
 
 
 def test_cuda_graphs_sampled_with_seeds_match_eager(tmp_path: Path) -> None:

@@ -1,0 +1,145 @@
+"""Where a GPU step's time goes, in one process (no server, no scheduler, no worker pipe).
+
+    python scripts/profile_gpu_step.py MODEL_DIR [--steps 20]
+
+For decode steps at several batch sizes (graphed and eager) and for mixed steps (decodes plus
+one prefill chunk) it prints the wall time per step next to the GPU time of the same step
+(CUDA events), so host overhead shows as the gap, and a cProfile table of the eager decode step's
+heaviest Python functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import time
+
+import torch
+
+from engine.config import EngineConfig
+from engine.layers.backend import select_backend
+from engine.model_runner import ModelRunner
+from engine.models import load_hf_config, load_model
+from engine.plan import NewRow, SeqStep, StepPlan
+from engine.sampling_params import SamplingParams
+
+
+class Bench:
+    def __init__(self, runner: ModelRunner, context: int) -> None:
+        self.runner = runner
+        self.context = context
+        self.next_slot = 0
+        self.step_id = 0
+        self.pos: dict[int, int] = {}
+
+    def prefill(self, rows: list[int]) -> None:
+        params = SamplingParams(temperature=0.0, max_tokens=100000)
+        prompt = list(range(1000, 1000 + self.context))
+        seqs = []
+        for row in rows:
+            slots = list(range(self.next_slot, self.next_slot + self.context))
+            self.next_slot += self.context
+            seqs.append(SeqStep(row=row, start_pos=0, token_ids=prompt, out_slots=slots, sample=True,
+                                new_row=NewRow(params, prompt, [])))
+            self.pos[row] = self.context
+        for i in range(0, len(seqs), 8):  # chunks of 8 prompts
+            self.run(seqs[i : i + 8])
+
+    def decode_seqs(self, rows: list[int]) -> list[SeqStep]:
+        seqs = []
+        for row in rows:
+            seqs.append(SeqStep(row=row, start_pos=self.pos[row], token_ids=[7], out_slots=[self.next_slot],
+                                sample=True))
+            self.next_slot += 1
+            self.pos[row] += 1
+        return seqs
+
+    def run(self, seqs: list[SeqStep]) -> None:
+        self.step_id += 1
+        self.runner.execute(StepPlan(self.step_id, seqs))
+
+    def timed(self, make_seqs, steps: int) -> tuple[float, float]:
+        """(wall ms, GPU ms) per step."""
+        for _ in range(3):
+            self.run(make_seqs())
+        torch.cuda.synchronize()
+        wall = gpu = 0.0
+        for _ in range(steps):
+            seqs = make_seqs()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
+            start.record()
+            self.run(seqs)
+            end.record()
+            torch.cuda.synchronize()
+            wall += time.perf_counter() - t0
+            gpu += start.elapsed_time(end) / 1e3
+        return 1e3 * wall / steps, 1e3 * gpu / steps
+
+
+def profile_config(args: argparse.Namespace, eager: bool, batches: list[int]) -> list[dict]:
+    max_batch = max(batches)
+    results = []
+    config = EngineConfig(model=args.model, enforce_eager=eager, max_num_seqs=max_batch + 1,
+                          kv_cache_memory_gb=20, enable_prefix_caching=False)
+    hf_config = load_hf_config(args.model)
+    config = config.resolve(max_position_embeddings=hf_config.max_position_embeddings)
+    select_backend("cuda", "auto")
+    model = load_model(args.model, config.torch_dtype(), "cuda")
+    bench = Bench(ModelRunner(config, model, hf_config), args.context)
+    bench.prefill(list(range(max_batch)))
+    for b in batches:
+        wall, gpu = bench.timed(lambda b=b: bench.decode_seqs(list(range(b))), args.steps)
+        results.append({"step": f"decode bs{b}", "graphs": not eager, "wall_ms": wall, "gpu_ms": gpu})
+    if not eager:
+        return results
+    prompt = list(range(2000, 2000 + args.chunk))
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+
+    def mixed(b: int) -> list[SeqStep]:
+        seqs = bench.decode_seqs(list(range(b)))
+        slots = list(range(bench.next_slot, bench.next_slot + args.chunk))
+        bench.next_slot += args.chunk
+        seqs.append(SeqStep(row=max_batch, start_pos=0, token_ids=prompt, out_slots=slots, sample=True,
+                            new_row=NewRow(params, prompt, [])))
+        return seqs
+
+    for b in batches:
+        wall, gpu = bench.timed(lambda b=b: mixed(b), max(3, args.steps // 4))
+        results.append({"step": f"decode bs{b} + prefill {args.chunk}", "graphs": False,
+                        "wall_ms": wall, "gpu_ms": gpu})
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(args.steps):
+        bench.run(bench.decode_seqs([0]))
+    torch.cuda.synchronize()
+    prof.disable()
+    stream = io.StringIO()
+    pstats.Stats(prof, stream=stream).sort_stats("tottime").print_stats(30)
+    print(f"cProfile of {args.steps} eager decode steps at bs1:\n{stream.getvalue()}")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--batches", default="1,16,64,256")
+    parser.add_argument("--chunk", type=int, default=512, help="prefill tokens in a mixed step")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    results = profile_config(args, False, batches)
+    torch.cuda.empty_cache()
+    results += profile_config(args, True, batches)
+    print(f"{'step':<28} {'graphs':>6} {'wall ms':>9} {'GPU ms':>9}")
+    for r in results:
+        print(f"{r['step']:<28} {str(r['graphs']):>6} {r['wall_ms']:9.2f} {r['gpu_ms']:9.2f}")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
