@@ -47,6 +47,7 @@ from engine.request import Sequence, SequenceStatus
 if TYPE_CHECKING:
     from engine.config import EngineConfig
 
+_EVICT_CHUNK_DIVISOR = 256  # a full pool evicts at least 1/256 of it at a time
 _OUTPUT_LEN_EMA = 0.1  # weight of the newest observation in the aggressive output-length average
 
 
@@ -135,6 +136,7 @@ class Scheduler:
         self._avg_output_len: float | None = None
         self.num_preemptions = 0  # total, for stats
         self.prefix_cache = RadixPrefixCache(allocator) if config.enable_prefix_caching else None
+        self._evict_chunk = max(1, config.num_slots // _EVICT_CHUNK_DIVISOR)
         self.prefix_cache_queries = 0  # tokens of admitted sequences looked up in the cache
         self.prefix_cache_hits = 0  # of those, tokens found
 
@@ -231,6 +233,9 @@ class Scheduler:
             if num_uncomputed == 0:
                 raise RuntimeError(f"{seq.seq_id}: its sampled token was neither appended nor finished")
             (decodes if num_uncomputed == 1 else prefills).append(seq)
+        short = len(decodes) - self.allocator.num_free
+        if short > 0 and self.prefix_cache is not None:
+            self._evict(short)  # once for every decode of the step, not once per decode
         for seq in decodes + prefills:
             if budget == 0:
                 break
@@ -275,7 +280,7 @@ class Scheduler:
     def _make_room(self, seq: Sequence, n: int, scheduled_ids: set[str], preempted: list[Sequence]) -> int:
         """How many of `n` wanted tokens `seq` can take now (0: none), preempting newer ones."""
         while self.allocator.num_free < n:
-            if self.prefix_cache is not None and self.prefix_cache.evict(n - self.allocator.num_free) > 0:
+            if self.prefix_cache is not None and self._evict(n - self.allocator.num_free) > 0:
                 continue
             if n > 1 and self.allocator.num_free > 0:
                 return self.allocator.num_free  # a prefill chunk shrinks before anyone is preempted
@@ -288,6 +293,12 @@ class Scheduler:
             if victim is seq:
                 return 0
         return n
+
+    def _evict(self, num_slots: int) -> int:
+        """Evict cached prefixes for `num_slots` slots, and at least `_evict_chunk`: each eviction
+        walks the tree, so a full pool frees room for many steps' decodes at once."""
+        assert self.prefix_cache is not None
+        return self.prefix_cache.evict(max(num_slots, self._evict_chunk))
 
     def _preempt(self, seq: Sequence, preempted: list[Sequence]) -> None:
         self.running.remove(seq)
@@ -391,7 +402,7 @@ class Scheduler:
             cache.unlock(node)
             return 0
         if self.allocator.num_free < n:
-            cache.evict(n - self.allocator.num_free)
+            self._evict(n - self.allocator.num_free)
             n = min(n, self.allocator.num_free)
             if n == 0:
                 cache.unlock(node)

@@ -154,3 +154,38 @@ def test_random_workload_with_shared_prefixes_keeps_invariants(
         else:
             assert seq.status is SequenceStatus.FINISHED_ABORTED
     assert_all_released(sched)
+
+
+def test_a_full_pool_evicts_once_per_step_not_once_per_decode() -> None:
+    # 40 finished requests fill a 2048-slot pool with cached prefixes; then 32 new ones decode.
+    # Eviction walks the whole tree, so the decodes of a step share one eviction (of at least
+    # 1/256 of the pool) instead of evicting once per decode.
+    sched = create_scheduler(num_slots=2048, max_num_seqs=64, max_num_batched_tokens=4096,
+                             enable_prefix_caching=True)
+    worker = FakeWorker(2048)
+    rng = random.Random(3)
+    for i in range(40):
+        for seq in make_request(f"old{i}", [rng.randrange(100, 10_000) for _ in range(40)], max_tokens=10):
+            sched.add(seq)
+    run_to_completion(sched, worker)
+    assert sched.allocator.num_free < 100  # the cache holds nearly the whole pool
+    cache = sched.prefix_cache
+    assert cache is not None
+    calls = []
+    evict = cache.evict
+    cache.evict = lambda n: calls.append(n) or evict(n)  # type: ignore[method-assign]
+    new = [make_request(f"new{i}", [rng.randrange(100, 10_000) for _ in range(8)], max_tokens=12)[0] for i in range(32)]
+    for seq in new:
+        sched.add(seq)
+    step(sched, worker)  # admission: each prompt evicts for itself
+    assert len(sched.running) == 32
+    calls.clear()
+    steps = 0
+    while sched.has_unfinished:
+        step(sched, worker)
+        steps += 1
+    assert all(seq.output_token_ids == expected_output(seq) for seq in new)
+    # 32 decodes per step, one eviction per step at most (of at least 2048 // 256 slots)
+    assert 0 < len(calls) <= steps and all(n >= 8 for n in calls)
+    check_invariants(sched)
+    assert_all_released(sched)
