@@ -2,7 +2,9 @@
 
 One task runs schedule → send plan → await result → process, forever. The plan is sent and
 the worker's answer awaited in a dedicated thread, so the event loop keeps serving HTTP while
-the model runs, and never blocks on a worker's pipe. A worker that dies, or hangs past the
+the model runs, and never blocks on a worker's pipe. The loop does not yield between
+processing a step and sending the next, so the requests' handlers stream a step's outputs
+while the worker computes the next one. A worker that dies, or hangs past the
 step timeout (the worker client's watchdog), fails every in-flight request with
 `EngineDeadError`.
 Each request has an `asyncio.Queue` of delta outputs; `generate()` turns them into what the
@@ -38,7 +40,7 @@ class StepTimes:
     schedule: planning the step; worker: the worker's round trip (send the plan, forward
     pass, sampling, the result back), of which execute is the worker's own time; process:
     appending tokens, stop checks, detokenizing; rest: handing outputs to the requests' queues
-    and serving HTTP between steps.
+    (their handlers stream them while the worker runs the next step, inside its round trip).
     """
 
     PHASES = ("schedule", "worker", "process", "rest")
@@ -204,7 +206,8 @@ class AsyncEngine:
                     queue = self._queues.get(out.request_id)
                     if queue is not None:
                         queue.put_nowait(out)
-                await asyncio.sleep(0)  # let HTTP handlers run between steps
+                # No yield here: the next step is planned and sent first, and the requests' handlers
+                # stream these outputs while the worker runs it (they run during that await).
                 t4 = time.perf_counter()
                 times.add(len(plan.seqs), sched.num_batched_tokens, (t0, t1, t2, t3, t4), result.execute_seconds)
                 times.maybe_log(t4, core.stats())
