@@ -1,10 +1,13 @@
 """`AsyncEngine`: the engine loop as an asyncio task beside the HTTP server.
 
-One task runs schedule → send plan → await result → process, forever. The plan is sent and
-the worker's answer awaited in a dedicated thread, so the event loop keeps serving HTTP while
-the model runs, and never blocks on a worker's pipe. The loop does not yield between
-processing a step and sending the next, so the requests' handlers stream a step's outputs
-while the worker computes the next one. A worker that dies, or hangs past the
+One task runs the steps, overlapped: while the worker runs step k, the loop has already planned
+and sent step k+1 (whose decodes read step k's sampled tokens on the device), then waits for
+step k's result, processes it (appends tokens, detokenizes, finishes requests), and plans step
+k+2. A request that finishes at step k has computed one wasted token in step k+1. Plans are
+sent and results awaited in a dedicated thread, so the event loop keeps serving HTTP while the
+model runs and never blocks on a worker's pipe; it does not yield between processing a step
+and planning the next, so the requests' handlers stream a step's outputs while the worker
+computes. A worker that dies, or hangs past the
 step timeout (the worker client's watchdog), fails every in-flight request with
 `EngineDeadError`.
 Each request has an `asyncio.Queue` of delta outputs; `generate()` turns them into what the
@@ -24,6 +27,7 @@ from engine.config import EngineConfig
 from engine.engine_core import EngineCore, EngineStats
 from engine.errors import EngineDeadError, EngineOverloadedError
 from engine.outputs import OutputAccumulator, RequestOutput
+from engine.plan import StepPlan, StepResult
 from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.worker import ProgressFn
 
@@ -183,7 +187,7 @@ class AsyncEngine:
         times = StepTimes()
         try:
             while True:
-                if not core.has_unfinished():
+                if not core.has_work:
                     self._wakeup.clear()
                     try:
                         await asyncio.wait_for(self._wakeup.wait(), _IDLE_CHECK_S)
@@ -192,22 +196,22 @@ class AsyncEngine:
                             raise EngineDeadError(core.worker.dead_reason or "the worker process exited") from None
                     continue
                 t0 = time.perf_counter()
-                planned = core.schedule()
-                if planned is None:
+                plans = core.plan_ahead()  # step k+1 (and at first step k too), while step k runs
+                if not core.in_flight:
                     await asyncio.sleep(0.001)
                     continue
-                sched, plan = planned
                 t1 = time.perf_counter()
-                result = await loop.run_in_executor(self._recv_thread, core.worker.execute, plan)
+                result = await loop.run_in_executor(self._recv_thread, self._send_and_recv, plans)
                 t2 = time.perf_counter()
-                outputs = core.process(sched, plan, result)
+                sched, plan = core.in_flight[0]
+                outputs = core.process_oldest(result)
                 t3 = time.perf_counter()
                 for out in outputs:
                     queue = self._queues.get(out.request_id)
                     if queue is not None:
                         queue.put_nowait(out)
                 # No yield here: the next step is planned and sent first, and the requests' handlers
-                # stream these outputs while the worker runs it (they run during that await).
+                # stream these outputs while the worker runs (they run during that await).
                 t4 = time.perf_counter()
                 times.add(len(plan.seqs), sched.num_batched_tokens, (t0, t1, t2, t3, t4), result.execute_seconds)
                 times.maybe_log(t4, core.stats())
@@ -218,6 +222,13 @@ class AsyncEngine:
         except Exception as e:  # a bug in the loop must not leave clients hanging
             logger.exception("engine loop failed")
             self._fail_all(EngineDeadError(f"engine loop failed: {e!r}"))
+
+    def _send_and_recv(self, plans: list[StepPlan]) -> StepResult:
+        """In the worker thread: send the new plans, then wait for the oldest step's result."""
+        core = self._core()
+        for plan in plans:
+            core.worker.send_step(plan)
+        return core.worker.recv_result()
 
     def _fail_all(self, error: EngineDeadError) -> None:
         self.dead_error = error

@@ -11,6 +11,9 @@ with one host-to-device copy from a pinned staging buffer:
     row 0: input ids   row 1: positions   row 2: req_to_token rows   row 3: seq lens
     row 4: KV slots of the new tokens
 
+An input id < 0 is a placeholder for the token the previous step sampled for that row (an
+overlapped step is planned before its input is known): the graph reads it from `last_sampled`.
+
 A batch of n sequences runs in the smallest bucket >= n; the padding rows compute token 0 at
 position 0 with no keys (seq len 0, so attention reads nothing) and store their K/V in the
 pool's dummy slot. The decode attention launch is captured with a fixed number of splits per
@@ -49,6 +52,7 @@ class DecodeGraphs:
         model: torch.nn.Module,
         kv: KVPool,
         req_to_token: torch.Tensor,
+        last_sampled: torch.Tensor,
         max_batch: int,
         max_model_len: int,
         vocab_size: int,
@@ -56,6 +60,7 @@ class DecodeGraphs:
         self.model = model
         self.kv = kv
         self.req_to_token = req_to_token
+        self.last_sampled = last_sampled  # [rows]: a placeholder input id (< 0) reads its row's entry
         self.max_model_len = max_model_len
         self.buckets = batch_buckets(max_batch)
         self.max_batch = self.buckets[-1]
@@ -101,7 +106,9 @@ class DecodeGraphs:
         )
 
     def _forward(self, bs: int) -> None:
-        hidden = self.model(self._static[_IDS, :bs], self._static[_POS, :bs])
+        ids = self._static[_IDS, :bs]
+        ids = torch.where(ids < 0, self.last_sampled[self._static[_ROWS, :bs]], ids)
+        hidden = self.model(ids, self._static[_POS, :bs])
         self.logits[:bs].copy_(self.model.compute_logits(hidden))
 
     @torch.inference_mode()

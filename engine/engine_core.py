@@ -12,12 +12,13 @@ import dataclasses
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer, StopStringMatcher, convert_ids_to_logprob_tokens
 from engine.distributed import check_tensor_parallel
-from engine.errors import PromptTooLongError
+from engine.errors import EngineDeadError, PromptTooLongError
 from engine.kv_cache import KVSlotAllocator
 from engine.models.loader import load_hf_config, resolve_model
 from engine.outputs import CompletionOutput, Logprob, LogprobsDict, RequestOutput
@@ -59,9 +60,13 @@ class RequestState:
     choices: list[_Choice]
     arrival_time: float
     prompt_logprobs: list[LogprobsDict | None] | None = None
+    prompt_logprobs_planned: int = 1  # prompt positions whose logprobs are collected or in flight
     num_unfinished: int = 0
     first_token_time: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+_STEPS_IN_FLIGHT = 2  # overlapped: the step the worker runs and the next one, already sent
 
 
 class EngineCore:
@@ -97,6 +102,7 @@ class EngineCore:
         )
         self.requests: dict[str, RequestState] = {}
         self._step_id = 0
+        self.in_flight: deque[tuple[SchedulerOutput, StepPlan]] = deque()  # overlapped steps sent
         logger.info("%s", info.kv_cache_summary())
 
     # -- requests ---------------------------------------------------------------------------
@@ -190,7 +196,11 @@ class EngineCore:
 
     # -- steps --------------------------------------------------------------------------------
 
-    def schedule(self) -> tuple[SchedulerOutput, StepPlan] | None:
+    def schedule(self, overlap: bool = False) -> tuple[SchedulerOutput, StepPlan] | None:
+        """Plan the next step. With `overlap`, the plan may be sent while the previous step
+        still runs: its tokens count as computed at once, and each sequence it samples gets a
+        placeholder for the token, so the step after it can be planned before its result
+        arrives; `process(..., overlap=True)` then fills the placeholders in."""
         sched = self.scheduler.schedule()
         if not sched.scheduled and not sched.freed_rows:
             return None
@@ -210,30 +220,87 @@ class EngineCore:
                     sample=s.sample,
                     prefix_slots=s.prefix_slots,
                     new_row=new_row,
-                    prompt_logprobs=self._wants_prompt_logprobs(seq, s.start_pos),
+                    prompt_logprobs=self._wants_prompt_logprobs(seq, s.start_pos, len(s.token_ids)),
                 )
             )
+        if overlap:
+            self.scheduler.update_after_step(sched)
+            for s in sched.scheduled:
+                if s.sample:
+                    seq = s.seq
+                    seq.num_steps_in_flight += 1
+                    # its token is not the last one (max_tokens, max_model_len): plan with it
+                    if seq.num_output_tokens + 1 < seq.max_tokens and seq.num_tokens + 1 < self.max_model_len:
+                        seq.add_placeholder()
         return sched, StepPlan(self._step_id, steps, list(sched.freed_rows))
 
-    def _wants_prompt_logprobs(self, seq: Sequence, start_pos: int) -> int | None:
+    def _wants_prompt_logprobs(self, seq: Sequence, start_pos: int, num_tokens: int) -> int | None:
         state = self.requests.get(seq.request_id)
         if state is None or state.prompt_logprobs is None or seq.index != 0:
             return None
-        # Only the chunk that continues exactly where the collected logprobs end (not a recompute).
-        if start_pos + 1 != len(state.prompt_logprobs) or start_pos >= len(seq.prompt_token_ids) - 1:
+        # Only the chunk that continues exactly where the planned logprobs end (not a recompute).
+        last = len(seq.prompt_token_ids) - 1
+        if start_pos + 1 != state.prompt_logprobs_planned or start_pos >= last:
             return None
+        state.prompt_logprobs_planned = min(start_pos + num_tokens, last) + 1
         return seq.params.prompt_logprobs
 
     def step(self) -> list[RequestOutput]:
-        """One synchronous step: the offline API's loop body."""
+        """One synchronous step, nothing overlapped."""
         planned = self.schedule()
         if planned is None:
             return []
         sched, plan = planned
         return self.process(sched, plan, self.worker.execute(plan))
 
-    def process(self, sched: SchedulerOutput, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
-        self.scheduler.update_after_step(sched)
+    # -- overlapped steps: step k+1 is planned and sent while step k runs --------------------
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_unfinished or bool(self.in_flight)
+
+    def plan_ahead(self) -> list[StepPlan]:
+        """Plan steps until two are in flight (the running one and the next), or nothing is left
+        to plan; returns the new plans, to be sent in order before waiting for the oldest."""
+        new = []
+        while len(self.in_flight) < _STEPS_IN_FLIGHT:
+            planned = self.schedule(overlap=True)
+            if planned is None:
+                break
+            self.in_flight.append(planned)
+            new.append(planned[1])
+        return new
+
+    def process_oldest(self, result: StepResult) -> list[RequestOutput]:
+        """The result of the oldest step in flight."""
+        sched, plan = self.in_flight.popleft()
+        if result.step_id != plan.step_id:
+            raise RuntimeError(f"result of step {result.step_id}, expected step {plan.step_id}")
+        return self.process(sched, plan, result, overlap=True)
+
+    def step_overlapped(self) -> list[RequestOutput]:
+        """Send what `plan_ahead` planned, then wait for the oldest step in flight: the
+        offline API's loop body (the server's loop does the same with the waits in a thread)."""
+        for plan in self.plan_ahead():
+            self.worker.send_step(plan)
+        if not self.in_flight:
+            return []
+        return self.process_oldest(self.worker.recv_result())
+
+    def drain(self) -> None:
+        """Wait for the steps in flight and drop their results (after the requests were aborted)."""
+        while self.in_flight:
+            try:
+                self.process_oldest(self.worker.recv_result())
+            except EngineDeadError:
+                self.in_flight.clear()
+
+    def process(
+        self, sched: SchedulerOutput, plan: StepPlan, result: StepResult, overlap: bool = False
+    ) -> list[RequestOutput]:
+        """Take a step's results in (`overlap`: the step was planned with `schedule(overlap=True)`)."""
+        if not overlap:
+            self.scheduler.update_after_step(sched)
         now = time.time()
         changed: dict[str, list[CompletionOutput]] = {}
         for i, entries in result.prompt_logprobs.items():
@@ -243,6 +310,8 @@ class EngineCore:
         sampled = (s for s in sched.scheduled if s.sample)
         for s, token_id, lp in zip(sampled, result.sampled_token_ids, result.sampled_logprobs, strict=True):
             seq = s.seq
+            if overlap:
+                seq.num_steps_in_flight -= 1
             state = self.requests.get(seq.request_id)
             if state is None or seq.status.is_finished:
                 continue  # aborted while the step ran
@@ -267,17 +336,18 @@ class EngineCore:
         text = ""
         finish: SequenceStatus | None = None
         stop_reason: int | str | None = None
-        if token_id in params.all_stop_token_ids and seq.num_output_tokens >= params.min_tokens:
+        num_sampled = seq.num_sampled_tokens
+        if token_id in params.all_stop_token_ids and num_sampled >= params.min_tokens:
             finish = SequenceStatus.FINISHED_STOPPED
             stop_reason = None if token_id in self.eos_token_ids else token_id
         elif choice.detok is not None:
             text = choice.detok.add(token_id)
             if choice.stop_matcher is not None:
                 text, stop_str = choice.stop_matcher.feed(text)
-                if stop_str is not None and seq.num_output_tokens >= params.min_tokens:
+                if stop_str is not None and num_sampled >= params.min_tokens:
                     finish, stop_reason = SequenceStatus.FINISHED_STOPPED, stop_str
         if finish is None and (
-            seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len
+            num_sampled >= seq.max_tokens or seq.num_prompt_tokens + num_sampled >= self.max_model_len
         ):
             finish = SequenceStatus.FINISHED_LENGTH
         if finish is not None:

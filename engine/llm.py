@@ -83,12 +83,13 @@ class LLM:
                 core.add_request(request_id, prompt, params)
                 order.append(request_id)
                 accs[request_id] = OutputAccumulator(params.n)
-            while core.has_unfinished():
-                for out in core.step():
+            while core.has_work:
+                for out in core.step_overlapped():
                     accs[out.request_id].add(out)
         except BaseException:
             for request_id in order:
                 core.abort_request(request_id)
+            core.drain()
             raise
         return [accs[r].result() for r in order]
 

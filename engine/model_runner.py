@@ -91,13 +91,16 @@ class ModelRunner:
         self.prompts: dict[int, list[int]] = {}  # row -> prompt ids, for prompt logprobs
 
         logger.info("%s", self.info().kv_cache_summary())
+        # Row r's last sampled token, on the device: an overlapped step computes it before the
+        # engine has seen it (the plan holds a placeholder, PLACEHOLDER_TOKEN, in its place).
+        self.last_sampled = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
         self.graphs: DecodeGraphs | None = None
         if self.device.startswith("cuda") and use_triton() and not config.enforce_eager:
             from engine.cuda_graphs import DecodeGraphs  # imports triton
 
             text_config = getattr(hf_config, "text_config", hf_config)
             self.graphs = DecodeGraphs(
-                model, self.kv, self.req_to_token, config.max_num_seqs, self.max_model_len,
+                model, self.kv, self.req_to_token, self.last_sampled, config.max_num_seqs, self.max_model_len,
                 text_config.vocab_size,
             )
             self.graphs.capture()
@@ -234,8 +237,10 @@ class ModelRunner:
             logits, sample_idx = self._forward_eager([seqs[i] for i in rest_idx], rest_idx, result)
             if logits is not None:
                 parts.append((logits, sample_idx))
-        if not parts or self.tp_rank != 0:
-            return result  # sampling is rank 0's alone
+        if not parts:
+            return result
+        # Every rank samples (the gathered logits and the random streams are the same on every
+        # rank) and keeps the tokens for the next step's placeholders; rank 0 sends the result.
         if len(parts) == 1:
             logits, sample_idx = parts[0]
         else:  # both passes sampled: rows back in plan order
@@ -245,6 +250,8 @@ class ModelRunner:
             sample_idx = [sample_idx[j] for j in order]
         states = [self.states[seqs[i].row] for i in sample_idx]
         out = self.sampler.sample(logits, states)
+        rows = torch.tensor([seqs[i].row for i in sample_idx]).to(self.device, non_blocking=True)
+        self.last_sampled.index_copy_(0, rows, out.sampled)
         result.sampled_token_ids = out.token_ids
         result.sampled_logprobs = [None] * len(sample_idx)
         for j, state in enumerate(states):
@@ -261,7 +268,13 @@ class ModelRunner:
     ) -> tuple[torch.Tensor | None, list[int]]:
         """`seqs` (the plan's entries at `plan_idx`) as one packed batch through the model ->
         (logits of the rows to sample, their plan indices); prompt logprobs go into `result`."""
-        input_ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.int64, device=self.device)
+        flat = [t for s in seqs for t in s.token_ids]
+        input_ids = torch.tensor(flat, dtype=torch.int64, device=self.device)
+        if min(flat) < 0:  # placeholders: the tokens the previous step sampled for those rows
+            rows = [s.row for s in seqs for _ in s.token_ids]
+            at = [j for j, t in enumerate(flat) if t < 0]
+            index = torch.tensor(at, device=self.device)
+            input_ids[index] = self.last_sampled[torch.tensor([rows[j] for j in at], device=self.device)]
         out_slots = torch.tensor([t for s in seqs for t in s.out_slots], dtype=torch.int64)
         ctx = build_forward_context(
             self.kv,

@@ -75,6 +75,11 @@ class Sequence:
     prefix_node: RadixNode | None = None  # the prefix-cache node this sequence locks while running
     num_prefix_cache_hit: int | None = None  # tokens matched in the prefix cache at first admission
     num_preemptions: int = 0
+    # Overlapped steps (the engine plans step k+1 while step k runs): a step in flight that
+    # samples for this sequence left a placeholder (`PLACEHOLDER_TOKEN`) at the end of its
+    # outputs, so the next step can compute it already (the worker fills in the sampled id).
+    num_placeholders: int = 0  # trailing outputs not sampled yet
+    num_steps_in_flight: int = 0  # sampled steps sent whose result is not processed yet
     # prompt + output, appended in place: the scheduler slices it every step without copying.
     _all_token_ids: list[int] = field(init=False, repr=False)
 
@@ -93,7 +98,13 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
+        """Output tokens, placeholders included (what the scheduler plans with)."""
         return len(self.output_token_ids)
+
+    @property
+    def num_sampled_tokens(self) -> int:
+        """Output tokens whose ids are known (placeholders left out)."""
+        return len(self.output_token_ids) - self.num_placeholders
 
     @property
     def num_tokens(self) -> int:
@@ -132,9 +143,32 @@ class Sequence:
     # -- mutation ----------------------------------------------------------------------------------
 
     def append_token(self, token_id: int) -> None:
-        """Add one sampled token (the engine calls this once per step with `sample=True`)."""
+        """Add one sampled token (the engine calls this once per step with `sample=True`):
+        it takes the place of the oldest placeholder, if any."""
+        if self.num_placeholders:
+            i = len(self.output_token_ids) - self.num_placeholders
+            self.output_token_ids[i] = token_id
+            self._all_token_ids[self.num_prompt_tokens + i] = token_id
+            self.num_placeholders -= 1
+            return
         self.output_token_ids.append(token_id)
         self._all_token_ids.append(token_id)
+
+    def add_placeholder(self) -> None:
+        """A step in flight samples this sequence's next token: plan with it already."""
+        self.output_token_ids.append(PLACEHOLDER_TOKEN)
+        self._all_token_ids.append(PLACEHOLDER_TOKEN)
+        self.num_placeholders += 1
+
+    def drop_placeholders(self) -> None:
+        """Forget tokens not sampled yet (the sequence finished, or loses its KV)."""
+        if self.num_placeholders:
+            del self.output_token_ids[-self.num_placeholders :]
+            del self._all_token_ids[-self.num_placeholders :]
+            self.num_placeholders = 0
+
+
+PLACEHOLDER_TOKEN = -1  # an output token sampled by a step in flight; the worker knows its id
 
 
 def create_sequences(

@@ -29,7 +29,11 @@ preempted, and admission counts them as free. Siblings of `n > 1` share the prom
 cache: the first to compute it caches it and locks it.
 
 The caller's loop: `schedule()` → run the step → `update_after_step(out)` → append sampled
-tokens → `finish(seq, status)` for those that ended. Rows in `freed_rows` must be reset by
+tokens → `finish(seq, status)` for those that ended. An overlapped caller plans step k+1
+while step k runs: it calls `update_after_step` as soon as a step is sent (the worker runs
+steps in order, so their K/V are in the pool before any later step reads them) and gives each
+sequence that step k samples a placeholder token (`Sequence.add_placeholder`), which step
+k+1 computes; a sequence whose last token is in flight is skipped. Rows in `freed_rows` must be reset by
 the worker before it applies the step's new rows (a freed row may be handed out again).
 """
 
@@ -192,6 +196,7 @@ class Scheduler:
         if any(s.status is SequenceStatus.WAITING for s in seqs):
             self.waiting = deque(s for s in self.waiting if s.request_id != request_id)
         for seq in seqs:
+            seq.drop_placeholders()
             self._release(seq)
             seq.status = SequenceStatus.FINISHED_ABORTED
         return seqs
@@ -207,6 +212,7 @@ class Scheduler:
             self.running.remove(seq)
         else:
             self.waiting.remove(seq)
+        seq.drop_placeholders()
         self._release(seq)
         seq.status = status
         siblings = self._unfinished[seq.request_id]
@@ -231,6 +237,8 @@ class Scheduler:
         for seq in self.running:
             num_uncomputed = seq.num_uncomputed_tokens
             if num_uncomputed == 0:
+                if seq.num_steps_in_flight:
+                    continue  # its last token comes with a step in flight, and then it finishes
                 raise RuntimeError(f"{seq.seq_id}: its sampled token was neither appended nor finished")
             (decodes if num_uncomputed == 1 else prefills).append(seq)
         short = len(decodes) - self.allocator.num_free
@@ -302,6 +310,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, preempted: list[Sequence]) -> None:
         self.running.remove(seq)
+        seq.drop_placeholders()  # recomputed from its sampled tokens; a step in flight appends its last
         self._release(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
@@ -313,7 +322,8 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         cache = self.prefix_cache
         if cache is not None:
-            k = min(seq.num_computed_tokens, len(seq.slots))  # tokens whose K/V are in the pool
+            # tokens whose K/V are (or, for a step in flight, will be) in the pool
+            k = min(seq.num_computed_tokens, len(seq.slots), seq.num_tokens)
             if k:
                 cache.insert(seq.all_token_ids[:k], seq.slots[:k])
             if seq.prefix_node is not None:

@@ -25,6 +25,7 @@ on the pipes then sees them close and raises `EngineDeadError` with the timeout 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -182,7 +183,8 @@ class WorkerClient:
         self.step_timeout_s = config.resolved_step_timeout_s()  # None: no watchdog
         self._steps_sent = 0
         self._watch = threading.Condition()
-        self._deadline: tuple[float, float, int] | None = None  # (monotonic deadline, timeout, step id)
+        # (monotonic deadline, timeout, step id) of each step in flight, oldest first
+        self._deadlines: collections.deque[tuple[float, float, int]] = collections.deque()
         self._closed = False
         self._watchdog: threading.Thread | None = None
 
@@ -286,7 +288,7 @@ class WorkerClient:
         if self._steps_sent <= WARMUP_STEPS:
             timeout *= WARMUP_TIMEOUT_FACTOR  # kernels compile on first use
         with self._watch:
-            self._deadline = (time.monotonic() + timeout, timeout, step_id)
+            self._deadlines.append((time.monotonic() + timeout, timeout, step_id))
             self._watch.notify()
         if self._watchdog is None:
             self._watchdog = threading.Thread(
@@ -298,7 +300,8 @@ class WorkerClient:
         if self.step_timeout_s is None:
             return
         with self._watch:
-            self._deadline = None
+            if self._deadlines:
+                self._deadlines.popleft()  # results come back in the order the steps were sent
             self._watch.notify()
 
     def _watch_steps(self) -> None:
@@ -306,15 +309,15 @@ class WorkerClient:
             while True:
                 if self._closed:
                     return
-                if self._deadline is None:
+                if not self._deadlines:
                     self._watch.wait()
                     continue
-                deadline, timeout, step_id = self._deadline
+                deadline, timeout, step_id = self._deadlines[0]
                 remaining = deadline - time.monotonic()
                 if remaining > 0:
                     self._watch.wait(remaining)
                     continue
-                self._deadline = None
+                self._deadlines.clear()
                 break
         states = ", ".join(
             f"rank {rank}: {_process_state(proc.pid)}" for rank, proc in enumerate(self._procs)
@@ -353,7 +356,7 @@ class WorkerClient:
     def shutdown(self, timeout: float = 5.0) -> None:
         with self._watch:
             self._closed = True
-            self._deadline = None
+            self._deadlines.clear()
             self._watch.notify()
         for proc, conn in zip(self._procs, self._conns, strict=True):
             if proc.is_alive():

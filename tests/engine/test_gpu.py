@@ -77,14 +77,17 @@ def test_cuda_graphs_match_eager_across_buckets(kv_cache_dtype: str, tmp_path: P
                  kv_cache_dtype=kv_cache_dtype, enforce_eager=eager, max_num_seqs=48,
                  max_num_batched_tokens=64) as llm:
             results[eager] = llm.generate(prompts, params)
+    # A graph pads the batch to its bucket, so its GEMMs may round differently in the last bit;
+    # an int8 pool can turn that into one quantization step of a key (~1e-3 on a logprob).
+    tol = 1e-4 if kv_cache_dtype == "auto" else 2e-2
     for got, want in zip(results[False], results[True], strict=True):
         assert got.outputs[0].token_ids == want.outputs[0].token_ids
         for g, w, tid in zip(got.outputs[0].logprobs, want.outputs[0].logprobs, want.outputs[0].token_ids, strict=True):
-            assert g[tid].logprob == pytest.approx(w[tid].logprob, abs=1e-4)
+            assert g[tid].logprob == pytest.approx(w[tid].logprob, abs=tol)
     got_prompt, want_prompt = results[False][20].prompt_logprobs, results[True][20].prompt_logprobs
     assert got_prompt is not None and len(got_prompt) == len(prompts[20])
     for g, w, tid in zip(got_prompt[1:], want_prompt[1:], prompts[20][1:], strict=True):
-        assert g[tid].logprob == pytest.approx(w[tid].logprob, abs=1e-4)
+        assert g[tid].logprob == pytest.approx(w[tid].logprob, abs=tol)
 
 
 def test_cuda_graphs_sampled_with_seeds_match_eager(tmp_path: Path) -> None:
