@@ -42,7 +42,8 @@ class StepTimes:
     """Where the engine loop's wall time goes, logged every `_STATS_LOG_S` while busy.
 
     schedule: planning the step; worker: the worker's round trip (send the plan, forward
-    pass, sampling, the result back), of which execute is the worker's own time; process:
+    pass, sampling, the result back), of which execute is the worker's own time (and worker
+    idle its wait for the plan: with overlapped steps, near zero unless the loop is late); process:
     appending tokens, stop checks, detokenizing; rest: handing outputs to the requests' queues
     (their handlers stream them while the worker runs the next step, inside its round trip).
     """
@@ -57,10 +58,12 @@ class StepTimes:
         self.steps = self.seqs = self.tokens = 0
         self.seconds = dict.fromkeys(self.PHASES, 0.0)
         self.seconds["execute"] = 0.0
+        self.seconds["worker idle"] = 0.0
 
-    def add(self, seqs: int, tokens: int, times: tuple[float, ...], execute_seconds: float) -> None:
+    def add(self, seqs: int, tokens: int, times: tuple[float, ...], result: StepResult) -> None:
         self.steps += 1
-        self.seconds["execute"] += execute_seconds
+        self.seconds["execute"] += result.execute_seconds
+        self.seconds["worker idle"] += result.wait_seconds
         self.seqs += seqs
         self.tokens += tokens
         for name, start, end in zip(self.PHASES, times, times[1:], strict=False):
@@ -213,7 +216,7 @@ class AsyncEngine:
                 # No yield here: the next step is planned and sent first, and the requests' handlers
                 # stream these outputs while the worker runs (they run during that await).
                 t4 = time.perf_counter()
-                times.add(len(plan.seqs), sched.num_batched_tokens, (t0, t1, t2, t3, t4), result.execute_seconds)
+                times.add(len(plan.seqs), sched.num_batched_tokens, (t0, t1, t2, t3, t4), result)
                 times.maybe_log(t4, core.stats())
         except EngineDeadError as e:
             self._fail_all(e)

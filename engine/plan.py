@@ -61,6 +61,7 @@ class StepResult:
     # one per token whose successor is in the prompt.
     prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)
     execute_seconds: float = 0.0  # the worker's own time for the step (forward pass and sampling)
+    wait_seconds: float = 0.0  # the worker's time waiting for this step's plan (and reading it)
 
 
 @dataclass(slots=True)

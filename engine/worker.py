@@ -90,6 +90,7 @@ def _worker_main(
         conn.send(("error", traceback.format_exc()))
         return
     while True:
+        waiting_since = time.perf_counter()
         try:
             kind, payload = conn.recv()
         except (EOFError, OSError):
@@ -100,6 +101,7 @@ def _worker_main(
             start = time.perf_counter()
             result = runner.execute(payload)
             result.execute_seconds = time.perf_counter() - start
+            result.wait_seconds = start - waiting_since  # idle, waiting for this plan (and reading it)
             if rank == 0:
                 conn.send(("result", result))
         except BaseException:
