@@ -41,6 +41,10 @@ class IncrementalDetokenizer:
         self._special_ids: frozenset[int] = (
             frozenset(tokenizer.all_special_ids) if skip_special_tokens else frozenset()
         )
+        # A fast tokenizer that cleans up no spaces decodes as its Rust backend does: call the
+        # backend directly (a fifth of the cost of `tokenizer.decode`, twice per token).
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend = None if getattr(tokenizer, "clean_up_tokenization_spaces", False) else backend
         context = [t for t in prompt_token_ids if t not in self._special_ids][-_NUM_CONTEXT_TOKENS:]
         # A prompt ending in part of a character must not lend its bytes to the output.
         while context and self._decode(context).endswith(_REPLACEMENT):
@@ -55,6 +59,8 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         if not ids:
             return ""
+        if self._backend is not None:
+            return str(self._backend.decode(ids, skip_special_tokens=self.skip_special_tokens))
         return self.tokenizer.decode(
             ids,
             skip_special_tokens=self.skip_special_tokens,
