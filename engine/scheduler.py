@@ -6,7 +6,9 @@ There is no prefill or decode phase. Every sequence has `num_computed_tokens` ca
 1. running sequences that need one token (decodes), oldest first;
 2. running sequences still prefilling, next chunk, oldest first;
 3. waiting sequences, first come first served, while a `req_to_token` row, slots, budget and
-   the future-usage check allow (a prompt larger than the budget left gets a chunk).
+   the future-usage check allow (a prompt larger than the budget left gets a chunk). With
+   `admission_batch` > 1, a full batch of at least 32 decodes admits only once that many rows
+   are free (or after 8 steps), so prompts are computed in fewer, larger passes.
 
 Admission (LightLLM's future-usage check): for the running sequences plus the candidate, let
 `used_i` be its known tokens (held slots plus the prompt or recompute still to come: chunked
@@ -51,6 +53,8 @@ from engine.request import Sequence, SequenceStatus
 if TYPE_CHECKING:
     from engine.config import EngineConfig
 
+_MIN_DECODES_TO_BATCH_ADMISSION = 32  # below this, admission never waits (latency first)
+_MAX_ADMISSION_WAIT = 8  # steps a waiting request can be held back for `admission_batch`
 _EVICT_CHUNK_DIVISOR = 256  # a full pool evicts at least 1/256 of it at a time
 _OUTPUT_LEN_EMA = 0.1  # weight of the newest observation in the aggressive output-length average
 
@@ -65,9 +69,16 @@ class SchedulerConfig:
     watermark: float = 0.0  # fraction of the pool the admission check keeps spare
     initial_output_len: int = 128  # aggressive: predicted output length before any has finished
     enable_prefix_caching: bool = False
+    # While the running batch is full (fewer free rows than this) and large, admission waits
+    # until this many rows are free (or `_MAX_ADMISSION_WAIT` steps passed), so prompts are
+    # computed in fewer, larger passes. 1: admit whenever a row is free.
+    admission_batch: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_slots", "initial_output_len"):
+        for name in (
+            "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_slots", "initial_output_len",
+            "admission_batch",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.admission not in ("conservative", "aggressive"):
@@ -141,6 +152,7 @@ class Scheduler:
         self.num_preemptions = 0  # total, for stats
         self.prefix_cache = RadixPrefixCache(allocator) if config.enable_prefix_caching else None
         self._evict_chunk = max(1, config.num_slots // _EVICT_CHUNK_DIVISOR)
+        self._steps_held_back = 0  # steps admission waited for `admission_batch` rows
         self.prefix_cache_queries = 0  # tokens of admitted sequences looked up in the cache
         self.prefix_cache_hits = 0  # of those, tokens found
 
@@ -255,9 +267,23 @@ class Scheduler:
                 scheduled_ids.add(seq.seq_id)
                 budget -= n
         if not preempted:  # a step that had to preempt admits nothing new
-            budget -= self._admit(budget, scheduled)
+            if self._admission_due(len(decodes)):
+                self._steps_held_back = 0
+                budget -= self._admit(budget, scheduled)
+            elif self.waiting and self.rows.num_free:
+                self._steps_held_back += 1
         freed_rows, self._freed_rows = self._freed_rows, []
         return SchedulerOutput(scheduled, freed_rows, preempted, self.config.max_num_batched_tokens - budget)
+
+    def _admission_due(self, num_decodes: int) -> bool:
+        """Admit this step? Always, unless a large running batch is full and only a few rows are
+        free (`admission_batch`): then the waiting prompts are batched over a few steps, bounded
+        by `_MAX_ADMISSION_WAIT`."""
+        return (
+            self.rows.num_free >= min(self.config.admission_batch, len(self.waiting))
+            or num_decodes < _MIN_DECODES_TO_BATCH_ADMISSION
+            or self._steps_held_back >= _MAX_ADMISSION_WAIT
+        )
 
     def update_after_step(self, output: SchedulerOutput) -> None:
         """The step ran: its tokens' K/V are in the pool."""

@@ -5,8 +5,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.errors import PromptTooLongError
+from engine.kv_cache import KVSlotAllocator
 from engine.request import Sequence, SequenceStatus
-from engine.scheduler import Scheduler, future_peak
+from engine.scheduler import Scheduler, SchedulerConfig, future_peak
 from tests.engine.factories import (
     FakeWorker,
     create_scheduler,
@@ -358,3 +359,33 @@ def test_random_add_abort_step_keeps_invariants(
         else:
             assert seq.status is SequenceStatus.FINISHED_ABORTED
     assert_all_released(sched)
+
+
+def test_admission_batch_groups_prompts_while_a_large_batch_is_full() -> None:
+    # 40 rows, all busy with sequences finishing one per step; 60 more waiting. With
+    # admission_batch 4, newcomers join in groups of at least 4 (or after 8 steps of waiting),
+    # so their prompts share passes; with 1, one joins whenever a row frees.
+    def run(admission_batch: int) -> tuple[list[int], list[Sequence]]:
+        config = SchedulerConfig(max_num_seqs=40, max_num_batched_tokens=4096, max_model_len=2048,
+                                 num_slots=20_000, admission_batch=admission_batch)
+        sched = Scheduler(config, KVSlotAllocator(config.num_slots))
+        seqs = create_sequences(100, prompt_len=16, max_tokens=[20 + r for r in range(100)])
+        for seq in seqs:
+            sched.add(seq)
+        worker = FakeWorker(config.num_slots)
+        joined, held = [], 0
+        while sched.has_unfinished:
+            could_join = sched.rows.num_free > 0 and sched.num_waiting > 0
+            out = step(sched, worker)
+            joined.append(sum(1 for s in out.scheduled if s.is_new_row))
+            held = held + 1 if could_join and not joined[-1] else 0
+            assert held <= 8  # nobody is held back past 8 steps while a row is free
+        return joined, seqs
+
+    one_by_one, seqs_1 = run(1)
+    batched, seqs_4 = run(4)
+    assert [s.output_token_ids for s in seqs_4] == [s.output_token_ids for s in seqs_1]
+    assert one_by_one[0] == batched[0] == 40  # the first batch fills every row at once
+    steady = [n for n in batched[1:] if n]
+    assert steady and min(steady[:-1]) >= 4  # groups of 4 (the last group takes what is left)
+    assert max(n for n in one_by_one[1:]) == 1  # without it: one at a time
