@@ -3,7 +3,12 @@
 Both run the same model (the embedded default unless `--model` is given) with greedy
 decoding and a fixed number of output tokens (eos ignored), one after the other, on this
 machine. Reported: single-stream decode tok/s and aggregate output tok/s at `--batch`
-concurrent requests, and the ratios.
+concurrent requests, and the ratios, with each row's precision: the weights as stored and
+the dtype the activations and the KV cache use.
+
+`--engines` lists the engine configurations: a dtype (float32, bfloat16, ...) runs the model
+in that dtype; int8 / int4 run bfloat16 with weight-only quantized linear layers (lossy,
+opt-in: `weight_quantization`).
 """
 
 from __future__ import annotations
@@ -51,19 +56,39 @@ def _bench_transformers(model, tokenizer, prompts: list[list[int]], max_tokens: 
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     kwargs = dict(do_sample=False, pad_token_id=pad, eos_token_id=None)
     with torch.inference_mode():
-        model.generate(ids[:1, -8:], attention_mask=mask[:1, -8:], max_new_tokens=4, min_new_tokens=4, **kwargs)
+        model.generate(
+            ids[:1, -8:], attention_mask=mask[:1, -8:], max_new_tokens=4, min_new_tokens=4, **kwargs
+        )
         start = time.perf_counter()
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens, **kwargs)
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens, **kwargs
+        )
         elapsed = time.perf_counter() - start
     return (out.shape[1] - width) * len(prompts) / elapsed
 
 
+_QUANTIZED = {"int8": "int8 per row", "int4": "int4 per 32"}
+
+
+def _engine_kwargs(spec: str) -> tuple[dict[str, str], str, str]:
+    """An `--engines` item -> (LLM keyword arguments, weights label, compute dtype label)."""
+    if spec in _QUANTIZED:
+        return {"dtype": "bfloat16", "weight_quantization": spec}, _QUANTIZED[spec], "bfloat16"
+    return {"dtype": spec}, spec, spec
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lightgate bench offline", description=__doc__)
-    parser.add_argument("--model", default=None, help="model dir or GGUF file (default: embedded SmolLM2-135M)")
+    parser.add_argument(
+        "--model", default=None, help="model dir or GGUF file (default: embedded SmolLM2-135M)"
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--dtypes", default="float32,bfloat16", help="engine dtypes to run, comma-separated")
+    parser.add_argument(
+        "--engines",
+        default="float32,bfloat16,int4",
+        help="engine configurations, comma-separated: a dtype, or int8 / int4 (bfloat16 with quantized weights)",
+    )
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -72,38 +97,56 @@ def main(argv: list[str] | None = None) -> None:
 
     from engine.llm import LLM
 
-    rows: dict[str, tuple[float, float]] = {}
+    # name -> (weights, compute dtype, single stream tok/s, batch tok/s)
+    rows: dict[str, tuple[str, str, float, float]] = {}
     model_path = tokenizer = None
-    for dtype in args.dtypes.split(","):
-        llm = LLM(args.model, dtype=dtype)
+    for spec in args.engines.split(","):
+        kwargs, weights, compute = _engine_kwargs(spec.strip())
+        llm = LLM(args.model, **kwargs)
         tokenizer, model_path = llm.get_tokenizer(), llm.core.model_path
         prompts = _prompts(tokenizer, args.batch)
-        rows[f"lightgate {dtype}"] = (
+        rows[f"lightgate {spec.strip()}"] = (
+            weights,
+            compute,
             _bench_engine(llm, prompts[:1], args.max_tokens),
             _bench_engine(llm, prompts, args.max_tokens),
         )
         llm.shutdown()
+    reference = "transformers generate float32"
     if not args.skip_transformers:
         prompts = _prompts(tokenizer, args.batch)
         hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-        rows["transformers generate float32"] = (
+        rows[reference] = (
+            "float32",
+            "float32",
             _bench_transformers(hf, tokenizer, prompts[:1], args.max_tokens),
             _bench_transformers(hf, tokenizer, prompts, args.max_tokens),
         )
 
-    print(f"\nmodel: {model_path}\nthreads: {torch.get_num_threads()}, greedy, {args.max_tokens} output tokens "
-          "per request (eos ignored); output tok/s")
-    ref = rows.get("transformers generate float32")
-    header = f"{'':32}{'single stream':>15}{f'batch {args.batch} aggregate':>22}"
+    print(
+        f"\nmodel: {model_path}\nthreads: {torch.get_num_threads()}, greedy, {args.max_tokens} output tokens "
+        "per request (eos ignored); output tok/s; compute = activations and KV cache"
+    )
+    ref = rows.get(reference)
+    header = (
+        f"{'':32}{'weights':>14}{'compute':>10}{'single stream':>15}{f'batch {args.batch} aggregate':>22}"
+    )
     print(header + ("" if ref is None else f"{'vs transformers':>20}"))
-    for name, (single, batch) in rows.items():
-        line = f"{name:32}{single:>15.1f}{batch:>22.1f}"
+    for name, (weights, compute, single, batch) in rows.items():
+        line = f"{name:32}{weights:>14}{compute:>10}{single:>15.1f}{batch:>22.1f}"
         if ref is not None:
-            line += f"{f'{single / ref[0]:.2f}x / {batch / ref[1]:.2f}x':>20}"
+            line += f"{f'{single / ref[2]:.2f}x / {batch / ref[3]:.2f}x':>20}"
         print(line)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({k: {"single_tok_s": v[0], "batch_tok_s": v[1]} for k, v in rows.items()}, f, indent=1)
+            json.dump(
+                {
+                    name: {"weights": w, "compute": c, "single_tok_s": single, "batch_tok_s": batch}
+                    for name, (w, c, single, batch) in rows.items()
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

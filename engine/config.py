@@ -39,7 +39,7 @@ WARMUP_TIMEOUT_FACTOR = 5.0
 class EngineConfig:
     model: str | None = None  # HF directory, GGUF file, or None for the embedded default
     tokenizer: str | None = None  # defaults to the model's own tokenizer files
-    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU (bf16 with weight_quantization)
     device: str = "auto"  # auto: cuda when available
     tensor_parallel_size: int = 1  # worker ranks the model is split over (heads must divide)
     kv_cache_dtype: str = "auto"  # auto: the model dtype; "int8"
@@ -50,10 +50,14 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # per-step token budget (chunked prefill)
     max_waiting_requests: int = 4096  # beyond this, generate() raises EngineOverloadedError
     admission: Literal["conservative", "aggressive"] = "conservative"
+    admission_batch: int = 1  # a full batch of >= 32 decodes admits only once this many rows are free
     enable_prefix_caching: bool = True
     seed: int = 0
     enforce_eager: bool = False  # GPU: no CUDA graphs
     attention_backend: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton kernels on CUDA
+    # CPU: weight-only quantization of the linear layers (lossy, so opt-in), computing in
+    # bfloat16: int8 (a scale per output row) or int4 (a scale and a zero per 32 inputs).
+    weight_quantization: Literal["none", "int8", "int4"] = "none"
     # Seconds one step may take before the workers count as hung: every rank is killed and the
     # in-flight requests fail with EngineDeadError. None: 60 on GPU, 300 on CPU; 0: never.
     # The first WARMUP_STEPS steps get WARMUP_TIMEOUT_FACTOR times as long (kernel compilation).
@@ -66,10 +70,17 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.kv_cache_dtype not in ("auto", "int8", *_DTYPES):
             raise ValueError(f"kv_cache_dtype must be auto, int8 or a float dtype, got {self.kv_cache_dtype!r}")
+        if self.admission_batch < 1:
+            raise ValueError("admission_batch must be at least 1")
         if self.admission not in ("conservative", "aggressive"):
             raise ValueError(f"admission must be conservative or aggressive, got {self.admission!r}")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
+        quantization = self.weight_quantization
+        if quantization not in ("none", "int8", "int4"):
+            raise ValueError(f"weight_quantization must be none, int8 or int4, got {quantization!r}")
+        if quantization != "none" and self.dtype not in ("auto", "bfloat16", "bf16"):
+            raise ValueError(f"weight_quantization {quantization} computes in bfloat16, not {self.dtype}")
         if self.step_timeout_s is not None and not self.step_timeout_s >= 0:
             raise ValueError(f"step_timeout_s must be >= 0 (0: no timeout), got {self.step_timeout_s!r}")
 
@@ -87,7 +98,8 @@ class EngineConfig:
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
-            return torch.bfloat16 if self.resolved_device().startswith("cuda") else torch.float32
+            on_gpu = self.resolved_device().startswith("cuda")
+            return torch.bfloat16 if on_gpu or self.weight_quantization != "none" else torch.float32
         return _DTYPES[self.dtype]
 
     def kv_torch_dtype(self) -> torch.dtype:

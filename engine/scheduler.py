@@ -96,6 +96,7 @@ class SchedulerConfig:
             num_slots=num_slots,
             admission=config.admission,
             enable_prefix_caching=config.enable_prefix_caching,
+            admission_batch=config.admission_batch,
         )
 
 

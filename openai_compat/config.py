@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     dtype: str = Field("auto", description="weights and activations: auto, float32, float16, bfloat16")
     device: str = Field("auto", description="auto, cpu or cuda")
     kv_cache_dtype: str = Field("auto", description="auto (the model dtype) or int8")
+    weight_quantization: Literal["none", "int8", "int4"] = Field(
+        "none",
+        description="CPU: weight-only int8 (per row) or int4 (groups of 32) linear layers, bfloat16 compute; lossy",
+    )
     kv_cache_memory_gb: float | None = Field(
         None, gt=0, description="GiB for the KV pool (default: 1 on CPU, gpu_memory_utilization on GPU)"
     )
@@ -74,6 +78,9 @@ class Settings(BaseSettings):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs the model is split over")
     admission: Literal["conservative", "aggressive"] = Field(
         "conservative", description="router admission: by max_tokens, or by observed lengths with preemption"
+    )
+    admission_batch: int = Field(
+        1, ge=1, description="a full batch of 32+ decodes admits new requests only once this many rows are free"
     )
     enable_prefix_caching: bool = Field(True, description="share KV of common prompt prefixes")
     enforce_eager: bool = Field(False, description="GPU: no CUDA graphs")
@@ -116,6 +123,7 @@ class Settings(BaseSettings):
             device=self.device,
             tensor_parallel_size=self.tensor_parallel_size,
             kv_cache_dtype=self.kv_cache_dtype,
+            weight_quantization=self.weight_quantization,
             kv_cache_memory_gb=self.kv_cache_memory_gb,
             gpu_memory_utilization=self.gpu_memory_utilization,
             max_model_len=self.max_model_len,
@@ -123,6 +131,7 @@ class Settings(BaseSettings):
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_waiting_requests=self.max_waiting_requests,
             admission=self.admission,
+            admission_batch=self.admission_batch,
             enable_prefix_caching=self.enable_prefix_caching,
             seed=self.seed,
             enforce_eager=self.enforce_eager,

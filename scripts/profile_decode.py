@@ -14,6 +14,7 @@ import time
 from torch.profiler import ProfilerActivity, profile
 
 from engine.config import EngineConfig
+from engine.layers.cpu_gemm import quantize_model_weights
 from engine.model_runner import ModelRunner
 from engine.models import load_hf_config, load_model, resolve_model
 from engine.plan import NewRow, SeqStep, StepPlan
@@ -23,20 +24,32 @@ from engine.sampling_params import SamplingParams
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--weight-quantization", default="none", choices=["none", "int8", "int4"])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=100)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--by-shape", action="store_true", help="split the table by input shapes")
+    parser.add_argument("--rows", type=int, default=15, help="rows of the table")
     args = parser.parse_args()
 
     path = resolve_model(None)
     config = EngineConfig(dtype=args.dtype, device="cpu").resolve(max_position_embeddings=8192)
-    runner = ModelRunner(config, load_model(path, config.torch_dtype(), "cpu"), load_hf_config(path))
+    model = load_model(path, config.torch_dtype(), "cpu")
+    if args.weight_quantization != "none":
+        quantize_model_weights(model, args.weight_quantization)
+    runner = ModelRunner(config, model, load_hf_config(path))
     params = SamplingParams(temperature=0.0, max_tokens=1000)
     batch, length = args.batch, args.context
     prompt = list(range(100, 100 + length))
     seqs = [
-        SeqStep(row=b, start_pos=0, token_ids=prompt, out_slots=list(range(b * length, (b + 1) * length)),
-                sample=True, new_row=NewRow(params, prompt, []))
+        SeqStep(
+            row=b,
+            start_pos=0,
+            token_ids=prompt,
+            out_slots=list(range(b * length, (b + 1) * length)),
+            sample=True,
+            new_row=NewRow(params, prompt, []),
+        )
         for b in range(batch)
     ]
     runner.execute(StepPlan(0, seqs))
@@ -44,10 +57,13 @@ def main() -> None:
 
     def step(step_id: int) -> None:
         nonlocal next_slot, pos
-        plan = StepPlan(step_id, [
-            SeqStep(row=b, start_pos=pos, token_ids=[5], out_slots=[next_slot + b], sample=True)
-            for b in range(batch)
-        ])
+        plan = StepPlan(
+            step_id,
+            [
+                SeqStep(row=b, start_pos=pos, token_ids=[5], out_slots=[next_slot + b], sample=True)
+                for b in range(batch)
+            ],
+        )
         next_slot, pos = next_slot + batch, pos + 1
         runner.execute(plan)
 
@@ -56,11 +72,14 @@ def main() -> None:
     start = time.perf_counter()
     for i in range(args.steps):
         step(i)
-    print(f"{args.dtype}, batch {batch}: {(time.perf_counter() - start) / args.steps * 1e3:.1f} ms per step")
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    print(
+        f"{args.dtype}, weights {args.weight_quantization}, batch {batch}: {(time.perf_counter() - start) / args.steps * 1e3:.1f} ms per step"
+    )
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape) as prof:
         for i in range(5):
             step(i)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    table = prof.key_averages(group_by_input_shape=args.by_shape)
+    print(table.table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 
 if __name__ == "__main__":

@@ -11,9 +11,12 @@ Data flow of one layer in one step (see `engine/forward_context.py`):
    positions <= its own (causal), and with a sliding window W only keys with
    position > its own - W.
 
-Decode-only steps with several sequences gather every sequence's keys into one padded
-[B, L] batch and mask the padding, instead of looping over sequences in Python.
-GQA: query head h reads kv head h // (H / KV) (`enable_gqa`).
+Decode-only steps gather every sequence's keys into one padded [B, L] batch and mask the
+padding, instead of looping over sequences in Python.
+GQA: query head h reads kv head h // G, G = H / KV. A decode step folds the G query heads of
+a kv head into G query rows of that kv head ([B, KV, G, D]): plain attention with KV heads
+and no key repeat; on CPU this is 5-30x faster than `enable_gqa` with one query row
+(bf16 most of all), with the same result.
 """
 
 from __future__ import annotations
@@ -89,8 +92,9 @@ class Attention(nn.Module):
 
     def _read(self, kv: KVPool, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # slots: any shape S -> k, v: [*S, KV, D] in `dtype`
-        k = kv.k[self.layer_idx].index_select(0, slots.reshape(-1)).view(*slots.shape, *kv.k[self.layer_idx].shape[1:])
-        v = kv.v[self.layer_idx].index_select(0, slots.reshape(-1)).view(*slots.shape, *kv.v[self.layer_idx].shape[1:])
+        k_pool, v_pool, flat = kv.k[self.layer_idx], kv.v[self.layer_idx], slots.reshape(-1)
+        k = k_pool.index_select(0, flat).view(*slots.shape, *k_pool.shape[1:])
+        v = v_pool.index_select(0, flat).view(*slots.shape, *v_pool.shape[1:])
         if kv.k_scale is not None and kv.v_scale is not None:
             k = dequantize_int8(k, kv.k_scale[self.layer_idx][slots], dtype)
             v = dequantize_int8(v, kv.v_scale[self.layer_idx][slots], dtype)
@@ -111,10 +115,10 @@ class Attention(nn.Module):
             k.view(num_tokens, self.num_kv_heads, self.head_dim),
             v.view(num_tokens, self.num_kv_heads, self.head_dim),
         )
-        if ctx.is_decode_only and ctx.num_seqs > 1:
-            out = self._decode_batched(ctx, q)
+        if ctx.is_decode_only:
+            out = self._decode(ctx, q)
         else:
-            out = self._per_sequence(ctx, q)
+            out = self._per_sequence(ctx, q, k, v)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
     def _forward_triton(
@@ -145,27 +149,43 @@ class Attention(nn.Module):
             max_new_len=max(ctx.new_lens_list),
         )
 
-    def _per_sequence(self, ctx: ForwardContext, q: torch.Tensor) -> torch.Tensor:
+    def _per_sequence(
+        self, ctx: ForwardContext, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
+    ) -> torch.Tensor:
+        # q: [T, H, D]; k_new / v_new: [T, KV * D], this step's keys and values (already stored)
         out = torch.empty_like(q)  # [T, H, D]
+        # A sequence without a cached prefix attends to exactly this step's k / v: no need to
+        # read them back, when the pool holds them unchanged (same dtype, not int8).
+        pool_is_exact = ctx.kv.k_scale is None and ctx.kv.k[self.layer_idx].dtype == q.dtype
+        group = self.num_heads // self.num_kv_heads
         offset = 0
         for row, start, num_new in zip(
             ctx.req_indices_list, ctx.start_pos_list, ctx.new_lens_list, strict=True
         ):
             seq_len = start + num_new
-            slots = ctx.req_to_token[row, :seq_len].long()
-            k, v = self._read(ctx.kv, slots, q.dtype)  # [L, KV, D]
-            q_i = q[offset : offset + num_new].transpose(0, 1)  # [H, n, D]
+            if start == 0 and pool_is_exact:
+                k = k_new[offset : offset + num_new].view(num_new, self.num_kv_heads, self.head_dim)
+                v = v_new[offset : offset + num_new].view(num_new, self.num_kv_heads, self.head_dim)
+            else:
+                slots = ctx.req_to_token[row, :seq_len].long()
+                k, v = self._read(ctx.kv, slots, q.dtype)  # [L, KV, D]
             mask = self._mask(start, num_new, seq_len, q.device)
+            if num_new == 1:  # a decoding sequence in a mixed step: fold the heads as in _decode
+                q_i = q[offset].view(1, self.num_kv_heads, group, self.head_dim)  # [1, KV, G, D]
+                gqa = False
+            else:
+                q_i = q[offset : offset + num_new].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+                gqa = True
             o = F.scaled_dot_product_attention(
-                q_i.unsqueeze(0),
+                q_i,
                 k.transpose(0, 1).unsqueeze(0),  # [1, KV, L, D]
                 v.transpose(0, 1).unsqueeze(0),
                 attn_mask=mask,
                 is_causal=mask is None and num_new > 1,
                 scale=self.scale,
-                enable_gqa=True,
-            )  # [1, H, n, D]
-            out[offset : offset + num_new] = o[0].transpose(0, 1)
+                enable_gqa=gqa,
+            )  # [1, H, n, D], or [1, KV, G, D] for one token
+            out[offset : offset + num_new] = o.reshape(-1, num_new, self.head_dim).transpose(0, 1)
             offset += num_new
         return out
 
@@ -181,37 +201,48 @@ class Attention(nn.Module):
             mask &= k_pos > q_pos - self.sliding_window
         return mask
 
-    def _decode_batched(self, ctx: ForwardContext, q: torch.Tensor) -> torch.Tensor:
+    def _decode(self, ctx: ForwardContext, q: torch.Tensor) -> torch.Tensor:
         # One new token per sequence: q [B, H, D]. Keys are gathered into a padded [B, L] grid.
-        slots, valid = self._decode_grid(ctx)
+        num_seqs = q.shape[0]
+        group = self.num_heads // self.num_kv_heads
+        slots, bias = self._decode_grid(ctx, q.dtype)
         k, v = self._read(ctx.kv, slots, q.dtype)  # [B, L, KV, D]
         o = F.scaled_dot_product_attention(
-            q.unsqueeze(2),  # [B, H, 1, D]
+            q.view(num_seqs, self.num_kv_heads, group, self.head_dim),  # [B, KV, G, D]: heads of one kv head
             k.transpose(1, 2),  # [B, KV, L, D]
             v.transpose(1, 2),
-            attn_mask=valid[:, None, None, :],  # [B, 1, 1, L]
+            attn_mask=bias,  # [B, 1, 1, L]
             scale=self.scale,
-            enable_gqa=True,
-        )  # [B, H, 1, D]
-        return o.squeeze(2)
+        )  # [B, KV, G, D]
+        return o.reshape(num_seqs, self.num_heads, self.head_dim)
 
-    def _decode_grid(self, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded slot ids [B, L] and validity mask [B, L]; computed once per step and window."""
-        key = ("decode_grid", self.sliding_window)
+    def _decode_grid(
+        self, ctx: ForwardContext, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Padded slot ids [B, L] and an additive mask [B, 1, 1, L] in `dtype` (0 where a key
+        is seen, -inf on padding and outside the window; None when every key is seen).
+        Computed once per step, window and dtype, for every layer."""
+        key = ("decode_grid", self.sliding_window, dtype)
         cached = ctx.derived.get(key)
         if cached is not None:
             return cached  # type: ignore[return-value]
-        seq_lens = ctx.seq_lens  # [B]
         max_len = ctx.max_seq_len
-        k_pos = torch.arange(max_len, device=seq_lens.device).unsqueeze(0)  # [1, L]
-        valid = k_pos < seq_lens.unsqueeze(1)  # [B, L]
-        if self.sliding_window is not None:
-            valid &= k_pos > (seq_lens - 1 - self.sliding_window).unsqueeze(1)
+        windowed = self.sliding_window is not None and max_len > self.sliding_window
         slots = ctx.req_to_token[ctx.req_indices, :max_len].long()  # [B, L]
-        # Padding entries may hold stale slot ids: point them at the dummy slot.
-        slots = torch.where(valid, slots, ctx.kv.dummy_slot)
-        ctx.derived[key] = (slots, valid)
-        return slots, valid
+        bias: torch.Tensor | None = None
+        if ctx.num_seqs > 1 or windowed:
+            seq_lens = ctx.seq_lens  # [B]
+            k_pos = torch.arange(max_len, device=seq_lens.device).unsqueeze(0)  # [1, L]
+            valid = k_pos < seq_lens.unsqueeze(1)  # [B, L]
+            if self.sliding_window is not None:
+                valid &= k_pos > (seq_lens - 1 - self.sliding_window).unsqueeze(1)
+            # Padding entries may hold stale slot ids: point them at the dummy slot.
+            slots = torch.where(valid, slots, ctx.kv.dummy_slot)
+            # Every row sees at least its own token, so no row is all -inf.
+            bias = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
+            bias = bias.masked_fill_(~valid, float("-inf"))[:, None, None, :]
+        ctx.derived[key] = (slots, bias)
+        return slots, bias
 
     def extra_repr(self) -> str:
         return (

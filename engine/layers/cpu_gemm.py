@@ -1,31 +1,53 @@
-"""Pre-packed half-precision GEMMs on CPU.
+"""Pre-packed GEMMs on CPU, and opt-in weight-only int8 / int4 projections.
 
 torch's plain `F.linear` on a bf16/fp16 CPU weight re-lays the weight out for the matrix
 engine on every call, which costs as much as the product itself at decode sizes. Packing
 each weight once, after loading, into oneDNN's blocked layout brings a decode step's
 projections down to the cost of reading the weights (measured in docs/benchmarks.md).
-float32 weights are left alone: their plain GEMM is already bound by memory bandwidth.
+float32 weights are packed too: `F.linear` goes to MKL's sgemm, which on the AMD EPYC
+development machine runs a decode step's projections 3x slower than oneDNN's packed GEMM
+(25.8 vs 8.3 ms for SmolLM2's 30 layers at one row, 49 vs 15 ms at 16 rows).
+
+Weight-only quantization (`quantize_model_weights`, bf16 models; lossy, so opt-in) keeps a
+projection's weight as int8 with one scale per output row, or as int4 in groups of 32
+inputs with a scale and a zero per group (Q4_1's layout: a Q4_1 GGUF's weights come back on
+the same grid). A decode step of a few sequences reads 1/2 or 1/4 of the bytes through
+torch's int8 / int4 CPU kernels; their cost grows with the rows much faster than the packed
+bf16 GEMM's, and they lose to it beyond `QUANTIZED_MAX_ROWS` rows, so larger batches and
+prefill use a packed bf16 copy of the dequantized weight: the same function either way, up
+to rounding. `module.weight` is overwritten with the dequantized values too.
 """
 
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-_PACKABLE = (torch.bfloat16, torch.float16)
+_PACKABLE = (torch.float32, torch.bfloat16, torch.float16)
 # The batch size oneDNN picks its blocking for; decode batches are around this size.
 _BATCH_HINT = 16
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype in _PACKABLE
-        and weight.dim() == 2
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
+    return weight.device.type == "cpu" and weight.dim() == 2 and _packing_works(weight.dtype)
+
+
+@functools.cache
+def _packing_works(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs `dtype` on this CPU (fp16 needs AVX512-FP16 or AVX-NE-CONVERT)."""
+    if dtype not in _PACKABLE or not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    try:
+        pack_weight(torch.zeros(16, 16, dtype=dtype))
+    except RuntimeError:
+        return False
+    return True
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -38,10 +60,107 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
+QUANTIZATION_METHODS = ("int8", "int4")
+INT4_GROUP_SIZE = 32
+# Rows up to which the int8 / int4 kernels beat the packed bf16 GEMM on a decode step's 30
+# layers of SmolLM2-135M (2-core AVX-512 machine, docs/benchmarks.md): at 1..4 rows int4
+# takes 0.45x and int8 0.75x the time of bf16; at 8 rows both are slower or even.
+QUANTIZED_MAX_ROWS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizedWeight:
+    """A projection's weight [out, in] quantized for few-row products, with its dense twin."""
+
+    method: str  # "int8" | "int4"
+    qweight: torch.Tensor  # int8: [out, in] int8; int4: torch's packed int4 layout (uint8)
+    scales: torch.Tensor  # int8: [out] bf16; int4: [in / 32, out, 2] bf16 (scale, zero) per group
+    dense: torch.Tensor  # oneDNN-packed bf16 copy of the dequantized weight, for many rows
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # x: [num_tokens, in] bf16 -> [num_tokens, out]
+        if x.shape[0] > QUANTIZED_MAX_ROWS:
+            return packed_linear(x, self.dense, bias)
+        x = x.contiguous()  # the kernels take dense rows
+        if self.method == "int8":
+            out = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, INT4_GROUP_SIZE, self.scales)
+        return out if bias is None else out.add_(bias)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight [out, in] -> (q int8 [out, in], scale [out] bf16, dequantized float32 [out, in]).
+
+    Symmetric, one scale per output row: scale = absmax / 127, rounded to bf16 before the
+    values are divided by it (so q * scale is the dequantized weight exactly).
+    """
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(torch.bfloat16)
+    s = scale.float().unsqueeze(1)
+    q = torch.round(w / s).clamp(-127, 127)
+    return q.to(torch.int8), scale, q * s
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight [out, in] -> (q int32 [out, in] in 0..15, scales_and_zeros [in / 32, out, 2] bf16,
+    dequantized float32 [out, in]).
+
+    Asymmetric per group of 32 inputs: w ~= (q - 8) * scale + zero (torch's int4 kernel's
+    formula) with q = round((w - min) / step), step = (max - min) / 15, as Q4_1 quantizes; so a
+    group of Q4_1 values (d * q + m, with q = 0 and q = 15 present, as Q4_1's quantizer makes
+    them) gets its own q back. scale = step in bf16, and zero, in bf16 too, is the least-squares
+    fit given q and the rounded scale (it absorbs part of the scale's rounding).
+    """
+    out_features, in_features = weight.shape
+    w = weight.float().view(out_features, in_features // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
+    low, high = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)  # [out, groups, 1]
+    step = ((high - low) / 15.0).clamp(min=1e-12)
+    q = torch.round((w - low) / step).clamp(0, 15)
+    scale = step.to(torch.bfloat16).float()
+    zero = (w - (q - 8.0) * scale).mean(dim=-1, keepdim=True).to(torch.bfloat16).float()
+    dequantized = (q - 8.0) * scale + zero
+    scales_and_zeros = torch.cat((scale, zero), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return q.view(out_features, in_features).to(torch.int32), scales_and_zeros, dequantized.view_as(weight)
+
+
+def can_quantize(weight: torch.Tensor, method: str) -> bool:
+    """Whether the CPU kernels of `method` take `weight` (bf16 [out, in], shape constraints)."""
+    if weight.dtype != torch.bfloat16 or not can_pack(weight):
+        return False
+    out_features, in_features = weight.shape
+    if method == "int4":  # torch's int4 packing: out % 16, in % group size
+        return out_features % 16 == 0 and in_features % INT4_GROUP_SIZE == 0
+    return True
+
+
+def quantize_weight(weight: torch.Tensor, method: str) -> tuple[QuantizedWeight, torch.Tensor]:
+    """weight [out, in] bf16 -> (its quantized form, the dequantized weight in bf16)."""
+    if method == "int8":
+        qweight, scales, dequantized = quantize_int8(weight)
+    else:
+        q, scales, dequantized = quantize_int4(weight)
+        qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    dequantized = dequantized.to(weight.dtype)
+    return QuantizedWeight(method, qweight, scales, pack_weight(dequantized)), dequantized
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    packed: torch.Tensor | QuantizedWeight | None,
+) -> torch.Tensor:
     if packed is not None and x.dtype == weight.dtype:
+        if isinstance(packed, QuantizedWeight):
+            return packed(x, bias)
         return packed_linear(x, packed, bias)
     return F.linear(x, weight, bias)
+
+
+def _projections(model: nn.Module) -> list[nn.Module]:
+    """Modules with a `weight` and a `packed_weight` slot: the linear layers and the LM head."""
+    return [m for m in model.modules() if hasattr(m, "packed_weight") and isinstance(m.weight, torch.Tensor)]
 
 
 def pack_model_weights(model: nn.Module) -> int:
@@ -51,8 +170,35 @@ def pack_model_weights(model: nn.Module) -> int:
     the LM head); `linear()` uses the packed copy when there is one.
     """
     count = 0
-    for module in model.modules():
-        if hasattr(module, "packed_weight") and can_pack(module.weight):
+    for module in _projections(model):
+        if can_pack(module.weight):
             module.packed_weight = pack_weight(module.weight)
             count += 1
+    return count
+
+
+def quantize_model_weights(model: nn.Module, method: str) -> int:
+    """Quantize the linear layers of a bf16 CPU model (`method`: int8 or int4) in place.
+
+    The LM head (often tied to the embedding) keeps its bf16 weight. Returns how many layers
+    were quantized; a layer the kernels cannot take keeps its packed bf16 weight.
+    """
+    from engine.layers.embedding import VocabParallelEmbedding
+
+    if method not in QUANTIZATION_METHODS:
+        raise ValueError(f"weight quantization must be one of {QUANTIZATION_METHODS}, got {method!r}")
+    layers = [m for m in _projections(model) if not isinstance(m, VocabParallelEmbedding)]
+    for module in layers:
+        if module.weight.device.type != "cpu" or module.weight.dtype != torch.bfloat16:
+            raise ValueError(
+                f"{method} weight quantization runs on CPU with dtype bfloat16, "
+                f"got {module.weight.dtype} on {module.weight.device}"
+            )
+    count = 0
+    for module in layers:
+        if not can_quantize(module.weight, method):
+            continue
+        module.packed_weight, dequantized = quantize_weight(module.weight, method)
+        module.weight.data.copy_(dequantized)  # every path computes the same function
+        count += 1
     return count

@@ -65,9 +65,12 @@ def compute_inv_freq(rotary_dim: int, params: dict[str, Any], max_position: int)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, heads, rotary_dim]; cos/sin: [T, 1, rotary_dim // 2]
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    # x: [T, heads, rotary_dim] = [x1 | x2]; cos = [c | c], sin = [-s | s]: [T, 1, rotary_dim]
+    # -> [x1 c - x2 s | x2 c + x1 s]: transformers' q * cos + rotate_half(q) * sin with the same
+    # roundings (x2 * -s is -(x2 * s) exactly), so 16-bit results match it (and the Triton
+    # kernel) bit for bit; four ops for any number of heads.
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # [x2 | x1]
+    return x * cos + swapped * sin
 
 
 class RotaryEmbedding(nn.Module):
@@ -107,9 +110,19 @@ class RotaryEmbedding(nn.Module):
         if self.cos_cache.device != positions.device:
             self.cos_cache = self.cos_cache.to(positions.device)
             self.sin_cache = self.sin_cache.to(positions.device)
-        cos = self.cos_cache[positions].unsqueeze(1).to(dtype)
-        sin = self.sin_cache[positions].unsqueeze(1).to(dtype)
-        return cos, sin  # [T, 1, rotary_dim // 2]
+        cos = self.cos_cache[positions].to(dtype)
+        sin = self.sin_cache[positions].to(dtype)
+        # Full rotary width, the sign of rotate_half folded into sin: [T, 1, rotary_dim].
+        return torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((-sin, sin), dim=-1).unsqueeze(1)
+
+    def _rotate_heads(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, heads, head_size] -> rotated copy, same shape
+        cos, sin = self._cos_sin(positions, x.dtype)
+        rd = self.rotary_dim
+        if rd == self.head_size:
+            return _rotate(x, cos, sin)
+        # partial rotary: only the first rotary_dim dims of each head rotate
+        return torch.cat((_rotate(x[..., :rd], cos, sin), x[..., rd:]), dim=-1)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
@@ -122,16 +135,24 @@ class RotaryEmbedding(nn.Module):
             apply_rotary(q, k, positions, self.cos_cache, self.sin_cache, self.head_size, self.rotary_dim)
             return q, k  # rotated in place
         num_tokens = positions.shape[0]
-        cos, sin = self._cos_sin(positions, q.dtype)
-        q = q.view(num_tokens, -1, self.head_size)
-        k = k.view(num_tokens, -1, self.head_size)
-        rd = self.rotary_dim
-        if rd == self.head_size:
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        else:  # partial rotary: only the first rotary_dim dims of each head rotate
-            q = torch.cat((_rotate(q[..., :rd], cos, sin), q[..., rd:]), dim=-1)
-            k = torch.cat((_rotate(k[..., :rd], cos, sin), k[..., rd:]), dim=-1)
-        return q.reshape(num_tokens, -1), k.reshape(num_tokens, -1)
+        q = self._rotate_heads(positions, q.view(num_tokens, -1, self.head_size))
+        k = self._rotate_heads(positions, k.view(num_tokens, -1, self.head_size))
+        return q.view(num_tokens, -1), k.view(num_tokens, -1)
+
+    def forward_packed(
+        self, positions: torch.Tensor, qk: torch.Tensor, q_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k side by side, qk: [T, q_size + k_size] (e.g. the leading columns of a fused
+        qkv projection) -> rotated (q [T, q_size], k [T, k_size]).
+
+        Same result as `forward(positions, qk[:, :q_size], qk[:, q_size:])`; on the torch path
+        both rotate in one pass over [T, heads_q + heads_k, head_size].
+        """
+        if use_triton() and qk.is_cuda:
+            return self.forward(positions, qk[:, :q_size], qk[:, q_size:])
+        num_tokens = positions.shape[0]
+        rotated = self._rotate_heads(positions, qk.view(num_tokens, -1, self.head_size)).view(num_tokens, -1)
+        return rotated[:, :q_size], rotated[:, q_size:]
 
     def extra_repr(self) -> str:
         return (

@@ -62,11 +62,13 @@ TEXT = (
     "bring everyone home."
 )
 
+# Prompts whose greedy answers have no near-tie in their first tokens (a haiku and a list of
+# sleeping tips start with two candidates 0.03 logits apart, which any summation order flips).
 CHAT_PROMPTS = [
     "What is the capital of France?",
-    "Write a haiku about the sea.",
+    "Name three animals that live in the ocean.",
     "Explain in one sentence what a hash table is.",
-    "Give me three tips for sleeping better.",
+    "What color is the sky on a clear day?",
     "What is 17 times 23?",
 ]
 

@@ -87,8 +87,17 @@ def run_steps(
 @pytest.mark.parametrize("int8", [False, True])
 def test_mixed_steps_match_dense_reference(window: int | None, int8: bool) -> None:
     attn = Attention(H, KV, D, scale=D**-0.5, layer_idx=0, sliding_window=window)
-    # prefill (one chunked), a mixed step, then decode-only steps over 3 sequences.
-    steps = [[(0, 7), (1, 3)], [(1, 9), (2, 12), (0, 1)], [(0, 1), (1, 1), (2, 1)], [(2, 1), (0, 1), (1, 1)]]
+    # prefill (one chunked), a mixed step, decode-only steps over 3 sequences, then over one
+    # (the single-sequence decode path, with and without the window cutting in).
+    steps = [
+        [(0, 7), (1, 3)],
+        [(1, 9), (2, 12), (0, 1)],
+        [(0, 1), (1, 1), (2, 1)],
+        [(2, 1), (0, 1), (1, 1)],
+        [(1, 1)],
+        [(3, 2)],
+        [(3, 1)],
+    ]
     outputs, history = run_steps(attn, make_pool(int8), steps)
     lens = [0] * ROWS
     tol = 5e-2 if int8 else 1e-5
@@ -116,8 +125,33 @@ def test_batched_decode_equals_per_sequence_path() -> None:
     q, k, v = torch.randn(3, H * D), torch.randn(3, KV * D), torch.randn(3, KV * D)
     with set_forward_context(ctx):
         batched = attn(q, k, v).view(3, H, D)
-        looped = attn._per_sequence(ctx, q.view(3, H, D))
+        looped = attn._per_sequence(ctx, q.view(3, H, D), k, v)
     torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-6)
+
+
+def test_prefill_reads_a_lower_precision_pool_back() -> None:
+    """A prompt prefilled in one step attends to its keys as the pool holds them (here bf16),
+    exactly as when it is prefilled in chunks (which must read the first chunk back)."""
+    attn = Attention(H, KV, D, scale=D**-0.5, layer_idx=0)
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(10, heads * D, generator=gen) for heads in (H, KV, KV))
+    outputs = []
+    for chunks in ([10], [6, 4]):
+        pool = KVPool(
+            k=[torch.zeros(NUM_SLOTS + 1, KV, D, dtype=torch.bfloat16)],
+            v=[torch.zeros(NUM_SLOTS + 1, KV, D, dtype=torch.bfloat16)],
+        )
+        req_to_token = torch.zeros(ROWS, MAX_LEN, dtype=torch.int32)
+        req_to_token[0, :10] = torch.arange(20, 30, dtype=torch.int32)
+        start, parts = 0, []
+        for n in chunks:
+            slots = req_to_token[0, start : start + n].long()
+            ctx = build_forward_context(pool, req_to_token, [0], [start], [n], slots)
+            with set_forward_context(ctx):
+                parts.append(attn(q[start : start + n], k[start : start + n], v[start : start + n]))
+            start += n
+        outputs.append(torch.cat(parts))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
 
 
 def test_int8_round_trip() -> None:

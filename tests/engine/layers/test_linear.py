@@ -81,7 +81,7 @@ def test_lm_head_tied_and_replicated() -> None:
     assert torch.equal(rep(hidden), hidden[:, :3])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_packed_cpu_weights_give_the_same_products(dtype: torch.dtype) -> None:
     from engine.layers import cpu_gemm
 
@@ -98,4 +98,5 @@ def test_packed_cpu_weights_give_the_same_products(dtype: torch.dtype) -> None:
         assert cpu_gemm.pack_model_weights(layer) == 1
         got = layer(x)
         layer.packed_weight = None
-        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2  # float32: only the summation order differs
+        torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)

@@ -23,6 +23,16 @@ def test_rms_norm_keeps_input_dtype() -> None:
     assert norm(torch.randn(2, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
+def test_bf16_rms_norm_rounds_like_transformers() -> None:
+    """Bit for bit transformers' LlamaRMSNorm: float32 inside, rounded before the weight."""
+    norm = RMSNorm(64, eps=1e-5, params_dtype=torch.bfloat16)
+    norm.weight.data = (torch.randn(64) * 0.3 + 1).bfloat16()
+    x = (torch.randn(16, 64) * 3).bfloat16()
+    x32 = x.float()
+    expected = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+    assert torch.equal(norm(x), expected)
+
+
 def test_silu_and_mul() -> None:
     x = torch.randn(5, 6)
     torch.testing.assert_close(SiluAndMul()(x), torch.nn.functional.silu(x[:, :3]) * x[:, 3:])

@@ -54,3 +54,32 @@ def test_rotation_preserves_norm_and_is_relative() -> None:
         torch.testing.assert_close(rq.norm(), q.norm())
         dots.append(rq[:, :16] @ rk.T)
     torch.testing.assert_close(dots[0], dots[1], rtol=1e-4, atol=1e-4)
+
+
+def _rotate_half_reference(
+    x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int
+) -> torch.Tensor:
+    """transformers' apply_rotary_pos_emb on x [T, heads, D] (neox layout, partial rotary)."""
+    freqs = torch.outer(positions.float(), inv_freq)
+    emb = torch.cat((freqs, freqs), -1)
+    cos, sin = emb.cos()[:, None].to(x.dtype), emb.sin()[:, None].to(x.dtype)
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    x1, x2 = rot.chunk(2, dim=-1)
+    return torch.cat((rot * cos + torch.cat((-x2, x1), dim=-1) * sin, rest), dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+def test_packed_q_and_k_rotate_like_transformers(partial: float, dtype: torch.dtype) -> None:
+    config = SimpleNamespace(rope_theta=1e4, max_position_embeddings=64, partial_rotary_factor=partial)
+    rope = get_rope(config, head_size=16)
+    positions = torch.tensor([0, 3, 17, 40])
+    qkv = torch.randn(4, (3 + 2 * 1) * 16).to(dtype)  # 3 q heads, 1 kv head: [q | k | v]
+    qk = qkv[:, : 4 * 16]  # a strided view, as split from the fused projection
+    q, k = rope.forward_packed(positions, qk, q_size=3 * 16)
+    expected = _rotate_half_reference(qk.reshape(4, 4, 16), positions, rope.inv_freq, rope.rotary_dim)
+    # float32: cos / sin tables vs computed on the fly; bf16: the same roundings, bit for bit
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0.0, "atol": 0.0}
+    torch.testing.assert_close(torch.cat((q, k), dim=-1).view(4, 4, 16), expected, **tol)
+    q2, k2 = rope(positions, qk[:, : 3 * 16], qk[:, 3 * 16 :])
+    assert torch.equal(q, q2) and torch.equal(k, k2)
