@@ -22,6 +22,8 @@
 #                      and what it finished is kept
 #   OUT                where results go (the device sets it; default ./out)
 #   PYTHON, PORT       default python3, 8000; SKIP_WHEELS=1 to use PYTHON's own packages
+#   GPU_TESTS          test paths to run first with `pytest -m gpu` (e.g. "tests/engine"), output
+#                      in $OUT/gputests.log; GPU_TESTS_S (240) bounds them
 #
 # Files under $OUT: results.json (every run and workload), bench.png (TTFT/TPOT/ITL CDFs),
 # summary.txt (the tables), server.log (every server, one after the other), gpu_bench.log.
@@ -67,11 +69,23 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 "$PYTHON" -c "import pydantic, starlette, uvicorn, httpx, tqdm" || { say "the server's packages do not import"; exit 1; }
 
+MAKE_PID=
 if [ ! -f "$MODEL/config.json" ]; then
     say "writing the random model to $MODEL"
     # shellcheck disable=SC2086
-    "$PYTHON" .gpu_tok/make_random_llama.py --out "$MODEL" --tokenizer-dir .gpu_tok/tok $MODEL_ARGS \
-        || { say "writing the model failed"; exit 1; }
+    "$PYTHON" .gpu_tok/make_random_llama.py --out "$MODEL" --tokenizer-dir .gpu_tok/tok $MODEL_ARGS &
+    MAKE_PID=$!
+fi
+if [ -n "${GPU_TESTS:-}" ]; then  # the GPU test tier, while the model is written
+    say "GPU tests: $GPU_TESTS (at most ${GPU_TESTS_S:-240} s)"
+    # shellcheck disable=SC2086
+    timeout -s TERM "${GPU_TESTS_S:-240}" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider $GPU_TESTS \
+        >"$OUT/gputests.log" 2>&1
+    say "GPU tests: $(tail -n 1 "$OUT/gputests.log")"
+fi
+if [ -n "$MAKE_PID" ] && ! wait "$MAKE_PID"; then
+    say "writing the model failed"
+    exit 1
 fi
 
 SERVER_PID=
