@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
@@ -90,15 +91,7 @@ class EngineCore:
         self.max_model_len = min(config.max_model_len, info.max_model_len)
         self.allocator = KVSlotAllocator(info.num_slots)
         self.scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                max_model_len=self.max_model_len,
-                num_slots=info.num_slots,
-                admission=config.admission,
-                enable_prefix_caching=config.enable_prefix_caching,
-            ),
-            self.allocator,
+            SchedulerConfig.from_engine_config(config, info.num_slots, self.max_model_len), self.allocator
         )
         self.requests: dict[str, RequestState] = {}
         self._step_id = 0
@@ -259,14 +252,18 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_unfinished or bool(self.in_flight)
 
-    def plan_ahead(self) -> list[StepPlan]:
+    def plan_ahead(self, send: Callable[[StepPlan], None] | None = None) -> list[StepPlan]:
         """Plan steps until two are in flight (the running one and the next), or nothing is left
-        to plan; returns the new plans, to be sent in order before waiting for the oldest."""
+        to plan. With `send`, each plan is sent as soon as it is planned and counts as in flight
+        once sent; without, the caller must send the returned plans, in order, before waiting
+        for the oldest (and treat a failure in between as fatal)."""
         new = []
         while len(self.in_flight) < _STEPS_IN_FLIGHT:
             planned = self.schedule(overlap=True)
             if planned is None:
                 break
+            if send is not None:
+                send(planned[1])
             self.in_flight.append(planned)
             new.append(planned[1])
         return new
@@ -281,8 +278,7 @@ class EngineCore:
     def step_overlapped(self) -> list[RequestOutput]:
         """Send what `plan_ahead` planned, then wait for the oldest step in flight: the
         offline API's loop body (the server's loop does the same with the waits in a thread)."""
-        for plan in self.plan_ahead():
-            self.worker.send_step(plan)
+        self.plan_ahead(send=self.worker.send_step)
         if not self.in_flight:
             return []
         return self.process_oldest(self.worker.recv_result())
