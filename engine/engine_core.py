@@ -231,11 +231,14 @@ class EngineCore:
         state = self.requests.get(seq.request_id)
         if state is None or state.prompt_logprobs is None or seq.index != 0:
             return None
-        # Only the chunk that continues exactly where the planned logprobs end (not a recompute).
+        # A chunk that holds the next position whose logprob is not planned yet. After a
+        # recompute (preemption) the chunks may be cut elsewhere: one that overlaps what was
+        # already planned computes it again, and `process` keeps only the new positions.
         last = len(seq.prompt_token_ids) - 1
-        if start_pos + 1 != state.prompt_logprobs_planned or start_pos >= last:
+        end = min(start_pos + num_tokens, last)  # the chunk's last target position
+        if not start_pos + 1 <= state.prompt_logprobs_planned <= end:
             return None
-        state.prompt_logprobs_planned = min(start_pos + num_tokens, last) + 1
+        state.prompt_logprobs_planned = end + 1
         return seq.params.prompt_logprobs
 
     def step(self) -> list[RequestOutput]:
@@ -300,9 +303,12 @@ class EngineCore:
         now = time.time()
         changed: dict[str, list[CompletionOutput]] = {}
         for i, entries in result.prompt_logprobs.items():
-            state = self.requests.get(sched.scheduled[i].seq.request_id)
+            s = sched.scheduled[i]
+            state = self.requests.get(s.seq.request_id)
             if state is not None and state.prompt_logprobs is not None:
-                state.prompt_logprobs.extend(self._logprobs_dict(e) for e in entries)
+                # entries are for positions start_pos + 1, ...; keep those not collected yet
+                skip = len(state.prompt_logprobs) - (s.start_pos + 1)
+                state.prompt_logprobs.extend(self._logprobs_dict(e) for e in entries[max(skip, 0) :])
         sampled = (s for s in sched.scheduled if s.sample)
         for s, token_id, lp in zip(sampled, result.sampled_token_ids, result.sampled_logprobs, strict=True):
             seq = s.seq

@@ -278,3 +278,29 @@ def test_mixed_graph_and_eager_step_keeps_plan_order_and_placeholders(model_dir:
     assert [ids for ids, _ in results[True]] == [ids for ids, _ in results[False]]
     for (_, a), (_, b) in zip(results[True], results[False], strict=True):
         assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_prompt_logprobs_complete_after_a_preemption_that_moves_chunk_boundaries(model_dir: str) -> None:
+    import dataclasses
+
+    prompt = [(7 * i + 3) % 250 + 3 for i in range(30)]
+    params = _greedy(3, prompt_logprobs=1)
+    with _llm(model_dir, slots=200, max_num_batched_tokens=8) as llm:
+        want = llm.generate([prompt], params)[0]
+        core = llm.core
+        core.add_request("r", prompt, params)
+        acc = OutputAccumulator(1)
+        for _ in range(2):  # two chunks of 8: logprobs for positions 1..16
+            for out in core.step():
+                acc.add(out)
+        seq = core.requests["r"].choices[0].seq
+        core.scheduler._preempt(seq, [])  # recomputed from scratch, now in chunks of 5
+        core.scheduler.config = dataclasses.replace(core.scheduler.config, max_num_batched_tokens=5)
+        while core.has_unfinished():
+            for out in core.step():
+                acc.add(out)
+        got = acc.result()
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    assert len(got.prompt_logprobs) == len(want.prompt_logprobs) == len(prompt)
+    for g, w, t in zip(got.prompt_logprobs[1:], want.prompt_logprobs[1:], prompt[1:], strict=True):
+        assert g[t].logprob == pytest.approx(w[t].logprob, abs=1e-4)
