@@ -308,6 +308,9 @@ class WorkerClient:
         with self._watch:
             if self._deadlines:
                 self._deadlines.popleft()  # results come back in the order the steps were sent
+            if self._deadlines:  # the next step starts now: its time counts from here
+                _, timeout, step_id = self._deadlines[0]
+                self._deadlines[0] = (time.monotonic() + timeout, timeout, step_id)
             self._watch.notify()
 
     def _watch_steps(self) -> None:
