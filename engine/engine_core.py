@@ -305,7 +305,8 @@ class EngineCore:
         for i, entries in result.prompt_logprobs.items():
             s = sched.scheduled[i]
             state = self.requests.get(s.seq.request_id)
-            if state is not None and state.prompt_logprobs is not None:
+            # (not a request that reused the id of one aborted while this step ran)
+            if state is not None and state.prompt_logprobs is not None and state.choices[0].seq is s.seq:
                 # entries are for positions start_pos + 1, ...; keep those not collected yet
                 skip = len(state.prompt_logprobs) - (s.start_pos + 1)
                 state.prompt_logprobs.extend(self._logprobs_dict(e) for e in entries[max(skip, 0) :])
