@@ -7,9 +7,8 @@ k+2. A request that finishes at step k has computed one wasted token in step k+1
 sent and results awaited in a dedicated thread, so the event loop keeps serving HTTP while the
 model runs and never blocks on a worker's pipe; it does not yield between processing a step
 and planning the next, so the requests' handlers stream a step's outputs while the worker
-computes. A worker that dies, or hangs past the
-step timeout (the worker client's watchdog), fails every in-flight request with
-`EngineDeadError`.
+computes. A worker that dies, or hangs past the step timeout (the worker client's watchdog),
+fails every in-flight request with `EngineDeadError`.
 Each request has an `asyncio.Queue` of delta outputs; `generate()` turns them into what the
 caller's `output_kind` asks for. Closing the iterator early aborts the request.
 """
@@ -48,7 +47,8 @@ class StepTimes:
     (their handlers stream them while the worker runs the next step, inside its round trip).
     """
 
-    PHASES = ("schedule", "worker", "process", "rest")
+    PHASES = ("schedule", "worker", "process", "rest")  # consecutive spans of the loop
+    WORKER_TIMES = ("execute", "worker idle")  # reported by the worker
 
     def __init__(self) -> None:
         self.reset(time.perf_counter())
@@ -56,9 +56,7 @@ class StepTimes:
     def reset(self, now: float) -> None:
         self.since = now
         self.steps = self.seqs = self.tokens = 0
-        self.seconds = dict.fromkeys(self.PHASES, 0.0)
-        self.seconds["execute"] = 0.0
-        self.seconds["worker idle"] = 0.0
+        self.seconds = dict.fromkeys(self.PHASES + self.WORKER_TIMES, 0.0)
 
     def add(self, seqs: int, tokens: int, times: tuple[float, ...], result: StepResult) -> None:
         self.steps += 1

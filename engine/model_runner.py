@@ -1,12 +1,15 @@
 """The worker's side of a step: KV pool, `req_to_token`, forward pass, sampling.
 
-`ModelRunner.execute(plan)` writes the plan's slots into `req_to_token`, packs the step's
-tokens into one padding-free batch, runs the model, samples the rows that reached their last
-known token and returns only what the engine core needs (token ids and logprobs).
+`ModelRunner.execute(plan)` writes the plan's slots into `req_to_token`, runs the step's plain
+decodes through a CUDA graph (when there are graphs) and the rest as one padding-free packed
+batch, samples the rows that reached their last known token, keeps those tokens on the device
+for the next step's placeholders, and returns only what the engine core needs (token ids and
+logprobs).
 
 With tensor parallelism every rank runs this on the same plan: each holds its shard of the
 weights and a KV pool of its own KV heads (the same number of slots on every rank); the
-logits are gathered on every rank, and only rank 0 samples and returns a result.
+logits are gathered on every rank, every rank samples the same tokens, and only rank 0's
+worker sends the result.
 """
 
 from __future__ import annotations

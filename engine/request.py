@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from engine.prefix_cache import RadixNode
 
 
+PLACEHOLDER_TOKEN = -1  # an output token sampled by a step in flight; the worker knows its id
+
+
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
@@ -166,9 +169,6 @@ class Sequence:
             del self.output_token_ids[-self.num_placeholders :]
             del self._all_token_ids[-self.num_placeholders :]
             self.num_placeholders = 0
-
-
-PLACEHOLDER_TOKEN = -1  # an output token sampled by a step in flight; the worker knows its id
 
 
 def create_sequences(

@@ -35,8 +35,9 @@ tokens → `finish(seq, status)` for those that ended. An overlapped caller plan
 while step k runs: it calls `update_after_step` as soon as a step is sent (the worker runs
 steps in order, so their K/V are in the pool before any later step reads them) and gives each
 sequence that step k samples a placeholder token (`Sequence.add_placeholder`), which step
-k+1 computes; a sequence whose last token is in flight is skipped. Rows in `freed_rows` must be reset by
-the worker before it applies the step's new rows (a freed row may be handed out again).
+k+1 computes; a sequence whose last token is in flight is skipped. Rows in `freed_rows` must
+be reset by the worker before it applies the step's new rows (a freed row may be handed out
+again).
 """
 
 from __future__ import annotations
