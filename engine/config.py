@@ -54,6 +54,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     enforce_eager: bool = False  # GPU: no CUDA graphs
+    # GPU: packed steps (prefill chunks) of up to this many tokens replay a CUDA graph too
+    # (token-count buckets); longer ones run eagerly, where the GPU, not the launches, is the
+    # bound. 0: decode graphs only.
+    max_prefill_graph_tokens: int = 2048
     attention_backend: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton kernels on CUDA
     # CPU: weight-only quantization of the linear layers (lossy, so opt-in), computing in
     # bfloat16: int8 (a scale per output row) or int4 (a scale and a zero per 32 inputs).
@@ -74,6 +78,8 @@ class EngineConfig:
             raise ValueError("admission_batch must be at least 1")
         if self.admission not in ("conservative", "aggressive"):
             raise ValueError(f"admission must be conservative or aggressive, got {self.admission!r}")
+        if self.max_prefill_graph_tokens < 0:
+            raise ValueError("max_prefill_graph_tokens must be >= 0 (0: no prefill graphs)")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
         quantization = self.weight_quantization

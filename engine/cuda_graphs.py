@@ -1,4 +1,4 @@
-"""CUDA graphs for decode steps: one captured forward pass per batch-size bucket.
+"""CUDA graphs: decode steps by batch-size bucket, packed (prefill) steps by token-count bucket.
 
 A decode step (every sequence computes one token and samples the next) launches a few
 hundred small kernels; at small batches their launch cost, not the GPU, sets the step time.
@@ -21,22 +21,42 @@ sequence (`graph_num_splits`): each sequence cuts its own keys into that many pi
 device, so one graph serves every length up to max_model_len.
 
 Only the Triton backend is captured (its kernels read lengths from the device; the torch path
-sizes tensors from host values). Steps that need more (prefill chunks, prompt logprobs,
-more sequences than the largest bucket) run eagerly.
+sizes tensors from host values).
+
+`PrefillGraphs` does the same for the packed part of a step (prefill chunks, and decodes that
+need more than the decode graph gives, such as prompt logprobs): one captured pass of the
+model body (no LM head) per bucket of token counts, up to `max_prefill_graph_tokens`. Eager,
+such a pass launches ~15 kernels per layer from Python, which takes longer than the GPU
+needs for a few hundred tokens; past about 2048 tokens the GPU is the bound either way, and
+those steps run eagerly. Its static buffers hold, per token: input id, position, KV slot,
+row (for placeholders); per sequence (up to max_num_seqs): row, start, new length, seq len
+and the packed offsets; and the prefill attention's tile table, whose fixed length makes the
+attention launch the same for every step of the bucket. Padding tokens compute token 0 at
+position 0 into the dummy slot and belong to no sequence (attention gives them zeros);
+padding sequences have no new tokens and no tiles.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from engine.forward_context import ForwardContext, KVPool, set_forward_context
 
 logger = logging.getLogger(__name__)
 
+if TYPE_CHECKING:
+    from engine.plan import SeqStep
+
 _IDS, _POS, _ROWS, _LENS, _SLOTS = range(5)
+# PrefillGraphs' per-token and per-sequence rows of the static buffers.
+_T_IDS, _T_POS, _T_SLOTS, _T_ROWS = range(4)
+_S_ROWS, _S_START, _S_NEW, _S_SEQ_LEN, _S_CU = range(5)
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -44,6 +64,15 @@ def batch_buckets(max_batch: int) -> list[int]:
     buckets = [b for b in (1, 2, 4, 8) if b < max_batch]
     buckets += list(range(16, max_batch, 16))
     return sorted({*buckets, max_batch})
+
+
+def token_buckets(max_tokens: int) -> list[int]:
+    """16, 32, 64, 128, then every 128 up to 1024 and every 256 past it, up to `max_tokens`
+    (always the last bucket): a step pads at most 2x below 128 tokens, at most 25 % above."""
+    buckets = [b for b in (16, 32, 64) if b < max_tokens]
+    buckets += [b for b in range(128, min(max_tokens, 1024), 128)]
+    buckets += [b for b in range(1024, max_tokens, 256)]
+    return sorted({*buckets, max_tokens})
 
 
 class DecodeGraphs:
@@ -164,3 +193,137 @@ class DecodeGraphs:
         self._graphs[bs].replay()
         return self.logits[:n]
 
+
+
+class PrefillGraphs:
+    """Packed steps of up to `max_tokens` tokens in up to `max_seqs` sequences, by token bucket."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv: KVPool,
+        req_to_token: torch.Tensor,
+        last_sampled: torch.Tensor,
+        max_tokens: int,
+        max_seqs: int,
+        max_model_len: int,
+    ) -> None:
+        from engine.kernels.prefill_attention import max_prefill_tiles, prefill_block_m  # imports triton
+
+        self.model = model
+        self.kv = kv
+        self.req_to_token = req_to_token
+        self.last_sampled = last_sampled
+        self.max_model_len = max_model_len
+        self.buckets = token_buckets(max_tokens)
+        self.max_tokens = self.buckets[-1]
+        self.max_seqs = max_seqs
+        device = req_to_token.device
+        self.block_m = prefill_block_m(device)
+        self._num_tiles = {t: max_prefill_tiles(t, max_seqs, self.block_m) for t in self.buckets}
+        max_tiles = self._num_tiles[self.max_tokens]
+        # One pinned staging buffer and one device buffer, copied whole (tens of KiB) per step.
+        sizes = (4 * self.max_tokens, 5 * (max_seqs + 1), 2 * max_tiles)
+        self._host = torch.zeros(sum(sizes), dtype=torch.int64, pin_memory=True)
+        self._static = torch.zeros(sum(sizes), dtype=torch.int64, device=device)
+        host_np = self._host.numpy()
+        a, b = sizes[0], sizes[0] + sizes[1]
+        self._tok_np = host_np[:a].reshape(4, self.max_tokens)
+        self._seq_np = host_np[a:b].reshape(5, max_seqs + 1)
+        self._tiles_np = host_np[b:].reshape(2, max_tiles)
+        self._tok = self._static[:a].view(4, self.max_tokens)
+        self._seq = self._static[a:b].view(5, max_seqs + 1)
+        self._tiles = self._static[b:].view(2, max_tiles)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._hidden: dict[int, torch.Tensor] = {}  # each bucket's output, in the graphs' pool
+        self._copied = torch.cuda.Event()
+        self._pad_defaults()
+
+    def _pad_defaults(self) -> None:
+        self._tok_np[:] = 0
+        self._tok_np[_T_SLOTS] = self.kv.dummy_slot
+        self._seq_np[:] = 0
+        self._tiles_np[0] = -1
+        self._tiles_np[1] = 0
+
+    def _context(self, num_tokens: int) -> ForwardContext:
+        tok, seq, n = self._tok, self._seq, self.max_seqs
+        return ForwardContext(
+            kv=self.kv,
+            req_to_token=self.req_to_token,
+            req_indices=seq[_S_ROWS, :n],
+            start_pos=seq[_S_START, :n],
+            new_lens=seq[_S_NEW, :n],
+            seq_lens=seq[_S_SEQ_LEN, :n],
+            cu_new_lens=seq[_S_CU, : n + 1],
+            out_slots=tok[_T_SLOTS, :num_tokens],
+            positions=tok[_T_POS, :num_tokens],
+            start_pos_list=[0] * n,
+            new_lens_list=[0] * n,
+            req_indices_list=[0] * n,
+            is_decode_only=False,
+            max_seq_len=self.max_model_len,
+            prefill_tiles=self._tiles[:, : self._num_tiles[num_tokens]],
+        )
+
+    def _forward(self, num_tokens: int) -> torch.Tensor:
+        ids = self._tok[_T_IDS, :num_tokens]
+        ids = torch.where(ids < 0, self.last_sampled[self._tok[_T_ROWS, :num_tokens]], ids)
+        return self.model(ids, self._tok[_T_POS, :num_tokens])
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        start = time.perf_counter()
+        free_before = torch.cuda.mem_get_info()[0]
+        self._pad_defaults()
+        self._static.copy_(self._host)
+        pool = torch.cuda.graph_pool_handle()
+        for num_tokens in reversed(self.buckets):
+            with set_forward_context(self._context(num_tokens)):
+                for _ in range(2):
+                    self._forward(num_tokens)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._hidden[num_tokens] = self._forward(num_tokens)
+            self._graphs[num_tokens] = graph
+        torch.cuda.synchronize()
+        used = free_before - torch.cuda.mem_get_info()[0]
+        logger.info(
+            "CUDA graphs: %d prefill token counts (%d..%d) captured in %.1f s, %.2f GiB",
+            len(self.buckets), self.buckets[0], self.max_tokens, time.perf_counter() - start, used / (1 << 30),
+        )
+
+    def can_run(self, num_tokens: int, num_seqs: int) -> bool:
+        return 0 < num_tokens <= self.max_tokens and num_seqs <= self.max_seqs and bool(self._graphs)
+
+    def run(self, seqs: Sequence[SeqStep]) -> torch.Tensor:
+        """The model body over `seqs` packed -> hidden [num_tokens, hidden_size], a view of the
+        bucket's output: read it (in stream order) before this bucket's next replay."""
+        new_lens = np.fromiter((len(s.token_ids) for s in seqs), dtype=np.int64, count=len(seqs))
+        num_tokens, n = int(new_lens.sum()), len(seqs)
+        bucket = next(b for b in self.buckets if b >= num_tokens)
+        self._copied.synchronize()
+        self._pad_defaults()
+        tok, seq = self._tok_np, self._seq_np
+        tok[_T_IDS, :num_tokens] = [t for s in seqs for t in s.token_ids]
+        starts = np.fromiter((s.start_pos for s in seqs), dtype=np.int64, count=n)
+        cu = np.cumsum(new_lens)
+        # positions: start_i + (index of the token within its sequence)
+        tok[_T_POS, :num_tokens] = np.repeat(starts - (cu - new_lens), new_lens) + np.arange(num_tokens)
+        tok[_T_SLOTS, :num_tokens] = [t for s in seqs for t in s.out_slots]
+        rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=n)
+        tok[_T_ROWS, :num_tokens] = np.repeat(rows, new_lens)
+        seq[_S_ROWS, :n] = rows
+        seq[_S_START, :n] = starts
+        seq[_S_NEW, :n] = new_lens
+        seq[_S_SEQ_LEN, :n] = starts + new_lens
+        seq[_S_CU, 1 : n + 1] = cu
+        seq[_S_CU, n + 1 :] = num_tokens  # padding sequences: empty, after the real ones
+        from engine.kernels.prefill_attention import prefill_tiles
+
+        prefill_tiles(new_lens, self.block_m, self._tiles_np[:, : self._num_tiles[bucket]])
+        self._static.copy_(self._host, non_blocking=True)
+        self._copied.record()
+        self._graphs[bucket].replay()
+        return self._hidden[bucket][:num_tokens]

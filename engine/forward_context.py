@@ -70,6 +70,11 @@ class ForwardContext:
     # Splits per sequence of the decode attention launch when fixed (a CUDA graph's launch,
     # sized for any length); None: sized from max_seq_len.
     decode_num_splits: int | None = None
+    # A fixed-length tile table for the prefill attention launch (a CUDA graph's launch, see
+    # engine/kernels/prefill_attention.py); None: the grid is sized from the host lengths.
+    # When set, the step may hold padding tokens past cu_new_lens[-1]: attention writes zeros
+    # for them.
+    prefill_tiles: torch.Tensor | None = None
     # Tensors derived from the metadata once per step and shared by every layer (e.g. the
     # padded slot grid of a batched decode), keyed by what they depend on.
     derived: dict[object, object] = field(default_factory=dict)

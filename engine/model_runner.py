@@ -29,7 +29,7 @@ from engine.sampler import Sampler, SamplingState, compute_prompt_logprobs
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from engine.cuda_graphs import DecodeGraphs
+    from engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,8 @@ class ModelRunner:
         self.req_to_token = torch.full(
             (config.max_num_seqs, self.max_model_len), self.kv.dummy_slot, dtype=torch.int32, device=self.device
         )
+        self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         self.states: dict[int, SamplingState] = {}
         self.prompts: dict[int, list[int]] = {}  # row -> prompt ids, for prompt logprobs
 
@@ -97,16 +99,21 @@ class ModelRunner:
         # Row r's last sampled token, on the device: an overlapped step computes it before the
         # engine has seen it (the plan holds a placeholder, PLACEHOLDER_TOKEN, in its place).
         self.last_sampled = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
-        self.graphs: DecodeGraphs | None = None
         if self.device.startswith("cuda") and use_triton() and not config.enforce_eager:
-            from engine.cuda_graphs import DecodeGraphs  # imports triton
+            from engine.cuda_graphs import DecodeGraphs, PrefillGraphs  # imports triton
 
-            text_config = getattr(hf_config, "text_config", hf_config)
             self.graphs = DecodeGraphs(
                 model, self.kv, self.req_to_token, self.last_sampled, config.max_num_seqs, self.max_model_len,
                 text_config.vocab_size,
             )
             self.graphs.capture()
+            max_tokens = min(config.max_prefill_graph_tokens, config.max_num_batched_tokens or 0)
+            if max_tokens > 0:
+                self.prefill_graphs = PrefillGraphs(
+                    model, self.kv, self.req_to_token, self.last_sampled, max_tokens, config.max_num_seqs,
+                    self.max_model_len,
+                )
+                self.prefill_graphs.capture()
 
     def _bytes_per_token(self, kv_dtype: torch.dtype) -> int:
         return kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, kv_dtype)
@@ -174,6 +181,8 @@ class ModelRunner:
             dtype=str(self.config.torch_dtype()).removeprefix("torch."),
             kv_dtype=str(self.kv_dtype).removeprefix("torch."),
             kv_capacity_ratio=self.kv_capacity_ratio(),
+            graph_batch_sizes=list(self.graphs.buckets) if self.graphs is not None else [],
+            graph_token_counts=list(self.prefill_graphs.buckets) if self.prefill_graphs is not None else [],
         )
 
     # -- one step -------------------------------------------------------------------------
@@ -237,7 +246,7 @@ class ModelRunner:
         if len(decode_idx) < len(seqs):
             in_graph = set(decode_idx)
             rest_idx = [i for i in range(len(seqs)) if i not in in_graph]
-            logits, sample_idx = self._forward_eager([seqs[i] for i in rest_idx], rest_idx, result)
+            logits, sample_idx = self._forward_packed([seqs[i] for i in rest_idx], rest_idx, result)
             if logits is not None:
                 parts.append((logits, sample_idx))
         if not parts:
@@ -266,11 +275,29 @@ class ModelRunner:
                 )
         return result
 
-    def _forward_eager(
+    def _forward_packed(
         self, seqs: list[SeqStep], plan_idx: list[int], result: StepResult
     ) -> tuple[torch.Tensor | None, list[int]]:
-        """`seqs` (the plan's entries at `plan_idx`) as one packed batch through the model ->
-        (logits of the rows to sample, their plan indices); prompt logprobs go into `result`."""
+        """`seqs` (the plan's entries at `plan_idx`) as one packed batch through the model (a
+        prefill graph when one fits, else eagerly) -> (logits of the rows to sample, their plan
+        indices); prompt logprobs go into `result`."""
+        num_tokens = sum(len(s.token_ids) for s in seqs)
+        if self.prefill_graphs is not None and self.prefill_graphs.can_run(num_tokens, len(seqs)):
+            hidden = self.prefill_graphs.run(seqs)
+        else:
+            hidden = self._forward_eager(seqs)
+        ends = [0]
+        for s in seqs:
+            ends.append(ends[-1] + len(s.token_ids))
+        self._prompt_logprobs(seqs, plan_idx, hidden, ends, result)
+        sampled = [j for j, s in enumerate(seqs) if s.sample]
+        if not sampled:
+            return None, []
+        last_tokens = torch.tensor([ends[j + 1] - 1 for j in sampled]).to(self.device, non_blocking=True)
+        # [num_sampled, vocab] float32; the gather across ranks is collective: every rank computes it
+        return self.model.compute_logits(hidden[last_tokens]), [plan_idx[j] for j in sampled]
+
+    def _forward_eager(self, seqs: list[SeqStep]) -> torch.Tensor:
         flat = [t for s in seqs for t in s.token_ids]
         input_ids = torch.tensor(flat, dtype=torch.int64, device=self.device)
         if min(flat) < 0:  # placeholders: the tokens the previous step sampled for those rows
@@ -288,17 +315,7 @@ class ModelRunner:
             out_slots=out_slots,
         )
         with set_forward_context(ctx):
-            hidden = self.model(input_ids, ctx.positions)  # [num_tokens, hidden]
-        ends = [0]
-        for s in seqs:
-            ends.append(ends[-1] + len(s.token_ids))
-        self._prompt_logprobs(seqs, plan_idx, hidden, ends, result)
-        sampled = [j for j, s in enumerate(seqs) if s.sample]
-        if not sampled:
-            return None, []
-        last_tokens = torch.tensor([ends[j + 1] - 1 for j in sampled]).to(self.device, non_blocking=True)
-        # [num_sampled, vocab] float32; the gather across ranks is collective: every rank computes it
-        return self.model.compute_logits(hidden[last_tokens]), [plan_idx[j] for j in sampled]
+            return self.model(input_ids, ctx.positions)  # [num_tokens, hidden]
 
     def _prompt_logprobs(
         self, seqs: list[SeqStep], plan_idx: list[int], hidden: torch.Tensor, ends: list[int], result: StepResult

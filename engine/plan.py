@@ -77,6 +77,9 @@ class WorkerInfo:
     # Tokens the pool holds over the tokens the same memory holds in the model's dtype
     # (int8 with bf16 scales at head_dim 64: 1.94 against bf16, 3.88 against float32).
     kv_capacity_ratio: float = 1.0
+    # CUDA graphs captured: decode batch sizes and packed-step token counts (empty: none).
+    graph_batch_sizes: list[int] = field(default_factory=list)
+    graph_token_counts: list[int] = field(default_factory=list)
 
     def kv_cache_summary(self) -> str:
         """One line for the start-up log, e.g. 'KV cache: 90382 tokens, 1.00 GiB (int8; 3.88x

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     )
     enable_prefix_caching: bool = Field(True, description="share KV of common prompt prefixes")
     enforce_eager: bool = Field(False, description="GPU: no CUDA graphs")
+    max_prefill_graph_tokens: int = Field(
+        2048, ge=0, description="GPU: prefill steps of up to this many tokens replay CUDA graphs (0: decode graphs only)"
+    )
     attention_backend: Literal["auto", "triton", "torch"] = Field(
         "auto", description="layer kernels: auto (Triton on CUDA, torch elsewhere), triton or torch"
     )
@@ -135,6 +138,7 @@ class Settings(BaseSettings):
             enable_prefix_caching=self.enable_prefix_caching,
             seed=self.seed,
             enforce_eager=self.enforce_eager,
+            max_prefill_graph_tokens=self.max_prefill_graph_tokens,
             attention_backend=self.attention_backend,
             step_timeout_s=self.step_timeout_s,
         )

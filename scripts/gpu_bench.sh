@@ -10,7 +10,8 @@
 # Settings (environment):
 #   WORKLOADS          default "bs1 offline1000 online8rps long2k prefix16rps" (or the arguments)
 #   KV_DTYPES          default "auto": one server, and one pass over WORKLOADS, per KV dtype
-#                      ("auto int8" compares the two)
+#                      ("auto int8" compares the two); WORKLOADS_<dtype> (e.g. WORKLOADS_int8)
+#                      replaces WORKLOADS for that one
 #   NOCACHE_WORKLOADS  default "prefix16rps": run again on a server with the prefix cache off
 #                      (first KV dtype); "" skips it
 #   SERVE_ARGS         more flags for `serve`; BENCH_ARGS more flags for `bench serve`
@@ -22,6 +23,8 @@
 #                      and what it finished is kept
 #   OUT                where results go (the device sets it; default ./out)
 #   PYTHON, PORT       default python3, 8000; SKIP_WHEELS=1 to use PYTHON's own packages
+#   PROFILE            flags for scripts/profile_gpu_step.py (e.g. "--torch-profile"), run once the
+#                      model is written, output in $OUT/profile.log; PROFILE_S (180) bounds it
 #   GPU_TESTS          test paths to run first with `pytest -m gpu` (e.g. "tests/engine"), output
 #                      in $OUT/gputests.log; GPU_TESTS_S (240) bounds them
 #
@@ -86,6 +89,13 @@ fi
 if [ -n "$MAKE_PID" ] && ! wait "$MAKE_PID"; then
     say "writing the model failed"
     exit 1
+fi
+if [ -n "${PROFILE:-}" ]; then  # where a step's time goes, before any server
+    say "profile: scripts/profile_gpu_step.py $PROFILE (at most ${PROFILE_S:-180} s)"
+    # shellcheck disable=SC2086
+    timeout -s TERM "${PROFILE_S:-180}" "$PYTHON" scripts/profile_gpu_step.py "$MODEL" $PROFILE \
+        >"$OUT/profile.log" 2>&1
+    say "profile: $(grep -c . "$OUT/profile.log") lines in profile.log"
 fi
 
 SERVER_PID=
@@ -165,7 +175,8 @@ first_kv=
 for kv in $KV_DTYPES; do
     first_kv=${first_kv:-$kv}
     # shellcheck disable=SC2086  # the list of workloads is split into words on purpose
-    start_server "kv-$kv" --kv-cache-dtype "$kv" && bench "kv-$kv" $WORKLOADS
+    var="WORKLOADS_$kv"
+    start_server "kv-$kv" --kv-cache-dtype "$kv" && bench "kv-$kv" ${!var:-$WORKLOADS}
     stop_server
 done
 if [ -n "$NOCACHE_WORKLOADS" ] && [ "$(left)" -gt $((RESERVE_S + 60)) ]; then

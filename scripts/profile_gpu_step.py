@@ -80,11 +80,31 @@ class Bench:
         return 1e3 * wall / steps, 1e3 * gpu / steps
 
 
+def torch_profile(bench: Bench, make_seqs, title: str, steps: int = 5) -> None:
+    """Kernel (GPU) and operator (host) times of `steps` steps, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        bench.run(make_seqs())
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            bench.run(make_seqs())
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps
+    events = prof.key_averages()
+    gpu_total = sum(e.self_device_time_total for e in events) / steps / 1e3
+    print(f"\n==== torch.profiler: {title}: wall {1e3 * wall:.2f} ms/step, kernels {gpu_total:.2f} ms/step")
+    print(events.table(sort_by="self_device_time_total", row_limit=22, max_name_column_width=60))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=60))
+
+
 def profile_config(args: argparse.Namespace, eager: bool, batches: list[int]) -> list[dict]:
     max_batch = max(batches)
     results = []
     config = EngineConfig(model=args.model, enforce_eager=eager, max_num_seqs=max_batch + 1,
-                          kv_cache_memory_gb=20, enable_prefix_caching=False)
+                          kv_cache_memory_gb=40, enable_prefix_caching=False)
     hf_config = load_hf_config(args.model)
     config = config.resolve(max_position_embeddings=hf_config.max_position_embeddings)
     select_backend("cuda", "auto")
@@ -94,8 +114,6 @@ def profile_config(args: argparse.Namespace, eager: bool, batches: list[int]) ->
     for b in batches:
         wall, gpu = bench.timed(lambda b=b: bench.decode_seqs(list(range(b))), args.steps)
         results.append({"step": f"decode bs{b}", "graphs": not eager, "wall_ms": wall, "gpu_ms": gpu})
-    if not eager:
-        return results
     prompt = list(range(2000, 2000 + args.chunk))
     params = SamplingParams(temperature=0.0, max_tokens=1)
 
@@ -109,8 +127,14 @@ def profile_config(args: argparse.Namespace, eager: bool, batches: list[int]) ->
 
     for b in batches:
         wall, gpu = bench.timed(lambda b=b: mixed(b), max(3, args.steps // 4))
-        results.append({"step": f"decode bs{b} + prefill {args.chunk}", "graphs": False,
+        results.append({"step": f"decode bs{b} + prefill {args.chunk}", "graphs": not eager,
                         "wall_ms": wall, "gpu_ms": gpu})
+    if args.torch_profile:
+        torch_profile(bench, lambda: bench.decode_seqs([0]), f"decode bs1, graphs {not eager}")
+        torch_profile(bench, lambda: mixed(max_batch), f"decode bs{max_batch} + prefill {args.chunk}, "
+                      f"graphs {not eager}")
+    if not eager:
+        return results
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(args.steps):
@@ -130,6 +154,9 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--batches", default="1,16,64,256")
     parser.add_argument("--chunk", type=int, default=512, help="prefill tokens in a mixed step")
+    parser.add_argument("--torch-profile", action="store_true",
+                        help="also print torch.profiler tables (kernels, host ops) of a bs1 decode step "
+                        "and of the largest mixed step")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     results = profile_config(args, False, batches)

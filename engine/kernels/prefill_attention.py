@@ -9,17 +9,24 @@ One program (grid [query blocks over max_new_len, N, H]) takes BLOCK_M query row
 of one sequence and walks the key blocks up to its causal limit (and from its sliding
 window's first key), FlashAttention-style: scores and the online softmax in float32,
 exp2 with the scale folded into log2(e). Query head h reads kv head h // (H / KV).
+
+With a tile table (`tiles`, [2, num_tiles]: sequence, query block) the grid is
+[num_tiles, H] instead and a program takes the tile its index names; a tile whose sequence is
+< 0 does nothing. The grid then depends only on the table's length, not on the lengths of
+the step, so a CUDA graph can capture the launch once for a token-count bucket
+(`prefill_tiles` fills the table on the host; `max_prefill_tiles` bounds its length).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from engine.kernels._attention_checks import check_q_and_pools, dot_precision
 
-__all__ = ["prefill_attention"]
+__all__ = ["max_prefill_tiles", "prefill_attention", "prefill_block_m", "prefill_tiles"]
 
 _LOG2E = 1.4426950408889634
 
@@ -36,6 +43,8 @@ def _prefill_kernel(
     start_pos_ptr,
     cu_new_lens_ptr,
     out_ptr,
+    tiles_ptr,
+    stride_tile,
     sm_scale_log2,
     window,
     stride_qt,
@@ -63,10 +72,18 @@ def _prefill_kernel(
     HAS_WINDOW: tl.constexpr,
     IS_INT8: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_TILES: tl.constexpr,
 ):
-    m_block = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
+    if USE_TILES:
+        seq = tl.load(tiles_ptr + tl.program_id(0)).to(tl.int32)
+        if seq < 0:
+            return  # a table sized for the bucket, not for this step
+        m_block = tl.load(tiles_ptr + stride_tile + tl.program_id(0)).to(tl.int32)
+        head = tl.program_id(1)
+    else:
+        m_block = tl.program_id(0)
+        seq = tl.program_id(1)
+        head = tl.program_id(2)
     kv_head = head // GROUP
 
     first_token = tl.load(cu_new_lens_ptr + seq)
@@ -196,6 +213,32 @@ def _launch_config(device: torch.device, head_dim: int) -> tuple[int, int, int, 
     return 128, 64, 4, 3
 
 
+def prefill_block_m(device: torch.device) -> int:
+    """Query rows per tile of the kernel on `device` (the unit of `prefill_tiles`)."""
+    return _launch_config(device, 0)[0]
+
+
+def max_prefill_tiles(num_tokens: int, max_seqs: int, block_m: int) -> int:
+    """Tiles any step of at most `num_tokens` new tokens in at most `max_seqs` sequences needs:
+    sum(ceil(n_i / block_m)) <= num_tokens / block_m + (number of sequences)."""
+    return triton.cdiv(num_tokens, block_m) + min(num_tokens, max_seqs)
+
+
+def prefill_tiles(new_lens: np.ndarray, block_m: int, out: np.ndarray) -> int:
+    """Write the tile table of sequences with `new_lens` new tokens into `out` ([2, n] integer:
+    row 0 the sequence, row 1 the query block; the entries past the step's tiles get sequence
+    -1). Returns the number of tiles."""
+    counts = (new_lens + block_m - 1) // block_m
+    total = int(counts.sum())
+    if total > out.shape[1]:
+        raise ValueError(f"{total} tiles do not fit a table of {out.shape[1]}")
+    out[0, :total] = np.repeat(np.arange(len(new_lens)), counts)
+    out[1, :total] = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+    out[0, total:] = -1
+    out[1, total:] = 0
+    return total
+
+
 def prefill_attention(
     q: torch.Tensor,
     k_pool: torch.Tensor,
@@ -211,6 +254,7 @@ def prefill_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     max_new_len: int | None = None,
+    tiles: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its cached prefix and themselves.
 
@@ -224,6 +268,10 @@ def prefill_attention(
     `max_new_len` is an upper bound on the new lengths that sizes the grid; when None, T is
     used, which is always a bound but launches more programs that exit at once. No device
     value is read on the host.
+
+    `tiles` ([2, num_tiles] int32/int64 on q's device, see `prefill_tiles`) replaces the grid
+    over (query blocks, sequences) with one program per table entry (and head); it must name
+    every query block of every sequence, with the kernel's `prefill_block_m`.
     """
     _check_inputs(
         q,
@@ -242,9 +290,14 @@ def prefill_attention(
     num_seqs = req_indices.shape[0]
     if out is None:
         out = torch.empty_like(q)
+    if tiles is not None:
+        if tiles.dim() != 2 or tiles.shape[0] != 2 or tiles.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"tiles must be int32/int64 of shape [2, num_tiles], got {tiles.dtype} {tuple(tiles.shape)}")
+        if tiles.device != q.device or tiles.stride(1) != 1:
+            raise ValueError("tiles must be on q's device with contiguous rows")
     if max_new_len is None:
         max_new_len = num_tokens
-    if num_seqs == 0 or max_new_len <= 0:
+    if num_seqs == 0 or max_new_len <= 0 or (tiles is not None and tiles.shape[1] == 0):
         return out
 
     block_m, block_n, num_warps, num_stages = _launch_config(q.device, head_dim)
@@ -255,7 +308,10 @@ def prefill_attention(
     ks_strides = k_scale.stride() if k_scale is not None else (0, 0)
     vs_strides = v_scale.stride() if v_scale is not None else (0, 0)
 
-    grid = (triton.cdiv(max_new_len, block_m), num_seqs, num_heads)
+    if tiles is not None:
+        grid: tuple[int, ...] = (tiles.shape[1], num_heads)
+    else:
+        grid = (triton.cdiv(max_new_len, block_m), num_seqs, num_heads)
     _prefill_kernel[grid](
         q,
         k_pool,
@@ -267,6 +323,8 @@ def prefill_attention(
         start_pos,
         cu_new_lens,
         out,
+        tiles if tiles is not None else cu_new_lens,
+        tiles.stride(0) if tiles is not None else 0,
         scale * _LOG2E,
         sliding_window or 0,
         *q.stride(),
@@ -283,6 +341,7 @@ def prefill_attention(
         HAS_WINDOW=sliding_window is not None,
         IS_INT8=is_int8,
         DOT_PRECISION=dot_precision(q.dtype),
+        USE_TILES=tiles is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -143,6 +143,12 @@ class Attention(nn.Module):
                 sliding_window=self.sliding_window, k_scale=k_scale, v_scale=v_scale,
                 max_seq_len=ctx.max_seq_len, num_splits=ctx.decode_num_splits,
             )
+        if ctx.prefill_tiles is not None:  # a graphed step: padding rows get zeros, not garbage
+            return prefill_attention(
+                q, kv.k[layer], kv.v[layer], ctx.req_to_token, ctx.req_indices, ctx.start_pos, ctx.cu_new_lens,
+                self.scale, torch.zeros_like(q), sliding_window=self.sliding_window, k_scale=k_scale,
+                v_scale=v_scale, tiles=ctx.prefill_tiles,
+            )
         return prefill_attention(
             q, kv.k[layer], kv.v[layer], ctx.req_to_token, ctx.req_indices, ctx.start_pos, ctx.cu_new_lens,
             self.scale, sliding_window=self.sliding_window, k_scale=k_scale, v_scale=v_scale,

@@ -233,7 +233,7 @@ def _runner(model_dir: str, graphs: bool):
             def run(self, ids, positions, rows, slots):
                 seqs = [SeqStep(row=r, start_pos=p, token_ids=[t], out_slots=[s], sample=True)
                         for t, p, r, s in zip(ids, positions, rows, slots, strict=True)]
-                logits, _ = runner._forward_eager(seqs, list(range(len(seqs))), StepResult(0, [], []))
+                logits, _ = runner._forward_packed(seqs, list(range(len(seqs))), StepResult(0, [], []))
                 return logits
 
         runner.graphs = EagerDecodePart()  # type: ignore[assignment]

@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from engine.kernels.prefill_attention import prefill_attention
+from engine.kernels.prefill_attention import (
+    max_prefill_tiles,
+    prefill_attention,
+    prefill_block_m,
+    prefill_tiles,
+)
 from tests.engine.kernels.pools import NAN, PoisonedPool
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -139,6 +145,36 @@ def test_without_max_new_len_hint_uses_num_tokens() -> None:
     torch.testing.assert_close(case.run(), case.reference(), **tolerance(torch.float32))
 
 
+def tile_table(case: Case, num_tiles: int) -> torch.Tensor:
+    block_m = prefill_block_m(torch.device(DEVICE))
+    table = np.zeros((2, num_tiles), dtype=np.int64)
+    prefill_tiles(np.array([n for _, n in case.seqs]), block_m, table)
+    return torch.from_numpy(table).to(DEVICE)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_tile_table_launch_matches_reference(int8: bool) -> None:
+    # The grid a CUDA graph captures: one program per table entry, the table longer than the
+    # step needs (the unused entries do nothing), padding sequences with no new tokens.
+    seqs = [*RAGGED, (9, 0), (0, 0)]
+    case = Case(seqs, num_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.float32, int8=int8).to(DEVICE)
+    num_tokens = sum(n for _, n in seqs)
+    block_m = prefill_block_m(torch.device(DEVICE))
+    tiles = tile_table(case, max_prefill_tiles(num_tokens + 40, len(seqs), block_m))
+    torch.testing.assert_close(case.run(tiles=tiles), case.reference(), **tolerance(torch.float32))
+
+
+def test_tile_table_names_every_query_block() -> None:
+    lens = np.array([37, 0, 1, 16, 17, 5])
+    table = np.zeros((2, max_prefill_tiles(int(lens.sum()), len(lens), 16)), dtype=np.int64)
+    assert prefill_tiles(lens, 16, table) == 3 + 0 + 1 + 1 + 2 + 1
+    named = {(int(s), int(b)) for s, b in table.T if s >= 0}
+    assert named == {(0, 0), (0, 1), (0, 2), (2, 0), (3, 0), (4, 0), (4, 1), (5, 0)}
+    assert (table[0, 8:] == -1).all()
+    with pytest.raises(ValueError, match="tiles"):
+        prefill_tiles(lens, 16, np.zeros((2, 4), dtype=np.int64))
+
+
 def test_rejects_bad_inputs() -> None:
     case = Case([(2, 3), (0, 4)], num_heads=4, num_kv_heads=2, head_dim=64, dtype=torch.float32)
     args = (
@@ -163,6 +199,8 @@ def test_rejects_bad_inputs() -> None:
         prefill_attention(*args, sliding_window=0)
     with pytest.raises(ValueError, match="scales"):
         prefill_attention(*args[:1], case.k_pool.to(torch.int8), case.v_pool.to(torch.int8), *args[3:])
+    with pytest.raises(ValueError, match="tiles"):
+        prefill_attention(*args, tiles=torch.zeros(3, 4, dtype=torch.int64))
 
 
 # ---- GPU, real shapes ---------------------------------------------------------------------
@@ -180,9 +218,10 @@ def test_gpu_real_shapes(dtype: torch.dtype) -> None:
     new_lens[48:] = 1
     seqs = list(zip(starts.tolist(), new_lens.tolist(), strict=True))
     case = Case(seqs, num_heads=32, num_kv_heads=8, head_dim=128, dtype=dtype).to("cuda")
-    torch.testing.assert_close(
-        case.run(max_new_len=max(new_lens.tolist())), case.reference(), atol=1e-2, rtol=1e-2
-    )
+    reference = case.reference()
+    torch.testing.assert_close(case.run(max_new_len=max(new_lens.tolist())), reference, atol=1e-2, rtol=1e-2)
+    tiles = tile_table(case, max_prefill_tiles(int(new_lens.sum()), 256, prefill_block_m(torch.device("cuda"))))
+    torch.testing.assert_close(case.run(tiles=tiles), reference, atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.gpu
