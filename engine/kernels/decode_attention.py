@@ -143,9 +143,13 @@ def _decode_split_kernel(
             other=0.0,
         )  # [BLOCK_N, D]
         if IS_INT8:
+            # sum_n p[g, n] * (v[n] * s[n]) = sum_n (p[g, n] * s[n]) * v[n]: the scale goes on the
+            # [BLOCK_G, BLOCK_N] probabilities, not on the [BLOCK_N, D] values.
             v_scale = tl.load(v_scale_ptr + slots * stride_vss + kv_head * stride_vsh, mask=valid, other=0.0)
-            v = v.to(tl.float32) * v_scale.to(tl.float32)[:, None]
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+            pv = p * v_scale.to(tl.float32)[None, :]
+        else:
+            pv = p
+        acc = acc * alpha[:, None] + tl.dot(pv.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         m_i = m_new
 
     mid_o = acc / l_i[:, None]
