@@ -90,7 +90,6 @@ class EngineCore:
         assert config.max_model_len is not None and config.max_num_batched_tokens is not None
         self.max_model_len = min(config.max_model_len, info.max_model_len)
         self.allocator = KVSlotAllocator(info.num_slots)
-        self.worker_info = info
         self.scheduler = Scheduler(
             SchedulerConfig.from_engine_config(config, info.num_slots, self.max_model_len), self.allocator
         )

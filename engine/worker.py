@@ -42,6 +42,7 @@ import torch.multiprocessing as mp
 
 from engine.config import WARMUP_STEPS, WARMUP_TIMEOUT_FACTOR, EngineConfig
 from engine.errors import EngineDeadError
+from engine.gc_tuning import freeze_startup_objects, unfreeze
 from engine.plan import StepPlan, StepResult, WorkerInfo
 
 logger = logging.getLogger(__name__)
@@ -89,10 +90,19 @@ def _worker_main(
             quantize_model_weights(model, config.weight_quantization)
         conn.send(("progress", (0.8, "allocating KV cache")))
         runner = ModelRunner(config, model, hf_config)
+        freeze_startup_objects()
         conn.send(("ready", runner.info()))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         return
+    try:
+        _serve_steps(conn, runner, rank)
+    finally:
+        unfreeze()
+
+
+def _serve_steps(conn: Connection, runner: Any, rank: int) -> None:
+    """Answer step plans until told to stop, the pipe closes, or a step fails."""
     while True:
         waiting_since = time.perf_counter()
         try:

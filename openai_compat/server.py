@@ -19,6 +19,7 @@ from types import FrameType
 import uvicorn
 from tqdm import tqdm
 
+from engine.gc_tuning import freeze_startup_objects, unfreeze
 from openai_compat.app import build_app
 from openai_compat.config import Settings
 from openai_compat.serving_base import ServerState
@@ -94,6 +95,7 @@ def serve(settings: Settings) -> int:
             "lightgate serving %s at %s/v1 (KV cache capacity %d tokens, max_model_len %d)",
             state.served_model_name, url, stats.kv_cache_capacity_tokens, state.engine.max_model_len,
         )
+        freeze_startup_objects()
 
     def on_load_failed(error: BaseException) -> None:
         progress.close()
@@ -119,4 +121,5 @@ def serve(settings: Settings) -> int:
     )
     server = GracefulServer(config, start_draining)
     server.run()
+    unfreeze()
     return 1 if state.load_error is not None or state.engine.errored else 0

@@ -18,7 +18,7 @@ TOOLS=${TOOLS:-../shared/tools}
 # prometheus-client.
 PACKAGES=(pydantic pydantic-core pydantic-settings python-dotenv annotated-types typing-inspection
           starlette uvicorn openai jiter distro sniffio httpx2 httpcore2 truststore gguf
-          typing-extensions)
+          typing-extensions uvloop httptools)
 
 version_of() {  # the version installed in .venv, empty when none
     "$PY" -c "import importlib.metadata as m, sys
