@@ -27,8 +27,9 @@ Prefix cache (`enable_prefix_caching`): a waiting sequence starts from the longe
 of its tokens but the last (it locks that path and takes references on its slots); a sequence
 that finishes, is preempted or aborted caches its computed tokens before dropping its own
 references; when the pool runs short, unlocked cached prefixes are evicted before anyone is
-preempted, and admission counts them as free. Siblings of `n > 1` share the prompt through the
-cache: the first to compute it caches it and locks it.
+preempted, and admission counts them as free. A prompt is also cached (and locked) as soon as
+its prefill is done, so siblings of `n > 1` and later requests with the same prefix reuse it
+while its sequence still runs: a burst of requests sharing a system prompt computes it once.
 
 The caller's loop: `schedule()` → run the step → `update_after_step(out)` → append sampled
 tokens → `finish(seq, status)` for those that ended. An overlapped caller plans step k+1
@@ -294,11 +295,13 @@ class Scheduler:
             if seq.status is SequenceStatus.RUNNING and seq.req_idx == s.req_idx:
                 seq.num_computed_tokens += len(s.token_ids)
                 need = seq.num_prompt_tokens - 1
-                if self.prefix_cache is not None and seq.params.n > 1 and s.start_pos < need <= seq.num_computed_tokens:
+                if self.prefix_cache is not None and s.start_pos < need <= seq.num_computed_tokens:
                     self._cache_shared_prompt(seq, need)
 
     def _cache_shared_prompt(self, seq: Sequence, need: int) -> None:
-        """Cache the prompt (minus its last token) of a running sibling and lock it for the siblings."""
+        """Cache the prompt (minus its last token) of a sequence whose prefill just finished, and lock
+        it: siblings (n > 1) and later requests with the same prefix reuse it while it runs, not
+        only once it finished. `_release` inserts the rest (the outputs) later."""
         cache = self.prefix_cache
         assert cache is not None
         ids = seq.prompt_token_ids[:need]

@@ -66,3 +66,33 @@ def test_prefix_cache_with_int8_kv(tmp_path: Path) -> None:
                 assert all(o.num_cached_tokens == len(p) - 1 for o, p in zip(again, prompts, strict=True))
             results[enabled] = (first, [[c.token_ids for c in o.outputs] for o in again])
     assert results[True] == results[False]
+
+
+def test_a_running_requests_prompt_is_reused_before_it_finishes(tmp_path: Path) -> None:
+    """A prompt is cached once its prefill is done: a request with the same prefix that arrives
+    while the first one still decodes computes only its own suffix (a burst of requests with a
+    shared system prompt does not compute it once per request), with the same greedy output."""
+    save_tiny_model(str(tmp_path), tiny_config("llama"))
+    rng = random.Random(6)
+    system = [rng.randrange(3, 256) for _ in range(40)]
+    first, second = system + [5, 6, 7], system + [9, 10]
+    long = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    short = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    with LLM(str(tmp_path), dtype="float32", kv_cache_memory_gb=0.01) as llm:
+        core = llm.core
+        core.add_request("first", first, long)
+        for _ in range(3):  # the prompt in one step, then decodes
+            core.step()
+        core.add_request("second", second, short)
+        tokens: list[int] = []  # the second request's output, from its deltas
+        cached = -1
+        while core.scheduler.has_unfinished:
+            for out in core.step():
+                if out.request_id == "second":
+                    tokens += out.outputs[0].token_ids
+                    cached = max(cached, out.num_cached_tokens)
+        assert cached == len(system)
+        assert core.stats().kv_cache_usage == 0
+    with LLM(str(tmp_path), dtype="float32", kv_cache_memory_gb=0.01, enable_prefix_caching=False) as llm:
+        want = llm.generate([second], short)[0]
+    assert tokens == want.outputs[0].token_ids
