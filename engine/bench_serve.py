@@ -29,19 +29,19 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import platform
 import random
 import ssl
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.bench_report import QUANTILES, fmt, load_runs, report, write_json
+
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 TOKEN_IDS = (1000, 40000)  # prompt ids are drawn from range(1000, 40000)
-QUANTILES = [q / 2 for q in range(201)]  # 0, 0.5, ..., 100: the distributions kept for plots
 
 
 @dataclass(frozen=True)
@@ -439,180 +439,6 @@ def _run_loop(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-# -- reports -------------------------------------------------------------------------------
-
-
-def _fmt(value: float | None) -> str:
-    """Three or more significant digits: 7.25, 98.0, 210, 6 992."""
-    if value is None:
-        return "-"
-    if abs(value) >= 1000:
-        return f"{value:,.0f}".replace(",", " ")
-    return f"{value:.{0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2}f}"
-
-
-def format_table(runs: Sequence[dict[str, Any]]) -> str:
-    lw = max([6, *(len(str(run.get("label") or "-")) + 2 for run in runs)])
-    head = (f"{'label':<{lw}}{'workload':<13}{'ok/sent':>10}{'wall s':>8}{'req/s':>8}{'out tok/s':>11}"
-            f"{'tot tok/s':>11}{'TTFT p50/p99 ms':>18}{'TPOT p50/p99 ms':>18}{'ITL p50/p99 ms':>17}")
-    lines = [head, "-" * len(head)]
-    errors = []
-    for run in runs:
-        for name, w in run["workloads"].items():
-            m = w["metrics"]
-            sent = m["completed"] + m["failed"]
-
-            def pair(key: str, m: dict[str, Any] = m) -> str:
-                return f"{_fmt(m[key]['p50'])} / {_fmt(m[key]['p99'])}"
-
-            lines.append(
-                f"{str(run.get('label') or '-'):<{lw}}{name[:12]:<13}{m['completed']:>6}/{sent:<3}"
-                f"{m['duration_s']:>8.1f}{m['request_throughput']:>8.2f}{_fmt(m['output_throughput']):>11}"
-                f"{_fmt(m['total_token_throughput']):>11}{pair('ttft_ms'):>18}{pair('tpot_ms'):>18}"
-                f"{pair('itl_ms'):>17}"
-            )
-            if m["failed"]:
-                errors.append(f"{run.get('label') or '-'} {name}: {m['failed']} failed, first: {m['first_error']}")
-    return "\n".join(lines + errors)
-
-
-# LightLLM v1.2.0 on one H100, the 8B-shaped random model (BENCHMARKS.md): workload, row,
-# metric, statistic, bf16 KV, int8 KV, lightgate's target; `cache`: the prefix cache state the
-# row is about (prefix16rps), None for every state.
-LIGHTLLM_REFERENCE: list[tuple[str, str, str, str | None, float | None, float | None, str, bool | None]] = [
-    ("bs1", "TPOT p50 ms", "tpot_ms", "p50", 7.25, 7.38, "<= 5.5", None),
-    ("bs1", "TTFT p50 ms (512 tok)", "ttft_ms", "p50", 108, 113, "", None),
-    ("offline1000", "output tok/s", "output_throughput", None, 6992, 7070, ">= 9090", None),
-    ("offline1000", "total tok/s", "total_token_throughput", None, 20687, 20916, "", None),
-    ("online8rps", "TTFT p50 ms", "ttft_ms", "p50", 87, 83, "<= 40", None),
-    ("online8rps", "TTFT p99 ms", "ttft_ms", "p99", 210, 204, "", None),
-    ("online8rps", "TPOT p50 ms", "tpot_ms", "p50", 10.5, 10.8, "", None),
-    ("online8rps", "TPOT p99 ms", "tpot_ms", "p99", 12.7, 13.4, "<= 11", None),
-    ("long2k", "output tok/s", "output_throughput", None, 2234, 2386, "", None),
-    ("long2k", "total tok/s", "total_token_throughput", None, 21782, 23264, "", None),
-    ("prefix16rps", "TTFT p50 ms, cache on", "ttft_ms", "p50", 98, None, "<= 30", True),
-    ("prefix16rps", "TTFT p99 ms, cache on", "ttft_ms", "p99", 1010, None, "<= 150", True),
-    ("prefix16rps", "TPOT p50 ms, cache on", "tpot_ms", "p50", 14.3, None, "", True),
-    ("prefix16rps", "TPOT p99 ms, cache on", "tpot_ms", "p99", 32.5, None, "", True),
-    ("prefix16rps", "TTFT p50 ms, cache off", "ttft_ms", "p50", 131, None, "", False),
-    ("prefix16rps", "TTFT p99 ms, cache off", "ttft_ms", "p99", 275, None, "", False),
-    ("prefix16rps", "TPOT p50 ms, cache off", "tpot_ms", "p50", 24.3, None, "", False),
-    ("prefix16rps", "TPOT p99 ms, cache off", "tpot_ms", "p99", 45.5, None, "", False),
-]
-LIGHTLLM_KV_TOKENS = (396_242, 633_988)
-
-
-def _prefix_cache_on(workload: dict[str, Any]) -> bool:
-    """Whether the server reused the shared prefix: cached tokens reported and non-zero
-    (a server that reports none is taken to have its cache on, the usual default)."""
-    cached = workload["metrics"].get("cached_prompt_tokens")
-    return cached is None or cached > 0
-
-
-def format_reference_table(runs: Sequence[dict[str, Any]]) -> str:
-    """The runs beside LightLLM's figures, one row per figure of BENCHMARKS.md ("" when the
-    runs have none of its workloads)."""
-    labels = [str(run.get("label") or f"run {i}") for i, run in enumerate(runs)]
-    width = max([12, *(len(label) + 2 for label in labels)])
-    head = f"{'workload':<13}{'metric':<24}" + "".join(f"{label:>{width}}" for label in labels)
-    head += f"{'LightLLM bf16':>15}{'LightLLM int8':>15}{'target':>10}"
-    lines = [head, "-" * len(head)]
-    present = {name for run in runs for name in run["workloads"]}
-    for workload, row, key, stat, bf16, int8, target, cache in LIGHTLLM_REFERENCE:
-        if workload not in present:
-            continue
-        cells = []
-        for run in runs:
-            w = run["workloads"].get(workload)
-            if w is None or (cache is not None and _prefix_cache_on(w) != cache):
-                cells.append("-")
-                continue
-            value = w["metrics"][key] if stat is None else w["metrics"][key][stat]
-            cells.append(_fmt(value))
-        lines.append(f"{workload:<13}{row:<24}" + "".join(f"{c:>{width}}" for c in cells)
-                     + f"{_fmt(bf16):>15}{_fmt(int8):>15}{target:>10}")
-    if len(lines) == 2:
-        return ""
-    kv = [run.get("server", {}).get("kv_cache_capacity_tokens") for run in runs]
-    if any(v is not None for v in kv):
-        lines.append(f"{'server':<13}{'KV capacity tokens':<24}" + "".join(f"{_fmt(v):>{width}}" for v in kv)
-                     + f"{_fmt(LIGHTLLM_KV_TOKENS[0]):>15}{_fmt(LIGHTLLM_KV_TOKENS[1]):>15}{'1.9x bf16':>10}")
-    failed = [(label, name, w["metrics"]["failed"]) for label, run in zip(labels, runs, strict=True)
-              for name, w in run["workloads"].items() if w["metrics"]["failed"]]
-    for label, name, n in failed:
-        lines.append(f"note: {label} {name}: {n} requests failed")
-    return "\n".join(lines)
-
-
-def plot(runs: Sequence[dict[str, Any]], path: str) -> bool:
-    """CDFs of TTFT, TPOT and ITL, one row per workload, one line per run; False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib import ticker
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install 'lightgate[bench]')", file=sys.stderr)
-        return False
-    names: list[str] = []
-    for run in runs:
-        names += [name for name in run["workloads"] if name not in names]
-    if not names:
-        return False
-    columns = (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"))
-    fig, axes = plt.subplots(len(names), 3, figsize=(15, 3.2 * len(names)), squeeze=False)
-    for row, name in enumerate(names):
-        for col, (key, title) in enumerate(columns):
-            ax = axes[row][col]
-            for i, run in enumerate(runs):
-                w = run["workloads"].get(name)
-                values = (w or {}).get("distributions", {}).get(key) or []
-                if not values:
-                    continue
-                m = w["metrics"][key]  # type: ignore[index]
-                label = f"{run.get('label') or f'run {i}'} (p50 {_fmt(m['p50'])}, p99 {_fmt(m['p99'])})"
-                ax.plot(values, [q / 100 for q in QUANTILES], drawstyle="steps-post", label=label)
-            ax.set_title(f"{name}: {title}")
-            ax.set_xlabel("ms")
-            shown = [x for line in ax.lines for x in line.get_xdata()]
-            if shown and min(shown) > 0 and max(shown) > 20 * min(shown):  # long tails: log scale
-                ax.set_xscale("log")
-                ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-                ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-            ax.set_ylim(0, 1)
-            ax.set_ylabel("fraction of requests" if key != "itl_ms" else "fraction of gaps")
-            ax.grid(True, alpha=0.3)
-            if ax.lines:
-                ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
-
-
-def merge_runs(files: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The runs of several result files; runs of one label, server and model become one."""
-    merged: list[dict[str, Any]] = []
-    for data in files:
-        for run in data.get("runs", []):
-            key = (run.get("label"), run.get("base_url"), run.get("model"))
-            same = next((m for m in merged if (m.get("label"), m.get("base_url"), m.get("model")) == key), None)
-            if same is None:
-                merged.append({**run, "workloads": dict(run["workloads"])})
-            else:
-                same["workloads"].update(run["workloads"])
-                same["server"] = {**same.get("server", {}), **run.get("server", {})}
-    return merged
-
-
-def write_json(path: str, runs: Sequence[dict[str, Any]]) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"runs": list(runs)}, f, indent=1)
-    os.replace(tmp, path)  # a run killed while writing leaves the previous file whole
-
-
 # -- command line --------------------------------------------------------------------------
 
 
@@ -709,8 +535,8 @@ async def _bench(args: argparse.Namespace, workloads: dict[str, Workload]) -> di
         }
         m = metrics
         print(f"{name}: {m['completed']}/{len(results)} ok in {duration:.1f} s, "
-              f"{m['output_throughput']:.1f} output tok/s, TTFT p50 {_fmt(m['ttft_ms']['p50'])} ms, "
-              f"TPOT p50 {_fmt(m['tpot_ms']['p50'])} ms", flush=True)
+              f"{m['output_throughput']:.1f} output tok/s, TTFT p50 {fmt(m['ttft_ms']['p50'])} ms, "
+              f"TPOT p50 {fmt(m['tpot_ms']['p50'])} ms", flush=True)
         if m["client_cpu_fraction"] > 0.8:
             print(f"warning: the client used {100 * m['client_cpu_fraction']:.0f} % of a core; "
                   "its own delays may show in the latencies", file=sys.stderr)
@@ -722,11 +548,7 @@ async def _bench(args: argparse.Namespace, workloads: dict[str, Workload]) -> di
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.from_json:
-        loaded = []
-        for path in args.from_json:
-            with open(path) as f:
-                loaded.append(json.load(f))
-        runs = merge_runs(loaded)
+        runs = load_runs(args.from_json)
     else:
         workloads = workloads_from_args(args)
         try:
@@ -734,15 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             print(f"lightgate bench serve: {args.base_url}: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
-    print()
-    print(format_table(runs))
-    if args.compare_lightllm:
-        print()
-        print(format_reference_table(runs) or "(none of the workloads has LightLLM figures)")
-    if args.json:
-        write_json(args.json, runs)
-    if args.plot:
-        plot(runs, args.plot)
+    report(runs, compare_lightllm=args.compare_lightllm, json_path=args.json, plot_path=args.plot)
     failed = sum(w["metrics"]["failed"] for run in runs for w in run["workloads"].values())
     return 1 if failed and not args.from_json else 0
 

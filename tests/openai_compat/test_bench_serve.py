@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from engine import bench_report as br
 from engine import bench_serve as bs
 from tests.openai_compat.servers import ProcessServer
 
@@ -143,20 +144,20 @@ def _run(label: str, workloads: dict[str, dict[str, float | None]]) -> dict:
 
 
 def test_merge_and_reference_table() -> None:
-    runs = bs.merge_runs([
+    runs = br.merge_runs([
         {"runs": [_run("bf16", {"bs1": {"p50": 6.0}})]},
         {"runs": [_run("bf16", {"prefix16rps": {"p50": 20.0, "cached": 900}}),
                   _run("nocache", {"prefix16rps": {"p50": 50.0, "cached": 0}})]},
     ])
     assert [r["label"] for r in runs] == ["bf16", "nocache"]
     assert list(runs[0]["workloads"]) == ["bs1", "prefix16rps"]
-    table = bs.format_reference_table(runs)
+    table = br.format_reference_table(runs)
     rows = {line[:37].strip(): line.split() for line in table.splitlines()[2:]}
     assert rows["bs1          TPOT p50 ms"][4:] == ["6.00", "-", "7.25", "7.38", "<=", "5.5"]
     assert rows["prefix16rps  TTFT p50 ms, cache on"][6:] == ["20.0", "-", "98.0", "-", "<=", "30"]
     assert rows["prefix16rps  TTFT p50 ms, cache off"][6:8] == ["-", "50.0"]
     assert "offline1000" not in table
-    assert "bf16" in bs.format_table(runs)
+    assert "bf16" in br.format_table(runs)
 
 
 def test_plot_draws_the_cdfs(tmp_path: Path) -> None:
@@ -164,14 +165,14 @@ def test_plot_draws_the_cdfs(tmp_path: Path) -> None:
     results = [_result(0.1 * (i + 1), [0.01 * (i + 1)] * 5, tokens=6) for i in range(8)]
     run = _run("x", {"bs1": {"p50": 1.0}})
     run["workloads"]["bs1"]["distributions"] = bs.distributions(results)
-    assert bs.plot([run, _run("empty", {"online8rps": {"p50": 1.0}})], str(tmp_path / "p.png"))
+    assert br.plot([run, _run("empty", {"online8rps": {"p50": 1.0}})], str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_plot_without_matplotlib_says_so(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                          tmp_path: Path) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
-    assert not bs.plot([_run("x", {"bs1": {"p50": 1.0}})], str(tmp_path / "p.png"))
+    assert not br.plot([_run("x", {"bs1": {"p50": 1.0}})], str(tmp_path / "p.png"))
     assert "matplotlib is not installed" in capsys.readouterr().err
     assert not (tmp_path / "p.png").exists()
 
