@@ -25,6 +25,9 @@
 #   PYTHON, PORT       default python3, 8000; SKIP_WHEELS=1 to use PYTHON's own packages
 #   PROFILE            flags for scripts/profile_gpu_step.py (e.g. "--torch-profile"), run once the
 #                      model is written, output in $OUT/profile.log; PROFILE_S (180) bounds it
+#   MULTITURN          flags for `bench multiturn` (e.g. "--conversations 50 --turns 6"; "-" for its
+#                      defaults), run once the model is written, output in $OUT/multiturn.log
+#                      and multiturn.json; MULTITURN_S (150) bounds it
 #   GPU_TESTS          test paths to run first with `pytest -m gpu` (e.g. "tests/engine"), output
 #                      in $OUT/gputests.log; GPU_TESTS_S (240) bounds them
 #
@@ -89,6 +92,15 @@ fi
 if [ -n "$MAKE_PID" ] && ! wait "$MAKE_PID"; then
     say "writing the model failed"
     exit 1
+fi
+if [ -n "${MULTITURN:-}" ]; then  # multi-turn chats in one process, prefix cache on vs off
+    mt_flags=$MULTITURN
+    [ "$mt_flags" = "-" ] && mt_flags=
+    say "multiturn: bench multiturn $mt_flags (at most ${MULTITURN_S:-150} s)"
+    # shellcheck disable=SC2086
+    timeout -s TERM "${MULTITURN_S:-150}" "$PYTHON" -m openai_compat.cli bench multiturn --model "$MODEL" \
+        $mt_flags --json "$OUT/multiturn.json" >"$OUT/multiturn.log" 2>&1
+    tail -n 4 "$OUT/multiturn.log"
 fi
 if [ -n "${PROFILE:-}" ]; then  # where a step's time goes, before any server
     say "profile: scripts/profile_gpu_step.py $PROFILE (at most ${PROFILE_S:-180} s)"
