@@ -28,6 +28,9 @@
 #   MULTITURN          flags for `bench multiturn` (e.g. "--conversations 50 --turns 6"; "-" for its
 #                      defaults), run once the model is written, output in $OUT/multiturn.log
 #                      and multiturn.json; MULTITURN_S (150) bounds it
+#   ATTENTION_BENCH    flags for scripts/attention_bench.py ("-" for its defaults): decode and prefill
+#                      attention kernel times, bf16 beside int8 KV, in $OUT/attention.log;
+#                      ATTENTION_BENCH_S (120) bounds it
 #   GPU_TESTS          test paths to run first with `pytest -m gpu` (e.g. "tests/engine"), output
 #                      in $OUT/gputests.log; GPU_TESTS_S (240) bounds them
 #
@@ -101,6 +104,15 @@ if [ -n "${MULTITURN:-}" ]; then  # multi-turn chats in one process, prefix cach
     timeout -s TERM "${MULTITURN_S:-150}" "$PYTHON" -m openai_compat.cli bench multiturn --model "$MODEL" \
         $mt_flags --json "$OUT/multiturn.json" >"$OUT/multiturn.log" 2>&1
     tail -n 4 "$OUT/multiturn.log"
+fi
+if [ -n "${ATTENTION_BENCH:-}" ]; then  # the attention kernels alone, bf16 beside int8 KV
+    ab_flags=$ATTENTION_BENCH
+    [ "$ab_flags" = "-" ] && ab_flags=
+    say "attention kernels: scripts/attention_bench.py $ab_flags"
+    # shellcheck disable=SC2086
+    timeout -s TERM "${ATTENTION_BENCH_S:-120}" "$PYTHON" scripts/attention_bench.py $ab_flags \
+        >"$OUT/attention.log" 2>&1
+    grep -v '^\[{' "$OUT/attention.log" | tail -n 25
 fi
 if [ -n "${PROFILE:-}" ]; then  # where a step's time goes, before any server
     say "profile: scripts/profile_gpu_step.py $PROFILE (at most ${PROFILE_S:-180} s)"

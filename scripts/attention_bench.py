@@ -1,0 +1,127 @@
+"""Decode and prefill attention kernel times on the GPU, bf16 KV beside int8 KV.
+
+    python scripts/attention_bench.py [--batches 1,64,256] [--lens 512,2048,4096]
+    TRITON_INTERPRET=1 python scripts/attention_bench.py --device cpu --batches 2 --lens 64 --prefill-tokens 64
+        (a check of the script itself, under the CPU interpreter: no graphs, times meaningless)
+
+Llama-8B's attention shape (32 query heads, 8 KV heads, head_dim 128), a pool with the
+sequences' slots scattered at random, launches captured in a CUDA graph and replayed (the
+way decode steps run), so the times are GPU time without launch overhead. Each row prints
+the time and the KV bytes read per second, against the HBM bandwidth the decode kernel is
+bound by; int8 reads about half the bytes, so it should take about half the time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from engine.kernels.decode_attention import decode_attention, graph_num_splits
+from engine.kernels.prefill_attention import prefill_attention
+
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+DEVICE = "cuda"
+
+
+def graph_time_ms(fn, iters: int = 30) -> float:
+    if DEVICE == "cpu":
+        start = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - start)
+    fn()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def make_pool(batch: int, seq_len: int, int8: bool, gen: torch.Generator) -> dict:
+    num_slots = batch * seq_len
+    perm = torch.randperm(num_slots, generator=gen)
+    req_to_token = perm.view(batch, seq_len).to(torch.int32)
+    shape = (num_slots + 1, KV_HEADS, HEAD_DIM)
+    if int8:
+        k = torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen)
+        v = torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen)
+        k_scale = (torch.rand(num_slots + 1, KV_HEADS, generator=gen) / 64).to(torch.bfloat16)
+        v_scale = (torch.rand(num_slots + 1, KV_HEADS, generator=gen) / 64).to(torch.bfloat16)
+    else:
+        k = torch.randn(shape, generator=gen).to(torch.bfloat16)
+        v = torch.randn(shape, generator=gen).to(torch.bfloat16)
+        k_scale = v_scale = None
+    pool = {"k": k, "v": v, "k_scale": k_scale, "v_scale": v_scale, "req_to_token": req_to_token}
+    return {name: t.to(DEVICE) if t is not None else None for name, t in pool.items()}
+
+
+def kv_bytes(batch: int, seq_len: int, int8: bool) -> int:
+    per_token = 2 * KV_HEADS * (HEAD_DIM * (1 if int8 else 2) + (2 if int8 else 0))
+    return batch * seq_len * per_token
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", default="1,64,256")
+    parser.add_argument("--lens", default="512,2048,4096")
+    parser.add_argument("--prefill-tokens", type=int, default=2048, help="one fresh prompt of this length")
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    print(f"{'kernel':<8} {'kv':<5} {'batch':>5} {'len':>5} {'ms':>8} {'GB/s':>7}")
+    for batch in (int(b) for b in args.batches.split(",")):
+        for seq_len in (int(n) for n in args.lens.split(",")):
+            for int8 in (False, True):
+                pool = make_pool(batch, seq_len, int8, gen)
+                q = torch.randn(batch, HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16).to(DEVICE)
+                rows_t = torch.arange(batch, device=DEVICE)
+                lens = torch.full((batch,), seq_len, dtype=torch.int64, device=DEVICE)
+                out = torch.empty_like(q)
+                splits = graph_num_splits(q.device, batch, KV_HEADS, 8192)  # as in the engine's graphs
+
+                def run(pool=pool, q=q, rows_t=rows_t, lens=lens, out=out, splits=splits) -> None:
+                    decode_attention(q, pool["k"], pool["v"], pool["req_to_token"], rows_t, lens, HEAD_DIM**-0.5,
+                                     out, k_scale=pool["k_scale"], v_scale=pool["v_scale"], num_splits=splits)
+
+                ms = graph_time_ms(run)
+                gbs = kv_bytes(batch, seq_len, int8) / ms / 1e6
+                kv = "int8" if int8 else "bf16"
+                print(f"{'decode':<8} {kv:<5} {batch:>5} {seq_len:>5} {ms:8.3f} {gbs:7.0f}")
+                rows.append({"kernel": "decode", "kv": kv, "batch": batch, "len": seq_len, "ms": ms, "GB/s": gbs})
+                del pool
+    n = args.prefill_tokens
+    for int8 in (False, True):
+        pool = make_pool(1, n, int8, gen)
+        q = torch.randn(n, HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16).to(DEVICE)
+        zero = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+        cu = torch.tensor([0, n], dtype=torch.int64, device=DEVICE)
+        out = torch.empty_like(q)
+
+        def run_prefill(pool=pool, q=q, zero=zero, cu=cu, out=out) -> None:
+            prefill_attention(q, pool["k"], pool["v"], pool["req_to_token"], zero, zero, cu, HEAD_DIM**-0.5, out,
+                              k_scale=pool["k_scale"], v_scale=pool["v_scale"], max_new_len=n)
+
+        ms = graph_time_ms(run_prefill)
+        tflops = 2 * 2 * HEADS * HEAD_DIM * n * n / 2 / ms / 1e9  # causal: half the square
+        kv = "int8" if int8 else "bf16"
+        print(f"{'prefill':<8} {kv:<5} {1:>5} {n:>5} {ms:8.3f} {tflops:6.0f} TFLOP/s")
+        rows.append({"kernel": "prefill", "kv": kv, "batch": 1, "len": n, "ms": ms, "TFLOP/s": tflops})
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
