@@ -104,12 +104,27 @@ def test_sliding_window_excludes_old_keys() -> None:
     torch.testing.assert_close(case.run(max_seq_len=70), case.reference(), **tolerance(torch.float32))
 
 
-def test_int8_pool_dequantized_with_scales() -> None:
-    case = Case([3, 33, 50], num_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.float32, int8=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_pool_dequantized_with_scales(dtype: torch.dtype) -> None:
+    # float32 queries dequantize into float32 dots; half-precision ones read the int8 values as
+    # fp16 integers (bit trick) with the V scales folded into the probabilities.
+    case = Case([3, 33, 50], num_heads=8, num_kv_heads=2, head_dim=64, dtype=dtype, int8=True)
     case.to(DEVICE)
-    # q is float32, the pool int8: the same values the reference dequantizes.
     out = case.run(max_seq_len=50)
-    torch.testing.assert_close(out, case.reference(), **tolerance(torch.float32))
+    torch.testing.assert_close(out, case.reference(), **tolerance(dtype))
+
+
+def test_int8_pool_with_tiny_scales_in_half_precision() -> None:
+    # Scales far below fp16's smallest normal number (6e-5): the block maximum keeps them exact.
+    case = Case([17, 40], num_heads=4, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, int8=True)
+    assert case.k_scale is not None and case.v_scale is not None
+    case.k_scale *= 1e-6
+    case.v_scale *= 1e-6
+    case.to(DEVICE)
+    out = case.run(max_seq_len=40)
+    reference = case.reference()
+    assert reference.abs().max() < 1e-2  # the outputs are of the scales' size
+    torch.testing.assert_close(out.float() / 1e-6, reference.float() / 1e-6, atol=2e-2, rtol=2e-2)
 
 
 def test_without_max_seq_len_hint_uses_row_length() -> None:
