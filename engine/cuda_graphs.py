@@ -235,7 +235,9 @@ class PrefillGraphs:
         self._seq = self._static[a:b].view(5, max_seqs + 1)
         self._tiles = self._static[b:].view(2, max_tiles)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._hidden: dict[int, torch.Tensor] = {}  # each bucket's output, in the graphs' pool
+        # Every bucket's graph copies its output here (one buffer outside the graphs' pool,
+        # instead of each bucket's output held in the pool): [max_tokens, hidden_size].
+        self._hidden: torch.Tensor | None = None
         self._copied = torch.cuda.Event()
         self._pad_defaults()
 
@@ -266,10 +268,13 @@ class PrefillGraphs:
             prefill_tiles=self._tiles[:, : self._num_tiles[num_tokens]],
         )
 
-    def _forward(self, num_tokens: int) -> torch.Tensor:
+    def _forward(self, num_tokens: int) -> None:
         ids = self._tok[_T_IDS, :num_tokens]
         ids = torch.where(ids < 0, self.last_sampled[self._tok[_T_ROWS, :num_tokens]], ids)
-        return self.model(ids, self._tok[_T_POS, :num_tokens])
+        hidden = self.model(ids, self._tok[_T_POS, :num_tokens])
+        if self._hidden is None:  # the first warm-up pass (the largest bucket), before any capture
+            self._hidden = torch.empty((self.max_tokens, hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)
+        self._hidden[:num_tokens].copy_(hidden)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -285,7 +290,7 @@ class PrefillGraphs:
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self._hidden[num_tokens] = self._forward(num_tokens)
+                    self._forward(num_tokens)
             self._graphs[num_tokens] = graph
         torch.cuda.synchronize()
         used = free_before - torch.cuda.mem_get_info()[0]
@@ -299,7 +304,7 @@ class PrefillGraphs:
 
     def run(self, seqs: Sequence[SeqStep]) -> torch.Tensor:
         """The model body over `seqs` packed -> hidden [num_tokens, hidden_size], a view of the
-        bucket's output: read it (in stream order) before this bucket's next replay."""
+        graphs' output buffer: read it (in stream order) before the next replay."""
         new_lens = np.fromiter((len(s.token_ids) for s in seqs), dtype=np.int64, count=len(seqs))
         num_tokens, n = int(new_lens.sum()), len(seqs)
         bucket = next(b for b in self.buckets if b >= num_tokens)
@@ -326,4 +331,5 @@ class PrefillGraphs:
         self._static.copy_(self._host, non_blocking=True)
         self._copied.record()
         self._graphs[bucket].replay()
-        return self._hidden[bucket][:num_tokens]
+        assert self._hidden is not None
+        return self._hidden[:num_tokens]

@@ -128,10 +128,19 @@ class ModelRunner:
             self.activation_peak_bytes = self._profile_activations()
             torch.cuda.empty_cache()
             free, _total = torch.cuda.mem_get_info()
-            budget = int((free - self.activation_peak_bytes) * self.config.gpu_memory_utilization)
+            # The prefill graphs keep a pool of their own for their largest bucket's activations,
+            # which grow about linearly with the tokens of a step.
+            graph_reserve = 0
+            if use_triton() and not self.config.enforce_eager:
+                profiled = self.config.max_num_batched_tokens or 8192
+                graph_tokens = min(self.config.max_prefill_graph_tokens, profiled)
+                graph_reserve = self.activation_peak_bytes * graph_tokens // profiled
+            budget = int((free - self.activation_peak_bytes - graph_reserve) * self.config.gpu_memory_utilization)
             logger.info(
-                "GPU memory: %.2f GiB free after the weights, %.2f GiB peak activations, %.0f%% of the rest for KV",
-                free / _GIB, self.activation_peak_bytes / _GIB, 100 * self.config.gpu_memory_utilization,
+                "GPU memory: %.2f GiB free after the weights, %.2f GiB peak activations, %.2f GiB for prefill graphs, "
+                "%.0f%% of the rest for KV",
+                free / _GIB, self.activation_peak_bytes / _GIB, graph_reserve / _GIB,
+                100 * self.config.gpu_memory_utilization,
             )
             return budget
         return _GIB  # CPU default: 1 GiB
