@@ -224,7 +224,7 @@ class PrefillGraphs:
         max_tiles = self._num_tiles[self.max_tokens]
         # One pinned staging buffer and one device buffer, copied whole (tens of KiB) per step.
         sizes = (4 * self.max_tokens, 5 * (max_seqs + 1), 2 * max_tiles)
-        self._host = torch.zeros(sum(sizes), dtype=torch.int64, pin_memory=True)
+        self._host = torch.zeros(sum(sizes), dtype=torch.int64, pin_memory=device.type == "cuda")
         self._static = torch.zeros(sum(sizes), dtype=torch.int64, device=device)
         host_np = self._host.numpy()
         a, b = sizes[0], sizes[0] + sizes[1]
@@ -238,7 +238,7 @@ class PrefillGraphs:
         # Every bucket's graph copies its output here (one buffer outside the graphs' pool,
         # instead of each bucket's output held in the pool): [max_tokens, hidden_size].
         self._hidden: torch.Tensor | None = None
-        self._copied = torch.cuda.Event()
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None
         self._pad_defaults()
 
     def _pad_defaults(self) -> None:
@@ -305,10 +305,22 @@ class PrefillGraphs:
     def run(self, seqs: Sequence[SeqStep]) -> torch.Tensor:
         """The model body over `seqs` packed -> hidden [num_tokens, hidden_size], a view of the
         graphs' output buffer: read it (in stream order) before the next replay."""
+        assert self._copied is not None
+        self._copied.synchronize()
+        num_tokens, bucket = self._stage(seqs)
+        self._static.copy_(self._host, non_blocking=True)
+        self._copied.record()
+        self._graphs[bucket].replay()
+        assert self._hidden is not None
+        return self._hidden[:num_tokens]
+
+    def _stage(self, seqs: Sequence[SeqStep]) -> tuple[int, int]:
+        """Write the step into the host staging buffer -> (number of tokens, bucket)."""
+        from engine.kernels.prefill_attention import prefill_tiles
+
         new_lens = np.fromiter((len(s.token_ids) for s in seqs), dtype=np.int64, count=len(seqs))
         num_tokens, n = int(new_lens.sum()), len(seqs)
         bucket = next(b for b in self.buckets if b >= num_tokens)
-        self._copied.synchronize()
         self._pad_defaults()
         tok, seq = self._tok_np, self._seq_np
         tok[_T_IDS, :num_tokens] = [t for s in seqs for t in s.token_ids]
@@ -325,11 +337,5 @@ class PrefillGraphs:
         seq[_S_SEQ_LEN, :n] = starts + new_lens
         seq[_S_CU, 1 : n + 1] = cu
         seq[_S_CU, n + 1 :] = num_tokens  # padding sequences: empty, after the real ones
-        from engine.kernels.prefill_attention import prefill_tiles
-
         prefill_tiles(new_lens, self.block_m, self._tiles_np[:, : self._num_tiles[bucket]])
-        self._static.copy_(self._host, non_blocking=True)
-        self._copied.record()
-        self._graphs[bucket].replay()
-        assert self._hidden is not None
-        return self._hidden[:num_tokens]
+        return num_tokens, bucket

@@ -1,0 +1,82 @@
+"""What a prefill CUDA graph reads, checked on the host: `PrefillGraphs` stages a step into its
+static buffers (padded to the token bucket, a tile table for the attention launch), and the
+prefill attention kernel over that staging gives the eager step's result, zeros on the padding.
+
+The graphs themselves need a GPU (tests/engine/test_gpu.py); the staging and the tile-table
+launch do not: here they run under the Triton interpreter when there is no GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from engine.cuda_graphs import PrefillGraphs
+from engine.forward_context import KVPool, build_forward_context
+from engine.kernels.prefill_attention import prefill_attention
+from engine.plan import SeqStep
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KV_HEADS, HEADS, HEAD_DIM, MAX_LEN = 2, 4, 16, 64
+
+
+def test_staged_step_matches_the_eager_metadata_and_attention() -> None:
+    gen = torch.Generator().manual_seed(0)
+    num_slots = 160
+    kv = KVPool(
+        k=[torch.randn(num_slots + 1, KV_HEADS, HEAD_DIM, generator=gen).to(DEVICE)],
+        v=[torch.randn(num_slots + 1, KV_HEADS, HEAD_DIM, generator=gen).to(DEVICE)],
+    )
+    req_to_token = torch.full((4, MAX_LEN), kv.dummy_slot, dtype=torch.int32)
+    slots = iter(torch.randperm(num_slots, generator=gen).tolist())
+    # (row, cached prefix, new tokens): a fresh prompt over two 16-row tiles, a chunk after a
+    # cached prefix, and one token whose id is a placeholder (the previous step's sample).
+    shapes = [(0, 0, 20), (2, 5, 7), (1, 30, 1)]
+    seqs = []
+    for row, start, n in shapes:
+        for pos in range(start):
+            req_to_token[row, pos] = next(slots)
+        out = [next(slots) for _ in range(n)]
+        req_to_token[row, start : start + n] = torch.tensor(out, dtype=torch.int32)
+        ids = [-1] if n == 1 else [7 + i for i in range(n)]
+        seqs.append(SeqStep(row=row, start_pos=start, token_ids=ids, out_slots=out, sample=True))
+    req_to_token = req_to_token.to(DEVICE)
+    last_sampled = torch.zeros(4, dtype=torch.int64, device=DEVICE)
+    graphs = PrefillGraphs(torch.nn.Identity(), kv, req_to_token, last_sampled, max_tokens=64, max_seqs=4,
+                           max_model_len=MAX_LEN)
+
+    num_tokens, bucket = graphs._stage(seqs)
+    assert (num_tokens, bucket) == (28, 32)
+    graphs._static.copy_(graphs._host)
+    ctx = graphs._context(bucket)
+    eager = build_forward_context(
+        kv, req_to_token, [r for r, _, _ in shapes], [s for _, s, _ in shapes], [n for _, _, n in shapes],
+        torch.tensor([t for s in seqs for t in s.out_slots]),
+    )
+    assert ctx.positions[:num_tokens].tolist() == eager.positions.tolist()
+    assert ctx.out_slots[:num_tokens].tolist() == eager.out_slots.tolist()
+    assert (ctx.out_slots[num_tokens:] == kv.dummy_slot).all() and (ctx.positions[num_tokens:] == 0).all()
+    assert ctx.cu_new_lens.tolist() == [0, 20, 27, 28, 28]  # the padding sequence is empty
+    tok_rows = graphs._tok[3, :num_tokens].tolist()  # the row of each token, for placeholders
+    assert tok_rows == [0] * 20 + [2] * 7 + [1]
+    assert graphs._tok[0, :num_tokens].tolist() == [t for s in seqs for t in s.token_ids]
+
+    q = torch.randn(bucket, HEADS, HEAD_DIM, generator=gen).to(DEVICE)
+    scale = 1 / math.sqrt(HEAD_DIM)
+    staged = prefill_attention(
+        q, kv.k[0], kv.v[0], req_to_token, ctx.req_indices, ctx.start_pos, ctx.cu_new_lens, scale,
+        torch.zeros_like(q), tiles=ctx.prefill_tiles,
+    )
+    want = prefill_attention(
+        q[:num_tokens].contiguous(), kv.k[0], kv.v[0], req_to_token, eager.req_indices, eager.start_pos,
+        eager.cu_new_lens, scale, max_new_len=20,
+    )
+    torch.testing.assert_close(staged[:num_tokens], want, atol=1e-4, rtol=1e-4)
+    assert (staged[num_tokens:] == 0).all()
+
+    # A smaller next step: the previous step's entries go back to padding.
+    num_tokens, bucket = graphs._stage(seqs[1:])
+    assert (num_tokens, bucket) == (8, 16)
+    assert (graphs._tok_np[2, 8:] == kv.dummy_slot).all() and (graphs._tiles_np[0, 2:] == -1).all()
+    assert graphs._seq_np[4, :5].tolist() == [0, 7, 8, 8, 8]
