@@ -57,6 +57,7 @@ _IDS, _POS, _ROWS, _LENS, _SLOTS = range(5)
 # PrefillGraphs' per-token and per-sequence rows of the static buffers.
 _T_IDS, _T_POS, _T_SLOTS, _T_ROWS = range(4)
 _S_ROWS, _S_START, _S_NEW, _S_SEQ_LEN, _S_CU = range(5)
+_MAX_PARTIAL_TILES = 32
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -220,7 +221,14 @@ class PrefillGraphs:
         self.max_seqs = max_seqs
         device = req_to_token.device
         self.block_m = prefill_block_m(device)
-        self._num_tiles = {t: max_prefill_tiles(t, max_seqs, self.block_m) for t in self.buckets}
+        # Each table has room for the bucket's full query blocks plus one partial block for up to
+        # _MAX_PARTIAL_TILES sequences: a step with more sequences than that (many one-token
+        # rows) takes a larger bucket, or runs eagerly. Every entry is a program of the
+        # attention launch, most of which exit at once: a table sized for max_num_seqs
+        # sequences launched ~8 000 of them per layer for a typical 512-token step.
+        self._num_tiles = {
+            t: max_prefill_tiles(t, min(max_seqs, _MAX_PARTIAL_TILES), self.block_m) for t in self.buckets
+        }
         max_tiles = self._num_tiles[self.max_tokens]
         # One pinned staging buffer and one device buffer, copied whole (tens of KiB) per step.
         sizes = (4 * self.max_tokens, 5 * (max_seqs + 1), 2 * max_tiles)
@@ -299,28 +307,34 @@ class PrefillGraphs:
             len(self.buckets), self.buckets[0], self.max_tokens, time.perf_counter() - start, used / (1 << 30),
         )
 
-    def can_run(self, num_tokens: int, num_seqs: int) -> bool:
-        return 0 < num_tokens <= self.max_tokens and num_seqs <= self.max_seqs and bool(self._graphs)
+    def bucket_for(self, seqs: Sequence[SeqStep]) -> int | None:
+        """The smallest captured bucket that holds the step's tokens and its attention tiles, or
+        None (run it eagerly)."""
+        if not self._graphs or not 0 < len(seqs) <= self.max_seqs:
+            return None
+        num_tokens = sum(len(s.token_ids) for s in seqs)
+        tiles = sum(-(-len(s.token_ids) // self.block_m) for s in seqs)
+        return next((b for b in self.buckets if b >= num_tokens and self._num_tiles[b] >= tiles), None)
 
-    def run(self, seqs: Sequence[SeqStep]) -> torch.Tensor:
-        """The model body over `seqs` packed -> hidden [num_tokens, hidden_size], a view of the
-        graphs' output buffer: read it (in stream order) before the next replay."""
+    def run(self, seqs: Sequence[SeqStep], bucket: int) -> torch.Tensor:
+        """The model body over `seqs` packed, replayed in `bucket` (from `bucket_for`) ->
+        hidden [num_tokens, hidden_size], a view of the graphs' output buffer: read it (in
+        stream order) before the next replay."""
         assert self._copied is not None
         self._copied.synchronize()
-        num_tokens, bucket = self._stage(seqs)
+        num_tokens = self._stage(seqs, bucket)
         self._static.copy_(self._host, non_blocking=True)
         self._copied.record()
         self._graphs[bucket].replay()
         assert self._hidden is not None
         return self._hidden[:num_tokens]
 
-    def _stage(self, seqs: Sequence[SeqStep]) -> tuple[int, int]:
-        """Write the step into the host staging buffer -> (number of tokens, bucket)."""
+    def _stage(self, seqs: Sequence[SeqStep], bucket: int) -> int:
+        """Write the step into the host staging buffer for `bucket` -> its number of tokens."""
         from engine.kernels.prefill_attention import prefill_tiles
 
         new_lens = np.fromiter((len(s.token_ids) for s in seqs), dtype=np.int64, count=len(seqs))
         num_tokens, n = int(new_lens.sum()), len(seqs)
-        bucket = next(b for b in self.buckets if b >= num_tokens)
         self._pad_defaults()
         tok, seq = self._tok_np, self._seq_np
         tok[_T_IDS, :num_tokens] = [t for s in seqs for t in s.token_ids]
@@ -338,4 +352,4 @@ class PrefillGraphs:
         seq[_S_CU, 1 : n + 1] = cu
         seq[_S_CU, n + 1 :] = num_tokens  # padding sequences: empty, after the real ones
         prefill_tiles(new_lens, self.block_m, self._tiles_np[:, : self._num_tiles[bucket]])
-        return num_tokens, bucket
+        return num_tokens

@@ -290,9 +290,10 @@ class ModelRunner:
         """`seqs` (the plan's entries at `plan_idx`) as one packed batch through the model (a
         prefill graph when one fits, else eagerly) -> (logits of the rows to sample, their plan
         indices); prompt logprobs go into `result`."""
-        num_tokens = sum(len(s.token_ids) for s in seqs)
-        if self.prefill_graphs is not None and self.prefill_graphs.can_run(num_tokens, len(seqs)):
-            hidden = self.prefill_graphs.run(seqs)
+        bucket = self.prefill_graphs.bucket_for(seqs) if self.prefill_graphs is not None else None
+        if bucket is not None:
+            assert self.prefill_graphs is not None
+            hidden = self.prefill_graphs.run(seqs, bucket)
         else:
             hidden = self._forward_eager(seqs)
         ends = [0]

@@ -46,8 +46,11 @@ def test_staged_step_matches_the_eager_metadata_and_attention() -> None:
     graphs = PrefillGraphs(torch.nn.Identity(), kv, req_to_token, last_sampled, max_tokens=64, max_seqs=4,
                            max_model_len=MAX_LEN)
 
-    num_tokens, bucket = graphs._stage(seqs)
-    assert (num_tokens, bucket) == (28, 32)
+    graphs._graphs = dict.fromkeys(graphs.buckets)  # as if captured: bucket_for looks for them
+    bucket = graphs.bucket_for(seqs)
+    assert bucket == 32
+    num_tokens = graphs._stage(seqs, bucket)
+    assert num_tokens == 28
     graphs._static.copy_(graphs._host)
     ctx = graphs._context(bucket)
     eager = build_forward_context(
@@ -76,7 +79,30 @@ def test_staged_step_matches_the_eager_metadata_and_attention() -> None:
     assert (staged[num_tokens:] == 0).all()
 
     # A smaller next step: the previous step's entries go back to padding.
-    num_tokens, bucket = graphs._stage(seqs[1:])
-    assert (num_tokens, bucket) == (8, 16)
+    assert graphs.bucket_for(seqs[1:]) == 16
+    num_tokens = graphs._stage(seqs[1:], 16)
+    assert num_tokens == 8
     assert (graphs._tok_np[2, 8:] == kv.dummy_slot).all() and (graphs._tiles_np[0, 2:] == -1).all()
     assert graphs._seq_np[4, :5].tolist() == [0, 7, 8, 8, 8]
+
+
+def test_a_step_takes_the_smallest_bucket_whose_tile_table_holds_it() -> None:
+    kv = KVPool(k=[torch.zeros(9, 1, HEAD_DIM)], v=[torch.zeros(9, 1, HEAD_DIM)])
+    req_to_token = torch.zeros(64, 256, dtype=torch.int32)
+    graphs = PrefillGraphs(torch.nn.Identity(), kv, req_to_token, torch.zeros(64, dtype=torch.int64),
+                           max_tokens=256, max_seqs=64, max_model_len=256)
+    assert graphs.bucket_for([_seq(10)]) is None  # nothing captured
+    graphs._graphs = dict.fromkeys(graphs.buckets)
+    block = graphs.block_m
+    assert graphs.bucket_for([_seq(10)]) == 16
+    assert graphs.bucket_for([_seq(block + 1)]) == 32  # tokens decide
+    # 40 one-token rows need 40 tiles: the 64-token bucket's table holds 4 + 32 (its query
+    # blocks plus 32 partial ones), the 128-token bucket's 8 + 32.
+    assert graphs.bucket_for([_seq(1)] * 40) == 128
+    assert graphs.bucket_for([_seq(1)] * 60 + [_seq(180)]) is None  # more tiles than any table: eager
+    assert graphs.bucket_for([_seq(257)]) is None  # more tokens than the largest bucket
+    assert graphs.bucket_for([_seq(1)] * 65) is None  # more sequences than the tables' sequence rows
+
+
+def _seq(n: int) -> SeqStep:
+    return SeqStep(row=0, start_pos=0, token_ids=[1] * n, out_slots=[0] * n, sample=True)
