@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from engine import bench_http as bh
 from engine import bench_report as br
 from engine import bench_serve as bs
 from tests.openai_compat.servers import ProcessServer
@@ -20,38 +21,38 @@ from tests.openai_compat.servers import ProcessServer
 
 
 def test_sample_lengths_stay_in_bounds_and_reach_both_ends() -> None:
-    lengths = bs.sample_lengths(random.Random(0), (3, 7), 2000)
+    lengths = bh.sample_lengths(random.Random(0), (3, 7), 2000)
     assert min(lengths) == 3 and max(lengths) == 7
-    assert bs.sample_lengths(random.Random(0), (5, 5), 4) == [5, 5, 5, 5]
-    assert lengths == bs.sample_lengths(random.Random(0), (3, 7), 2000)  # seeded
+    assert bh.sample_lengths(random.Random(0), (5, 5), 4) == [5, 5, 5, 5]
+    assert lengths == bh.sample_lengths(random.Random(0), (3, 7), 2000)  # seeded
 
 
 def test_build_requests_is_seeded_and_shares_the_prefix() -> None:
-    w = bs.Workload(20, (4, 9), (2, 5), shared_prefix_len=6, seed=3)
-    specs = bs.build_requests(w)
+    w = bh.Workload(20, (4, 9), (2, 5), shared_prefix_len=6, seed=3)
+    specs = bh.build_requests(w)
     assert len(specs) == 20
     prefix = specs[0].prompt[:6]
     for spec in specs:
         assert spec.prompt[:6] == prefix
         assert 6 + 4 <= len(spec.prompt) <= 6 + 9 and 2 <= spec.output_len <= 5
-        assert all(bs.TOKEN_IDS[0] <= t < bs.TOKEN_IDS[1] for t in spec.prompt)
-    assert [s.prompt for s in bs.build_requests(w)] == [s.prompt for s in specs]
-    other = bs.build_requests(bs.Workload(20, (4, 9), (2, 5), shared_prefix_len=6, seed=4))
+        assert all(bh.TOKEN_IDS[0] <= t < bh.TOKEN_IDS[1] for t in spec.prompt)
+    assert [s.prompt for s in bh.build_requests(w)] == [s.prompt for s in specs]
+    other = bh.build_requests(bh.Workload(20, (4, 9), (2, 5), shared_prefix_len=6, seed=4))
     assert [s.prompt for s in other] != [s.prompt for s in specs]
 
 
 def test_arrivals_all_at_once_or_poisson() -> None:
-    assert bs.arrival_times(5, math.inf) == [0.0] * 5
-    times = bs.arrival_times(20000, 8.0, seed=1)
+    assert bh.arrival_times(5, math.inf) == [0.0] * 5
+    times = bh.arrival_times(20000, 8.0, seed=1)
     assert times[0] == 0.0 and all(b >= a for a, b in zip(times, times[1:], strict=False))
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     mean = sum(gaps) / len(gaps)
     assert abs(mean - 1 / 8) < 0.005  # exponential gaps of mean 1/rate
     std = math.sqrt(sum((g - mean) ** 2 for g in gaps) / len(gaps))
     assert abs(std / mean - 1) < 0.05  # an exponential's std equals its mean
-    assert times == bs.arrival_times(20000, 8.0, seed=1)
+    assert times == bh.arrival_times(20000, 8.0, seed=1)
     with pytest.raises(ValueError):
-        bs.arrival_times(3, 0.0)
+        bh.arrival_times(3, 0.0)
 
 
 # -- metrics -------------------------------------------------------------------------------
@@ -67,18 +68,18 @@ def test_percentile_matches_numpy() -> None:
     assert bs.summarize([]) == dict.fromkeys(("mean", "p50", "p90", "p99", "min", "max"))
 
 
-def _result(ttft: float, gaps: list[float], tokens: int, prompt_len: int = 10) -> bs.RequestResult:
+def _result(ttft: float, gaps: list[float], tokens: int, prompt_len: int = 10) -> bh.RequestResult:
     times = [ttft]
     for gap in gaps:
         times.append(times[-1] + gap)
-    return bs.RequestResult(prompt_len=prompt_len, output_len=tokens, ok=True, ttft=ttft, latency=times[-1],
+    return bh.RequestResult(prompt_len=prompt_len, output_len=tokens, ok=True, ttft=ttft, latency=times[-1],
                             output_tokens=tokens, chunk_times=times)
 
 
 def test_metrics_from_synthetic_timestamps() -> None:
     a = _result(0.1, [0.02, 0.04, 0.03], tokens=4, prompt_len=10)  # latency 0.19
     b = _result(0.3, [0.01] * 9, tokens=10, prompt_len=20)  # latency 0.39
-    c = bs.RequestResult(prompt_len=5, output_len=8, error="HTTP 400: too long")
+    c = bh.RequestResult(prompt_len=5, output_len=8, error="HTTP 400: too long")
     assert a.tpot == pytest.approx((0.19 - 0.1) / 3)
     assert a.itls == pytest.approx([0.02, 0.04, 0.03])
     m = bs.compute_metrics([a, b, c], duration=2.0)
@@ -99,7 +100,7 @@ def test_metrics_from_synthetic_timestamps() -> None:
 
 
 def test_sse_parser_splits_events_across_reads() -> None:
-    p = bs.SSEParser()
+    p = bh.SSEParser()
     body = 'data: {"a": "é"}\r\n\r\n: ping\n\ndata: one\ndata: two\n\ndata: [DONE]\n\n'.encode()
     events = []
     for i in range(len(body)):  # one byte at a time: events and characters span reads
@@ -124,7 +125,7 @@ def test_presets_with_overrides() -> None:
     assert w["prefix16rps"].shared_prefix_len == 1536
     w = bs.workloads_from_args(_args("--num-requests", "3", "--prompt-len", "5:9", "--output-len", "4",
                                      "--request-rate", "inf"))
-    assert w == {"custom": bs.Workload(3, (5, 9), (4, 4))}
+    assert w == {"custom": bh.Workload(3, (5, 9), (4, 4))}
     with pytest.raises(SystemExit):
         bs.workloads_from_args(_args("--num-requests", "3"))
     with pytest.raises(SystemExit):
