@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -74,6 +74,37 @@ def token_buckets(max_tokens: int) -> list[int]:
     buckets += [b for b in range(128, min(max_tokens, 1024), 128)]
     buckets += [b for b in range(1024, max_tokens, 256)]
     return sorted({*buckets, max_tokens})
+
+
+@torch.inference_mode()
+def capture_buckets(
+    buckets: list[int],
+    context: Callable[[int], ForwardContext],
+    forward: Callable[[int], None],
+    what: str,
+) -> dict[int, torch.cuda.CUDAGraph]:
+    """One graph of `forward(b)` under `context(b)` per bucket b, largest first so the smaller
+    ones reuse its memory pool (one pool per call); logs the time and memory it took."""
+    start = time.perf_counter()
+    free_before = torch.cuda.mem_get_info()[0]
+    pool = torch.cuda.graph_pool_handle()
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    for b in reversed(buckets):
+        with set_forward_context(context(b)):
+            for _ in range(2):  # compile the kernels and set up cuBLAS outside the capture
+                forward(b)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                forward(b)
+        graphs[b] = graph
+    torch.cuda.synchronize()
+    used = free_before - torch.cuda.mem_get_info()[0]
+    logger.info(
+        "CUDA graphs: %d %s (%d..%d) captured in %.1f s, %.2f GiB",
+        len(buckets), what, buckets[0], buckets[-1], time.perf_counter() - start, used / (1 << 30),
+    )
+    return graphs
 
 
 class DecodeGraphs:
@@ -141,29 +172,10 @@ class DecodeGraphs:
         hidden = self.model(ids, self._static[_POS, :bs])
         self.logits[:bs].copy_(self.model.compute_logits(hidden))
 
-    @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every bucket, largest first so the smaller ones reuse its memory pool."""
-        start = time.perf_counter()
-        free_before = torch.cuda.mem_get_info()[0]
         self._pad_defaults()
         self._static.copy_(self._host)
-        pool = torch.cuda.graph_pool_handle()
-        for bs in reversed(self.buckets):
-            with set_forward_context(self._context(bs)):
-                for _ in range(2):  # compile the kernels and set up cuBLAS outside the capture
-                    self._forward(bs)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._forward(bs)
-            self._graphs[bs] = graph
-        torch.cuda.synchronize()
-        used = free_before - torch.cuda.mem_get_info()[0]
-        logger.info(
-            "CUDA graphs: %d decode batch sizes (1..%d) captured in %.1f s, %.2f GiB",
-            len(self.buckets), self.max_batch, time.perf_counter() - start, used / (1 << 30),
-        )
+        self._graphs = capture_buckets(self.buckets, self._context, self._forward, "decode batch sizes")
 
     def can_run(self, num_seqs: int) -> bool:
         return 0 < num_seqs <= self.max_batch and bool(self._graphs)
@@ -284,28 +296,10 @@ class PrefillGraphs:
             self._hidden = torch.empty((self.max_tokens, hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)
         self._hidden[:num_tokens].copy_(hidden)
 
-    @torch.inference_mode()
     def capture(self) -> None:
-        start = time.perf_counter()
-        free_before = torch.cuda.mem_get_info()[0]
         self._pad_defaults()
         self._static.copy_(self._host)
-        pool = torch.cuda.graph_pool_handle()
-        for num_tokens in reversed(self.buckets):
-            with set_forward_context(self._context(num_tokens)):
-                for _ in range(2):
-                    self._forward(num_tokens)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._forward(num_tokens)
-            self._graphs[num_tokens] = graph
-        torch.cuda.synchronize()
-        used = free_before - torch.cuda.mem_get_info()[0]
-        logger.info(
-            "CUDA graphs: %d prefill token counts (%d..%d) captured in %.1f s, %.2f GiB",
-            len(self.buckets), self.buckets[0], self.max_tokens, time.perf_counter() - start, used / (1 << 30),
-        )
+        self._graphs = capture_buckets(self.buckets, self._context, self._forward, "prefill token counts")
 
     def bucket_for(self, seqs: Sequence[SeqStep]) -> int | None:
         """The smallest captured bucket that holds the step's tokens and its attention tiles, or

@@ -99,7 +99,7 @@ class ModelRunner:
         # Row r's last sampled token, on the device: an overlapped step computes it before the
         # engine has seen it (the plan holds a placeholder, PLACEHOLDER_TOKEN, in its place).
         self.last_sampled = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
-        if self.device.startswith("cuda") and use_triton() and not config.enforce_eager:
+        if self._uses_graphs():
             from engine.cuda_graphs import DecodeGraphs, PrefillGraphs  # imports triton
 
             self.graphs = DecodeGraphs(
@@ -107,13 +107,22 @@ class ModelRunner:
                 text_config.vocab_size,
             )
             self.graphs.capture()
-            max_tokens = min(config.max_prefill_graph_tokens, config.max_num_batched_tokens or 0)
-            if max_tokens > 0:
+            if self._prefill_graph_tokens() > 0:
                 self.prefill_graphs = PrefillGraphs(
-                    model, self.kv, self.req_to_token, self.last_sampled, max_tokens, config.max_num_seqs,
-                    self.max_model_len,
+                    model, self.kv, self.req_to_token, self.last_sampled, self._prefill_graph_tokens(),
+                    config.max_num_seqs, self.max_model_len,
                 )
                 self.prefill_graphs.capture()
+
+    def _uses_graphs(self) -> bool:
+        """CUDA graphs are captured for the Triton backend on CUDA unless enforce_eager."""
+        return self.device.startswith("cuda") and use_triton() and not self.config.enforce_eager
+
+    def _prefill_graph_tokens(self) -> int:
+        """Tokens of the largest packed step a prefill graph is captured for (0: none)."""
+        if not self._uses_graphs():
+            return 0
+        return min(self.config.max_prefill_graph_tokens, self.config.max_num_batched_tokens or 0)
 
     def _bytes_per_token(self, kv_dtype: torch.dtype) -> int:
         return kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, kv_dtype)
@@ -130,11 +139,8 @@ class ModelRunner:
             free, _total = torch.cuda.mem_get_info()
             # The prefill graphs keep a pool of their own for their largest bucket's activations,
             # which grow about linearly with the tokens of a step.
-            graph_reserve = 0
-            if use_triton() and not self.config.enforce_eager:
-                profiled = self.config.max_num_batched_tokens or 8192
-                graph_tokens = min(self.config.max_prefill_graph_tokens, profiled)
-                graph_reserve = self.activation_peak_bytes * graph_tokens // profiled
+            profiled = self.config.max_num_batched_tokens or 8192
+            graph_reserve = self.activation_peak_bytes * self._prefill_graph_tokens() // profiled
             budget = int((free - self.activation_peak_bytes - graph_reserve) * self.config.gpu_memory_utilization)
             logger.info(
                 "GPU memory: %.2f GiB free after the weights, %.2f GiB peak activations, %.2f GiB for prefill graphs, "
