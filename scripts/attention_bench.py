@@ -21,31 +21,18 @@ import torch
 
 from engine.kernels.decode_attention import decode_attention, graph_num_splits
 from engine.kernels.prefill_attention import prefill_attention
+from engine.kernels.timing import graph_time_ms
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 DEVICE = "cuda"
 
 
-def graph_time_ms(fn, iters: int = 30) -> float:
+def time_ms(fn) -> float:
     if DEVICE == "cpu":
         start = time.perf_counter()
         fn()
         return 1e3 * (time.perf_counter() - start)
-    fn()  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+    return graph_time_ms(fn, iters=30)
 
 
 def make_pool(batch: int, seq_len: int, int8: bool, gen: torch.Generator) -> dict:
@@ -97,7 +84,7 @@ def main() -> None:
                     decode_attention(q, pool["k"], pool["v"], pool["req_to_token"], rows_t, lens, HEAD_DIM**-0.5,
                                      out, k_scale=pool["k_scale"], v_scale=pool["v_scale"], num_splits=splits)
 
-                ms = graph_time_ms(run)
+                ms = time_ms(run)
                 gbs = kv_bytes(batch, seq_len, int8) / ms / 1e6
                 kv = "int8" if int8 else "bf16"
                 print(f"{'decode':<8} {kv:<5} {batch:>5} {seq_len:>5} {ms:8.3f} {gbs:7.0f}")
@@ -115,7 +102,7 @@ def main() -> None:
             prefill_attention(q, pool["k"], pool["v"], pool["req_to_token"], zero, zero, cu, HEAD_DIM**-0.5, out,
                               k_scale=pool["k_scale"], v_scale=pool["v_scale"], max_new_len=n)
 
-        ms = graph_time_ms(run_prefill)
+        ms = time_ms(run_prefill)
         tflops = 2 * 2 * HEADS * HEAD_DIM * n * n / 2 / ms / 1e9  # causal: half the square
         kv = "int8" if int8 else "bf16"
         print(f"{'prefill':<8} {kv:<5} {1:>5} {n:>5} {ms:8.3f} {tflops:6.0f} TFLOP/s")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine.kernels.decode_attention import decode_attention
+from engine.kernels.timing import graph_time_ms
 from tests.engine.kernels.pools import NAN, PoisonedPool
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -236,7 +237,7 @@ def test_gpu_timing_against_sdpa(batch: int, seq_len: int) -> None:
 
     # Graph replays, as decode steps run in the engine: GPU time without the launch overhead.
     times = {
-        name: _graph_time_ms(fn)
+        name: graph_time_ms(fn)
         for name, fn in [("kernel", kernel), ("sdpa", sdpa), ("gather+sdpa", gather_sdpa)]
     }
     kv_bytes = 2 * batch * seq_len * 8 * 128 * 2
@@ -246,21 +247,3 @@ def test_gpu_timing_against_sdpa(batch: int, seq_len: int) -> None:
         + f"; kernel {kv_bytes / times['kernel'] / 1e6:.0f} GB/s of K/V"
     )
     torch.testing.assert_close(out, case.reference(), atol=1e-2, rtol=1e-2)
-
-
-def _graph_time_ms(fn: object, iters: int = 50) -> float:
-    assert callable(fn)
-    fn()  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
