@@ -19,12 +19,22 @@ import time
 
 import torch
 
+import engine.kernels.decode_attention as decode_module
+import engine.kernels.prefill_attention as prefill_module
 from engine.kernels.decode_attention import decode_attention, graph_num_splits
 from engine.kernels.prefill_attention import prefill_attention
 from engine.kernels.timing import graph_time_ms
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 DEVICE = "cuda"
+# (label, int8 pool, int8 -> fp16 through inline PTX): "int8-add" is the add-and-bitcast
+# conversion the CPU interpreter runs (engine/kernels/_int8.py).
+VARIANTS = [("bf16", False, True), ("int8", True, True), ("int8-add", True, False)]
+
+
+def use_asm(flag: bool) -> None:
+    decode_module.INT8_ASM = flag
+    prefill_module.INT8_ASM = flag
 
 
 def time_ms(fn) -> float:
@@ -69,10 +79,11 @@ def main() -> None:
     DEVICE = args.device
     gen = torch.Generator().manual_seed(0)
     rows = []
-    print(f"{'kernel':<8} {'kv':<5} {'batch':>5} {'len':>5} {'ms':>8} {'GB/s':>7}")
+    print(f"{'kernel':<8} {'kv':<8} {'batch':>5} {'len':>5} {'ms':>8} {'GB/s':>7}")
     for batch in (int(b) for b in args.batches.split(",")):
         for seq_len in (int(n) for n in args.lens.split(",")):
-            for int8 in (False, True):
+            for kv, int8, asm in VARIANTS:
+                use_asm(asm)
                 pool = make_pool(batch, seq_len, int8, gen)
                 q = torch.randn(batch, HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16).to(DEVICE)
                 rows_t = torch.arange(batch, device=DEVICE)
@@ -86,12 +97,12 @@ def main() -> None:
 
                 ms = time_ms(run)
                 gbs = kv_bytes(batch, seq_len, int8) / ms / 1e6
-                kv = "int8" if int8 else "bf16"
-                print(f"{'decode':<8} {kv:<5} {batch:>5} {seq_len:>5} {ms:8.3f} {gbs:7.0f}")
+                print(f"{'decode':<8} {kv:<8} {batch:>5} {seq_len:>5} {ms:8.3f} {gbs:7.0f}")
                 rows.append({"kernel": "decode", "kv": kv, "batch": batch, "len": seq_len, "ms": ms, "GB/s": gbs})
                 del pool
     n = args.prefill_tokens
-    for int8 in (False, True):
+    for kv, int8, asm in VARIANTS:
+        use_asm(asm)
         pool = make_pool(1, n, int8, gen)
         q = torch.randn(n, HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16).to(DEVICE)
         zero = torch.zeros(1, dtype=torch.int64, device=DEVICE)
@@ -104,8 +115,7 @@ def main() -> None:
 
         ms = time_ms(run_prefill)
         tflops = 2 * 2 * HEADS * HEAD_DIM * n * n / 2 / ms / 1e9  # causal: half the square
-        kv = "int8" if int8 else "bf16"
-        print(f"{'prefill':<8} {kv:<5} {1:>5} {n:>5} {ms:8.3f} {tflops:6.0f} TFLOP/s")
+        print(f"{'prefill':<8} {kv:<8} {1:>5} {n:>5} {ms:8.3f} {tflops:6.0f} TFLOP/s")
         rows.append({"kernel": "prefill", "kv": kv, "batch": 1, "len": n, "ms": ms, "TFLOP/s": tflops})
     print(json.dumps(rows))
 

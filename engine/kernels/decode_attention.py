@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels._attention_checks import check_q_and_pools, dot_precision
+from engine.kernels._int8 import int8_pv_dot, int8_to_fp16
 
 __all__ = ["decode_attention"]
 
@@ -32,6 +33,9 @@ _LOG2E = 1.4426950408889634
 # Scratch is float32: [B, H, num_splits, D] partial outputs, [B, H, num_splits] log2-sum-exps.
 _REDUCE_CHUNK = 16  # splits merged per iteration of stage 2
 _MIN_PROGRAMS = 1024  # stage-1 programs worth splitting finer for (several per SM)
+# On a GPU, int8 K/V become fp16 through inline PTX (engine/kernels/_int8.py); False keeps the
+# add-and-bitcast way the CPU interpreter runs (scripts/attention_bench.py times both).
+INT8_ASM = True
 
 
 @triton.jit
@@ -39,16 +43,6 @@ def _split_len(num_keys, num_splits, BLOCK_N: tl.constexpr):
     """Keys per split of a sequence with `num_keys` keys: a whole number of key blocks (>= 1)."""
     blocks = tl.cdiv(tl.cdiv(num_keys, BLOCK_N), num_splits)
     return tl.maximum(blocks, 1) * BLOCK_N
-
-
-@triton.jit
-def _int8_to_fp16(x):
-    """int8 -> the same integers in fp16 with an integer add and a bitcast: the fp16 bits
-    0x6400 + m are 1024 + m, so 0x6480 + x is 1152 + x. A conversion instruction (int to
-    float) runs at a fraction of the arithmetic rate; with `.to(bfloat16)` per element the int8
-    pool's decode attention measured slower than bf16's despite reading half the bytes."""
-    bits = (x.to(tl.int32) + 0x6480).to(tl.int16)
-    return (bits.to(tl.float16, bitcast=True) - 1152.0).to(tl.float16)
 
 
 @triton.jit
@@ -95,6 +89,7 @@ def _decode_split_kernel(
     HAS_WINDOW: tl.constexpr,
     IS_INT8: tl.constexpr,
     INT8_AS_FP16: tl.constexpr,
+    INT8_ASM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -140,7 +135,7 @@ def _decode_split_kernel(
         )  # [BLOCK_N, D]
         # int8 values are exact in fp16/bf16; the per-slot scale is applied to the fp32 scores.
         if INT8_AS_FP16:
-            k = _int8_to_fp16(k)
+            k = int8_to_fp16(k, INT8_ASM)
         qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N] fp32
         if IS_INT8:
             k_scale = tl.load(k_scale_ptr + slots * stride_kss + kv_head * stride_ksh, mask=valid, other=0.0)
@@ -163,13 +158,7 @@ def _decode_split_kernel(
             v_scale = tl.load(v_scale_ptr + slots * stride_vss + kv_head * stride_vsh, mask=valid, other=0.0)
             v_scale = v_scale.to(tl.float32)
             if INT8_AS_FP16:
-                # fp16 has no exponent room for tiny scales: divide by the block's largest, which
-                # multiplies the fp32 dot instead ([BLOCK_G, D]).
-                s_max = tl.max(v_scale, 0)
-                s_max = tl.where(s_max > 0.0, s_max, 1.0)
-                pv = p * (v_scale / s_max)[None, :]
-                pv_dot = tl.dot(pv.to(tl.float16), _int8_to_fp16(v), input_precision=DOT_PRECISION)
-                acc = acc * alpha[:, None] + pv_dot * s_max
+                acc = acc * alpha[:, None] + int8_pv_dot(p, v, v_scale, INT8_ASM, DOT_PRECISION)
             else:
                 pv = p * v_scale[None, :]
                 acc = acc * alpha[:, None] + tl.dot(pv.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
@@ -407,6 +396,7 @@ def decode_attention(
         # Half-precision queries read int8 keys and values as fp16 (bf16 queries convert
         # exactly); float32 queries keep float32 dots.
         INT8_AS_FP16=is_int8 and q.dtype in (torch.float16, torch.bfloat16),
+        INT8_ASM=INT8_ASM and q.is_cuda,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4,
         num_stages=2,

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+import engine.kernels.decode_attention as decode_module
 from engine.kernels.decode_attention import decode_attention
 from engine.kernels.timing import graph_time_ms
 from tests.engine.kernels.pools import NAN, PoisonedPool
@@ -193,6 +194,23 @@ def test_gpu_variants(group: int, head_dim: int, window: int | None, int8: bool)
         window=window,
     ).to("cuda")
     torch.testing.assert_close(case.run(max_seq_len=max(seq_lens)), case.reference(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("use_asm", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_int8_both_conversions(dtype: torch.dtype, use_asm: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The inline-PTX int8 -> fp16 conversion (the GPU default) and the add-and-bitcast one.
+    monkeypatch.setattr(decode_module, "INT8_ASM", use_asm)
+    seq_lens = torch.randint(1, 3000, (64,), generator=torch.Generator().manual_seed(2)).tolist()
+    case = Case(seq_lens, num_heads=32, num_kv_heads=8, head_dim=128, dtype=dtype, int8=True).to("cuda")
+    torch.testing.assert_close(case.run(max_seq_len=3000), case.reference(), atol=1e-2, rtol=1e-2)
+    assert case.k_scale is not None and case.v_scale is not None
+    case.k_scale *= 1e-6
+    case.v_scale *= 1e-6
+    out, reference = case.run(max_seq_len=3000).float() / 1e-6, case.reference().float() / 1e-6
+    torch.testing.assert_close(out, reference, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu
