@@ -42,15 +42,3 @@ def int8_to_fp16(x, USE_ASM: tl.constexpr):
         bits = (x.to(tl.int32) + 0x6480).to(tl.int16)
         y = (bits.to(tl.float16, bitcast=True) - 1152.0).to(tl.float16)
     return y
-
-
-@triton.jit
-def int8_pv_dot(p, v, v_scale, USE_ASM: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """sum_n p[m, n] * v_scale[n] * v[n, :] as one fp16 dot ([M, N] fp32 probabilities, [N, D]
-    int8 values, [N] fp32 scales -> [M, D] fp32). The scales go on the probabilities, divided
-    by the block's largest (fp16 has no exponent room for scales of 1e-6), which multiplies the
-    fp32 result instead."""
-    s_max = tl.max(v_scale, 0)
-    s_max = tl.where(s_max > 0.0, s_max, 1.0)
-    pv = p * (v_scale / s_max)[None, :]
-    return tl.dot(pv.to(tl.float16), int8_to_fp16(v, USE_ASM), input_precision=DOT_PRECISION) * s_max

@@ -25,14 +25,10 @@ import triton
 import triton.language as tl
 
 from engine.kernels._attention_checks import check_q_and_pools, dot_precision
-from engine.kernels._int8 import int8_pv_dot, int8_to_fp16
 
 __all__ = ["max_prefill_tiles", "prefill_attention", "prefill_block_m", "prefill_tiles"]
 
 _LOG2E = 1.4426950408889634
-# On a GPU, int8 K/V become fp16 through inline PTX (engine/kernels/_int8.py); False keeps the
-# add-and-bitcast way the CPU interpreter runs (scripts/attention_bench.py times both).
-INT8_ASM = True
 
 
 @triton.jit
@@ -75,8 +71,6 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     IS_INT8: tl.constexpr,
-    INT8_AS_FP16: tl.constexpr,
-    INT8_ASM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_TILES: tl.constexpr,
 ):
@@ -110,8 +104,6 @@ def _prefill_kernel(
         mask=m_valid[:, None],
         other=0.0,
     )  # [BLOCK_M, D]
-    if INT8_AS_FP16:
-        q = q.to(tl.float16)  # exact for bf16 values in fp16's range
 
     # Keys this block can see: [lo, hi). The last row sees up to its own position.
     hi = tl.minimum(start + (m_block + 1) * BLOCK_M, seq_len)
@@ -132,9 +124,6 @@ def _prefill_kernel(
             mask=k_valid[:, None],
             other=0.0,
         )  # [BLOCK_N, D]
-        # int8 values are exact in fp16; the per-slot scale is applied to the fp32 scores.
-        if INT8_AS_FP16:
-            k = int8_to_fp16(k, INT8_ASM)
         qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
         if IS_INT8:
             k_scale = tl.load(
@@ -162,14 +151,8 @@ def _prefill_kernel(
             v_scale = tl.load(
                 v_scale_ptr + slots * stride_vss + kv_head * stride_vsh, mask=k_valid, other=0.0
             )
-            v_scale = v_scale.to(tl.float32)
-            if INT8_AS_FP16:  # the scales go on the probabilities (see int8_pv_dot)
-                acc = acc * alpha[:, None] + int8_pv_dot(p, v, v_scale, INT8_ASM, DOT_PRECISION)
-            else:
-                v = v.to(tl.float32) * v_scale[:, None]
-                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+            v = v.to(tl.float32) * v_scale.to(tl.float32)[:, None]
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         m_i = m_new
 
     # Every valid row sees at least its own key, so l_i > 0 there; padding rows are not stored.
@@ -357,10 +340,6 @@ def prefill_attention(
         BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None,
         IS_INT8=is_int8,
-        # Half-precision queries read int8 keys and values as fp16 (bf16 queries convert
-        # exactly); float32 queries keep float32 dots.
-        INT8_AS_FP16=is_int8 and q.dtype in (torch.float16, torch.bfloat16),
-        INT8_ASM=INT8_ASM and q.is_cuda,
         DOT_PRECISION=dot_precision(q.dtype),
         USE_TILES=tiles is not None,
         num_warps=num_warps,
