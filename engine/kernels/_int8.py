@@ -1,12 +1,14 @@
-"""Reading int8 KV in the attention kernels: int8 -> fp16 without a conversion instruction.
+"""Reading int8 KV in the decode attention kernel: int8 -> fp16 without a conversion instruction.
 
-An int8 pool stores K and V as integers with a scale per slot and kv head. The kernels turn
+An int8 pool stores K and V as integers with a scale per slot and kv head. The kernel turns
 each loaded block into fp16 (every int8 value is exact in fp16) for the tensor-core dots and
-apply the scales to the fp32 scores (K) and to the probabilities (V). A per-element
-int-to-float conversion runs at a fraction of the arithmetic rate, which made the int8 pool's
-attention slower than bf16's despite reading half the bytes; both ways below build the fp16
-bits directly. The fp16 bits 0x64XX are the number 1024 + XX, so an int8 x (XX = x ^ 0x80,
+applies the scales to the fp32 scores (K) and to the probabilities (V). Both ways below build
+the fp16 bits directly: the bits 0x64XX are the number 1024 + XX, so an int8 x (XX = x ^ 0x80,
 i.e. x + 128 as unsigned) becomes 1152 + x, and subtracting 1152 leaves x exactly.
+
+Measured on an H200 (scripts/attention_bench.py, batch 256 x 4096 keys, docs/benchmarks.md):
+the inline-PTX way and the add-and-bitcast way time the same (1 258 and 1 190 GB/s of KV), so
+the conversion is not what keeps the int8 kernel at a third of the bf16 kernel's bandwidth.
 """
 
 from __future__ import annotations
@@ -42,3 +44,15 @@ def int8_to_fp16(x, USE_ASM: tl.constexpr):
         bits = (x.to(tl.int32) + 0x6480).to(tl.int16)
         y = (bits.to(tl.float16, bitcast=True) - 1152.0).to(tl.float16)
     return y
+
+
+@triton.jit
+def int8_pv_dot(p, v, v_scale, USE_ASM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """sum_n p[m, n] * v_scale[n] * v[n, :] as one fp16 dot ([M, N] fp32 probabilities, [N, D]
+    int8 values, [N] fp32 scales -> [M, D] fp32). The scales go on the probabilities, divided
+    by the block's largest (fp16 has no exponent room for scales of 1e-6), which multiplies the
+    fp32 result instead."""
+    s_max = tl.max(v_scale, 0)
+    s_max = tl.where(s_max > 0.0, s_max, 1.0)
+    pv = p * (v_scale / s_max)[None, :]
+    return tl.dot(pv.to(tl.float16), int8_to_fp16(v, USE_ASM), input_precision=DOT_PRECISION) * s_max

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels._attention_checks import check_q_and_pools, dot_precision
-from engine.kernels._int8 import int8_to_fp16
+from engine.kernels._int8 import int8_pv_dot, int8_to_fp16
 
 __all__ = ["decode_attention"]
 
@@ -43,83 +43,6 @@ def _split_len(num_keys, num_splits, BLOCK_N: tl.constexpr):
     """Keys per split of a sequence with `num_keys` keys: a whole number of key blocks (>= 1)."""
     blocks = tl.cdiv(tl.cdiv(num_keys, BLOCK_N), num_splits)
     return tl.maximum(blocks, 1) * BLOCK_N
-
-
-@triton.jit
-def _int8_split_fp16(
-    q,
-    k_ptr,
-    v_ptr,
-    k_scale_ptr,
-    v_scale_ptr,
-    req_to_token_ptr,
-    row,
-    kv_head,
-    split_start,
-    split_end,
-    sm_scale_log2,
-    stride_ks,
-    stride_kh,
-    stride_kd,
-    stride_vs,
-    stride_vh,
-    stride_vd,
-    stride_kss,
-    stride_ksh,
-    stride_vss,
-    stride_vsh,
-    stride_rr,
-    stride_rp,
-    BLOCK_G: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    INT8_ASM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """One split over an int8 pool with fp16 queries ([BLOCK_G, D]), computed transposed: the
-    int8 blocks are the dots' first operands (scores^T = k @ q^T, out^T = v^T @ p^T), which
-    the compiler converts to fp16 in registers, where a second operand goes through shared
-    memory after the conversion. Returns (acc [BLOCK_G, D] fp32, m_i, l_i) as the main loop's."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_t = tl.trans(q)  # [D, BLOCK_G]
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc_t = tl.zeros([HEAD_DIM, BLOCK_G], dtype=tl.float32)
-    for block_start in range(split_start, split_end, BLOCK_N):
-        pos = block_start + tl.arange(0, BLOCK_N)
-        valid = pos < split_end
-        slots = tl.load(req_to_token_ptr + row * stride_rr + pos * stride_rp, mask=valid, other=0)
-        slots = slots.to(tl.int64)  # slot * stride overflows int32 in large pools
-        k = tl.load(
-            k_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :] * stride_kd,
-            mask=valid[:, None],
-            other=0,
-        )  # [BLOCK_N, D] int8
-        s_t = tl.dot(int8_to_fp16(k, INT8_ASM), q_t, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_G]
-        k_scale = tl.load(k_scale_ptr + slots * stride_kss + kv_head * stride_ksh, mask=valid, other=0.0)
-        s_t = s_t * (k_scale.to(tl.float32) * sm_scale_log2)[:, None]
-        s_t = tl.where(valid[:, None], s_t, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s_t, 0))
-        alpha = tl.exp2(m_i - m_new)
-        p_t = tl.exp2(s_t - m_new[None, :])  # [BLOCK_N, BLOCK_G]
-        l_i = l_i * alpha + tl.sum(p_t, 0)
-
-        v = tl.load(
-            v_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :] * stride_vd,
-            mask=valid[:, None],
-            other=0,
-        )  # [BLOCK_N, D] int8
-        # The V scales go on the probabilities, divided by the block's largest (fp16's range).
-        v_scale = tl.load(v_scale_ptr + slots * stride_vss + kv_head * stride_vsh, mask=valid, other=0.0)
-        v_scale = v_scale.to(tl.float32)
-        s_max = tl.max(v_scale, 0)
-        s_max = tl.where(s_max > 0.0, s_max, 1.0)
-        pv_t = (p_t * (v_scale / s_max)[:, None]).to(tl.float16)
-        out_t = tl.dot(int8_to_fp16(tl.trans(v), INT8_ASM), pv_t, input_precision=DOT_PRECISION)  # [D, BLOCK_G]
-        acc_t = acc_t * alpha[None, :] + out_t * s_max
-        m_i = m_new
-    return tl.trans(acc_t), m_i, l_i
 
 
 @triton.jit
@@ -193,54 +116,55 @@ def _decode_split_kernel(
         mask=g_mask[:, None],
         other=0.0,
     )  # [BLOCK_G, D]
-    if INT8_AS_FP16:  # fp16 queries (exact for bf16 values in fp16's range) against int8 as fp16
-        acc, m_i, l_i = _int8_split_fp16(
-            q.to(tl.float16), k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, req_to_token_ptr, row, kv_head, split_start,
-            split_end, sm_scale_log2, stride_ks, stride_kh, stride_kd, stride_vs, stride_vh, stride_vd,
-            stride_kss, stride_ksh, stride_vss, stride_vsh, stride_rr, stride_rp,
-            BLOCK_G, HEAD_DIM, BLOCK_N, INT8_ASM, DOT_PRECISION,
-        )
-    else:
-        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-        # Every block of the loop holds at least one valid key, so m_i is finite after the first.
-        for block_start in range(split_start, split_end, BLOCK_N):
-            pos = block_start + tl.arange(0, BLOCK_N)
-            valid = pos < split_end
-            slots = tl.load(req_to_token_ptr + row * stride_rr + pos * stride_rp, mask=valid, other=0)
-            slots = slots.to(tl.int64)  # slot * stride overflows int32 in large pools
-            k = tl.load(
-                k_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :] * stride_kd,
-                mask=valid[:, None],
-                other=0.0,
-            )  # [BLOCK_N, D]
-            # int8 values are exact in float32; the per-slot scale is applied to the scores.
-            qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N] fp32
-            if IS_INT8:
-                k_scale = tl.load(k_scale_ptr + slots * stride_kss + kv_head * stride_ksh, mask=valid, other=0.0)
-                qk = qk * k_scale.to(tl.float32)[None, :]
-            qk = tl.where(valid[None, :], qk * sm_scale_log2, float("-inf"))
+    if INT8_AS_FP16:
+        q = q.to(tl.float16)  # exact for bf16 values in fp16's range
 
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    # Every block of the loop holds at least one valid key, so m_i is finite after the first.
+    for block_start in range(split_start, split_end, BLOCK_N):
+        pos = block_start + tl.arange(0, BLOCK_N)
+        valid = pos < split_end
+        slots = tl.load(req_to_token_ptr + row * stride_rr + pos * stride_rp, mask=valid, other=0)
+        slots = slots.to(tl.int64)  # slot * stride overflows int32 in large pools
+        k = tl.load(
+            k_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :] * stride_kd,
+            mask=valid[:, None],
+            other=0.0,
+        )  # [BLOCK_N, D]
+        # int8 values are exact in fp16/bf16; the per-slot scale is applied to the fp32 scores.
+        if INT8_AS_FP16:
+            k = int8_to_fp16(k, INT8_ASM)
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N] fp32
+        if IS_INT8:
+            k_scale = tl.load(k_scale_ptr + slots * stride_kss + kv_head * stride_ksh, mask=valid, other=0.0)
+            qk = qk * k_scale.to(tl.float32)[None, :]
+        qk = tl.where(valid[None, :], qk * sm_scale_log2, float("-inf"))
 
-            v = tl.load(
-                v_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :] * stride_vd,
-                mask=valid[:, None],
-                other=0.0,
-            )  # [BLOCK_N, D]
-            if IS_INT8:
-                # sum_n p[g, n] * (v[n] * s[n]) = sum_n (p[g, n] * s[n]) * v[n]: the scale goes on the
-                # [BLOCK_G, BLOCK_N] probabilities, not on the [BLOCK_N, D] values.
-                v_scale = tl.load(v_scale_ptr + slots * stride_vss + kv_head * stride_vsh, mask=valid, other=0.0)
-                pv = p * v_scale.to(tl.float32)[None, :]
-                acc = acc * alpha[:, None] + tl.dot(pv.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+
+        v = tl.load(
+            v_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :] * stride_vd,
+            mask=valid[:, None],
+            other=0.0,
+        )  # [BLOCK_N, D]
+        if IS_INT8:
+            # sum_n p[g, n] * (v[n] * s[n]) = sum_n (p[g, n] * s[n]) * v[n]: the scale goes on the
+            # [BLOCK_G, BLOCK_N] probabilities, not on the [BLOCK_N, D] values.
+            v_scale = tl.load(v_scale_ptr + slots * stride_vss + kv_head * stride_vsh, mask=valid, other=0.0)
+            v_scale = v_scale.to(tl.float32)
+            if INT8_AS_FP16:
+                acc = acc * alpha[:, None] + int8_pv_dot(p, v, v_scale, INT8_ASM, DOT_PRECISION)
             else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-            m_i = m_new
+                pv = p * v_scale[None, :]
+                acc = acc * alpha[:, None] + tl.dot(pv.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        m_i = m_new
 
     mid_o = acc / l_i[:, None]
     tl.store(
