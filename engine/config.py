@@ -54,6 +54,11 @@ class EngineConfig:
     admission: Literal["conservative", "aggressive"] = "conservative"
     admission_batch: int = 1  # a full batch of >= 32 decodes admits only once this many rows are free
     enable_prefix_caching: bool = True
+    # Plan and send step k+1 while step k runs (the host's scheduling and output processing hide
+    # behind the GPU). Off: each step is planned after the previous one's tokens are in, so a
+    # request that arrives mid-step starts one step sooner, and the GPU waits for the host
+    # between steps.
+    overlap_scheduling: bool = True
     seed: int = 0
     enforce_eager: bool = False  # GPU: no CUDA graphs
     # GPU: packed steps (prefill chunks) of up to this many tokens replay a CUDA graph too

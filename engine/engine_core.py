@@ -67,7 +67,8 @@ class RequestState:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-_STEPS_IN_FLIGHT = 2  # overlapped: the step the worker runs and the next one, already sent
+# Overlapped: the step the worker runs and the next one, already sent; 1 without overlap.
+_STEPS_IN_FLIGHT = 2
 
 
 class EngineCore:
@@ -96,6 +97,7 @@ class EngineCore:
         self.requests: dict[str, RequestState] = {}
         self._step_id = 0
         self.in_flight: deque[tuple[SchedulerOutput, StepPlan]] = deque()  # overlapped steps sent
+        self.max_in_flight = _STEPS_IN_FLIGHT if config.overlap_scheduling else 1
         logger.info("%s", info.kv_cache_summary())
 
     # -- requests ---------------------------------------------------------------------------
@@ -256,12 +258,12 @@ class EngineCore:
         return self.scheduler.has_unfinished or bool(self.in_flight)
 
     def plan_ahead(self, send: Callable[[StepPlan], None] | None = None) -> list[StepPlan]:
-        """Plan steps until two are in flight (the running one and the next), or nothing is left
-        to plan. With `send`, each plan is sent as soon as it is planned and counts as in flight
+        """Plan steps until two are in flight (the running one and the next; one without
+        `overlap_scheduling`), or nothing is left to plan. With `send`, each plan is sent as soon as it is planned and counts as in flight
         once sent; without, the caller must send the returned plans, in order, before waiting
         for the oldest (and treat a failure in between as fatal)."""
         new = []
-        while len(self.in_flight) < _STEPS_IN_FLIGHT:
+        while len(self.in_flight) < self.max_in_flight:
             planned = self.schedule(overlap=True)
             if planned is None:
                 break

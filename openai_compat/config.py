@@ -83,6 +83,9 @@ class Settings(BaseSettings):
         1, ge=1, description="a full batch of 32+ decodes admits new requests only once this many rows are free"
     )
     enable_prefix_caching: bool = Field(True, description="share KV of common prompt prefixes")
+    overlap_scheduling: bool = Field(
+        True, description="plan the next step while the current one runs (off: new requests start a step sooner)"
+    )
     enforce_eager: bool = Field(False, description="GPU: no CUDA graphs")
     max_prefill_graph_tokens: int = Field(
         2048, ge=0, description="GPU: prefill steps of up to this many tokens replay CUDA graphs (0: decode graphs only)"
@@ -136,6 +139,7 @@ class Settings(BaseSettings):
             admission=self.admission,
             admission_batch=self.admission_batch,
             enable_prefix_caching=self.enable_prefix_caching,
+            overlap_scheduling=self.overlap_scheduling,
             seed=self.seed,
             enforce_eager=self.enforce_eager,
             max_prefill_graph_tokens=self.max_prefill_graph_tokens,

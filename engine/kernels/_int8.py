@@ -5,6 +5,8 @@ each loaded block into fp16 (every int8 value is exact in fp16) for the tensor-c
 applies the scales to the fp32 scores (K) and to the probabilities (V). Both ways below build
 the fp16 bits directly: the bits 0x64XX are the number 1024 + XX, so an int8 x (XX = x ^ 0x80,
 i.e. x + 128 as unsigned) becomes 1152 + x, and subtracting 1152 leaves x exactly.
+`int8_to_fp32` does the same into float32 for the CUDA-core stage 1
+(engine/kernels/decode_attention_int8.py).
 
 Measured on an H200 (scripts/attention_bench.py, batch 256 x 4096 keys, docs/benchmarks.md):
 the inline-PTX way and the add-and-bitcast way time the same (1 258 and 1 190 GB/s of KV), so
@@ -56,3 +58,11 @@ def int8_pv_dot(p, v, v_scale, USE_ASM: tl.constexpr, DOT_PRECISION: tl.constexp
     s_max = tl.where(s_max > 0.0, s_max, 1.0)
     pv = p * (v_scale / s_max)[None, :]
     return tl.dot(pv.to(tl.float16), int8_to_fp16(v, USE_ASM), input_precision=DOT_PRECISION) * s_max
+
+
+@triton.jit
+def int8_to_fp32(x):
+    """int8 tensor -> the same integers in fp32 with an integer add and a bitcast: the fp32 bits
+    0x4B000000 + m are the number 2^23 + m, so 0x4B000080 + x is 8388736 + x."""
+    bits = x.to(tl.int32) + 0x4B000080
+    return bits.to(tl.float32, bitcast=True) - 8388736.0

@@ -36,6 +36,11 @@ _MIN_PROGRAMS = 1024  # stage-1 programs worth splitting finer for (several per 
 # On a GPU, int8 K/V become fp16 through inline PTX (engine/kernels/_int8.py); False keeps the
 # add-and-bitcast way the CPU interpreter runs (scripts/attention_bench.py times both).
 INT8_ASM = True
+# Stage 1 over an int8 pool: "tensor_cores" (the kernel below) or "cuda_cores" (a candidate in
+# engine/kernels/decode_attention_int8.py, float32 on CUDA cores; scripts/attention_bench.py
+# times both).
+INT8_STAGE1 = "tensor_cores"
+_INT8_CUDA_CORES_BLOCK_N = 16  # keys per block of the CUDA-core stage 1 ([G, 16, D] products)
 
 
 @triton.jit
@@ -352,12 +357,13 @@ def decode_attention(
     if batch == 0 or num_keys <= 0:
         return out.zero_()
 
-    block_n = _block_n(q.device)
+    is_int8 = k_pool.dtype == torch.int8
+    cuda_cores = is_int8 and INT8_STAGE1 == "cuda_cores"
+    block_n = _INT8_CUDA_CORES_BLOCK_N if cuda_cores else _block_n(q.device)
     if num_splits is None:
         num_splits = default_num_splits(q.device, batch * num_kv_heads, num_keys)
     mid_o = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    is_int8 = k_pool.dtype == torch.int8
     # Unused pointer arguments when the pool is not int8: any tensor will do.
     ks = k_scale if k_scale is not None else seq_lens
     vs = v_scale if v_scale is not None else seq_lens
@@ -365,42 +371,44 @@ def decode_attention(
     vs_strides = v_scale.stride() if v_scale is not None else (0, 0)
     window = sliding_window or 0
 
-    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q,
-        k_pool,
-        v_pool,
-        ks,
-        vs,
-        req_to_token,
-        req_indices,
-        seq_lens,
-        mid_o,
-        mid_lse,
-        scale * _LOG2E,
-        window,
-        *q.stride(),
-        *k_pool.stride(),
-        *v_pool.stride(),
-        *ks_strides,
-        *vs_strides,
-        *req_to_token.stride(),
-        *mid_o.stride(),
-        *mid_lse.stride(),
-        GROUP=group,
-        BLOCK_G=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim,
-        num_splits=num_splits,
-        BLOCK_N=block_n,
-        HAS_WINDOW=sliding_window is not None,
-        IS_INT8=is_int8,
-        # Half-precision queries read int8 keys and values as fp16 (bf16 queries convert
-        # exactly); float32 queries keep float32 dots.
-        INT8_AS_FP16=is_int8 and q.dtype in (torch.float16, torch.bfloat16),
-        INT8_ASM=INT8_ASM and q.is_cuda,
-        DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=4,
-        num_stages=2,
+    grid = (batch, num_kv_heads, num_splits)
+    args = (
+        q, k_pool, v_pool, ks, vs, req_to_token, req_indices, seq_lens, mid_o, mid_lse, scale * _LOG2E, window,
+        *q.stride(), *k_pool.stride(), *v_pool.stride(), *ks_strides, *vs_strides, *req_to_token.stride(),
+        *mid_o.stride(), *mid_lse.stride(),
     )
+    if cuda_cores:
+        from engine.kernels.decode_attention_int8 import decode_split_int8_kernel
+
+        decode_split_int8_kernel[grid](
+            *args,
+            GROUP=group,
+            BLOCK_G=triton.next_power_of_2(group),  # no padding to 16 rows: no tl.dot
+            HEAD_DIM=head_dim,
+            num_splits=num_splits,
+            BLOCK_N=block_n,
+            HAS_WINDOW=sliding_window is not None,
+            num_warps=4,
+            num_stages=2,
+        )
+    else:
+        _decode_split_kernel[grid](
+            *args,
+            GROUP=group,
+            BLOCK_G=max(16, triton.next_power_of_2(group)),
+            HEAD_DIM=head_dim,
+            num_splits=num_splits,
+            BLOCK_N=block_n,
+            HAS_WINDOW=sliding_window is not None,
+            IS_INT8=is_int8,
+            # Half-precision queries read int8 keys and values as fp16 (bf16 queries convert
+            # exactly); float32 queries keep float32 dots.
+            INT8_AS_FP16=is_int8 and q.dtype in (torch.float16, torch.bfloat16),
+            INT8_ASM=INT8_ASM and q.is_cuda,
+            DOT_PRECISION=dot_precision(q.dtype),
+            num_warps=4,
+            num_stages=2,
+        )
     _decode_reduce_kernel[(batch, num_heads)](
         mid_o,
         mid_lse,

@@ -94,3 +94,39 @@ def test_a_refused_request_leaves_the_engine_idle_and_usable(tmp_path: Path) -> 
         assert not llm.core.in_flight and not llm.core.has_work
         out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
         assert len(out[0].outputs[0].token_ids) == 5
+
+
+def test_without_overlap_a_new_request_starts_one_step_sooner(tmp_path: Path) -> None:
+    """Overlapped, step k+1 is already planned when a request arrives during step k, so its
+    prefill waits for step k+2; with `overlap_scheduling=False` it is in step k+1. The tokens
+    are the same either way."""
+    save_tiny_model(str(tmp_path), tiny_config("llama"))
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    tokens = {}
+    for overlap in (True, False):
+        with LLM(str(tmp_path), dtype="float32", kv_cache_memory_gb=0.01, overlap_scheduling=overlap) as llm:
+            core = llm.core
+            accs = {"a": OutputAccumulator(1), "b": OutputAccumulator(1)}
+            seen: set[str] = set()
+
+            def run_step(core=core, accs=accs, seen=seen) -> None:
+                for out in core.step_overlapped():
+                    accs[out.request_id].add(out)
+                    if out.outputs and out.outputs[0].token_ids:
+                        seen.add(out.request_id)
+
+            core.add_request("a", [5, 6, 7, 8], params)
+            run_step()  # a's prefill; overlapped, a's next step is in flight too
+            assert seen == {"a"} and len(core.in_flight) == (1 if overlap else 0)
+            core.add_request("b", [9, 10, 11], params)
+            calls = 0
+            while "b" not in seen:
+                calls += 1
+                run_step()
+                assert len(core.in_flight) <= (2 if overlap else 1)
+            assert calls == (2 if overlap else 1)
+            while core.has_work:
+                run_step()
+            tokens[overlap] = [accs[r].result().outputs[0].token_ids for r in ("a", "b")]
+    assert tokens[True] == tokens[False]
+    assert all(len(t) == 12 for t in tokens[True])

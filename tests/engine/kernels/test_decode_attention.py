@@ -106,17 +106,25 @@ def test_sliding_window_excludes_old_keys() -> None:
     torch.testing.assert_close(case.run(max_seq_len=70), case.reference(), **tolerance(torch.float32))
 
 
+@pytest.fixture(params=["tensor_cores", "cuda_cores"])
+def int8_stage1(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both stage-1 kernels for an int8 pool: the default and the CUDA-core candidate."""
+    monkeypatch.setattr(decode_module, "INT8_STAGE1", request.param)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_int8_pool_dequantized_with_scales(dtype: torch.dtype) -> None:
-    # float32 queries dequantize into float32 dots; half-precision ones read the int8 values as
-    # fp16 integers (bit trick) with the V scales folded into the probabilities.
+def test_int8_pool_dequantized_with_scales(dtype: torch.dtype, int8_stage1: str) -> None:
+    # Tensor cores: float32 queries dequantize into float32 dots, half-precision ones read the
+    # int8 values as fp16 integers (bit trick) with the V scales folded into the probabilities.
+    # CUDA cores: everything in float32.
     case = Case([3, 33, 50], num_heads=8, num_kv_heads=2, head_dim=64, dtype=dtype, int8=True)
     case.to(DEVICE)
     out = case.run(max_seq_len=50)
     torch.testing.assert_close(out, case.reference(), **tolerance(dtype))
 
 
-def test_int8_pool_with_tiny_scales_in_half_precision() -> None:
+def test_int8_pool_with_tiny_scales_in_half_precision(int8_stage1: str) -> None:
     # Scales far below fp16's smallest normal number (6e-5): the block maximum keeps them exact.
     case = Case([17, 40], num_heads=4, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, int8=True)
     assert case.k_scale is not None and case.v_scale is not None
@@ -127,6 +135,18 @@ def test_int8_pool_with_tiny_scales_in_half_precision() -> None:
     reference = case.reference()
     assert reference.abs().max() < 1e-2  # the outputs are of the scales' size
     torch.testing.assert_close(out.float() / 1e-6, reference.float() / 1e-6, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 5])
+def test_int8_pool_with_window_and_fixed_splits(num_splits: int | None, int8_stage1: str) -> None:
+    # A group of 3 query heads (padded to 4 rows on CUDA cores, to 16 on tensor cores), a
+    # sliding window whose old keys point at NaN slots, a graph's fixed splits, a padded row.
+    case = Case([5, 20, 41, 70, 0], num_heads=6, num_kv_heads=2, head_dim=64, dtype=torch.float32, int8=True,
+                window=23)
+    case.to(DEVICE)
+    out = case.run(max_seq_len=70, num_splits=num_splits)
+    torch.testing.assert_close(out[:4], case.reference()[:4], **tolerance(torch.float32))
+    assert torch.equal(out[4], torch.zeros_like(out[4]))
 
 
 def test_without_max_seq_len_hint_uses_row_length() -> None:
@@ -198,11 +218,13 @@ def test_gpu_variants(group: int, head_dim: int, window: int | None, int8: bool)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("use_asm", [True, False])
+@pytest.mark.parametrize("variant", ["asm", "add", "cuda_cores"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_int8_both_conversions(dtype: torch.dtype, use_asm: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The inline-PTX int8 -> fp16 conversion (the GPU default) and the add-and-bitcast one.
-    monkeypatch.setattr(decode_module, "INT8_ASM", use_asm)
+def test_gpu_int8_variants(dtype: torch.dtype, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tensor cores with the inline-PTX int8 -> fp16 conversion (the GPU default) or the
+    # add-and-bitcast one, and the CUDA-core candidate.
+    monkeypatch.setattr(decode_module, "INT8_ASM", variant == "asm")
+    monkeypatch.setattr(decode_module, "INT8_STAGE1", "cuda_cores" if variant == "cuda_cores" else "tensor_cores")
     seq_lens = torch.randint(1, 3000, (64,), generator=torch.Generator().manual_seed(2)).tolist()
     case = Case(seq_lens, num_heads=32, num_kv_heads=8, head_dim=128, dtype=dtype, int8=True).to("cuda")
     torch.testing.assert_close(case.run(max_seq_len=3000), case.reference(), atol=1e-2, rtol=1e-2)
