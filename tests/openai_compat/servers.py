@@ -3,6 +3,7 @@ started in a subprocess exactly as users start it."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -82,6 +83,48 @@ def sse_events(body: bytes) -> list[str]:
     for event in events:
         assert event.startswith("data: ") and "\n" not in event, event
     return [event[len("data: "):] for event in events]
+
+
+# Raw-HTTP request bodies and helpers shared by the test_server_*.py files.
+PROMPT = [{"role": "user", "content": "Tell me about lighthouses."}]
+CHAT: dict[str, Any] = {"model": TINY, "messages": PROMPT}
+GREEDY: dict[str, Any] = {"temperature": 0.0}
+NO_EOS: dict[str, Any] = {"ignore_eos": True}
+
+
+def post(url: str, path: str, body: Any, **kwargs: Any) -> httpx.Response:
+    return httpx.post(url + path, json=body, timeout=60, **kwargs)
+
+
+def stream_chunks(response: httpx.Response) -> list[dict[str, Any]]:
+    assert response.status_code == 200, response.text
+    events = sse_events(response.content)
+    assert events[-1] == "[DONE]"
+    return [json.loads(event) for event in events[:-1]]
+
+
+def prompt_ids(url: str, **body: Any) -> list[int]:
+    return list(post(url, "/tokenize", body).json()["tokens"])
+
+
+def counter(text: str, name: str, **labels: str) -> float:
+    """A counter's value, 0 while it has no sample yet."""
+    try:
+        return metric_value(text, name, **labels)
+    except KeyError:
+        return 0.0
+
+
+def aborts(text: str) -> float:
+    return counter(text, "lightgate:request_success_total", finished_reason="abort")
+
+
+def idle(url: str) -> bool:
+    text = get_metrics(url)
+    return all(
+        metric_value(text, f"lightgate:{name}") == 0
+        for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
+    )
 
 
 class ProcessServer:
