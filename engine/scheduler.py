@@ -10,7 +10,7 @@ There is no prefill or decode phase. Every sequence has `num_computed_tokens` ca
    `admission_batch` > 1, a full batch of at least 32 decodes admits only once that many rows
    are free (or after 8 steps), so prompts are computed in fewer, larger passes.
 
-Admission (LightLLM's future-usage check): for the running sequences plus the candidate, let
+Admission (LightLLM's future-usage check, `engine/future_usage.py`): for the running sequences plus the candidate, let
 `used_i` be its known tokens (held slots plus the prompt or recompute still to come: chunked
 prefill computes those far faster than one per step) and `remaining_i` the tokens it may still
 generate. Sorted by `remaining` descending, sequence i finishes no earlier than those before
@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from engine.errors import PromptTooLongError
+from engine.future_usage import FutureUsage
 from engine.kv_cache import KVSlotAllocator, ReqRowAllocator
 from engine.prefix_cache import RadixPrefixCache
 from engine.request import Sequence, SequenceStatus
@@ -128,15 +129,6 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled and not self.freed_rows
-
-
-def future_peak(entries: list[tuple[int, int]]) -> int:
-    """Peak pool use if every sequence runs to its predicted end. entries: (remaining, used)."""
-    peak = held = 0
-    for i, (remaining, used) in enumerate(sorted(entries, key=lambda e: -e[0])):
-        held += used
-        peak = max(peak, remaining * (i + 1) + held)
-    return peak
 
 
 class Scheduler:
@@ -390,10 +382,9 @@ class Scheduler:
             return 0
         used_budget = 0
         skipped: list[Sequence] = []
-        entries: list[list[int]] = []  # [remaining, used] of the running sequences, for _fits
-        holders: dict[str, int] = {}  # request_id -> entry that counts the request's shared prefix
+        usage = FutureUsage(shared_prefixes=self.prefix_cache is None)  # what runs, for _fits
         for seq in self.running:
-            self._add_entry(entries, holders, seq, seq.num_shared_prefix)
+            self._add_usage(usage, seq, seq.num_shared_prefix)
         while self.waiting and used_budget < budget and self.rows.num_free:
             seq = self.waiting[0]
             donor = self._prefix_donor(seq)
@@ -401,14 +392,14 @@ class Scheduler:
                 skipped.append(self.waiting.popleft())  # not ready yet; later requests may pass
                 continue
             if self.prefix_cache is not None:
-                n = self._admit_cached(seq, budget - used_budget, entries, scheduled)
+                n = self._admit_cached(seq, budget - used_budget, usage, scheduled)
                 if not n:
                     break
                 used_budget += n
                 continue
             num_shared = seq.num_prompt_tokens - 1 if donor is not None else 0
             n = min(seq.num_tokens - num_shared, budget - used_budget, self.allocator.num_free)
-            if n <= 0 or not self._fits(seq, num_shared, entries, holders):
+            if n <= 0 or not self._fits(seq, num_shared, usage):
                 break
             self.waiting.popleft()
             seq.req_idx = self.rows.allocate()
@@ -426,7 +417,7 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
         return used_budget
 
-    def _admit_cached(self, seq: Sequence, budget: int, entries: list[list[int]], scheduled: list[ScheduledSeq]) -> int:
+    def _admit_cached(self, seq: Sequence, budget: int, usage: FutureUsage, scheduled: list[ScheduledSeq]) -> int:
         """Admit the head of the waiting queue starting from its longest cached prefix; returns the
         tokens scheduled for it (0: not admitted, nothing changed but the cache's LRU order)."""
         cache = self.prefix_cache
@@ -439,7 +430,7 @@ class Scheduler:
         m = len(slots)
         n = min(seq.num_tokens - m, budget, self.allocator.num_free + cache.num_evictable_tokens)
         locked = cache.num_cached_tokens - cache.num_evictable_tokens
-        if n <= 0 or not self._fits(seq, m, entries, {}, self._slot_limit - locked):
+        if n <= 0 or not self._fits(seq, m, usage, self._slot_limit - locked):
             cache.unlock(node)
             return 0
         if self.allocator.num_free < n:
@@ -488,33 +479,18 @@ class Scheduler:
         output_len = min(seq.max_tokens, max(predicted, seq.num_output_tokens + 1))
         return seq.num_prompt_tokens + output_len - 1
 
-    def _add_entry(self, entries: list[list[int]], holders: dict[str, int], seq: Sequence, prefix: int) -> None:
-        """Add `seq` to the future-usage model as [remaining, used].
+    def _add_usage(self, usage: FutureUsage, seq: Sequence, prefix: int) -> None:
+        """Add `seq` to the future-usage model. Known tokens not computed yet (a prompt, or prompt
+        + output after preemption) count as used: chunked prefill computes them many per step,
+        far faster than the one token per step the check assumes for what is still to be
+        generated."""
+        usage.add(seq.request_id, max(self._predicted_slots(seq) - seq.num_tokens, 0), seq.num_tokens, prefix)
 
-        Known tokens not computed yet (a prompt, or prompt + output after preemption) count as
-        used: chunked prefill computes them many per step, far faster than the one token per
-        step the check assumes for what is still to be generated. A prefix shared between
-        siblings is counted once, on the holder predicted to live longest.
-        """
-        entries.append([max(self._predicted_slots(seq) - seq.num_tokens, 0), seq.num_tokens - prefix])
-        if not prefix or self.prefix_cache is not None:  # cached prefixes count in the limit instead
-            return
-        j = holders.get(seq.request_id)
-        if j is not None and entries[j][0] >= entries[-1][0]:
-            return
-        if j is not None:
-            entries[j][1] -= prefix
-        entries[-1][1] += prefix
-        holders[seq.request_id] = len(entries) - 1
-
-    def _fits(
-        self, candidate: Sequence, num_shared: int, entries: list[list[int]], holders: dict[str, int],
-        limit: int | None = None,
-    ) -> bool:
-        """The future-usage check for what runs plus `candidate`, which joins `entries` (the
-        caller stops admitting on False, so a refused candidate is never taken back out). With the
-        prefix cache, locked cached prefixes are left out of `entries` and out of `limit`."""
+    def _fits(self, candidate: Sequence, num_shared: int, usage: FutureUsage, limit: int | None = None) -> bool:
+        """The future-usage check for what runs plus `candidate`, which joins `usage` (the caller
+        stops admitting on False, so a refused candidate is never taken back out). With the
+        prefix cache, locked cached prefixes are left out of `usage` and out of `limit`."""
         alone = not self.running  # alone it always fits (checked in add): nothing can starve
-        self._add_entry(entries, holders, candidate, num_shared)
+        self._add_usage(usage, candidate, num_shared)
         limit = self._slot_limit if limit is None else limit
-        return alone or future_peak([(r, u) for r, u in entries]) <= limit
+        return alone or usage.peak() <= limit

@@ -5,9 +5,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.errors import PromptTooLongError
+from engine.future_usage import future_peak
 from engine.kv_cache import KVSlotAllocator
 from engine.request import Sequence, SequenceStatus
-from engine.scheduler import Scheduler, SchedulerConfig, future_peak
+from engine.scheduler import Scheduler, SchedulerConfig
 from tests.engine.factories import (
     FakeWorker,
     create_scheduler,
