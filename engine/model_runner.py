@@ -73,7 +73,9 @@ class ModelRunner:
         self.head_dim: int = getattr(text_config, "head_dim", None) or (
             text_config.hidden_size // text_config.num_attention_heads
         )
-        assert config.max_model_len is not None, "resolve the config before building a runner"
+        assert config.max_model_len is not None and config.max_num_seqs is not None, (
+            "resolve the config before building a runner"
+        )
         self.max_model_len = config.max_model_len
         self.kv_dtype = config.kv_torch_dtype()
         self.activation_peak_bytes = 0  # measured by a profiling pass on CUDA

@@ -91,7 +91,9 @@ class SchedulerConfig:
 
     @classmethod
     def from_engine_config(cls, config: EngineConfig, num_slots: int, max_model_len: int) -> SchedulerConfig:
-        assert config.max_num_batched_tokens is not None, "resolve() the EngineConfig first"
+        assert config.max_num_batched_tokens is not None and config.max_num_seqs is not None, (
+            "resolve() the EngineConfig first"
+        )
         return cls(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,

@@ -33,6 +33,10 @@ _LOG2E = 1.4426950408889634
 # Scratch is float32: [B, H, num_splits, D] partial outputs, [B, H, num_splits] log2-sum-exps.
 _REDUCE_CHUNK = 16  # splits merged per iteration of stage 2
 _MIN_PROGRAMS = 1024  # stage-1 programs worth splitting finer for (several per SM)
+# Stage-1 programs beyond which splits get longer instead: bounds the float32 scratch (programs x
+# group x head_dim x 4 bytes, ~128 MiB at the 8B shape) and keeps its offsets in int32 however
+# many sequences and keys a step has (512 sequences of 128k keys would otherwise take 4 GiB).
+_MAX_PROGRAMS = 64 * 1024
 # On a GPU, int8 K/V become fp16 through inline PTX (engine/kernels/_int8.py); False keeps the
 # add-and-bitcast way the CPU interpreter runs (scripts/attention_bench.py times both).
 INT8_ASM = True
@@ -293,7 +297,8 @@ def default_num_splits(device: torch.device, num_groups: int, num_keys: int) -> 
 
     Long splits amortize stage 2; more of them fill the GPU when the batch is small (a
     program per SM is not enough to hide the latency of the gathered loads): splits of 256
-    keys, halved down to 64 until there are `_MIN_PROGRAMS` programs. Under the CPU
+    keys, halved down to 64 until there are `_MIN_PROGRAMS` programs, doubled while there are
+    more than `_MAX_PROGRAMS` (very long contexts in a large batch). Under the CPU
     interpreter, splits of 32 keys exercise several splits at tiny shapes.
     """
     if device.type == "cpu":
@@ -301,6 +306,8 @@ def default_num_splits(device: torch.device, num_groups: int, num_keys: int) -> 
     block_seq = 256
     while block_seq > 64 and num_groups * triton.cdiv(num_keys, block_seq) < _MIN_PROGRAMS:
         block_seq //= 2
+    while block_seq < num_keys and num_groups * triton.cdiv(num_keys, block_seq) > _MAX_PROGRAMS:
+        block_seq *= 2
     return triton.cdiv(num_keys, block_seq)
 
 
@@ -357,6 +364,8 @@ def decode_attention(
     if batch == 0 or num_keys <= 0:
         return out.zero_()
 
+    if INT8_STAGE1 not in ("tensor_cores", "cuda_cores"):
+        raise ValueError(f"INT8_STAGE1 must be tensor_cores or cuda_cores, got {INT8_STAGE1!r}")
     is_int8 = k_pool.dtype == torch.int8
     cuda_cores = is_int8 and INT8_STAGE1 == "cuda_cores"
     block_n = _INT8_CUDA_CORES_BLOCK_N if cuda_cores else _block_n(q.device)

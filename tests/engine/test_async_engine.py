@@ -125,3 +125,35 @@ def test_step_times_are_logged_per_step_while_busy(caplog: pytest.LogCaptureFixt
     assert "3.0 seqs and 22 tokens per step" in message and "schedule 1.00, worker 10.00, process 2.00, rest 1.00, execute 9.00, worker idle 0.50" in message
     assert "running 3, waiting 1, KV cache 25%" in message
     assert times.steps == 0  # the next interval starts empty
+
+
+async def test_server_loop_without_overlap_gives_the_same_tokens(model_dir: str) -> None:
+    """The server's loop with one step in flight (`overlap_scheduling=False`): concurrent
+    streams, two of them closed midway, give the tokens the overlapped loop gives, and the
+    aborted ones free their slots."""
+    prompts = [[5 + i, 9, 11, 200 + i, 17] * (1 + i % 3) for i in range(8)]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    results: dict[bool, list[list[int]]] = {}
+    for overlap in (True, False):
+        engine = AsyncEngine(EngineConfig(model=model_dir, dtype="float32", kv_cache_memory_gb=0.01,
+                                          max_num_seqs=3, overlap_scheduling=overlap))
+        await engine.start()
+        try:
+            async def run(i: int, engine: AsyncEngine = engine) -> list[int]:
+                tokens: list[int] = []
+                async for out in engine.generate(prompts[i], params, f"r{i}"):
+                    tokens += out.outputs[0].token_ids
+                    if i in (2, 5) and len(tokens) >= 3:
+                        break  # the client goes away
+                return tokens
+
+            results[overlap] = list(await asyncio.gather(*(run(i) for i in range(8))))
+            for _ in range(100):  # the loop notices the closed streams at its next step
+                if engine.stats().num_running == 0 and engine.stats().kv_cache_usage == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert engine.stats().num_running == 0 and engine.stats().kv_cache_usage == 0
+        finally:
+            await engine.shutdown()
+    assert results[True] == results[False]
+    assert [len(t) for t in results[False]] == [10, 10, 3, 10, 10, 3, 10, 10]

@@ -108,8 +108,12 @@ def test_sliding_window_excludes_old_keys() -> None:
 
 @pytest.fixture(params=["tensor_cores", "cuda_cores"])
 def int8_stage1(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both stage-1 kernels for an int8 pool: the default and the CUDA-core candidate."""
+    """Both stage-1 kernels for an int8 pool: the default and the CUDA-core candidate, the
+    latter with key blocks of 8 (not the default kernel's 16 on CPU), so a stage 2 that
+    counted the splits with the wrong block size would fail."""
     monkeypatch.setattr(decode_module, "INT8_STAGE1", request.param)
+    if request.param == "cuda_cores":
+        monkeypatch.setattr(decode_module, "_INT8_CUDA_CORES_BLOCK_N", 8)
     return str(request.param)
 
 
@@ -137,12 +141,13 @@ def test_int8_pool_with_tiny_scales_in_half_precision(int8_stage1: str) -> None:
     torch.testing.assert_close(out.float() / 1e-6, reference.float() / 1e-6, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("num_splits", [None, 1, 5])
-def test_int8_pool_with_window_and_fixed_splits(num_splits: int | None, int8_stage1: str) -> None:
-    # A group of 3 query heads (padded to 4 rows on CUDA cores, to 16 on tensor cores), a
-    # sliding window whose old keys point at NaN slots, a graph's fixed splits, a padded row.
-    case = Case([5, 20, 41, 70, 0], num_heads=6, num_kv_heads=2, head_dim=64, dtype=torch.float32, int8=True,
-                window=23)
+@pytest.mark.parametrize(("group", "num_splits"), [(3, None), (3, 1), (1, 5), (5, 3)])
+def test_int8_pool_with_window_and_fixed_splits(group: int, num_splits: int | None, int8_stage1: str) -> None:
+    # Groups of 1, 3 and 5 query heads (padded to 1, 4 and 8 rows on CUDA cores, to 16 on tensor
+    # cores), a sliding window whose old keys point at NaN slots, a graph's fixed splits, a
+    # padded row.
+    case = Case([5, 20, 41, 70, 0], num_heads=2 * group, num_kv_heads=2, head_dim=64, dtype=torch.float32,
+                int8=True, window=23)
     case.to(DEVICE)
     out = case.run(max_seq_len=70, num_splits=num_splits)
     torch.testing.assert_close(out[:4], case.reference()[:4], **tolerance(torch.float32))
@@ -166,7 +171,16 @@ def test_fixed_splits_as_a_graph_launches_them(num_splits: int) -> None:
     assert torch.equal(out[4], torch.zeros_like(out[4]))
 
 
-def test_rejects_bad_inputs() -> None:
+def test_long_contexts_in_a_large_batch_get_longer_splits() -> None:
+    # 512 sequences x 8 kv heads of 128k keys: splits grow so the scratch stays bounded.
+    gpu = torch.device("cuda")
+    splits = decode_module.default_num_splits(gpu, 512 * 8, 131072)
+    assert 512 * 8 * splits <= decode_module._MAX_PROGRAMS
+    assert decode_module.default_num_splits(gpu, 8, 131072) == 512  # one sequence: splits of 256 keys
+    assert decode_module.default_num_splits(gpu, 8, 4096) == 64  # short: halved to fill the GPU
+
+
+def test_rejects_bad_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
     case = Case([4, 6], num_heads=4, num_kv_heads=2, head_dim=64, dtype=torch.float32)
     args = (case.q, case.k_pool, case.v_pool, case.req_to_token, case.req_indices, case.seq_lens, 0.1)
     with pytest.raises(ValueError, match="multiple"):
@@ -181,6 +195,9 @@ def test_rejects_bad_inputs() -> None:
         decode_attention(*args, torch.empty_like(case.q, dtype=torch.float16))
     with pytest.raises(ValueError, match="scales"):
         decode_attention(*args[:1], case.k_pool.to(torch.int8), case.v_pool.to(torch.int8), *args[3:])
+    monkeypatch.setattr(decode_module, "INT8_STAGE1", "cuda-cores")
+    with pytest.raises(ValueError, match="INT8_STAGE1"):
+        decode_attention(*args)
 
 
 # ---- GPU, real shapes ---------------------------------------------------------------------
