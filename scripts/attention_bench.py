@@ -26,21 +26,27 @@ from engine.kernels.timing import graph_time_ms
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 DEVICE = "cuda"
-# (label, int8 pool, decode stage 1, int8 -> fp16 through inline PTX). "int8-add": the
-# add-and-bitcast conversion the CPU interpreter runs (engine/kernels/_int8.py); "int8-cuda": the
-# CUDA-core stage-1 candidate (engine/kernels/decode_attention_int8.py). The prefill kernel
-# dequantizes in float32 whatever the variant: its three int8 rows time the same code.
+# (label, int8 pool, decode stage 1, int8 -> fp16 through inline PTX, tensor-core launch
+# (keys per block, warps, stages) or None for the default). "int8-add": the add-and-bitcast
+# conversion the CPU interpreter runs (engine/kernels/_int8.py); "int8-cuda": the CUDA-core
+# stage-1 candidate (engine/kernels/decode_attention_int8.py); "int8-nNwWsS": the default int8
+# kernel with another launch. The prefill kernel has one int8 path: it runs bf16 and int8 only.
 VARIANTS = [
-    ("bf16", False, "tensor_cores", True),
-    ("int8", True, "tensor_cores", True),
-    ("int8-add", True, "tensor_cores", False),
-    ("int8-cuda", True, "cuda_cores", True),
+    ("bf16", False, "tensor_cores", True, None),
+    ("int8", True, "tensor_cores", True, None),
+    ("int8-add", True, "tensor_cores", False, None),
+    ("int8-cuda", True, "cuda_cores", True, None),
+    ("int8-n32w4s2", True, "tensor_cores", True, (32, 4, 2)),
+    ("int8-n64w4s3", True, "tensor_cores", True, (64, 4, 3)),
+    ("int8-n64w8s2", True, "tensor_cores", True, (64, 8, 2)),
+    ("int8-n128w8s2", True, "tensor_cores", True, (128, 8, 2)),
 ]
 
 
-def use_variant(stage1: str, asm: bool) -> None:
+def use_variant(stage1: str, asm: bool, launch: tuple[int, int, int] | None) -> None:
     decode_module.INT8_STAGE1 = stage1
     decode_module.INT8_ASM = asm
+    decode_module.INT8_TC_LAUNCH = launch
 
 
 def time_ms(fn) -> float:
@@ -85,11 +91,11 @@ def main() -> None:
     DEVICE = args.device
     gen = torch.Generator().manual_seed(0)
     rows = []
-    print(f"{'kernel':<8} {'kv':<9} {'batch':>5} {'len':>5} {'ms':>8} {'GB/s':>7}")
+    print(f"{'kernel':<8} {'kv':<13} {'batch':>5} {'len':>5} {'ms':>8} {'GB/s':>7}")
     for batch in (int(b) for b in args.batches.split(",")):
         for seq_len in (int(n) for n in args.lens.split(",")):
-            for kv, int8, stage1, asm in VARIANTS:
-                use_variant(stage1, asm)
+            for kv, int8, stage1, asm, launch in VARIANTS:
+                use_variant(stage1, asm, launch)
                 pool = make_pool(batch, seq_len, int8, gen)
                 q = torch.randn(batch, HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16).to(DEVICE)
                 rows_t = torch.arange(batch, device=DEVICE)
@@ -103,12 +109,12 @@ def main() -> None:
 
                 ms = time_ms(run)
                 gbs = kv_bytes(batch, seq_len, int8) / ms / 1e6
-                print(f"{'decode':<8} {kv:<9} {batch:>5} {seq_len:>5} {ms:8.3f} {gbs:7.0f}")
+                print(f"{'decode':<8} {kv:<13} {batch:>5} {seq_len:>5} {ms:8.3f} {gbs:7.0f}")
                 rows.append({"kernel": "decode", "kv": kv, "batch": batch, "len": seq_len, "ms": ms, "GB/s": gbs})
                 del pool
     n = args.prefill_tokens
-    for kv, int8, stage1, asm in VARIANTS:
-        use_variant(stage1, asm)
+    for kv, int8, stage1, asm, launch in VARIANTS[:2]:  # the prefill kernel has no int8 variants
+        use_variant(stage1, asm, launch)
         pool = make_pool(1, n, int8, gen)
         q = torch.randn(n, HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16).to(DEVICE)
         zero = torch.zeros(1, dtype=torch.int64, device=DEVICE)
@@ -121,7 +127,7 @@ def main() -> None:
 
         ms = time_ms(run_prefill)
         tflops = 2 * 2 * HEADS * HEAD_DIM * n * n / 2 / ms / 1e9  # causal: half the square
-        print(f"{'prefill':<8} {kv:<9} {1:>5} {n:>5} {ms:8.3f} {tflops:6.0f} TFLOP/s")
+        print(f"{'prefill':<8} {kv:<13} {1:>5} {n:>5} {ms:8.3f} {tflops:6.0f} TFLOP/s")
         rows.append({"kernel": "prefill", "kv": kv, "batch": 1, "len": n, "ms": ms, "TFLOP/s": tflops})
     print(json.dumps(rows))
 

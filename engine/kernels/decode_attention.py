@@ -45,6 +45,9 @@ INT8_ASM = True
 # times both).
 INT8_STAGE1 = "tensor_cores"
 _INT8_CUDA_CORES_BLOCK_N = 16  # keys per block of the CUDA-core stage 1 ([G, 16, D] products)
+# (keys per block, warps, pipeline stages) of the tensor-core stage 1 over an int8 pool on a GPU;
+# None: the float pools' (64, 4, 2). scripts/attention_bench.py times a few others.
+INT8_TC_LAUNCH: tuple[int, int, int] | None = None
 
 
 @triton.jit
@@ -368,7 +371,11 @@ def decode_attention(
         raise ValueError(f"INT8_STAGE1 must be tensor_cores or cuda_cores, got {INT8_STAGE1!r}")
     is_int8 = k_pool.dtype == torch.int8
     cuda_cores = is_int8 and INT8_STAGE1 == "cuda_cores"
-    block_n = _INT8_CUDA_CORES_BLOCK_N if cuda_cores else _block_n(q.device)
+    block_n, num_warps, num_stages = _block_n(q.device), 4, 2
+    if cuda_cores:
+        block_n = _INT8_CUDA_CORES_BLOCK_N
+    elif is_int8 and INT8_TC_LAUNCH is not None and q.is_cuda:
+        block_n, num_warps, num_stages = INT8_TC_LAUNCH
     if num_splits is None:
         num_splits = default_num_splits(q.device, batch * num_kv_heads, num_keys)
     mid_o = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
@@ -415,8 +422,8 @@ def decode_attention(
             INT8_AS_FP16=is_int8 and q.dtype in (torch.float16, torch.bfloat16),
             INT8_ASM=INT8_ASM and q.is_cuda,
             DOT_PRECISION=dot_precision(q.dtype),
-            num_warps=4,
-            num_stages=2,
+            num_warps=num_warps,
+            num_stages=num_stages,
         )
     _decode_reduce_kernel[(batch, num_heads)](
         mid_o,

@@ -235,13 +235,15 @@ def test_gpu_variants(group: int, head_dim: int, window: int | None, int8: bool)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("variant", ["asm", "add", "cuda_cores"])
+@pytest.mark.parametrize("variant", ["asm", "add", "cuda_cores", "n128w8s2", "n32w4s3"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_int8_variants(dtype: torch.dtype, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # Tensor cores with the inline-PTX int8 -> fp16 conversion (the GPU default) or the
-    # add-and-bitcast one, and the CUDA-core candidate.
-    monkeypatch.setattr(decode_module, "INT8_ASM", variant == "asm")
+    # add-and-bitcast one, the CUDA-core candidate, and other launches of the tensor-core kernel.
+    monkeypatch.setattr(decode_module, "INT8_ASM", variant != "add")
     monkeypatch.setattr(decode_module, "INT8_STAGE1", "cuda_cores" if variant == "cuda_cores" else "tensor_cores")
+    launches = {"n128w8s2": (128, 8, 2), "n32w4s3": (32, 4, 3)}
+    monkeypatch.setattr(decode_module, "INT8_TC_LAUNCH", launches.get(variant))
     seq_lens = torch.randint(1, 3000, (64,), generator=torch.Generator().manual_seed(2)).tolist()
     case = Case(seq_lens, num_heads=32, num_kv_heads=8, head_dim=128, dtype=dtype, int8=True).to("cuda")
     torch.testing.assert_close(case.run(max_seq_len=3000), case.reference(), atol=1e-2, rtol=1e-2)
