@@ -133,10 +133,12 @@ class EngineCore:
         now = time.time()
         choices = []
         for i in range(params.n):
-            # Seeded choices of one request must differ from each other: choice i uses seed + i.
+            # Seeded choices of one request must differ from each other: choice i uses seed + i
+            # (wrapped past 2**64: the sampler reads seeds modulo 2**64 anyway).
             seq_params = params
             if params.seed is not None and i > 0:
-                seq_params = dataclasses.replace(params, seed=params.seed + i)
+                seed = params.seed + i
+                seq_params = dataclasses.replace(params, seed=seed - 2**64 if seed >= 2**64 else seed)
                 seq_params.all_stop_token_ids = params.all_stop_token_ids
             seq = Sequence(
                 request_id=request_id,

@@ -16,9 +16,13 @@ class PromptTooLongError(ValueError):
         self.max_model_len = max_model_len
         self.num_prompt_tokens = num_prompt_tokens
         self.num_requested_tokens = num_requested_tokens
-        super().__init__(
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{num_prompt_tokens + num_requested_tokens} tokens ({num_prompt_tokens} in the messages, "
-            f"{num_requested_tokens} in the completion). Please reduce the length of the messages "
-            "or completion."
+        super().__init__(self.describe("messages"))
+
+    def describe(self, prompt_name: str) -> str:
+        """The message, calling the prompt `prompt_name` ("messages" for chat, "prompt")."""
+        return (
+            f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+            f"{self.num_prompt_tokens + self.num_requested_tokens} tokens ({self.num_prompt_tokens} in the "
+            f"{prompt_name}, {self.num_requested_tokens} in the completion). Please reduce the length of the "
+            f"{prompt_name} or completion."
         )

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
         default_factory=lambda: ["*"], description="request headers allowed cross-origin (* covers Authorization, X-Stainless-*)"
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429 when the queue is full")
+    trust_request_chat_template: bool = Field(
+        False, description="accept chat_template_kwargs.chat_template (a request's own Jinja template runs on the server)"
+    )
     shutdown_timeout: float = Field(
         30.0, ge=0, description="seconds running requests may take to finish after SIGTERM"
     )

@@ -118,7 +118,7 @@ def from_exception(exc: BaseException, retry_after_s: int = 1, prompt_param: str
     if isinstance(exc, ValidationError):
         return from_validation_error(exc)
     if isinstance(exc, PromptTooLongError):
-        return OpenAIError(str(exc), param=prompt_param, code="context_length_exceeded")
+        return OpenAIError(exc.describe(prompt_param), param=prompt_param, code="context_length_exceeded")
     if isinstance(exc, ValueError):
         # The engine raises ValueError(message, field) for bad input.
         args = exc.args

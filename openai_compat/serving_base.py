@@ -9,6 +9,7 @@ real HTTP status), every output is observed for metrics, and `close()` aborts it
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -17,7 +18,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from engine import AsyncEngine, EngineStats, RequestOutput, RequestOutputKind, SamplingParams
 from openai_compat.config import Settings
@@ -29,6 +30,7 @@ M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 
 SYSTEM_FINGERPRINT = "fp_lightgate"
+_TOKEN_ID_KEY = re.compile(r"-?[0-9]+")  # ASCII digits only: int() also takes "5_0", " 5", "١٢"
 
 
 class ServerState:
@@ -101,7 +103,10 @@ class ServerState:
 
 async def parse_body(request: Request, model: type[M]) -> M:
     """The request body validated as `model`; 400 naming the field on any problem."""
-    body = await request.body()
+    try:
+        body = await request.body()
+    except ClientDisconnect:  # gone before sending the whole body: nothing to answer, not an error
+        raise OpenAIError("The client disconnected before sending the request body.", status_code=499) from None
     try:
         return model.model_validate_json(body)
     except ValidationError as e:
@@ -109,6 +114,22 @@ async def parse_body(request: Request, model: type[M]) -> M:
         if first["type"] in ("json_invalid", "model_type") and not first["loc"]:
             raise invalid_json() from None
         raise from_validation_error(e) from None
+
+
+def check_num_sequences(state: ServerState, num_sequences: int, param: str) -> None:
+    """400 for a request that asks for more sequences (prompts x n) than the server ever queues:
+    a 429 would have the client retry forever."""
+    limit = state.settings.max_waiting_requests
+    if num_sequences > limit:
+        raise OpenAIError(
+            f"This request asks for {num_sequences} sequences (prompts x n); the server queues at most {limit}.",
+            param=param,
+        )
+
+
+def check_stream_options(req: SamplingFields) -> None:
+    if req.stream_options is not None and not req.stream:
+        raise OpenAIError("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
 
 
 def new_id(prefix: str) -> str:
@@ -121,10 +142,9 @@ def build_sampling_params(
     """OpenAI's request fields as engine `SamplingParams` (which raises ValueError naming a field)."""
     logit_bias = None
     if req.logit_bias:
-        try:
-            logit_bias = {int(token): float(bias) for token, bias in req.logit_bias.items()}
-        except ValueError:
-            raise ValueError("logit_bias keys must be token ids (integers as strings).", "logit_bias") from None
+        if not all(_TOKEN_ID_KEY.fullmatch(token) for token in req.logit_bias):
+            raise ValueError("logit_bias keys must be token ids (integers as strings).", "logit_bias")
+        logit_bias = {int(token): float(bias) for token, bias in req.logit_bias.items()}
     return SamplingParams(
         n=req.n if req.n is not None else 1,
         temperature=req.temperature if req.temperature is not None else 1.0,

@@ -33,6 +33,8 @@ from openai_compat.serving_base import (
     GenerationStream,
     ServerState,
     build_sampling_params,
+    check_num_sequences,
+    check_stream_options,
     finish_reason,
     make_usage,
     new_id,
@@ -70,6 +72,28 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
+# apply_chat_template's own parameters: a request's chat_template_kwargs may set template
+# variables (e.g. enable_thinking), not how the call tokenizes or returns.
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs",
+})
+
+
+def check_chat_template_kwargs(kwargs: dict[str, Any] | None, trust_chat_template: bool) -> None:
+    """400 for a template of the request's own unless the server trusts them (a Jinja template
+    runs arbitrary loops on the server's one tokenizer thread), and for apply_chat_template's own
+    parameters."""
+    for key in kwargs or {}:
+        if key == "chat_template" and not trust_chat_template:
+            raise OpenAIError(
+                "This server does not accept chat templates in requests (see --trust-request-chat-template).",
+                param="chat_template_kwargs.chat_template",
+            )
+        if key in _RESERVED_TEMPLATE_KWARGS:
+            raise OpenAIError(f"'{key}' cannot be set through chat_template_kwargs.", param=f"chat_template_kwargs.{key}")
+
+
 def render_chat_prompt(
     tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool, kwargs: dict[str, Any] | None
 ) -> list[int]:
@@ -97,6 +121,9 @@ class ChatServing:
             raise unsupported(field)
         if req.top_logprobs is not None and not req.logprobs:
             raise OpenAIError("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
+        check_stream_options(req)
+        check_num_sequences(state, req.n or 1, "n")
+        check_chat_template_kwargs(req.chat_template_kwargs, state.settings.trust_request_chat_template)
         tokenizer = state.tokenizer
         messages = template_messages(req.messages)
         prompt_ids = await state.run_tokenizer(

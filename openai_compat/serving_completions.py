@@ -26,6 +26,8 @@ from openai_compat.serving_base import (
     GenerationStream,
     ServerState,
     build_sampling_params,
+    check_num_sequences,
+    check_stream_options,
     close_all,
     finish_reason,
     make_usage,
@@ -86,11 +88,16 @@ class CompletionServing:
         field = req.unsupported_field()
         if field is not None:
             raise unsupported(field)
+        check_stream_options(req)
         prompts = split_prompts(req.prompt)
         tokenizer = state.engine.tokenizer
         if tokenizer is None and any(isinstance(p, str) for p in prompts):
             raise OpenAIError("This model ships no tokenizer: send token ids as the prompt.", param="prompt")
-        prompt_ids = await state.run_tokenizer(tokenize_prompts, tokenizer, prompts)
+        check_num_sequences(state, len(prompts) * (req.n or 1), "n" if (req.n or 1) > 1 else "prompt")
+        if any(isinstance(p, str) for p in prompts):
+            prompt_ids = await state.run_tokenizer(tokenize_prompts, tokenizer, prompts)
+        else:  # token ids: nothing for the tokenizer thread (which may be busy with someone's text)
+            prompt_ids = tokenize_prompts(tokenizer, prompts)
         echo_texts: list[str | None] = [None] * len(prompts)
         if req.echo:
             echo_texts = [p if isinstance(p, str) else await state.run_tokenizer(self._decode, p) for p in prompts]

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from openai_compat.errors import OpenAIError
 from openai_compat.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from openai_compat.serving_base import ServerState, parse_body
-from openai_compat.serving_chat import render_chat_prompt, template_messages
+from openai_compat.serving_chat import check_chat_template_kwargs, render_chat_prompt, template_messages
 
 
 def _state(request: Request) -> ServerState:
@@ -30,6 +30,7 @@ async def tokenize(request: Request) -> Response:
     if req.messages is not None:
         if not req.messages:
             raise OpenAIError("'messages' must not be empty.", param="messages")
+        check_chat_template_kwargs(req.chat_template_kwargs, state.settings.trust_request_chat_template)
         ids = await state.run_tokenizer(
             render_chat_prompt, tokenizer, template_messages(req.messages), req.add_generation_prompt,
             req.chat_template_kwargs,

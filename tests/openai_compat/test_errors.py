@@ -46,7 +46,8 @@ def test_engine_errors_map_to_statuses() -> None:
     assert too_long.message.startswith(
         "This model's maximum context length is 100 tokens. However, you requested 110 tokens"
     )
-    assert from_exception(PromptTooLongError(100, 90, 20), prompt_param="prompt").param == "prompt"
+    as_prompt = from_exception(PromptTooLongError(100, 90, 20), prompt_param="prompt")
+    assert as_prompt.param == "prompt" and "(90 in the prompt, 20 in the completion)" in as_prompt.message
     bad = from_exception(ValueError("top_p must be in (0, 1], got 0.", "top_p"))
     assert (bad.status_code, bad.param) == (400, "top_p")
     busy = from_exception(EngineOverloadedError("full"), retry_after_s=3)

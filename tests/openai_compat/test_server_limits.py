@@ -66,6 +66,16 @@ def fresh_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 # -- limits, keys and CORS: limited_server ----------------------------------------------------
 
 
+def test_a_request_larger_than_the_queue_is_400_not_429(limited_server: ProcessServer) -> None:
+    # One waiting request at most: two choices, or two prompts, could never be queued, and a 429
+    # would have the client retry forever.
+    url = limited_server.url
+    r = post(url, "/v1/chat/completions", {**CHAT, "n": 2, "max_tokens": 2}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+    r = post(url, "/v1/completions", {"model": TINY, "prompt": ["a", "b"], "max_tokens": 2}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+
+
 async def test_full_queue_is_429_with_retry_after(limited_server: ProcessServer) -> None:
     url = limited_server.url
     long = {**CHAT, **NO_EOS, "max_tokens": 2000, "stream": True}

@@ -1,0 +1,80 @@
+"""Requests that must not cost the server more than an error: a request's own chat template,
+a body cut short, stream options without a stream, loose token-id keys, edge seeds; on the
+shared `tiny_server`."""
+
+from __future__ import annotations
+
+import socket
+import time
+from urllib.parse import urlparse
+
+import pytest
+
+from tests.openai_compat.servers import CHAT, GREEDY, TINY, ProcessServer, post
+
+# Three nested loops of 10^5: hours of Jinja, were it run.
+SLOW_TEMPLATE = (
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% for k in range(100000) %}"
+    "{% endfor %}{% endfor %}{% endfor %}"
+)
+
+
+def test_a_requests_own_chat_template_is_refused(tiny_server: ProcessServer) -> None:
+    url = tiny_server.url
+    start = time.monotonic()
+    for path, body in [
+        ("/v1/chat/completions", {**CHAT, "max_tokens": 3}),
+        ("/tokenize", {"model": TINY, "messages": CHAT["messages"]}),
+    ]:
+        r = post(url, path, {**body, "chat_template_kwargs": {"chat_template": SLOW_TEMPLATE}})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "chat_template_kwargs.chat_template"
+    assert time.monotonic() - start < 10  # refused, not rendered
+    r = post(url, "/v1/chat/completions", {**CHAT, "max_tokens": 3, "chat_template_kwargs": {"tokenize": True}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs.tokenize"
+    # Template variables stay allowed.
+    r = post(url, "/v1/chat/completions", {**CHAT, "max_tokens": 3, "chat_template_kwargs": {"enable_thinking": False}})
+    assert r.status_code == 200, r.text
+
+
+def test_a_body_cut_short_is_not_a_server_error(tiny_server: ProcessServer) -> None:
+    address = urlparse(tiny_server.url)
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+            sock.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                '{"model":'.encode()
+            )
+        time.sleep(0.3)
+    assert post(tiny_server.url, "/v1/completions", {"model": TINY, "prompt": "hi", "max_tokens": 2}).status_code == 200
+    time.sleep(0.3)
+    log = tiny_server.log()
+    assert "unexpected error" not in log and "Exception in ASGI application" not in log, log[-2000:]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_stream_options_need_a_stream(tiny_server: ProcessServer, path: str) -> None:
+    body = {**CHAT} if "chat" in path else {"model": TINY, "prompt": "hi"}
+    r = post(tiny_server.url, path, {**body, "max_tokens": 2, "stream_options": {"include_usage": True}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options", r.text
+
+
+@pytest.mark.parametrize("key", ["5_0", " 5", "+5", "١٢", "5.0"])
+def test_logit_bias_keys_are_plain_integers(tiny_server: ProcessServer, key: str) -> None:
+    r = post(tiny_server.url, "/v1/completions", {"model": TINY, "prompt": "hi", "max_tokens": 2, "logit_bias": {key: 1}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text
+
+
+def test_the_largest_seed_with_several_choices(tiny_server: ProcessServer) -> None:
+    body = {"model": TINY, "prompt": "hi", "max_tokens": 4, "n": 2, "seed": 2**64 - 1, "temperature": 1.0}
+    first = post(tiny_server.url, "/v1/completions", body)
+    assert first.status_code == 200, first.text
+    again = post(tiny_server.url, "/v1/completions", body)
+    assert [c["text"] for c in first.json()["choices"]] == [c["text"] for c in again.json()["choices"]]
+
+
+def test_context_length_error_of_a_completion_speaks_of_the_prompt(tiny_server: ProcessServer) -> None:
+    r = post(tiny_server.url, "/v1/completions", {"model": TINY, "prompt": [5] * 600, "max_tokens": 2, **GREEDY})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "prompt" and error["code"] == "context_length_exceeded"
+    assert "in the prompt" in error["message"] and "messages" not in error["message"]
