@@ -60,6 +60,11 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                     texts.append(part.text)
                 elif part.type == "refusal" and part.refusal is not None:
                     texts.append(part.refusal)
+                elif part.type in ("text", "refusal"):
+                    raise OpenAIError(
+                        f"A content part of type '{part.type}' needs its '{part.type}' field.",
+                        param=f"messages[{i}].content[{j}].{part.type}",
+                    )
                 else:
                     raise OpenAIError(
                         f"Content parts of type '{part.type}' are not supported; only text.",

@@ -78,3 +78,9 @@ def test_context_length_error_of_a_completion_speaks_of_the_prompt(tiny_server: 
     error = r.json()["error"]
     assert r.status_code == 400 and error["param"] == "prompt" and error["code"] == "context_length_exceeded"
     assert "in the prompt" in error["message"] and "messages" not in error["message"]
+
+
+def test_a_text_part_without_its_text_is_named(tiny_server: ProcessServer) -> None:
+    messages = [{"role": "user", "content": [{"type": "text"}]}]
+    r = post(tiny_server.url, "/v1/chat/completions", {"model": TINY, "messages": messages, "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[0].text", r.text
