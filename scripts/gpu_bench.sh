@@ -14,6 +14,10 @@
 #                      replaces WORKLOADS for that one
 #   NOCACHE_WORKLOADS  default "prefix16rps": run again on a server with the prefix cache off
 #                      (first KV dtype); "" skips it
+#   CONFIGS            more servers to compare, "LABEL=FLAGS;LABEL=FLAGS" (LABEL a shell name), e.g.
+#                      "no_overlap=--no-overlap-scheduling;seqs1024=--max-num-seqs 1024": each runs
+#                      after the KV dtypes' servers, with the first KV dtype plus its FLAGS, over
+#                      WORKLOADS_<LABEL> (or WORKLOADS)
 #   SERVE_ARGS         more flags for `serve`; BENCH_ARGS more flags for `bench serve`
 #                      (e.g. "--num-requests 200" to cut every workload short)
 #   MODEL              default /tmp/llama8b; written by .gpu_tok/make_random_llama.py unless it
@@ -198,9 +202,19 @@ RUN_FILES=()
 first_kv=
 for kv in $KV_DTYPES; do
     first_kv=${first_kv:-$kv}
-    # shellcheck disable=SC2086  # the list of workloads is split into words on purpose
     var="WORKLOADS_$kv"
+    # shellcheck disable=SC2086  # the list of workloads is split into words on purpose
     start_server "kv-$kv" --kv-cache-dtype "$kv" && bench "kv-$kv" ${!var:-$WORKLOADS}
+    stop_server
+done
+IFS=';' read -ra extra_configs <<<"${CONFIGS:-}"
+for entry in "${extra_configs[@]}"; do
+    [ -n "$entry" ] || continue
+    label=${entry%%=*}
+    flags=${entry#*=}
+    var="WORKLOADS_$label"
+    # shellcheck disable=SC2086  # the flags and the workloads are split into words on purpose
+    start_server "$label" --kv-cache-dtype "$first_kv" $flags && bench "$label" ${!var:-$WORKLOADS}
     stop_server
 done
 if [ -n "$NOCACHE_WORKLOADS" ] && [ "$(left)" -gt $((RESERVE_S + 60)) ]; then
