@@ -13,7 +13,6 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
 
@@ -22,6 +21,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from engine import AsyncEngine, EngineStats, RequestOutput, RequestOutputKind, SamplingParams
 from openai_compat.config import Settings
+from openai_compat.daemon_executor import DaemonThreadExecutor
 from openai_compat.errors import OpenAIError, from_validation_error, invalid_json, model_not_found, not_ready
 from openai_compat.metrics import Metrics, RequestRecorder
 from openai_compat.protocol import PromptTokensDetails, SamplingFields, UsageInfo
@@ -44,7 +44,8 @@ class ServerState:
         self.load_error: BaseException | None = None
         self.draining = False
         self.metrics = Metrics(self._stats)
-        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightgate-tokenizer")
+        # A daemon thread: a tokenization in flight never holds up the process's exit.
+        self._tokenizer_thread = DaemonThreadExecutor("lightgate-tokenizer")
 
     def _stats(self) -> EngineStats | None:
         if not self.loaded:
