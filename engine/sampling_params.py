@@ -10,6 +10,11 @@ import enum
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+# Stop strings are matched on the engine loop's thread at every token, at a cost that grows with
+# their number and length (a partial match is looked for at every suffix): bounded, so one request
+# cannot slow every stream. OpenAI takes 4 strings; these bounds leave room for any real use.
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_LEN = 1024
 
 
 class RequestOutputKind(enum.Enum):
@@ -92,6 +97,10 @@ class SamplingParams:
                     bad("logit_bias", f"values must be in [-100, 100], got {bias} for token {token_id}.")
         if any(not s for s in self.stop):  # type: ignore[union-attr]
             bad("stop", "must not contain empty strings.")
+        if len(self.stop) > MAX_STOP_STRINGS:  # type: ignore[arg-type]
+            bad("stop", f"may hold at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}.")  # type: ignore[arg-type]
+        if any(len(s) > MAX_STOP_STRING_LEN for s in self.stop):  # type: ignore[union-attr]
+            bad("stop", f"strings may be at most {MAX_STOP_STRING_LEN} characters long.")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             bad("seed", "is out of range.")
 

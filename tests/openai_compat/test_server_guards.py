@@ -84,3 +84,15 @@ def test_a_text_part_without_its_text_is_named(tiny_server: ProcessServer) -> No
     messages = [{"role": "user", "content": [{"type": "text"}]}]
     r = post(tiny_server.url, "/v1/chat/completions", {"model": TINY, "messages": messages, "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[0].text", r.text
+
+
+@pytest.mark.parametrize(
+    "stop", [[f"s{i}" for i in range(65)], ["x" * 1025]], ids=["65 strings", "1025 characters"]
+)
+def test_stop_strings_are_bounded(tiny_server: ProcessServer, stop: list[str]) -> None:
+    # Matched at every token on the engine loop's thread: bounded so one request cannot slow all.
+    r = post(tiny_server.url, "/v1/completions", {"model": TINY, "prompt": "hi", "max_tokens": 2, "stop": stop})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop", r.text
+    at_the_limits = [f"s{i}" for i in range(63)] + ["x" * 1024]  # 64 strings, one of 1024 characters
+    body = {"model": TINY, "prompt": "hi", "max_tokens": 2, "stop": at_the_limits}
+    assert post(tiny_server.url, "/v1/completions", body).status_code == 200
