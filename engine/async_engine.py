@@ -143,7 +143,8 @@ class AsyncEngine:
         core = self._core()
         if self.dead_error is not None:
             raise self.dead_error
-        if core.scheduler.num_waiting >= self.config.max_waiting_requests:
+        # Counted in sequences, as the queue is: a request of n choices needs n places.
+        if core.scheduler.num_waiting + params.n > self.config.max_waiting_requests:
             raise EngineOverloadedError("the waiting queue is full; retry later")
         queue: asyncio.Queue[_Item] = asyncio.Queue()
         core.add_request(request_id, prompt, params)  # raises ValueError on bad input

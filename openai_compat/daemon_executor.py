@@ -41,27 +41,28 @@ class DaemonThreadExecutor(Executor):
             future, fn, args, kwargs = item
             if not future.set_running_or_notify_cancel():
                 continue  # cancelled while it waited
+            result = None
             try:
                 result = fn(*args, **kwargs)
             except BaseException as e:  # handed to the caller, as ThreadPoolExecutor does
                 future.set_exception(e)
             else:
                 future.set_result(result)
+            del item, future, fn, args, kwargs, result  # an idle thread keeps no request's data alive
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            if cancel_futures:
-                pending = []
-                while True:
-                    try:
-                        pending.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                for future, *_ in pending:
-                    future.cancel()
-            self._queue.put(_STOP)
+            if not self._closed:
+                self._closed = True
+                if cancel_futures:
+                    pending = []
+                    while True:
+                        try:
+                            pending.append(self._queue.get_nowait())
+                        except queue.Empty:
+                            break
+                    for future, *_ in pending:
+                        future.cancel()
+                self._queue.put(_STOP)
         if wait:
             self._thread.join()

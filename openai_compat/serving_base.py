@@ -30,7 +30,7 @@ M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 
 SYSTEM_FINGERPRINT = "fp_lightgate"
-_TOKEN_ID_KEY = re.compile(r"-?[0-9]+")  # ASCII digits only: int() also takes "5_0", " 5", "١٢"
+_TOKEN_ID_KEY = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only: int() also takes "5_0", " 5", "١٢"
 
 
 class ServerState:

@@ -78,10 +78,11 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 
 
 # apply_chat_template's own parameters: a request's chat_template_kwargs may set template
-# variables (e.g. enable_thinking), not how the call tokenizes or returns.
+# variables (e.g. enable_thinking), not the conversation, tools (unsupported at the top level too)
+# or how the call tokenizes and returns.
 _RESERVED_TEMPLATE_KWARGS = frozenset({
-    "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
-    "return_assistant_tokens_mask", "tokenizer_kwargs",
+    "conversation", "messages", "tools", "documents", "tokenize", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "sanitize_control_tokens",
 })
 
 
@@ -129,17 +130,20 @@ class ChatServing:
         check_stream_options(req)
         check_num_sequences(state, req.n or 1, "n")
         check_chat_template_kwargs(req.chat_template_kwargs, state.settings.trust_request_chat_template)
+        try:  # every check that needs no tokens, before the tokenizer's work
+            params = build_sampling_params(
+                req,
+                max_tokens=req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
+                logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+            )
+        except ValueError as e:
+            raise from_exception(e) from None
         tokenizer = state.tokenizer
         messages = template_messages(req.messages)
         prompt_ids = await state.run_tokenizer(
             render_chat_prompt, tokenizer, messages, req.add_generation_prompt, req.chat_template_kwargs
         )
         try:
-            params = build_sampling_params(
-                req,
-                max_tokens=req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
-                logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-            )
             request_id = new_id("chatcmpl")
             streams = await run_until_disconnect(request, open_streams(state, [prompt_ids], params, request_id))
         except ClientDisconnected:

@@ -94,6 +94,15 @@ class CompletionServing:
         if tokenizer is None and any(isinstance(p, str) for p in prompts):
             raise OpenAIError("This model ships no tokenizer: send token ids as the prompt.", param="prompt")
         check_num_sequences(state, len(prompts) * (req.n or 1), "n" if (req.n or 1) > 1 else "prompt")
+        try:  # every check that needs no tokens, before the tokenizer's work
+            params = build_sampling_params(
+                req,
+                max_tokens=req.max_tokens,
+                logprobs=req.logprobs,
+                prompt_logprobs=req.logprobs if req.echo else None,
+            )
+        except ValueError as e:
+            raise from_exception(e, prompt_param="prompt") from None
         if any(isinstance(p, str) for p in prompts):
             prompt_ids = await state.run_tokenizer(tokenize_prompts, tokenizer, prompts)
         else:  # token ids: nothing for the tokenizer thread (which may be busy with someone's text)
@@ -102,12 +111,6 @@ class CompletionServing:
         if req.echo:
             echo_texts = [p if isinstance(p, str) else await state.run_tokenizer(self._decode, p) for p in prompts]
         try:
-            params = build_sampling_params(
-                req,
-                max_tokens=req.max_tokens,
-                logprobs=req.logprobs,
-                prompt_logprobs=req.logprobs if req.echo else None,
-            )
             request_id = new_id("cmpl")
             streams = await run_until_disconnect(request, open_streams(state, prompt_ids, params, request_id))
         except ClientDisconnected:

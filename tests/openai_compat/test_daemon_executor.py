@@ -64,3 +64,13 @@ def test_a_call_in_flight_does_not_hold_up_the_exit() -> None:
     start = time.monotonic()
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
     assert time.monotonic() - start < 20
+
+
+def test_a_second_shutdown_may_wait_for_the_first() -> None:
+    executor = DaemonThreadExecutor("test")
+    release = threading.Event()
+    executor.submit(release.wait, 5)
+    executor.shutdown(wait=False)
+    release.set()
+    executor.shutdown(wait=True)  # joins the thread the first call left running
+    assert not executor._thread.is_alive()

@@ -30,8 +30,9 @@ def test_a_requests_own_chat_template_is_refused(tiny_server: ProcessServer) -> 
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == "chat_template_kwargs.chat_template"
     assert time.monotonic() - start < 10  # refused, not rendered
-    r = post(url, "/v1/chat/completions", {**CHAT, "max_tokens": 3, "chat_template_kwargs": {"tokenize": True}})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs.tokenize"
+    for key, value in [("tokenize", True), ("tools", [{"type": "function"}]), ("conversation", [])]:
+        r = post(url, "/v1/chat/completions", {**CHAT, "max_tokens": 3, "chat_template_kwargs": {key: value}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == f"chat_template_kwargs.{key}", r.text
     # Template variables stay allowed.
     r = post(url, "/v1/chat/completions", {**CHAT, "max_tokens": 3, "chat_template_kwargs": {"enable_thinking": False}})
     assert r.status_code == 200, r.text
@@ -59,7 +60,10 @@ def test_stream_options_need_a_stream(tiny_server: ProcessServer, path: str) -> 
     assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options", r.text
 
 
-@pytest.mark.parametrize("key", ["5_0", " 5", "+5", "١٢", "5.0"])
+@pytest.mark.parametrize(
+    "key", ["5_0", " 5", "+5", "١٢", "5.0", "9" * 5000],
+    ids=["underscore", "space", "plus", "arabic-digits", "float", "5000-digits"],
+)
 def test_logit_bias_keys_are_plain_integers(tiny_server: ProcessServer, key: str) -> None:
     r = post(tiny_server.url, "/v1/completions", {"model": TINY, "prompt": "hi", "max_tokens": 2, "logit_bias": {key: 1}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text
@@ -92,6 +96,8 @@ def test_a_text_part_without_its_text_is_named(tiny_server: ProcessServer) -> No
 def test_stop_strings_are_bounded(tiny_server: ProcessServer, stop: list[str]) -> None:
     # Matched at every token on the engine loop's thread: bounded so one request cannot slow all.
     r = post(tiny_server.url, "/v1/completions", {"model": TINY, "prompt": "hi", "max_tokens": 2, "stop": stop})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop", r.text
+    r = post(tiny_server.url, "/v1/chat/completions", {**CHAT, "max_tokens": 2, "stop": stop})
     assert r.status_code == 400 and r.json()["error"]["param"] == "stop", r.text
     at_the_limits = [f"s{i}" for i in range(63)] + ["x" * 1024]  # 64 strings, one of 1024 characters
     body = {"model": TINY, "prompt": "hi", "max_tokens": 2, "stop": at_the_limits}
