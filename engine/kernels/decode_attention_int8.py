@@ -1,4 +1,5 @@
-"""Stage 1 of decode attention over an int8 pool on CUDA cores (a candidate, not the default).
+"""Stage 1 of decode attention over an int8 pool on CUDA cores (a candidate, not the default):
+the loop over one split's key blocks, which `_decode_split_kernel` runs with `CUDA_CORES`.
 
 The default stage 1 (`engine/kernels/decode_attention.py`) pads a kv head's G query heads to 16
 rows for `tl.dot` and sends every int8 block through shared memory once it is converted, which
@@ -9,8 +10,8 @@ once (an integer add and a bitcast, `int8_to_fp32`) and multiplies it into all G
 K scales on the scores and the V scales on the probabilities. Per element that is G
 multiply-adds and three integer or float operations, against the half byte it costs to read.
 `decode_attention` runs it when `decode_attention.INT8_STAGE1 == "cuda_cores"`;
-scripts/attention_bench.py times both. Outputs and scratch are those of the default stage 1,
-so the same stage 2 merges the splits.
+scripts/attention_bench.py times both. The kernel's split bounds, query load and scratch
+stores are shared with the default loop, so the same stage 2 merges the splits.
 """
 
 from __future__ import annotations
@@ -19,28 +20,23 @@ import triton
 import triton.language as tl
 
 from engine.kernels._int8 import int8_to_fp32
-from engine.kernels.decode_attention import _split_len
 
-__all__ = ["decode_split_int8_kernel"]
+__all__ = ["int8_split_on_cuda_cores"]
 
 
 @triton.jit
-def decode_split_int8_kernel(
-    q_ptr,
+def int8_split_on_cuda_cores(
+    q,
     k_ptr,
     v_ptr,
     k_scale_ptr,
     v_scale_ptr,
     req_to_token_ptr,
-    req_indices_ptr,
-    seq_lens_ptr,
-    mid_o_ptr,
-    mid_lse_ptr,
+    row,
+    kv_head,
+    split_start,
+    split_end,
     sm_scale_log2,
-    window,
-    stride_qb,
-    stride_qh,
-    stride_qd,
     stride_ks,
     stride_kh,
     stride_kd,
@@ -53,46 +49,14 @@ def decode_split_int8_kernel(
     stride_vsh,
     stride_rr,
     stride_rp,
-    stride_mob,
-    stride_moh,
-    stride_mos,
-    stride_mod,
-    stride_mlb,
-    stride_mlh,
-    stride_mls,
-    GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    num_splits,
     BLOCK_N: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-
-    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
-    first_key = 0
-    if HAS_WINDOW:
-        first_key = tl.maximum(seq_len - window, 0)
-    split_len = _split_len(seq_len - first_key, num_splits, BLOCK_N)
-    split_start = first_key + split * split_len
-    if split_start >= seq_len:
-        return  # stage 2 only reads the splits that hold keys
-    split_end = tl.minimum(split_start + split_len, seq_len)
-    row = tl.load(req_indices_ptr + b).to(tl.int64)
-
-    offs_g = tl.arange(0, BLOCK_G)
+    """One split's keys for the [BLOCK_G, D] queries `q`: (acc [BLOCK_G, D], m_i, l_i) in float32,
+    the online softmax's state in log2 units, as the default loop leaves it."""
     offs_d = tl.arange(0, HEAD_DIM)
-    g_mask = offs_g < GROUP  # BLOCK_G: GROUP rounded up to a power of two
-    heads = kv_head * GROUP + offs_g
-    q = tl.load(
-        q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-        mask=g_mask[:, None],
-        other=0.0,
-    ).to(tl.float32)
-    q = q * sm_scale_log2  # [BLOCK_G, D]: scores come out in log2 units
-
+    q = q.to(tl.float32) * sm_scale_log2  # scores come out in log2 units
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
@@ -127,9 +91,4 @@ def decode_split_int8_kernel(
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)  # [BLOCK_G, D]
         m_i = m_new
 
-    tl.store(
-        mid_o_ptr + b * stride_mob + heads[:, None] * stride_moh + split * stride_mos + offs_d[None, :] * stride_mod,
-        acc / l_i[:, None],
-        mask=g_mask[:, None],
-    )
-    tl.store(mid_lse_ptr + b * stride_mlb + heads * stride_mlh + split * stride_mls, m_i + tl.log2(l_i), mask=g_mask)
+    return acc, m_i, l_i
