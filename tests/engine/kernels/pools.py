@@ -53,6 +53,22 @@ class PoisonedPool:
             k[poison], v[poison] = NAN, NAN
             self.k_pool, self.v_pool = k.to(dtype), v.to(dtype)
 
+    def run(self, **kwargs: object) -> torch.Tensor:
+        raise NotImplementedError  # the kernel under test, in each test module's subclass
+
+    def reference(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def assert_tiny_scales_kept(self, **run_kwargs: object) -> None:
+        """An int8 pool with its scales times 1e-6, far below fp16's smallest normal number: the
+        kernel's output, in units of the scales, still matches the reference."""
+        assert self.k_scale is not None and self.v_scale is not None
+        self.k_scale *= 1e-6
+        self.v_scale *= 1e-6
+        out, reference = self.run(**run_kwargs), self.reference()
+        assert reference.abs().max() < 1e-2  # the outputs are of the scales' size
+        torch.testing.assert_close(out.float() / 1e-6, reference.float() / 1e-6, atol=2e-2, rtol=2e-2)
+
     def to(self, device: str) -> PoisonedPool:
         """Moves every tensor attribute (those of subclasses too) to `device`."""
         for name, value in vars(self).items():

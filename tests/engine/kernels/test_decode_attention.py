@@ -131,14 +131,7 @@ def test_int8_pool_dequantized_with_scales(dtype: torch.dtype, int8_stage1: str)
 def test_int8_pool_with_tiny_scales_in_half_precision(int8_stage1: str) -> None:
     # Scales far below fp16's smallest normal number (6e-5): the block maximum keeps them exact.
     case = Case([17, 40], num_heads=4, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, int8=True)
-    assert case.k_scale is not None and case.v_scale is not None
-    case.k_scale *= 1e-6
-    case.v_scale *= 1e-6
-    case.to(DEVICE)
-    out = case.run(max_seq_len=40)
-    reference = case.reference()
-    assert reference.abs().max() < 1e-2  # the outputs are of the scales' size
-    torch.testing.assert_close(out.float() / 1e-6, reference.float() / 1e-6, atol=2e-2, rtol=2e-2)
+    case.to(DEVICE).assert_tiny_scales_kept(max_seq_len=40)
 
 
 @pytest.mark.parametrize(("group", "num_splits"), [(3, None), (3, 1), (1, 5), (5, 3)])
@@ -248,11 +241,7 @@ def test_gpu_int8_variants(dtype: torch.dtype, variant: str, monkeypatch: pytest
     case = Case(seq_lens, num_heads=32, num_kv_heads=8, head_dim=128, dtype=dtype, int8=True).to("cuda")
     torch.testing.assert_close(case.run(max_seq_len=3000), case.reference(), atol=1e-2, rtol=1e-2)
     if dtype == torch.bfloat16:  # outputs of 1e-6 are fp16 subnormals: only bf16 holds them
-        assert case.k_scale is not None and case.v_scale is not None
-        case.k_scale *= 1e-6
-        case.v_scale *= 1e-6
-        out, reference = case.run(max_seq_len=3000).float() / 1e-6, case.reference().float() / 1e-6
-        torch.testing.assert_close(out, reference, atol=2e-2, rtol=2e-2)
+        case.assert_tiny_scales_kept(max_seq_len=3000)
 
 
 @pytest.mark.gpu
