@@ -26,26 +26,29 @@ from engine.kernels.timing import graph_time_ms
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 DEVICE = "cuda"
-# (label, int8 pool, decode stage 1, int8 -> fp16 through inline PTX, tensor-core launch
-# (keys per block, warps, stages) or None for the default). "int8-add": the add-and-bitcast
-# conversion the CPU interpreter runs (engine/kernels/_int8.py); "int8-cuda": the CUDA-core
-# stage-1 candidate (engine/kernels/decode_attention_int8.py); "int8-nNwWsS": the default int8
-# kernel with another launch. The prefill kernel has one int8 path: it runs bf16 and int8 only.
+# (label, int8 pool, int8 -> fp16 conversion, int8 launch (keys per block, warps, stages) or
+# None: the float pools' (64, 4, 2)). Conversions: "asm" inline PTX, "pinned" the same kept
+# where the block is loaded (decode_attention.INT8_PINNED), "add" the add-and-bitcast way the
+# CPU interpreter runs (engine/kernels/_int8.py). "int8": the default (INT8_TC_LAUNCH);
+# "int8-nNwWsS": the int8 kernel with another launch. The prefill kernel has one int8 path: it
+# runs bf16 and int8 only.
+_DEFAULT_LAUNCH = decode_module.INT8_TC_LAUNCH
 VARIANTS = [
-    ("bf16", False, "tensor_cores", True, None),
-    ("int8", True, "tensor_cores", True, None),
-    ("int8-add", True, "tensor_cores", False, None),
-    ("int8-cuda", True, "cuda_cores", True, None),
-    ("int8-n32w4s2", True, "tensor_cores", True, (32, 4, 2)),
-    ("int8-n64w4s3", True, "tensor_cores", True, (64, 4, 3)),
-    ("int8-n64w8s2", True, "tensor_cores", True, (64, 8, 2)),
-    ("int8-n128w8s2", True, "tensor_cores", True, (128, 8, 2)),
+    ("bf16", False, "asm", None),
+    ("int8", True, "asm", _DEFAULT_LAUNCH),
+    ("int8-pinned", True, "pinned", _DEFAULT_LAUNCH),
+    ("int8-add", True, "add", _DEFAULT_LAUNCH),
+    ("int8-n64w4s2", True, "asm", (64, 4, 2)),
+    ("int8-n32w4s3", True, "asm", (32, 4, 3)),
+    ("int8-n128w4s3", True, "asm", (128, 4, 3)),
+    ("int8-pinned-n64w4s2", True, "pinned", (64, 4, 2)),
+    ("int8-pinned-n128w4s3", True, "pinned", (128, 4, 3)),
 ]
 
 
-def use_variant(stage1: str, asm: bool, launch: tuple[int, int, int] | None) -> None:
-    decode_module.INT8_STAGE1 = stage1
-    decode_module.INT8_ASM = asm
+def use_variant(conversion: str, launch: tuple[int, int, int] | None) -> None:
+    decode_module.INT8_ASM = conversion != "add"
+    decode_module.INT8_PINNED = conversion == "pinned"
     decode_module.INT8_TC_LAUNCH = launch
 
 
@@ -86,16 +89,22 @@ def main() -> None:
     parser.add_argument("--lens", default="512,2048,4096")
     parser.add_argument("--prefill-tokens", type=int, default=2048, help="one fresh prompt of this length")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--variants", default="", help="comma-separated labels to run (default: all)")
     args = parser.parse_args()
     global DEVICE
     DEVICE = args.device
+    wanted = [label for label in args.variants.split(",") if label]
+    unknown = set(wanted) - {v[0] for v in VARIANTS}
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; known: {[v[0] for v in VARIANTS]}")
+    variants = [v for v in VARIANTS if not wanted or v[0] in wanted]
     gen = torch.Generator().manual_seed(0)
     rows = []
-    print(f"{'kernel':<8} {'kv':<13} {'batch':>5} {'len':>5} {'ms':>8} {'GB/s':>7}")
+    print(f"{'kernel':<8} {'kv':<20} {'batch':>5} {'len':>5} {'ms':>8} {'GB/s':>7}")
     for batch in (int(b) for b in args.batches.split(",")):
         for seq_len in (int(n) for n in args.lens.split(",")):
-            for kv, int8, stage1, asm, launch in VARIANTS:
-                use_variant(stage1, asm, launch)
+            for kv, int8, conversion, launch in variants:
+                use_variant(conversion, launch)
                 pool = make_pool(batch, seq_len, int8, gen)
                 q = torch.randn(batch, HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16).to(DEVICE)
                 rows_t = torch.arange(batch, device=DEVICE)
@@ -109,12 +118,13 @@ def main() -> None:
 
                 ms = time_ms(run)
                 gbs = kv_bytes(batch, seq_len, int8) / ms / 1e6
-                print(f"{'decode':<8} {kv:<13} {batch:>5} {seq_len:>5} {ms:8.3f} {gbs:7.0f}")
+                print(f"{'decode':<8} {kv:<20} {batch:>5} {seq_len:>5} {ms:8.3f} {gbs:7.0f}")
                 rows.append({"kernel": "decode", "kv": kv, "batch": batch, "len": seq_len, "ms": ms, "GB/s": gbs})
                 del pool
     n = args.prefill_tokens
-    for kv, int8, stage1, asm, launch in VARIANTS[:2]:  # the prefill kernel has no int8 variants
-        use_variant(stage1, asm, launch)
+    # The prefill kernel has no int8 variants: bf16 and int8 only; --prefill-tokens 0 skips it.
+    for kv, int8, conversion, launch in VARIANTS[:2] if n > 0 else []:
+        use_variant(conversion, launch)
         pool = make_pool(1, n, int8, gen)
         q = torch.randn(n, HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16).to(DEVICE)
         zero = torch.zeros(1, dtype=torch.int64, device=DEVICE)
@@ -127,7 +137,7 @@ def main() -> None:
 
         ms = time_ms(run_prefill)
         tflops = 2 * 2 * HEADS * HEAD_DIM * n * n / 2 / ms / 1e9  # causal: half the square
-        print(f"{'prefill':<8} {kv:<13} {1:>5} {n:>5} {ms:8.3f} {tflops:6.0f} TFLOP/s")
+        print(f"{'prefill':<8} {kv:<20} {1:>5} {n:>5} {ms:8.3f} {tflops:6.0f} TFLOP/s")
         rows.append({"kernel": "prefill", "kv": kv, "batch": 1, "len": n, "ms": ms, "TFLOP/s": tflops})
     print(json.dumps(rows))
 

@@ -5,8 +5,6 @@ each loaded block into fp16 (every int8 value is exact in fp16) for the tensor-c
 applies the scales to the fp32 scores (K) and to the probabilities (V). Both ways below build
 the fp16 bits directly: the bits 0x64XX are the number 1024 + XX, so an int8 x (XX = x ^ 0x80,
 i.e. x + 128 as unsigned) becomes 1152 + x, and subtracting 1152 leaves x exactly.
-`int8_to_fp32` does the same into float32 for the CUDA-core stage 1
-(engine/kernels/decode_attention_int8.py).
 
 Measured on an H200 (scripts/attention_bench.py, batch 256 x 4096 keys, docs/benchmarks.md):
 the inline-PTX way and the add-and-bitcast way time the same (1 258 and 1 190 GB/s of KV), so
@@ -34,14 +32,27 @@ sub.f16x2 $1, $1, off;
 
 
 @triton.jit
-def int8_to_fp16(x, USE_ASM: tl.constexpr):
+def int8_to_fp16(x, USE_ASM: tl.constexpr, PINNED: tl.constexpr = False):
     """int8 tensor -> the same integers in fp16. USE_ASM (a GPU launch): four values per
     register in five instructions (inline PTX); otherwise an integer add and a bitcast, which
-    the CPU interpreter runs too."""
+    the CPU interpreter runs too.
+
+    PINNED marks the PTX as having effects, so the compiler keeps the conversion where the
+    block was loaded (16-byte rows of consecutive values) and moves the fp16 result to the dot's
+    operand layout through shared memory with `ldmatrix`, as for a bf16 block. Pure, it may sink
+    the conversion past that layout change, and then reads the int8 block from shared memory in
+    the operand layout: for the values ([keys, D], the keys being the dot's inner dimension) one
+    byte at a time, 64 byte loads per thread per block (compiled for sm_90).
+    """
     if USE_ASM:
-        y = tl.inline_asm_elementwise(
-            _INT8X4_TO_FP16X4, "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4
-        )
+        if PINNED:
+            y = tl.inline_asm_elementwise(
+                _INT8X4_TO_FP16X4, "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4
+            )
+        else:
+            y = tl.inline_asm_elementwise(
+                _INT8X4_TO_FP16X4, "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4
+            )
     else:
         bits = (x.to(tl.int32) + 0x6480).to(tl.int16)
         y = (bits.to(tl.float16, bitcast=True) - 1152.0).to(tl.float16)
@@ -49,7 +60,7 @@ def int8_to_fp16(x, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def int8_pv_dot(p, v, v_scale, USE_ASM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def int8_pv_dot(p, v, v_scale, USE_ASM: tl.constexpr, DOT_PRECISION: tl.constexpr, PINNED: tl.constexpr = False):
     """sum_n p[m, n] * v_scale[n] * v[n, :] as one fp16 dot ([M, N] fp32 probabilities, [N, D]
     int8 values, [N] fp32 scales -> [M, D] fp32). The scales go on the probabilities, divided
     by the block's largest (fp16 has no exponent room for scales of 1e-6), which multiplies the
@@ -57,12 +68,4 @@ def int8_pv_dot(p, v, v_scale, USE_ASM: tl.constexpr, DOT_PRECISION: tl.constexp
     s_max = tl.max(v_scale, 0)
     s_max = tl.where(s_max > 0.0, s_max, 1.0)
     pv = p * (v_scale / s_max)[None, :]
-    return tl.dot(pv.to(tl.float16), int8_to_fp16(v, USE_ASM), input_precision=DOT_PRECISION) * s_max
-
-
-@triton.jit
-def int8_to_fp32(x):
-    """int8 tensor -> the same integers in fp32 with an integer add and a bitcast: the fp32 bits
-    0x4B000000 + m are the number 2^23 + m, so 0x4B000080 + x is 8388736 + x."""
-    bits = x.to(tl.int32) + 0x4B000080
-    return bits.to(tl.float32, bitcast=True) - 8388736.0
+    return tl.dot(pv.to(tl.float16), int8_to_fp16(v, USE_ASM, PINNED), input_precision=DOT_PRECISION) * s_max

@@ -26,7 +26,6 @@ import triton.language as tl
 
 from engine.kernels._attention_checks import check_q_and_pools, dot_precision
 from engine.kernels._int8 import int8_pv_dot, int8_to_fp16
-from engine.kernels.decode_attention_int8 import int8_split_on_cuda_cores
 
 __all__ = ["decode_attention"]
 
@@ -41,14 +40,14 @@ _MAX_PROGRAMS = 64 * 1024
 # On a GPU, int8 K/V become fp16 through inline PTX (engine/kernels/_int8.py); False keeps the
 # add-and-bitcast way the CPU interpreter runs (scripts/attention_bench.py times both).
 INT8_ASM = True
-# Stage 1 over an int8 pool: "tensor_cores" (the kernel below) or "cuda_cores" (a candidate in
-# engine/kernels/decode_attention_int8.py, float32 on CUDA cores; scripts/attention_bench.py
-# times both).
-INT8_STAGE1 = "tensor_cores"
-_INT8_CUDA_CORES_BLOCK_N = 16  # keys per block of the CUDA-core stage 1 ([G, 16, D] products)
+# With INT8_ASM: keep each conversion where its block was loaded (engine/kernels/_int8.py says
+# why); scripts/attention_bench.py times it as "int8-pinned".
+INT8_PINNED = False
 # (keys per block, warps, pipeline stages) of the tensor-core stage 1 over an int8 pool on a GPU;
-# None: the float pools' (64, 4, 2). scripts/attention_bench.py times a few others.
-INT8_TC_LAUNCH: tuple[int, int, int] | None = None
+# None: the float pools' (64, 4, 2). A third stage hides more of the gathered int8 loads: on an
+# H200 at 256 sequences it took 1.38 ms against 1.72 at 4 096 keys and 0.36 against 0.43 at
+# 1 024 (docs/benchmarks.md); scripts/attention_bench.py times a few others.
+INT8_TC_LAUNCH: tuple[int, int, int] | None = (64, 4, 3)
 
 
 @triton.jit
@@ -103,8 +102,8 @@ def _decode_split_kernel(
     IS_INT8: tl.constexpr,
     INT8_AS_FP16: tl.constexpr,
     INT8_ASM: tl.constexpr,
+    INT8_PINNED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    CUDA_CORES: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -123,69 +122,62 @@ def _decode_split_kernel(
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, HEAD_DIM)
-    g_mask = offs_g < GROUP  # padded to BLOCK_G rows: >= 16 for tl.dot, a power of two on CUDA cores
+    g_mask = offs_g < GROUP  # padded to BLOCK_G >= 16 rows for tl.dot
     heads = kv_head * GROUP + offs_g
     q = tl.load(
         q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
         mask=g_mask[:, None],
         other=0.0,
     )  # [BLOCK_G, D]
-    if CUDA_CORES:  # the int8 candidate (engine/kernels/decode_attention_int8.py)
-        acc, m_i, l_i = int8_split_on_cuda_cores(
-            q, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, req_to_token_ptr, row, kv_head, split_start, split_end,
-            sm_scale_log2, stride_ks, stride_kh, stride_kd, stride_vs, stride_vh, stride_vd, stride_kss,
-            stride_ksh, stride_vss, stride_vsh, stride_rr, stride_rp, BLOCK_G, HEAD_DIM, BLOCK_N,
-        )
-    else:
+    if INT8_AS_FP16:
+        q = q.to(tl.float16)  # exact for bf16 values in fp16's range
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    # Every block of the loop holds at least one valid key, so m_i is finite after the first.
+    for block_start in range(split_start, split_end, BLOCK_N):
+        pos = block_start + tl.arange(0, BLOCK_N)
+        valid = pos < split_end
+        slots = tl.load(req_to_token_ptr + row * stride_rr + pos * stride_rp, mask=valid, other=0)
+        slots = slots.to(tl.int64)  # slot * stride overflows int32 in large pools
+        k = tl.load(
+            k_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :] * stride_kd,
+            mask=valid[:, None],
+            other=0.0,
+        )  # [BLOCK_N, D]
+        # int8 values are exact in fp16/bf16; the per-slot scale is applied to the fp32 scores.
         if INT8_AS_FP16:
-            q = q.to(tl.float16)  # exact for bf16 values in fp16's range
+            k = int8_to_fp16(k, INT8_ASM, INT8_PINNED)
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N] fp32
+        if IS_INT8:
+            k_scale = tl.load(k_scale_ptr + slots * stride_kss + kv_head * stride_ksh, mask=valid, other=0.0)
+            qk = qk * k_scale.to(tl.float32)[None, :]
+        qk = tl.where(valid[None, :], qk * sm_scale_log2, float("-inf"))
 
-        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-        # Every block of the loop holds at least one valid key, so m_i is finite after the first.
-        for block_start in range(split_start, split_end, BLOCK_N):
-            pos = block_start + tl.arange(0, BLOCK_N)
-            valid = pos < split_end
-            slots = tl.load(req_to_token_ptr + row * stride_rr + pos * stride_rp, mask=valid, other=0)
-            slots = slots.to(tl.int64)  # slot * stride overflows int32 in large pools
-            k = tl.load(
-                k_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :] * stride_kd,
-                mask=valid[:, None],
-                other=0.0,
-            )  # [BLOCK_N, D]
-            # int8 values are exact in fp16/bf16; the per-slot scale is applied to the fp32 scores.
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+
+        v = tl.load(
+            v_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :] * stride_vd,
+            mask=valid[:, None],
+            other=0.0,
+        )  # [BLOCK_N, D]
+        if IS_INT8:
+            # sum_n p[g, n] * (v[n] * s[n]) = sum_n (p[g, n] * s[n]) * v[n]: the scale goes on the
+            # [BLOCK_G, BLOCK_N] probabilities, not on the [BLOCK_N, D] values.
+            v_scale = tl.load(v_scale_ptr + slots * stride_vss + kv_head * stride_vsh, mask=valid, other=0.0)
+            v_scale = v_scale.to(tl.float32)
             if INT8_AS_FP16:
-                k = int8_to_fp16(k, INT8_ASM)
-            qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N] fp32
-            if IS_INT8:
-                k_scale = tl.load(k_scale_ptr + slots * stride_kss + kv_head * stride_ksh, mask=valid, other=0.0)
-                qk = qk * k_scale.to(tl.float32)[None, :]
-            qk = tl.where(valid[None, :], qk * sm_scale_log2, float("-inf"))
-
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-
-            v = tl.load(
-                v_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :] * stride_vd,
-                mask=valid[:, None],
-                other=0.0,
-            )  # [BLOCK_N, D]
-            if IS_INT8:
-                # sum_n p[g, n] * (v[n] * s[n]) = sum_n (p[g, n] * s[n]) * v[n]: the scale goes on the
-                # [BLOCK_G, BLOCK_N] probabilities, not on the [BLOCK_N, D] values.
-                v_scale = tl.load(v_scale_ptr + slots * stride_vss + kv_head * stride_vsh, mask=valid, other=0.0)
-                v_scale = v_scale.to(tl.float32)
-                if INT8_AS_FP16:
-                    acc = acc * alpha[:, None] + int8_pv_dot(p, v, v_scale, INT8_ASM, DOT_PRECISION)
-                else:
-                    pv = p * v_scale[None, :]
-                    acc = acc * alpha[:, None] + tl.dot(pv.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+                acc = acc * alpha[:, None] + int8_pv_dot(p, v, v_scale, INT8_ASM, DOT_PRECISION, INT8_PINNED)
             else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-            m_i = m_new
+                pv = p * v_scale[None, :]
+                acc = acc * alpha[:, None] + tl.dot(pv.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        m_i = m_new
 
     mid_o = acc / l_i[:, None]
     tl.store(
@@ -376,14 +368,9 @@ def decode_attention(
     if batch == 0 or num_keys <= 0:
         return out.zero_()
 
-    if INT8_STAGE1 not in ("tensor_cores", "cuda_cores"):
-        raise ValueError(f"INT8_STAGE1 must be tensor_cores or cuda_cores, got {INT8_STAGE1!r}")
     is_int8 = k_pool.dtype == torch.int8
-    cuda_cores = is_int8 and INT8_STAGE1 == "cuda_cores"
     block_n, num_warps, num_stages = _block_n(q.device), 4, 2
-    if cuda_cores:
-        block_n = _INT8_CUDA_CORES_BLOCK_N
-    elif is_int8 and INT8_TC_LAUNCH is not None and q.is_cuda:
+    if is_int8 and INT8_TC_LAUNCH is not None and q.is_cuda:
         block_n, num_warps, num_stages = INT8_TC_LAUNCH
     if num_splits is None:
         num_splits = default_num_splits(q.device, batch * num_kv_heads, num_keys)
@@ -405,8 +392,7 @@ def decode_attention(
     _decode_split_kernel[grid](
         *args,
         GROUP=group,
-        # tl.dot needs 16 rows; the CUDA-core loop pads the group only to a power of two
-        BLOCK_G=triton.next_power_of_2(group) if cuda_cores else max(16, triton.next_power_of_2(group)),
+        BLOCK_G=max(16, triton.next_power_of_2(group)),  # tl.dot needs 16 rows
         HEAD_DIM=head_dim,
         num_splits=num_splits,
         BLOCK_N=block_n,
@@ -414,10 +400,10 @@ def decode_attention(
         IS_INT8=is_int8,
         # Half-precision queries read int8 keys and values as fp16 (bf16 queries convert
         # exactly); float32 queries keep float32 dots.
-        INT8_AS_FP16=is_int8 and q.dtype in (torch.float16, torch.bfloat16) and not cuda_cores,
+        INT8_AS_FP16=is_int8 and q.dtype in (torch.float16, torch.bfloat16),
         INT8_ASM=INT8_ASM and q.is_cuda,
+        INT8_PINNED=INT8_PINNED,
         DOT_PRECISION=dot_precision(q.dtype),
-        CUDA_CORES=cuda_cores,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -106,39 +106,26 @@ def test_sliding_window_excludes_old_keys() -> None:
     torch.testing.assert_close(case.run(max_seq_len=70), case.reference(), **tolerance(torch.float32))
 
 
-@pytest.fixture(params=["tensor_cores", "cuda_cores"])
-def int8_stage1(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both stage-1 kernels for an int8 pool: the default and the CUDA-core candidate, the
-    latter with key blocks of 8 (not the default kernel's 16 on CPU), so a stage 2 that
-    counted the splits with the wrong block size would fail."""
-    monkeypatch.setattr(decode_module, "INT8_STAGE1", request.param)
-    if request.param == "cuda_cores":
-        monkeypatch.setattr(decode_module, "_INT8_CUDA_CORES_BLOCK_N", 8)
-    return str(request.param)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_int8_pool_dequantized_with_scales(dtype: torch.dtype, int8_stage1: str) -> None:
-    # Tensor cores: float32 queries dequantize into float32 dots, half-precision ones read the
-    # int8 values as fp16 integers (bit trick) with the V scales folded into the probabilities.
-    # CUDA cores: everything in float32.
+def test_int8_pool_dequantized_with_scales(dtype: torch.dtype) -> None:
+    # float32 queries dequantize into float32 dots; half-precision ones read the int8 values as
+    # fp16 integers (bit trick) with the V scales folded into the probabilities.
     case = Case([3, 33, 50], num_heads=8, num_kv_heads=2, head_dim=64, dtype=dtype, int8=True)
     case.to(DEVICE)
     out = case.run(max_seq_len=50)
     torch.testing.assert_close(out, case.reference(), **tolerance(dtype))
 
 
-def test_int8_pool_with_tiny_scales_in_half_precision(int8_stage1: str) -> None:
+def test_int8_pool_with_tiny_scales_in_half_precision() -> None:
     # Scales far below fp16's smallest normal number (6e-5): the block maximum keeps them exact.
     case = Case([17, 40], num_heads=4, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, int8=True)
     case.to(DEVICE).assert_tiny_scales_kept(max_seq_len=40)
 
 
 @pytest.mark.parametrize(("group", "num_splits"), [(3, None), (3, 1), (1, 5), (5, 3)])
-def test_int8_pool_with_window_and_fixed_splits(group: int, num_splits: int | None, int8_stage1: str) -> None:
-    # Groups of 1, 3 and 5 query heads (padded to 1, 4 and 8 rows on CUDA cores, to 16 on tensor
-    # cores), a sliding window whose old keys point at NaN slots, a graph's fixed splits, a
-    # padded row.
+def test_int8_pool_with_window_and_fixed_splits(group: int, num_splits: int | None) -> None:
+    # Groups of 1, 3 and 5 query heads (padded to 16 rows for tl.dot), a sliding window whose
+    # old keys point at NaN slots, a graph's fixed splits, a padded row.
     case = Case([5, 20, 41, 70, 0], num_heads=2 * group, num_kv_heads=2, head_dim=64, dtype=torch.float32,
                 int8=True, window=23)
     case.to(DEVICE)
@@ -173,7 +160,7 @@ def test_long_contexts_in_a_large_batch_get_longer_splits() -> None:
     assert decode_module.default_num_splits(gpu, 8, 4096) == 64  # short: halved to fill the GPU
 
 
-def test_rejects_bad_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rejects_bad_inputs() -> None:
     case = Case([4, 6], num_heads=4, num_kv_heads=2, head_dim=64, dtype=torch.float32)
     args = (case.q, case.k_pool, case.v_pool, case.req_to_token, case.req_indices, case.seq_lens, 0.1)
     with pytest.raises(ValueError, match="multiple"):
@@ -188,9 +175,6 @@ def test_rejects_bad_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
         decode_attention(*args, torch.empty_like(case.q, dtype=torch.float16))
     with pytest.raises(ValueError, match="scales"):
         decode_attention(*args[:1], case.k_pool.to(torch.int8), case.v_pool.to(torch.int8), *args[3:])
-    monkeypatch.setattr(decode_module, "INT8_STAGE1", "cuda-cores")
-    with pytest.raises(ValueError, match="INT8_STAGE1"):
-        decode_attention(*args)
 
 
 # ---- GPU, real shapes ---------------------------------------------------------------------
@@ -228,15 +212,16 @@ def test_gpu_variants(group: int, head_dim: int, window: int | None, int8: bool)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("variant", ["asm", "add", "cuda_cores", "n128w8s2", "n32w4s3"])
+@pytest.mark.parametrize("variant", ["asm", "pinned", "add", "n64w4s2", "n128w8s2", "n32w4s3", "pinned-n128w4s3"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_int8_variants(dtype: torch.dtype, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Tensor cores with the inline-PTX int8 -> fp16 conversion (the GPU default) or the
-    # add-and-bitcast one, the CUDA-core candidate, and other launches of the tensor-core kernel.
+    # The inline-PTX int8 -> fp16 conversion (the GPU default), kept where the block is loaded
+    # ("pinned"), or the add-and-bitcast one, and other launches of the kernel.
     monkeypatch.setattr(decode_module, "INT8_ASM", variant != "add")
-    monkeypatch.setattr(decode_module, "INT8_STAGE1", "cuda_cores" if variant == "cuda_cores" else "tensor_cores")
-    launches = {"n128w8s2": (128, 8, 2), "n32w4s3": (32, 4, 3)}
-    monkeypatch.setattr(decode_module, "INT8_TC_LAUNCH", launches.get(variant))
+    monkeypatch.setattr(decode_module, "INT8_PINNED", variant.startswith("pinned"))
+    launches = {"n64w4s2": (64, 4, 2), "n128w8s2": (128, 8, 2), "n32w4s3": (32, 4, 3), "pinned-n128w4s3": (128, 4, 3)}
+    if variant in launches:  # otherwise the default launch
+        monkeypatch.setattr(decode_module, "INT8_TC_LAUNCH", launches[variant])
     seq_lens = torch.randint(1, 3000, (64,), generator=torch.Generator().manual_seed(2)).tolist()
     case = Case(seq_lens, num_heads=32, num_kv_heads=8, head_dim=128, dtype=dtype, int8=True).to("cuda")
     torch.testing.assert_close(case.run(max_seq_len=3000), case.reference(), atol=1e-2, rtol=1e-2)
