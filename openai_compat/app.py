@@ -2,8 +2,8 @@
 
 The engine loads in the background after the server starts listening, so `/health` can
 answer 503 while the model loads; every generation route checks readiness first.
-Middleware, outermost first: CORS → API keys → routes; errors of any kind leave as OpenAI's
-envelope.
+Middleware, outermost first: CORS → API keys → body size limit → routes; errors of any kind
+leave as OpenAI's envelope.
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import AsyncEngine, __version__
 from openai_compat.config import Settings
-from openai_compat.errors import OpenAIError, from_exception, invalid_api_key, model_not_found
+from openai_compat.errors import OpenAIError, body_too_large, from_exception, invalid_api_key, model_not_found
 from openai_compat.metrics import CONTENT_TYPE
 from openai_compat.openapi import openapi_document
+from openai_compat.prompt_size import PromptBound
 from openai_compat.protocol import ModelCard, ModelList
 from openai_compat.serving_base import ServerState
 from openai_compat.serving_chat import ChatServing
@@ -59,6 +60,41 @@ class APIKeyMiddleware:
             await invalid_api_key().response()(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+class BodySizeLimitMiddleware:
+    """413 for a request body over `max_bytes`, before it is in memory: at once when its
+    Content-Length says so (the body is never read), else as soon as the bytes read pass the
+    limit (a chunked body, or one longer than it said)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            declared = int(Headers(scope=scope).get("content-length", "0"))
+        except ValueError:  # the HTTP parser vouches for the header; the bytes are counted anyway
+            declared = 0
+        if declared > self.max_bytes:
+            await body_too_large(self.max_bytes).response()(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # Raised where the handler reads its body; the app answers it like any error.
+                    raise body_too_large(self.max_bytes)
+            return message
+
+        await self.app(scope, limited_receive, send)
 
 
 def _server(request: Request) -> ServerState:
@@ -128,6 +164,12 @@ async def _load(state: ServerState, progress: ProgressFn | None, on_loaded: Call
         if on_failed is not None:
             on_failed(e)
         return
+    tokenizer = state.engine.tokenizer
+    if tokenizer is not None:
+        try:
+            state.prompt_bound = await state.run_tokenizer(PromptBound.of, tokenizer)
+        except Exception as e:  # only a shortcut: without it every prompt is tokenized before its check
+            logger.warning("no bound on prompt tokens from characters for this tokenizer: %s", e)
     state.mark_loaded()
     if on_loaded is not None:
         on_loaded(state)
@@ -191,6 +233,8 @@ def build_app(
         )
     if settings.api_keys:
         middleware.append(Middleware(APIKeyMiddleware, api_keys=list(settings.api_keys)))
+    if settings.max_request_body_bytes:
+        middleware.append(Middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes))
     handlers: dict[Any, Any] = {OpenAIError: _openai_error, HTTPException: _http_error, Exception: _openai_error}
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
     app.state.server = state

@@ -47,6 +47,13 @@ class Settings(BaseSettings):
         default_factory=lambda: ["*"], description="request headers allowed cross-origin (* covers Authorization, X-Stainless-*)"
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429 when the queue is full")
+    # vLLM sets no limit. 64 MiB is far beyond any real request: a full 128k-token context is about
+    # 1 MB of JSON as token ids ("12345, " a token) and 0.5 to 3 MB as text, so a batch of dozens of
+    # such prompts still fits; yet a body is held whole in memory and parsed into Python objects
+    # several times its size, so one request cannot take gigabytes.
+    max_request_body_bytes: int = Field(
+        64 * 1024 * 1024, ge=0, description="largest request body in bytes, refused with 413 beyond (0: no limit)"
+    )
     trust_request_chat_template: bool = Field(
         False, description="accept chat_template_kwargs.chat_template (a request's own Jinja template runs on the server)"
     )

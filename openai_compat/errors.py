@@ -84,6 +84,14 @@ def invalid_api_key() -> OpenAIError:
     )
 
 
+def body_too_large(limit: int) -> OpenAIError:
+    return OpenAIError(
+        f"The request body is larger than this server accepts ({limit} bytes at most; see --max-request-body-bytes).",
+        status_code=413,
+        code="request_too_large",
+    )
+
+
 def not_ready(message: str) -> OpenAIError:
     return OpenAIError(message, status_code=503, type="server_error", code="service_unavailable")
 

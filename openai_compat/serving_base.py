@@ -24,6 +24,7 @@ from openai_compat.config import Settings
 from openai_compat.daemon_executor import DaemonThreadExecutor
 from openai_compat.errors import OpenAIError, from_validation_error, invalid_json, model_not_found, not_ready
 from openai_compat.metrics import Metrics, RequestRecorder
+from openai_compat.prompt_size import PromptBound
 from openai_compat.protocol import PromptTokensDetails, SamplingFields, UsageInfo
 
 M = TypeVar("M", bound=BaseModel)
@@ -44,6 +45,9 @@ class ServerState:
         self.load_error: BaseException | None = None
         self.draining = False
         self.metrics = Metrics(self._stats)
+        # The fewest tokens a text can be, from its length: set once the tokenizer is loaded,
+        # None when the tokenizer does not vouch for one (prompt_size.py).
+        self.prompt_bound: PromptBound | None = None
         # A daemon thread: a tokenization in flight never holds up the process's exit.
         self._tokenizer_thread = DaemonThreadExecutor("lightgate-tokenizer")
 

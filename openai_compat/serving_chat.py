@@ -9,14 +9,17 @@ chunk per engine output that changed it, the last one carrying its finish_reason
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from engine import PromptTooLongError
 from openai_compat.errors import OpenAIError, from_exception, unsupported
 from openai_compat.logprobs import chat_logprobs
+from openai_compat.prompt_size import check_prompt_text
 from openai_compat.protocol import (
     ChatChoiceLogprobs,
     ChatCompletionChoice,
@@ -101,15 +104,19 @@ def check_chat_template_kwargs(kwargs: dict[str, Any] | None, trust_chat_templat
 
 
 def render_chat_prompt(
-    tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool, kwargs: dict[str, Any] | None
+    tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool, kwargs: dict[str, Any] | None,
+    check_text: Callable[[str], None] | None = None,
 ) -> list[int]:
-    """The chat template applied and tokenized (runs in a worker thread)."""
+    """The chat template applied and tokenized (runs in a worker thread); `check_text` sees the
+    rendered text before the tokenizer does."""
     options = {"add_generation_prompt": add_generation_prompt, **(kwargs or {})}
     options.pop("tokenize", None)
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, **options)
     except Exception as e:  # template errors: role order, missing fields, no template at all
         raise OpenAIError(f"The chat template could not render these messages: {e}", param="messages") from None
+    if check_text is not None:
+        check_text(text)
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
@@ -140,9 +147,20 @@ class ChatServing:
             raise from_exception(e) from None
         tokenizer = state.tokenizer
         messages = template_messages(req.messages)
-        prompt_ids = await state.run_tokenizer(
-            render_chat_prompt, tokenizer, messages, req.add_generation_prompt, req.chat_template_kwargs
+        # A text far too long for the context is refused without tokenizing it. Checked on the
+        # rendered prompt, not on the messages: a template may trim or drop their text (and a
+        # request's own template may add any amount), but rendering is cheap (50 ms for 10 MB).
+        check_text = partial(
+            check_prompt_text, bound=state.prompt_bound, max_model_len=state.engine.max_model_len,
+            max_tokens=params.max_tokens,
         )
+        try:
+            prompt_ids = await state.run_tokenizer(
+                render_chat_prompt, tokenizer, messages, req.add_generation_prompt, req.chat_template_kwargs,
+                check_text=check_text,
+            )
+        except PromptTooLongError as e:
+            raise from_exception(e, prompt_param="messages") from None
         try:
             request_id = new_id("chatcmpl")
             streams = await run_until_disconnect(request, open_streams(state, [prompt_ids], params, request_id))

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from engine import RequestOutput
 from openai_compat.errors import OpenAIError, from_exception, unsupported
 from openai_compat.logprobs import CompletionLogprobsBuilder
+from openai_compat.prompt_size import check_prompt_text
 from openai_compat.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from openai_compat.serving_base import (
     SYSTEM_FINGERPRINT,
@@ -101,7 +102,10 @@ class CompletionServing:
                 logprobs=req.logprobs,
                 prompt_logprobs=req.logprobs if req.echo else None,
             )
-        except ValueError as e:
+            for p in prompts:  # a text far too long for the context: refused without tokenizing it
+                if isinstance(p, str):
+                    check_prompt_text(p, state.prompt_bound, state.engine.max_model_len, params.max_tokens)
+        except ValueError as e:  # PromptTooLongError too: the context-length 400
             raise from_exception(e, prompt_param="prompt") from None
         if any(isinstance(p, str) for p in prompts):
             prompt_ids = await state.run_tokenizer(tokenize_prompts, tokenizer, prompts)
