@@ -36,7 +36,9 @@
 #                      attention kernel times, bf16 beside int8 KV, in $OUT/attention.log;
 #                      ATTENTION_BENCH_S (120) bounds it
 #   GPU_TESTS          test paths to run first with `pytest -m gpu` (e.g. "tests/engine"), output
-#                      in $OUT/gputests.log; GPU_TESTS_S (240) bounds them
+#                      in $OUT/gputests.log with the slowest tests' times; GPU_TESTS_S (240) bounds
+#                      them; GPU_TESTS_WORKERS (4) test processes share the GPU when pytest-xdist is
+#                      there (most of a test's time is starting engines: CPU work), 1 runs them in turn
 #
 # Files under $OUT: results.json (every run and workload), bench.png (TTFT/TPOT/ITL CDFs),
 # summary.txt (the tables), server.log (every server, one after the other), gpu_bench.log.
@@ -90,10 +92,15 @@ if [ ! -f "$MODEL/config.json" ]; then
     MAKE_PID=$!
 fi
 if [ -n "${GPU_TESTS:-}" ]; then  # the GPU test tier, while the model is written
-    say "GPU tests: $GPU_TESTS (at most ${GPU_TESTS_S:-240} s)"
+    workers=${GPU_TESTS_WORKERS:-4}
+    parallel=()
+    if [ "$workers" -gt 1 ] && "$PYTHON" -c "import xdist" 2>/dev/null; then
+        parallel=(-n "$workers")
+    fi
+    say "GPU tests: $GPU_TESTS (at most ${GPU_TESTS_S:-240} s, ${parallel[1]:-1} at a time)"
     # shellcheck disable=SC2086
-    timeout -s TERM "${GPU_TESTS_S:-240}" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider $GPU_TESTS \
-        >"$OUT/gputests.log" 2>&1
+    timeout -s TERM "${GPU_TESTS_S:-240}" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider --durations=15 \
+        "${parallel[@]}" $GPU_TESTS >"$OUT/gputests.log" 2>&1
     say "GPU tests: $(tail -n 1 "$OUT/gputests.log")"
 fi
 if [ -n "$MAKE_PID" ] && ! wait "$MAKE_PID"; then
