@@ -41,8 +41,10 @@ class StepTimes:
     """Where the engine loop's wall time goes, logged every `_STATS_LOG_S` while busy.
 
     schedule: planning the step; worker: the worker's round trip (send the plan, forward
-    pass, sampling, the result back), of which execute is the worker's own time (and worker
-    idle its wait for the plan: with overlapped steps, near zero unless the loop is late); process:
+    pass, sampling, the result back), of which execute is the worker's time from the step's launch
+    to its tokens (and worker idle its wait for the plan with nothing on the device: with
+    overlapped steps, near zero unless the loop is late); launched ahead: the steps whose result
+    came after the next step's launch (`EngineConfig.launch_ahead`); process:
     appending tokens, stop checks, detokenizing; rest: handing outputs to the requests' queues
     (their handlers stream them while the worker runs the next step, inside its round trip).
     """
@@ -55,13 +57,14 @@ class StepTimes:
 
     def reset(self, now: float) -> None:
         self.since = now
-        self.steps = self.seqs = self.tokens = 0
+        self.steps = self.seqs = self.tokens = self.launched_ahead = 0
         self.seconds = dict.fromkeys(self.PHASES + self.WORKER_TIMES, 0.0)
 
     def add(self, seqs: int, tokens: int, times: tuple[float, ...], result: StepResult) -> None:
         self.steps += 1
         self.seconds["execute"] += result.execute_seconds
         self.seconds["worker idle"] += result.wait_seconds
+        self.launched_ahead += result.launched_ahead
         self.seqs += seqs
         self.tokens += tokens
         for name, start, end in zip(self.PHASES, times, times[1:], strict=False):
@@ -72,10 +75,10 @@ class StepTimes:
             return
         per_step = ", ".join(f"{k} {1e3 * v / self.steps:.2f}" for k, v in self.seconds.items())
         logger.info(
-            "%.1f steps/s, %.1f seqs and %.0f tokens per step; ms per step: %s; running %d, waiting %d, "
-            "KV cache %.0f%%",
+            "%.1f steps/s, %.1f seqs and %.0f tokens per step; ms per step: %s; next step launched ahead "
+            "%.0f%%; running %d, waiting %d, KV cache %.0f%%",
             self.steps / (now - self.since), self.seqs / self.steps, self.tokens / self.steps, per_step,
-            stats.num_running, stats.num_waiting, 100 * stats.kv_cache_usage,
+            100 * self.launched_ahead / self.steps, stats.num_running, stats.num_waiting, 100 * stats.kv_cache_usage,
         )
         self.reset(now)
 

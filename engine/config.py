@@ -59,6 +59,11 @@ class EngineConfig:
     # request that arrives mid-step starts one step sooner, and the GPU waits for the host
     # between steps.
     overlap_scheduling: bool = True
+    # With overlap_scheduling, the worker also launches step k+1 before step k's tokens reach
+    # the host, so reading the plan and preparing the inputs hide behind the GPU too. None: on a
+    # GPU only (on the CPU every operation waits for itself, and a result held back for the next
+    # step's launch would only come a step later).
+    launch_ahead: bool | None = None
     seed: int = 0
     enforce_eager: bool = False  # GPU: no CUDA graphs
     # GPU: packed steps (prefill chunks) of up to this many tokens replay a CUDA graph too
@@ -103,6 +108,11 @@ class EngineConfig:
             on_gpu = self.resolved_device().startswith("cuda")
             return DEFAULT_STEP_TIMEOUT_S_GPU if on_gpu else DEFAULT_STEP_TIMEOUT_S_CPU
         return self.step_timeout_s or None
+
+    def resolved_launch_ahead(self) -> bool:
+        if not self.overlap_scheduling:
+            return False
+        return self.resolved_device().startswith("cuda") if self.launch_ahead is None else self.launch_ahead
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -1,10 +1,13 @@
 """The worker's side of a step: KV pool, `req_to_token`, forward pass, sampling.
 
-`ModelRunner.execute(plan)` writes the plan's slots into `req_to_token`, runs the step's plain
+`ModelRunner.launch(plan)` writes the plan's slots into `req_to_token`, runs the step's plain
 decodes through a CUDA graph (when there are graphs) and the rest as one padding-free packed
 batch, samples the rows that reached their last known token, keeps those tokens on the device
-for the next step's placeholders, and returns only what the engine core needs (token ids and
-logprobs).
+for the next step's placeholders, and starts copying them to the host; the `PendingStep` it
+returns gives only what the engine core needs (token ids and logprobs) once they are there.
+On a GPU the worker launches the next step before waiting for those tokens, so the host's
+work between two steps (reading the plan, the inputs of the next step, the result) runs while
+the GPU computes. `execute(plan)` does both halves at once.
 
 With tensor parallelism every rank runs this on the same plan: each holds its shard of the
 weights and a KV pool of its own KV heads (the same number of slots on every rank); the
@@ -25,7 +28,7 @@ from engine.distributed.parallel_state import all_reduce_min_int
 from engine.forward_context import INT8_KV_SCALE_DTYPE, KVPool, build_forward_context, set_forward_context
 from engine.layers.backend import use_triton
 from engine.plan import SeqStep, StepPlan, StepResult, TokenLogprobs, WorkerInfo
-from engine.sampler import Sampler, SamplingState, compute_prompt_logprobs
+from engine.sampler import PendingSample, Sampler, SamplingState, compute_prompt_logprobs
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -35,6 +38,40 @@ logger = logging.getLogger(__name__)
 
 _GIB = 1 << 30
 _PROFILE_PARAMS = SamplingParams(temperature=1.0, top_p=0.9, top_k=50)  # the costliest sampling path
+
+
+class PendingStep:
+    """A launched step (`ModelRunner.launch`): `finish()` waits for its tokens and gives its
+    result, once; `done()` says whether waiting would return at once."""
+
+    def __init__(
+        self, result: StepResult, sample: PendingSample | None = None, states: list[SamplingState] | None = None
+    ) -> None:
+        self._result = result
+        self._sample = sample
+        self._states = states or []
+        self._finished = sample is None
+
+    def done(self) -> bool:
+        return self._finished or self._sample is None or self._sample.done()
+
+    def finish(self) -> StepResult:
+        if self._finished:
+            return self._result
+        assert self._sample is not None
+        out = self._sample.result()
+        result = self._result
+        result.sampled_token_ids = out.token_ids
+        result.sampled_logprobs = [None] * len(self._states)
+        for j, state in enumerate(self._states):
+            state.record(out.token_ids[j])
+            if state.params.logprobs is not None and out.logprobs is not None:
+                lp = out.logprobs[j]
+                result.sampled_logprobs[j] = TokenLogprobs(
+                    out.token_ids[j], lp.sampled_logprob, lp.sampled_rank, lp.top_ids, lp.top_logprobs
+                )
+        self._finished = True
+        return result
 
 
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype) -> int:
@@ -234,18 +271,28 @@ class ModelRunner:
     def _is_plain_decode(s: SeqStep) -> bool:
         return len(s.token_ids) == 1 and s.sample and s.prompt_logprobs is None
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
-        """Run one step. With CUDA graphs, the step's plain decodes (one token, sampled) replay
-        a graph and the rest (prefill chunks, prompt logprobs) run eagerly right after, as a
-        second pass over the weights: a step that admits a prompt does not push the running
-        decodes through the eager path. The graph is launched first, so the host queues the
-        eager pass's kernels while the GPU runs it."""
+        """Run one step and wait for its tokens."""
+        return self.launch(plan).finish()
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan, previous: PendingStep | None = None) -> PendingStep:
+        """Queue one step's work on the device, up to its tokens' copy to the host; the host
+        may prepare the next step while it runs (`PendingStep.finish` waits for the tokens).
+
+        `previous`: the step launched before, not finished yet. Its tokens stay on the device as
+        this step's inputs, and what sampling needs of it is counted when it was launched; only
+        a row whose penalties need the previous ids makes this wait for them (`previous.finish()`
+        first). With CUDA graphs, the step's plain decodes (one token, sampled) replay a graph
+        and the rest (prefill chunks, prompt logprobs) run eagerly right after, as a second pass
+        over the weights: a step that admits a prompt does not push the running decodes through
+        the eager path. The graph is launched first, so the host queues the eager pass's kernels
+        while the GPU runs it."""
         self._update_rows(plan)
         seqs = plan.seqs
         result = StepResult(plan.step_id, [], [])
         if not seqs:
-            return result
+            return PendingStep(result)
         decode_idx: list[int] = []
         if self.graphs is not None:
             decode_idx = [i for i, s in enumerate(seqs) if self._is_plain_decode(s)]
@@ -267,7 +314,7 @@ class ModelRunner:
             if logits is not None:
                 parts.append((logits, sample_idx))
         if not parts:
-            return result
+            return PendingStep(result)
         # Every rank samples (the gathered logits and the random streams are the same on every
         # rank) and keeps the tokens for the next step's placeholders; rank 0 sends the result.
         if len(parts) == 1:
@@ -278,19 +325,14 @@ class ModelRunner:
             logits = torch.cat([parts[0][0], parts[1][0]])[torch.tensor(order, device=self.device)]
             sample_idx = [sample_idx[j] for j in order]
         states = [self.states[seqs[i].row] for i in sample_idx]
-        out = self.sampler.sample(logits, states)
+        if previous is not None and any(state.needs_ids for state in states):
+            previous.finish()  # penalties count the ids it sampled
+        pending = self.sampler.sample_async(logits, states)
         rows = torch.tensor([seqs[i].row for i in sample_idx]).to(self.device, non_blocking=True)
-        self.last_sampled.index_copy_(0, rows, out.sampled)
-        result.sampled_token_ids = out.token_ids
-        result.sampled_logprobs = [None] * len(sample_idx)
-        for j, state in enumerate(states):
-            state.append(out.token_ids[j])
-            if state.params.logprobs is not None and out.logprobs is not None:
-                lp = out.logprobs[j]
-                result.sampled_logprobs[j] = TokenLogprobs(
-                    out.token_ids[j], lp.sampled_logprob, lp.sampled_rank, lp.top_ids, lp.top_logprobs
-                )
-        return result
+        self.last_sampled.index_copy_(0, rows, pending.sampled)
+        for state in states:
+            state.count()
+        return PendingStep(result, pending, states)
 
     def _forward_packed(
         self, seqs: list[SeqStep], plan_idx: list[int], result: StepResult

@@ -60,8 +60,14 @@ class StepResult:
     # Per plan index (only for SeqSteps that asked): logprobs of the chunk's prompt tokens,
     # one per token whose successor is in the prompt.
     prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)
-    execute_seconds: float = 0.0  # the worker's own time for the step (forward pass and sampling)
-    wait_seconds: float = 0.0  # the worker's time waiting for this step's plan (and reading it)
+    # From the step's launch (or the previous step's end, when launched behind it) to its
+    # tokens on the host: forward pass and sampling.
+    execute_seconds: float = 0.0
+    # The worker's time waiting for this step's plan (and reading it) with nothing of its own
+    # on the device: the device's idle time before the step.
+    wait_seconds: float = 0.0
+    # The worker launched the next step before sending this result (`EngineConfig.launch_ahead`).
+    launched_ahead: bool = False
 
 
 @dataclass(slots=True)

@@ -62,7 +62,8 @@ class SamplingState:
     """What sampling needs to remember about one running row.
 
     Created when a sequence enters the batch (again, after preemption, with the outputs it
-    already has) and told every token it samples via `append`. Penalty tensors live on the
+    already has) and told every token it samples via `append` (or `count` when the token is
+    drawn and `record` once its id is on the host). Penalty tensors live on the
     logits' device and are built on the first step that needs them; `append` only records
     the id, and the counts catch up on the next step in one indexed add.
     """
@@ -84,9 +85,23 @@ class SamplingState:
         self.output_token_ids = ()  # counted from here on; the engine keeps the ids
 
     def append(self, token_id: int) -> None:
+        self.count()
+        self.record(token_id)
+
+    def count(self) -> None:
+        """One more token sampled (known when it is drawn, before its id reaches the host):
+        what seeds and min_tokens look at."""
         self.num_output_tokens += 1
+
+    def record(self, token_id: int) -> None:
+        """The id of a token counted: what penalties look at."""
         if self.params.needs_penalties:
             self._pending_ids.append(token_id)
+
+    @property
+    def needs_ids(self) -> bool:
+        """Its next draw depends on the ids sampled so far, not only on how many (penalties)."""
+        return self.params.needs_penalties
 
     @property
     def is_plain(self) -> bool:
@@ -186,6 +201,48 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[flo
     return torch.full_like(logits, float("-inf")).scatter_(1, sorted_idx, sorted_logits)
 
 
+class _HostCopy:
+    """Device tensors on their way to the host: copied without waiting (`done` says whether
+    they are there), read once `wait` returns. On the CPU the copies are the tensors."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self._event: torch.cuda.Event | None = None
+        if tensors and tensors[0].is_cuda:
+            # Into pinned memory from the caching host allocator; the event marks their end.
+            self.tensors = [t.to("cpu", non_blocking=True) for t in tensors]
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self.tensors = [t.cpu() for t in tensors]
+
+    def done(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def wait(self) -> list[torch.Tensor]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self.tensors
+
+
+def _token_logprob_tensors(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> list[torch.Tensor]:
+    """[ints, floats] of rows' token_ids, ranks and top ids / their logprobs, the sampled logprobs
+    and the top logprobs (see `_token_logprobs_from`): one integer and one float tensor."""
+    logprobs = logits.float().log_softmax(dim=-1)  # [n, vocab]
+    chosen = logprobs.gather(1, token_ids.long().unsqueeze(1))  # [n, 1]
+    rank = (logprobs > chosen).sum(dim=-1) + 1
+    top_lps, top_ids = logprobs.topk(num_top, dim=-1)  # [n, num_top]
+    return [torch.cat([token_ids.long(), rank, top_ids.flatten()]), torch.cat([chosen.squeeze(1), top_lps.flatten()])]
+
+
+def _token_logprobs_from(ints: list[int], floats: list[float], counts: list[int]) -> tuple[list[int], list[TokenLogprobs]]:
+    n, num_top = len(counts), max(counts, default=0)
+    out: list[TokenLogprobs] = []
+    for i, k in enumerate(counts):
+        ids_at, lps_at = 2 * n + i * num_top, n + i * num_top
+        out.append(TokenLogprobs(floats[i], ints[n + i], ints[ids_at : ids_at + k], floats[lps_at : lps_at + k]))
+    return ints[:n], out
+
+
 def _to_token_logprobs(
     logits: torch.Tensor, token_ids: torch.Tensor, counts: list[int]
 ) -> tuple[list[int], list[TokenLogprobs]]:
@@ -193,20 +250,8 @@ def _to_token_logprobs(
 
     Two device→host copies for the whole batch: one of integers, one of floats.
     """
-    n, num_top = len(counts), max(counts, default=0)
-    logprobs = logits.float().log_softmax(dim=-1)  # [n, vocab]
-    chosen = logprobs.gather(1, token_ids.long().unsqueeze(1))  # [n, 1]
-    rank = (logprobs > chosen).sum(dim=-1) + 1
-    top_lps, top_ids = logprobs.topk(num_top, dim=-1)  # [n, num_top]
-    ints = torch.cat([token_ids.long(), rank, top_ids.flatten()]).tolist()
-    floats = torch.cat([chosen.squeeze(1), top_lps.flatten()]).tolist()
-    out: list[TokenLogprobs] = []
-    for i, k in enumerate(counts):
-        ids_at, lps_at = 2 * n + i * num_top, n + i * num_top
-        out.append(
-            TokenLogprobs(floats[i], ints[n + i], ints[ids_at : ids_at + k], floats[lps_at : lps_at + k])
-        )
-    return ints[:n], out
+    ints, floats = _token_logprob_tensors(logits, token_ids, max(counts, default=0))
+    return _token_logprobs_from(ints.tolist(), floats.tolist(), counts)
 
 
 def compute_prompt_logprobs(
@@ -259,6 +304,27 @@ def exponential_noise(seeds: list[int], vocab_size: int, device: torch.device) -
     return uniform.log_().neg_()
 
 
+@dataclass(slots=True)
+class PendingSample:
+    """Tokens drawn on the device and copied to the host without waiting (`Sampler.sample_async`)."""
+
+    sampled: torch.Tensor  # [num_rows] int64, on the logits' device
+    copy: _HostCopy  # the ids alone, or the logprob tensors (which begin with the ids)
+    lp_counts: list[int | None] | None  # logprobs per row, when any row asked for them
+
+    def done(self) -> bool:
+        return self.copy.done()
+
+    def result(self) -> SamplerOutput:
+        tensors = self.copy.wait()
+        if self.lp_counts is None:
+            return SamplerOutput(tensors[0].tolist(), self.sampled)
+        counts = [k or 0 for k in self.lp_counts]
+        token_ids, rows = _token_logprobs_from(tensors[0].tolist(), tensors[1].tolist(), counts)
+        logprobs = [row if k is not None else None for row, k in zip(rows, self.lp_counts, strict=True)]
+        return SamplerOutput(token_ids, self.sampled, logprobs)
+
+
 class Sampler:
     """Stateless apart from the random source of unseeded rows."""
 
@@ -267,6 +333,12 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, states: list[SamplingState]) -> SamplerOutput:
         """logits [num_rows, vocab] float32; states[i] belongs to row i."""
+        return self.sample_async(logits, states).result()
+
+    def sample_async(self, logits: torch.Tensor, states: list[SamplingState]) -> PendingSample:
+        """`sample` without waiting for the device: the tokens are drawn (`PendingSample.sampled`,
+        on the logits' device) and on their way to the host; `result()` waits for them. The
+        states are read now, so what they count must be up to date (`SamplingState.count`)."""
         if logits.shape[0] != len(states):
             raise ValueError(f"{logits.shape[0]} logits rows but {len(states)} sampling states")
         logits = logits.float()
@@ -283,10 +355,9 @@ class Sampler:
 
         lp_counts = [s.params.logprobs for s in states]
         if all(k is None for k in lp_counts):
-            return SamplerOutput(sampled.tolist(), sampled)
-        token_ids, rows = _to_token_logprobs(logits, sampled, [k or 0 for k in lp_counts])
-        logprobs = [row if k is not None else None for row, k in zip(rows, lp_counts, strict=True)]
-        return SamplerOutput(token_ids, sampled, logprobs)
+            return PendingSample(sampled, _HostCopy([sampled]), None)
+        tensors = _token_logprob_tensors(logits, sampled, max(k or 0 for k in lp_counts))
+        return PendingSample(sampled, _HostCopy(tensors), lp_counts)
 
     def _sample_random(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         """logits [n, vocab] of rows that sample (temperature > 0) → token ids [n]."""

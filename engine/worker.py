@@ -96,28 +96,73 @@ def _worker_main(
         conn.send(("error", traceback.format_exc()))
         return
     try:
-        _serve_steps(conn, runner, rank)
+        _serve_steps(conn, runner, rank, config.resolved_launch_ahead())
     finally:
         unfreeze()
 
 
-def _serve_steps(conn: Connection, runner: Any, rank: int) -> None:
-    """Answer step plans until told to stop, the pipe closes, or a step fails."""
+# How often a worker holding a launched step looks for the next plan while it waits for the
+# step's end (seconds): the step's result goes out at most this late when no plan comes.
+_POLL_S = 0.0002
+
+
+def _serve_steps(conn: Connection, runner: Any, rank: int, launch_ahead: bool) -> None:
+    """Answer step plans until told to stop, the pipe closes, or a step fails.
+
+    With `launch_ahead` (`EngineConfig.launch_ahead`: on a GPU with overlapped scheduling) a
+    step's result is sent after the next step is launched, when that plan is already here
+    (overlapped scheduling sends it while the step runs): the host reads the plan and prepares
+    its inputs while the GPU computes, instead of the GPU waiting for the host between steps.
+    When no plan comes before the step ends, its result goes out then. Without, each step is
+    finished before the next plan is read.
+    """
+    # The launched step whose result is not sent yet: (step, when it was launched, how long the
+    # worker waited for its plan with nothing of its own on the device).
+    pending: tuple[Any, float, float] | None = None
+    last_done = 0.0  # when the previous step's tokens were in
+
+    def send(step: Any, launched: float, waited: float, ahead: bool = False) -> None:
+        nonlocal last_done
+        result = step.finish()
+        # From its launch, or from the previous step's end when it was launched behind it, to
+        # its tokens: the device's time for it.
+        done = time.perf_counter()
+        result.execute_seconds = done - max(launched, last_done)
+        last_done = done
+        result.wait_seconds = waited
+        result.launched_ahead = ahead
+        if rank == 0:
+            conn.send(("result", result))
+
     while True:
-        waiting_since = time.perf_counter()
+        idle_since: float | None = time.perf_counter()
         try:
+            if pending is not None:
+                idle_since = None  # the device still has the pending step
+                while not conn.poll(_POLL_S):
+                    if pending[0].done():
+                        send(*pending)
+                        pending = None
+                        idle_since = time.perf_counter()
+                        break
             kind, payload = conn.recv()
         except (EOFError, OSError):
+            return
+        except BaseException:
+            conn.send(("error", traceback.format_exc()))
             return
         if kind == "stop":
             return
         try:
             start = time.perf_counter()
-            result = runner.execute(payload)
-            result.execute_seconds = time.perf_counter() - start
-            result.wait_seconds = start - waiting_since  # idle, waiting for this plan (and reading it)
-            if rank == 0:
-                conn.send(("result", result))
+            step = runner.launch(payload, previous=pending[0] if pending is not None else None)
+            waited = 0.0 if idle_since is None else start - idle_since
+            if pending is not None:
+                send(*pending, ahead=True)
+            pending = (step, start, waited)
+            if not launch_ahead:
+                send(*pending)
+                pending = None
         except BaseException:
             conn.send(("error", traceback.format_exc()))
             return

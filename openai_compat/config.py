@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     overlap_scheduling: bool = Field(
         True, description="plan the next step while the current one runs (off: new requests start a step sooner)"
     )
+    launch_ahead: bool | None = Field(
+        None,
+        description="with overlap scheduling, launch the next step before this one's tokens reach the host "
+        "(default: on a GPU)",
+    )
     enforce_eager: bool = Field(False, description="GPU: no CUDA graphs")
     max_prefill_graph_tokens: int = Field(
         2048, ge=0, description="GPU: prefill steps of up to this many tokens replay CUDA graphs (0: decode graphs only)"
@@ -150,6 +155,7 @@ class Settings(BaseSettings):
             admission_batch=self.admission_batch,
             enable_prefix_caching=self.enable_prefix_caching,
             overlap_scheduling=self.overlap_scheduling,
+            launch_ahead=self.launch_ahead,
             seed=self.seed,
             enforce_eager=self.enforce_eager,
             max_prefill_graph_tokens=self.max_prefill_graph_tokens,
@@ -164,7 +170,7 @@ def add_cli_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         help_text = f"{field.description} [env LIGHTGATE_{name.upper()}]"
         annotation = field.annotation
-        if annotation is bool:
+        if annotation is bool or set(get_args(annotation)) == {bool, type(None)}:  # bool | None: unset is None
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
         choices = None
