@@ -190,7 +190,7 @@ class DecodeGraphs:
         """
         n = len(input_ids)
         bs = next(b for b in self.buckets if b >= n)
-        self._copied.synchronize()  # (a rank that does not sample never waits for its step)
+        self._copied.synchronize()  # the previous step's staging copy: long done when it launched
         h = self._host_np
         h[_IDS, :n] = input_ids
         h[_POS, :n] = positions

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.transfer import to_device
+
 # dtype of the per (slot, kv head) scales of an int8 pool. Two bytes keep an int8 token at
 # head_dim + 2 bytes per head (1.94x the bf16 capacity at head_dim 64, where a float32 scale
 # would give 1.88x); bfloat16 has float32's range, so no scale underflows or overflows, and
@@ -129,7 +131,7 @@ def build_forward_context(
     positions = torch.cat(
         [torch.arange(s, s + n, dtype=torch.int64) for s, n in zip(start_pos, new_lens, strict=True)]
     ) if new_lens else torch.zeros(0, dtype=torch.int64)
-    as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
+    as_tensor = lambda xs: to_device(xs, torch.int64, device)  # noqa: E731
     return ForwardContext(
         kv=kv,
         req_to_token=req_to_token,
@@ -138,8 +140,8 @@ def build_forward_context(
         new_lens=as_tensor(new_lens),
         seq_lens=as_tensor(seq_lens),
         cu_new_lens=as_tensor(cu),
-        out_slots=out_slots.to(device=device, dtype=torch.int64),
-        positions=positions.to(device),
+        out_slots=to_device(out_slots, torch.int64, device),
+        positions=to_device(positions, torch.int64, device),
         start_pos_list=list(start_pos),
         new_lens_list=list(new_lens),
         req_indices_list=list(req_indices),

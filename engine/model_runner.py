@@ -18,6 +18,7 @@ worker sends the result.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,6 +31,7 @@ from engine.layers.backend import use_triton
 from engine.plan import SeqStep, StepPlan, StepResult, TokenLogprobs, WorkerInfo
 from engine.sampler import PendingSample, Sampler, SamplingState, compute_prompt_logprobs
 from engine.sampling_params import SamplingParams
+from engine.transfer import to_device
 
 if TYPE_CHECKING:
     from engine.cuda_graphs import DecodeGraphs, PrefillGraphs
@@ -55,6 +57,11 @@ class PendingStep:
     def done(self) -> bool:
         return self._finished or self._sample is None or self._sample.done()
 
+    def wait(self) -> None:
+        """Until `done()`, without reading the tokens (any thread)."""
+        if not self._finished and self._sample is not None:
+            self._sample.copy.wait()
+
     def finish(self) -> StepResult:
         if self._finished:
             return self._result
@@ -64,7 +71,7 @@ class PendingStep:
         result.sampled_token_ids = out.token_ids
         result.sampled_logprobs = [None] * len(self._states)
         for j, state in enumerate(self._states):
-            state.record(out.token_ids[j])
+            state.append(out.token_ids[j])
             if state.params.logprobs is not None and out.logprobs is not None:
                 lp = out.logprobs[j]
                 result.sampled_logprobs[j] = TokenLogprobs(
@@ -263,8 +270,8 @@ class ModelRunner:
             cols += range(s.start_pos, s.start_pos + len(s.out_slots))
             slots += s.out_slots
         if rows:  # one scatter into req_to_token for the whole step
-            index = torch.tensor([rows, cols], dtype=torch.int64).to(self.device, non_blocking=True)
-            values = torch.tensor(slots, dtype=torch.int32).to(self.device, non_blocking=True)
+            index = to_device([rows, cols], torch.int64, self.device)
+            values = to_device(slots, torch.int32, self.device)
             self.req_to_token.index_put_((index[0], index[1]), values)
 
     @staticmethod
@@ -276,22 +283,26 @@ class ModelRunner:
         return self.launch(plan).finish()
 
     @torch.inference_mode()
-    def launch(self, plan: StepPlan, previous: PendingStep | None = None) -> PendingStep:
+    def launch(self, plan: StepPlan, on_forward_queued: Callable[[], None] | None = None) -> PendingStep:
         """Queue one step's work on the device, up to its tokens' copy to the host; the host
         may prepare the next step while it runs (`PendingStep.finish` waits for the tokens).
 
-        `previous`: the step launched before, not finished yet. Its tokens stay on the device as
-        this step's inputs, and what sampling needs of it is counted when it was launched; only
-        a row whose penalties need the previous ids makes this wait for them (`previous.finish()`
-        first). With CUDA graphs, the step's plain decodes (one token, sampled) replay a graph
-        and the rest (prefill chunks, prompt logprobs) run eagerly right after, as a second pass
-        over the weights: a step that admits a prompt does not push the running decodes through
-        the eager path. The graph is launched first, so the host queues the eager pass's kernels
-        while the GPU runs it."""
+        `on_forward_queued` is called once, when the step's forward pass is queued and before
+        its sampling: the worker sends the previous step's result there, so that result waits
+        only for the previous step, and this step's sampling sees all of its tokens (seeds,
+        min_tokens and penalties count them). Nothing before it waits for the device: the
+        inputs go through pinned memory (engine/transfer.py); a step with prompt logprobs reads
+        them back before it. With CUDA graphs, the step's plain decodes (one token, sampled)
+        replay a graph and the rest (prefill chunks, prompt logprobs) run eagerly right after,
+        as a second pass over the weights: a step that admits a prompt does not push the
+        running decodes through the eager path. The graph is launched first, so the host
+        queues the eager pass's kernels while the GPU runs it."""
         self._update_rows(plan)
         seqs = plan.seqs
         result = StepResult(plan.step_id, [], [])
         if not seqs:
+            if on_forward_queued is not None:
+                on_forward_queued()
             return PendingStep(result)
         decode_idx: list[int] = []
         if self.graphs is not None:
@@ -313,6 +324,8 @@ class ModelRunner:
             logits, sample_idx = self._forward_packed([seqs[i] for i in rest_idx], rest_idx, result)
             if logits is not None:
                 parts.append((logits, sample_idx))
+        if on_forward_queued is not None:
+            on_forward_queued()
         if not parts:
             return PendingStep(result)
         # Every rank samples (the gathered logits and the random streams are the same on every
@@ -322,16 +335,12 @@ class ModelRunner:
         else:  # both passes sampled: rows back in plan order
             sample_idx = parts[0][1] + parts[1][1]
             order = sorted(range(len(sample_idx)), key=sample_idx.__getitem__)
-            logits = torch.cat([parts[0][0], parts[1][0]])[torch.tensor(order, device=self.device)]
+            logits = torch.cat([parts[0][0], parts[1][0]])[to_device(order, torch.long, self.device)]
             sample_idx = [sample_idx[j] for j in order]
         states = [self.states[seqs[i].row] for i in sample_idx]
-        if previous is not None and any(state.needs_ids for state in states):
-            previous.finish()  # penalties count the ids it sampled
         pending = self.sampler.sample_async(logits, states)
-        rows = torch.tensor([seqs[i].row for i in sample_idx]).to(self.device, non_blocking=True)
+        rows = to_device([seqs[i].row for i in sample_idx], torch.long, self.device)
         self.last_sampled.index_copy_(0, rows, pending.sampled)
-        for state in states:
-            state.count()
         return PendingStep(result, pending, states)
 
     def _forward_packed(
@@ -353,18 +362,18 @@ class ModelRunner:
         sampled = [j for j, s in enumerate(seqs) if s.sample]
         if not sampled:
             return None, []
-        last_tokens = torch.tensor([ends[j + 1] - 1 for j in sampled]).to(self.device, non_blocking=True)
+        last_tokens = to_device([ends[j + 1] - 1 for j in sampled], torch.long, self.device)
         # [num_sampled, vocab] float32; the gather across ranks is collective: every rank computes it
         return self.model.compute_logits(hidden[last_tokens]), [plan_idx[j] for j in sampled]
 
     def _forward_eager(self, seqs: list[SeqStep]) -> torch.Tensor:
         flat = [t for s in seqs for t in s.token_ids]
-        input_ids = torch.tensor(flat, dtype=torch.int64, device=self.device)
+        input_ids = to_device(flat, torch.int64, self.device)
         if min(flat) < 0:  # placeholders: the tokens the previous step sampled for those rows
             rows = [s.row for s in seqs for _ in s.token_ids]
             at = [j for j, t in enumerate(flat) if t < 0]
-            index = torch.tensor(at, device=self.device)
-            input_ids[index] = self.last_sampled[torch.tensor([rows[j] for j in at], device=self.device)]
+            index = to_device(at, torch.long, self.device)
+            input_ids[index] = self.last_sampled[to_device([rows[j] for j in at], torch.long, self.device)]
         out_slots = torch.tensor([t for s in seqs for t in s.out_slots], dtype=torch.int64)
         ctx = build_forward_context(
             self.kv,

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 
 from engine.sampling_params import SamplingParams
+from engine.transfer import HostCopy, to_device
 
 _MASK64 = (1 << 64) - 1
 
@@ -62,8 +63,7 @@ class SamplingState:
     """What sampling needs to remember about one running row.
 
     Created when a sequence enters the batch (again, after preemption, with the outputs it
-    already has) and told every token it samples via `append` (or `count` when the token is
-    drawn and `record` once its id is on the host). Penalty tensors live on the
+    already has) and told every token it samples via `append`. Penalty tensors live on the
     logits' device and are built on the first step that needs them; `append` only records
     the id, and the counts catch up on the next step in one indexed add.
     """
@@ -85,23 +85,9 @@ class SamplingState:
         self.output_token_ids = ()  # counted from here on; the engine keeps the ids
 
     def append(self, token_id: int) -> None:
-        self.count()
-        self.record(token_id)
-
-    def count(self) -> None:
-        """One more token sampled (known when it is drawn, before its id reaches the host):
-        what seeds and min_tokens look at."""
         self.num_output_tokens += 1
-
-    def record(self, token_id: int) -> None:
-        """The id of a token counted: what penalties look at."""
         if self.params.needs_penalties:
             self._pending_ids.append(token_id)
-
-    @property
-    def needs_ids(self) -> bool:
-        """Its next draw depends on the ids sampled so far, not only on how many (penalties)."""
-        return self.params.needs_penalties
 
     @property
     def is_plain(self) -> bool:
@@ -119,7 +105,7 @@ class SamplingState:
         if self._counts is None:
             self._counts = torch.zeros(vocab_size, dtype=torch.int32, device=device)
         if self._pending_ids:
-            ids = torch.tensor(self._pending_ids, dtype=torch.long, device=device)
+            ids = to_device(self._pending_ids, torch.long, device)
             self._counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
             self._pending_ids.clear()
         return self._counts
@@ -129,15 +115,15 @@ class SamplingState:
         seen = self.output_counts(vocab_size, device) > 0
         if self.prompt_token_ids:
             if self._prompt_mask is None:
-                ids = torch.tensor(list(self.prompt_token_ids), dtype=torch.long, device=device)
+                ids = to_device([t for t in self.prompt_token_ids if t < vocab_size], torch.long, device)
                 self._prompt_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-                self._prompt_mask[ids[ids < vocab_size]] = True
+                self._prompt_mask[ids] = True
             seen |= self._prompt_mask
         return seen
 
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
+    return to_device(values, like.dtype, like.device).unsqueeze(1)
 
 
 def _apply_bias_and_min_tokens(logits: torch.Tensor, states: list[SamplingState]) -> None:
@@ -158,8 +144,8 @@ def _apply_bias_and_min_tokens(logits: torch.Tensor, states: list[SamplingState]
                 ids.append(token_id)
                 values.append(value)
     if rows:
-        index = torch.tensor([rows, ids], dtype=torch.long, device=logits.device)
-        add = torch.tensor(values, dtype=logits.dtype, device=logits.device)
+        index = to_device([rows, ids], torch.long, logits.device)
+        add = to_device(values, logits.dtype, logits.device)
         logits.index_put_((index[0], index[1]), add, accumulate=True)
 
 
@@ -170,7 +156,7 @@ def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
         return
     pen_states = [states[i] for i in rows]
     vocab_size, device = logits.shape[1], logits.device
-    index = torch.tensor(rows, dtype=torch.long, device=device)
+    index = to_device(rows, torch.long, device)
     sub = logits.index_select(0, index)  # [num_penalized, vocab]
     counts = torch.stack([s.output_counts(vocab_size, device) for s in pen_states])
     rep = [s.params.repetition_penalty for s in pen_states]
@@ -190,7 +176,7 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[flo
     sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
     if any(0 < k < vocab_size for k in top_ks):
         ks = [k if 0 < k < vocab_size else vocab_size for k in top_ks]
-        k_index = torch.tensor(ks, dtype=torch.long, device=logits.device).unsqueeze(1) - 1
+        k_index = to_device(ks, torch.long, logits.device).unsqueeze(1) - 1
         kth = sorted_logits.gather(1, k_index)  # ties with the k-th value stay in
         sorted_logits.masked_fill_(sorted_logits < kth, float("-inf"))
     if any(p < 1.0 for p in top_ps):
@@ -199,29 +185,6 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[flo
         ps = _column([p if p < 1.0 else 2.0 for p in top_ps], probs)
         sorted_logits.masked_fill_(mass_before > ps, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter_(1, sorted_idx, sorted_logits)
-
-
-class _HostCopy:
-    """Device tensors on their way to the host: copied without waiting (`done` says whether
-    they are there), read once `wait` returns. On the CPU the copies are the tensors."""
-
-    def __init__(self, tensors: list[torch.Tensor]) -> None:
-        self._event: torch.cuda.Event | None = None
-        if tensors and tensors[0].is_cuda:
-            # Into pinned memory from the caching host allocator; the event marks their end.
-            self.tensors = [t.to("cpu", non_blocking=True) for t in tensors]
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self.tensors = [t.cpu() for t in tensors]
-
-    def done(self) -> bool:
-        return self._event is None or self._event.query()
-
-    def wait(self) -> list[torch.Tensor]:
-        if self._event is not None:
-            self._event.synchronize()
-        return self.tensors
 
 
 def _token_logprob_tensors(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> list[torch.Tensor]:
@@ -294,7 +257,7 @@ def exponential_noise(seeds: list[int], vocab_size: int, device: torch.device) -
     Counter-based, so a row depends on its seed alone (not on the batch), all rows come from
     one batched computation, and CPU and CUDA give the same numbers. int64 products wrap.
     """
-    seed = torch.tensor(seeds, dtype=torch.int64, device=device).unsqueeze(1)
+    seed = to_device(seeds, torch.int64, device).unsqueeze(1)
     counter = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=device)
     x = seed + counter * _int64(0x9E3779B97F4A7C15)  # [n, vocab]
     x = (x ^ _srl(x, 30)) * _int64(0xBF58476D1CE4E5B9)
@@ -309,7 +272,7 @@ class PendingSample:
     """Tokens drawn on the device and copied to the host without waiting (`Sampler.sample_async`)."""
 
     sampled: torch.Tensor  # [num_rows] int64, on the logits' device
-    copy: _HostCopy  # the ids alone, or the logprob tensors (which begin with the ids)
+    copy: HostCopy  # the ids alone, or the logprob tensors (which begin with the ids)
     lp_counts: list[int | None] | None  # logprobs per row, when any row asked for them
 
     def done(self) -> bool:
@@ -338,7 +301,7 @@ class Sampler:
     def sample_async(self, logits: torch.Tensor, states: list[SamplingState]) -> PendingSample:
         """`sample` without waiting for the device: the tokens are drawn (`PendingSample.sampled`,
         on the logits' device) and on their way to the host; `result()` waits for them. The
-        states are read now, so what they count must be up to date (`SamplingState.count`)."""
+        states are read now: every token sampled before must be appended."""
         if logits.shape[0] != len(states):
             raise ValueError(f"{logits.shape[0]} logits rows but {len(states)} sampling states")
         logits = logits.float()
@@ -349,15 +312,15 @@ class Sampler:
         elif len(random_rows) == len(states):
             sampled = self._sample_random(processed, states)
         else:
-            index = torch.tensor(random_rows, dtype=torch.long, device=logits.device)
+            index = to_device(random_rows, torch.long, logits.device)
             drawn = self._sample_random(processed.index_select(0, index), [states[i] for i in random_rows])
             sampled = processed.argmax(dim=-1).index_copy_(0, index, drawn)
 
         lp_counts = [s.params.logprobs for s in states]
         if all(k is None for k in lp_counts):
-            return PendingSample(sampled, _HostCopy([sampled]), None)
+            return PendingSample(sampled, HostCopy([sampled]), None)
         tensors = _token_logprob_tensors(logits, sampled, max(k or 0 for k in lp_counts))
-        return PendingSample(sampled, _HostCopy(tensors), lp_counts)
+        return PendingSample(sampled, HostCopy(tensors), lp_counts)
 
     def _sample_random(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         """logits [n, vocab] of rows that sample (temperature > 0) → token ids [n]."""

@@ -29,6 +29,7 @@ import collections
 import contextlib
 import logging
 import os
+import queue
 import sys
 import threading
 import time
@@ -80,6 +81,8 @@ def _worker_main(
         if device == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp_size))
         init_tensor_parallel(rank, tp_size, port, device)  # nothing at tp=1
+        if tp_size == 1 and device.startswith("cuda:"):
+            torch.cuda.set_device(device)  # events and pinned copies follow the current device
         select_backend(device, config.attention_backend)  # once, before the model exists
         conn.send(("progress", (0.1, "loading weights")))
         hf_config = load_hf_config(model_path)
@@ -101,31 +104,44 @@ def _worker_main(
         unfreeze()
 
 
-# How often a worker holding a launched step looks for the next plan while it waits for the
-# step's end (seconds): the step's result goes out at most this late when no plan comes.
-_POLL_S = 0.0002
-
-
 def _serve_steps(conn: Connection, runner: Any, rank: int, launch_ahead: bool) -> None:
     """Answer step plans until told to stop, the pipe closes, or a step fails.
 
     With `launch_ahead` (`EngineConfig.launch_ahead`: on a GPU with overlapped scheduling) a
-    step's result is sent after the next step is launched, when that plan is already here
-    (overlapped scheduling sends it while the step runs): the host reads the plan and prepares
-    its inputs while the GPU computes, instead of the GPU waiting for the host between steps.
-    When no plan comes before the step ends, its result goes out then. Without, each step is
-    finished before the next plan is read.
+    step's tokens are not waited for before the next plan is read: overlapped scheduling sends
+    that plan while the step runs, and the next step is launched at once, so the host reads the
+    plan and prepares its inputs while the GPU computes, instead of the GPU waiting for the host
+    between steps. The pending step's result goes out as soon as the next step's forward pass
+    is queued (before its sampling, which may need those tokens), or when the step ends with no
+    plan waiting. Without, each step is finished before the next plan is read.
     """
     # The launched step whose result is not sent yet: (step, when it was launched, how long the
     # worker waited for its plan with nothing of its own on the device).
     pending: tuple[Any, float, float] | None = None
+    # On the CPU a launched step is always done; launching ahead there (tests) keeps each result
+    # for the next launch all the same, as a GPU step still running would be.
+    on_gpu = str(runner.device).startswith("cuda")
     last_done = 0.0  # when the previous step's tokens were in
+    # A thread waits for each launched step's tokens and writes a byte to `ready_w` then, so the
+    # loop can wait for the next plan or for the pending step's end, whichever comes first.
+    ready_r, ready_w = os.pipe()
+    watched: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def watch() -> None:
+        while (step := watched.get()) is not None:
+            with contextlib.suppress(BaseException):  # finish() raises it again, where it is reported
+                step.wait()
+            with contextlib.suppress(OSError):  # the loop is gone
+                os.write(ready_w, b"\0")
+
+    if launch_ahead:
+        threading.Thread(target=watch, daemon=True, name="lightgate-step-watch").start()
 
     def send(step: Any, launched: float, waited: float, ahead: bool = False) -> None:
         nonlocal last_done
         result = step.finish()
         # From its launch, or from the previous step's end when it was launched behind it, to
-        # its tokens: the device's time for it.
+        # its tokens: the device's time for it (and, launched ahead, the next step's launch).
         done = time.perf_counter()
         result.execute_seconds = done - max(launched, last_done)
         last_done = done
@@ -134,38 +150,50 @@ def _serve_steps(conn: Connection, runner: Any, rank: int, launch_ahead: bool) -
         if rank == 0:
             conn.send(("result", result))
 
-    while True:
-        idle_since: float | None = time.perf_counter()
-        try:
-            if pending is not None:
-                idle_since = None  # the device still has the pending step
-                while not conn.poll(_POLL_S):
+    try:
+        while True:
+            idle_since: float | None = time.perf_counter()
+            try:
+                while pending is not None:  # until the next plan, or the pending step's end
+                    if conn in wait([conn, ready_r]):
+                        idle_since = None  # the device still has the pending step
+                        break
+                    os.read(ready_r, 1)  # a step's end: maybe one already sent
                     if pending[0].done():
                         send(*pending)
                         pending = None
                         idle_since = time.perf_counter()
-                        break
-            kind, payload = conn.recv()
-        except (EOFError, OSError):
-            return
-        except BaseException:
-            conn.send(("error", traceback.format_exc()))
-            return
-        if kind == "stop":
-            return
-        try:
-            start = time.perf_counter()
-            step = runner.launch(payload, previous=pending[0] if pending is not None else None)
-            waited = 0.0 if idle_since is None else start - idle_since
-            if pending is not None:
-                send(*pending, ahead=True)
-            pending = (step, start, waited)
-            if not launch_ahead:
-                send(*pending)
-                pending = None
-        except BaseException:
-            conn.send(("error", traceback.format_exc()))
-            return
+                kind, payload = conn.recv()
+            except (EOFError, OSError):
+                return
+            if kind == "stop":
+                return
+            try:
+                start = time.perf_counter()
+                if on_gpu and pending is not None and pending[0].done():  # its tokens are in: why hold it
+                    send(*pending)
+                    pending = None
+                previous = pending
+                waited = 0.0 if idle_since is None or previous is not None else start - idle_since
+
+                def send_previous(previous: tuple[Any, float, float] | None = previous) -> None:
+                    if previous is not None:
+                        send(*previous, ahead=True)
+
+                step = runner.launch(payload, on_forward_queued=send_previous)
+                pending = (step, start, waited)
+                if launch_ahead:
+                    watched.put(step)
+                else:
+                    send(*pending)
+                    pending = None
+            except BaseException:
+                conn.send(("error", traceback.format_exc()))
+                return
+    finally:
+        watched.put(None)
+        os.close(ready_r)
+        os.close(ready_w)
 
 
 def _process_state(pid: int | None) -> str:

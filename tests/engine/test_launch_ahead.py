@@ -1,7 +1,7 @@
 """The worker launching step k+1 before step k's tokens reach the host (`launch_ahead`, on by
 default on a GPU, forced here on the CPU) gives exactly what finishing each step first gives:
-seeds count the tokens still in flight, penalties wait for their ids, rows and slots are
-reused behind launched steps."""
+step k's tokens are in before step k+1 samples (seeds, min_tokens and penalties count them),
+rows and slots are reused behind launched steps."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _params(stops: list[int]) -> list[SamplingParams]:
             kw.update(n=2, temperature=0.9, seed=11)  # seeds hash the number of tokens so far
         if i == 5:
             kw.update(temperature=1.0, top_k=20, seed=3)
-        if i in (6, 7):  # penalties need the ids themselves: their steps wait for the previous one
+        if i in (6, 7):  # penalties count the previous step's ids
             kw.update(frequency_penalty=2.0, presence_penalty=1.0, repetition_penalty=1.5)
         if i == 8:
             kw.update(temperature=0.8, seed=5, frequency_penalty=1.0)
@@ -80,7 +80,7 @@ def test_launched_ahead_matches_finishing_each_step_first(tmp_path: Path) -> Non
             outs, steps, launched_ahead = _run(llm, prompts, params)
             assert llm.core.scheduler.num_preemptions > 0  # the pressure is real
             if ahead:
-                assert launched_ahead > steps // 2  # most results came after the next launch
+                assert launched_ahead > steps // 4  # results held for the next launch
             else:
                 assert launched_ahead == 0
             llm.core.scheduler.reset_prefix_cache()
