@@ -291,8 +291,8 @@ class ModelRunner:
         its sampling: the worker sends the previous step's result there, so that result waits
         only for the previous step, and this step's sampling sees all of its tokens (seeds,
         min_tokens and penalties count them). Nothing before it waits for the device: the
-        inputs go through pinned memory (engine/transfer.py); a step with prompt logprobs reads
-        them back before it. With CUDA graphs, the step's plain decodes (one token, sampled)
+        inputs go through pinned memory (engine/transfer.py); a step with prompt logprobs, which
+        reads them back before sampling, calls it first. With CUDA graphs, the step's plain decodes (one token, sampled)
         replay a graph and the rest (prefill chunks, prompt logprobs) run eagerly right after,
         as a second pass over the weights: a step that admits a prompt does not push the
         running decodes through the eager path. The graph is launched first, so the host
@@ -300,9 +300,12 @@ class ModelRunner:
         self._update_rows(plan)
         seqs = plan.seqs
         result = StepResult(plan.step_id, [], [])
+        if on_forward_queued is not None and (
+            not seqs or any(s.prompt_logprobs is not None for s in seqs)
+        ):  # prompt logprobs are read back before sampling: let the previous result go first
+            on_forward_queued()
+            on_forward_queued = None
         if not seqs:
-            if on_forward_queued is not None:
-                on_forward_queued()
             return PendingStep(result)
         decode_idx: list[int] = []
         if self.graphs is not None:

@@ -23,12 +23,12 @@ def to_device(values: Sequence[Any] | torch.Tensor, dtype: torch.dtype, device: 
     if isinstance(values, torch.Tensor):
         if values.device.type != "cpu":
             return values.to(device=device, dtype=dtype)
-        host = values.to(dtype)
-    else:
-        host = torch.tensor(values, dtype=dtype)
+        if device.type != "cuda":
+            return values.to(device=device, dtype=dtype)
+        return values.to(dtype).pin_memory().to(device, non_blocking=True)
     if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 class HostCopy:
@@ -40,7 +40,7 @@ class HostCopy:
         if tensors and tensors[0].is_cuda:
             # Into pinned memory from the caching host allocator; the event marks their end.
             self.tensors = [t.to("cpu", non_blocking=True) for t in tensors]
-            self._event = torch.cuda.Event()
+            self._event = torch.cuda.Event(blocking=True)  # its waiters sleep instead of spinning
             self._event.record()
         else:
             self.tensors = [t.cpu() for t in tensors]

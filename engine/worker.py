@@ -125,14 +125,23 @@ def _serve_steps(conn: Connection, runner: Any, rank: int, launch_ahead: bool) -
     # A thread waits for each launched step's tokens and writes a byte to `ready_w` then, so the
     # loop can wait for the next plan or for the pending step's end, whichever comes first.
     ready_r, ready_w = os.pipe()
+    os.set_blocking(ready_r, False)
+    os.set_blocking(ready_w, False)
     watched: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
+    gpu_index = torch.cuda.current_device() if on_gpu else None  # this rank's, set at start-up
+
     def watch() -> None:
-        while (step := watched.get()) is not None:
-            with contextlib.suppress(BaseException):  # finish() raises it again, where it is reported
-                step.wait()
-            with contextlib.suppress(OSError):  # the loop is gone
-                os.write(ready_w, b"\0")
+        if gpu_index is not None:
+            torch.cuda.set_device(gpu_index)  # a new thread's current device is 0
+        try:
+            while (step := watched.get()) is not None:
+                with contextlib.suppress(BaseException):  # finish() raises it again, where it is reported
+                    step.wait()
+                with contextlib.suppress(OSError):  # a full pipe already says so; or the loop is gone
+                    os.write(ready_w, b"\0")
+        finally:
+            os.close(ready_w)
 
     if launch_ahead:
         threading.Thread(target=watch, daemon=True, name="lightgate-step-watch").start()
@@ -158,13 +167,18 @@ def _serve_steps(conn: Connection, runner: Any, rank: int, launch_ahead: bool) -
                     if conn in wait([conn, ready_r]):
                         idle_since = None  # the device still has the pending step
                         break
-                    os.read(ready_r, 1)  # a step's end: maybe one already sent
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(ready_r, 4096)  # steps' ends: maybe of ones already sent
                     if pending[0].done():
                         send(*pending)
                         pending = None
                         idle_since = time.perf_counter()
                 kind, payload = conn.recv()
             except (EOFError, OSError):
+                return
+            except BaseException:  # a failed step found while waiting, or a plan that does not unpickle
+                with contextlib.suppress(OSError):
+                    conn.send(("error", traceback.format_exc()))
                 return
             if kind == "stop":
                 return
@@ -191,9 +205,10 @@ def _serve_steps(conn: Connection, runner: Any, rank: int, launch_ahead: bool) -
                 conn.send(("error", traceback.format_exc()))
                 return
     finally:
-        watched.put(None)
+        watched.put(None)  # the watcher closes its end
         os.close(ready_r)
-        os.close(ready_w)
+        if not launch_ahead:
+            os.close(ready_w)
 
 
 def _process_state(pid: int | None) -> str:
