@@ -55,11 +55,11 @@ class PendingStep:
         self._finished = sample is None
 
     def done(self) -> bool:
-        return self._finished or self._sample is None or self._sample.done()
+        return self._sample is None or self._sample.done()
 
     def wait(self) -> None:
         """Until `done()`, without reading the tokens (any thread)."""
-        if not self._finished and self._sample is not None:
+        if self._sample is not None:
             self._sample.copy.wait()
 
     def finish(self) -> StepResult:
@@ -292,11 +292,13 @@ class ModelRunner:
         only for the previous step, and this step's sampling sees all of its tokens (seeds,
         min_tokens and penalties count them). Nothing before it waits for the device: the
         inputs go through pinned memory (engine/transfer.py); a step with prompt logprobs, which
-        reads them back before sampling, calls it first. With CUDA graphs, the step's plain decodes (one token, sampled)
-        replay a graph and the rest (prefill chunks, prompt logprobs) run eagerly right after,
-        as a second pass over the weights: a step that admits a prompt does not push the
-        running decodes through the eager path. The graph is launched first, so the host
-        queues the eager pass's kernels while the GPU runs it."""
+        reads them back before sampling, calls it first.
+
+        With CUDA graphs, the step's plain decodes (one token, sampled) replay a graph and the
+        rest (prefill chunks, prompt logprobs) run eagerly right after, as a second pass over
+        the weights: a step that admits a prompt does not push the running decodes through the
+        eager path. The graph is launched first, so the host queues the eager pass's kernels
+        while the GPU runs it."""
         self._update_rows(plan)
         seqs = plan.seqs
         result = StepResult(plan.step_id, [], [])

@@ -20,13 +20,12 @@ def to_device(values: Sequence[Any] | torch.Tensor, dtype: torch.dtype, device: 
     """`values` (a host list or tensor) as a tensor on `device`, queued without waiting (a
     tensor already on a GPU is only converted)."""
     device = torch.device(device)
+    on_gpu = device.type == "cuda"
     if isinstance(values, torch.Tensor):
-        if values.device.type != "cpu":
-            return values.to(device=device, dtype=dtype)
-        if device.type != "cuda":
+        if values.device.type != "cpu" or not on_gpu:
             return values.to(device=device, dtype=dtype)
         return values.to(dtype).pin_memory().to(device, non_blocking=True)
-    if device.type != "cuda":
+    if not on_gpu:
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 

@@ -45,14 +45,9 @@ def int8_to_fp16(x, USE_ASM: tl.constexpr, PINNED: tl.constexpr = False):
     byte at a time, 64 byte loads per thread per block (compiled for sm_90).
     """
     if USE_ASM:
-        if PINNED:
-            y = tl.inline_asm_elementwise(
-                _INT8X4_TO_FP16X4, "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4
-            )
-        else:
-            y = tl.inline_asm_elementwise(
-                _INT8X4_TO_FP16X4, "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4
-            )
+        y = tl.inline_asm_elementwise(
+            _INT8X4_TO_FP16X4, "=r,=r,r", [x], dtype=tl.float16, is_pure=not PINNED, pack=4
+        )
     else:
         bits = (x.to(tl.int32) + 0x6480).to(tl.int16)
         y = (bits.to(tl.float16, bitcast=True) - 1152.0).to(tl.float16)
