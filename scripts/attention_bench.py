@@ -27,22 +27,24 @@ from engine.kernels.timing import graph_time_ms
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 DEVICE = "cuda"
 # (label, int8 pool, int8 -> fp16 conversion, int8 launch (keys per block, warps, stages) or
-# None: the float pools' (64, 4, 2)). Conversions: "asm" inline PTX, "pinned" the same kept
-# where the block is loaded (decode_attention.INT8_PINNED), "add" the add-and-bitcast way the
-# CPU interpreter runs (engine/kernels/_int8.py). "int8": the default (INT8_TC_LAUNCH);
-# "int8-nNwWsS": the int8 kernel with another launch. The prefill kernel has one int8 path: it
-# runs bf16 and int8 only.
+# None: the float pools' (64, 4, 2)). Conversions: "pinned" inline PTX kept where the block is
+# loaded (decode_attention.INT8_PINNED), "asm" the same PTX left free to move, "add" the
+# add-and-bitcast way the CPU interpreter runs (engine/kernels/_int8.py). "int8": the defaults
+# (INT8_PINNED, INT8_TC_LAUNCH); "int8-nNwWsS": pinned, another launch; "int8-pure-...": "asm".
+# The prefill kernel has one int8 path: it runs bf16 and int8 only.
 _DEFAULT_LAUNCH = decode_module.INT8_TC_LAUNCH
+_DEFAULT_CONVERSION = "pinned" if decode_module.INT8_PINNED else "asm"
 VARIANTS = [
     ("bf16", False, "asm", None),
-    ("int8", True, "asm", _DEFAULT_LAUNCH),
-    ("int8-pinned", True, "pinned", _DEFAULT_LAUNCH),
+    ("int8", True, _DEFAULT_CONVERSION, _DEFAULT_LAUNCH),
+    ("int8-pure", True, "asm", _DEFAULT_LAUNCH),
     ("int8-add", True, "add", _DEFAULT_LAUNCH),
-    ("int8-n64w4s2", True, "asm", (64, 4, 2)),
-    ("int8-n32w4s3", True, "asm", (32, 4, 3)),
-    ("int8-n128w4s3", True, "asm", (128, 4, 3)),
-    ("int8-pinned-n64w4s2", True, "pinned", (64, 4, 2)),
-    ("int8-pinned-n128w4s3", True, "pinned", (128, 4, 3)),
+    ("int8-n64w4s3", True, "pinned", (64, 4, 3)),
+    ("int8-pure-n64w4s3", True, "asm", (64, 4, 3)),  # the default before 2026-12-01's last run
+    ("int8-n64w4s2", True, "pinned", (64, 4, 2)),
+    ("int8-n128w4s2", True, "pinned", (128, 4, 2)),
+    ("int8-n128w4s4", True, "pinned", (128, 4, 4)),
+    ("int8-n128w8s3", True, "pinned", (128, 8, 3)),
 ]
 
 

@@ -41,13 +41,14 @@ _MAX_PROGRAMS = 64 * 1024
 # add-and-bitcast way the CPU interpreter runs (scripts/attention_bench.py times both).
 INT8_ASM = True
 # With INT8_ASM: keep each conversion where its block was loaded (engine/kernels/_int8.py says
-# why); scripts/attention_bench.py times it as "int8-pinned".
-INT8_PINNED = False
+# why). On an H200 it only pays with blocks of 128 keys (docs/benchmarks.md).
+INT8_PINNED = True
 # (keys per block, warps, pipeline stages) of the tensor-core stage 1 over an int8 pool on a GPU;
-# None: the float pools' (64, 4, 2). A third stage hides more of the gathered int8 loads: on an
-# H200 at 256 sequences it took 1.38 ms against 1.72 at 4 096 keys and 0.36 against 0.43 at
-# 1 024 (docs/benchmarks.md); scripts/attention_bench.py times a few others.
-INT8_TC_LAUNCH: tuple[int, int, int] | None = (64, 4, 3)
+# None: the float pools' (64, 4, 2). An int8 block of 128 keys moves the bytes of a bf16 block
+# of 64, and a third stage hides more of the gathered loads: on an H200, with the conversions
+# pinned, 0.29 ms against 0.42 for (64, 4, 3) at 64 sequences x 4 096 keys and 0.31 against
+# 0.36 at 256 x 1 024 (docs/benchmarks.md); scripts/attention_bench.py times others.
+INT8_TC_LAUNCH: tuple[int, int, int] | None = (128, 4, 3)
 
 
 @triton.jit

@@ -212,16 +212,17 @@ def test_gpu_variants(group: int, head_dim: int, window: int | None, int8: bool)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("variant", ["asm", "pinned", "add", "n64w4s2", "n128w8s2", "n32w4s3", "pinned-n128w4s3"])
+@pytest.mark.parametrize("variant", ["pinned", "asm", "add", "pinned-n64w4s3", "asm-n64w4s3", "pinned-n128w8s2"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_int8_variants(dtype: torch.dtype, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The inline-PTX int8 -> fp16 conversion (the GPU default), kept where the block is loaded
-    # ("pinned"), or the add-and-bitcast one, and other launches of the kernel.
-    monkeypatch.setattr(decode_module, "INT8_ASM", variant != "add")
-    monkeypatch.setattr(decode_module, "INT8_PINNED", variant.startswith("pinned"))
-    launches = {"n64w4s2": (64, 4, 2), "n128w8s2": (128, 8, 2), "n32w4s3": (32, 4, 3), "pinned-n128w4s3": (128, 4, 3)}
-    if variant in launches:  # otherwise the default launch
-        monkeypatch.setattr(decode_module, "INT8_TC_LAUNCH", launches[variant])
+    # The inline-PTX int8 -> fp16 conversion kept where the block is loaded ("pinned", the GPU
+    # default) or free to move ("asm"), or the add-and-bitcast one, and other launches.
+    conversion, _, launch = variant.partition("-")
+    monkeypatch.setattr(decode_module, "INT8_ASM", conversion != "add")
+    monkeypatch.setattr(decode_module, "INT8_PINNED", conversion == "pinned")
+    launches = {"n64w4s3": (64, 4, 3), "n128w8s2": (128, 8, 2)}
+    if launch:  # otherwise the default launch
+        monkeypatch.setattr(decode_module, "INT8_TC_LAUNCH", launches[launch])
     seq_lens = torch.randint(1, 3000, (64,), generator=torch.Generator().manual_seed(2)).tolist()
     case = Case(seq_lens, num_heads=32, num_kv_heads=8, head_dim=128, dtype=dtype, int8=True).to("cuda")
     torch.testing.assert_close(case.run(max_seq_len=3000), case.reference(), atol=1e-2, rtol=1e-2)
