@@ -44,13 +44,16 @@ class StepTimes:
     pass, sampling, the result back), of which execute is the worker's time from the step's launch
     to its tokens (and worker idle its wait for the plan with nothing on the device: with
     overlapped steps, near zero unless the loop is late); launched ahead: the steps whose result
-    came after the next step's launch (`EngineConfig.launch_ahead`); process:
-    appending tokens, stop checks, detokenizing; rest: handing outputs to the requests' queues
-    (their handlers stream them while the worker runs the next step, inside its round trip).
+    came after the next step's launch (`EngineConfig.launch_ahead`); loop lag: from the result's
+    arrival to the loop taking it up, the event loop busy with other work (the requests'
+    handlers streaming, new requests): part of the round trip, and while it lasts the next
+    step is not planned; process: appending tokens, stop checks, detokenizing; rest: handing
+    outputs to the requests' queues (their handlers stream them while the worker runs the
+    next step, inside its round trip).
     """
 
     PHASES = ("schedule", "worker", "process", "rest")  # consecutive spans of the loop
-    WORKER_TIMES = ("execute", "worker idle")  # reported by the worker
+    WORKER_TIMES = ("execute", "worker idle", "loop lag")  # within the worker's round trip
 
     def __init__(self) -> None:
         self.reset(time.perf_counter())
@@ -60,8 +63,9 @@ class StepTimes:
         self.steps = self.seqs = self.tokens = self.launched_ahead = 0
         self.seconds = dict.fromkeys(self.PHASES + self.WORKER_TIMES, 0.0)
 
-    def add(self, seqs: int, tokens: int, times: tuple[float, ...], result: StepResult) -> None:
+    def add(self, seqs: int, tokens: int, times: tuple[float, ...], result: StepResult, lag: float) -> None:
         self.steps += 1
+        self.seconds["loop lag"] += lag
         self.seconds["execute"] += result.execute_seconds
         self.seconds["worker idle"] += result.wait_seconds
         self.launched_ahead += result.launched_ahead
@@ -206,7 +210,7 @@ class AsyncEngine:
                     await asyncio.sleep(0.001)
                     continue
                 t1 = time.perf_counter()
-                result = await loop.run_in_executor(self._recv_thread, self._send_and_recv, plans)
+                result, received = await loop.run_in_executor(self._recv_thread, self._send_and_recv, plans)
                 t2 = time.perf_counter()
                 sched, plan = core.in_flight[0]
                 outputs = core.process_oldest(result)
@@ -218,7 +222,7 @@ class AsyncEngine:
                 # No yield here: the next step is planned and sent first, and the requests' handlers
                 # stream these outputs while the worker runs (they run during that await).
                 t4 = time.perf_counter()
-                times.add(len(plan.seqs), sched.num_batched_tokens, (t0, t1, t2, t3, t4), result)
+                times.add(len(plan.seqs), sched.num_batched_tokens, (t0, t1, t2, t3, t4), result, t2 - received)
                 times.maybe_log(t4, core.stats())
         except EngineDeadError as e:
             self._fail_all(e)
@@ -228,12 +232,14 @@ class AsyncEngine:
             logger.exception("engine loop failed")
             self._fail_all(EngineDeadError(f"engine loop failed: {e!r}"))
 
-    def _send_and_recv(self, plans: list[StepPlan]) -> StepResult:
-        """In the worker thread: send the new plans, then wait for the oldest step's result."""
+    def _send_and_recv(self, plans: list[StepPlan]) -> tuple[StepResult, float]:
+        """In the receiving thread: send the new plans, then wait for the oldest step's result
+        -> (the result, when it came)."""
         core = self._core()
         for plan in plans:
             core.worker.send_step(plan)
-        return core.worker.recv_result()
+        result = core.worker.recv_result()
+        return result, time.perf_counter()
 
     def _fail_all(self, error: EngineDeadError) -> None:
         self.dead_error = error

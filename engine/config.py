@@ -64,6 +64,10 @@ class EngineConfig:
     # GPU only (on the CPU every operation waits for itself, and a result held back for the next
     # step's launch would only come a step later).
     launch_ahead: bool | None = None
+    # GPU, for tests: launching a step raises if it makes the host wait for the GPU (a blocking
+    # copy, `.item()`, a boolean mask...: torch's sync debug mode, which does not see event waits
+    # or explicit synchronizes). Reading prompt logprobs back is the one wait a launch may make.
+    check_launch_syncs: bool = False
     seed: int = 0
     enforce_eager: bool = False  # GPU: no CUDA graphs
     # GPU: packed steps (prefill chunks) of up to this many tokens replay a CUDA graph too

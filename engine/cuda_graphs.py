@@ -242,15 +242,24 @@ class PrefillGraphs:
             t: max_prefill_tiles(t, min(max_seqs, _MAX_PARTIAL_TILES), self.block_m) for t in self.buckets
         }
         max_tiles = self._num_tiles[self.max_tokens]
-        # One pinned staging buffer and one device buffer, copied whole (tens of KiB) per step.
+        # Two pinned staging buffers, used in turn, and one device buffer, copied whole (tens of
+        # KiB) per step. Staging waits for the copy out of its buffer two steps back: in a step
+        # that also replays a decode graph, the previous step's copy comes after that step's
+        # decode graph on the stream, and waiting for it would hold the host (launching ahead)
+        # until the graph is done.
         sizes = (4 * self.max_tokens, 5 * (max_seqs + 1), 2 * max_tiles)
-        self._host = torch.zeros(sum(sizes), dtype=torch.int64, pin_memory=device.type == "cuda")
-        self._static = torch.zeros(sum(sizes), dtype=torch.int64, device=device)
-        host_np = self._host.numpy()
+        on_gpu = device.type == "cuda"
+        self._hosts = [torch.zeros(sum(sizes), dtype=torch.int64, pin_memory=on_gpu) for _ in range(2)]
+        self._copied = [torch.cuda.Event() for _ in self._hosts] if on_gpu else None
         a, b = sizes[0], sizes[0] + sizes[1]
-        self._tok_np = host_np[:a].reshape(4, self.max_tokens)
-        self._seq_np = host_np[a:b].reshape(5, max_seqs + 1)
-        self._tiles_np = host_np[b:].reshape(2, max_tiles)
+        self._views = [
+            (h[:a].reshape(4, self.max_tokens), h[a:b].reshape(5, max_seqs + 1), h[b:].reshape(2, max_tiles))
+            for h in (host.numpy() for host in self._hosts)
+        ]
+        self._turn = 0
+        self._host = self._hosts[0]
+        self._tok_np, self._seq_np, self._tiles_np = self._views[0]
+        self._static = torch.zeros(sum(sizes), dtype=torch.int64, device=device)
         self._tok = self._static[:a].view(4, self.max_tokens)
         self._seq = self._static[a:b].view(5, max_seqs + 1)
         self._tiles = self._static[b:].view(2, max_tiles)
@@ -258,7 +267,6 @@ class PrefillGraphs:
         # Every bucket's graph copies its output here (one buffer outside the graphs' pool,
         # instead of each bucket's output held in the pool): [max_tokens, hidden_size].
         self._hidden: torch.Tensor | None = None
-        self._copied = torch.cuda.Event() if device.type == "cuda" else None
         self._pad_defaults()
 
     def _pad_defaults(self) -> None:
@@ -315,10 +323,13 @@ class PrefillGraphs:
         hidden [num_tokens, hidden_size], a view of the graphs' output buffer: read it (in
         stream order) before the next replay."""
         assert self._copied is not None
-        self._copied.synchronize()
+        self._turn ^= 1
+        self._copied[self._turn].synchronize()  # its copy two steps back
+        self._host = self._hosts[self._turn]
+        self._tok_np, self._seq_np, self._tiles_np = self._views[self._turn]
         num_tokens = self._stage(seqs, bucket)
         self._static.copy_(self._host, non_blocking=True)
-        self._copied.record()
+        self._copied[self._turn].record()
         self._graphs[bucket].replay()
         assert self._hidden is not None
         return self._hidden[:num_tokens]

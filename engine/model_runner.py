@@ -31,7 +31,7 @@ from engine.layers.backend import use_triton
 from engine.plan import SeqStep, StepPlan, StepResult, TokenLogprobs, WorkerInfo
 from engine.sampler import PendingSample, Sampler, SamplingState, compute_prompt_logprobs
 from engine.sampling_params import SamplingParams
-from engine.transfer import to_device
+from engine.transfer import host_wait_allowed, to_device
 
 if TYPE_CHECKING:
     from engine.cuda_graphs import DecodeGraphs, PrefillGraphs
@@ -408,7 +408,8 @@ class ModelRunner:
             if self.tp_rank != 0:
                 continue
             targets = prompt[first + 1 : last + 1]
-            entries = compute_prompt_logprobs(logits, targets, s.prompt_logprobs)
+            with host_wait_allowed():  # read back here, before sampling
+                entries = compute_prompt_logprobs(logits, targets, s.prompt_logprobs)
             result.prompt_logprobs[i] = [
                 TokenLogprobs(t, e.sampled_logprob, e.sampled_rank, e.top_ids, e.top_logprobs)
                 for t, e in zip(targets, entries, strict=True)

@@ -10,7 +10,8 @@ copied without waiting; device results come back the same way behind an event.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -51,3 +52,29 @@ class HostCopy:
         if self._event is not None:
             self._event.synchronize()
         return self.tensors
+
+
+@contextmanager
+def sync_debug(mode: str | None) -> Iterator[None]:
+    """torch's CUDA sync debug mode set to `mode` ("error", "warn", "default") inside; None
+    leaves it as it is. It reports blocking copies, `.item()`, boolean masks and the like, not
+    event waits or explicit synchronizes (`EngineConfig.check_launch_syncs`)."""
+    if mode is None:
+        yield
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+@contextmanager
+def host_wait_allowed() -> Iterator[None]:
+    """A wait for the GPU that the code means to make: not reported by the sync debug mode."""
+    if not torch.cuda.is_available() or torch.cuda.get_sync_debug_mode() == 0:
+        yield
+        return
+    with sync_debug("default"):
+        yield

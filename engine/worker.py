@@ -45,6 +45,7 @@ from engine.config import WARMUP_STEPS, WARMUP_TIMEOUT_FACTOR, EngineConfig
 from engine.errors import EngineDeadError
 from engine.gc_tuning import freeze_startup_objects, unfreeze
 from engine.plan import StepPlan, StepResult, WorkerInfo
+from engine.transfer import host_wait_allowed, sync_debug
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +100,12 @@ def _worker_main(
         conn.send(("error", traceback.format_exc()))
         return
     try:
-        _serve_steps(conn, runner, rank, config.resolved_launch_ahead())
+        _serve_steps(conn, runner, rank, config.resolved_launch_ahead(), config.check_launch_syncs)
     finally:
         unfreeze()
 
 
-def _serve_steps(conn: Connection, runner: Any, rank: int, launch_ahead: bool) -> None:
+def _serve_steps(conn: Connection, runner: Any, rank: int, launch_ahead: bool, check_syncs: bool = False) -> None:
     """Answer step plans until told to stop, the pipe closes, or a step fails.
 
     With `launch_ahead` (`EngineConfig.launch_ahead`: on a GPU with overlapped scheduling) a
@@ -114,6 +115,9 @@ def _serve_steps(conn: Connection, runner: Any, rank: int, launch_ahead: bool) -
     between steps. The pending step's result goes out as soon as the next step's forward pass
     is queued (before its sampling, which may need those tokens), or when the step ends with no
     plan waiting. Without, each step is finished before the next plan is read.
+
+    `check_syncs` (`EngineConfig.check_launch_syncs`, a GPU): a launch that waits for the GPU
+    raises, except in sending the previous result and in reading prompt logprobs back.
     """
     # The launched step whose result is not sent yet: (step, when it was launched, how long the
     # worker waited for its plan with nothing of its own on the device).
@@ -121,6 +125,7 @@ def _serve_steps(conn: Connection, runner: Any, rank: int, launch_ahead: bool) -
     # On the CPU a launched step is always done; launching ahead there (tests) keeps each result
     # for the next launch all the same, as a GPU step still running would be.
     on_gpu = str(runner.device).startswith("cuda")
+    check = "error" if check_syncs and on_gpu else None
     last_done = 0.0  # when the previous step's tokens were in
     # A thread waits for each launched step's tokens and writes a byte to `ready_w` then, so the
     # loop can wait for the next plan or for the pending step's end, whichever comes first.
@@ -192,9 +197,11 @@ def _serve_steps(conn: Connection, runner: Any, rank: int, launch_ahead: bool) -
 
                 def send_previous(previous: tuple[Any, float, float] | None = previous) -> None:
                     if previous is not None:
-                        send(*previous, ahead=True)
+                        with host_wait_allowed():
+                            send(*previous, ahead=True)
 
-                step = runner.launch(payload, on_forward_queued=send_previous)
+                with sync_debug(check):
+                    step = runner.launch(payload, on_forward_queued=send_previous)
                 pending = (step, start, waited)
                 if launch_ahead:
                     watched.put(step)

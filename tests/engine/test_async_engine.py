@@ -114,15 +114,17 @@ def test_step_times_are_logged_per_step_while_busy(caplog: pytest.LogCaptureFixt
     stats = EngineStats(num_running=3, num_waiting=1, kv_cache_usage=0.25, kv_cache_capacity_tokens=100)
     t = times.since
     result = StepResult(1, [], [], execute_seconds=0.009, wait_seconds=0.0005)
-    times.add(3, 40, (t, t + 0.001, t + 0.011, t + 0.013, t + 0.014), result)
-    times.add(3, 3, (t, t + 0.001, t + 0.011, t + 0.013, t + 0.014), result)
+    times.add(3, 40, (t, t + 0.001, t + 0.011, t + 0.013, t + 0.014), result, 0.001)
+    times.add(3, 3, (t, t + 0.001, t + 0.011, t + 0.013, t + 0.014), result, 0.002)
     with caplog.at_level(logging.INFO, logger="engine.async_engine"):
         times.maybe_log(t + 1.0, stats)  # too soon: nothing
         assert not caplog.records
         times.maybe_log(t + 20.0, stats)
     (record,) = caplog.records
     message = record.getMessage()
-    assert "3.0 seqs and 22 tokens per step" in message and "schedule 1.00, worker 10.00, process 2.00, rest 1.00, execute 9.00, worker idle 0.50" in message
+    assert "3.0 seqs and 22 tokens per step" in message and (
+        "schedule 1.00, worker 10.00, process 2.00, rest 1.00, execute 9.00, worker idle 0.50, loop lag 1.50"
+    ) in message
     assert "running 3, waiting 1, KV cache 25%" in message
     assert times.steps == 0  # the next interval starts empty
 

@@ -100,14 +100,23 @@ def test_cuda_graphs_match_eager_across_buckets(kv_cache_dtype: str, tmp_path: P
 
 
 def test_cuda_graphs_sampled_with_seeds_match_eager(tmp_path: Path) -> None:
-    # Random sampling behind a graph: seeded requests give the same text as eager ones.
+    # Random sampling behind a graph: seeded requests give the same text as eager ones. Every
+    # launch is checked not to wait for the GPU (`check_launch_syncs`), with penalties, min_p,
+    # logprobs and n = 2 among the requests.
     save_tiny_model(str(tmp_path), tiny_config("qwen2"))
-    prompts = _prompts(5, seed=2)
-    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=7, max_tokens=12, ignore_eos=True)
+    prompts = _prompts(6, seed=2)
+    params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=7, max_tokens=12, ignore_eos=True)] * 3
+    params += [
+        SamplingParams(temperature=0.9, min_p=0.05, seed=3, frequency_penalty=1.0, presence_penalty=0.5,
+                       repetition_penalty=1.3, max_tokens=12, ignore_eos=True, logprobs=3),
+        SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2, min_tokens=4),
+        SamplingParams(temperature=1.0, seed=5, n=2, max_tokens=12, ignore_eos=True),
+    ]
     outs = {}
     for eager in (True, False):
-        with LLM(str(tmp_path), device="cuda", dtype="float32", kv_cache_memory_gb=0.05, enforce_eager=eager) as llm:
-            outs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        with LLM(str(tmp_path), device="cuda", dtype="float32", kv_cache_memory_gb=0.05, enforce_eager=eager,
+                 check_launch_syncs=True) as llm:
+            outs[eager] = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params)]
     assert outs[True] == outs[False]
 
 
@@ -116,7 +125,8 @@ def test_prefill_graphs_match_eager(tmp_path: Path) -> None:
     # eagerly past it. Prompts of 1 to 3000 tokens under a 2500-token budget give steps in most
     # buckets, chunks past the last bucket, chunks with decodes beside them and placeholders;
     # a second round of prompts that extend the first round's hits the prefix cache (new tokens
-    # after a cached prefix, in a graphed step); one request asks for prompt logprobs.
+    # after a cached prefix, in a graphed step); one request asks for prompt logprobs. No launch
+    # waits for the GPU but to read those back (`check_launch_syncs`).
     save_tiny_model(str(tmp_path), tiny_config("llama", max_position_embeddings=4096))
     rng = random.Random(3)
     lens = [1, 2, 15, 16, 17, 127, 129, 600, 1100, 2100, 3000]
@@ -128,7 +138,7 @@ def test_prefill_graphs_match_eager(tmp_path: Path) -> None:
     results = {}
     for graph_tokens in (0, 2048):
         with LLM(str(tmp_path), device="cuda", dtype="float32", kv_cache_memory_gb=0.2, max_num_seqs=16,
-                 max_num_batched_tokens=2500, max_prefill_graph_tokens=graph_tokens) as llm:
+                 max_num_batched_tokens=2500, max_prefill_graph_tokens=graph_tokens, check_launch_syncs=True) as llm:
             assert llm.core.worker_info.graph_token_counts[-1:] == ([2048] if graph_tokens else [])
             outs = llm.generate(first, params)
             outs += llm.generate(second, second_params)
