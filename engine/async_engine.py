@@ -25,7 +25,7 @@ from typing import Any
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore, EngineStats
 from engine.errors import EngineDeadError, EngineOverloadedError
-from engine.outputs import OutputAccumulator, RequestOutput
+from engine.outputs import OutputAccumulator, RequestOutput, merge_into
 from engine.plan import StepPlan, StepResult
 from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.worker import ProgressFn
@@ -49,17 +49,21 @@ class StepTimes:
     handlers streaming, new requests): part of the round trip, and while it lasts the next
     step is not planned; process: appending tokens, stop checks, detokenizing; rest: handing
     outputs to the requests' queues (their handlers stream them while the worker runs the
-    next step, inside its round trip).
+    next step, inside its round trip). loop cpu: the event loop thread's CPU time per step,
+    this loop's phases and everything else on it (the handlers, HTTP): when it nears the
+    step's wall time, the event loop, not the GPU, sets the pace.
     """
 
     PHASES = ("schedule", "worker", "process", "rest")  # consecutive spans of the loop
     WORKER_TIMES = ("execute", "worker idle", "loop lag")  # within the worker's round trip
+    LOOP_CPU = "loop cpu"
 
     def __init__(self) -> None:
         self.reset(time.perf_counter())
 
     def reset(self, now: float) -> None:
         self.since = now
+        self.cpu_since = time.thread_time()  # of the thread that runs the loop (and logs)
         self.steps = self.seqs = self.tokens = self.launched_ahead = 0
         self.seconds = dict.fromkeys(self.PHASES + self.WORKER_TIMES, 0.0)
 
@@ -77,7 +81,8 @@ class StepTimes:
     def maybe_log(self, now: float, stats: EngineStats) -> None:
         if now - self.since < _STATS_LOG_S or not self.steps:
             return
-        per_step = ", ".join(f"{k} {1e3 * v / self.steps:.2f}" for k, v in self.seconds.items())
+        seconds = {**self.seconds, self.LOOP_CPU: time.thread_time() - self.cpu_since}
+        per_step = ", ".join(f"{k} {1e3 * v / self.steps:.2f}" for k, v in seconds.items())
         logger.info(
             "%.1f steps/s, %.1f seqs and %.0f tokens per step; ms per step: %s; next step launched ahead "
             "%.0f%%; running %d, waiting %d, KV cache %.0f%%",
@@ -159,9 +164,18 @@ class AsyncEngine:
         self._wakeup.set()
         acc = OutputAccumulator(params.n) if params.output_kind is not RequestOutputKind.DELTA else None
         finished = False
+        held: _Item | None = None  # taken from the queue behind an output, delivered next
         try:
             while not finished:
-                item = await queue.get()
+                item, held = (held, None) if held is not None else (await queue.get(), None)
+                # Outputs that queued up while the consumer was busy go out as one: a consumer
+                # that falls behind (a slow client, a busy event loop) catches up at once.
+                while isinstance(item, RequestOutput) and not item.finished and not queue.empty():
+                    following = queue.get_nowait()
+                    if isinstance(following, BaseException):
+                        held = following
+                        break
+                    item = merge_into(item, following)
                 if isinstance(item, BaseException):
                     finished = True
                     raise item

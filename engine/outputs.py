@@ -78,3 +78,28 @@ class OutputAccumulator:
             delta.request_id, delta.prompt, delta.prompt_token_ids, outputs, delta.finished,
             delta.prompt_logprobs, delta.num_cached_tokens, dict(delta.metrics),
         )
+
+
+def merge_into(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """`later`, the next delta output of `earlier`'s request, folded into `earlier` (changed in
+    place and returned): each choice's text, tokens and logprobs follow on, its finish is the
+    later one's. For a consumer that fell behind: one output instead of several."""
+    choices = {c.index: c for c in earlier.outputs}
+    for c in later.outputs:
+        acc = choices.get(c.index)
+        if acc is None:
+            choices[c.index] = c
+            earlier.outputs.append(c)
+            continue
+        acc.text += c.text
+        acc.token_ids = acc.token_ids + c.token_ids
+        if c.logprobs is not None:
+            acc.logprobs = (acc.logprobs or []) + c.logprobs
+        acc.finish_reason = c.finish_reason or acc.finish_reason
+        acc.stop_reason = c.stop_reason if c.stop_reason is not None else acc.stop_reason
+    earlier.finished = later.finished
+    if earlier.prompt_logprobs is None:
+        earlier.prompt_logprobs = later.prompt_logprobs
+    earlier.num_cached_tokens = max(earlier.num_cached_tokens, later.num_cached_tokens)
+    earlier.metrics = {**earlier.metrics, **later.metrics}
+    return earlier

@@ -41,11 +41,44 @@ async def test_delta_stream_adds_up_to_the_final_output(model_dir: str) -> None:
         finishes: dict[int, int] = {0: 0, 1: 0}
         async for out in engine.generate(prompt, delta, "delta"):
             for choice in out.outputs:
-                assert len(choice.token_ids) == 1  # one token per delta
+                assert len(choice.token_ids) == 1  # one token per delta while the consumer keeps up
                 tokens[choice.index] += choice.token_ids
                 finishes[choice.index] += choice.finish_reason is not None
         assert tokens == {c.index: c.token_ids for c in outs[0].outputs}
         assert finishes == {0: 1, 1: 1}  # each choice finishes exactly once
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_consumer_that_falls_behind_gets_the_queued_deltas_as_one(model_dir: str) -> None:
+    # While a consumer is busy, its request's deltas queue up; the next one it takes carries
+    # them all (text, tokens, logprobs in order; the finish once), so it catches up at once.
+    engine = await _started(model_dir)
+    try:
+        prompt = [5, 9, 11, 200, 17]
+        final = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, n=2, seed=1, logprobs=2,
+                               output_kind=RequestOutputKind.FINAL_ONLY)
+        (want,) = [o async for o in engine.generate(prompt, final, "final")]
+        delta = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, n=2, seed=1, logprobs=2,
+                               output_kind=RequestOutputKind.DELTA)
+        got: dict[int, tuple[list[int], list, str]] = {0: ([], [], ""), 1: ([], [], "")}
+        finishes = {0: 0, 1: 0}
+        sizes = []
+        async for out in engine.generate(prompt, delta, "slow"):
+            for c in out.outputs:
+                ids, lps, text = got[c.index]
+                got[c.index] = (ids + c.token_ids, lps + (c.logprobs or []), text + c.text)
+                finishes[c.index] += c.finish_reason is not None
+            sizes.append(max(len(c.token_ids) for c in out.outputs))
+            await asyncio.sleep(0.3 if len(sizes) == 2 else 0)  # falls behind once
+        for c in want.outputs:  # (the second request's prompt comes from the prefix cache)
+            ids, lps, text = got[c.index]
+            assert (ids, text) == (c.token_ids, c.text)
+            assert [list(d) for d in lps] == [list(d) for d in c.logprobs]
+            flat = [lp.logprob for d in lps for lp in d.values()]
+            assert flat == pytest.approx([lp.logprob for d in c.logprobs for lp in d.values()], abs=1e-4)
+        assert finishes == {0: 1, 1: 1}
+        assert sizes[0] == 1 and max(sizes) > 1 and len(sizes) < 16
     finally:
         await engine.shutdown()
 
@@ -123,7 +156,8 @@ def test_step_times_are_logged_per_step_while_busy(caplog: pytest.LogCaptureFixt
     (record,) = caplog.records
     message = record.getMessage()
     assert "3.0 seqs and 22 tokens per step" in message and (
-        "schedule 1.00, worker 10.00, process 2.00, rest 1.00, execute 9.00, worker idle 0.50, loop lag 1.50"
+        "schedule 1.00, worker 10.00, process 2.00, rest 1.00, execute 9.00, worker idle 0.50, loop lag 1.50, "
+        "loop cpu "
     ) in message
     assert "running 3, waiting 1, KV cache 25%" in message
     assert times.steps == 0  # the next interval starts empty
