@@ -3,9 +3,13 @@
     python scripts/profile_gpu_step.py MODEL_DIR [--steps 20]
 
 For decode steps at several batch sizes (graphed and eager) and for mixed steps (decodes plus
-one prefill chunk) it prints the wall time per step next to the GPU time of the same step
-(CUDA events), so host overhead shows as the gap, and a cProfile table of the eager decode step's
-heaviest Python functions.
+a prefill chunk of `--chunk` tokens, in prompts of `--prompt-len`) it prints the wall time per
+step next to the GPU time of the same step (CUDA events), so host overhead shows as the gap,
+the GEMM rate that GPU time means (2 x the linear layers' weights per token, attention left
+out), and a cProfile table of the eager decode step's heaviest Python functions.
+
+    # offline1000's ramp: 8 192-token chunks of ~600-token prompts beside the running decodes
+    python scripts/profile_gpu_step.py MODEL_DIR --batches 256 --chunk 8192 --prompt-len 600 --torch-profile
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.layers.backend import select_backend
+from engine.layers.linear import LinearBase
 from engine.model_runner import ModelRunner
 from engine.models import load_hf_config, load_model
 from engine.plan import NewRow, SeqStep, StepPlan
@@ -62,22 +67,30 @@ class Bench:
         self.runner.execute(StepPlan(self.step_id, seqs))
 
     def timed(self, make_seqs, steps: int) -> tuple[float, float]:
-        """(wall ms, GPU ms) per step."""
+        """(wall ms, GPU ms) per step (on the CPU, wall twice: a check of the script)."""
+        on_gpu = torch.cuda.is_available()
         for _ in range(3):
             self.run(make_seqs())
-        torch.cuda.synchronize()
+        _sync()
         wall = gpu = 0.0
         for _ in range(steps):
             seqs = make_seqs()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if on_gpu:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
             t0 = time.perf_counter()
-            start.record()
             self.run(seqs)
-            end.record()
-            torch.cuda.synchronize()
+            if on_gpu:
+                end.record()
+            _sync()
             wall += time.perf_counter() - t0
-            gpu += start.elapsed_time(end) / 1e3
+            gpu += start.elapsed_time(end) / 1e3 if on_gpu else time.perf_counter() - t0
         return 1e3 * wall / steps, 1e3 * gpu / steps
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def torch_profile(bench: Bench, make_seqs, title: str, steps: int = 5) -> None:
@@ -103,35 +116,47 @@ def torch_profile(bench: Bench, make_seqs, title: str, steps: int = 5) -> None:
 def profile_config(args: argparse.Namespace, eager: bool, batches: list[int]) -> list[dict]:
     max_batch = max(batches)
     results = []
-    config = EngineConfig(model=args.model, enforce_eager=eager, max_num_seqs=max_batch + 1,
-                          kv_cache_memory_gb=40, enable_prefix_caching=False)
+    prompt_len = min(args.prompt_len or args.chunk, args.chunk)
+    num_prompts = -(-args.chunk // prompt_len)
+    config = EngineConfig(model=args.model, device=args.device, enforce_eager=eager, max_num_seqs=max_batch + num_prompts,
+                          kv_cache_memory_gb=args.kv_gb, enable_prefix_caching=False)
     hf_config = load_hf_config(args.model)
     config = config.resolve(max_position_embeddings=hf_config.max_position_embeddings)
-    select_backend("cuda", "auto")
-    model = load_model(args.model, config.torch_dtype(), "cuda")
+    select_backend(args.device, "auto")
+    model = load_model(args.model, config.torch_dtype(), args.device)
+    # FLOPs per token of the linear layers (the lm head counts for sampled rows only)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, LinearBase))
+    vocab, hidden = hf_config.vocab_size, hf_config.hidden_size
+
+    def tflops(tokens: int, sampled: int, gpu_ms: float) -> float:
+        return (2 * linear * tokens + 2 * vocab * hidden * sampled) / gpu_ms / 1e9
+
     bench = Bench(ModelRunner(config, model, hf_config), args.context)
     bench.prefill(list(range(max_batch)))
     for b in batches:
         wall, gpu = bench.timed(lambda b=b: bench.decode_seqs(list(range(b))), args.steps)
-        results.append({"step": f"decode bs{b}", "graphs": not eager, "wall_ms": wall, "gpu_ms": gpu})
-    prompt = list(range(2000, 2000 + args.chunk))
+        results.append({"step": f"decode bs{b}", "graphs": not eager, "wall_ms": wall, "gpu_ms": gpu,
+                        "tflops": tflops(b, b, gpu)})
+    lens = [prompt_len] * (args.chunk // prompt_len) + ([args.chunk % prompt_len] if args.chunk % prompt_len else [])
+    prompts = [list(range(2000 + 7 * j, 2000 + 7 * j + n)) for j, n in enumerate(lens)]
     params = SamplingParams(temperature=0.0, max_tokens=1)
 
     def mixed(b: int) -> list[SeqStep]:
         seqs = bench.decode_seqs(list(range(b)))
-        slots = list(range(bench.next_slot, bench.next_slot + args.chunk))
-        bench.next_slot += args.chunk
-        seqs.append(SeqStep(row=max_batch, start_pos=0, token_ids=prompt, out_slots=slots, sample=True,
-                            new_row=NewRow(params, prompt, [])))
+        for j, prompt in enumerate(prompts):
+            slots = list(range(bench.next_slot, bench.next_slot + len(prompt)))
+            bench.next_slot += len(prompt)
+            seqs.append(SeqStep(row=max_batch + j, start_pos=0, token_ids=prompt, out_slots=slots, sample=True,
+                                new_row=NewRow(params, prompt, [])))
         return seqs
 
     for b in batches:
         wall, gpu = bench.timed(lambda b=b: mixed(b), max(3, args.steps // 4))
-        results.append({"step": f"decode bs{b} + prefill {args.chunk}", "graphs": not eager,
-                        "wall_ms": wall, "gpu_ms": gpu})
+        results.append({"step": f"decode bs{b} + prefill {len(prompts)}x{prompt_len}", "graphs": not eager,
+                        "wall_ms": wall, "gpu_ms": gpu, "tflops": tflops(b + args.chunk, b + len(prompts), gpu)})
     if args.torch_profile:
         torch_profile(bench, lambda: bench.decode_seqs([0]), f"decode bs1, graphs {not eager}")
-        torch_profile(bench, lambda: mixed(max_batch), f"decode bs{max_batch} + prefill {args.chunk}, "
+        torch_profile(bench, lambda: mixed(max_batch), f"decode bs{max_batch} + prefill {len(prompts)}x{prompt_len}, "
                       f"graphs {not eager}")
     if not eager:
         return results
@@ -139,7 +164,7 @@ def profile_config(args: argparse.Namespace, eager: bool, batches: list[int]) ->
     prof.enable()
     for _ in range(args.steps):
         bench.run(bench.decode_seqs([0]))
-    torch.cuda.synchronize()
+    _sync()
     prof.disable()
     stream = io.StringIO()
     pstats.Stats(prof, stream=stream).sort_stats("tottime").print_stats(30)
@@ -151,20 +176,24 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device", default="cuda", help="cpu: a quick check of the script itself")
+    parser.add_argument("--kv-gb", type=float, default=40.0, help="KV pool size")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--batches", default="1,16,64,256")
     parser.add_argument("--chunk", type=int, default=512, help="prefill tokens in a mixed step")
+    parser.add_argument("--prompt-len", type=int, default=0, help="tokens per prompt of that chunk (0: one prompt)")
     parser.add_argument("--torch-profile", action="store_true",
                         help="also print torch.profiler tables (kernels, host ops) of a bs1 decode step "
                         "and of the largest mixed step")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     results = profile_config(args, False, batches)
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     results += profile_config(args, True, batches)
-    print(f"{'step':<28} {'graphs':>6} {'wall ms':>9} {'GPU ms':>9}")
+    print(f"{'step':<34} {'graphs':>6} {'wall ms':>9} {'GPU ms':>9} {'GEMM TFLOP/s':>13}")
     for r in results:
-        print(f"{r['step']:<28} {str(r['graphs']):>6} {r['wall_ms']:9.2f} {r['gpu_ms']:9.2f}")
+        print(f"{r['step']:<34} {str(r['graphs']):>6} {r['wall_ms']:9.2f} {r['gpu_ms']:9.2f} {r['tflops']:13.0f}")
     print(json.dumps(results))
 
 
