@@ -113,7 +113,8 @@ async def parse_body(request: Request, model: type[M]) -> M:
     except ClientDisconnect:  # gone before sending the whole body: nothing to answer, not an error
         raise OpenAIError("The client disconnected before sending the request body.", status_code=499) from None
     try:
-        return model.model_validate_json(body)
+        # strict: JSON types as the spec gives them ("2" is no integer, "yes" no boolean), as OpenAI
+        return model.model_validate_json(body, strict=True)
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
         if first["type"] in ("json_invalid", "model_type") and not first["loc"]:

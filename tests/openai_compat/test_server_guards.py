@@ -1,6 +1,6 @@
 """Requests that must not cost the server more than an error: a request's own chat template,
-a body cut short, stream options without a stream, loose token-id keys, edge seeds; on the
-shared `tiny_server`."""
+a body cut short, stream options without a stream, loose token-id keys, JSON values of the
+wrong type, edge seeds; on the shared `tiny_server`."""
 
 from __future__ import annotations
 
@@ -67,6 +67,25 @@ def test_stream_options_need_a_stream(tiny_server: ProcessServer, path: str) -> 
 def test_logit_bias_keys_are_plain_integers(tiny_server: ProcessServer, key: str) -> None:
     r = post(tiny_server.url, "/v1/completions", {"model": TINY, "prompt": "hi", "max_tokens": 2, "logit_bias": {key: 1}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_tokens", "2"), ("max_tokens", 2.0), ("n", True), ("stream", "yes"), ("stream", 1), ("temperature", "0.5"),
+     ("echo", "false"), ("seed", "7")],
+)
+def test_json_types_are_not_coerced(tiny_server: ProcessServer, field: str, value: object) -> None:
+    # As OpenAI's API: a string, float or bool where the spec says integer (or a string or
+    # number where it says boolean) is a 400 naming the field, not read as what it might mean.
+    r = post(tiny_server.url, "/v1/completions", {"model": TINY, "prompt": "hi", "max_tokens": 2, field: value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+def test_integers_are_numbers(tiny_server: ProcessServer) -> None:
+    body = {"model": TINY, "prompt": "hi", "max_tokens": 2, "temperature": 1, "top_p": 1, "presence_penalty": 0,
+            "logit_bias": {"5": 3}}
+    r = post(tiny_server.url, "/v1/completions", body)
+    assert r.status_code == 200, r.text
 
 
 def test_the_largest_seed_with_several_choices(tiny_server: ProcessServer) -> None:
