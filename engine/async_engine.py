@@ -64,8 +64,20 @@ class StepTimes:
     def reset(self, now: float) -> None:
         self.since = now
         self.cpu_since = time.thread_time()  # of the thread that runs the loop (and logs)
+        self._paused: tuple[float, float] | None = None
         self.steps = self.seqs = self.tokens = self.launched_ahead = 0
         self.seconds = dict.fromkeys(self.PHASES + self.WORKER_TIMES, 0.0)
+
+    def pause(self) -> None:
+        """The engine goes idle: the time until `resume` counts neither as wall nor as loop CPU."""
+        self._paused = (time.perf_counter(), time.thread_time())
+
+    def resume(self) -> None:
+        if self._paused is not None:
+            wall, cpu = self._paused
+            self.since += time.perf_counter() - wall
+            self.cpu_since += time.thread_time() - cpu
+            self._paused = None
 
     def add(self, seqs: int, tokens: int, times: tuple[float, ...], result: StepResult, lag: float) -> None:
         self.steps += 1
@@ -170,11 +182,16 @@ class AsyncEngine:
                 item, held = (held, None) if held is not None else (await queue.get(), None)
                 # Outputs that queued up while the consumer was busy go out as one: a consumer
                 # that falls behind (a slow client, a busy event loop) catches up at once.
-                while isinstance(item, RequestOutput) and not item.finished and not queue.empty():
-                    following = queue.get_nowait()
-                    if isinstance(following, BaseException):
-                        held = following
-                        break
+                if isinstance(item, RequestOutput) and not item.finished and not queue.empty():
+                    following: list[RequestOutput] = []
+                    while not queue.empty():
+                        nxt = queue.get_nowait()
+                        if isinstance(nxt, BaseException):
+                            held = nxt
+                            break
+                        following.append(nxt)
+                        if nxt.finished:
+                            break
                     item = merge_into(item, following)
                 if isinstance(item, BaseException):
                     finished = True
@@ -212,11 +229,14 @@ class AsyncEngine:
             while True:
                 if not core.has_work:
                     self._wakeup.clear()
+                    times.pause()
                     try:
                         await asyncio.wait_for(self._wakeup.wait(), _IDLE_CHECK_S)
                     except asyncio.TimeoutError:
                         if not core.worker.alive:  # noticed while idle, not only at the next request
                             raise EngineDeadError(core.worker.dead_reason or "the worker process exited") from None
+                    finally:
+                        times.resume()
                     continue
                 t0 = time.perf_counter()
                 plans = core.plan_ahead()  # step k+1 (and at first step k too), while step k runs

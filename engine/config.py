@@ -65,8 +65,8 @@ class EngineConfig:
     # step's launch would only come a step later).
     launch_ahead: bool | None = None
     # GPU, for tests: launching a step raises if it makes the host wait for the GPU (a blocking
-    # copy, `.item()`, a boolean mask...: torch's sync debug mode, which does not see event waits
-    # or explicit synchronizes). Reading prompt logprobs back is the one wait a launch may make.
+    # copy, `.item()`, a boolean mask...: torch's sync debug mode, which does not see event
+    # waits). Reading prompt logprobs back is the one wait a launch may make.
     check_launch_syncs: bool = False
     seed: int = 0
     enforce_eager: bool = False  # GPU: no CUDA graphs

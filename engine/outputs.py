@@ -80,26 +80,33 @@ class OutputAccumulator:
         )
 
 
-def merge_into(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
-    """`later`, the next delta output of `earlier`'s request, folded into `earlier` (changed in
-    place and returned): each choice's text, tokens and logprobs follow on, its finish is the
-    later one's. For a consumer that fell behind: one output instead of several."""
+def merge_into(earlier: RequestOutput, later: list[RequestOutput]) -> RequestOutput:
+    """The delta outputs `later`, which follow `earlier` for the same request in order, folded
+    into `earlier` (changed in place and returned): each choice's text, tokens and logprobs
+    follow on, its finish is the last one's. For a consumer that fell behind: one output
+    instead of several, in time linear in what they hold."""
     choices = {c.index: c for c in earlier.outputs}
-    for c in later.outputs:
-        acc = choices.get(c.index)
-        if acc is None:
-            choices[c.index] = c
-            earlier.outputs.append(c)
-            continue
-        acc.text += c.text
-        acc.token_ids = acc.token_ids + c.token_ids
-        if c.logprobs is not None:
-            acc.logprobs = (acc.logprobs or []) + c.logprobs
-        acc.finish_reason = c.finish_reason or acc.finish_reason
-        acc.stop_reason = c.stop_reason if c.stop_reason is not None else acc.stop_reason
-    earlier.finished = later.finished
-    if earlier.prompt_logprobs is None:
-        earlier.prompt_logprobs = later.prompt_logprobs
-    earlier.num_cached_tokens = max(earlier.num_cached_tokens, later.num_cached_tokens)
-    earlier.metrics = {**earlier.metrics, **later.metrics}
+    texts: dict[int, list[str]] = {i: [c.text] for i, c in choices.items()}
+    for out in later:
+        for c in out.outputs:
+            acc = choices.get(c.index)
+            if acc is None:
+                choices[c.index] = acc = CompletionOutput(c.index, "", [], None)
+                texts[c.index] = []
+                earlier.outputs.append(acc)
+            texts[c.index].append(c.text)
+            acc.token_ids.extend(c.token_ids)  # every delta's lists are its own
+            if c.logprobs is not None:
+                if acc.logprobs is None:
+                    acc.logprobs = []
+                acc.logprobs.extend(c.logprobs)
+            acc.finish_reason = c.finish_reason or acc.finish_reason
+            acc.stop_reason = c.stop_reason if c.stop_reason is not None else acc.stop_reason
+        if earlier.prompt_logprobs is None:
+            earlier.prompt_logprobs = out.prompt_logprobs
+        earlier.num_cached_tokens = max(earlier.num_cached_tokens, out.num_cached_tokens)
+        earlier.metrics.update(out.metrics)
+        earlier.finished = out.finished
+    for i, parts in texts.items():
+        choices[i].text = "".join(parts)
     return earlier

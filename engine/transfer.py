@@ -58,7 +58,7 @@ class HostCopy:
 def sync_debug(mode: str | None) -> Iterator[None]:
     """torch's CUDA sync debug mode set to `mode` ("error", "warn", "default") inside; None
     leaves it as it is. It reports blocking copies, `.item()`, boolean masks and the like, not
-    event waits or explicit synchronizes (`EngineConfig.check_launch_syncs`)."""
+    event waits (`EngineConfig.check_launch_syncs`)."""
     if mode is None:
         yield
         return
@@ -73,7 +73,8 @@ def sync_debug(mode: str | None) -> Iterator[None]:
 @contextmanager
 def host_wait_allowed() -> Iterator[None]:
     """A wait for the GPU that the code means to make: not reported by the sync debug mode."""
-    if not torch.cuda.is_available() or torch.cuda.get_sync_debug_mode() == 0:
+    # (reading the mode would start CUDA in a process that never used it: a CPU worker)
+    if not torch.cuda.is_initialized() or torch.cuda.get_sync_debug_mode() == 0:
         yield
         return
     with sync_debug("default"):

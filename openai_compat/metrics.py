@@ -88,7 +88,8 @@ class Metrics:
             labels, buckets=_TTFT_BUCKETS, registry=self.registry,
         )
         self.itl = Histogram(
-            "lightgate:inter_token_latency_seconds", "Time between two outputs of one request.",
+            "lightgate:inter_token_latency_seconds",
+            "Time between two tokens of one request (tokens that come together share the gap).",
             labels, buckets=_ITL_BUCKETS, registry=self.registry,
         )
         self.e2e = Histogram(
@@ -143,7 +144,10 @@ class RequestRecorder:
             series.ttft.observe(now - self.arrival_time)
             series.prompt_tokens.inc(num_prompt_tokens)
         else:
-            series.itl.observe(now - self.last_token_time)
+            # Several tokens at once (a stream that fell behind gets them merged): one gap each.
+            gap = (now - self.last_token_time) / num_new_tokens
+            for _ in range(num_new_tokens):
+                series.itl.observe(gap)
         self.last_token_time = now
         series.generation_tokens.inc(num_new_tokens)
 

@@ -83,6 +83,33 @@ async def test_a_consumer_that_falls_behind_gets_the_queued_deltas_as_one(model_
         await engine.shutdown()
 
 
+def test_merged_deltas_keep_every_choice_in_order() -> None:
+    from engine.outputs import CompletionOutput, Logprob, RequestOutput, merge_into
+
+    def delta(*choices: tuple[int, str, int, str | None], finished: bool = False) -> RequestOutput:
+        outs = [CompletionOutput(i, text, [tid], [{tid: Logprob(-0.5, 1)}], reason) for i, text, tid, reason in choices]
+        return RequestOutput("r", None, [1, 2], outs, finished, metrics={"arrival_time": 1.0})
+
+    first = delta((0, "a", 10, None))
+    later = [delta((1, "x", 20, None)), delta((0, "b", 11, None), (1, "y", 21, "length")),
+             delta((0, "c", 12, "stop"), finished=True)]
+    merged = merge_into(first, later)
+    assert merged.finished
+    got = {c.index: (c.text, c.token_ids, [list(d) for d in c.logprobs], c.finish_reason) for c in merged.outputs}
+    assert got == {0: ("abc", [10, 11, 12], [[10], [11], [12]], "stop"), 1: ("xy", [20, 21], [[20], [21]], "length")}
+
+
+def test_step_times_leave_idle_time_out() -> None:
+    from engine.async_engine import StepTimes
+
+    times = StepTimes()
+    since = times.since
+    times.pause()
+    time.sleep(0.2)
+    times.resume()
+    assert times.since - since >= 0.2  # steps/s and loop cpu count busy time only
+
+
 async def test_closing_the_stream_aborts_and_frees_slots(model_dir: str) -> None:
     engine = await _started(model_dir)
     try:
