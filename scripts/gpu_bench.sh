@@ -231,6 +231,13 @@ if [ -n "$NOCACHE_WORKLOADS" ] && [ "$(left)" -gt $((RESERVE_S + 60)) ]; then
     stop_server
 fi
 
+# Each server's last step-log lines: where a step's time went (schedule, worker, execute, worker
+# idle, loop lag, loop cpu), in steady state and while the batch drained.
+say "step log, last lines of each server"
+awk '/^===== /{flush(); print; n = 0; next} /steps\/s/{sub(/.*async_engine: /, ""); keep[n++ % 3] = $0}
+     function flush(  i) { for (i = (n > 3 ? n - 3 : 0); i < n; i++) print "  " keep[i % 3] }
+     END {flush()}' "$OUT/server.log" 2>/dev/null
+
 say "results"
 if [ "${#RUN_FILES[@]}" -gt 0 ]; then
     "$PYTHON" -m openai_compat.cli bench serve --from-json "${RUN_FILES[@]}" --compare-lightllm \
