@@ -32,6 +32,15 @@ class SeqStep:
     new_row: NewRow | None = None
     prompt_logprobs: int | None = None  # compute prompt logprobs for this chunk
 
+    def __reduce__(self) -> tuple[type, tuple]:
+        # Pickled as its constructor's arguments: half the time and bytes of a slots dataclass's
+        # default state (~0.3 ms instead of ~0.6 ms per step of 512 decodes, and as much again to
+        # unpickle in the worker).
+        return SeqStep, (
+            self.row, self.start_pos, self.token_ids, self.out_slots, self.sample, self.prefix_slots, self.new_row,
+            self.prompt_logprobs,
+        )
+
 
 @dataclass(slots=True)
 class StepPlan:
