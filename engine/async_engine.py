@@ -179,7 +179,10 @@ class AsyncEngine:
         held: _Item | None = None  # taken from the queue behind an output, delivered next
         try:
             while not finished:
-                item, held = (held, None) if held is not None else (await queue.get(), None)
+                if held is not None:
+                    item, held = held, None
+                else:
+                    item = await queue.get()
                 # Outputs that queued up while the consumer was busy go out as one: a consumer
                 # that falls behind (a slow client, a busy event loop) catches up at once.
                 if isinstance(item, RequestOutput) and not item.finished and not queue.empty():

@@ -256,9 +256,7 @@ class PrefillGraphs:
             (h[:a].reshape(4, self.max_tokens), h[a:b].reshape(5, max_seqs + 1), h[b:].reshape(2, max_tiles))
             for h in (host.numpy() for host in self._hosts)
         ]
-        self._turn = 0
-        self._host = self._hosts[0]
-        self._tok_np, self._seq_np, self._tiles_np = self._views[0]
+        self._use_buffer(0)
         self._static = torch.zeros(sum(sizes), dtype=torch.int64, device=device)
         self._tok = self._static[:a].view(4, self.max_tokens)
         self._seq = self._static[a:b].view(5, max_seqs + 1)
@@ -268,6 +266,12 @@ class PrefillGraphs:
         # instead of each bucket's output held in the pool): [max_tokens, hidden_size].
         self._hidden: torch.Tensor | None = None
         self._pad_defaults()
+
+    def _use_buffer(self, turn: int) -> None:
+        """Stage into host buffer `turn` (0 or 1) from now on."""
+        self._turn = turn
+        self._host = self._hosts[turn]
+        self._tok_np, self._seq_np, self._tiles_np = self._views[turn]
 
     def _pad_defaults(self) -> None:
         self._tok_np[:] = 0
@@ -323,10 +327,8 @@ class PrefillGraphs:
         hidden [num_tokens, hidden_size], a view of the graphs' output buffer: read it (in
         stream order) before the next replay."""
         assert self._copied is not None
-        self._turn ^= 1
+        self._use_buffer(self._turn ^ 1)
         self._copied[self._turn].synchronize()  # its copy two steps back
-        self._host = self._hosts[self._turn]
-        self._tok_np, self._seq_np, self._tiles_np = self._views[self._turn]
         num_tokens = self._stage(seqs, bucket)
         self._static.copy_(self._host, non_blocking=True)
         self._copied[self._turn].record()
