@@ -74,6 +74,10 @@ class EngineConfig:
     # (token-count buckets); longer ones run eagerly, where the GPU, not the launches, is the
     # bound. 0: decode graphs only.
     max_prefill_graph_tokens: int = 2048
+    # GPU with CUDA graphs: a step with prefill chunks runs its decodes in the same pass over the
+    # weights (one GEMM per layer over all its tokens; the decodes' attention is still the decode
+    # kernel's). Off: the decodes replay a decode graph and the rest runs as a second pass.
+    fuse_mixed_steps: bool = True
     attention_backend: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton kernels on CUDA
     # CPU: weight-only quantization of the linear layers (lossy, so opt-in), computing in
     # bfloat16: int8 (a scale per output row) or int4 (a scale and a zero per 32 inputs).

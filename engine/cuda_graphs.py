@@ -29,11 +29,13 @@ model body (no LM head) per bucket of token counts, up to `max_prefill_graph_tok
 such a pass launches ~15 kernels per layer from Python, which takes longer than the GPU
 needs for a few hundred tokens; past about 2048 tokens the GPU is the bound either way, and
 those steps run eagerly. Its static buffers hold, per token: input id, position, KV slot,
-row (for placeholders); per sequence (up to max_num_seqs): row, start, new length, seq len
-and the packed offsets; and the prefill attention's tile table, whose fixed length makes the
-attention launch the same for every step of the bucket. Padding tokens compute token 0 at
-position 0 into the dummy slot and belong to no sequence (attention gives them zeros);
-padding sequences have no new tokens and no tiles.
+row (for placeholders); per sequence (up to max_num_seqs): row, start, new length, seq len,
+the packed offsets and the seq len of a leading decode (0 for the others); and the prefill
+attention's tile table, whose fixed length makes the attention launch the same for every step
+of the bucket. The step's leading one-token sequences (the running decodes, which the
+scheduler puts first) take a decode attention launch sized for the bucket; the rest take the
+tiles. Padding tokens compute token 0 at position 0 into the dummy slot and belong to no
+sequence (attention gives them zeros); padding sequences have no new tokens and no tiles.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from engine.forward_context import ForwardContext, KVPool, set_forward_context
+from engine.forward_context import ForwardContext, KVPool, leading_decodes, set_forward_context
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ if TYPE_CHECKING:
 _IDS, _POS, _ROWS, _LENS, _SLOTS = range(5)
 # PrefillGraphs' per-token and per-sequence rows of the static buffers.
 _T_IDS, _T_POS, _T_SLOTS, _T_ROWS = range(4)
-_S_ROWS, _S_START, _S_NEW, _S_SEQ_LEN, _S_CU = range(5)
+_S_ROWS, _S_START, _S_NEW, _S_SEQ_LEN, _S_CU, _S_DECODE_LEN = range(6)
 _MAX_PARTIAL_TILES = 32
 
 
@@ -247,19 +249,19 @@ class PrefillGraphs:
         # that also replays a decode graph, the previous step's copy comes after that step's
         # decode graph on the stream, and waiting for it would hold the host (launching ahead)
         # until the graph is done.
-        sizes = (4 * self.max_tokens, 5 * (max_seqs + 1), 2 * max_tiles)
+        sizes = (4 * self.max_tokens, 6 * (max_seqs + 1), 2 * max_tiles)
         on_gpu = device.type == "cuda"
         self._hosts = [torch.zeros(sum(sizes), dtype=torch.int64, pin_memory=on_gpu) for _ in range(2)]
         self._copied = [torch.cuda.Event() for _ in self._hosts] if on_gpu else None
         a, b = sizes[0], sizes[0] + sizes[1]
         self._views = [
-            (h[:a].reshape(4, self.max_tokens), h[a:b].reshape(5, max_seqs + 1), h[b:].reshape(2, max_tiles))
+            (h[:a].reshape(4, self.max_tokens), h[a:b].reshape(6, max_seqs + 1), h[b:].reshape(2, max_tiles))
             for h in (host.numpy() for host in self._hosts)
         ]
         self._use_buffer(0)
         self._static = torch.zeros(sum(sizes), dtype=torch.int64, device=device)
         self._tok = self._static[:a].view(4, self.max_tokens)
-        self._seq = self._static[a:b].view(5, max_seqs + 1)
+        self._seq = self._static[a:b].view(6, max_seqs + 1)
         self._tiles = self._static[b:].view(2, max_tiles)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         # Every bucket's graph copies its output here (one buffer outside the graphs' pool,
@@ -280,8 +282,16 @@ class PrefillGraphs:
         self._tiles_np[0] = -1
         self._tiles_np[1] = 0
 
+    def decode_rows(self, num_tokens: int) -> int:
+        """Rows of the decode attention launch in the graph of bucket `num_tokens`: room for a
+        step whose tokens are all decodes."""
+        return min(num_tokens, self.max_seqs)
+
     def _context(self, num_tokens: int) -> ForwardContext:
+        from engine.kernels.decode_attention import graph_num_splits  # imports triton
+
         tok, seq, n = self._tok, self._seq, self.max_seqs
+        decode_rows = self.decode_rows(num_tokens)
         return ForwardContext(
             kv=self.kv,
             req_to_token=self.req_to_token,
@@ -297,7 +307,12 @@ class PrefillGraphs:
             req_indices_list=[0] * n,
             is_decode_only=False,
             max_seq_len=self.max_model_len,
+            decode_num_splits=graph_num_splits(
+                self.req_to_token.device, decode_rows, self.kv.k[0].shape[1], self.max_model_len
+            ),
             prefill_tiles=self._tiles[:, : self._num_tiles[num_tokens]],
+            decode_rows=decode_rows,
+            decode_seq_lens=seq[_S_DECODE_LEN, :decode_rows],
         )
 
     def _forward(self, num_tokens: int) -> None:
@@ -318,8 +333,9 @@ class PrefillGraphs:
         None (run it eagerly)."""
         if not self._graphs or not 0 < len(seqs) <= self.max_seqs:
             return None
-        num_tokens = sum(len(s.token_ids) for s in seqs)
-        tiles = sum(-(-len(s.token_ids) // self.block_m) for s in seqs)
+        new_lens = [len(s.token_ids) for s in seqs]
+        num_tokens = sum(new_lens)
+        tiles = sum(-(-n // self.block_m) for n in new_lens[leading_decodes(new_lens) :])
         return next((b for b in self.buckets if b >= num_tokens and self._num_tiles[b] >= tiles), None)
 
     def run(self, seqs: Sequence[SeqStep], bucket: int) -> torch.Tensor:
@@ -358,5 +374,10 @@ class PrefillGraphs:
         seq[_S_SEQ_LEN, :n] = starts + new_lens
         seq[_S_CU, 1 : n + 1] = cu
         seq[_S_CU, n + 1 :] = num_tokens  # padding sequences: empty, after the real ones
-        prefill_tiles(new_lens, self.block_m, self._tiles_np[:, : self._num_tiles[bucket]])
+        # The leading one-token sequences take the decode launch, the others the tiles.
+        decodes = min(leading_decodes(new_lens.tolist()), self.decode_rows(bucket))
+        seq[_S_DECODE_LEN, :decodes] = seq[_S_SEQ_LEN, :decodes]
+        tiled = new_lens.copy()
+        tiled[:decodes] = 0
+        prefill_tiles(tiled, self.block_m, self._tiles_np[:, : self._num_tiles[bucket]])
         return num_tokens

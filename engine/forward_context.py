@@ -14,7 +14,7 @@ the runner has also written into `req_to_token` before the forward pass, so afte
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -77,6 +77,13 @@ class ForwardContext:
     # When set, the step may hold padding tokens past cu_new_lens[-1]: attention writes zeros
     # for them.
     prefill_tiles: torch.Tensor | None = None
+    # A packed step whose first `decode_rows` sequences may each hold one new token (at packed
+    # row b for sequence b): their attention is the decode kernel's (a query per kv head group,
+    # not a query tile per head), with `decode_seq_lens` [decode_rows] their lengths, 0 for a
+    # row that is not such a decode (a CUDA graph's launch is sized for the bucket, not the step);
+    # the other sequences take the prefill kernel. 0: every sequence takes the prefill kernel.
+    decode_rows: int = 0
+    decode_seq_lens: torch.Tensor | None = None
     # Tensors derived from the metadata once per step and shared by every layer (e.g. the
     # padded slot grid of a batched decode), keyed by what they depend on.
     derived: dict[object, object] = field(default_factory=dict)
@@ -132,19 +139,36 @@ def build_forward_context(
         [torch.arange(s, s + n, dtype=torch.int64) for s, n in zip(start_pos, new_lens, strict=True)]
     ) if new_lens else torch.zeros(0, dtype=torch.int64)
     as_tensor = lambda xs: to_device(xs, torch.int64, device)  # noqa: E731
-    return ForwardContext(
+    decode_rows = leading_decodes(new_lens)
+    seq_lens_t = as_tensor(seq_lens)
+    ctx = ForwardContext(
         kv=kv,
         req_to_token=req_to_token,
         req_indices=as_tensor(req_indices),
         start_pos=as_tensor(start_pos),
         new_lens=as_tensor(new_lens),
-        seq_lens=as_tensor(seq_lens),
+        seq_lens=seq_lens_t,
         cu_new_lens=as_tensor(cu),
         out_slots=to_device(out_slots, torch.int64, device),
         positions=to_device(positions, torch.int64, device),
         start_pos_list=list(start_pos),
         new_lens_list=list(new_lens),
         req_indices_list=list(req_indices),
-        is_decode_only=all(n == 1 for n in new_lens),
+        is_decode_only=decode_rows == len(new_lens),
         max_seq_len=max(seq_lens, default=0),
     )
+    if 0 < decode_rows < len(new_lens):
+        ctx.decode_rows = decode_rows
+        ctx.decode_seq_lens = seq_lens_t[:decode_rows]
+    return ctx
+
+
+def leading_decodes(new_lens: Sequence[int]) -> int:
+    """How many sequences at the front of a step have one new token each (the decode kernel's
+    rows of a packed step: the scheduler puts the running decodes first)."""
+    count = 0
+    for n in new_lens:
+        if n != 1:
+            break
+        count += 1
+    return count

@@ -1,8 +1,8 @@
 """The worker's side of a step: KV pool, `req_to_token`, forward pass, sampling.
 
-`ModelRunner.launch(plan)` writes the plan's slots into `req_to_token`, runs the step's plain
-decodes through a CUDA graph (when there are graphs) and the rest as one padding-free packed
-batch, samples the rows that reached their last known token, keeps those tokens on the device
+`ModelRunner.launch(plan)` writes the plan's slots into `req_to_token`, runs a step of plain
+decodes through a CUDA graph (when there are graphs) and any other step as one padding-free
+packed batch, samples the rows that reached their last known token, keeps those tokens on the device
 for the next step's placeholders, and starts copying them to the host; the `PendingStep` it
 returns gives only what the engine core needs (token ids and logprobs) once they are there.
 On a GPU the worker launches the next step before waiting for those tokens, so the host's
@@ -294,11 +294,12 @@ class ModelRunner:
         inputs go through pinned memory (engine/transfer.py); a step with prompt logprobs, which
         reads them back before sampling, calls it first.
 
-        With CUDA graphs, the step's plain decodes (one token, sampled) replay a graph and the
-        rest (prefill chunks, prompt logprobs) run eagerly right after, as a second pass over
-        the weights: a step that admits a prompt does not push the running decodes through the
-        eager path. The graph is launched first, so the host queues the eager pass's kernels
-        while the GPU runs it."""
+        With CUDA graphs, a step of plain decodes (one token, sampled) replays a decode graph. A
+        step that also has prefill chunks (or prompt logprobs) runs as one packed pass, a
+        prefill graph when one fits, in which the leading one-token sequences (the running
+        decodes: the scheduler puts them first) take the decode attention kernel: one pass over
+        the weights, with every token in each GEMM. With `fuse_mixed_steps` off, the plain
+        decodes replay a decode graph and the rest runs right after as a second pass."""
         self._update_rows(plan)
         seqs = plan.seqs
         result = StepResult(plan.step_id, [], [])
@@ -312,7 +313,9 @@ class ModelRunner:
         decode_idx: list[int] = []
         if self.graphs is not None:
             decode_idx = [i for i, s in enumerate(seqs) if self._is_plain_decode(s)]
-            if not self.graphs.can_run(len(decode_idx)):
+            if not self.graphs.can_run(len(decode_idx)) or (
+                self.config.fuse_mixed_steps and len(decode_idx) < len(seqs)
+            ):  # all in one packed pass (its leading decodes still take the decode kernel)
                 decode_idx = []
         parts: list[tuple[torch.Tensor, list[int]]] = []  # (logits, their plan indices)
         if decode_idx:

@@ -117,7 +117,7 @@ class SamplingState:
             if self._prompt_mask is None:
                 ids = to_device([t for t in self.prompt_token_ids if t < vocab_size], torch.long, device)
                 self._prompt_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-                self._prompt_mask[ids] = True
+                self._prompt_mask.index_fill_(0, ids, True)  # `mask[ids] = True` waits for the GPU
             seen |= self._prompt_mask
         return seen
 

@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     max_prefill_graph_tokens: int = Field(
         2048, ge=0, description="GPU: prefill steps of up to this many tokens replay CUDA graphs (0: decode graphs only)"
     )
+    fuse_mixed_steps: bool = Field(
+        True, description="GPU: a step's decodes and prefill chunks share one pass over the weights (off: two passes)"
+    )
     attention_backend: Literal["auto", "triton", "torch"] = Field(
         "auto", description="layer kernels: auto (Triton on CUDA, torch elsewhere), triton or torch"
     )
@@ -159,6 +162,7 @@ class Settings(BaseSettings):
             seed=self.seed,
             enforce_eager=self.enforce_eager,
             max_prefill_graph_tokens=self.max_prefill_graph_tokens,
+            fuse_mixed_steps=self.fuse_mixed_steps,
             attention_backend=self.attention_backend,
             step_timeout_s=self.step_timeout_s,
         )

@@ -124,9 +124,7 @@ class Attention(nn.Module):
     def _forward_triton(
         self, ctx: ForwardContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
-        from engine.kernels.decode_attention import decode_attention
         from engine.kernels.kv_store import store_kv
-        from engine.kernels.prefill_attention import prefill_attention
 
         kv, layer = ctx.kv, self.layer_idx
         k_scale = kv.k_scale[layer] if kv.k_scale is not None else None
@@ -137,22 +135,9 @@ class Attention(nn.Module):
             v.view(num_tokens, self.num_kv_heads, self.head_dim),
             kv.k[layer], kv.v[layer], ctx.out_slots, k_scale, v_scale,
         )
-        if ctx.is_decode_only:
-            return decode_attention(
-                q, kv.k[layer], kv.v[layer], ctx.req_to_token, ctx.req_indices, ctx.seq_lens, self.scale,
-                sliding_window=self.sliding_window, k_scale=k_scale, v_scale=v_scale,
-                max_seq_len=ctx.max_seq_len, num_splits=ctx.decode_num_splits,
-            )
-        if ctx.prefill_tiles is not None:  # a graphed step: padding rows get zeros, not garbage
-            return prefill_attention(
-                q, kv.k[layer], kv.v[layer], ctx.req_to_token, ctx.req_indices, ctx.start_pos, ctx.cu_new_lens,
-                self.scale, torch.zeros_like(q), sliding_window=self.sliding_window, k_scale=k_scale,
-                v_scale=v_scale, tiles=ctx.prefill_tiles,
-            )
-        return prefill_attention(
-            q, kv.k[layer], kv.v[layer], ctx.req_to_token, ctx.req_indices, ctx.start_pos, ctx.cu_new_lens,
-            self.scale, sliding_window=self.sliding_window, k_scale=k_scale, v_scale=v_scale,
-            max_new_len=max(ctx.new_lens_list),
+        return triton_attention(
+            ctx, q, kv.k[layer], kv.v[layer], self.scale, sliding_window=self.sliding_window, k_scale=k_scale,
+            v_scale=v_scale,
         )
 
     def _per_sequence(
@@ -255,3 +240,58 @@ class Attention(nn.Module):
             f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
             f"layer={self.layer_idx}, sliding_window={self.sliding_window}"
         )
+
+
+def triton_attention(
+    ctx: ForwardContext,
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    scale: float,
+    *,
+    sliding_window: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One layer's attention of a step through the Triton kernels, the new K/V already stored.
+
+    q: [T, H, D] -> [T, H, D]. A decode-only step takes the decode kernel. A packed step takes
+    the prefill kernel, except its leading one-token sequences (`ctx.decode_rows`): the decode
+    kernel reads each of their keys once per kv head for the whole query group, where the
+    prefill kernel would compute a query tile per head (BLOCK_M rows, one of them real).
+    """
+    from engine.kernels.decode_attention import decode_attention
+    from engine.kernels.prefill_attention import prefill_attention
+
+    if ctx.is_decode_only:
+        return decode_attention(
+            q, k_pool, v_pool, ctx.req_to_token, ctx.req_indices, ctx.seq_lens, scale,
+            sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale,
+            max_seq_len=ctx.max_seq_len, num_splits=ctx.decode_num_splits,
+        )
+    graphed = ctx.prefill_tiles is not None
+    # A graphed step's padding rows (and its rows of sequences that are neither) get zeros.
+    out = torch.zeros_like(q) if graphed else torch.empty_like(q)
+    first = 0  # the first sequence of the prefill launch
+    if ctx.decode_rows:
+        assert ctx.decode_seq_lens is not None
+        rows = ctx.decode_rows
+        # Rows of a graphed launch that are not decodes have length 0: they get zeros here and
+        # their values from the prefill launch after it (its tiles cover only those sequences).
+        decode_attention(
+            q[:rows], k_pool, v_pool, ctx.req_to_token, ctx.req_indices[:rows], ctx.decode_seq_lens, scale,
+            out[:rows], sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale,
+            max_seq_len=ctx.max_seq_len, num_splits=ctx.decode_num_splits,
+        )
+        if not graphed:
+            first = rows
+    if graphed:
+        return prefill_attention(
+            q, k_pool, v_pool, ctx.req_to_token, ctx.req_indices, ctx.start_pos, ctx.cu_new_lens, scale, out,
+            sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale, tiles=ctx.prefill_tiles,
+        )
+    return prefill_attention(
+        q, k_pool, v_pool, ctx.req_to_token, ctx.req_indices[first:], ctx.start_pos[first:],
+        ctx.cu_new_lens[first:], scale, out, sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale,
+        max_new_len=max(ctx.new_lens_list[first:]),
+    )

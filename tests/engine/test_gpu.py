@@ -126,7 +126,9 @@ def test_prefill_graphs_match_eager(tmp_path: Path) -> None:
     # buckets, chunks past the last bucket, chunks with decodes beside them and placeholders;
     # a second round of prompts that extend the first round's hits the prefix cache (new tokens
     # after a cached prefix, in a graphed step); one request asks for prompt logprobs. No launch
-    # waits for the GPU but to read those back (`check_launch_syncs`).
+    # waits for the GPU but to read those back (`check_launch_syncs`). Mixed steps run as one
+    # pass (their decodes through the decode kernel) and, with fuse_mixed_steps off, as a decode
+    # graph plus a packed pass: the same tokens.
     save_tiny_model(str(tmp_path), tiny_config("llama", max_position_embeddings=4096))
     rng = random.Random(3)
     lens = [1, 2, 15, 16, 17, 127, 129, 600, 1100, 2100, 3000]
@@ -136,20 +138,22 @@ def test_prefill_graphs_match_eager(tmp_path: Path) -> None:
                              prompt_logprobs=1 if i == 7 else None) for i in range(len(lens))]
     second_params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=1)
     results = {}
-    for graph_tokens in (0, 2048):
+    for graph_tokens, fuse in ((0, True), (2048, True), (2048, False)):
         with LLM(str(tmp_path), device="cuda", dtype="float32", kv_cache_memory_gb=0.2, max_num_seqs=16,
-                 max_num_batched_tokens=2500, max_prefill_graph_tokens=graph_tokens, check_launch_syncs=True) as llm:
+                 max_num_batched_tokens=2500, max_prefill_graph_tokens=graph_tokens, fuse_mixed_steps=fuse,
+                 check_launch_syncs=True) as llm:
             assert llm.core.worker_info.graph_token_counts[-1:] == ([2048] if graph_tokens else [])
             outs = llm.generate(first, params)
             outs += llm.generate(second, second_params)
-            results[graph_tokens] = outs
-    assert sum(o.num_cached_tokens for o in results[2048]) > 0
-    for got, want in zip(results[2048], results[0], strict=True):
+            results[graph_tokens, fuse] = outs
+    assert sum(o.num_cached_tokens for o in results[2048, True]) > 0
+    for got, want, unfused in zip(results[2048, True], results[0, True], results[2048, False], strict=True):
+        assert unfused.outputs[0].token_ids == want.outputs[0].token_ids
         assert got.outputs[0].token_ids == want.outputs[0].token_ids
         for g, w, tid in zip(got.outputs[0].logprobs, want.outputs[0].logprobs, want.outputs[0].token_ids,
                              strict=True):
             assert g[tid].logprob == pytest.approx(w[tid].logprob, abs=1e-4)
-    got_prompt, want_prompt = results[2048][7].prompt_logprobs, results[0][7].prompt_logprobs
+    got_prompt, want_prompt = results[2048, True][7].prompt_logprobs, results[0, True][7].prompt_logprobs
     assert got_prompt is not None and want_prompt is not None and len(got_prompt) == lens[7]
     for g, w, tid in zip(got_prompt[1:], want_prompt[1:], first[7][1:], strict=True):
         assert g[tid].logprob == pytest.approx(w[tid].logprob, abs=1e-4)

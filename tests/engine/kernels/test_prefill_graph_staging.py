@@ -96,10 +96,13 @@ def test_a_step_takes_the_smallest_bucket_whose_tile_table_holds_it() -> None:
     block = graphs.block_m
     assert graphs.bucket_for([_seq(10)]) == 16
     assert graphs.bucket_for([_seq(block + 1)]) == 32  # tokens decide
-    # 40 one-token rows need 40 tiles: the 64-token bucket's table holds 4 + 32 (its query
-    # blocks plus 32 partial ones), the 128-token bucket's 8 + 32.
-    assert graphs.bucket_for([_seq(1)] * 40) == 128
-    assert graphs.bucket_for([_seq(1)] * 60 + [_seq(180)]) is None  # more tiles than any table: eager
+    # Leading one-token rows (decodes) take the decode launch, no tiles; 40 one-token rows after
+    # a prompt need 40 tiles more: the 64-token bucket's table holds 4 + 32 (its query blocks
+    # plus 32 partial ones), the 128-token bucket's 8 + 32, the 256-token bucket's 16 + 32.
+    assert graphs.bucket_for([_seq(1)] * 40) == 64
+    assert graphs.bucket_for([_seq(1)] * 40 + [_seq(3)]) == 64
+    assert graphs.bucket_for([_seq(3)] + [_seq(1)] * 40) == 256
+    assert graphs.bucket_for([_seq(180)] + [_seq(1)] * 60) is None  # more tiles than any table: eager
     assert graphs.bucket_for([_seq(257)]) is None  # more tokens than the largest bucket
     assert graphs.bucket_for([_seq(1)] * 65) is None  # more sequences than the tables' sequence rows
 
