@@ -245,6 +245,8 @@ async def run_workload(base_url: str, model: str, workload: Workload, *, timeout
     count = max(1, math.ceil(min(cap or len(specs), len(specs)) / _REQUESTS_PER_CLIENT))
     async with contextlib.AsyncExitStack() as stack:
         clients = [await stack.enter_async_context(_client(timeout, None, ssl_context)) for _ in range(count)]
+        if workload.request_rate == math.inf:
+            await _open_connections(clients, base_url, min(cap or len(specs), len(specs)), headers)
         t0 = time.perf_counter()
 
         async def one(i: int) -> RequestResult:
@@ -263,6 +265,25 @@ async def run_workload(base_url: str, model: str, workload: Workload, *, timeout
         duration = time.perf_counter() - t0
     bar.close()
     return list(results), duration, t0
+
+
+async def _open_connections(clients: list[Any], base_url: str, total: int, headers: dict[str, str] | None) -> None:
+    """Open `total` keep-alive connections, spread over `clients`, before the clock starts.
+
+    Requests sent all at once otherwise spend the client's first second connecting: each
+    stage (name lookup in a thread, connect, send) runs for every request before the first
+    request's next one, so no request reaches the server until all are connected. Opened
+    here (one `GET /models` each, at once, per client), they are reused by the requests.
+    """
+    url = base_url.rstrip("/") + "/models"
+
+    async def one(client: Any) -> None:
+        response = await client.get(url, headers=headers)
+        await response.aclose()
+
+    per_client = -(-total // len(clients))
+    with contextlib.suppress(Exception):  # a server without /models: requests connect as they go
+        await asyncio.gather(*(one(c) for c in clients for _ in range(per_client)))
 
 
 async def _get_json(base_url: str, path: str, headers: dict[str, str] | None, timeout: float = 30.0) -> Any:
