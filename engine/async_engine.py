@@ -65,6 +65,7 @@ class StepTimes:
         self.since = now
         self.cpu_since = time.thread_time()  # of the thread that runs the loop (and logs)
         self._paused: tuple[float, float] | None = None
+        self._idle_before_next = False  # the next result's worker idle spans the engine's idle time
         self.steps = self.seqs = self.tokens = self.launched_ahead = 0
         self.seconds = dict.fromkeys(self.PHASES + self.WORKER_TIMES, 0.0)
 
@@ -78,12 +79,16 @@ class StepTimes:
             self.since += time.perf_counter() - wall
             self.cpu_since += time.thread_time() - cpu
             self._paused = None
+            self._idle_before_next = True
 
     def add(self, seqs: int, tokens: int, times: tuple[float, ...], result: StepResult, lag: float) -> None:
         self.steps += 1
         self.seconds["loop lag"] += lag
         self.seconds["execute"] += result.execute_seconds
-        self.seconds["worker idle"] += result.wait_seconds
+        if self._idle_before_next:  # the worker waited for work that did not exist yet
+            self._idle_before_next = False
+        else:
+            self.seconds["worker idle"] += result.wait_seconds
         self.launched_ahead += result.launched_ahead
         self.seqs += seqs
         self.tokens += tokens

@@ -108,6 +108,13 @@ def test_step_times_leave_idle_time_out() -> None:
     time.sleep(0.2)
     times.resume()
     assert times.since - since >= 0.2  # steps/s and loop cpu count busy time only
+    # The first step after the pause: the worker's wait for it spans the idle time, not a late plan.
+    from engine.plan import StepResult
+
+    t = times.since
+    for wait in (0.2, 0.003):
+        times.add(1, 1, (t, t, t, t, t), StepResult(1, [], [], execute_seconds=0.01, wait_seconds=wait), 0.0)
+    assert times.seconds["worker idle"] == pytest.approx(0.003)
 
 
 async def test_closing_the_stream_aborts_and_frees_slots(model_dir: str) -> None:
