@@ -159,6 +159,24 @@ class ModelRunner:
                     config.max_num_seqs, self.max_model_len,
                 )
                 self.prefill_graphs.capture()
+            if config.fuse_mixed_steps:
+                self._warm_up_mixed_steps()
+
+    @torch.inference_mode()
+    def _warm_up_mixed_steps(self) -> None:
+        """Compile, at start-up, the decode attention launches of eager mixed steps (steps past
+        the largest prefill graph: their running decodes take the decode kernel eagerly). Its
+        number of splits follows the step's longest context, and Triton compiles a variant for
+        a count of 1, a multiple of 16, and any other: each would otherwise stall a step for
+        seconds the first time serving needs it. A few decodes of each kind and a two-token
+        prompt, over the dummy slot."""
+        dummy = self.kv.dummy_slot
+        decodes = min(self.config.max_num_seqs - 1, 128)
+        for seq_len in sorted({1, 257, min(4096, self.max_model_len), self.max_model_len}):
+            seqs = [SeqStep(row=0, start_pos=seq_len - 1, token_ids=[0], out_slots=[dummy], sample=False)] * decodes
+            seqs.append(SeqStep(row=0, start_pos=0, token_ids=[0, 0], out_slots=[dummy, dummy], sample=False))
+            self._forward_eager(seqs)
+        torch.cuda.synchronize()
 
     def _uses_graphs(self) -> bool:
         """CUDA graphs are captured for the Triton backend on CUDA unless enforce_eager."""

@@ -290,8 +290,16 @@ def triton_attention(
             q, k_pool, v_pool, ctx.req_to_token, ctx.req_indices, ctx.start_pos, ctx.cu_new_lens, scale, out,
             sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale, tiles=ctx.prefill_tiles,
         )
+    req_indices, start_pos, cu_new_lens = ctx.req_indices, ctx.start_pos, ctx.cu_new_lens
+    if first:
+        # The other sequences' metadata, copied once per step into tensors of their own: a slice
+        # at an odd offset is not 16-byte aligned, and Triton compiles a kernel variant per
+        # pointer alignment (in the middle of serving, the first time a step needs it).
+        part = ctx.derived.get("prefill_part")
+        if part is None:
+            part = ctx.derived["prefill_part"] = tuple(t[first:].clone() for t in (req_indices, start_pos, cu_new_lens))
+        req_indices, start_pos, cu_new_lens = part  # type: ignore[misc]
     return prefill_attention(
-        q, k_pool, v_pool, ctx.req_to_token, ctx.req_indices[first:], ctx.start_pos[first:],
-        ctx.cu_new_lens[first:], scale, out, sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale,
-        max_new_len=max(ctx.new_lens_list[first:]),
+        q, k_pool, v_pool, ctx.req_to_token, req_indices, start_pos, cu_new_lens, scale, out,
+        sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale, max_new_len=max(ctx.new_lens_list[first:]),
     )
