@@ -45,6 +45,7 @@ from openai_compat.serving_base import (
     parse_body,
 )
 from openai_compat.sse import DONE, ClientDisconnected, SSEResponse, format_event, run_until_disconnect
+from openai_compat.stream_chunks import ChunkTemplate
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -224,6 +225,13 @@ class ChatServing:
         created = int(time.time())
         exclude = None if req.include_usage else {"usage"}
 
+        template = ChunkTemplate(
+            ChatCompletionChunk(
+                id=request_id, created=created, model=req.model, system_fingerprint=SYSTEM_FINGERPRINT, choices=[]
+            ),
+            exclude,
+        )
+
         def chunk(choice: ChatStreamChoice | None) -> bytes:
             payload = ChatCompletionChunk(
                 id=request_id, created=created, model=req.model, system_fingerprint=SYSTEM_FINGERPRINT,
@@ -239,11 +247,16 @@ class ChatServing:
                     reason = finish_reason(c.finish_reason) if c.finish_reason is not None else None
                     if not c.text and reason is None and not (req.logprobs and c.token_ids):
                         continue  # text held back (a partial character or a possible stop string)
+                    content = c.text if c.text or reason is None else None
+                    logprobs = self._logprobs(req, c.token_ids, c.logprobs)
+                    if logprobs is None:  # most chunks: content only
+                        yield template.chat(c.index, content, reason)
+                        continue
                     yield chunk(
                         ChatStreamChoice(
                             index=c.index,
-                            delta=DeltaMessage(content=c.text if c.text or reason is None else None),
-                            logprobs=self._logprobs(req, c.token_ids, c.logprobs),
+                            delta=DeltaMessage(content=content),
+                            logprobs=logprobs,
                             finish_reason=reason,  # type: ignore[arg-type]
                         )
                     )

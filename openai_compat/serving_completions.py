@@ -37,6 +37,7 @@ from openai_compat.serving_base import (
     parse_body,
 )
 from openai_compat.sse import DONE, ClientDisconnected, SSEResponse, format_event, run_until_disconnect
+from openai_compat.stream_chunks import ChunkTemplate
 
 
 def split_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -189,6 +190,12 @@ class CompletionServing:
         created = int(time.time())
         exclude = None if req.include_usage else {"usage"}
         n = streams[0].params.n
+        template = ChunkTemplate(
+            CompletionResponse(
+                id=request_id, created=created, model=req.model, system_fingerprint=SYSTEM_FINGERPRINT, choices=[]
+            ),
+            exclude,
+        )
         outputs = merge_outputs(streams)
         try:
             async for p, out in outputs:
@@ -196,6 +203,9 @@ class CompletionServing:
                     reason = finish_reason(c.finish_reason) if c.finish_reason is not None else None
                     text, logprobs = choices[(p, c.index)].delta(out, c.token_ids, c.text, c.logprobs)
                     if not text and reason is None and not (logprobs and logprobs.tokens):
+                        continue
+                    if logprobs is None:  # most chunks: text only
+                        yield template.completion(p * n + c.index, text, reason)
                         continue
                     chunk = CompletionResponse(
                         id=request_id, created=created, model=req.model, system_fingerprint=SYSTEM_FINGERPRINT,
