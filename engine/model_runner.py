@@ -168,15 +168,19 @@ class ModelRunner:
         the largest prefill graph: their running decodes take the decode kernel eagerly). Its
         number of splits follows the step's longest context, and Triton compiles a variant for
         a count of 1, a multiple of 16, and any other: each would otherwise stall a step for
-        seconds the first time serving needs it. A few decodes of each kind and a two-token
-        prompt, over the dummy slot."""
+        seconds the first time serving needs it. Eight decodes at a few lengths (1, 2-5, 16
+        and more splits for them) and a two-token prompt, over the dummy slot; few rows keep the
+        splits' scratch small at long contexts."""
+        if self.max_model_len < 2:
+            return
         dummy = self.kv.dummy_slot
-        decodes = min(self.config.max_num_seqs - 1, 128)
-        for seq_len in sorted({1, 257, min(4096, self.max_model_len), self.max_model_len}):
+        decodes = min(self.config.max_num_seqs - 1, 8)
+        for seq_len in sorted({min(n, self.max_model_len) for n in (1, 129, 257, 1025, 4096)}):
             seqs = [SeqStep(row=0, start_pos=seq_len - 1, token_ids=[0], out_slots=[dummy], sample=False)] * decodes
             seqs.append(SeqStep(row=0, start_pos=0, token_ids=[0, 0], out_slots=[dummy, dummy], sample=False))
             self._forward_eager(seqs)
-        torch.cuda.synchronize()
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     def _uses_graphs(self) -> bool:
         """CUDA graphs are captured for the Triton backend on CUDA unless enforce_eager."""

@@ -213,7 +213,7 @@ def test_an_error_while_planning_ahead_does_not_hang_generate(model_dir: str) ->
         assert core.worker.dead_reason is None and not core.in_flight
 
 
-def _runner(model_dir: str, graphs: bool):
+def _runner(model_dir: str, graphs: bool, fuse: bool = True):
     import torch
 
     from engine.config import EngineConfig
@@ -222,7 +222,7 @@ def _runner(model_dir: str, graphs: bool):
     from engine.plan import SeqStep, StepResult
 
     config = EngineConfig(model=model_dir, dtype="float32", device="cpu", kv_cache_memory_gb=0.001,
-                          max_num_seqs=4).resolve(max_position_embeddings=64)
+                          max_num_seqs=4, fuse_mixed_steps=fuse).resolve(max_position_embeddings=64)
     hf = load_hf_config(model_dir)
     runner = ModelRunner(config, load_model(model_dir, torch.float32, "cpu"), hf)
     if graphs:
@@ -268,16 +268,35 @@ def test_mixed_graph_and_eager_step_keeps_plan_order_and_placeholders(model_dir:
             yield StepPlan(2 + k, seqs)
 
     results = {}
-    for graphs in (False, True):
-        runner = _runner(model_dir, graphs)
+    # Eager; a decode graph whose mixed steps run as one packed pass (fused); and one whose mixed
+    # steps replay it for their decodes, then the rest as a second pass, sampled in plan order.
+    for graphs, fuse in ((False, True), (True, True), (True, False)):
+        runner = _runner(model_dir, graphs, fuse)
         out = []
         for plan in plans():
             res = runner.execute(plan)
             out.append((res.sampled_token_ids, [lp.logprob for lp in res.sampled_logprobs]))
-        results[graphs] = out
-    assert [ids for ids, _ in results[True]] == [ids for ids, _ in results[False]]
-    for (_, a), (_, b) in zip(results[True], results[False], strict=True):
-        assert a == pytest.approx(b, abs=1e-4)
+        results[graphs, fuse] = out
+    for key in ((True, True), (True, False)):
+        assert [ids for ids, _ in results[key]] == [ids for ids, _ in results[False, True]]
+        for (_, a), (_, b) in zip(results[key], results[False, True], strict=True):
+            assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_mixed_step_warm_up_touches_only_the_dummy_slot(model_dir: str) -> None:
+    # The start-up pass that compiles eager mixed steps' decode launches (on a GPU) runs decodes
+    # up to the context length over the dummy slot: the pool and req_to_token stay as they were.
+    runner = _runner(model_dir, graphs=False)
+    dummy = runner.kv.dummy_slot
+    runner.kv.k[0][:dummy].fill_(0.5)
+    runner.kv.k[0][dummy].zero_()
+    before = ([k[:dummy].clone() for k in runner.kv.k], [v[:dummy].clone() for v in runner.kv.v],
+              runner.req_to_token.clone())
+    runner._warm_up_mixed_steps()
+    assert all((k[:dummy] == b).all() for k, b in zip(runner.kv.k, before[0], strict=True))
+    assert all((v[:dummy] == b).all() for v, b in zip(runner.kv.v, before[1], strict=True))
+    assert (runner.req_to_token == before[2]).all()
+    assert runner.kv.k[0][dummy].abs().sum() > 0  # it did run: its K/V went to the dummy slot
 
 
 def test_prompt_logprobs_complete_after_a_preemption_that_moves_chunk_boundaries(model_dir: str) -> None:
