@@ -20,6 +20,7 @@ import time
 import torch
 
 import engine.kernels.decode_attention as decode_module
+import engine.kernels.prefill_attention as prefill_module
 from engine.kernels.decode_attention import decode_attention, graph_num_splits
 from engine.kernels.prefill_attention import prefill_attention
 from engine.kernels.timing import graph_time_ms
@@ -91,6 +92,8 @@ def main() -> None:
     parser.add_argument("--lens", default="512,2048,4096")
     parser.add_argument("--prefill-tokens", type=int, default=2048, help="one fresh prompt of this length")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--prefill-launches", default=",".join(map(str, prefill_module.PREFILL_LAUNCH)),
+                        help="prefill launches to time, 'M,N,warps,stages;...' (default: the engine's)")
     parser.add_argument("--variants", default="", help="comma-separated labels to run (default: all)")
     args = parser.parse_args()
     global DEVICE
@@ -124,9 +127,14 @@ def main() -> None:
                 rows.append({"kernel": "decode", "kv": kv, "batch": batch, "len": seq_len, "ms": ms, "GB/s": gbs})
                 del pool
     n = args.prefill_tokens
-    # The prefill kernel has no int8 variants: bf16 and int8 only; --prefill-tokens 0 skips it.
-    for kv, int8, conversion, launch in VARIANTS[:2] if n > 0 else []:
+    launches = [tuple(int(x) for x in item.split(",")) for item in args.prefill_launches.split(";") if item]
+    # The prefill kernel has no int8 variants: bf16 and int8 only, at each launch; --prefill-tokens 0
+    # skips it.
+    cases = [(kv, int8, conversion, launch, pl) for pl in launches for kv, int8, conversion, launch in VARIANTS[:2]]
+    for kv, int8, conversion, launch, prefill_launch in cases if n > 0 else []:
         use_variant(conversion, launch)
+        prefill_module.PREFILL_LAUNCH = prefill_launch  # type: ignore[assignment]
+        kv = f"{kv}-m{prefill_launch[0]}n{prefill_launch[1]}w{prefill_launch[2]}s{prefill_launch[3]}"
         pool = make_pool(1, n, int8, gen)
         q = torch.randn(n, HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16).to(DEVICE)
         zero = torch.zeros(1, dtype=torch.int64, device=DEVICE)

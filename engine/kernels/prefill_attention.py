@@ -200,17 +200,22 @@ def _check_inputs(
         raise ValueError(f"all tensors must be on q's device {q.device}, got {sorted(map(str, devices))}")
 
 
-def _launch_config(device: torch.device, head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) on a GPU. On an H100 at head_dim 128 (8 x 2048
+# causal, bf16) 128 x 64 tiles with 4 warps and 3 stages were the fastest of the configurations
+# tried then (about 300 TFLOP/s). Compiled for sm_90 (scripts/kernel_sass.py), that launch spills
+# registers: 66 `STL` with a bf16 pool, 93 with int8; with 8 warps there are none, and half the
+# instructions (scripts/attention_bench.py --prefill-launches times both). BLOCK_M is also the
+# unit of the prefill graphs' tile tables: set it before any engine starts.
+PREFILL_LAUNCH: tuple[int, int, int, int] = (128, 64, 4, 3)
 
-    On an H100 at head_dim 128 (8 x 2048 causal, bf16) 128 x 64 tiles with 4 warps and 3
-    stages were the fastest of the configurations tried (about 300 TFLOP/s). Under the CPU
+
+def _launch_config(device: torch.device, head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): `PREFILL_LAUNCH` on a GPU. Under the CPU
     interpreter, small tiles keep it fast and exercise several query and key blocks at tiny
-    shapes.
-    """
+    shapes."""
     if device.type == "cpu":
         return 16, 16, 4, 1
-    return 128, 64, 4, 3
+    return PREFILL_LAUNCH
 
 
 def prefill_block_m(device: torch.device) -> int:

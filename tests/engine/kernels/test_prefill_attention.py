@@ -257,6 +257,25 @@ def test_gpu_int8_half_precision(dtype: torch.dtype) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("launch", [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2)])
+@pytest.mark.parametrize("int8", [False, True])
+def test_gpu_other_launches(launch: tuple[int, int, int, int], int8: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Launches scripts/attention_bench.py --prefill-launches times against the default: the same
+    # results at the 8B shape, with cached prefixes, single tokens and the tile table.
+    import engine.kernels.prefill_attention as module
+
+    monkeypatch.setattr(module, "PREFILL_LAUNCH", launch)
+    seqs = [(0, 1100), (700, 300), (2000, 1), (0, 5), (300, 129)]
+    case = Case(seqs, num_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, int8=int8).to("cuda")
+    reference = case.reference()
+    torch.testing.assert_close(case.run(max_new_len=1100), reference, atol=1e-2, rtol=1e-2)
+    block_m = prefill_block_m(torch.device("cuda"))
+    tiles = tile_table(case, max_prefill_tiles(sum(n for _, n in seqs), 32, block_m))
+    torch.testing.assert_close(case.run(tiles=tiles), reference, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_timing() -> None:
     """Prints kernel time beside causal SDPA on dense, already gathered K/V (not an assertion)."""
     seqs = [(0, 2048)] * 8
