@@ -39,6 +39,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _GIB = 1 << 30
+# A mixed step's decodes join its packed pass (`fuse_mixed_steps`) when their attention there,
+# one program per (decode, kv head) walking its whole context in a graph, fills the GPU: enough
+# programs, or contexts short enough that a few programs finish beside the prefill work. Else
+# (a few long contexts) they replay the decode graph, whose launch splits each context.
+_FUSED_MIN_DECODE_PROGRAMS = 512
+_FUSED_MAX_SHORT_CONTEXT = 4096
 _PROFILE_PARAMS = SamplingParams(temperature=1.0, top_p=0.9, top_k=50)  # the costliest sampling path
 
 
@@ -166,16 +172,17 @@ class ModelRunner:
     def _warm_up_mixed_steps(self) -> None:
         """Compile, at start-up, the decode attention launches of eager mixed steps (steps past
         the largest prefill graph: their running decodes take the decode kernel eagerly). Its
-        number of splits follows the step's longest context, and Triton compiles a variant for
-        a count of 1, a multiple of 16, and any other: each would otherwise stall a step for
-        seconds the first time serving needs it. Eight decodes at a few lengths (1, 2-5, 16
-        and more splits for them) and a two-token prompt, over the dummy slot; few rows keep the
-        splits' scratch small at long contexts."""
+        number of splits S follows the step's longest context, and Triton compiles a variant
+        for each way S and heads x S (a scratch stride) divide by 16 or equal 1: each would
+        otherwise stall a step for seconds the first time serving needs it. Eight decodes at
+        lengths that give S = 1, 2, 3, 4, 5, 7, 8, 17 at 64 keys per split and 16 or more at
+        4 096 keys, and a two-token prompt, over the dummy slot; few rows keep the splits'
+        scratch small."""
         if self.max_model_len < 2:
             return
         dummy = self.kv.dummy_slot
         decodes = min(self.config.max_num_seqs - 1, 8)
-        for seq_len in sorted({min(n, self.max_model_len) for n in (1, 129, 257, 1025, 4096)}):
+        for seq_len in sorted({min(n, self.max_model_len) for n in (1, 65, 129, 193, 257, 385, 512, 1025, 4096)}):
             seqs = [SeqStep(row=0, start_pos=seq_len - 1, token_ids=[0], out_slots=[dummy], sample=False)] * decodes
             seqs.append(SeqStep(row=0, start_pos=0, token_ids=[0, 0], out_slots=[dummy, dummy], sample=False))
             self._forward_eager(seqs)
@@ -336,7 +343,7 @@ class ModelRunner:
         if self.graphs is not None:
             decode_idx = [i for i, s in enumerate(seqs) if self._is_plain_decode(s)]
             if not self.graphs.can_run(len(decode_idx)) or (
-                self.config.fuse_mixed_steps and len(decode_idx) < len(seqs)
+                len(decode_idx) < len(seqs) and self._fuses(seqs, decode_idx)
             ):  # all in one packed pass (its leading decodes still take the decode kernel)
                 decode_idx = []
         parts: list[tuple[torch.Tensor, list[int]]] = []  # (logits, their plan indices)
@@ -372,6 +379,15 @@ class ModelRunner:
         rows = to_device([seqs[i].row for i in sample_idx], torch.long, self.device)
         self.last_sampled.index_copy_(0, rows, pending.sampled)
         return PendingStep(result, pending, states)
+
+    def _fuses(self, seqs: list[SeqStep], decode_idx: list[int]) -> bool:
+        """Whether a step with prefill chunks runs its plain decodes (`decode_idx`) in the same
+        packed pass (see `_FUSED_MIN_DECODE_PROGRAMS`)."""
+        if not self.config.fuse_mixed_steps:
+            return False
+        if len(decode_idx) * self.num_kv_heads >= _FUSED_MIN_DECODE_PROGRAMS:
+            return True
+        return max((seqs[i].start_pos for i in decode_idx), default=0) < _FUSED_MAX_SHORT_CONTEXT
 
     def _forward_packed(
         self, seqs: list[SeqStep], plan_idx: list[int], result: StepResult

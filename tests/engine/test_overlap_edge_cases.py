@@ -283,6 +283,37 @@ def test_mixed_graph_and_eager_step_keeps_plan_order_and_placeholders(model_dir:
             assert a == pytest.approx(b, abs=1e-4)
 
 
+def test_few_long_decodes_keep_the_decode_graph(model_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A mixed step runs its decodes in the packed pass, unless they are few and long (the fused
+    # graph gives each one program per kv head): then they replay the decode graph.
+    import engine.model_runner as model_runner
+    from engine.plan import NewRow, SeqStep, StepPlan
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=4)
+    prompts = {0: list(range(5, 15)), 1: list(range(20, 30)), 2: [40, 41, 42]}
+
+    def plans():
+        yield StepPlan(1, [SeqStep(r, 0, prompts[r], [10 * r + i for i in range(10)], True,
+                                   new_row=NewRow(greedy, prompts[r], [])) for r in (0, 1)])
+        yield StepPlan(2, [SeqStep(0, 10, [7], [10], True), SeqStep(1, 10, [8], [20], True),
+                           SeqStep(2, 0, prompts[2], [30, 31, 32], True, new_row=NewRow(greedy, prompts[2], []))])
+
+    tokens = {}
+    for short_context in (model_runner._FUSED_MAX_SHORT_CONTEXT, 8):  # decodes at position 10: short, then long
+        monkeypatch.setattr(model_runner, "_FUSED_MAX_SHORT_CONTEXT", short_context)
+        runner = _runner(model_dir, graphs=True)
+        replays: list[int] = []
+
+        def counted(*args, run=runner.graphs.run, replays=replays):
+            replays.append(len(args[0]))
+            return run(*args)
+
+        runner.graphs.run = counted  # type: ignore[method-assign]
+        tokens[short_context] = [runner.execute(plan).sampled_token_ids for plan in plans()]
+        assert replays == ([] if short_context > 10 else [2])
+    assert tokens[8] == tokens[model_runner._FUSED_MAX_SHORT_CONTEXT]
+
+
 def test_mixed_step_warm_up_touches_only_the_dummy_slot(model_dir: str) -> None:
     # The start-up pass that compiles eager mixed steps' decode launches (on a GPU) runs decodes
     # up to the context length over the dummy slot: the pool and req_to_token stay as they were.
