@@ -374,8 +374,9 @@ class PrefillGraphs:
         seq[_S_SEQ_LEN, :n] = starts + new_lens
         seq[_S_CU, 1 : n + 1] = cu
         seq[_S_CU, n + 1 :] = num_tokens  # padding sequences: empty, after the real ones
-        # The leading one-token sequences take the decode launch, the others the tiles.
-        decodes = min(leading_decodes(new_lens.tolist()), self.decode_rows(bucket))
+        # The leading one-token sequences take the decode launch (it has a row for each: the
+        # bucket holds every token and max_seqs every sequence), the others the tiles.
+        decodes = leading_decodes(new_lens.tolist())
         seq[_S_DECODE_LEN, :decodes] = seq[_S_SEQ_LEN, :decodes]
         tiled = new_lens.copy()
         tiled[:decodes] = 0
