@@ -49,10 +49,14 @@ VARIANTS = [
 ]
 
 
-def use_variant(conversion: str, launch: tuple[int, int, int] | None) -> None:
+_FLOAT_LAUNCH = decode_module.FLOAT_LAUNCH
+
+
+def use_variant(conversion: str, launch: tuple[int, int, int] | None, float_launch=_FLOAT_LAUNCH) -> None:
     decode_module.INT8_ASM = conversion != "add"
     decode_module.INT8_PINNED = conversion == "pinned"
     decode_module.INT8_TC_LAUNCH = launch
+    decode_module.FLOAT_LAUNCH = float_launch
 
 
 def time_ms(fn) -> float:
@@ -95,6 +99,8 @@ def main() -> None:
     parser.add_argument("--prefill-launches", default=",".join(map(str, prefill_module.PREFILL_LAUNCH)),
                         help="prefill launches to time, 'M,N,warps,stages;...' (default: the engine's)")
     parser.add_argument("--variants", default="", help="comma-separated labels to run (default: all)")
+    parser.add_argument("--decode-launches", default="",
+                        help="more bf16 decode launches to time, 'N,warps,stages;...' (labels bf16-nNwWsS)")
     args = parser.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -102,14 +108,17 @@ def main() -> None:
     unknown = set(wanted) - {v[0] for v in VARIANTS}
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; known: {[v[0] for v in VARIANTS]}")
-    variants = [v for v in VARIANTS if not wanted or v[0] in wanted]
+    variants = [(*v, _FLOAT_LAUNCH) for v in VARIANTS if not wanted or v[0] in wanted]
+    for item in (x for x in args.decode_launches.split(";") if x):
+        n, w, st = (int(x) for x in item.split(","))
+        variants.append((f"bf16-n{n}w{w}s{st}", False, "asm", None, (n, w, st)))
     gen = torch.Generator().manual_seed(0)
     rows = []
     print(f"{'kernel':<8} {'kv':<20} {'batch':>5} {'len':>5} {'ms':>8} {'GB/s':>7}")
     for batch in (int(b) for b in args.batches.split(",")):
         for seq_len in (int(n) for n in args.lens.split(",")):
-            for kv, int8, conversion, launch in variants:
-                use_variant(conversion, launch)
+            for kv, int8, conversion, launch, float_launch in variants:
+                use_variant(conversion, launch, float_launch)
                 pool = make_pool(batch, seq_len, int8, gen)
                 q = torch.randn(batch, HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16).to(DEVICE)
                 rows_t = torch.arange(batch, device=DEVICE)

@@ -18,6 +18,10 @@
 #                      "no_overlap=--no-overlap-scheduling;seqs1024=--max-num-seqs 1024": each runs
 #                      after the KV dtypes' servers, with the first KV dtype plus its FLAGS, over
 #                      WORKLOADS_<LABEL> (or WORKLOADS)
+#   TREE_<LABEL>       serve that config from another source tree (a path, e.g. an unpacked `git archive`
+#                      of an earlier commit, carried as an ignored folder): A/B of two commits in one call
+#   PYSPY              labels of servers to run under py-spy (a wheel of it among .whl/), e.g. "kv-auto":
+#                      raw samples of every thread and the worker, in $OUT/spy_<LABEL>.txt
 #   SERVE_ARGS         more flags for `serve`; BENCH_ARGS more flags for `bench serve`
 #                      (e.g. "--num-requests 200" to cut every workload short)
 #   MODEL              default /tmp/llama8b; written by .gpu_tok/make_random_llama.py unless it
@@ -78,6 +82,7 @@ if [ "${SKIP_WHEELS:-0}" != 1 ]; then
 else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
+export PATH="/tmp/site/bin:$PATH"  # py-spy, when its wheel is carried
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PYTHON" -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__,
@@ -146,6 +151,12 @@ stop_server() {
         for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
         kill -KILL "$pid" 2>/dev/null
     done
+    if [ -n "${SPY_PID:-}" ]; then  # py-spy writes its samples once the server is gone
+        for _ in $(seq 60); do kill -0 "$SPY_PID" 2>/dev/null || break; sleep 0.5; done
+        kill -INT "$SPY_PID" 2>/dev/null
+        wait "$SPY_PID" 2>/dev/null
+        SPY_PID=
+    fi
     SERVER_PID=
 }
 trap stop_server EXIT
@@ -154,12 +165,31 @@ trap stop_server EXIT
 start_server() {
     local label=$1
     shift
-    echo "===== $label: serve $* =====" >>"$OUT/server.log"
+    local tree_var="TREE_${label//[^A-Za-z0-9_]/_}" pythonpath=$PYTHONPATH prefix=()
+    if [ -n "${!tree_var:-}" ]; then
+        pythonpath="$(cd "${!tree_var}" && pwd)${PYTHONPATH#"$PWD"}"
+    fi
+    if [[ " ${PYSPY:-} " == *" $label "* ]] && command -v py-spy >/dev/null; then
+        # py-spy starts the server as its child: it may trace it (and the worker) where attaching is not allowed
+        prefix=(py-spy record --rate 100 --format raw --threads --subprocesses --nonblocking
+                -o "$OUT/spy_$label.txt" --)
+    fi
+    echo "===== $label: serve $* (PYTHONPATH=$pythonpath) =====" >>"$OUT/server.log"
     # shellcheck disable=SC2086
-    "$PYTHON" -m openai_compat.cli serve --model "$MODEL" --port "$PORT" --no-access-log --shutdown-timeout 5 \
-        "$@" $SERVE_ARGS \
+    PYTHONPATH=$pythonpath "${prefix[@]}" "$PYTHON" -m openai_compat.cli serve --model "$MODEL" --port "$PORT" \
+        --no-access-log --shutdown-timeout 5 "$@" $SERVE_ARGS \
         >>"$OUT/server.log" 2>&1 &
     SERVER_PID=$!
+    SPY_PID=
+    if [ "${#prefix[@]}" -gt 0 ]; then
+        SPY_PID=$SERVER_PID
+        for _ in $(seq 50); do
+            SERVER_PID=$(pgrep -P "$SPY_PID" | head -n 1)
+            [ -n "$SERVER_PID" ] && break
+            sleep 0.1
+        done
+        SERVER_PID=${SERVER_PID:-$SPY_PID}
+    fi
     if ! "$PYTHON" - "$PORT" "$SERVER_PID" "$(($(left) - RESERVE_S))" <<'EOF'; then
 import os, sys, time
 import httpx

@@ -18,7 +18,8 @@ TOOLS=${TOOLS:-../shared/tools}
 # prometheus-client.
 PACKAGES=(pydantic pydantic-core pydantic-settings python-dotenv annotated-types typing-inspection
           starlette uvicorn openai jiter distro sniffio httpx2 httpcore2 truststore gguf
-          typing-extensions uvloop httptools)
+          typing-extensions uvloop httptools
+          py-spy)  # a sampling profiler, for gpu_bench.sh's PYSPY
 
 version_of() {  # the version installed in .venv, empty when none
     "$PY" -c "import importlib.metadata as m, sys

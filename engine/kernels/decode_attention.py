@@ -49,6 +49,9 @@ INT8_PINNED = True
 # pinned, 0.29 ms against 0.42 for (64, 4, 3) at 64 sequences x 4 096 keys and 0.31 against
 # 0.36 at 256 x 1 024 (docs/benchmarks.md); scripts/attention_bench.py times others.
 INT8_TC_LAUNCH: tuple[int, int, int] | None = (128, 4, 3)
+# (keys per block, warps, pipeline stages) of stage 1 over a float pool on a GPU
+# (scripts/attention_bench.py --decode-launches times others).
+FLOAT_LAUNCH: tuple[int, int, int] = (64, 4, 2)
 
 
 @triton.jit
@@ -371,6 +374,8 @@ def decode_attention(
 
     is_int8 = k_pool.dtype == torch.int8
     block_n, num_warps, num_stages = _block_n(q.device), 4, 2
+    if q.is_cuda:
+        block_n, num_warps, num_stages = FLOAT_LAUNCH
     if is_int8 and INT8_TC_LAUNCH is not None and q.is_cuda:
         block_n, num_warps, num_stages = INT8_TC_LAUNCH
     if num_splits is None:

@@ -232,6 +232,20 @@ def test_gpu_int8_variants(dtype: torch.dtype, variant: str, monkeypatch: pytest
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("launch", [(64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 3), (32, 4, 4)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_float_launches(launch: tuple[int, int, int], dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The launches scripts/attention_bench.py --decode-launches times, at the 8B shape, with a
+    # window cutting some sequences, into a poisoned output.
+    monkeypatch.setattr(decode_module, "FLOAT_LAUNCH", launch)
+    seq_lens = torch.randint(1, 3000, (64,), generator=torch.Generator().manual_seed(3)).tolist()
+    for window in (None, 700):
+        case = Case(seq_lens, num_heads=32, num_kv_heads=8, head_dim=128, dtype=dtype, window=window).to("cuda")
+        torch.testing.assert_close(case.run(max_seq_len=3000), case.reference(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(("batch", "seq_len"), [(1, 4096), (64, 1024), (256, 2048)])
 def test_gpu_timing_against_sdpa(batch: int, seq_len: int) -> None:
     """Prints kernel time beside SDPA on K/V already gathered into a dense batch (not an assertion)."""
