@@ -9,6 +9,8 @@ G = H // KV query heads of the group (a [BLOCK_G, D] query tile, so the scores a
 core dot) and keeps an online softmax in float32. It writes the split's normalized partial
 output and its log2-sum-exp to float32 scratch buffers.
 Stage 2 (`_decode_reduce_kernel`, grid [B, H]): merges the splits of each (sequence, head).
+With one split per sequence (a large batch: a CUDA graph's launch at 512 sequences) stage 1
+writes the output itself and there is no stage 2.
 
 The number of splits S comes from a host int (`max_seq_len`, which the caller knows, or
 `num_splits` itself), never from the device tensors, so the launcher never synchronizes and a
@@ -73,6 +75,7 @@ def _decode_split_kernel(
     seq_lens_ptr,
     mid_o_ptr,
     mid_lse_ptr,
+    out_ptr,
     sm_scale_log2,
     window,
     stride_qb,
@@ -97,6 +100,9 @@ def _decode_split_kernel(
     stride_mlb,
     stride_mlh,
     stride_mls,
+    stride_ob,
+    stride_oh,
+    stride_od,
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -108,10 +114,17 @@ def _decode_split_kernel(
     INT8_ASM: tl.constexpr,
     INT8_PINNED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DIRECT: tl.constexpr,  # one split: the output itself, no scratch and no stage 2
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_mask = offs_g < GROUP  # padded to BLOCK_G >= 16 rows for tl.dot
+    heads = kv_head * GROUP + offs_g
+    out_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
 
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
     first_key = 0
@@ -120,14 +133,12 @@ def _decode_split_kernel(
     split_len = _split_len(seq_len - first_key, num_splits, BLOCK_N)
     split_start = first_key + split * split_len
     if split_start >= seq_len:
+        if DIRECT:  # a sequence without keys gets zeros
+            zeros = tl.zeros([BLOCK_G, HEAD_DIM], dtype=out_ptr.dtype.element_ty)
+            tl.store(out_ptrs, zeros, mask=g_mask[:, None])
         return  # stage 2 only reads the splits that hold keys
     split_end = tl.minimum(split_start + split_len, seq_len)
     row = tl.load(req_indices_ptr + b).to(tl.int64)
-
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, HEAD_DIM)
-    g_mask = offs_g < GROUP  # padded to BLOCK_G >= 16 rows for tl.dot
-    heads = kv_head * GROUP + offs_g
     q = tl.load(
         q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
         mask=g_mask[:, None],
@@ -184,6 +195,9 @@ def _decode_split_kernel(
         m_i = m_new
 
     mid_o = acc / l_i[:, None]
+    if DIRECT:
+        tl.store(out_ptrs, mid_o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+        return
     tl.store(
         mid_o_ptr
         + b * stride_mob
@@ -380,8 +394,12 @@ def decode_attention(
         block_n, num_warps, num_stages = INT8_TC_LAUNCH
     if num_splits is None:
         num_splits = default_num_splits(q.device, batch * num_kv_heads, num_keys)
-    mid_o = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    direct = num_splits == 1
+    if direct:  # stage 1 writes `out` itself: no scratch (any tensor will do for its unused pointers)
+        mid_o, mid_lse = out.unsqueeze(2), out[:, :, :1]
+    else:
+        mid_o = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     # Unused pointer arguments when the pool is not int8: any tensor will do.
     ks = k_scale if k_scale is not None else seq_lens
     vs = v_scale if v_scale is not None else seq_lens
@@ -391,9 +409,9 @@ def decode_attention(
 
     grid = (batch, num_kv_heads, num_splits)
     args = (
-        q, k_pool, v_pool, ks, vs, req_to_token, req_indices, seq_lens, mid_o, mid_lse, scale * _LOG2E, window,
-        *q.stride(), *k_pool.stride(), *v_pool.stride(), *ks_strides, *vs_strides, *req_to_token.stride(),
-        *mid_o.stride(), *mid_lse.stride(),
+        q, k_pool, v_pool, ks, vs, req_to_token, req_indices, seq_lens, mid_o, mid_lse, out, scale * _LOG2E,
+        window, *q.stride(), *k_pool.stride(), *v_pool.stride(), *ks_strides, *vs_strides,
+        *req_to_token.stride(), *mid_o.stride(), *mid_lse.stride(), *out.stride(),
     )
     _decode_split_kernel[grid](
         *args,
@@ -410,9 +428,12 @@ def decode_attention(
         INT8_ASM=INT8_ASM and q.is_cuda,
         INT8_PINNED=INT8_PINNED,
         DOT_PRECISION=dot_precision(q.dtype),
+        DIRECT=direct,
         num_warps=num_warps,
         num_stages=num_stages,
     )
+    if direct:
+        return out
     _decode_reduce_kernel[(batch, num_heads)](
         mid_o,
         mid_lse,
