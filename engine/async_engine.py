@@ -11,6 +11,8 @@ computes. A worker that dies, or hangs past the step timeout (the worker client'
 fails every in-flight request with `EngineDeadError`.
 Each request has an `asyncio.Queue` of delta outputs; `generate()` turns them into what the
 caller's `output_kind` asks for. Closing the iterator early aborts the request.
+A streaming consumer may instead have its outputs pushed (`push`): the loop calls it with each
+step's outputs once the next step is sent, so a stream costs a call, not a task waking up.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -33,6 +35,7 @@ from engine.worker import ProgressFn
 logger = logging.getLogger(__name__)
 
 _Item = RequestOutput | BaseException
+Sink = Callable[[_Item], None]
 _IDLE_CHECK_S = 0.5  # how often an idle engine checks that its worker is alive
 _STATS_LOG_S = 10.0  # how often a busy engine logs where its steps' time went
 
@@ -47,15 +50,16 @@ class StepTimes:
     came after the next step's launch (`EngineConfig.launch_ahead`); loop lag: from the result's
     arrival to the loop taking it up, the event loop busy with other work (the requests'
     handlers streaming, new requests): part of the round trip, and while it lasts the next
-    step is not planned; process: appending tokens, stop checks, detokenizing; rest: handing
-    outputs to the requests' queues (their handlers stream them while the worker runs the
+    step is not planned; push: the previous step's outputs handed to pushed streams (written
+    to their sockets) while the worker runs; process: appending tokens, stop checks,
+    detokenizing; rest: handing outputs to the requests' queues (their handlers stream them while the worker runs the
     next step, inside its round trip). loop cpu: the event loop thread's CPU time per step,
     this loop's phases and everything else on it (the handlers, HTTP): when it nears the
     step's wall time, the event loop, not the GPU, sets the pace.
     """
 
     PHASES = ("schedule", "worker", "process", "rest")  # consecutive spans of the loop
-    WORKER_TIMES = ("execute", "worker idle", "loop lag")  # within the worker's round trip
+    WORKER_TIMES = ("execute", "worker idle", "loop lag", "push")  # within the worker's round trip
     LOOP_CPU = "loop cpu"
 
     def __init__(self) -> None:
@@ -81,9 +85,12 @@ class StepTimes:
             self._paused = None
             self._idle_before_next = True
 
-    def add(self, seqs: int, tokens: int, times: tuple[float, ...], result: StepResult, lag: float) -> None:
+    def add(
+        self, seqs: int, tokens: int, times: tuple[float, ...], result: StepResult, lag: float, push: float = 0.0
+    ) -> None:
         self.steps += 1
         self.seconds["loop lag"] += lag
+        self.seconds["push"] += push
         self.seconds["execute"] += result.execute_seconds
         if self._idle_before_next:  # the worker waited for work that did not exist yet
             self._idle_before_next = False
@@ -114,6 +121,7 @@ class AsyncEngine:
         self.config = config if config is not None else EngineConfig(**kwargs)
         self.core: EngineCore | None = None
         self._queues: dict[str, asyncio.Queue[_Item]] = {}
+        self._sinks: dict[str, Sink] = {}  # requests whose outputs are pushed (`push`)
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._recv_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightgate-recv")
@@ -213,13 +221,33 @@ class AsyncEngine:
                     yield acc.result()
         finally:
             self._queues.pop(request_id, None)
+            self._sinks.pop(request_id, None)
             if not finished:
                 self._abort(request_id)
 
+    def push(self, request_id: str, sink: Sink) -> None:
+        """From now on, hand `request_id`'s outputs (delta outputs: its `generate()` must use
+        `RequestOutputKind.DELTA`) and errors to `sink` instead of its `generate()` iterator:
+        first those already queued, in order, now; then each step's, from the engine loop once
+        the next step is sent. `sink` must not block or raise. The iterator stays open: closing
+        it ends the request as before (an abort unless it finished)."""
+        queue = self._queues.get(request_id)
+        if queue is None:
+            raise KeyError(f"no open request {request_id!r}")
+        self._sinks[request_id] = sink
+        while not queue.empty():
+            _call_sink(sink, queue.get_nowait())
+
     async def abort(self, request_id: str) -> None:
         out = self._abort(request_id)
+        if out is None:
+            return
+        sink = self._sinks.get(request_id)
+        if sink is not None:
+            _call_sink(sink, out)
+            return
         queue = self._queues.get(request_id)
-        if out is not None and queue is not None:
+        if queue is not None:
             queue.put_nowait(out)
 
     def _abort(self, request_id: str) -> RequestOutput | None:
@@ -233,9 +261,11 @@ class AsyncEngine:
         core = self._core()
         loop = asyncio.get_running_loop()
         times = StepTimes()
+        pushed: list[RequestOutput] = []  # the last step's outputs for pushed streams, handed over after the next send
         try:
             while True:
                 if not core.has_work:
+                    self._deliver(pushed)
                     self._wakeup.clear()
                     times.pause()
                     try:
@@ -249,41 +279,92 @@ class AsyncEngine:
                 t0 = time.perf_counter()
                 plans = core.plan_ahead()  # step k+1 (and at first step k too), while step k runs
                 if not core.in_flight:
+                    self._deliver(pushed)
                     await asyncio.sleep(0.001)
                     continue
                 t1 = time.perf_counter()
-                result, received = await loop.run_in_executor(self._recv_thread, self._send_and_recv, plans)
+                sent: asyncio.Future[None] | None = loop.create_future() if pushed else None
+                step = loop.run_in_executor(self._recv_thread, self._send_and_recv, plans, sent)
+                push_seconds = 0.0
+                if sent is not None:
+                    # The last step's outputs go to their streams while the worker runs this one,
+                    # once its plan is out: the sending thread needs the GIL that pushing holds.
+                    await sent
+                    t_push = time.perf_counter()
+                    self._deliver(pushed)
+                    push_seconds = time.perf_counter() - t_push
+                result, received = await step
                 t2 = time.perf_counter()
                 sched, plan = core.in_flight[0]
                 outputs = core.process_oldest(result)
                 t3 = time.perf_counter()
+                sinks = self._sinks
                 for out in outputs:
+                    if out.request_id in sinks:
+                        pushed.append(out)
+                        continue
                     queue = self._queues.get(out.request_id)
                     if queue is not None:
                         queue.put_nowait(out)
                 # No yield here: the next step is planned and sent first, and the requests' handlers
                 # stream these outputs while the worker runs (they run during that await).
                 t4 = time.perf_counter()
-                times.add(len(plan.seqs), sched.num_batched_tokens, (t0, t1, t2, t3, t4), result, t2 - received)
+                times.add(
+                    len(plan.seqs), sched.num_batched_tokens, (t0, t1, t2, t3, t4), result, t2 - received,
+                    push_seconds,
+                )
                 times.maybe_log(t4, core.stats())
         except EngineDeadError as e:
+            self._deliver(pushed)
             self._fail_all(e)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a bug in the loop must not leave clients hanging
             logger.exception("engine loop failed")
+            self._deliver(pushed)
             self._fail_all(EngineDeadError(f"engine loop failed: {e!r}"))
 
-    def _send_and_recv(self, plans: list[StepPlan]) -> tuple[StepResult, float]:
-        """In the receiving thread: send the new plans, then wait for the oldest step's result
-        -> (the result, when it came)."""
+    def _deliver(self, pushed: list[RequestOutput]) -> None:
+        """Hand outputs to their pushed streams (and empty the list)."""
+        sinks = self._sinks
+        for out in pushed:
+            sink = sinks.get(out.request_id)
+            if sink is not None:
+                _call_sink(sink, out)
+        pushed.clear()
+
+    def _send_and_recv(
+        self, plans: list[StepPlan], sent: asyncio.Future[None] | None = None
+    ) -> tuple[StepResult, float]:
+        """In the receiving thread: send the new plans (then resolve `sent`), then wait for the
+        oldest step's result -> (the result, when it came)."""
         core = self._core()
-        for plan in plans:
-            core.worker.send_step(plan)
+        try:
+            for plan in plans:
+                core.worker.send_step(plan)
+        finally:
+            if sent is not None:
+                sent.get_loop().call_soon_threadsafe(_resolve, sent)
         result = core.worker.recv_result()
         return result, time.perf_counter()
 
     def _fail_all(self, error: EngineDeadError) -> None:
         self.dead_error = error
-        for queue in self._queues.values():
-            queue.put_nowait(error)
+        for request_id, queue in list(self._queues.items()):
+            sink = self._sinks.get(request_id)
+            if sink is not None:
+                _call_sink(sink, error)
+            else:
+                queue.put_nowait(error)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _call_sink(sink: Sink, item: _Item) -> None:
+    try:
+        sink(item)
+    except Exception:  # one stream's bug must not stop the engine loop or the other streams
+        logger.exception("a pushed stream failed to take an output")

@@ -170,12 +170,12 @@ class EngineCore:
         state = self.requests.pop(request_id, None)
         if state is None:
             return None
-        self.scheduler.abort(request_id)
-        outputs = [
+        outputs = [  # the choices still running end as aborted (before the scheduler marks them so)
             CompletionOutput(c.seq.index, "", [], [] if state.params.logprobs is not None else None, "abort")
             for c in state.choices
             if not c.seq.status.is_finished
         ]
+        self.scheduler.abort(request_id)
         return self._output(state, outputs, finished=True)
 
     def has_unfinished(self) -> bool:

@@ -36,6 +36,7 @@ from openai_compat.serving_base import ServerState
 from openai_compat.serving_chat import ChatServing
 from openai_compat.serving_completions import CompletionServing
 from openai_compat.serving_tokenize import detokenize, tokenize
+from openai_compat.sse import RAW_SEND
 
 logger = logging.getLogger("lightgate")
 
@@ -236,6 +237,16 @@ def build_app(
     if settings.max_request_body_bytes:
         middleware.append(Middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes))
     handlers: dict[Any, Any] = {OpenAIError: _openai_error, HTTPException: _http_error, Exception: _openai_error}
-    app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
+    app = _App(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
     app.state.server = state
     return app
+
+
+class _App(Starlette):
+    """Puts the server's own `send` in each scope (`RAW_SEND`): a pushed stream's body messages
+    go through it, past the middleware's wrappers (which look at a response's start only), at
+    one event per token per stream."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[RAW_SEND] = send
+        await super().__call__(scope, receive, send)

@@ -235,6 +235,32 @@ class GenerationStream:
             out = await self._outputs.__anext__()
         except StopAsyncIteration:
             raise OpenAIError("The request ended without output.", 500, "server_error") from None
+        self._observe(out)
+        return out
+
+    def push(self, on_output: Callable[[RequestOutput], None], on_error: Callable[[BaseException], None]) -> None:
+        """Hand the rest of the outputs (the prefetched one first, now) to `on_output`, called
+        from the engine loop as steps finish, instead of `next_output()`; an engine error goes
+        to `on_error`. Neither may block or raise. `close()` still ends the request."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            on_output(pending)
+        if self.finished:
+            return
+
+        def take(item: RequestOutput | BaseException) -> None:
+            if self.finished:  # closed meanwhile
+                return
+            if isinstance(item, BaseException):
+                self.finished = True
+                on_error(item)
+                return
+            self._observe(item)
+            on_output(item)
+
+        self._engine.push(self.request_id, take)
+
+    def _observe(self, out: RequestOutput) -> None:
         num_new = sum(len(c.token_ids) for c in out.outputs)
         self.num_generated_tokens += num_new
         self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
@@ -246,18 +272,16 @@ class GenerationStream:
             self.finished = True
             reasons = self._finish_reasons
             self._recorder.on_finish(reasons.get(0) or next(iter(reasons.values()), "stop"))
-        return out
 
     async def close(self) -> None:
         """Abort the request unless it finished; safe to call more than once."""
-        if self.finished:
-            return
-        self.finished = True
-        self._recorder.on_finish("abort")
+        if not self.finished:
+            self.finished = True
+            self._recorder.on_finish("abort")
+            await self._engine.abort(self.request_id)
         aclose = getattr(self._outputs, "aclose", None)
-        if aclose is not None:
+        if aclose is not None:  # a pushed stream's iterator is still open: its end unregisters it
             await aclose()
-        await self._engine.abort(self.request_id)
 
 
 async def open_streams(

@@ -9,14 +9,14 @@ chunk per engine output that changed it, the last one carrying its finish_reason
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from engine import PromptTooLongError
+from engine import PromptTooLongError, RequestOutput
 from openai_compat.errors import OpenAIError, from_exception, unsupported
 from openai_compat.logprobs import chat_logprobs
 from openai_compat.prompt_size import check_prompt_text
@@ -44,7 +44,14 @@ from openai_compat.serving_base import (
     open_streams,
     parse_body,
 )
-from openai_compat.sse import DONE, ClientDisconnected, SSEResponse, format_event, run_until_disconnect
+from openai_compat.sse import (
+    DONE,
+    ClientDisconnected,
+    DirectWriter,
+    PushSSEResponse,
+    format_event,
+    run_until_disconnect,
+)
 from openai_compat.stream_chunks import ChunkTemplate
 
 
@@ -171,7 +178,7 @@ class ChatServing:
             raise from_exception(e, state.settings.retry_after_s) from None
         stream = streams[0]
         if req.stream:
-            return SSEResponse(self._events(req, stream, request_id), cleanup=stream.close)
+            return self._push_events(req, stream, request_id)
         try:
             response = await run_until_disconnect(request, self._collect(req, stream, request_id))
         except ClientDisconnected:
@@ -221,54 +228,93 @@ class ChatServing:
             usage=make_usage(len(stream.prompt_ids), stream.num_generated_tokens, stream.num_cached_tokens),
         )
 
-    async def _events(self, req: ChatCompletionRequest, stream: GenerationStream, request_id: str) -> AsyncIterator[bytes]:
-        created = int(time.time())
-        exclude = None if req.include_usage else {"usage"}
+    def _push_events(self, req: ChatCompletionRequest, stream: GenerationStream, request_id: str) -> PushSSEResponse:
+        """The stream's events, written as the engine loop hands its outputs over."""
+        events = _ChatEvents(self, req, stream, request_id)
 
-        template = ChunkTemplate(
+        def start(writer: DirectWriter) -> None:
+            def on_output(out: RequestOutput) -> None:
+                try:
+                    for event in events.events(out):
+                        writer.write(event)
+                    if out.finished:
+                        for event in events.closing():
+                            writer.write(event)
+                        writer.end(DONE)
+                except Exception as e:  # an abort the client did not ask for
+                    on_error(e)
+
+            def on_error(e: BaseException) -> None:  # the engine died
+                writer.write(format_event(from_exception(e).sse_data()))
+                writer.end(DONE)
+
+            for event in events.opening():
+                writer.write(event)
+            stream.push(on_output, on_error)
+
+        return PushSSEResponse(start, cleanup=stream.close)
+
+
+class _ChatEvents:
+    """The SSE events of one streamed chat completion: each choice opens with a chunk
+    {"role": "assistant", "content": ""}, then one chunk per engine output that changed it, the
+    last one carrying its finish_reason; with `stream_options.include_usage` a usage chunk closes."""
+
+    def __init__(self, serving: ChatServing, req: ChatCompletionRequest, stream: GenerationStream, request_id: str):
+        self.serving = serving
+        self.req = req
+        self.stream = stream
+        self.request_id = request_id
+        self.created = int(time.time())
+        self.exclude = None if req.include_usage else {"usage"}
+        self.template = ChunkTemplate(
             ChatCompletionChunk(
-                id=request_id, created=created, model=req.model, system_fingerprint=SYSTEM_FINGERPRINT, choices=[]
+                id=request_id, created=self.created, model=req.model, system_fingerprint=SYSTEM_FINGERPRINT,
+                choices=[],
             ),
-            exclude,
+            self.exclude,
         )
 
-        def chunk(choice: ChatStreamChoice | None) -> bytes:
-            payload = ChatCompletionChunk(
-                id=request_id, created=created, model=req.model, system_fingerprint=SYSTEM_FINGERPRINT,
-                choices=[choice] if choice is not None else [],
-            )
-            return format_event(payload.model_dump_json(exclude=exclude))
+    def _chunk(self, choice: ChatStreamChoice | None, usage: Any = None) -> bytes:
+        payload = ChatCompletionChunk(
+            id=self.request_id, created=self.created, model=self.req.model, system_fingerprint=SYSTEM_FINGERPRINT,
+            choices=[choice] if choice is not None else [], usage=usage,
+        )
+        return format_event(payload.model_dump_json(exclude=self.exclude if usage is None else None))
 
-        try:
-            for i in range(stream.params.n):
-                yield chunk(ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
-            while (out := await stream.next_output()) is not None:
-                for c in out.outputs:
-                    reason = finish_reason(c.finish_reason) if c.finish_reason is not None else None
-                    if not c.text and reason is None and not (req.logprobs and c.token_ids):
-                        continue  # text held back (a partial character or a possible stop string)
-                    content = c.text if c.text or reason is None else None
-                    logprobs = self._logprobs(req, c.token_ids, c.logprobs)
-                    if logprobs is None:  # most chunks: content only
-                        yield template.chat(c.index, content, reason)
-                        continue
-                    yield chunk(
-                        ChatStreamChoice(
-                            index=c.index,
-                            delta=DeltaMessage(content=content),
-                            logprobs=logprobs,
-                            finish_reason=reason,  # type: ignore[arg-type]
-                        )
+    def opening(self) -> list[bytes]:
+        return [
+            self._chunk(ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
+            for i in range(self.stream.params.n)
+        ]
+
+    def events(self, out: RequestOutput) -> list[bytes]:
+        """One output's chunks; raises OpenAIError for an abort the client did not ask for."""
+        req = self.req
+        events = []
+        for c in out.outputs:
+            reason = finish_reason(c.finish_reason) if c.finish_reason is not None else None
+            if not c.text and reason is None and not (req.logprobs and c.token_ids):
+                continue  # text held back (a partial character or a possible stop string)
+            content = c.text if c.text or reason is None else None
+            logprobs = self.serving._logprobs(req, c.token_ids, c.logprobs)
+            if logprobs is None:  # most chunks: content only
+                events.append(self.template.chat(c.index, content, reason))
+                continue
+            events.append(
+                self._chunk(
+                    ChatStreamChoice(
+                        index=c.index,
+                        delta=DeltaMessage(content=content),
+                        logprobs=logprobs,
+                        finish_reason=reason,  # type: ignore[arg-type]
                     )
-            if req.include_usage:
-                usage = make_usage(len(stream.prompt_ids), stream.num_generated_tokens, stream.num_cached_tokens)
-                payload = ChatCompletionChunk(
-                    id=request_id, created=created, model=req.model, system_fingerprint=SYSTEM_FINGERPRINT,
-                    choices=[], usage=usage,
                 )
-                yield format_event(payload.model_dump_json())
-        except Exception as e:  # the engine died, or an abort the client did not ask for
-            yield format_event(from_exception(e).sse_data())
-        finally:
-            await stream.close()
-        yield DONE
+            )
+        return events
+
+    def closing(self) -> list[bytes]:
+        if not self.req.include_usage:
+            return []
+        stream = self.stream
+        return [self._chunk(None, make_usage(len(stream.prompt_ids), stream.num_generated_tokens, stream.num_cached_tokens))]

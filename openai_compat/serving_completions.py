@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -36,7 +36,14 @@ from openai_compat.serving_base import (
     open_streams,
     parse_body,
 )
-from openai_compat.sse import DONE, ClientDisconnected, SSEResponse, format_event, run_until_disconnect
+from openai_compat.sse import (
+    DONE,
+    ClientDisconnected,
+    DirectWriter,
+    PushSSEResponse,
+    format_event,
+    run_until_disconnect,
+)
 from openai_compat.stream_chunks import ChunkTemplate
 
 
@@ -128,7 +135,7 @@ class CompletionServing:
             for i in range(params.n)
         }
         if req.stream:
-            return SSEResponse(self._events(req, streams, choices, request_id), cleanup=partial(close_all, streams))
+            return self._push_events(req, streams, choices, request_id)
         try:
             response = await run_until_disconnect(request, self._collect(req, streams, choices, request_id))
         except ClientDisconnected:
@@ -183,79 +190,95 @@ class CompletionServing:
             usage=self._usage(streams),
         )
 
-    async def _events(
+    def _push_events(
         self, req: CompletionRequest, streams: list[GenerationStream], choices: dict[tuple[int, int], _Choice],
         request_id: str,
-    ) -> AsyncIterator[bytes]:
-        created = int(time.time())
-        exclude = None if req.include_usage else {"usage"}
-        n = streams[0].params.n
-        template = ChunkTemplate(
+    ) -> PushSSEResponse:
+        """Every prompt's events as the engine loop hands their outputs over; the usage chunk and
+        `[DONE]` once the last prompt finished."""
+        events = _CompletionEvents(self, req, streams, choices, request_id)
+
+        def start(writer: DirectWriter) -> None:
+            remaining = len(streams)
+
+            def on_error(e: BaseException) -> None:  # the engine died, or an abort not asked for
+                writer.write(format_event(from_exception(e).sse_data()))
+                writer.end(DONE)
+
+            def taker(p: int) -> Callable[[RequestOutput], None]:
+                def on_output(out: RequestOutput) -> None:
+                    nonlocal remaining
+                    try:
+                        for event in events.events(p, out):
+                            writer.write(event)
+                        if out.finished:
+                            remaining -= 1
+                            if not remaining:
+                                for event in events.closing():
+                                    writer.write(event)
+                                writer.end(DONE)
+                    except Exception as e:
+                        on_error(e)
+
+                return on_output
+
+            for p, stream in enumerate(streams):
+                stream.push(taker(p), on_error)
+
+        return PushSSEResponse(start, cleanup=partial(close_all, streams))
+
+
+class _CompletionEvents:
+    """The SSE events of a streamed completion: a chunk per choice per engine output that
+    changed it (the echo first), the last one with its finish_reason; with
+    `stream_options.include_usage` a usage chunk closes."""
+
+    def __init__(
+        self, serving: CompletionServing, req: CompletionRequest, streams: list[GenerationStream],
+        choices: dict[tuple[int, int], _Choice], request_id: str,
+    ) -> None:
+        self.serving = serving
+        self.req = req
+        self.streams = streams
+        self.choices = choices
+        self.request_id = request_id
+        self.created = int(time.time())
+        self.exclude = None if req.include_usage else {"usage"}
+        self.n = streams[0].params.n
+        self.template = ChunkTemplate(
             CompletionResponse(
-                id=request_id, created=created, model=req.model, system_fingerprint=SYSTEM_FINGERPRINT, choices=[]
+                id=request_id, created=self.created, model=req.model, system_fingerprint=SYSTEM_FINGERPRINT,
+                choices=[],
             ),
-            exclude,
+            self.exclude,
         )
-        outputs = merge_outputs(streams)
-        try:
-            async for p, out in outputs:
-                for c in out.outputs:
-                    reason = finish_reason(c.finish_reason) if c.finish_reason is not None else None
-                    text, logprobs = choices[(p, c.index)].delta(out, c.token_ids, c.text, c.logprobs)
-                    if not text and reason is None and not (logprobs and logprobs.tokens):
-                        continue
-                    if logprobs is None:  # most chunks: text only
-                        yield template.completion(p * n + c.index, text, reason)
-                        continue
-                    chunk = CompletionResponse(
-                        id=request_id, created=created, model=req.model, system_fingerprint=SYSTEM_FINGERPRINT,
-                        choices=[CompletionChoice(index=p * n + c.index, text=text, logprobs=logprobs,
-                                                  finish_reason=reason)],  # type: ignore[arg-type]
-                    )
-                    yield format_event(chunk.model_dump_json(exclude=exclude))
-            if req.include_usage:
-                chunk = CompletionResponse(
-                    id=request_id, created=created, model=req.model, system_fingerprint=SYSTEM_FINGERPRINT,
-                    choices=[], usage=self._usage(streams),
-                )
-                yield format_event(chunk.model_dump_json())
-        except Exception as e:  # the engine died, or an abort the client did not ask for
-            yield format_event(from_exception(e).sse_data())
-        finally:
-            await outputs.aclose()
-            await close_all(streams)
-        yield DONE
 
+    def events(self, p: int, out: RequestOutput) -> list[bytes]:
+        """Prompt `p`'s output as chunks; raises OpenAIError for an abort the client did not ask for."""
+        events = []
+        for c in out.outputs:
+            reason = finish_reason(c.finish_reason) if c.finish_reason is not None else None
+            text, logprobs = self.choices[(p, c.index)].delta(out, c.token_ids, c.text, c.logprobs)
+            if not text and reason is None and not (logprobs and logprobs.tokens):
+                continue
+            index = p * self.n + c.index
+            if logprobs is None:  # most chunks: text only
+                events.append(self.template.completion(index, text, reason))
+                continue
+            chunk = CompletionResponse(
+                id=self.request_id, created=self.created, model=self.req.model,
+                system_fingerprint=SYSTEM_FINGERPRINT,
+                choices=[CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                          finish_reason=reason)],  # type: ignore[arg-type]
+            )
+            events.append(format_event(chunk.model_dump_json(exclude=self.exclude)))
+        return events
 
-async def merge_outputs(streams: list[GenerationStream]) -> AsyncGenerator[tuple[int, RequestOutput], None]:
-    """(prompt index, output) from all streams as they arrive."""
-    if len(streams) == 1:
-        while (out := await streams[0].next_output()) is not None:
-            yield 0, out
-        return
-    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
-
-    async def pump(p: int, stream: GenerationStream) -> None:
-        try:
-            while (out := await stream.next_output()) is not None:
-                queue.put_nowait((p, out))
-        except Exception as e:
-            queue.put_nowait((p, e))
-        finally:
-            queue.put_nowait((p, None))
-
-    tasks = [asyncio.ensure_future(pump(p, s)) for p, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            p, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield p, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    def closing(self) -> list[bytes]:
+        if not self.req.include_usage:
+            return []
+        chunk = CompletionResponse(
+            id=self.request_id, created=self.created, model=self.req.model, system_fingerprint=SYSTEM_FINGERPRINT,
+            choices=[], usage=self.serving._usage(self.streams),
+        )
+        return [format_event(chunk.model_dump_json())]

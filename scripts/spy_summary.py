@@ -49,7 +49,8 @@ def main() -> None:
             while (m := _PROCESS.match(stack)) is not None:
                 process, stack = m.group(1), stack[m.end() :]
             frames = stack.split(";")
-            if not process or len(frames) < 2:
+            process = process or "-"  # recorded without --subprocesses
+            if len(frames) < 2:
                 continue
             key = (process, frames[0])  # the process id, "thread (TID)" or with its name
             if args.thread and args.thread not in " ".join(key):

@@ -137,6 +137,69 @@ async def test_closing_the_stream_aborts_and_frees_slots(model_dir: str) -> None
         await engine.shutdown()
 
 
+async def test_pushed_outputs_match_the_iterated_ones(model_dir: str) -> None:
+    # A pushed stream gets the same deltas as an iterated one, from the engine loop, in order,
+    # the finish once; closing its (still open) iterator afterwards aborts nothing.
+    engine = await _started(model_dir)
+    try:
+        prompt = [5, 9, 11, 200, 17]
+        params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, n=2, seed=1,
+                                output_kind=RequestOutputKind.DELTA)
+        want: dict[int, list[int]] = {0: [], 1: []}
+        async for out in engine.generate(prompt, params, "iterated"):
+            for c in out.outputs:
+                want[c.index] += c.token_ids
+        got: dict[int, list[int]] = {0: [], 1: []}
+        finishes: list[int] = []
+        done = asyncio.get_running_loop().create_future()
+
+        def sink(item: object) -> None:
+            assert not isinstance(item, BaseException)
+            for c in item.outputs:  # type: ignore[attr-defined]
+                got[c.index] += c.token_ids
+                if c.finish_reason is not None:
+                    finishes.append(c.index)
+            if item.finished:  # type: ignore[attr-defined]
+                done.set_result(None)
+
+        stream = engine.generate(prompt, params, "pushed")
+        first = await stream.__anext__()
+        sink(first)
+        engine.push("pushed", sink)
+        await asyncio.wait_for(done, 10)
+        assert got == want and sorted(finishes) == [0, 1]
+        await stream.aclose()
+        assert "pushed" not in engine._sinks and "pushed" not in engine._queues
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_pushed_stream_gets_the_abort_and_the_engine_death(model_dir: str) -> None:
+    engine = await _started(model_dir)
+    try:
+        params = SamplingParams(max_tokens=400, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+        items: dict[str, list[object]] = {"a": [], "b": []}
+        streams = {}
+        for rid in items:
+            streams[rid] = engine.generate(list(range(3, 40)), params, rid)
+            await streams[rid].__anext__()
+            engine.push(rid, items[rid].append)
+        await engine.abort("a")  # the abort output comes to the sink at once
+        assert items["a"][-1].finished and items["a"][-1].outputs[0].finish_reason == "abort"  # type: ignore[attr-defined]
+        assert engine.stats().num_running == 1
+        pid = engine.core.worker.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while not (items["b"] and isinstance(items["b"][-1], EngineDeadError)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert isinstance(items["b"][-1], EngineDeadError)
+        for stream in streams.values():
+            await stream.aclose()
+    finally:
+        await engine.shutdown()
+
+
 async def test_a_killed_worker_fails_running_requests_within_seconds(model_dir: str) -> None:
     engine = await _started(model_dir)
     try:
@@ -182,7 +245,7 @@ def test_step_times_are_logged_per_step_while_busy(caplog: pytest.LogCaptureFixt
     t = times.since
     result = StepResult(1, [], [], execute_seconds=0.009, wait_seconds=0.0005)
     times.add(3, 40, (t, t + 0.001, t + 0.011, t + 0.013, t + 0.014), result, 0.001)
-    times.add(3, 3, (t, t + 0.001, t + 0.011, t + 0.013, t + 0.014), result, 0.002)
+    times.add(3, 3, (t, t + 0.001, t + 0.011, t + 0.013, t + 0.014), result, 0.002, push=0.004)
     with caplog.at_level(logging.INFO, logger="engine.async_engine"):
         times.maybe_log(t + 1.0, stats)  # too soon: nothing
         assert not caplog.records
@@ -191,7 +254,7 @@ def test_step_times_are_logged_per_step_while_busy(caplog: pytest.LogCaptureFixt
     message = record.getMessage()
     assert "3.0 seqs and 22 tokens per step" in message and (
         "schedule 1.00, worker 10.00, process 2.00, rest 1.00, execute 9.00, worker idle 0.50, loop lag 1.50, "
-        "loop cpu "
+        "push 2.00, loop cpu "
     ) in message
     assert "running 3, waiting 1, KV cache 25%" in message
     assert times.steps == 0  # the next interval starts empty
