@@ -68,6 +68,10 @@ PORT=${PORT:-8000}
 OUT=${OUT:-out}
 RES=$(mktemp -d /tmp/gpu_bench.XXXXXX)
 mkdir -p "$OUT"
+# Absolute paths: a server of another tree (TREE_<LABEL>) starts in that tree.
+OUT=$(cd "$OUT" && pwd)
+case $MODEL in /*) ;; *) MODEL=$PWD/$MODEL ;; esac
+case $PYTHON in */*) PYTHON=$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON") ;; esac
 exec > >(tee -a "$OUT/gpu_bench.log") 2>&1
 export PYTHONUNBUFFERED=1
 
@@ -165,19 +169,23 @@ trap stop_server EXIT
 start_server() {
     local label=$1
     shift
-    local tree_var="TREE_${label//[^A-Za-z0-9_]/_}" pythonpath=$PYTHONPATH prefix=()
+    local tree_var="TREE_${label//[^A-Za-z0-9_]/_}" pythonpath=$PYTHONPATH prefix=() dir=$PWD
     if [ -n "${!tree_var:-}" ]; then
-        pythonpath="$(cd "${!tree_var}" && pwd)${PYTHONPATH#"$PWD"}"
+        # `python -m` puts the working directory first on sys.path: the server starts in the tree
+        dir=$(cd "${!tree_var}" && pwd)
+        pythonpath="$dir${PYTHONPATH#"$PWD"}"
     fi
     if [[ " ${PYSPY:-} " == *" $label "* ]] && command -v py-spy >/dev/null; then
         # py-spy starts the server as its child: it may trace it (and the worker) where attaching is not allowed
         prefix=(py-spy record --rate 100 --format raw --threads --subprocesses --nonblocking
                 -o "$OUT/spy_$label.txt" --)
     fi
-    echo "===== $label: serve $* (PYTHONPATH=$pythonpath) =====" >>"$OUT/server.log"
+    echo "===== $label: serve $* (engine from $(cd "$dir" && PYTHONPATH=$pythonpath "$PYTHON" -c \
+        'import os, engine; print(os.path.dirname(os.path.dirname(engine.__file__)))' 2>&1 | tail -n 1)) =====" \
+        >>"$OUT/server.log"
     # shellcheck disable=SC2086
-    PYTHONPATH=$pythonpath "${prefix[@]}" "$PYTHON" -m openai_compat.cli serve --model "$MODEL" --port "$PORT" \
-        --no-access-log --shutdown-timeout 5 "$@" $SERVE_ARGS \
+    (cd "$dir" && PYTHONPATH=$pythonpath exec "${prefix[@]}" "$PYTHON" -m openai_compat.cli serve --model "$MODEL" \
+        --port "$PORT" --no-access-log --shutdown-timeout 5 "$@" $SERVE_ARGS) \
         >>"$OUT/server.log" 2>&1 &
     SERVER_PID=$!
     SPY_PID=
