@@ -52,8 +52,8 @@ class StepTimes:
     handlers streaming, new requests): part of the round trip, and while it lasts the next
     step is not planned; push: the previous step's outputs handed to pushed streams (written
     to their sockets) while the worker runs; process: appending tokens, stop checks,
-    detokenizing; rest: handing outputs to the requests' queues (their handlers stream them while the worker runs the
-    next step, inside its round trip). loop cpu: the event loop thread's CPU time per step,
+    detokenizing; rest: handing outputs to the requests' queues (their handlers stream them
+    while the worker runs the next step, inside its round trip). loop cpu: the event loop thread's CPU time per step,
     this loop's phases and everything else on it (the handlers, HTTP): when it nears the
     step's wall time, the event loop, not the GPU, sets the pace.
     """
@@ -261,7 +261,7 @@ class AsyncEngine:
         core = self._core()
         loop = asyncio.get_running_loop()
         times = StepTimes()
-        pushed: list[RequestOutput] = []  # the last step's outputs for pushed streams, handed over after the next send
+        pushed: list[RequestOutput] = []  # the last step's outputs of pushed streams, for after the next send
         try:
             while True:
                 if not core.has_work:
