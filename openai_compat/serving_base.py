@@ -22,10 +22,18 @@ from starlette.requests import ClientDisconnect, Request
 from engine import AsyncEngine, EngineStats, RequestOutput, RequestOutputKind, SamplingParams
 from openai_compat.config import Settings
 from openai_compat.daemon_executor import DaemonThreadExecutor
-from openai_compat.errors import OpenAIError, from_validation_error, invalid_json, model_not_found, not_ready
+from openai_compat.errors import (
+    OpenAIError,
+    from_exception,
+    from_validation_error,
+    invalid_json,
+    model_not_found,
+    not_ready,
+)
 from openai_compat.metrics import Metrics, RequestRecorder
 from openai_compat.prompt_size import PromptBound
 from openai_compat.protocol import PromptTokensDetails, SamplingFields, UsageInfo
+from openai_compat.sse import DONE, DirectWriter, PushSSEResponse, format_event
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -311,3 +319,46 @@ async def close_all(streams: list[GenerationStream]) -> None:
             await stream.close()
         except Exception:  # closing must reach every stream
             pass
+
+
+def push_events(
+    streams: list[GenerationStream],
+    events: Callable[[int, RequestOutput], list[bytes]],
+    closing: Callable[[], list[bytes]],
+    opening: Callable[[], list[bytes]] = list,
+) -> PushSSEResponse:
+    """A streamed response written as the engine loop hands the streams' outputs over: `opening`,
+    then `events(prompt index, output)` for each, then `closing` and `[DONE]` once every stream
+    finished. An error (the engine died, or `events` raised for an abort the client did not ask
+    for) ends it with an error event and `[DONE]`; the streams are closed however it ends."""
+
+    def start(writer: DirectWriter) -> None:
+        remaining = len(streams)
+
+        def on_error(e: BaseException) -> None:
+            writer.write(format_event(from_exception(e).sse_data()))
+            writer.end(DONE)
+
+        def taker(p: int) -> Callable[[RequestOutput], None]:
+            def on_output(out: RequestOutput) -> None:
+                nonlocal remaining
+                try:
+                    for event in events(p, out):
+                        writer.write(event)
+                    if out.finished:
+                        remaining -= 1
+                        if not remaining:
+                            for event in closing():
+                                writer.write(event)
+                            writer.end(DONE)
+                except Exception as e:
+                    on_error(e)
+
+            return on_output
+
+        for event in opening():
+            writer.write(event)
+        for p, stream in enumerate(streams):
+            stream.push(taker(p), on_error)
+
+    return PushSSEResponse(start, cleanup=partial(close_all, streams))

@@ -43,12 +43,10 @@ from openai_compat.serving_base import (
     new_id,
     open_streams,
     parse_body,
+    push_events,
 )
 from openai_compat.sse import (
-    DONE,
     ClientDisconnected,
-    DirectWriter,
-    PushSSEResponse,
     format_event,
     run_until_disconnect,
 )
@@ -178,7 +176,8 @@ class ChatServing:
             raise from_exception(e, state.settings.retry_after_s) from None
         stream = streams[0]
         if req.stream:
-            return self._push_events(req, stream, request_id)
+            events = _ChatEvents(self, req, stream, request_id)
+            return push_events([stream], lambda _, out: events.events(out), events.closing, events.opening)
         try:
             response = await run_until_disconnect(request, self._collect(req, stream, request_id))
         except ClientDisconnected:
@@ -227,32 +226,6 @@ class ChatServing:
             choices=choices,
             usage=make_usage(len(stream.prompt_ids), stream.num_generated_tokens, stream.num_cached_tokens),
         )
-
-    def _push_events(self, req: ChatCompletionRequest, stream: GenerationStream, request_id: str) -> PushSSEResponse:
-        """The stream's events, written as the engine loop hands its outputs over."""
-        events = _ChatEvents(self, req, stream, request_id)
-
-        def start(writer: DirectWriter) -> None:
-            def on_output(out: RequestOutput) -> None:
-                try:
-                    for event in events.events(out):
-                        writer.write(event)
-                    if out.finished:
-                        for event in events.closing():
-                            writer.write(event)
-                        writer.end(DONE)
-                except Exception as e:  # an abort the client did not ask for
-                    on_error(e)
-
-            def on_error(e: BaseException) -> None:  # the engine died
-                writer.write(format_event(from_exception(e).sse_data()))
-                writer.end(DONE)
-
-            for event in events.opening():
-                writer.write(event)
-            stream.push(on_output, on_error)
-
-        return PushSSEResponse(start, cleanup=stream.close)
 
 
 class _ChatEvents:

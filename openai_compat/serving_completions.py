@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 from starlette.requests import Request
@@ -35,12 +33,10 @@ from openai_compat.serving_base import (
     new_id,
     open_streams,
     parse_body,
+    push_events,
 )
 from openai_compat.sse import (
-    DONE,
     ClientDisconnected,
-    DirectWriter,
-    PushSSEResponse,
     format_event,
     run_until_disconnect,
 )
@@ -135,7 +131,8 @@ class CompletionServing:
             for i in range(params.n)
         }
         if req.stream:
-            return self._push_events(req, streams, choices, request_id)
+            events = _CompletionEvents(self, req, streams, choices, request_id)
+            return push_events(streams, events.events, events.closing)
         try:
             response = await run_until_disconnect(request, self._collect(req, streams, choices, request_id))
         except ClientDisconnected:
@@ -189,43 +186,6 @@ class CompletionServing:
             ],
             usage=self._usage(streams),
         )
-
-    def _push_events(
-        self, req: CompletionRequest, streams: list[GenerationStream], choices: dict[tuple[int, int], _Choice],
-        request_id: str,
-    ) -> PushSSEResponse:
-        """Every prompt's events as the engine loop hands their outputs over; the usage chunk and
-        `[DONE]` once the last prompt finished."""
-        events = _CompletionEvents(self, req, streams, choices, request_id)
-
-        def start(writer: DirectWriter) -> None:
-            remaining = len(streams)
-
-            def on_error(e: BaseException) -> None:  # the engine died, or an abort not asked for
-                writer.write(format_event(from_exception(e).sse_data()))
-                writer.end(DONE)
-
-            def taker(p: int) -> Callable[[RequestOutput], None]:
-                def on_output(out: RequestOutput) -> None:
-                    nonlocal remaining
-                    try:
-                        for event in events.events(p, out):
-                            writer.write(event)
-                        if out.finished:
-                            remaining -= 1
-                            if not remaining:
-                                for event in events.closing():
-                                    writer.write(event)
-                                writer.end(DONE)
-                    except Exception as e:
-                        on_error(e)
-
-                return on_output
-
-            for p, stream in enumerate(streams):
-                stream.push(taker(p), on_error)
-
-        return PushSSEResponse(start, cleanup=partial(close_all, streams))
 
 
 class _CompletionEvents:
