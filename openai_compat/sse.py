@@ -1,16 +1,16 @@
 """Server-sent events in OpenAI's exact framing, and client disconnects turned into aborts.
 
 A stream is `data: {json}\\n\\n` events and nothing else (no comments, no `event:` lines),
-ending with `data: [DONE]\\n\\n`. While the response streams, a second task waits for the
-ASGI `http.disconnect` message; when the client hangs up it cancels the producer, whose
-`finally` blocks close the engine streams, which aborts the requests and frees their KV.
-`run_until_disconnect` does the same for work done before a response starts (non-streaming
-generation, or waiting for the first token of a long prefill).
+ending with `data: [DONE]\\n\\n`.
 
 `PushSSEResponse` streams without a producer task: the engine loop hands each step's outputs
 to the stream (`GenerationStream.push`), which writes their events at once through a
 `DirectWriter`. At hundreds of streams this is most of the event loop's work per step, and a
-task woken per stream per token costs more than the write itself.
+task woken per stream per token costs more than the write itself. While the response streams,
+a second task waits for the ASGI `http.disconnect` message; when the client hangs up the
+writer stops and the cleanup closes the engine streams, which aborts the requests and frees
+their KV. `run_until_disconnect` does the same for work done before a response starts
+(non-streaming generation, or waiting for the first token of a long prefill).
 
 The framing is written here rather than with sse-starlette: that package cancels every open
 stream as soon as the server is asked to stop, while a graceful shutdown here lets running
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -186,66 +186,24 @@ class PushSSEResponse(Response):
         self.init_headers({**SSE_HEADERS, **(headers or {})})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        watch_task: asyncio.Future[None] | None = None
+        watch_task = asyncio.ensure_future(wait_for_disconnect(receive))
         writer: DirectWriter | None = None
         try:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            head = asyncio.ensure_future(
+                send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            )
+            await asyncio.wait({head, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+            if not head.done():  # the client left before the headers were out
+                await _cancel(head)
+                return
+            head.result()
             writer = DirectWriter(scope.get(RAW_SEND, send))
-            watch_task = asyncio.ensure_future(wait_for_disconnect(receive))
             self.start(writer)
             await asyncio.wait({writer.done, watch_task}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if watch_task is not None:
-                watch_task.cancel()
+            watch_task.cancel()
             if writer is not None and not writer.done.done():
                 writer.cancel()  # the client left (or this task was cancelled): stop writing
             await self.cleanup()
         if writer.done.done() and writer.done.exception() is not None:
             raise writer.done.exception()  # type: ignore[misc]
-
-
-class SSEResponse(Response):
-    """Streams already framed events (bytes); the producer is cancelled when the client leaves."""
-
-    media_type = "text/event-stream"
-
-    def __init__(
-        self,
-        events: AsyncIterator[bytes],
-        cleanup: Callable[[], Awaitable[None]] | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        self.events = events
-        # Runs however the stream ends, also when the client left before the producer started
-        # (then its own `finally` never runs).
-        self.cleanup = cleanup
-        self.status_code = 200
-        self.background = None
-        self.init_headers({**SSE_HEADERS, **(headers or {})})
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        stream_task = asyncio.ensure_future(self._stream(send))
-        watch_task = asyncio.ensure_future(wait_for_disconnect(receive))
-        try:
-            await asyncio.wait({stream_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watch_task.cancel()
-            if not stream_task.done():
-                await _cancel(stream_task)  # the client left: stop producing
-            await self._close()
-        error = stream_task.exception() if not stream_task.cancelled() else None
-        if error is not None:
-            raise error
-
-    async def _stream(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        async for event in self.events:
-            await send({"type": "http.response.body", "body": event, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def _close(self) -> None:
-        """Finish the producer (its `finally` blocks abort the engine requests), then clean up."""
-        with contextlib.suppress(Exception):
-            await self.events.aclose()  # type: ignore[attr-defined]
-        if self.cleanup is not None:
-            await self.cleanup()
