@@ -7,12 +7,19 @@ window's text minus the prefix's text and what was already returned. A trailing 
 multi-byte character split across tokens) is held back until a later token completes it;
 at a clean end the window slides forward, so each token costs two short decodes.
 
+`ByteLevelDetokenizer` does the same work for a byte-level BPE tokenizer (GPT-2's scheme:
+Llama 3, Qwen2, SmolLM2, StarCoder) without decoding: such a tokenizer's text is the UTF-8 of
+its tokens' bytes joined, so each token appends its bytes (`byte_level_pieces`, one table per
+tokenizer) to an incremental UTF-8 decoder, which holds back a character split across tokens.
+`make_detokenizer` picks it where it applies.
+
 `StopStringMatcher` sits after it: it holds back any tail that could still grow into a stop
 string, so a stop string split over several tokens is never shown to the client.
 """
 
 from __future__ import annotations
 
+import codecs
 import re
 from collections.abc import Sequence
 from functools import lru_cache
@@ -108,6 +115,94 @@ class IncrementalDetokenizer:
         if len(self._parts) > 1:
             self._parts = ["".join(self._parts)]
         return self._parts[0] if self._parts else ""
+
+
+class ByteLevelDetokenizer:
+    """`IncrementalDetokenizer`'s results for a byte-level BPE tokenizer, from `pieces` (each
+    token's bytes, `byte_level_pieces`) and the ids its decode skips; no decoding per token."""
+
+    def __init__(self, pieces: list[bytes], skipped_ids: frozenset[int]) -> None:
+        self._pieces = pieces
+        self._skipped = skipped_ids
+        # "replace": invalid bytes become U+FFFD, as the tokenizer's lossy decode does.
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._parts: list[str] = []
+
+    def add(self, token_id: int) -> str:
+        """Feed one generated token; return the text it completes (possibly "")."""
+        if token_id in self._skipped or token_id >= len(self._pieces):
+            return ""  # an id past the tokenizer's vocabulary decodes to nothing, too
+        text = self._utf8.decode(self._pieces[token_id])
+        if text:
+            self._parts.append(text)
+        return text
+
+    def flush(self) -> str:
+        """Release bytes held back at the end of generation (an unfinished character)."""
+        text = self._utf8.decode(b"", True)
+        if text:
+            self._parts.append(text)
+        return text
+
+    @property
+    def text(self) -> str:
+        if len(self._parts) > 1:
+            self._parts = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
+
+
+def byte_level_pieces(tokenizer: Any) -> list[bytes] | None:
+    """Each token id's bytes, for a tokenizer that decodes a list of ids as the UTF-8 of their
+    bytes joined (a fast tokenizer with a byte-level decoder and no space clean-up); None for
+    any other. Checked: every token decodes alone as its bytes do."""
+    from tokenizers import decoders
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (
+        backend is None
+        or getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        or not isinstance(backend.decoder, decoders.ByteLevel)
+    ):
+        return None
+    byte_decoder = _byte_decoder()
+    size = max(len(tokenizer), backend.get_vocab_size(with_added_tokens=True))
+    pieces: list[bytes] = []
+    for token_id in range(size):
+        piece = backend.id_to_token(token_id)
+        if piece is None:
+            pieces.append(b"")
+        elif all(ch in byte_decoder for ch in piece):
+            pieces.append(bytes(byte_decoder[ch] for ch in piece))
+        else:  # the decoder keeps a piece outside the byte alphabet (an added token) as its text
+            pieces.append(piece.encode())
+    alone = backend.decode_batch([[i] for i in range(size)], skip_special_tokens=False)
+    if any(text != raw.decode("utf-8", "replace") for text, raw in zip(alone, pieces, strict=True)):
+        return None
+    return pieces
+
+
+def skipped_special_ids(tokenizer: Any) -> frozenset[int]:
+    """The ids that decoding with `skip_special_tokens` leaves out."""
+    ids = set(tokenizer.all_special_ids)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        ids.update(i for i, added in backend.get_added_tokens_decoder().items() if added.special)
+    return frozenset(ids)
+
+
+def make_detokenizer(
+    tokenizer: Any,
+    prompt_token_ids: Sequence[int],
+    skip_special_tokens: bool = True,
+    spaces_between_special_tokens: bool = True,
+    pieces: list[bytes] | None = None,
+    special_ids: frozenset[int] = frozenset(),
+) -> IncrementalDetokenizer | ByteLevelDetokenizer:
+    """A detokenizer for one output: `ByteLevelDetokenizer` given the tokenizer's `pieces`
+    (from `byte_level_pieces`) and `special_ids` (`skipped_special_ids`), else the generic one."""
+    if pieces is not None:
+        return ByteLevelDetokenizer(pieces, special_ids if skip_special_tokens else frozenset())
+    return IncrementalDetokenizer(tokenizer, prompt_token_ids, skip_special_tokens, spaces_between_special_tokens)
 
 
 class StopStringMatcher:

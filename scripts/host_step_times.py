@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=100)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--sort", default="tottime", help="the profile's order (cProfile's sort keys)")
+    parser.add_argument("--top", type=int, default=25, help="the profile's rows")
     args = parser.parse_args()
 
     rng = random.Random(0)
@@ -75,7 +77,7 @@ def main() -> None:
             ) + f", median per step at >= {int(0.9 * args.seqs)} sequences")
             if profiler is not None:
                 out = io.StringIO()
-                pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
+                pstats.Stats(profiler, stream=out).sort_stats(args.sort).print_stats(args.top)
                 print(out.getvalue())
 
 

@@ -13,11 +13,15 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from engine.detokenizer import (
+    ByteLevelDetokenizer,
     IncrementalDetokenizer,
     StopStringMatcher,
     _byte_decoder,
+    byte_level_pieces,
     convert_ids_to_logprob_tokens,
     convert_ids_to_token_bytes,
+    make_detokenizer,
+    skipped_special_ids,
 )
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -78,19 +82,32 @@ def default_model_tokenizer() -> Any:
     return None
 
 
-def stream(detok: IncrementalDetokenizer, ids: list[int]) -> list[str]:
+def stream(detok: IncrementalDetokenizer | ByteLevelDetokenizer, ids: list[int]) -> list[str]:
     deltas = [detok.add(t) for t in ids]
     deltas.append(detok.flush())
     return deltas
 
 
+def detokenizers(
+    tokenizer: Any, prompt: list[int], skip: bool = True
+) -> list[IncrementalDetokenizer | ByteLevelDetokenizer]:
+    """The generic detokenizer, and the byte-level one where the tokenizer allows it."""
+    out: list[IncrementalDetokenizer | ByteLevelDetokenizer] = [
+        IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip)
+    ]
+    pieces = byte_level_pieces(tokenizer)
+    if pieces is not None:
+        out.append(make_detokenizer(tokenizer, prompt, skip, True, pieces, skipped_special_ids(tokenizer)))
+    return out
+
+
 def check_roundtrip(tokenizer: Any, prompt: list[int], ids: list[int], skip: bool = True) -> None:
-    detok = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip)
-    deltas = stream(detok, ids)
     expected = tokenizer.decode(ids, skip_special_tokens=skip)
-    assert "".join(deltas) == expected
-    assert detok.text == expected
-    assert not any("\ufffd" in d for d in deltas)
+    for detok in detokenizers(tokenizer, prompt, skip):
+        deltas = stream(detok, ids)
+        assert "".join(deltas) == expected, type(detok)
+        assert detok.text == expected
+        assert not any("\ufffd" in d for d in deltas)
 
 
 @pytest.mark.parametrize("text", SAMPLES)
@@ -110,13 +127,13 @@ def test_multibyte_characters_are_held_back_until_complete() -> None:
     # One token per byte of "😀" (4 bytes): nothing until the last byte arrives.
     per_byte = [tok.convert_tokens_to_ids(_byte_token(b)) for b in "😀".encode()]
     hi = tok.encode("hi", add_special_tokens=False)
-    detok = IncrementalDetokenizer(tok, [])
-    assert [detok.add(t) for t in per_byte] == ["", "", "", "😀"]
+    for detok in detokenizers(tok, []):
+        assert [detok.add(t) for t in per_byte] == ["", "", "", "😀"]
     # Text before an unfinished character is not held back with it.
-    detok = IncrementalDetokenizer(tok, [])
-    assert "".join(detok.add(t) for t in hi + per_byte[:2]) == "hi"
-    assert detok.flush() == "\ufffd"
-    assert detok.text == tok.decode(hi + per_byte[:2])
+    for detok in detokenizers(tok, []):
+        assert "".join(detok.add(t) for t in hi + per_byte[:2]) == "hi"
+        assert detok.flush() == "\ufffd"
+        assert detok.text == tok.decode(hi + per_byte[:2])
 
 
 def test_random_ids_byte_level() -> None:
@@ -126,9 +143,9 @@ def test_random_ids_byte_level() -> None:
     for seed in range(50):
         rng = random.Random(seed)
         ids = [rng.choice(vocab) for _ in range(200)]
-        detok = IncrementalDetokenizer(tok, [rng.choice(vocab) for _ in range(10)])
         # Random bytes may form invalid UTF-8, so only the concatenation is compared.
-        assert "".join(stream(detok, ids)) == tok.decode(ids), seed
+        for detok in detokenizers(tok, [rng.choice(vocab) for _ in range(10)]):
+            assert "".join(stream(detok, ids)) == tok.decode(ids), (seed, type(detok))
 
 
 def test_random_valid_text_byte_level() -> None:
@@ -162,8 +179,8 @@ def test_special_tokens_skipped_or_kept() -> None:
     )
     check_roundtrip(tok, [], ids, skip=True)
     check_roundtrip(tok, [], ids, skip=False)
-    detok = IncrementalDetokenizer(tok, [], skip_special_tokens=False)
-    assert "<|im_end|>" in "".join(stream(detok, ids))
+    for detok in detokenizers(tok, [], skip=False):
+        assert "<|im_end|>" in "".join(stream(detok, ids))
 
 
 def test_window_stays_bounded() -> None:
@@ -190,10 +207,24 @@ def test_default_model_tokenizer() -> None:
         check_roundtrip(tok, prompt, ids, skip=False)
     rng = random.Random(0)
     ids = [rng.randrange(len(tok)) for _ in range(300)]
-    detok = IncrementalDetokenizer(tok, prompt)
-    assert "".join(stream(detok, ids)) == tok.decode(ids, skip_special_tokens=True)
+    detoks = detokenizers(tok, prompt)
+    assert len(detoks) == 2  # byte-level BPE: the table applies
+    for detok in detoks:
+        assert "".join(stream(detok, ids)) == tok.decode(ids, skip_special_tokens=True)
     tokens = convert_ids_to_logprob_tokens(tok, tok.encode("你 hi", add_special_tokens=False))
     assert tokens[0].startswith("bytes:\\x") and tokens[-1] == " hi"
+
+
+def test_byte_level_table_only_where_it_applies() -> None:
+    pieces = byte_level_pieces(byte_level_tokenizer())
+    assert pieces is not None and pieces[byte_level_tokenizer().convert_tokens_to_ids(_byte_token(0xE4))] == b"\xe4"
+    # SentencePiece-like decoding (drops a leading space) is not bytes joined: the generic path
+    assert byte_level_pieces(metaspace_tokenizer()) is None
+    assert isinstance(make_detokenizer(metaspace_tokenizer(), [], pieces=None), IncrementalDetokenizer)
+    # ids the decode skips (special) or cannot know (past the vocabulary) give no text
+    tok = byte_level_tokenizer()
+    detok = make_detokenizer(tok, [], True, True, pieces, skipped_special_ids(tok))
+    assert detok.add(tok.convert_tokens_to_ids("<|im_end|>")) == "" and detok.add(len(pieces) + 5) == ""
 
 
 def feed_all(matcher: StopStringMatcher, deltas: list[str]) -> tuple[str, str | None]:
