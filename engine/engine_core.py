@@ -215,23 +215,16 @@ class EngineCore:
             return None
         self._step_id += 1
         steps = []
-        for s in sched.scheduled:
+        for s in sched.scheduled:  # (positional: once per sequence per step)
             seq = s.seq
-            new_row = None
-            if s.is_new_row:
-                new_row = NewRow(seq.params, seq.prompt_token_ids, list(seq.output_token_ids))
-            steps.append(
-                SeqStep(
-                    row=s.req_idx,
-                    start_pos=s.start_pos,
-                    token_ids=s.token_ids,
-                    out_slots=s.out_slots,
-                    sample=s.sample,
-                    prefix_slots=s.prefix_slots,
-                    new_row=new_row,
-                    prompt_logprobs=self._wants_prompt_logprobs(seq, s.start_pos, len(s.token_ids)),
-                )
-            )
+            if s.is_new_row or seq.params.prompt_logprobs is not None:
+                new_row = NewRow(seq.params, seq.prompt_token_ids, list(seq.output_token_ids)) if s.is_new_row else None
+                prompt_logprobs = self._wants_prompt_logprobs(seq, s.start_pos, len(s.token_ids))
+                steps.append(SeqStep(
+                    s.req_idx, s.start_pos, s.token_ids, s.out_slots, s.sample, s.prefix_slots, new_row, prompt_logprobs
+                ))
+            else:
+                steps.append(SeqStep(s.req_idx, s.start_pos, s.token_ids, s.out_slots, s.sample, s.prefix_slots))
         if overlap:
             self.scheduler.update_after_step(sched)
             for s in sched.scheduled:
