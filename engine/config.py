@@ -46,8 +46,9 @@ class EngineConfig:
     kv_cache_memory_gb: float | None = None  # KV pool size per rank; default: 1 GiB on CPU, a fraction of free memory on GPU
     gpu_memory_utilization: float = 0.85  # GPU: fraction of free memory (after weights) for KV
     max_model_len: int | None = None  # default: the model's max_position_embeddings
-    # Cap on running sequences (rows of req_to_token). None: 512 on GPU (offline1000 on an
-    # H200 gave 8 303 output tok/s at 512 against 7 816 at 256: fewer, larger steps), 256 on CPU.
+    # Cap on running sequences (rows of req_to_token). None: 1024 on GPU (offline1000 on an
+    # H200 gave 9 768 and 9 811 output tok/s at 1024 against 9 316 at 512: fewer, larger
+    # steps; docs/benchmarks.md), 256 on CPU.
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None  # per-step token budget (chunked prefill)
     max_waiting_requests: int = 4096  # beyond this, generate() raises EngineOverloadedError
@@ -149,7 +150,7 @@ class EngineConfig:
             budget = 8192 if on_gpu else 512
         max_num_seqs = self.max_num_seqs
         if max_num_seqs is None:
-            max_num_seqs = 512 if on_gpu else 256
+            max_num_seqs = 1024 if on_gpu else 256
         return dataclasses.replace(
             self,
             device=self.resolved_device(),

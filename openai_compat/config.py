@@ -80,7 +80,7 @@ class Settings(BaseSettings):
         0.85, gt=0, le=1, description="GPU: fraction of free memory after the weights used for the KV pool"
     )
     max_model_len: int | None = Field(None, ge=1, description="context length (default: the model's)")
-    max_num_seqs: int | None = Field(None, ge=1, description="sequences running at once (default: 512 on GPU, 256 on CPU)")
+    max_num_seqs: int | None = Field(None, ge=1, description="sequences running at once (default: 1024 on GPU, 256 on CPU)")
     max_num_batched_tokens: int | None = Field(
         None, ge=1, description="tokens per engine step (default 8192 on GPU, 512 on CPU)"
     )

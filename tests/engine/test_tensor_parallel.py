@@ -205,7 +205,7 @@ def test_step_timeout_defaults_and_validation() -> None:
 def test_running_sequence_cap_defaults_by_device() -> None:
     """512 running sequences on a GPU (larger steps, more throughput), 256 on CPU; a value given wins."""
     assert EngineConfig(device="cpu").resolve(max_position_embeddings=64).max_num_seqs == 256
-    assert EngineConfig(device="cuda").resolve(max_position_embeddings=64).max_num_seqs == 512
+    assert EngineConfig(device="cuda").resolve(max_position_embeddings=64).max_num_seqs == 1024
     assert EngineConfig(device="cuda", max_num_seqs=7).resolve(max_position_embeddings=64).max_num_seqs == 7
     with pytest.raises(ValueError, match="max_num_seqs"):
         EngineConfig(max_num_seqs=0)
