@@ -42,7 +42,9 @@
 #   GPU_TESTS          test paths to run first with `pytest -m gpu` (e.g. "tests/engine"), output
 #                      in $OUT/gputests.log with the slowest tests' times; GPU_TESTS_S (240) bounds
 #                      them; GPU_TESTS_WORKERS (4) test processes share the GPU when pytest-xdist is
-#                      there (most of a test's time is starting engines: CPU work), 1 runs them in turn
+#                      there (most of a test's time is starting engines: CPU work), 1 runs them in turn;
+#                      GPU_TESTS_ONLY=1: only the tests (no model, no servers), e.g. the whole GPU tier:
+#                      GPU_TESTS=tests GPU_TESTS_ONLY=1 GPU_TESTS_S=540 GPU_TESTS_WORKERS=8 bash scripts/gpu_bench.sh
 #
 # Files under $OUT: results.json (every run and workload), bench.png (TTFT/TPOT/ITL CDFs),
 # summary.txt (the tables), server.log (every server, one after the other), gpu_bench.log.
@@ -94,7 +96,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 "$PYTHON" -c "import pydantic, starlette, uvicorn, httpx, tqdm" || { say "the server's packages do not import"; exit 1; }
 
 MAKE_PID=
-if [ ! -f "$MODEL/config.json" ]; then
+if [ "${GPU_TESTS_ONLY:-0}" != 1 ] && [ ! -f "$MODEL/config.json" ]; then
     say "writing the random model to $MODEL"
     # shellcheck disable=SC2086
     "$PYTHON" .gpu_tok/make_random_llama.py --out "$MODEL" --tokenizer-dir .gpu_tok/tok $MODEL_ARGS &
@@ -111,6 +113,10 @@ if [ -n "${GPU_TESTS:-}" ]; then  # the GPU test tier, while the model is writte
     timeout -s TERM "${GPU_TESTS_S:-240}" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider --durations=15 \
         "${parallel[@]}" $GPU_TESTS >"$OUT/gputests.log" 2>&1
     say "GPU tests: $(tail -n 1 "$OUT/gputests.log")"
+    if [ "${GPU_TESTS_ONLY:-0}" = 1 ]; then
+        grep -E "passed|failed|error|FAILED|ERROR" "$OUT/gputests.log" | tail -n 30
+        exit 0
+    fi
 fi
 if [ -n "$MAKE_PID" ] && ! wait "$MAKE_PID"; then
     say "writing the model failed"
