@@ -165,13 +165,14 @@ class ModelRunner:
                     config.max_num_seqs, self.max_model_len,
                 )
                 self.prefill_graphs.capture()
-            if config.fuse_mixed_steps:
-                self._warm_up_mixed_steps()
+        if self.device.startswith("cuda") and use_triton() and (config.fuse_mixed_steps or self.graphs is None):
+            self._warm_up_mixed_steps()  # without graphs (enforce_eager) every step runs eagerly
 
     @torch.inference_mode()
     def _warm_up_mixed_steps(self) -> None:
         """Compile, at start-up, the decode attention launches of eager mixed steps (steps past
-        the largest prefill graph: their running decodes take the decode kernel eagerly). Its
+        the largest prefill graph, or every step without graphs: their running decodes take the
+        decode kernel eagerly). Its
         number of splits S follows the step's longest context, and Triton compiles a variant
         for each way S and heads x S (a scratch stride) divide by 16 or equal 1: each would
         otherwise stall a step for seconds the first time serving needs it. Eight decodes at
