@@ -45,9 +45,7 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.spaces_between_special_tokens = spaces_between_special_tokens
-        self._special_ids: frozenset[int] = (
-            frozenset(tokenizer.all_special_ids) if skip_special_tokens else frozenset()
-        )
+        self._special_ids = skipped_special_ids(tokenizer) if skip_special_tokens else frozenset()
         # A fast tokenizer that cleans up no spaces decodes as its Rust backend does: call the
         # backend directly (a fifth of the cost of `tokenizer.decode`, twice per token).
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -130,8 +128,8 @@ class ByteLevelDetokenizer:
 
     def add(self, token_id: int) -> str:
         """Feed one generated token; return the text it completes (possibly "")."""
-        if token_id in self._skipped or token_id >= len(self._pieces):
-            return ""  # an id past the tokenizer's vocabulary decodes to nothing, too
+        if token_id in self._skipped or not 0 <= token_id < len(self._pieces):
+            return ""  # an id outside the tokenizer's vocabulary decodes to nothing, too
         text = self._utf8.decode(self._pieces[token_id])
         if text:
             self._parts.append(text)
@@ -182,12 +180,14 @@ def byte_level_pieces(tokenizer: Any) -> list[bytes] | None:
 
 
 def skipped_special_ids(tokenizer: Any) -> frozenset[int]:
-    """The ids that decoding with `skip_special_tokens` leaves out."""
-    ids = set(tokenizer.all_special_ids)
+    """The ids that decoding with `skip_special_tokens` leaves out: a fast tokenizer's added
+    tokens marked special (a special token of the tokenizer's map that its backend does not
+    mark special, e.g. a pad token added as a plain one, is kept, as `decode` keeps it), or a
+    slow tokenizer's special ids."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        ids.update(i for i, added in backend.get_added_tokens_decoder().items() if added.special)
-    return frozenset(ids)
+    if backend is None:
+        return frozenset(tokenizer.all_special_ids)
+    return frozenset(i for i, added in backend.get_added_tokens_decoder().items() if added.special)
 
 
 def make_detokenizer(

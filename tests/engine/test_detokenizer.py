@@ -227,6 +227,33 @@ def test_byte_level_table_only_where_it_applies() -> None:
     assert detok.add(tok.convert_tokens_to_ids("<|im_end|>")) == "" and detok.add(len(pieces) + 5) == ""
 
 
+def test_added_tokens_and_special_ids_as_decode_has_them() -> None:
+    """Added tokens that are not special (one of the byte alphabet's characters, one outside it)
+    decode inside text, and a token of the special map that the tokenizer does not mark special
+    (a pad token added as a plain one) is kept, as `decode` keeps it: with skip on and off."""
+    from tokenizers import AddedToken
+
+    base = byte_level_tokenizer()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(base.backend_tokenizer.to_str()), eos_token="<|endoftext|>",
+        additional_special_tokens=SPECIALS[1:],
+    )
+    tok.add_tokens([AddedToken("Ġfoo", special=False), AddedToken("ü€ x", special=False),
+                    AddedToken("<think>", special=False)])
+    tok.pad_token = "<think>"
+    assert tok.convert_tokens_to_ids("<think>") in tok.all_special_ids
+    text = tok.encode("Hi", add_special_tokens=False)
+    added = [tok.convert_tokens_to_ids(t) for t in ("Ġfoo", "ü€ x", "<think>", "<|im_end|>")]
+    rng = random.Random(0)
+    for _ in range(20):
+        ids = [rng.choice([*added, *text]) for _ in range(12)]
+        for skip in (True, False):
+            detoks = detokenizers(tok, text, skip)
+            assert len(detoks) == 2
+            for detok in detoks:
+                assert "".join(stream(detok, ids)) == tok.decode(ids, skip_special_tokens=skip), (ids, skip)
+
+
 def feed_all(matcher: StopStringMatcher, deltas: list[str]) -> tuple[str, str | None]:
     out = []
     for d in deltas:
