@@ -110,11 +110,14 @@ if [ -n "${GPU_TESTS:-}" ]; then  # the GPU test tier, while the model is writte
     fi
     say "GPU tests: $GPU_TESTS (at most ${GPU_TESTS_S:-240} s, ${parallel[1]:-1} at a time)"
     # shellcheck disable=SC2086
-    timeout -s TERM "${GPU_TESTS_S:-240}" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider --durations=15 \
+    # -v: a line per test as it ends, so a run that `timeout` stops still says what passed
+    timeout -s TERM "${GPU_TESTS_S:-240}" "$PYTHON" -m pytest -v -m gpu -p no:cacheprovider --durations=15 \
         "${parallel[@]}" $GPU_TESTS >"$OUT/gputests.log" 2>&1
-    say "GPU tests: $(tail -n 1 "$OUT/gputests.log")"
+    say "GPU tests: $(grep -c ' PASSED' "$OUT/gputests.log") passed, $(grep -c ' FAILED' "$OUT/gputests.log") failed," \
+        "$(grep -c ' ERROR' "$OUT/gputests.log") errors, $(grep -c ' SKIPPED' "$OUT/gputests.log") skipped;" \
+        "last line: $(tail -n 1 "$OUT/gputests.log")"
+    grep -E " (FAILED|ERROR) " "$OUT/gputests.log" | head -n 20
     if [ "${GPU_TESTS_ONLY:-0}" = 1 ]; then
-        grep -E "passed|failed|error|FAILED|ERROR" "$OUT/gputests.log" | tail -n 30
         exit 0
     fi
 fi
