@@ -1,19 +1,23 @@
 """Prometheus metrics under the names vLLM dashboards know, prefixed `lightgate:`.
 
 Per-request numbers (tokens, latencies, finish reasons) are recorded as responses are
-produced, through one `RequestRecorder` per engine request. Engine-wide gauges and the
-prefix-cache counters are read from `engine.stats()` when `/metrics` is scraped.
+produced, through one `RequestRecorder` per engine request; the two series updated for every
+token (generated tokens, inter-token latency) are counted in plain numbers and exposed by a
+collector. Engine-wide gauges and the prefix-cache counters are read from `engine.stats()`
+when `/metrics` is scraped.
 """
 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from engine import EngineStats
 
@@ -64,6 +68,48 @@ class _EngineCollector(Collector):
         )
 
 
+class _PerTokenCollector(Collector):
+    """The per-token series (generated tokens, inter-token latency), counted in plain numbers by
+    `_TokenCounts` and read at scrape time: prometheus-client's Counter and Histogram take a lock
+    and walk the buckets on every update, which here is every token of every stream, on the
+    thread that also runs the engine loop."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        counts = dict(self._metrics.token_counts)
+        tokens = CounterMetricFamily("lightgate:generation_tokens", "Generated tokens.", labels=["model_name"])
+        itl = HistogramMetricFamily(
+            "lightgate:inter_token_latency_seconds",
+            "Time between two tokens of one request (tokens that come together share the gap).",
+            labels=["model_name"],
+        )
+        for name, c in counts.items():
+            tokens.add_metric([name], c.generation_tokens)
+            buckets, total = [], 0
+            for bound, n in zip((*_ITL_BUCKETS, float("inf")), list(c.itl_buckets), strict=True):
+                total += n
+                buckets.append((floatToGoString(bound), total))
+            itl.add_metric([name], buckets, c.itl_sum)
+        yield tokens
+        yield itl
+
+
+@dataclass(slots=True)
+class _TokenCounts:
+    """One model name's per-token counts (see `_PerTokenCollector`)."""
+
+    generation_tokens: int = 0
+    itl_buckets: list[int] = field(default_factory=lambda: [0] * (len(_ITL_BUCKETS) + 1))  # last: +Inf
+    itl_sum: float = 0.0
+
+    def observe_itl(self, gap: float, count: int) -> None:
+        """`count` gaps of `gap` seconds each."""
+        self.itl_buckets[bisect_left(_ITL_BUCKETS, gap)] += count  # the first bucket with gap <= le
+        self.itl_sum += gap * count
+
+
 class Metrics:
     def __init__(self, stats_fn: StatsFn, model_name: str = "") -> None:
         # No `*_created` series beside every counter and histogram (prometheus-client's
@@ -76,9 +122,6 @@ class Metrics:
         self.prompt_tokens = Counter(
             "lightgate:prompt_tokens", "Prefilled prompt tokens.", labels, registry=self.registry
         )
-        self.generation_tokens = Counter(
-            "lightgate:generation_tokens", "Generated tokens.", labels, registry=self.registry
-        )
         self.request_success = Counter(
             "lightgate:request_success", "Finished requests by finish reason.",
             [*labels, "finished_reason"], registry=self.registry,
@@ -87,15 +130,12 @@ class Metrics:
             "lightgate:time_to_first_token_seconds", "Time from arrival to the first generated token.",
             labels, buckets=_TTFT_BUCKETS, registry=self.registry,
         )
-        self.itl = Histogram(
-            "lightgate:inter_token_latency_seconds",
-            "Time between two tokens of one request (tokens that come together share the gap).",
-            labels, buckets=_ITL_BUCKETS, registry=self.registry,
-        )
         self.e2e = Histogram(
             "lightgate:e2e_request_latency_seconds", "Time from arrival to the last token.",
             labels, buckets=_E2E_BUCKETS, registry=self.registry,
         )
+        self.token_counts: dict[str, _TokenCounts] = {}
+        self.registry.register(_PerTokenCollector(self))
         self.registry.register(_EngineCollector(self))
         self._series: _ModelSeries | None = None
 
@@ -104,10 +144,10 @@ class Metrics:
         runs for every token of every stream otherwise)."""
         name = self.model_name
         if self._series is None or self._series.name != name:
-            self._series = _ModelSeries(
-                name, self.prompt_tokens.labels(name), self.generation_tokens.labels(name),
-                self.ttft.labels(name), self.itl.labels(name),
-            )
+            counts = self.token_counts.get(name)
+            if counts is None:
+                counts = self.token_counts[name] = _TokenCounts()
+            self._series = _ModelSeries(name, self.prompt_tokens.labels(name), self.ttft.labels(name), counts)
         return self._series
 
     def recorder(self) -> RequestRecorder:
@@ -121,9 +161,8 @@ class Metrics:
 class _ModelSeries:
     name: str
     prompt_tokens: Counter
-    generation_tokens: Counter
     ttft: Histogram
-    itl: Histogram
+    counts: _TokenCounts
 
 
 @dataclass(slots=True)
@@ -145,11 +184,9 @@ class RequestRecorder:
             series.prompt_tokens.inc(num_prompt_tokens)
         else:
             # Several tokens at once (a stream that fell behind gets them merged): one gap each.
-            gap = (now - self.last_token_time) / num_new_tokens
-            for _ in range(num_new_tokens):
-                series.itl.observe(gap)
+            series.counts.observe_itl((now - self.last_token_time) / num_new_tokens, num_new_tokens)
         self.last_token_time = now
-        series.generation_tokens.inc(num_new_tokens)
+        series.counts.generation_tokens += num_new_tokens
 
     def on_finish(self, finished_reason: str) -> None:
         if self.finished:
