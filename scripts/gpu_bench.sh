@@ -39,6 +39,9 @@
 #   ATTENTION_BENCH    flags for scripts/attention_bench.py ("-" for its defaults): decode and prefill
 #                      attention kernel times, bf16 beside int8 KV, in $OUT/attention.log;
 #                      ATTENTION_BENCH_S (120) bounds it
+#   SAMPLER_BENCH      flags for scripts/sampler_bench.py ("-" for its defaults): the sampler's time per
+#                      step by settings (greedy, temperature, top-p, top-k, penalties, logprobs) and
+#                      batch size, in $OUT/sampler.log; SAMPLER_BENCH_S (120) bounds it
 #   GPU_TESTS          test paths to run first with `pytest -m gpu` (e.g. "tests/engine"), output
 #                      in $OUT/gputests.log with the slowest tests' times; GPU_TESTS_S (240) bounds
 #                      them; GPU_TESTS_WORKERS (4) test processes share the GPU when pytest-xdist is
@@ -142,6 +145,14 @@ if [ -n "${ATTENTION_BENCH:-}" ]; then  # the attention kernels alone, bf16 besi
     timeout -s TERM "${ATTENTION_BENCH_S:-120}" "$PYTHON" scripts/attention_bench.py $ab_flags \
         >"$OUT/attention.log" 2>&1
     grep -v '^\[{' "$OUT/attention.log" | tail -n 25
+fi
+if [ -n "${SAMPLER_BENCH:-}" ]; then  # the sampler alone, by settings and batch size
+    sb_flags=$SAMPLER_BENCH
+    [ "$sb_flags" = "-" ] && sb_flags=
+    say "sampler: scripts/sampler_bench.py $sb_flags"
+    # shellcheck disable=SC2086
+    timeout -s TERM "${SAMPLER_BENCH_S:-120}" "$PYTHON" scripts/sampler_bench.py $sb_flags >"$OUT/sampler.log" 2>&1
+    tail -n 12 "$OUT/sampler.log"
 fi
 if [ -n "${PROFILE:-}" ]; then  # where a step's time goes, before any server
     say "profile: scripts/profile_gpu_step.py $PROFILE (at most ${PROFILE_S:-180} s)"

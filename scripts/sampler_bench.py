@@ -1,0 +1,76 @@
+"""The sampler's time per step on the GPU, by sampling settings and batch size.
+
+    python scripts/sampler_bench.py [--rows 64,256,1024] [--vocab 128256]
+    python scripts/sampler_bench.py --device cpu --rows 4 --vocab 1000 --iters 2
+        (a check of the script itself: times meaningless)
+
+Random float32 logits [rows, vocab] (the 8B-shaped model's vocabulary by default), one
+`Sampler.sample_async` per step up to its tokens on the host, every row with the same
+settings. Greedy is what the serving benchmarks run; the others are what chat clients send
+(a temperature, a nucleus, a top-k, penalties, logprobs). Prints the median milliseconds of
+each, and the logits' size read once at the GPU's bandwidth, for scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from engine.sampler import Sampler, SamplingState
+from engine.sampling_params import SamplingParams
+
+SETTINGS: dict[str, dict[str, object]] = {
+    "greedy": {"temperature": 0.0},
+    "temperature 0.7": {"temperature": 0.7},
+    "top_p 0.9": {"temperature": 0.7, "top_p": 0.9},
+    "top_k 50": {"temperature": 0.7, "top_k": 50},
+    "top_k 50, top_p 0.9": {"temperature": 0.7, "top_k": 50, "top_p": 0.9},
+    "min_p 0.05": {"temperature": 0.7, "min_p": 0.05},
+    "frequency penalty": {"temperature": 0.7, "frequency_penalty": 0.5},
+    "seeded": {"temperature": 0.7, "seed": 1},
+    "greedy, logprobs 5": {"temperature": 0.0, "logprobs": 5},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default="64,256,1024")
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rows_list = [int(r) for r in args.rows.split(",")]
+    sampler = Sampler(seed=0)
+    gen = torch.Generator(device=device).manual_seed(0)
+    print(f"{'settings':<22}" + "".join(f"{f'{r} rows ms':>14}" for r in rows_list))
+    for label, kwargs in SETTINGS.items():
+        params = SamplingParams(**kwargs)  # type: ignore[arg-type]
+        cells = []
+        for rows in rows_list:
+            logits = torch.randn(rows, args.vocab, generator=gen, device=device, dtype=torch.float32) * 4
+            prompt = list(range(16))
+            states = [SamplingState(params, prompt) for _ in range(rows)]
+            times = []
+            for i in range(args.iters + 2):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                out = sampler.sample_async(logits, states).result()
+                elapsed = time.perf_counter() - start
+                for state, token in zip(states, out.token_ids, strict=True):
+                    state.append(token)
+                if i >= 2:  # the first calls allocate and compile
+                    times.append(elapsed)
+            cells.append(f"{1e3 * statistics.median(times):>14.3f}")
+        print(f"{label:<22}" + "".join(cells))
+    if device.type == "cuda":
+        gbytes = [r * args.vocab * 4 / 1e9 for r in rows_list]
+        print("logits read once at 4.8 TB/s: " + ", ".join(f"{g / 4.8:.3f} ms ({r} rows)" for g, r in zip(gbytes, rows_list, strict=True)))
+
+
+if __name__ == "__main__":
+    main()
