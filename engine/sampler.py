@@ -263,8 +263,16 @@ def exponential_noise(seeds: list[int], vocab_size: int, device: torch.device) -
     x = (x ^ _srl(x, 30)) * _int64(0xBF58476D1CE4E5B9)
     x = (x ^ _srl(x, 27)) * _int64(0x94D049BB133111EB)
     x = x ^ _srl(x, 31)
-    uniform = (_srl(x, 40).float() + 0.5) * 2.0**-24  # 24 random bits → (0, 1)
-    return uniform.log_().neg_()
+    return unit_interval(x).log_().neg_()
+
+
+def unit_interval(x: torch.Tensor) -> torch.Tensor:
+    """int64 random bits -> float32 uniforms in (0, 1): the top 23 bits, plus a half.
+
+    23 and not 24: (2**24 - 1 + 0.5) rounds to 2**24 in float32, so one draw in 2**24 would be
+    exactly 1, its Exp(1) noise 0 and its token the winner whatever its probability (a masked
+    one too): with a 128 k vocabulary, one row in ~130 at every step."""
+    return (_srl(x, 41).float() + 0.5) * 2.0**-23
 
 
 @dataclass(slots=True)

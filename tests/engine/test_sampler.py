@@ -13,6 +13,7 @@ from engine.sampler import (
     compute_prompt_logprobs,
     exponential_noise,
     process_logits,
+    unit_interval,
 )
 from engine.sampling_params import SamplingParams
 
@@ -133,6 +134,28 @@ def test_exponential_noise_is_exp1_and_depends_on_its_seed_only() -> None:
     assert abs(float(torch.corrcoef(noise[:2])[0, 1])) < 0.02
     assert torch.equal(exponential_noise([9, 2], 1000, cpu)[1], exponential_noise([2], 1000, cpu)[0])
     assert not torch.equal(exponential_noise([3], 1000, cpu), exponential_noise([4], 1000, cpu))
+
+
+def test_unit_interval_never_reaches_zero_or_one() -> None:
+    """A uniform of exactly 1 made a draw's noise 0 and its token win whatever its probability:
+    a masked one too, one row in ~130 per step with a 128 k vocabulary."""
+    extremes = torch.tensor([-1, 0, 2**62, -(2**63), 2**63 - 1], dtype=torch.int64)  # all ones, all zeros, ...
+    uniform = unit_interval(extremes)
+    assert bool(((uniform > 0) & (uniform < 1)).all()), uniform
+    assert bool(torch.isfinite(uniform.log().neg().log()).all())
+
+
+def test_masked_tokens_are_never_drawn() -> None:
+    # top_k=1 must always give the top token; before the fix ~0.6 % of these draws did not
+    sampler = Sampler(seed=0)
+    params = SamplingParams(temperature=1.0, top_k=1)
+    gen = torch.Generator().manual_seed(0)
+    misses = 0
+    for _ in range(8):
+        logits = torch.randn(256, 128256, generator=gen)
+        out = sampler.sample(logits, [SamplingState(params, [1]) for _ in range(256)])
+        misses += int((torch.tensor(out.token_ids) != logits.argmax(dim=-1)).sum())
+    assert misses == 0
 
 
 def test_logit_bias_forces_a_token() -> None:
