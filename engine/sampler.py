@@ -18,6 +18,7 @@ logits before any processing). Everything is plain torch, so CPU and CUDA behave
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,8 +26,14 @@ from typing import NamedTuple
 
 import torch
 
+from engine.layers.backend import use_triton
 from engine.sampling_params import SamplingParams
 from engine.transfer import HostCopy, to_device
+
+# On a GPU with the Triton backend, draw sampled tokens with one fused kernel
+# (engine/kernels/exponential_race.py) instead of the torch ops below: same draws up to
+# rounding in near-ties. Off until measured on a GPU (scripts/sampler_bench.py --fused).
+FUSED_RACE = False
 
 _MASK64 = (1 << 64) - 1
 
@@ -333,22 +340,50 @@ class Sampler:
     def _sample_random(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         """logits [n, vocab] of rows that sample (temperature > 0) → token ids [n]."""
         temps = [s.params.temperature for s in states]
-        if any(t != 1.0 for t in temps):
-            logits = logits / _column(temps, logits)
         top_ks = [s.params.top_k for s in states]
         top_ps = [s.params.top_p for s in states]
-        if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps):
-            logits = _apply_top_k_top_p(logits, top_ks, top_ps)
-        probs = logits.softmax(dim=-1)
         min_ps = [s.params.min_p for s in states]
-        if any(m > 0.0 for m in min_ps):
-            threshold = _column(min_ps, probs) * probs.amax(dim=-1, keepdim=True)
-            probs = probs.masked_fill(probs < threshold, 0.0)
         seeds = [
             step_seed(s.params.seed, s.num_output_tokens)
             if s.params.seed is not None
             else self._rng.getrandbits(63)
             for s in states
         ]
+        masks = any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps)
+        if FUSED_RACE and use_triton():
+            return self._race_fused(logits, temps, top_ks, top_ps, min_ps, seeds, masks)
+        if any(t != 1.0 for t in temps):
+            logits = logits / _column(temps, logits)
+        if masks:
+            logits = _apply_top_k_top_p(logits, top_ks, top_ps)
+        probs = logits.softmax(dim=-1)
+        if any(m > 0.0 for m in min_ps):
+            threshold = _column(min_ps, probs) * probs.amax(dim=-1, keepdim=True)
+            probs = probs.masked_fill(probs < threshold, 0.0)
         noise = exponential_noise(seeds, probs.shape[1], probs.device)
         return (probs / noise).argmax(dim=-1)
+
+    @staticmethod
+    def _race_fused(
+        logits: torch.Tensor, temps: list[float], top_ks: list[int], top_ps: list[float], min_ps: list[float],
+        seeds: list[int], masks: bool,
+    ) -> torch.Tensor:
+        """`_sample_random`'s draw through one Triton kernel (`FUSED_RACE`): the noise is made
+        where it is used, and without masks the logits are read once."""
+        from engine.kernels.exponential_race import exponential_race
+
+        scale = temps
+        if masks or any(m > 0.0 for m in min_ps):  # the masks see the tempered logits, as above
+            if any(t != 1.0 for t in temps):
+                logits = logits / _column(temps, logits)
+            scale = [1.0] * len(temps)
+            if masks:
+                logits = _apply_top_k_top_p(logits, top_ks, top_ps)
+            if any(m > 0.0 for m in min_ps):
+                # p < min_p * p_max, in logits: l < l_max + log(min_p) (min_p 0: no bound)
+                bound = torch.tensor([math.log(m) if m > 0.0 else -math.inf for m in min_ps], dtype=logits.dtype)
+                threshold = logits.amax(dim=-1, keepdim=True) + bound.to(logits.device).unsqueeze(1)
+                logits = logits.masked_fill(logits < threshold, float("-inf"))
+        return exponential_race(
+            logits.contiguous(), to_device(scale, torch.float32, logits.device), to_device(seeds, torch.int64, logits.device)
+        )

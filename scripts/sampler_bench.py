@@ -1,6 +1,6 @@
 """The sampler's time per step on the GPU, by sampling settings and batch size.
 
-    python scripts/sampler_bench.py [--rows 64,256,1024] [--vocab 128256]
+    python scripts/sampler_bench.py [--rows 64,256,1024] [--vocab 128256] [--fused]
     python scripts/sampler_bench.py --device cpu --rows 4 --vocab 1000 --iters 2
         (a check of the script itself: times meaningless)
 
@@ -8,7 +8,8 @@ Random float32 logits [rows, vocab] (the 8B-shaped model's vocabulary by default
 `Sampler.sample_async` per step up to its tokens on the host, every row with the same
 settings. Greedy is what the serving benchmarks run; the others are what chat clients send
 (a temperature, a nucleus, a top-k, penalties, logprobs). Prints the median milliseconds of
-each, and the logits' size read once at the GPU's bandwidth, for scale.
+each, and the logits' size read once at the GPU's bandwidth, for scale. `--fused` adds a row
+per random setting drawn by the fused Triton kernel (`engine.sampler.FUSED_RACE`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import time
 
 import torch
 
+import engine.sampler as sampler_module
+from engine.layers.backend import select_backend
 from engine.sampler import Sampler, SamplingState
 from engine.sampling_params import SamplingParams
 
@@ -41,13 +44,21 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--fused", action="store_true", help="also time the fused Triton draw")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if select_backend(args.device) != "triton" and args.fused:  # the fused draw runs where the Triton backend does
+        print("no Triton backend here: the (fused) rows run the torch path")
     rows_list = [int(r) for r in args.rows.split(",")]
     sampler = Sampler(seed=0)
     gen = torch.Generator(device=device).manual_seed(0)
-    print(f"{'settings':<22}" + "".join(f"{f'{r} rows ms':>14}" for r in rows_list))
-    for label, kwargs in SETTINGS.items():
+    print(f"{'settings':<34}" + "".join(f"{f'{r} rows ms':>14}" for r in rows_list))
+    runs = [(label, kwargs, False) for label, kwargs in SETTINGS.items()]
+    if args.fused:
+        runs += [(f"{label} (fused)", kwargs, True) for label, kwargs in SETTINGS.items()
+                 if kwargs.get("temperature") != 0.0]
+    for label, kwargs, fused in runs:
+        sampler_module.FUSED_RACE = fused
         params = SamplingParams(**kwargs)  # type: ignore[arg-type]
         cells = []
         for rows in rows_list:
@@ -66,7 +77,7 @@ def main() -> None:
                 if i >= 2:  # the first calls allocate and compile
                     times.append(elapsed)
             cells.append(f"{1e3 * statistics.median(times):>14.3f}")
-        print(f"{label:<22}" + "".join(cells))
+        print(f"{label:<34}" + "".join(cells))
     if device.type == "cuda":
         gbytes = [r * args.vocab * 4 / 1e9 for r in rows_list]
         print("logits read once at 4.8 TB/s: " + ", ".join(f"{g / 4.8:.3f} ms ({r} rows)" for g, r in zip(gbytes, rows_list, strict=True)))

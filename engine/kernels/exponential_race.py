@@ -1,0 +1,60 @@
+"""The sampler's exponential race in one pass: row i's token is
+argmax_j (logits[i, j] / temps[i] - log E[i, j]), E[i, j] ~ Exp(1) from the SplitMix64 stream
+of seeds[i] (`engine.sampler.exponential_noise`, computed here per block instead of stored).
+
+That is `argmax(softmax(logits / t) / E)`, the torch path of `Sampler`, without its [rows,
+vocab] int64 and float32 intermediates: the logits are read once. Masked entries (top-k,
+top-p, min_p) are -inf and never win. Ties go to the lowest id, as torch's argmax does; the
+two paths round differently, so a near-tie may go the other way.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["exponential_race"]
+
+_BLOCK = 1024
+
+
+@triton.jit
+def _race_kernel(logits_ptr, stride, temps_ptr, seeds_ptr, out_ptr, vocab, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    temp = tl.load(temps_ptr + row)
+    seed = tl.load(seeds_ptr + row).to(tl.uint64)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK], tl.int64)
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK).to(tl.int64)
+        logit = tl.load(logits_ptr + row * stride + cols, mask=cols < vocab, other=float("-inf"))
+        # SplitMix64 of (seed + (col + 1) * golden), as exponential_noise: uint64 wraps
+        x = seed + (cols + 1).to(tl.uint64) * 0x9E3779B97F4A7C15
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB
+        x = x ^ (x >> 31)
+        uniform = ((x >> 41).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 23 bits -> (0, 1), unit_interval
+        score = logit.to(tl.float32) / temp - tl.log(-tl.log(uniform))
+        better = score > best  # strict: a lane keeps its lowest id among equals
+        best = tl.where(better, score, best)
+        best_idx = tl.where(better, cols, best_idx)
+    top = tl.max(best, axis=0)
+    tl.store(out_ptr + row, tl.min(tl.where(best == top, best_idx, vocab), axis=0))
+
+
+def exponential_race(logits: torch.Tensor, temps: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """logits [rows, vocab] (float32, -inf where masked), temps [rows] float32 (> 0), seeds
+    [rows] int64 -> the drawn token ids [rows] int64."""
+    if logits.dim() != 2 or logits.dtype != torch.float32 or logits.stride(-1) != 1:
+        raise ValueError(f"logits must be float32 [rows, vocab] with a contiguous last dim, got {logits.dtype} "
+                         f"{list(logits.shape)} strides {logits.stride()}")
+    rows, vocab = logits.shape
+    if temps.shape != (rows,) or seeds.shape != (rows,):
+        raise ValueError(f"temps and seeds must have shape [{rows}], got {list(temps.shape)} and {list(seeds.shape)}")
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if rows and vocab:
+        _race_kernel[(rows,)](
+            logits, logits.stride(0), temps.to(torch.float32), seeds.to(torch.int64), out, vocab, BLOCK=_BLOCK
+        )
+    return out
