@@ -83,3 +83,16 @@ def test_sampler_draws_the_same_tokens_fused(kwargs: dict[str, object], monkeypa
         states = [SamplingState(params, [1]) for _ in range(8)]
         draws[fused] = [sampler.sample(logits, states).token_ids for _ in range(3)]
     assert draws[True] == draws[False]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rows", [1, 64, 1024])
+def test_race_gpu_at_the_8b_vocabulary(rows: int) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    logits = 3 * torch.randn(rows, 128256, generator=gen)
+    logits[::3, 1000:] = float("-inf")  # every third row masked past its first 1000 ids
+    seeds = [int(s) for s in torch.randint(-(2**62), 2**62, (rows,), generator=gen)]
+    temps = [0.5 + (i % 4) * 0.3 for i in range(rows)]
+    got = _check(logits.cuda(), temps, seeds)
+    assert (got[::3] < 1000).all()
