@@ -13,7 +13,8 @@ token i with probability `probs[i] / sum(probs)`. Each row's `E` is a counter-ba
 one 63-bit seed: for a seeded request a hash of (seed, number of tokens generated so far), so
 its tokens do not depend on the batch it shares or on preemption; for the others a draw from
 the sampler's own random source. Logprobs describe the raw distribution (log_softmax of the
-logits before any processing). Everything is plain torch, so CPU and CUDA behave alike.
+logits before any processing). Everything is plain torch, so CPU and CUDA behave alike;
+`FUSED_RACE` (off) draws through a Triton kernel instead, the same draws up to rounding.
 """
 
 from __future__ import annotations
