@@ -382,8 +382,8 @@ class Sampler:
                 logits = _apply_top_k_top_p(logits, top_ks, top_ps)
             if any(m > 0.0 for m in min_ps):
                 # p < min_p * p_max, in logits: l < l_max + log(min_p) (min_p 0: no bound)
-                bound = torch.tensor([math.log(m) if m > 0.0 else -math.inf for m in min_ps], dtype=logits.dtype)
-                threshold = logits.amax(dim=-1, keepdim=True) + bound.to(logits.device).unsqueeze(1)
+                bound = _column([math.log(m) if m > 0.0 else -math.inf for m in min_ps], logits)
+                threshold = logits.amax(dim=-1, keepdim=True) + bound
                 logits = logits.masked_fill(logits < threshold, float("-inf"))
         return exponential_race(
             logits.contiguous(), to_device(scale, torch.float32, logits.device), to_device(seeds, torch.int64, logits.device)
