@@ -217,14 +217,14 @@ class EngineCore:
         steps = []
         for s in sched.scheduled:  # (positional: once per sequence per step)
             seq = s.seq
-            if s.is_new_row or seq.params.prompt_logprobs is not None:
-                new_row = NewRow(seq.params, seq.prompt_token_ids, list(seq.output_token_ids)) if s.is_new_row else None
-                prompt_logprobs = self._wants_prompt_logprobs(seq, s.start_pos, len(s.token_ids))
-                steps.append(SeqStep(
-                    s.req_idx, s.start_pos, s.token_ids, s.out_slots, s.sample, s.prefix_slots, new_row, prompt_logprobs
-                ))
-            else:
-                steps.append(SeqStep(s.req_idx, s.start_pos, s.token_ids, s.out_slots, s.sample, s.prefix_slots))
+            new_row = NewRow(seq.params, seq.prompt_token_ids, list(seq.output_token_ids)) if s.is_new_row else None
+            prompt_logprobs = (
+                self._wants_prompt_logprobs(seq, s.start_pos, len(s.token_ids))
+                if seq.params.prompt_logprobs is not None else None
+            )
+            steps.append(SeqStep(
+                s.req_idx, s.start_pos, s.token_ids, s.out_slots, s.sample, s.prefix_slots, new_row, prompt_logprobs
+            ))
         if overlap:
             self.scheduler.update_after_step(sched)
             for s in sched.scheduled:

@@ -259,15 +259,7 @@ class Scheduler:
             # Every decode gets its slot without preempting anyone: one allocation for all of them.
             slots = self.allocator.allocate(num_decodes)
             assert slots is not None
-            for seq, slot in zip(decodes, slots, strict=True):
-                start = seq.num_computed_tokens
-                if len(seq.slots) != start:
-                    raise RuntimeError(f"{seq.seq_id}: update_after_step() was not called after the last step")
-                seq.slots.append(slot)
-                assert seq.req_idx is not None
-                scheduled.append(
-                    ScheduledSeq(seq, seq.req_idx, start, seq.all_token_ids[start:], [slot], None, False, True)
-                )
+            scheduled += [self._take(seq, 1, None, False, [slot]) for seq, slot in zip(decodes, slots, strict=True)]
             scheduled_ids.update(seq.seq_id for seq in decodes)
             budget -= num_decodes
             rest = prefills
@@ -381,12 +373,18 @@ class Scheduler:
             self._freed_rows.append(seq.req_idx)
             seq.req_idx = None
 
-    def _take(self, seq: Sequence, n: int, prefix_slots: list[int] | None, is_new_row: bool) -> ScheduledSeq:
+    def _take(
+        self, seq: Sequence, n: int, prefix_slots: list[int] | None, is_new_row: bool,
+        out_slots: list[int] | None = None,
+    ) -> ScheduledSeq:
+        """Schedule `n` tokens of `seq`, in `out_slots` (already allocated: a step's decodes take
+        theirs at once) or in slots allocated here."""
         start = seq.num_computed_tokens
         if len(seq.slots) != start:
             raise RuntimeError(f"{seq.seq_id}: update_after_step() was not called after the last step")
-        out_slots = self.allocator.allocate(n)
-        assert out_slots is not None, "callers make room first"
+        if out_slots is None:
+            out_slots = self.allocator.allocate(n)
+            assert out_slots is not None, "callers make room first"
         seq.slots.extend(out_slots)
         assert seq.req_idx is not None
         return ScheduledSeq(
