@@ -11,7 +11,7 @@ at a clean end the window slides forward, so each token costs two short decodes.
 Llama 3, Qwen2, SmolLM2, StarCoder) without decoding: such a tokenizer's text is the UTF-8 of
 its tokens' bytes joined, so each token appends its bytes (`byte_level_pieces`, one table per
 tokenizer) to an incremental UTF-8 decoder, which holds back a character split across tokens.
-`make_detokenizer` picks it where it applies.
+`Detokenizers` finds once per tokenizer what they need, and picks one for each output.
 
 `StopStringMatcher` sits after it: it holds back any tail that could still grow into a stop
 string, so a stop string split over several tokens is never shown to the client.
@@ -41,11 +41,16 @@ class IncrementalDetokenizer:
         prompt_token_ids: Sequence[int],
         skip_special_tokens: bool = True,
         spaces_between_special_tokens: bool = True,
+        special_ids: frozenset[int] | None = None,  # `skipped_special_ids(tokenizer)`, if known
     ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.spaces_between_special_tokens = spaces_between_special_tokens
-        self._special_ids = skipped_special_ids(tokenizer) if skip_special_tokens else frozenset()
+        if not skip_special_tokens:
+            special_ids = frozenset()
+        elif special_ids is None:
+            special_ids = skipped_special_ids(tokenizer)
+        self._special_ids = special_ids
         # A fast tokenizer that cleans up no spaces decodes as its Rust backend does: call the
         # backend directly (a fifth of the cost of `tokenizer.decode`, twice per token).
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -190,19 +195,25 @@ def skipped_special_ids(tokenizer: Any) -> frozenset[int]:
     return frozenset(i for i, added in backend.get_added_tokens_decoder().items() if added.special)
 
 
-def make_detokenizer(
-    tokenizer: Any,
-    prompt_token_ids: Sequence[int],
-    skip_special_tokens: bool = True,
-    spaces_between_special_tokens: bool = True,
-    pieces: list[bytes] | None = None,
-    special_ids: frozenset[int] = frozenset(),
-) -> IncrementalDetokenizer | ByteLevelDetokenizer:
-    """A detokenizer for one output: `ByteLevelDetokenizer` given the tokenizer's `pieces`
-    (from `byte_level_pieces`) and `special_ids` (`skipped_special_ids`), else the generic one."""
-    if pieces is not None:
-        return ByteLevelDetokenizer(pieces, special_ids if skip_special_tokens else frozenset())
-    return IncrementalDetokenizer(tokenizer, prompt_token_ids, skip_special_tokens, spaces_between_special_tokens)
+class Detokenizers:
+    """The detokenizers of one tokenizer's outputs. What they need from the tokenizer (the ids
+    decode skips; a byte-level tokenizer's table of token bytes) is found once, here."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.special_ids = skipped_special_ids(tokenizer)
+        self.pieces = byte_level_pieces(tokenizer)
+
+    def new(
+        self, prompt_token_ids: Sequence[int], skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> IncrementalDetokenizer | ByteLevelDetokenizer:
+        """A detokenizer for one output: the byte-level one where the table applies."""
+        if self.pieces is not None:
+            return ByteLevelDetokenizer(self.pieces, self.special_ids if skip_special_tokens else frozenset())
+        return IncrementalDetokenizer(
+            self.tokenizer, prompt_token_ids, skip_special_tokens, spaces_between_special_tokens, self.special_ids
+        )
 
 
 class StopStringMatcher:

@@ -19,12 +19,10 @@ from dataclasses import dataclass, field
 from engine.config import EngineConfig
 from engine.detokenizer import (
     ByteLevelDetokenizer,
+    Detokenizers,
     IncrementalDetokenizer,
     StopStringMatcher,
-    byte_level_pieces,
     convert_ids_to_logprob_tokens,
-    make_detokenizer,
-    skipped_special_ids,
 )
 from engine.distributed import check_tensor_parallel
 from engine.errors import EngineDeadError, PromptTooLongError
@@ -92,9 +90,7 @@ class EngineCore:
         )
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
         self.eos_token_ids = eos_token_ids(self.model_path, hf_config, self.tokenizer)
-        # A byte-level tokenizer's outputs are detokenized from a table of its tokens' bytes.
-        self._token_pieces = byte_level_pieces(self.tokenizer) if self.tokenizer is not None else None
-        self._special_ids = skipped_special_ids(self.tokenizer) if self.tokenizer is not None else frozenset()
+        self._detokenizers = Detokenizers(self.tokenizer) if self.tokenizer is not None else None
         self.vocab_size: int = text_config.vocab_size
         self.worker = WorkerClient(config, self.model_path)
         info = self.worker.wait_ready(progress)
@@ -161,10 +157,9 @@ class EngineCore:
                 arrival_time=now,
             )
             detok = None
-            if self.tokenizer is not None:
-                detok = make_detokenizer(
-                    self.tokenizer, prompt_ids, params.skip_special_tokens, params.spaces_between_special_tokens,
-                    self._token_pieces, self._special_ids,
+            if self._detokenizers is not None:
+                detok = self._detokenizers.new(
+                    prompt_ids, params.skip_special_tokens, params.spaces_between_special_tokens
                 )
             matcher = StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None
             choices.append(_Choice(seq, detok, matcher))

@@ -14,14 +14,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from engine.detokenizer import (
     ByteLevelDetokenizer,
+    Detokenizers,
     IncrementalDetokenizer,
     StopStringMatcher,
     _byte_decoder,
     byte_level_pieces,
     convert_ids_to_logprob_tokens,
     convert_ids_to_token_bytes,
-    make_detokenizer,
-    skipped_special_ids,
 )
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -95,9 +94,9 @@ def detokenizers(
     out: list[IncrementalDetokenizer | ByteLevelDetokenizer] = [
         IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip)
     ]
-    pieces = byte_level_pieces(tokenizer)
-    if pieces is not None:
-        out.append(make_detokenizer(tokenizer, prompt, skip, True, pieces, skipped_special_ids(tokenizer)))
+    made = Detokenizers(tokenizer).new(prompt, skip)
+    if isinstance(made, ByteLevelDetokenizer):
+        out.append(made)
     return out
 
 
@@ -220,10 +219,10 @@ def test_byte_level_table_only_where_it_applies() -> None:
     assert pieces is not None and pieces[byte_level_tokenizer().convert_tokens_to_ids(_byte_token(0xE4))] == b"\xe4"
     # SentencePiece-like decoding (drops a leading space) is not bytes joined: the generic path
     assert byte_level_pieces(metaspace_tokenizer()) is None
-    assert isinstance(make_detokenizer(metaspace_tokenizer(), [], pieces=None), IncrementalDetokenizer)
+    assert isinstance(Detokenizers(metaspace_tokenizer()).new([]), IncrementalDetokenizer)
     # ids the decode skips (special) or cannot know (past the vocabulary) give no text
     tok = byte_level_tokenizer()
-    detok = make_detokenizer(tok, [], True, True, pieces, skipped_special_ids(tok))
+    detok = Detokenizers(tok).new([])
     assert detok.add(tok.convert_tokens_to_ids("<|im_end|>")) == "" and detok.add(len(pieces) + 5) == ""
 
 
