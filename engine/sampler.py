@@ -351,40 +351,30 @@ class Sampler:
             for s in states
         ]
         masks = any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps)
-        if FUSED_RACE and use_triton():
-            return self._race_fused(logits, temps, top_ks, top_ps, min_ps, seeds, masks)
-        if any(t != 1.0 for t in temps):
+        min_p = any(m > 0.0 for m in min_ps)
+        fused = FUSED_RACE and use_triton()  # one Triton kernel makes the noise and runs the race
+        if fused and not (masks or min_p):  # the temperatures go into the kernel: logits read once
+            return _race(logits, temps, seeds)
+        if any(t != 1.0 for t in temps):  # the masks see the tempered logits
             logits = logits / _column(temps, logits)
         if masks:
             logits = _apply_top_k_top_p(logits, top_ks, top_ps)
+        if fused:
+            if min_p:  # p < min_p * p_max, in logits: l < l_max + log(min_p) (min_p 0: no bound)
+                bound = _column([math.log(m) if m > 0.0 else -math.inf for m in min_ps], logits)
+                logits = logits.masked_fill(logits < logits.amax(dim=-1, keepdim=True) + bound, float("-inf"))
+            return _race(logits, [1.0] * len(temps), seeds)
         probs = logits.softmax(dim=-1)
-        if any(m > 0.0 for m in min_ps):
+        if min_p:
             threshold = _column(min_ps, probs) * probs.amax(dim=-1, keepdim=True)
             probs = probs.masked_fill(probs < threshold, 0.0)
         noise = exponential_noise(seeds, probs.shape[1], probs.device)
         return (probs / noise).argmax(dim=-1)
 
-    @staticmethod
-    def _race_fused(
-        logits: torch.Tensor, temps: list[float], top_ks: list[int], top_ps: list[float], min_ps: list[float],
-        seeds: list[int], masks: bool,
-    ) -> torch.Tensor:
-        """`_sample_random`'s draw through one Triton kernel (`FUSED_RACE`): the noise is made
-        where it is used, and without masks the logits are read once."""
-        from engine.kernels.exponential_race import exponential_race
 
-        scale = temps
-        if masks or any(m > 0.0 for m in min_ps):  # the masks see the tempered logits, as above
-            if any(t != 1.0 for t in temps):
-                logits = logits / _column(temps, logits)
-            scale = [1.0] * len(temps)
-            if masks:
-                logits = _apply_top_k_top_p(logits, top_ks, top_ps)
-            if any(m > 0.0 for m in min_ps):
-                # p < min_p * p_max, in logits: l < l_max + log(min_p) (min_p 0: no bound)
-                bound = _column([math.log(m) if m > 0.0 else -math.inf for m in min_ps], logits)
-                threshold = logits.amax(dim=-1, keepdim=True) + bound
-                logits = logits.masked_fill(logits < threshold, float("-inf"))
-        return exponential_race(
-            logits.contiguous(), to_device(scale, torch.float32, logits.device), to_device(seeds, torch.int64, logits.device)
-        )
+def _race(logits: torch.Tensor, temps: list[float], seeds: list[int]) -> torch.Tensor:
+    """The exponential race through its Triton kernel (`FUSED_RACE`)."""
+    from engine.kernels.exponential_race import exponential_race
+
+    device = logits.device
+    return exponential_race(logits.contiguous(), to_device(temps, torch.float32, device), to_device(seeds, torch.int64, device))
