@@ -8,8 +8,9 @@ Random float32 logits [rows, vocab] (the 8B-shaped model's vocabulary by default
 `Sampler.sample_async` per step up to its tokens on the host, every row with the same
 settings. Greedy is what the serving benchmarks run; the others are what chat clients send
 (a temperature, a nucleus, a top-k, penalties, logprobs). Prints the median milliseconds of
-each, and the logits' size read once at the GPU's bandwidth, for scale. `--fused` adds a row
-per random setting drawn by the fused Triton kernel (`engine.sampler.FUSED_RACE`).
+each, and the logits' size read once at the GPU's bandwidth, for scale. The rows run the torch
+path; `--fused` adds a row per random setting drawn by the fused Triton kernel
+(`engine.sampler.FUSED_RACE`, what the Triton backend uses).
 """
 
 from __future__ import annotations
