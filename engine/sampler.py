@@ -8,14 +8,17 @@ the sampler `logits [num_rows, vocab]` and the rows' states, in the same order:
                                                other rows: temperature ─► top_k ─► top_p
                                                             ─► min_p ─► exponential race
 
+top_k, top_p and min_p each keep every token at or above some value, so together they come
+to one threshold per row (`keep_thresholds`), below which the race does not look.
+
 Sampling is an exponential race: `argmax(probs / E)` with `E ~ Exp(1)` per vocab entry picks
 token i with probability `probs[i] / sum(probs)`. Each row's `E` is a counter-based stream of
 one 63-bit seed: for a seeded request a hash of (seed, number of tokens generated so far), so
 its tokens do not depend on the batch it shares or on preemption; for the others a draw from
 the sampler's own random source. Logprobs describe the raw distribution (log_softmax of the
 logits before any processing). Everything is plain torch, so CPU and CUDA behave alike;
-with the Triton backend the race runs in one Triton kernel (`FUSED_RACE`), the same draws up
-to rounding.
+with the Triton backend the thresholds and the race are two Triton kernels (`FUSED_RACE`),
+which neither sort nor copy the logits: the same draws up to rounding.
 """
 
 from __future__ import annotations
@@ -180,21 +183,34 @@ def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
     logits.index_copy_(0, index, sub)
 
 
-def _apply_top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
-    """Mask (-inf) what lies outside each row's top_k, then outside its top_p nucleus."""
-    vocab_size = logits.shape[1]
-    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
-    if any(0 < k < vocab_size for k in top_ks):
-        ks = [k if 0 < k < vocab_size else vocab_size for k in top_ks]
-        k_index = to_device(ks, torch.long, logits.device).unsqueeze(1) - 1
-        kth = sorted_logits.gather(1, k_index)  # ties with the k-th value stay in
-        sorted_logits.masked_fill_(sorted_logits < kth, float("-inf"))
-    if any(p < 1.0 for p in top_ps):
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # 0 for the top token: it always stays
-        ps = _column([p if p < 1.0 else 2.0 for p in top_ps], probs)
-        sorted_logits.masked_fill_(mass_before > ps, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter_(1, sorted_idx, sorted_logits)
+def keep_thresholds(logits: torch.Tensor, top_ks: list[int], top_ps: list[float], min_ps: list[float]) -> torch.Tensor:
+    """[rows]: the smallest logit each row keeps (-inf: all) under its top_k, then its top_p
+    nucleus (in the distribution top_k leaves), and its min_p.
+
+    Each filter keeps every token at or above some value, so a token tied with the smallest
+    kept one stays in. The reference of the Triton kernel (engine/kernels/keep_thresholds.py),
+    which finds the same values without sorting."""
+    rows, vocab_size = logits.shape
+    thresholds = torch.full((rows,), float("-inf"), dtype=logits.dtype, device=logits.device)
+    use_k = any(0 < k < vocab_size for k in top_ks)
+    use_p = any(p < 1.0 for p in top_ps)
+    if use_k or use_p:
+        sorted_logits = logits.sort(dim=-1, descending=True).values
+        if use_k:
+            ks = [k if 0 < k < vocab_size else vocab_size for k in top_ks]
+            kth = sorted_logits.gather(1, to_device(ks, torch.long, logits.device).unsqueeze(1) - 1)
+            sorted_logits.masked_fill_(sorted_logits < kth, float("-inf"))
+            thresholds = kth.squeeze(1)
+        if use_p:
+            probs = sorted_logits.softmax(dim=-1)
+            mass_before = probs.cumsum(dim=-1) - probs  # 0 for the top token: it always stays
+            ps = _column([p if p < 1.0 else 2.0 for p in top_ps], probs)
+            smallest = sorted_logits.masked_fill(mass_before > ps, float("inf")).amin(dim=-1)
+            thresholds = torch.maximum(thresholds, smallest)
+    if any(m > 0.0 for m in min_ps):  # p >= min_p * p_max, in logits: x >= x_max + log(min_p)
+        bound = to_device([math.log(m) if m > 0.0 else -math.inf for m in min_ps], logits.dtype, logits.device)
+        thresholds = torch.maximum(thresholds, logits.amax(dim=-1) + bound)
+    return thresholds
 
 
 def _token_logprob_tensors(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> list[torch.Tensor]:
@@ -352,31 +368,36 @@ class Sampler:
             else self._rng.getrandbits(63)
             for s in states
         ]
-        masks = any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps)
-        min_p = any(m > 0.0 for m in min_ps)
-        fused = FUSED_RACE and use_triton()  # one Triton kernel makes the noise and runs the race
-        if fused and not (masks or min_p):  # the temperatures go into the kernel: logits read once
-            return _race(logits, temps, seeds)
-        if any(t != 1.0 for t in temps):  # the masks see the tempered logits
+        filters = any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps) or any(m > 0.0 for m in min_ps)
+        if FUSED_RACE and use_triton():  # the temperatures go into the kernels: the logits are not copied
+            return _race(logits, temps, seeds, (top_ks, top_ps, min_ps) if filters else None)
+        if any(t != 1.0 for t in temps):  # the filters see the tempered logits
             logits = logits / _column(temps, logits)
-        if masks:
-            logits = _apply_top_k_top_p(logits, top_ks, top_ps)
-        if fused:
-            if min_p:  # p < min_p * p_max, in logits: l < l_max + log(min_p) (min_p 0: no bound)
-                bound = _column([math.log(m) if m > 0.0 else -math.inf for m in min_ps], logits)
-                logits = logits.masked_fill(logits < logits.amax(dim=-1, keepdim=True) + bound, float("-inf"))
-            return _race(logits, [1.0] * len(temps), seeds)
+        if filters:
+            thresholds = keep_thresholds(logits, top_ks, top_ps, min_ps).unsqueeze(1)
+            logits = logits.masked_fill(logits < thresholds, float("-inf"))
         probs = logits.softmax(dim=-1)
-        if min_p:
-            threshold = _column(min_ps, probs) * probs.amax(dim=-1, keepdim=True)
-            probs = probs.masked_fill(probs < threshold, 0.0)
         noise = exponential_noise(seeds, probs.shape[1], probs.device)
         return (probs / noise).argmax(dim=-1)
 
 
-def _race(logits: torch.Tensor, temps: list[float], seeds: list[int]) -> torch.Tensor:
-    """The exponential race through its Triton kernel (`FUSED_RACE`)."""
+def _race(
+    logits: torch.Tensor, temps: list[float], seeds: list[int],
+    filters: tuple[list[int], list[float], list[float]] | None,
+) -> torch.Tensor:
+    """The exponential race through its Triton kernel (`FUSED_RACE`); `filters` (top_ks,
+    top_ps, min_ps) go through the kernel that finds what each row keeps."""
     from engine.kernels.exponential_race import exponential_race
+    from engine.kernels.keep_thresholds import keep_thresholds as keep_thresholds_kernel
 
     device = logits.device
-    return exponential_race(logits.contiguous(), to_device(temps, torch.float32, device), to_device(seeds, torch.int64, device))
+    logits = logits.contiguous()
+    temps_t = to_device(temps, torch.float32, device)
+    thresholds = None
+    if filters is not None:
+        top_ks, top_ps, min_ps = filters
+        thresholds = keep_thresholds_kernel(
+            logits, temps_t, to_device(top_ks, torch.int32, device), to_device(top_ps, torch.float32, device),
+            to_device(min_ps, torch.float32, device),
+        )
+    return exponential_race(logits, temps_t, to_device(seeds, torch.int64, device), thresholds)
