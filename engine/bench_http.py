@@ -37,6 +37,14 @@ class Workload:
     max_concurrency: int | None = None  # requests in flight at most; 1: one at a time
     shared_prefix_len: int = 0  # tokens every prompt starts with
     seed: int = 0
+    temperature: float = 0.0  # greedy, what the reference figures use; the others: a chat client's settings
+    top_p: float | None = None
+    top_k: int | None = None  # an extension of the API (ours, vLLM, SGLang)
+
+    def sampling(self) -> dict[str, Any]:
+        """The request body's sampling fields."""
+        fields = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+        return {key: value for key, value in fields.items() if value is not None}
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -53,6 +61,7 @@ class Workload:
 class RequestSpec:
     prompt: list[int]
     output_len: int
+    sampling: dict[str, Any] = field(default_factory=lambda: {"temperature": 0.0})
 
 
 def sample_lengths(rng: random.Random, bounds: tuple[int, int], n: int) -> list[int]:
@@ -68,7 +77,7 @@ def build_requests(workload: Workload) -> list[RequestSpec]:
     prompt_lens = sample_lengths(rng, workload.prompt_len, workload.num_requests)
     output_lens = sample_lengths(rng, workload.output_len, workload.num_requests)
     return [
-        RequestSpec(prefix + [rng.randrange(*TOKEN_IDS) for _ in range(p)], o)
+        RequestSpec(prefix + [rng.randrange(*TOKEN_IDS) for _ in range(p)], o, workload.sampling())
         for p, o in zip(prompt_lens, output_lens, strict=True)
     ]
 
@@ -147,7 +156,7 @@ async def send_request(client: Any, url: str, model: str, spec: RequestSpec,
                        headers: dict[str, str] | None = None) -> RequestResult:
     """One streamed completion; every text chunk's arrival time is kept."""
     payload = {
-        "model": model, "prompt": spec.prompt, "max_tokens": spec.output_len, "temperature": 0.0,
+        "model": model, "prompt": spec.prompt, "max_tokens": spec.output_len, **spec.sampling,
         "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
     }
     result = RequestResult(prompt_len=len(spec.prompt), output_len=spec.output_len)
@@ -324,7 +333,7 @@ async def warm_up(base_url: str, model: str, workload: Workload, count: int,
     async with _client(600.0, 4) as client:
         for _ in range(count):
             spec = RequestSpec([rng.randrange(*TOKEN_IDS) for _ in range(workload.prompt_len[0])],
-                               min(16, workload.output_len[1]))
+                               min(16, workload.output_len[1]), workload.sampling())
             result = await send_request(client, base_url.rstrip("/") + "/completions", model, spec, headers)
             if not result.ok:
                 raise RuntimeError(f"the warm-up request failed: {result.error}")

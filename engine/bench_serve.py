@@ -7,7 +7,8 @@
 
 Requests go to `/v1/completions` with random token-id prompts (ids uniform in 1000..40000,
 lengths uniform in the given ranges, fixed seed), streaming, greedy, `ignore_eos`, so the
-same workload costs the same on every server (ours, vLLM, LightLLM). Each request's chunks
+same workload costs the same on every server (ours, vLLM, LightLLM); `--temperature`,
+`--top-p` and `--top-k` sample instead, as chat clients do. Each request's chunks
 are timed as they arrive, and the metrics follow vLLM's and SGLang's serving benchmarks:
 TTFT = time to the first chunk with text; TPOT = (latency - TTFT) / (output tokens - 1);
 ITL = the gaps between text chunks; throughputs = tokens / wall time of the whole run.
@@ -179,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
     parser.add_argument("--shared-prefix-len", type=int, default=None, help="tokens every prompt starts with")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="sampling temperature of every request (default 0: greedy, as the reference figures)")
+    parser.add_argument("--top-p", type=float, default=None, help="top_p of every request")
+    parser.add_argument("--top-k", type=int, default=None, help="top_k of every request (an API extension)")
     parser.add_argument("--sequential", action="store_true", help="one request at a time")
     parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help=f"the server's /v1 URL (default {DEFAULT_BASE_URL})")
     parser.add_argument("--model", default=None, help="model name (default: the first of GET /v1/models)")
@@ -200,7 +205,7 @@ def workloads_from_args(args: argparse.Namespace) -> dict[str, Workload]:
     """The presets asked for (or one `custom` workload), with the explicit flags on top."""
     overrides: dict[str, Any] = {}
     for name in ("num_requests", "prompt_len", "output_len", "request_rate", "max_concurrency",
-                 "shared_prefix_len", "seed"):
+                 "shared_prefix_len", "seed", "temperature", "top_p", "top_k"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.sequential:

@@ -22,7 +22,9 @@
 #                      of an earlier commit, carried as an ignored folder): A/B of two commits in one call
 #   PYSPY              labels of servers to run under py-spy (a wheel of it among .whl/), e.g. "kv-auto":
 #                      raw samples of every thread and the worker, in $OUT/spy_<LABEL>.txt
-#   SERVE_ARGS         more flags for `serve`; BENCH_ARGS more flags for `bench serve`
+#   SERVE_ARGS         more flags for `serve`; BENCH_ARGS more flags for `bench serve`, and
+#                      BENCH_ARGS_<LABEL> for one server's (its label, "-" as "_": BENCH_ARGS_kv_auto), e.g.
+#                      CONFIGS="topp=" WORKLOADS_topp=offline1000 BENCH_ARGS_topp="--temperature 0.7 --top-p 0.9"
 #                      (e.g. "--num-requests 200" to cut every workload short)
 #   MODEL              default /tmp/llama8b; written by .gpu_tok/make_random_llama.py unless it
 #                      holds a config.json already; MODEL_ARGS: more flags for that tool
@@ -253,10 +255,11 @@ bench() {
         say "no time left for $label: $*"
         return 1
     fi
-    say "bench $label: $* (at most $limit s)"
+    local own="BENCH_ARGS_${label//-/_}"
+    say "bench $label: $* ${!own:+${!own} }(at most $limit s)"
     # shellcheck disable=SC2086
     timeout -s TERM "$limit" "$PYTHON" -m openai_compat.cli bench serve --base-url "http://127.0.0.1:$PORT/v1" \
-        --workload "$@" --label "$label" --json "$RES/$label.json" --no-progress $BENCH_ARGS
+        --workload "$@" --label "$label" --json "$RES/$label.json" --no-progress $BENCH_ARGS ${!own:-}
     local status=$?
     [ "$status" = 124 ] && say "bench $label stopped at the time budget; its finished workloads are kept"
     [ -f "$RES/$label.json" ] && RUN_FILES+=("$RES/$label.json")

@@ -19,7 +19,8 @@ TOOLS=${TOOLS:-../shared/tools}
 PACKAGES=(pydantic pydantic-core pydantic-settings python-dotenv annotated-types typing-inspection
           starlette uvicorn openai jiter distro sniffio httpx2 httpcore2 truststore gguf
           typing-extensions uvloop httptools
-          py-spy)  # a sampling profiler, for gpu_bench.sh's PYSPY
+          py-spy  # a sampling profiler, for gpu_bench.sh's PYSPY
+          jsonschema jsonschema-specifications referencing rpds-py attrs pytest-asyncio)  # the whole test tree collects
 
 version_of() {  # the version installed in .venv, empty when none
     "$PY" -c "import importlib.metadata as m, sys
@@ -47,7 +48,7 @@ from packaging.utils import canonicalize_name
 carried = {canonicalize_name(n) for n in sys.argv[1:]}
 image = {canonicalize_name(n) for n in (
     "anyio httpx httpcore h11 idna certifi click tqdm numpy pyyaml requests typing-extensions "
-    "prometheus-client colorama").split()}
+    "prometheus-client colorama pytest").split()}
 env = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
        "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
        "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}

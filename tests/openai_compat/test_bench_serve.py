@@ -39,6 +39,9 @@ def test_build_requests_is_seeded_and_shares_the_prefix() -> None:
     assert [s.prompt for s in bh.build_requests(w)] == [s.prompt for s in specs]
     other = bh.build_requests(bh.Workload(20, (4, 9), (2, 5), shared_prefix_len=6, seed=4))
     assert [s.prompt for s in other] != [s.prompt for s in specs]
+    assert specs[0].sampling == {"temperature": 0.0}  # greedy by default
+    sampled = bh.build_requests(bh.Workload(2, (4, 9), (2, 5), temperature=0.7, top_p=0.9))
+    assert sampled[0].sampling == {"temperature": 0.7, "top_p": 0.9}
 
 
 def test_arrivals_all_at_once_or_poisson() -> None:
@@ -188,11 +191,13 @@ def test_bench_serve_against_the_tiny_server(tiny_server: ProcessServer, tmp_pat
     assert bs.main(["--base-url", url, "--workload", "cpu1", "cpu16", "--num-requests", "4",
                     "--prompt-len", "8:40", "--output-len", "3:9", "--no-progress", "--label", "presets",
                     "--json", str(out_a)]) == 0
-    # Poisson arrivals and a shared prefix, the client through the `lightgate` command line.
+    # Poisson arrivals, a shared prefix and a chat client's sampling, the client through the
+    # `lightgate` command line.
     from openai_compat.cli import main as cli_main
 
     assert cli_main(["bench", "serve", "--base-url", url, "--num-requests", "5", "--prompt-len", "4:12",
                      "--output-len", "2:6", "--request-rate", "50", "--shared-prefix-len", "48", "--warmup", "0",
+                     "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20",
                      "--no-progress", "--label", "poisson", "--json", str(out_b)]) == 0
 
     (run_a,) = json.loads(out_a.read_text())["runs"]
@@ -202,6 +207,9 @@ def test_bench_serve_against_the_tiny_server(tiny_server: ProcessServer, tmp_pat
     assert list(run_a["workloads"]) == ["cpu1", "cpu16"] and list(run_b["workloads"]) == ["custom"]
     assert run_a["workloads"]["cpu16"]["config"]["max_concurrency"] == 16
     assert run_b["workloads"]["custom"]["config"]["request_rate"] == 50.0
+    assert run_a["workloads"]["cpu1"]["config"]["temperature"] == 0.0  # greedy unless asked
+    assert {k: run_b["workloads"]["custom"]["config"][k] for k in ("temperature", "top_p", "top_k")} == {
+        "temperature": 0.8, "top_p": 0.9, "top_k": 20}
     for w in [*run_a["workloads"].values(), *run_b["workloads"].values()]:
         m = w["metrics"]
         n = w["config"]["num_requests"]
