@@ -279,6 +279,8 @@ class ModelRunner:
     # -- one step -------------------------------------------------------------------------
 
     def _update_rows(self, plan: StepPlan) -> None:
+        # A state dropped here (or replaced below) gives back its rows of the sampler's
+        # PenaltyTable once the last launched step that holds it is done (SamplingState.__del__).
         for row in plan.freed_rows:
             self.states.pop(row, None)
             self.prompts.pop(row, None)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
+from typing import Any
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from engine.sampler import (
+    PenaltyTable,
     Sampler,
     SamplingState,
     compute_prompt_logprobs,
@@ -207,6 +211,118 @@ def test_penalties_follow_the_formulas() -> None:
     for i, (p, o, (r, f, pr)) in enumerate(zip(prompts, outputs, penalties, strict=True)):
         torch.testing.assert_close(got[i], reference_penalties(logits[i], p, o, r, f, pr))
     assert not torch.equal(got, logits)
+
+
+CPU = torch.device("cpu")
+
+
+def penalized_state(prompt: list[int], outputs: list[int], rep: float, freq: float, presence: float) -> SamplingState:
+    return make_state(prompt=prompt, outputs=outputs, repetition_penalty=rep, frequency_penalty=freq, presence_penalty=presence)
+
+
+def test_many_rows_in_one_table_follow_the_formulas() -> None:
+    rng = random.Random(0)
+    num_rows = 300
+    settings = [(1.3, 0.5, 0.25), (1.0, -0.4, 1.0), (0.8, 0.0, 0.0), (1.0, 0.0, 0.0)]  # the last: no penalty
+    penalties = [settings[i % 4] for i in range(num_rows)]
+    prompts = [[rng.randrange(VOCAB) for _ in range(rng.randrange(6))] for _ in range(num_rows)]
+    outputs = [[rng.randrange(VOCAB) for _ in range(rng.randrange(4))] for _ in range(num_rows)]  # resumed rows
+    states = [penalized_state(p, o, *pen) for p, o, pen in zip(prompts, outputs, penalties, strict=True)]
+    table = PenaltyTable(VOCAB, CPU)
+    for step in range(4):
+        logits = random_logits(num_rows, seed=step)
+        got = process_logits(logits, states, table)
+        want = torch.stack([reference_penalties(logits[i], prompts[i], outputs[i], *penalties[i]) for i in range(num_rows)])
+        torch.testing.assert_close(got, want)
+        for state, out in zip(states, outputs, strict=True):
+            token = rng.randrange(VOCAB)
+            state.append(token)
+            out.append(token)
+    # One row per penalized state, a mask row only for those with a repetition penalty.
+    assert table.counts.shape == (225, VOCAB) and table.prompt_mask.shape == (150, VOCAB)
+
+
+class CountTorchCalls(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def penalty_step_calls(num_rows: int) -> tuple[int, int]:
+    """torch calls of a step with num_rows new penalized rows, then of the next step."""
+    states = [penalized_state([1, 2, 3], [4, 4], 1.2, 0.5, 0.1) for _ in range(num_rows)]
+    table = PenaltyTable(VOCAB, CPU)
+    logits = random_logits(num_rows)
+    with CountTorchCalls() as first:
+        process_logits(logits, states, table)
+    for state in states:
+        state.append(5)
+    with CountTorchCalls() as second:
+        process_logits(logits, states, table)
+    return first.calls, second.calls
+
+
+def test_penalty_work_does_not_grow_with_the_rows() -> None:
+    # The same torch calls (on a GPU, the same launches) for 2 rows as for 300: nothing per row.
+    assert penalty_step_calls(2) == penalty_step_calls(300)
+
+
+def test_slots_are_reused_as_states_come_and_go() -> None:
+    table = PenaltyTable(VOCAB, CPU)
+    logits = random_logits(10)
+    for batch in range(100):  # 1 000 states, 10 alive at a time
+        prompts = [[(batch + i) % VOCAB] for i in range(10)]
+        states = [penalized_state(p, [i], 1.5, 0.5, 0.0) for i, p in enumerate(prompts)]
+        got = process_logits(logits, states, table)
+    want = torch.stack([reference_penalties(logits[i], prompts[i], [i], 1.5, 0.5, 0.0) for i in range(10)])
+    torch.testing.assert_close(got, want)
+    assert table.counts.shape[0] <= 16 and table.prompt_mask.shape[0] <= 16
+
+
+def test_a_reused_slot_starts_from_zero() -> None:
+    table = PenaltyTable(VOCAB, CPU)
+    logits = random_logits(1, seed=9)
+    old = penalized_state([1, 2, 3], [4, 4, 5], 1.5, 1.0, 0.5)
+    process_logits(logits, [old], table)
+    old.append(6)  # pending, never counted: gone with the state
+    del old
+    new = penalized_state([7], [8], 1.5, 1.0, 0.5)
+    got = process_logits(logits, [new], table)
+    assert table.counts.shape[0] == 1 and table.prompt_mask.shape[0] == 1  # the old state's rows
+    torch.testing.assert_close(got[0], reference_penalties(logits[0], [7], [8], 1.5, 1.0, 0.5))
+    counts = new.output_counts(VOCAB, CPU)
+    assert counts[8] == 1 and int(counts.sum()) == 1
+
+
+def test_growth_keeps_the_rows_already_counted() -> None:
+    table = PenaltyTable(VOCAB, CPU)
+    first = penalized_state([1, 2], [3, 3], 1.3, 0.5, 0.2)
+    process_logits(random_logits(1), [first], table)
+    first.append(9)
+    later = [penalized_state([10 + i], [20 + i], 1.3, 0.5, 0.2) for i in range(5)]
+    logits = random_logits(6, seed=1)
+    got = process_logits(logits, [first, *later], table)
+    assert table.counts.shape[0] >= 6
+    want = [reference_penalties(logits[0], [1, 2], [3, 3, 9], 1.3, 0.5, 0.2)]
+    want += [reference_penalties(logits[1 + i], [10 + i], [20 + i], 1.3, 0.5, 0.2) for i in range(5)]
+    torch.testing.assert_close(got, torch.stack(want))
+
+
+def test_a_sampler_keeps_its_rows_in_one_table() -> None:
+    # Greedy rows give their top token up for the second once it occurred; 50 batches of 4
+    # new states take the same 4 rows of the sampler's table.
+    sampler = Sampler(seed=0)
+    logits = torch.zeros(4, VOCAB)
+    for i in range(4):
+        logits[i, i], logits[i, 10 + i] = 1.0, 0.5
+    for _ in range(50):
+        states = [make_state(temperature=0.0, frequency_penalty=1.0, outputs=[i]) for i in range(4)]
+        assert sampler.sample(logits, states).token_ids == [10, 11, 12, 13]
+    assert sampler._penalties is not None and sampler._penalties.counts.shape[0] == 4
 
 
 def test_plain_rows_are_not_copied() -> None:
