@@ -1,6 +1,6 @@
 """The sampler's time per step on the GPU, by sampling settings and batch size.
 
-    python scripts/sampler_bench.py [--rows 64,256,1024] [--vocab 128256] [--fused]
+    python scripts/sampler_bench.py [--rows 64,256,1024] [--vocab 128256] [--fused [--ways 4,8,32]]
     python scripts/sampler_bench.py --device cpu --rows 4 --vocab 1000 --iters 2
         (a check of the script itself: times meaningless)
 
@@ -10,7 +10,8 @@ settings. Greedy is what the serving benchmarks run; the others are what chat cl
 (a temperature, a nucleus, a top-k, penalties, logprobs). Prints the median milliseconds of
 each, and the logits' size read once at the GPU's bandwidth, for scale. The rows run the torch
 path; `--fused` adds a row per random setting drawn by the fused Triton kernel
-(`engine.sampler.FUSED_RACE`, what the Triton backend uses).
+(`engine.sampler.FUSED_RACE`, what the Triton backend uses); `--ways` times the top-k / top-p
+rows again with keep_thresholds' search narrowing by other factors per pass.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 
 import torch
 
+import engine.kernels.keep_thresholds as keep_thresholds_module
 import engine.sampler as sampler_module
 from engine.layers.backend import select_backend
 from engine.sampler import Sampler, SamplingState
@@ -46,6 +48,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--fused", action="store_true", help="also time the fused Triton draw")
+    parser.add_argument("--ways", default=None, metavar="W,W",
+                        help="with --fused: also time the top-k / top-p rows with keep_thresholds searching "
+                             f"W ways per pass (its default: {keep_thresholds_module._WAYS})")
     args = parser.parse_args()
     device = torch.device(args.device)
     if select_backend(args.device) != "triton" and args.fused:  # the fused draw runs where the Triton backend does
@@ -54,12 +59,17 @@ def main() -> None:
     sampler = Sampler(seed=0)
     gen = torch.Generator(device=device).manual_seed(0)
     print(f"{'settings':<34}" + "".join(f"{f'{r} rows ms':>14}" for r in rows_list))
-    runs = [(label, kwargs, False) for label, kwargs in SETTINGS.items()]
+    default_ways = keep_thresholds_module._WAYS
+    runs = [(label, kwargs, False, default_ways) for label, kwargs in SETTINGS.items()]
     if args.fused:
-        runs += [(f"{label} (fused)", kwargs, True) for label, kwargs in SETTINGS.items()
+        runs += [(f"{label} (fused)", kwargs, True, default_ways) for label, kwargs in SETTINGS.items()
                  if kwargs.get("temperature") != 0.0]
-    for label, kwargs, fused in runs:
+        for ways in [int(w) for w in args.ways.split(",")] if args.ways else []:
+            runs += [(f"{label} (fused, {ways} ways)", kwargs, True, ways) for label, kwargs in SETTINGS.items()
+                     if "top_k" in kwargs or "top_p" in kwargs]
+    for label, kwargs, fused, ways in runs:
         sampler_module.FUSED_RACE = fused
+        keep_thresholds_module._WAYS = ways
         params = SamplingParams(**kwargs)  # type: ignore[arg-type]
         cells = []
         for rows in rows_list:

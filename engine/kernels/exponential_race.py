@@ -39,7 +39,7 @@ def _race_kernel(logits_ptr, stride, temps_ptr, seeds_ptr, thresholds_ptr, out_p
         x = (x ^ (x >> 27)) * 0x94D049BB133111EB
         x = x ^ (x >> 31)
         uniform = ((x >> 41).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 23 bits -> (0, 1), unit_interval
-        x = logit.to(tl.float32) / temp
+        x = tl.math.div_rn(logit.to(tl.float32), temp)  # IEEE division, as torch's and keep_thresholds'
         score = x - tl.log(-tl.log(uniform))
         if HAS_THRESHOLDS:
             score = tl.where(x >= threshold, score, float("-inf"))

@@ -51,8 +51,9 @@ def _above(row_ptr, vocab, temp, x_max, points, MASS: tl.constexpr, BLOCK: tl.co
     total = tl.zeros(points.shape, tl.float32)
     for start in range(0, vocab, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32) / temp
-        above = _key(x).to(tl.int64)[:, None] > points[None, :]  # padding (-inf) is above no point
+        x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        x = tl.math.div_rn(x, temp)  # IEEE division, as torch's: the same values as the race's
+        above = _key(x)[:, None] > points[None, :]  # padding (-inf) is above no point
         if MASS:
             weight = tl.exp(x - x_max)  # x_max is finite here
         else:
@@ -69,7 +70,7 @@ def _smallest_fitting(row_ptr, vocab, temp, x_max, lo, hi, limit, MASS: tl.const
     ways = tl.arange(0, WAYS).to(tl.int64)
     while lo < hi:
         points = lo + ((hi - lo) * ways) // WAYS  # lo first, all below hi
-        fits = _above(row_ptr, vocab, temp, x_max, points, MASS, BLOCK) <= limit
+        fits = _above(row_ptr, vocab, temp, x_max, points.to(tl.int32), MASS, BLOCK) <= limit  # keys: int32
         hi = tl.min(tl.where(fits, points, hi), axis=0)
         lo = tl.max(tl.where(fits, lo, points + 1), axis=0)
     return lo
@@ -90,7 +91,8 @@ def _keep_thresholds_kernel(logits_ptr, stride, temps_ptr, top_k_ptr, top_p_ptr,
     run_sum = tl.zeros([BLOCK], tl.float32)
     for start in range(0, vocab, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32) / temp
+        x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        x = tl.math.div_rn(x, temp)  # IEEE division, as torch's: the same values as the race's
         run_max_new = tl.maximum(run_max, x)
         shift = tl.where(run_max_new == float("-inf"), 0.0, run_max_new)  # no -inf - -inf
         run_sum = run_sum * tl.exp(run_max - shift) + tl.exp(x - shift)
@@ -107,7 +109,7 @@ def _keep_thresholds_kernel(logits_ptr, stride, temps_ptr, top_k_ptr, top_p_ptr,
                                    BLOCK, WAYS)
             threshold = _value(lo)
             # top-p renormalises over what top-k keeps
-            at_least = tl.full([WAYS], 1, tl.int64) * (lo - 1)  # the same point WAYS times
+            at_least = (tl.full([WAYS], 1, tl.int64) * (lo - 1)).to(tl.int32)  # the same point WAYS times
             total = tl.max(_above(row_ptr, vocab, temp, x_max, at_least, True, BLOCK), axis=0)
         if top_p < 1.0:  # at most a mass of p above the smallest kept
             lo = _smallest_fitting(row_ptr, vocab, temp, x_max, lo, hi, top_p * total, True, BLOCK, WAYS)

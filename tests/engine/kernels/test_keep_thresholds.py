@@ -37,8 +37,12 @@ def _check(logits: torch.Tensor, temps: list[float], ks: list[int], ps: list[flo
     return got
 
 
-@pytest.mark.parametrize("vocab", [700, 1500])  # 1500: the last block of each pass partly padding
-def test_thresholds_match_the_sorted_reference(vocab: int) -> None:
+@pytest.mark.parametrize(("vocab", "ways"), [(700, 16), (1500, 16), (700, 4)])  # 1500: the last block of
+# each pass partly padding; 4 ways: more passes, each narrowing less
+def test_thresholds_match_the_sorted_reference(vocab: int, ways: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.kernels.keep_thresholds as module
+
+    monkeypatch.setattr(module, "_WAYS", ways)
     gen = torch.Generator().manual_seed(vocab)
     logits = 3 * torch.randn(10, vocab, generator=gen)
     logits[2, 100:] = float("-inf")  # masked before the filters (logit_bias, min_tokens)
