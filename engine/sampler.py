@@ -42,6 +42,13 @@ from engine.transfer import HostCopy, to_device
 # rounding in near-ties. On the H200 at 1 024 rows x 128 k vocabulary, temperature alone:
 # 1.47 ms against 12.3 (scripts/sampler_bench.py --fused, docs/benchmarks.md).
 FUSED_RACE = True
+# With it, from this many rows top-k / top-p thresholds come from the search kernel
+# (engine/kernels/keep_thresholds.py), below it from torch's sort. H200, 128 k vocabulary,
+# top_p 0.9, ms per step with the race (docs/benchmarks.md, 2026-12-02): sorting (as it was
+# then: a masked sorted copy scattered back) 1.7 / 4.5 / 16.9 at 64 / 256 / 1 024 rows,
+# searching 3.0-3.1 / 4.6-5.1 / 7.3. The search runs one program per row, which leaves most of
+# the GPU idle when there are few rows.
+SEARCH_MIN_ROWS = 256
 
 _MASK64 = (1 << 64) - 1
 
@@ -490,7 +497,8 @@ def _race(
     filters: tuple[list[int], list[float], list[float]] | None,
 ) -> torch.Tensor:
     """The exponential race through its Triton kernel (`FUSED_RACE`); `filters` (top_ks,
-    top_ps, min_ps) go through the kernel that finds what each row keeps."""
+    top_ps, min_ps) come to each row's threshold first: by the search kernel from
+    `SEARCH_MIN_ROWS` rows, else by the sort (`keep_thresholds`)."""
     from engine.kernels.exponential_race import exponential_race
     from engine.kernels.keep_thresholds import keep_thresholds as keep_thresholds_kernel
 
@@ -500,8 +508,11 @@ def _race(
     thresholds = None
     if filters is not None:
         top_ks, top_ps, min_ps = filters
-        thresholds = keep_thresholds_kernel(
-            logits, temps_t, to_device(top_ks, torch.int32, device), to_device(top_ps, torch.float32, device),
-            to_device(min_ps, torch.float32, device),
-        )
+        if logits.shape[0] >= SEARCH_MIN_ROWS:
+            thresholds = keep_thresholds_kernel(
+                logits, temps_t, to_device(top_ks, torch.int32, device), to_device(top_ps, torch.float32, device),
+                to_device(min_ps, torch.float32, device),
+            )
+        else:  # the race divides as torch does (IEEE), so its tempered logits are these
+            thresholds = keep_thresholds(logits / temps_t.unsqueeze(1), top_ks, top_ps, min_ps)
     return exponential_race(logits, temps_t, to_device(seeds, torch.int64, device), thresholds)

@@ -1,6 +1,6 @@
 """The sampler's time per step on the GPU, by sampling settings and batch size.
 
-    python scripts/sampler_bench.py [--rows 64,256,1024] [--vocab 128256] [--fused [--ways 4,8,32]]
+    python scripts/sampler_bench.py [--rows 1,64,256,1024] [--vocab 128256] [--fused [--ways 4,8,32]]
     python scripts/sampler_bench.py --device cpu --rows 4 --vocab 1000 --iters 2
         (a check of the script itself: times meaningless)
 
@@ -11,7 +11,8 @@ settings. Greedy is what the serving benchmarks run; the others are what chat cl
 each, and the logits' size read once at the GPU's bandwidth, for scale. The rows run the torch
 path; `--fused` adds a row per random setting drawn by the fused Triton kernel
 (`engine.sampler.FUSED_RACE`, what the Triton backend uses); `--ways` times the top-k / top-p
-rows again with keep_thresholds' search narrowing by other factors per pass.
+rows again with keep_thresholds' search (at every batch size: by default the sampler sorts
+below `SEARCH_MIN_ROWS` rows) narrowing by other factors per pass.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ SETTINGS: dict[str, dict[str, object]] = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", default="64,256,1024")
+    parser.add_argument("--rows", default="1,64,256,1024")
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--device", default="cuda")
@@ -60,16 +61,19 @@ def main() -> None:
     gen = torch.Generator(device=device).manual_seed(0)
     print(f"{'settings':<34}" + "".join(f"{f'{r} rows ms':>14}" for r in rows_list))
     default_ways = keep_thresholds_module._WAYS
-    runs = [(label, kwargs, False, default_ways) for label, kwargs in SETTINGS.items()]
+    search_min_rows = sampler_module.SEARCH_MIN_ROWS
+    # (label, params, fused, search width, rows from which the search kernel runs)
+    runs = [(label, kwargs, False, default_ways, search_min_rows) for label, kwargs in SETTINGS.items()]
     if args.fused:
-        runs += [(f"{label} (fused)", kwargs, True, default_ways) for label, kwargs in SETTINGS.items()
-                 if kwargs.get("temperature") != 0.0]
-        for ways in [int(w) for w in args.ways.split(",")] if args.ways else []:
-            runs += [(f"{label} (fused, {ways} ways)", kwargs, True, ways) for label, kwargs in SETTINGS.items()
+        runs += [(f"{label} (fused)", kwargs, True, default_ways, search_min_rows)
+                 for label, kwargs in SETTINGS.items() if kwargs.get("temperature") != 0.0]
+        for ways in [int(w) for w in args.ways.split(",")] if args.ways else []:  # the search at every size
+            runs += [(f"{label} (fused, {ways} ways)", kwargs, True, ways, 1) for label, kwargs in SETTINGS.items()
                      if "top_k" in kwargs or "top_p" in kwargs]
-    for label, kwargs, fused, ways in runs:
+    for label, kwargs, fused, ways, min_rows in runs:
         sampler_module.FUSED_RACE = fused
         keep_thresholds_module._WAYS = ways
+        sampler_module.SEARCH_MIN_ROWS = min_rows
         params = SamplingParams(**kwargs)  # type: ignore[arg-type]
         cells = []
         for rows in rows_list:

@@ -76,13 +76,16 @@ def test_sampler_draws_the_same_tokens_fused(kwargs: dict[str, object], monkeypa
     gen = torch.Generator().manual_seed(3)
     logits = (4 * torch.randn(8, 700, generator=gen)).to(_device())
     draws = {}
-    for fused in (False, True):
+    # the torch path; the race kernel with thresholds from the sort, then from the search kernel
+    for fused, search_min_rows in ((False, 1), (True, 10**9), (True, 1)):
         monkeypatch.setattr(sampler_module, "FUSED_RACE", fused)
+        monkeypatch.setattr(sampler_module, "SEARCH_MIN_ROWS", search_min_rows)
         monkeypatch.setattr(sampler_module, "use_triton", lambda: True)
-        sampler = Sampler(seed=0)  # the same unseeded draws for both
+        sampler = Sampler(seed=0)  # the same unseeded draws for all
         states = [SamplingState(params, [1]) for _ in range(8)]
-        draws[fused] = [sampler.sample(logits, states).token_ids for _ in range(3)]
-    assert draws[True] == draws[False]
+        draws[fused, search_min_rows] = [sampler.sample(logits, states).token_ids for _ in range(3)]
+    assert draws[True, 10**9] == draws[False, 1]
+    assert draws[True, 1] == draws[False, 1]
 
 
 @pytest.mark.gpu
