@@ -29,7 +29,7 @@ from engine.distributed.parallel_state import all_reduce_min_int
 from engine.forward_context import INT8_KV_SCALE_DTYPE, KVPool, build_forward_context, set_forward_context
 from engine.layers.backend import use_triton
 from engine.plan import SeqStep, StepPlan, StepResult, TokenLogprobs, WorkerInfo
-from engine.sampler import PendingSample, Sampler, SamplingState, compute_prompt_logprobs
+from engine.sampler import SEARCH_MIN_ROWS, PendingSample, Sampler, SamplingState, compute_prompt_logprobs
 from engine.sampling_params import SamplingParams
 from engine.transfer import host_wait_allowed, to_device
 
@@ -253,6 +253,9 @@ class ModelRunner:
         rows = min(self.config.max_num_seqs, num_tokens)
         logits = self.model.compute_logits(hidden[:rows])
         self.sampler.sample(logits, [SamplingState(_PROFILE_PARAMS, [])] * rows)
+        # fewer rows than SEARCH_MIN_ROWS sort the vocabulary for top-k / top-p: more memory a row
+        sorted_rows = min(rows, SEARCH_MIN_ROWS - 1)
+        self.sampler.sample(logits[:sorted_rows], [SamplingState(_PROFILE_PARAMS, [])] * sorted_rows)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
         del kv, req_to_token, ctx, hidden, logits

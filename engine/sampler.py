@@ -509,8 +509,10 @@ def _race(
     if filters is not None:
         top_ks, top_ps, min_ps = filters
         if logits.shape[0] >= SEARCH_MIN_ROWS:
+            vocab_size = logits.shape[1]
+            ks = [k if 0 < k < vocab_size else 0 for k in top_ks]  # any int: the API sets no bound
             thresholds = keep_thresholds_kernel(
-                logits, temps_t, to_device(top_ks, torch.int32, device), to_device(top_ps, torch.float32, device),
+                logits, temps_t, to_device(ks, torch.int32, device), to_device(top_ps, torch.float32, device),
                 to_device(min_ps, torch.float32, device),
             )
         else:  # the race divides as torch does (IEEE), so its tempered logits are these

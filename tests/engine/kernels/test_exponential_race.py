@@ -65,6 +65,7 @@ def test_race_never_picks_a_masked_token_and_follows_its_seed() -> None:
         {"temperature": 1.3, "top_k": 50, "top_p": 0.8},
         {"temperature": 0.9, "min_p": 0.05},
         {"temperature": 0.9, "min_p": 0.1, "top_k": 30, "seed": 4},
+        {"temperature": 1.0, "top_k": 2**31 + 5, "top_p": 0.9},  # past int32: all of the vocabulary
     ],
 )
 def test_sampler_draws_the_same_tokens_fused(kwargs: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> None:
