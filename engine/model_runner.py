@@ -29,8 +29,9 @@ from engine.distributed.parallel_state import all_reduce_min_int
 from engine.forward_context import INT8_KV_SCALE_DTYPE, KVPool, build_forward_context, set_forward_context
 from engine.layers.backend import use_triton
 from engine.plan import SeqStep, StepPlan, StepResult, TokenLogprobs, WorkerInfo
-from engine.sampler import SEARCH_MIN_ROWS, PendingSample, Sampler, SamplingState, compute_prompt_logprobs
+from engine.sampler import SEARCH_MIN_ROWS, PendingSample, Sampler, compute_prompt_logprobs
 from engine.sampling_params import SamplingParams
+from engine.sampling_state import SamplingState
 from engine.transfer import host_wait_allowed, to_device
 
 if TYPE_CHECKING:

@@ -26,8 +26,9 @@ import torch
 import engine.kernels.keep_thresholds as keep_thresholds_module
 import engine.sampler as sampler_module
 from engine.layers.backend import select_backend
-from engine.sampler import Sampler, SamplingState
+from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
+from engine.sampling_state import SamplingState
 
 SETTINGS: dict[str, dict[str, object]] = {
     "greedy": {"temperature": 0.0},

@@ -11,15 +11,14 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from engine.sampler import (
-    PenaltyTable,
     Sampler,
-    SamplingState,
     compute_prompt_logprobs,
     exponential_noise,
     process_logits,
     unit_interval,
 )
 from engine.sampling_params import SamplingParams
+from engine.sampling_state import PenaltyTable, SamplingState
 
 VOCAB = 50
 

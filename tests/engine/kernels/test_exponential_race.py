@@ -70,8 +70,9 @@ def test_race_never_picks_a_masked_token_and_follows_its_seed() -> None:
 )
 def test_sampler_draws_the_same_tokens_fused(kwargs: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> None:
     import engine.sampler as sampler_module
-    from engine.sampler import Sampler, SamplingState
+    from engine.sampler import Sampler
     from engine.sampling_params import SamplingParams
+    from engine.sampling_state import SamplingState
 
     params = SamplingParams(**kwargs)  # type: ignore[arg-type]
     gen = torch.Generator().manual_seed(3)
