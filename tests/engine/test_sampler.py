@@ -14,6 +14,7 @@ from engine.sampler import (
     Sampler,
     compute_prompt_logprobs,
     exponential_noise,
+    keep_thresholds,
     process_logits,
     unit_interval,
 )
@@ -82,6 +83,29 @@ def test_top_k_top_p_min_p_keep_only_allowed_tokens() -> None:
     combined = draw_counts(logits_row, 3000, top_k=3, top_p=0.5)
     assert set(combined) == {0, 1}
     # top_p works on the distribution left by top_k: 0.4/0.85 < 0.5, so two tokens stay.
+
+
+def test_top_p_from_the_largest_values_equals_sorting_whole_rows() -> None:
+    """On the CPU top-p first looks at a row's largest values and sorts the row only when its
+    nucleus may reach past them: the same tokens kept either way."""
+    gen = torch.Generator().manual_seed(5)
+    vocab = 3000
+    logits = torch.randn(8, vocab, generator=gen)
+    logits[0] *= 12  # peaked: a nucleus of a few tokens, inside the candidates
+    logits[1] *= 0.1  # flat: a nucleus of thousands, past them
+    logits[2, :2] = torch.tensor([9.0, 8.0])
+    logits[2, 2:40] = 7.0  # the 3rd value 38 times: top_k 3 keeps them all, past the candidates
+    logits[3] *= 12
+    logits[4] *= 0.1
+    top_ks = [0, 0, 3, 5, 200, 0, 0, 12]
+    top_ps = [0.9, 0.95, 0.999, 0.9, 0.8, 1.0, 0.5, 1.0]
+    min_ps = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.1, 0.0]
+    guessed = keep_thresholds(logits, top_ks, top_ps, min_ps, guess=8)
+    whole = keep_thresholds(logits, top_ks, top_ps, min_ps, guess=vocab)
+    assert torch.equal(logits >= guessed.unsqueeze(1), logits >= whole.unsqueeze(1))
+    kept = (logits >= whole.unsqueeze(1)).sum(dim=1).tolist()
+    assert kept[1] > 8 and 8 < kept[4] < 200 and kept[2] == 40 and kept[5] == vocab and kept[7] == 12
+    assert kept[0] < 8
 
 
 def test_top_p_sampling_is_renormalised() -> None:
