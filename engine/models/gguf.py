@@ -24,6 +24,7 @@ GGUF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
 }
 
 _GLOBAL_NAMES = {
@@ -38,6 +39,8 @@ _BLOCK_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",  # qwen3
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
@@ -131,6 +134,12 @@ def gguf_config(gguf_path: str) -> dict[str, Any]:
             f"GGUF architecture {model_type!r} is not supported; supported: {', '.join(sorted(GGUF_ARCHITECTURES))}"
         )
     config["architectures"] = [GGUF_ARCHITECTURES[model_type]]
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf_path).fields
+    key_length = fields.get(f"{model_type}.attention.key_length")
+    if key_length is not None:  # a head size that is not hidden / heads (Qwen3's 128 with 1 024 / 16)
+        config["head_dim"] = int(key_length.parts[key_length.data[0]][0])
     return config
 
 

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2): wiring only, over `engine/layers`.
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3): wiring only, over `engine/layers`.
 
 A step's tokens are packed: input_ids [T] and positions [T] hold every sequence's new tokens
 back to back; the attention layers find each sequence's keys through the ForwardContext.
@@ -36,6 +36,7 @@ class LlamaAttention(nn.Module):
         qkv_bias: bool,
         o_bias: bool,
         sliding_window: int | None,
+        qk_norm: bool,
         tp_rank: int,
         tp_size: int,
     ) -> None:
@@ -50,6 +51,10 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(total_heads * head_dim, hidden, o_bias, tp_rank, tp_size)
         self.rotary_emb = rotary_emb
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        self.head_dim = head_dim
+        # Qwen3: an RMSNorm over each head's q and k (weights [head_dim], the same on every rank)
+        self.q_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
         self.attn = Attention(
             self.qkv_proj.num_heads,
             self.qkv_proj.num_kv_heads,
@@ -62,6 +67,11 @@ class LlamaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)  # [T, (H + 2 KV) * D]
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        if self.q_norm is not None and self.k_norm is not None:  # per head, before the rotation
+            q, k = qk.split([self.q_size, self.kv_size], dim=-1)
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
+            qk = torch.cat([q, k], dim=-1)
         q, k = self.rotary_emb.forward_packed(positions, qk, self.q_size)
         return self.o_proj(self.attn(q, k, v))
 
@@ -99,6 +109,7 @@ class LlamaDecoderLayer(nn.Module):
             qkv_bias=arch.qkv_bias(config),
             o_bias=arch.o_bias(config),
             sliding_window=arch.sliding_window_of(config, layer_idx),
+            qk_norm=arch.qk_norm(config),
             tp_rank=tp_rank,
             tp_size=tp_size,
         )
@@ -171,6 +182,10 @@ class LlamaForCausalLM(nn.Module):
         return bool(getattr(config, "attention_bias", False))
 
     @classmethod
+    def qk_norm(cls, config: Any) -> bool:
+        return False
+
+    @classmethod
     def sliding_window_of(cls, config: Any, layer_idx: int) -> int | None:
         layer_types = getattr(config, "layer_types", None)
         if layer_types and layer_types[layer_idx] == "sliding_attention":
@@ -208,3 +223,12 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
     @classmethod
     def o_bias(cls, config: Any) -> bool:
         return False
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Llama with an RMSNorm over each head's q and k before the rotation (no q/k/v biases
+    unless `attention_bias`); sliding windows, where used, come from `layer_types`."""
+
+    @classmethod
+    def qk_norm(cls, config: Any) -> bool:
+        return True

@@ -81,7 +81,7 @@ class Harness:
 def tiny_config(kind: str = "llama", **overrides: Any) -> Any:
     """A small transformers config of the given family; `initializer_range` is large so that
     random logits are peaked and greedy decoding has no near-ties."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common: dict[str, Any] = dict(
         vocab_size=256,
@@ -102,6 +102,9 @@ def tiny_config(kind: str = "llama", **overrides: Any) -> Any:
     if kind == "qwen2":
         common.setdefault("tie_word_embeddings", True)
         return Qwen2Config(architectures=["Qwen2ForCausalLM"], **common)
+    if kind == "qwen3":
+        common.setdefault("head_dim", 32)  # not hidden / heads, as in the real ones (128 with 1 024)
+        return Qwen3Config(architectures=["Qwen3ForCausalLM"], **common)
     raise ValueError(kind)
 
 

@@ -27,6 +27,8 @@ _HF_TO_GGUF = {
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
@@ -52,10 +54,14 @@ def _rope_permute(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     )
 
 
-def write_gguf(path: Path, hf: nn.Module, qtype: gguf.GGMLQuantizationType) -> None:
-    """A llama GGUF file of `hf`'s weights: 2-D weights in `qtype`, norms in F32 (as llama.cpp)."""
+def write_gguf(path: Path, hf: nn.Module, qtype: gguf.GGMLQuantizationType, arch: str = "llama") -> None:
+    """A GGUF file of `hf`'s weights: 2-D weights in `qtype`, norms in F32 (as llama.cpp); q/k
+    rows permuted as llama.cpp's converter does for `llama` only."""
     cfg: Any = hf.config
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
+    if getattr(cfg, "head_dim", None):
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -67,9 +73,9 @@ def write_gguf(path: Path, hf: nn.Module, qtype: gguf.GGMLQuantizationType) -> N
     writer.add_vocab_size(cfg.vocab_size)
     for name, tensor in hf.state_dict().items():
         w = tensor.detach().float()
-        if ".q_proj." in name:
+        if arch == "llama" and ".q_proj." in name:
             w = _rope_permute(w, cfg.num_attention_heads)
-        elif ".k_proj." in name:
+        elif arch == "llama" and ".k_proj." in name:
             w = _rope_permute(w, cfg.num_key_value_heads)
         t = w.numpy()
         if t.ndim == 1 or qtype == QT.F32:
@@ -134,6 +140,17 @@ def test_f32_gguf_model_matches_original_and_transformers_gguf(
     assert rel_err(ours, tiny_hf(torch.tensor([prompt])).logits[0]) < 1e-4
     ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=file.name, dtype=torch.float32)
     assert rel_err(ours, ref(torch.tensor([prompt])).logits[0]) < 1e-4
+
+
+@torch.inference_mode()
+def test_qwen3_gguf_keeps_its_head_size_and_qk_norms(tmp_path: Path, cache: Path) -> None:
+    hf = save_tiny_model(str(tmp_path / "hf"), tiny_config("qwen3", num_hidden_layers=1, tie_word_embeddings=False))
+    file = tmp_path / "tiny-qwen3.gguf"
+    write_gguf(file, hf, QT.F32, arch="qwen3")
+    model = load_model(resolve_model(str(file)), torch.float32, "cpu")
+    assert model.config.head_dim == 32 != model.config.hidden_size // model.config.num_attention_heads
+    prompt = list(range(3, 40, 3))
+    assert rel_err(Harness(model).prefill(0, prompt), hf(torch.tensor([prompt])).logits[0]) < 1e-4
 
 
 def test_conversion_is_cached_and_keyed_by_mtime(

@@ -1,4 +1,4 @@
-"""Llama / Mistral / Qwen2 against the transformers implementation (fp32, CPU, random weights)."""
+"""Llama / Mistral / Qwen2 / Qwen3 against the transformers implementation (fp32, CPU, random weights)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "mistral-sliding": ("mistral", {"sliding_window": 6}),
     "qwen2-tied": ("qwen2", {}),
+    "qwen3": ("qwen3", {}),
+    "qwen3-sliding-tied": ("qwen3", {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1,
+                                     "tie_word_embeddings": True}),
 }
 
 
