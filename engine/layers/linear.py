@@ -132,8 +132,15 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(input_size, sum(output_sizes), bias, tp_rank, tp_size, params_dtype)
 
     def weight_loader(  # type: ignore[override]
-        self, param: nn.Parameter, loaded_weight: WeightLike, shard_id: int
+        self, param: nn.Parameter, loaded_weight: WeightLike, shard_id: int | None = None
     ) -> None:
+        if shard_id is None:  # a checkpoint that fuses the parts too (Phi-3's gate_up_proj)
+            _check_full_size(loaded_weight, 0, sum(self.output_sizes), "the fused parts")
+            start = 0
+            for part, size in enumerate(self.output_sizes):
+                self.weight_loader(param, loaded_weight.narrow(0, start, size), part)
+                start += size
+            return
         # Each part is split on its own, so rank r holds [gate_r | up_r].
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         size = self.output_sizes[shard_id] // self.tp_size
@@ -180,8 +187,16 @@ class QKVParallelLinear(ColumnParallelLinear):
         return self.num_kv_heads * self.head_size
 
     def weight_loader(  # type: ignore[override]
-        self, param: nn.Parameter, loaded_weight: WeightLike, shard_id: str
+        self, param: nn.Parameter, loaded_weight: WeightLike, shard_id: str | None = None
     ) -> None:
+        if shard_id is None:  # a checkpoint that fuses q | k | v too (Phi-3's qkv_proj)
+            q_rows = self.total_num_heads * self.head_size
+            kv_rows = self.total_num_kv_heads * self.head_size
+            _check_full_size(loaded_weight, 0, q_rows + 2 * kv_rows, "the fused q, k and v")
+            self.weight_loader(param, loaded_weight.narrow(0, 0, q_rows), "q")
+            self.weight_loader(param, loaded_weight.narrow(0, q_rows, kv_rows), "k")
+            self.weight_loader(param, loaded_weight.narrow(0, q_rows + kv_rows, kv_rows), "v")
+            return
         # A replicated kv head (fewer kv heads than ranks) is read by each of its tp / KV ranks.
         if shard_id == "q":
             offset, size, rank_idx = 0, self.q_size, self.tp_rank

@@ -1,9 +1,10 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3): wiring only, over `engine/layers`.
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3): wiring only, over `engine/layers`.
 
 A step's tokens are packed: input_ids [T] and positions [T] hold every sequence's new tokens
 back to back; the attention layers find each sequence's keys through the ForwardContext.
 Checkpoint names follow transformers (`model.layers.N.self_attn.q_proj.weight`, ...); the
-separate q/k/v and gate/up tensors load into fused parameters via `packed_modules_mapping`.
+separate q/k/v and gate/up tensors load into fused parameters via `packed_modules_mapping`,
+and checkpoints that fuse them already (Phi-3's `qkv_proj`, `gate_up_proj`) load as they are.
 """
 
 from __future__ import annotations
@@ -232,3 +233,9 @@ class Qwen3ForCausalLM(LlamaForCausalLM):
     @classmethod
     def qk_norm(cls, config: Any) -> bool:
         return True
+
+
+class Phi3ForCausalLM(MistralForCausalLM):
+    """Llama whose checkpoints fuse q | k | v and gate | up (the parameters' own layout), with
+    `config.sliding_window` over every layer and, in some, a partial rotation. The long-context
+    variants' `longrope` scaling is not supported (the rotary embedding says so at load)."""

@@ -81,7 +81,7 @@ class Harness:
 def tiny_config(kind: str = "llama", **overrides: Any) -> Any:
     """A small transformers config of the given family; `initializer_range` is large so that
     random logits are peaked and greedy decoding has no near-ties."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common: dict[str, Any] = dict(
         vocab_size=256,
@@ -105,6 +105,11 @@ def tiny_config(kind: str = "llama", **overrides: Any) -> Any:
     if kind == "qwen3":
         common.setdefault("head_dim", 32)  # not hidden / heads, as in the real ones (128 with 1 024)
         return Qwen3Config(architectures=["Qwen3ForCausalLM"], **common)
+    if kind == "phi3":
+        common.setdefault("pad_token_id", 0)
+        common.setdefault("bos_token_id", 1)
+        common.setdefault("eos_token_id", 2)  # its default, 32 000, lies past a tiny vocabulary
+        return Phi3Config(architectures=["Phi3ForCausalLM"], **common)
     raise ValueError(kind)
 
 

@@ -1,4 +1,4 @@
-"""Llama / Mistral / Qwen2 / Qwen3 against the transformers implementation (fp32, CPU, random weights)."""
+"""Llama / Mistral / Qwen2 / Qwen3 / Phi-3 against the transformers implementation (fp32, CPU, random weights)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "mistral-sliding": ("mistral", {"sliding_window": 6}),
     "qwen2-tied": ("qwen2", {}),
     "qwen3": ("qwen3", {}),
+    "phi3": ("phi3", {}),
+    "phi3-sliding-partial": ("phi3", {"sliding_window": 6, "partial_rotary_factor": 0.5}),
     "qwen3-sliding-tied": ("qwen3", {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1,
                                      "tie_word_embeddings": True}),
 }
@@ -130,6 +132,22 @@ def test_mistral_sliding_window_reaches_attention(tmp_path: Path) -> None:
     save_tiny_model(str(tmp_path), tiny_config("mistral", sliding_window=6))
     model: Any = load_model(str(tmp_path), torch.float32, "cpu")
     assert all(layer.self_attn.attn.sliding_window == 6 for layer in model.model.layers)
+
+
+def test_phi3_fused_checkpoint_and_sliding_window(tmp_path: Path) -> None:
+    save_tiny_model(str(tmp_path), tiny_config("phi3", sliding_window=6, partial_rotary_factor=0.5))
+    model: Any = load_model(str(tmp_path), torch.float32, "cpu")
+    assert all(layer.self_attn.attn.sliding_window == 6 for layer in model.model.layers)
+    assert model.model.layers[0].self_attn.rotary_emb.rotary_dim == 8  # half of a head of 16
+
+
+def test_phi3_long_context_scaling_is_refused_at_load(tmp_path: Path) -> None:
+    factors = [1.0] * 8  # one per rotated frequency (head 16: 8)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": factors, "long_factor": factors,
+            "original_max_position_embeddings": 128}
+    save_tiny_model(str(tmp_path), tiny_config("phi3", rope_parameters=rope))
+    with pytest.raises(ValueError, match="longrope"):
+        load_model(str(tmp_path), torch.float32, "cpu")
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
