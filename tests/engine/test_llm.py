@@ -29,7 +29,7 @@ def _prompts(num: int, seed: int = 0, vocab: int = 256) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(rng.randrange(3, 40))] for _ in range(num)]
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3", "phi3"])
 def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     path = tmp_path_factory.mktemp(request.param)
     hf = save_tiny_model(str(path), tiny_config(request.param))
