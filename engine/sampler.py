@@ -52,6 +52,8 @@ SEARCH_MIN_ROWS = 256
 # keep_thresholds). 16 rows x 49 152 (SmolLM2's vocabulary) on this 2-core VM: a sort 26 ms,
 # topk 256 ~1 ms, topk 50 0.4 ms.
 NUCLEUS_GUESS = 256
+# On the CPU the race draws its noise this many columns at a time (see `race`).
+_RACE_COLUMNS = 4096
 
 _MASK64 = (1 << 64) - 1
 
@@ -242,13 +244,40 @@ def exponential_noise(seeds: list[int], vocab_size: int, device: torch.device) -
     Counter-based, so a row depends on its seed alone (not on the batch), all rows come from
     one batched computation, and CPU and CUDA give the same numbers. int64 products wrap.
     """
-    seed = to_device(seeds, torch.int64, device).unsqueeze(1)
-    counter = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=device)
-    x = seed + counter * _int64(0x9E3779B97F4A7C15)  # [n, vocab]
-    x = (x ^ _srl(x, 30)) * _int64(0xBF58476D1CE4E5B9)
-    x = (x ^ _srl(x, 27)) * _int64(0x94D049BB133111EB)
-    x = x ^ _srl(x, 31)
+    return _noise_columns(to_device(seeds, torch.int64, device).unsqueeze(1), 0, vocab_size)
+
+
+def _noise_columns(seed: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Columns [start, stop) of `exponential_noise` for the seeds [n, 1] (int64)."""
+    counter = torch.arange(start + 1, stop + 1, dtype=torch.int64, device=seed.device)
+    x = seed + counter * _int64(0x9E3779B97F4A7C15)  # [n, stop - start]
+    x ^= _srl(x, 30)
+    x *= _int64(0xBF58476D1CE4E5B9)
+    x ^= _srl(x, 27)
+    x *= _int64(0x94D049BB133111EB)
+    x ^= _srl(x, 31)
     return unit_interval(x).log_().neg_()
+
+
+def race(probs: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    """The exponential race: argmax(probs / `exponential_noise`) per row, ties to the lowest id.
+
+    On the CPU a few thousand columns at a time, so that each piece's int64 noise stays in the
+    cache through its dozen passes (16 rows x 49 152: about half the time of the whole at once;
+    the same tokens); elsewhere in one go, as each piece would be a dozen more launches."""
+    rows, vocab_size = probs.shape
+    seed = to_device(seeds, torch.int64, probs.device).unsqueeze(1)
+    if probs.device.type != "cpu" or vocab_size <= _RACE_COLUMNS:
+        return (probs / _noise_columns(seed, 0, vocab_size)).argmax(dim=-1)
+    best = torch.full((rows,), -1.0, dtype=probs.dtype)
+    best_id = torch.zeros(rows, dtype=torch.int64)
+    for start in range(0, vocab_size, _RACE_COLUMNS):
+        stop = min(vocab_size, start + _RACE_COLUMNS)
+        value, index = (probs[:, start:stop] / _noise_columns(seed, start, stop)).max(dim=-1)
+        better = value > best  # strictly: an equal score further on does not win, as with argmax
+        best = torch.where(better, value, best)
+        best_id = torch.where(better, index + start, best_id)
+    return best_id
 
 
 def unit_interval(x: torch.Tensor) -> torch.Tensor:
@@ -342,9 +371,7 @@ class Sampler:
         if filters:
             thresholds = keep_thresholds(logits, top_ks, top_ps, min_ps).unsqueeze(1)
             logits = logits.masked_fill(logits < thresholds, float("-inf"))
-        probs = logits.softmax(dim=-1)
-        noise = exponential_noise(seeds, probs.shape[1], probs.device)
-        return (probs / noise).argmax(dim=-1)
+        return race(logits.softmax(dim=-1), seeds)
 
 
 def _race(

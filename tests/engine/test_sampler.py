@@ -16,6 +16,7 @@ from engine.sampler import (
     exponential_noise,
     keep_thresholds,
     process_logits,
+    race,
     unit_interval,
 )
 from engine.sampling_params import SamplingParams
@@ -83,6 +84,21 @@ def test_top_k_top_p_min_p_keep_only_allowed_tokens() -> None:
     combined = draw_counts(logits_row, 3000, top_k=3, top_p=0.5)
     assert set(combined) == {0, 1}
     # top_p works on the distribution left by top_k: 0.4/0.85 < 0.5, so two tokens stay.
+
+
+def test_the_race_in_pieces_draws_what_the_whole_draws() -> None:
+    """On the CPU the race goes a few thousand columns at a time: the same tokens as
+    argmax(probs / noise) over the whole rows, masked (zero) tokens never drawn."""
+    gen = torch.Generator().manual_seed(11)
+    vocab = 10_000  # two whole pieces and a short one
+    probs = torch.softmax(2 * torch.randn(64, vocab, generator=gen), dim=-1)
+    probs[::2, 4000:] = 0.0  # every other row keeps only the first piece and part of the second
+    probs[1::4, :9000] = 0.0  # some rows keep only the last piece
+    seeds = [int(s) for s in torch.randint(-(2**62), 2**62, (64,), generator=gen)]
+    whole = (probs / exponential_noise(seeds, vocab, probs.device)).argmax(dim=-1)
+    drawn = race(probs, seeds)
+    assert torch.equal(drawn, whole)
+    assert (drawn[::2] < 4000).all() and (drawn[1::4] >= 9000).all()
 
 
 def test_top_p_from_the_largest_values_equals_sorting_whole_rows() -> None:
