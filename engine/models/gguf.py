@@ -25,6 +25,7 @@ GGUF_ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 
 _GLOBAL_NAMES = {
@@ -39,27 +40,31 @@ _BLOCK_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_qkv": "self_attn.qkv_proj",  # phi3: fused as in its transformers checkpoints
     "attn_q_norm": "self_attn.q_norm",  # qwen3
     "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Per architecture, where a llama.cpp name means something else (phi3's ffn_up is gate | up).
+_ARCH_BLOCK_NAMES = {"phi3": {"ffn_up": "mlp.gate_up_proj"}}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 # Tensors with no transformers counterpart (llama3's precomputed rope factors come from config).
 _SKIPPED = {"rope_freqs.weight"}
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
+def hf_tensor_name(gguf_name: str, architecture: str = "llama") -> str | None:
     """llama.cpp tensor name -> transformers name (None for tensors that are not loaded)."""
     if gguf_name in _SKIPPED:
         return None
     match = _BLOCK_RE.match(gguf_name)
     if match:
         layer, part, kind = match.groups()
-        if part not in _BLOCK_NAMES:
+        names = {**_BLOCK_NAMES, **_ARCH_BLOCK_NAMES.get(architecture, {})}
+        if part not in names:
             raise ValueError(f"unsupported GGUF tensor {gguf_name!r}")
-        return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+        return f"model.layers.{layer}.{names[part]}.{kind}"
     base, _, kind = gguf_name.rpartition(".")
     if base not in _GLOBAL_NAMES:
         raise ValueError(f"unsupported GGUF tensor {gguf_name!r}")
@@ -105,7 +110,7 @@ def read_gguf_tensors(reader: Any, config: dict[str, Any]) -> Iterator[tuple[str
     num_heads = int(config["num_attention_heads"])
     num_kv_heads = int(config.get("num_key_value_heads") or num_heads)
     for tensor in reader.tensors:
-        name = hf_tensor_name(tensor.name)
+        name = hf_tensor_name(tensor.name, architecture)
         if name is None:
             continue
         value = dequantize_tensor(tensor)
@@ -136,10 +141,24 @@ def gguf_config(gguf_path: str) -> dict[str, Any]:
     config["architectures"] = [GGUF_ARCHITECTURES[model_type]]
     from gguf import GGUFReader
 
-    fields = GGUFReader(gguf_path).fields
-    key_length = fields.get(f"{model_type}.attention.key_length")
-    if key_length is not None:  # a head size that is not hidden / heads (Qwen3's 128 with 1 024 / 16)
-        config["head_dim"] = int(key_length.parts[key_length.data[0]][0])
+    reader = GGUFReader(gguf_path)
+    if any(t.name.startswith("rope_factors_") for t in reader.tensors):  # phi3's long-context variants
+        raise ValueError("GGUF models with long-context rope factors (longrope) are not supported")
+
+    def number(key: str) -> int | None:
+        field = reader.fields.get(f"{model_type}.{key}")
+        return None if field is None else int(field.parts[field.data[0]][0])
+
+    head_dim = number("attention.key_length")
+    if head_dim is not None:  # a head size that is not hidden / heads (Qwen3's 128 with 1 024 / 16)
+        config["head_dim"] = head_dim
+    head_dim = head_dim or config["hidden_size"] // config["num_attention_heads"]
+    sliding_window = number("attention.sliding_window")
+    if sliding_window:
+        config["sliding_window"] = sliding_window
+    rotary_dim = number("rope.dimension_count")
+    if rotary_dim and rotary_dim < head_dim:  # a partial rotation (transformers' mapping drops it)
+        config["partial_rotary_factor"] = rotary_dim / head_dim
     return config
 
 

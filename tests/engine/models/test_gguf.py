@@ -28,6 +28,8 @@ _HF_TO_GGUF = {
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
     "self_attn.q_norm": "attn_q_norm",
+    "self_attn.qkv_proj": "attn_qkv",  # phi3
+    "mlp.gate_up_proj": "ffn_up",  # phi3: gate | up in one tensor
     "self_attn.k_norm": "attn_k_norm",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
@@ -54,7 +56,8 @@ def _rope_permute(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     )
 
 
-def write_gguf(path: Path, hf: nn.Module, qtype: gguf.GGMLQuantizationType, arch: str = "llama") -> None:
+def write_gguf(path: Path, hf: nn.Module, qtype: gguf.GGMLQuantizationType, arch: str = "llama",
+               extra: dict[str, np.ndarray] | None = None) -> None:
     """A GGUF file of `hf`'s weights: 2-D weights in `qtype`, norms in F32 (as llama.cpp); q/k
     rows permuted as llama.cpp's converter does for `llama` only."""
     cfg: Any = hf.config
@@ -62,6 +65,10 @@ def write_gguf(path: Path, hf: nn.Module, qtype: gguf.GGMLQuantizationType, arch
     if getattr(cfg, "head_dim", None):
         writer.add_key_length(cfg.head_dim)
         writer.add_value_length(cfg.head_dim)
+    if getattr(cfg, "sliding_window", None):
+        writer.add_sliding_window(cfg.sliding_window)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    writer.add_rope_dimension_count(int(head_dim * (cfg.rope_parameters or {}).get("partial_rotary_factor", 1.0)))
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -82,6 +89,8 @@ def write_gguf(path: Path, hf: nn.Module, qtype: gguf.GGMLQuantizationType, arch
             writer.add_tensor(_gguf_name(name), t)
         else:
             writer.add_tensor(_gguf_name(name), gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+    for name, array in (extra or {}).items():
+        writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -151,6 +160,28 @@ def test_qwen3_gguf_keeps_its_head_size_and_qk_norms(tmp_path: Path, cache: Path
     assert model.config.head_dim == 32 != model.config.hidden_size // model.config.num_attention_heads
     prompt = list(range(3, 40, 3))
     assert rel_err(Harness(model).prefill(0, prompt), hf(torch.tensor([prompt])).logits[0]) < 1e-4
+
+
+@torch.inference_mode()
+def test_phi3_gguf_keeps_fused_tensors_sliding_window_and_partial_rotation(tmp_path: Path, cache: Path) -> None:
+    config = tiny_config("phi3", num_hidden_layers=1, sliding_window=6, partial_rotary_factor=0.5)
+    hf = save_tiny_model(str(tmp_path / "hf"), config)
+    file = tmp_path / "tiny-phi3.gguf"
+    write_gguf(file, hf, QT.F32, arch="phi3")
+    model: Any = load_model(resolve_model(str(file)), torch.float32, "cpu")
+    attn = model.model.layers[0].self_attn
+    assert attn.attn.sliding_window == 6 and attn.rotary_emb.rotary_dim == 8
+    prompt = list(range(3, 40, 3))  # 13 tokens: past the window
+    assert rel_err(Harness(model).prefill(0, prompt), hf(torch.tensor([prompt])).logits[0]) < 1e-4
+
+
+def test_long_context_phi3_gguf_is_refused(tmp_path: Path, cache: Path) -> None:
+    hf = save_tiny_model(str(tmp_path / "hf"), tiny_config("phi3", num_hidden_layers=1))
+    file = tmp_path / "long.gguf"
+    writer_tensors = {"rope_factors_long.weight": np.ones(8, dtype=np.float32)}
+    write_gguf(file, hf, QT.F32, arch="phi3", extra=writer_tensors)
+    with pytest.raises(ValueError, match="longrope"):
+        resolve_model(str(file))
 
 
 def test_conversion_is_cached_and_keyed_by_mtime(
