@@ -250,8 +250,12 @@ def exponential_noise(seeds: list[int], vocab_size: int, device: torch.device) -
 
 def _noise_columns(seed: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Columns [start, stop) of `exponential_noise` for the seeds [n, 1] (int64)."""
-    counter = torch.arange(start + 1, stop + 1, dtype=torch.int64, device=seed.device)
-    x = seed + counter * _int64(0x9E3779B97F4A7C15)  # [n, stop - start]
+    return _noise(seed, torch.arange(start + 1, stop + 1, dtype=torch.int64, device=seed.device))
+
+
+def _noise(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """Exp(1) noise of the SplitMix64 streams `seed` at `counter` (column + 1), broadcast."""
+    x = seed + counter * _int64(0x9E3779B97F4A7C15)
     x ^= _srl(x, 30)
     x *= _int64(0xBF58476D1CE4E5B9)
     x ^= _srl(x, 27)
@@ -260,8 +264,11 @@ def _noise_columns(seed: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return unit_interval(x).log_().neg_()
 
 
-def race(probs: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+def race(probs: torch.Tensor, seeds: list[int], kept: torch.Tensor | None = None) -> torch.Tensor:
     """The exponential race: argmax(probs / `exponential_noise`) per row, ties to the lowest id.
+
+    `kept` ([rows, vocab] bool, where top-k / top-p / min-p leave probs > 0): on the CPU, when
+    it holds few entries, only those draw noise (the others, 0 / noise, cannot win).
 
     On the CPU, when the rows are many, a few thousand columns at a time, so that each piece's
     int64 noise stays in the cache through its dozen passes (16 rows x 49 152: 3.3 ms against
@@ -269,6 +276,14 @@ def race(probs: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     piece would be a dozen more launches."""
     rows, vocab_size = probs.shape
     seed = to_device(seeds, torch.int64, probs.device).unsqueeze(1)
+    if kept is not None and probs.device.type == "cpu":
+        row_ids, col_ids = kept.nonzero(as_tuple=True)  # row-major: by row, then by id
+        if 8 * row_ids.numel() < rows * vocab_size:
+            score = probs[row_ids, col_ids] / _noise(seed.squeeze(1)[row_ids], col_ids + 1)
+            best = torch.full((rows,), float("-inf"), dtype=score.dtype).scatter_reduce(0, row_ids, score, "amax")
+            at_best = score == best[row_ids]
+            first = torch.full((rows,), vocab_size, dtype=torch.int64)
+            return first.scatter_reduce(0, row_ids[at_best], col_ids[at_best], "amin")  # the lowest id of a tie
     columns = max(1024, _RACE_PIECE // max(rows, 1))
     if probs.device.type != "cpu" or vocab_size <= columns:
         return (probs / _noise_columns(seed, 0, vocab_size)).argmax(dim=-1)
@@ -371,10 +386,11 @@ class Sampler:
             return _race(logits, temps, seeds, (top_ks, top_ps, min_ps) if filters else None)
         if any(t != 1.0 for t in temps):  # the filters see the tempered logits
             logits = logits / _column(temps, logits)
+        kept = None
         if filters:
-            thresholds = keep_thresholds(logits, top_ks, top_ps, min_ps).unsqueeze(1)
-            logits = logits.masked_fill(logits < thresholds, float("-inf"))
-        return race(logits.softmax(dim=-1), seeds)
+            kept = logits >= keep_thresholds(logits, top_ks, top_ps, min_ps).unsqueeze(1)
+            logits = logits.masked_fill(~kept, float("-inf"))
+        return race(logits.softmax(dim=-1), seeds, kept)
 
 
 def _race(

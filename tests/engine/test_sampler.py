@@ -99,6 +99,14 @@ def test_the_race_in_pieces_draws_what_the_whole_draws() -> None:
     drawn = race(probs, seeds)
     assert torch.equal(drawn, whole)
     assert (drawn[::2] < 4000).all() and (drawn[1::4] >= 9000).all()
+    # a filter's few kept tokens: only they draw noise, the same tokens again
+    kept = torch.zeros_like(probs, dtype=torch.bool)
+    for row in range(64):
+        kept[row, torch.randperm(vocab, generator=gen)[: 1 + row % 40]] = True
+    sparse = torch.softmax(2 * torch.randn(64, vocab, generator=gen), dim=-1).masked_fill(~kept, 0.0)
+    whole = (sparse / exponential_noise(seeds, vocab, probs.device)).argmax(dim=-1)
+    drawn = race(sparse, seeds, kept)
+    assert torch.equal(drawn, whole) and kept[torch.arange(64), drawn].all()
 
 
 def test_top_p_from_the_largest_values_equals_sorting_whole_rows() -> None:
