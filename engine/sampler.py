@@ -283,7 +283,9 @@ def race(probs: torch.Tensor, seeds: list[int], kept: torch.Tensor | None = None
             best = torch.full((rows,), float("-inf"), dtype=score.dtype).scatter_reduce(0, row_ids, score, "amax")
             at_best = score == best[row_ids]
             first = torch.full((rows,), vocab_size, dtype=torch.int64)
-            return first.scatter_reduce(0, row_ids[at_best], col_ids[at_best], "amin")  # the lowest id of a tie
+            first = first.scatter_reduce(0, row_ids[at_best], col_ids[at_best], "amin")  # the lowest id of a tie
+            # a row of NaN (an inf logit) has no best: 0, as argmax over the whole row gives
+            return first.masked_fill_(first == vocab_size, 0)
     columns = max(1024, _RACE_PIECE // max(rows, 1))
     if probs.device.type != "cpu" or vocab_size <= columns:
         return (probs / _noise_columns(seed, 0, vocab_size)).argmax(dim=-1)

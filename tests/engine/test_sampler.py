@@ -107,6 +107,8 @@ def test_the_race_in_pieces_draws_what_the_whole_draws() -> None:
     whole = (sparse / exponential_noise(seeds, vocab, probs.device)).argmax(dim=-1)
     drawn = race(sparse, seeds, kept)
     assert torch.equal(drawn, whole) and kept[torch.arange(64), drawn].all()
+    sparse[3] = float("nan")  # an inf logit's row: an id in range, as the whole race gives
+    assert race(sparse, seeds, kept)[3] == (sparse / exponential_noise(seeds, vocab, probs.device)).argmax(dim=-1)[3]
 
 
 def test_top_p_from_the_largest_values_equals_sorting_whole_rows() -> None:
