@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 
 from engine.layers.backend import use_triton
-from engine.sampling_state import PenaltyTable, SamplingState, apply_penalties
+from engine.sampling_state import PenaltyTable, SamplingState, apply_penalties, column
 from engine.transfer import HostCopy, to_device
 
 # On a GPU with the Triton backend, draw sampled tokens with one fused kernel
@@ -84,10 +84,6 @@ class SamplerOutput:
     token_ids: list[int]  # one per row
     sampled: torch.Tensor  # [num_rows] int64, on the logits' device (next step's input ids)
     logprobs: list[TokenLogprobs | None] | None = None  # None for rows that asked for none
-
-
-def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    return to_device(values, like.dtype, like.device).unsqueeze(1)
 
 
 def _apply_bias_and_min_tokens(logits: torch.Tensor, states: list[SamplingState]) -> None:
@@ -153,7 +149,7 @@ def keep_thresholds(
                 total = torch.where(k_rows, top.logsumexp(dim=-1), logits.logsumexp(dim=-1))
                 probs = (top - total.unsqueeze(1)).exp()
             mass_before = probs.cumsum(dim=-1) - probs  # 0 for the top token: it always stays
-            kept = ~(mass_before > _column(top_ps, probs))  # (a row of -inf only: NaN, all kept)
+            kept = ~(mass_before > column(top_ps, probs))  # (a row of -inf only: NaN, all kept)
             p_rows = to_device(use_p, torch.bool, device)
             smallest = top.masked_fill(~kept, float("inf")).amin(dim=-1).masked_fill_(~p_rows, float("-inf"))
             thresholds = torch.maximum(thresholds, smallest)
@@ -387,7 +383,7 @@ class Sampler:
         if FUSED_RACE and use_triton():  # the temperatures go into the kernels: the logits are not copied
             return _race(logits, temps, seeds, (top_ks, top_ps, min_ps) if filters else None)
         if any(t != 1.0 for t in temps):  # the filters see the tempered logits
-            logits = logits / _column(temps, logits)
+            logits = logits / column(temps, logits)
         kept = None
         if filters:
             kept = logits >= keep_thresholds(logits, top_ks, top_ps, min_ps).unsqueeze(1)

@@ -22,6 +22,11 @@ from engine.sampling_params import SamplingParams
 from engine.transfer import to_device
 
 
+def column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    """Per-row values as a [rows, 1] tensor of `like`'s dtype and device (no wait)."""
+    return to_device(values, like.dtype, like.device).unsqueeze(1)
+
+
 @dataclass(slots=True)
 class SamplingState:
     """What sampling needs to remember about one running row.
@@ -134,10 +139,10 @@ class PenaltyTable:
         counts = self.counts.index_select(0, index[1])
         if any(r != 1.0 for r in rep):
             seen = (counts > 0) | self.prompt_mask.index_select(0, index[2])
-            r = _column(rep, sub)
+            r = column(rep, sub)
             sub = torch.where(seen, torch.where(sub > 0, sub / r, sub * r), sub)
-        freq = _column([s.params.frequency_penalty for s in states], sub)
-        presence = _column([s.params.presence_penalty for s in states], sub)
+        freq = column([s.params.frequency_penalty for s in states], sub)
+        presence = column([s.params.presence_penalty for s in states], sub)
         sub = sub - freq * counts - presence * (counts > 0)
         logits.index_copy_(0, index[0], sub)
 
@@ -197,7 +202,3 @@ def apply_penalties(logits: torch.Tensor, states: list[SamplingState], table: Pe
             groups.setdefault(owner, []).append(i)
     for t, rows in groups.items():
         t.penalize(logits, rows, [states[i] for i in rows])
-
-
-def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    return to_device(values, like.dtype, like.device).unsqueeze(1)

@@ -127,8 +127,9 @@ def _read_str(reader: Any, key: str) -> str:
     return bytes(field.parts[field.data[0]]).decode("utf-8")
 
 
-def gguf_config(gguf_path: str) -> dict[str, Any]:
-    """config.json content (a dict) from the GGUF metadata, with `architectures` filled in."""
+def gguf_config(gguf_path: str, reader: Any) -> dict[str, Any]:
+    """config.json content (a dict) from the GGUF metadata, with `architectures` filled in;
+    `reader`: the file opened by `gguf.GGUFReader`, for what transformers' mapping leaves out."""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     config = dict(load_gguf_checkpoint(gguf_path, return_tensors=False)["config"])
@@ -139,9 +140,6 @@ def gguf_config(gguf_path: str) -> dict[str, Any]:
             f"GGUF architecture {model_type!r} is not supported; supported: {', '.join(sorted(GGUF_ARCHITECTURES))}"
         )
     config["architectures"] = [GGUF_ARCHITECTURES[model_type]]
-    from gguf import GGUFReader
-
-    reader = GGUFReader(gguf_path)
     if any(t.name.startswith("rope_factors_") for t in reader.tensors):  # phi3's long-context variants
         raise ValueError("GGUF models with long-context rope factors (longrope) are not supported")
 
@@ -168,12 +166,12 @@ def convert_gguf(gguf_path: str, out_dir: str) -> None:
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoTokenizer
 
-    config_dict = gguf_config(gguf_path)
+    reader = GGUFReader(gguf_path)
+    config_dict = gguf_config(gguf_path, reader)
     model_type = config_dict.pop("model_type")
     config = AutoConfig.for_model(model_type, **config_dict)
     config.save_pretrained(out_dir)
 
-    reader = GGUFReader(gguf_path)
     has_tokenizer = "tokenizer.ggml.model" in reader.fields
     tensors = dict(read_gguf_tensors(reader, config_dict))
     if config_dict.get("tie_word_embeddings"):
