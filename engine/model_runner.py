@@ -254,9 +254,9 @@ class ModelRunner:
         rows = min(self.config.max_num_seqs, num_tokens)
         logits = self.model.compute_logits(hidden[:rows])
         self.sampler.sample(logits, [SamplingState(_PROFILE_PARAMS, [])] * rows)
-        # fewer rows than SEARCH_MIN_ROWS sort the vocabulary for top-k / top-p: more memory a row
-        sorted_rows = min(rows, SEARCH_MIN_ROWS - 1)
-        self.sampler.sample(logits[:sorted_rows], [SamplingState(_PROFILE_PARAMS, [])] * sorted_rows)
+        if rows >= SEARCH_MIN_ROWS:  # fewer rows sort the vocabulary for top-k / top-p: more memory a row
+            sorted_rows = SEARCH_MIN_ROWS - 1
+            self.sampler.sample(logits[:sorted_rows], [SamplingState(_PROFILE_PARAMS, [])] * sorted_rows)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
         del kv, req_to_token, ctx, hidden, logits
