@@ -14,7 +14,7 @@ serve: $(STAMP)  ## start the OpenAI-compatible server on the embedded default m
 	$(BIN)/lightgate serve $(ARGS)
 
 test: $(STAMP)  ## the default test tier (CPU, a few minutes)
-	$(BIN)/ruff check engine openai_compat tests scripts
+	$(BIN)/ruff check engine openai_compat bench tests scripts
 	$(BIN)/python -m pytest -q -x $(ARGS)
 
 test-all: $(STAMP)  ## every tier that runs on this machine, slow tests included

@@ -27,10 +27,10 @@ from typing import Any
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore, EngineStats
 from engine.errors import EngineDeadError, EngineOverloadedError
+from engine.messages import StepPlan, StepResult
 from engine.outputs import OutputAccumulator, RequestOutput, merge_into
-from engine.plan import StepPlan, StepResult
 from engine.sampling_params import RequestOutputKind, SamplingParams
-from engine.worker import ProgressFn
+from engine.worker.process import ProgressFn
 
 logger = logging.getLogger(__name__)
 

@@ -17,24 +17,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
-from engine.detokenizer import (
+from engine.distributed import check_tensor_parallel
+from engine.errors import EngineDeadError, PromptTooLongError
+from engine.messages import NewRow, SeqStep, StepPlan, StepResult, TokenLogprobs
+from engine.models.loader import load_hf_config, resolve_model
+from engine.outputs import CompletionOutput, Logprob, LogprobsDict, RequestOutput
+from engine.router.detokenizer import (
     ByteLevelDetokenizer,
     Detokenizers,
     IncrementalDetokenizer,
     StopStringMatcher,
     convert_ids_to_logprob_tokens,
 )
-from engine.distributed import check_tensor_parallel
-from engine.errors import EngineDeadError, PromptTooLongError
-from engine.kv_cache import KVSlotAllocator
-from engine.models.loader import load_hf_config, resolve_model
-from engine.outputs import CompletionOutput, Logprob, LogprobsDict, RequestOutput
-from engine.plan import NewRow, SeqStep, StepPlan, StepResult, TokenLogprobs
-from engine.request import Sequence, SequenceStatus
+from engine.router.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.router.seq import Seq, SequenceStatus
+from engine.router.slot_allocator import KVSlotAllocator
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.tokenizer import eos_token_ids, load_tokenizer
-from engine.worker import ProgressFn, WorkerClient
+from engine.worker.process import ProgressFn
+from engine.worker_client import WorkerClient
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class EngineStats:
 
 @dataclass(slots=True)
 class _Choice:
-    seq: Sequence
+    seq: Seq
     detok: IncrementalDetokenizer | ByteLevelDetokenizer | None
     stop_matcher: StopStringMatcher | None
 
@@ -147,7 +148,7 @@ class EngineCore:
                 seed = params.seed + i
                 seq_params = dataclasses.replace(params, seed=seed - 2**64 if seed >= 2**64 else seed)
                 seq_params.all_stop_token_ids = params.all_stop_token_ids
-            seq = Sequence(
+            seq = Seq(
                 request_id=request_id,
                 seq_id=f"{request_id}#{i}",
                 index=i,
@@ -231,7 +232,7 @@ class EngineCore:
                         seq.add_placeholder()
         return sched, StepPlan(self._step_id, steps, list(sched.freed_rows))
 
-    def _wants_prompt_logprobs(self, seq: Sequence, start_pos: int, num_tokens: int) -> int | None:
+    def _wants_prompt_logprobs(self, seq: Seq, start_pos: int, num_tokens: int) -> int | None:
         state = self.requests.get(seq.request_id)
         if state is None or state.prompt_logprobs is None or seq.index != 0:
             return None

@@ -51,15 +51,15 @@ def run_chat(args: argparse.Namespace) -> int:
 def run_bench(name: str, argv: list[str]) -> int:
     # The engine's benchmarks; heavy imports only when asked for.
     if name == "offline":
-        from engine import bench
+        from bench import offline as bench
 
         bench.main(argv)
     elif name == "serve":
-        from engine import bench_serve
+        from bench import serve as bench_serve
 
         return bench_serve.main(argv)
     else:
-        from engine import bench_multiturn
+        from bench import multiturn as bench_multiturn
 
         bench_multiturn.main(argv)
     return 0

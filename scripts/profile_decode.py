@@ -15,10 +15,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from engine.config import EngineConfig
 from engine.layers.cpu_gemm import quantize_model_weights
-from engine.model_runner import ModelRunner
+from engine.messages import NewRow, SeqStep, StepPlan
 from engine.models import load_hf_config, load_model, resolve_model
-from engine.plan import NewRow, SeqStep, StepPlan
 from engine.sampling_params import SamplingParams
+from engine.worker.model_runner import ModelRunner
 
 
 def main() -> None:

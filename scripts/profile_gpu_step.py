@@ -26,10 +26,10 @@ import torch
 from engine.config import EngineConfig
 from engine.layers.backend import select_backend
 from engine.layers.linear import LinearBase
-from engine.model_runner import ModelRunner
+from engine.messages import NewRow, SeqStep, StepPlan
 from engine.models import load_hf_config, load_model
-from engine.plan import NewRow, SeqStep, StepPlan
 from engine.sampling_params import SamplingParams
+from engine.worker.model_runner import ModelRunner
 
 
 class Bench:

@@ -10,7 +10,7 @@ settings. Greedy is what the serving benchmarks run; the others are what chat cl
 (a temperature, a nucleus, a top-k, penalties, logprobs). Prints the median milliseconds of
 each, and the logits' size read once at the GPU's bandwidth, for scale. The rows run the torch
 path; `--fused` adds a row per random setting drawn by the fused Triton kernel
-(`engine.sampler.FUSED_RACE`, what the Triton backend uses); `--ways` times the top-k / top-p
+(`engine.worker.sampler.FUSED_RACE`, what the Triton backend uses); `--ways` times the top-k / top-p
 rows again with keep_thresholds' search (at every batch size: by default the sampler sorts
 below `SEARCH_MIN_ROWS` rows) narrowing by other factors per pass.
 """
@@ -24,11 +24,11 @@ import time
 import torch
 
 import engine.kernels.keep_thresholds as keep_thresholds_module
-import engine.sampler as sampler_module
+import engine.worker.sampler as sampler_module
 from engine.layers.backend import select_backend
-from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
-from engine.sampling_state import SamplingState
+from engine.worker.sampler import Sampler
+from engine.worker.sampling_state import SamplingState
 
 SETTINGS: dict[str, dict[str, object]] = {
     "greedy": {"temperature": 0.0},

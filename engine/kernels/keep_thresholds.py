@@ -1,7 +1,7 @@
 """Each row's smallest kept tempered logit under its top-k, top-p and min-p, without a sort.
 
 Row i keeps the tokens whose `logits[i] / temps[i]` is at least `thresholds[i]`
-(`engine.sampler.keep_thresholds` is the torch version, the reference: a sort of the whole
+(`engine.worker.sampler.keep_thresholds` is the torch version, the reference: a sort of the whole
 vocabulary). Keeping a token depends only on what lies above it, so each filter keeps every
 token at or above some value, found here by searching the float values' order instead of
 sorting them:

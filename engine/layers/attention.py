@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.forward_context import INT8_KV_SCALE_DTYPE, ForwardContext, KVPool, get_forward_context
 from engine.layers.backend import use_triton
+from engine.worker.forward_context import INT8_KV_SCALE_DTYPE, ForwardContext, KVPool, get_forward_context
 
 _INT8_MAX = 127.0
 

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.forward_context import current_forward_context
 from engine.layers.backend import use_triton
+from engine.worker.forward_context import current_forward_context
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 

@@ -12,10 +12,10 @@ import zlib
 from array import array
 from typing import Literal
 
-from engine.kv_cache import KVSlotAllocator
-from engine.request import Sequence, SequenceStatus
+from engine.router.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.router.seq import Seq, SequenceStatus
+from engine.router.slot_allocator import KVSlotAllocator
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 VOCAB_SIZE = 32000
 
@@ -52,7 +52,7 @@ def create_sequences(
     n: int = 1,
     start_time: float = 0.0,
     prefix: str = "req",
-) -> list[Sequence]:
+) -> list[Seq]:
     """`num_requests` requests of `n` sequences each, arriving one second apart, in order."""
     seqs = []
     for r in range(num_requests):
@@ -62,7 +62,7 @@ def create_sequences(
         params = SamplingParams(n=n, max_tokens=m_tok)
         for i in range(n):
             seqs.append(
-                Sequence(
+                Seq(
                     request_id=f"{prefix}{r}",
                     seq_id=f"{prefix}{r}#{i}",
                     index=i,

@@ -109,7 +109,7 @@ def test_step_times_leave_idle_time_out() -> None:
     times.resume()
     assert times.since - since >= 0.2  # steps/s and loop cpu count busy time only
     # The first step after the pause: the worker's wait for it spans the idle time, not a late plan.
-    from engine.plan import StepResult
+    from engine.messages import StepResult
 
     t = times.since
     for wait in (0.2, 0.003):
@@ -238,7 +238,7 @@ async def test_a_worker_dying_while_idle_is_noticed(model_dir: str) -> None:
 def test_step_times_are_logged_per_step_while_busy(caplog: pytest.LogCaptureFixture) -> None:
     from engine.async_engine import StepTimes
     from engine.engine_core import EngineStats
-    from engine.plan import StepResult
+    from engine.messages import StepResult
 
     times = StepTimes()
     stats = EngineStats(num_running=3, num_waiting=1, kv_cache_usage=0.25, kv_cache_capacity_tokens=100)

@@ -18,8 +18,8 @@ from torch import nn
 
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
-from engine.forward_context import INT8_KV_SCALE_DTYPE
-from engine.model_runner import ModelRunner, kv_bytes_per_token
+from engine.worker.forward_context import INT8_KV_SCALE_DTYPE
+from engine.worker.model_runner import ModelRunner, kv_bytes_per_token
 from tests.engine.models.harness import Harness, save_tiny_model, tiny_config
 
 TEXT_TOKENS = 512
@@ -141,7 +141,7 @@ def test_capacity_ratio_in_the_same_budget(dtype: str, min_ratio: float) -> None
 
 
 def test_capacity_ratio_is_logged_at_start(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="engine.model_runner"):
+    with caplog.at_level(logging.INFO, logger="engine.worker.model_runner"):
         runner = _runner("bfloat16", "int8")
     line = f"KV cache: {runner.num_slots} tokens, 0.05 GiB (int8; 1.94x the bfloat16 capacity) on cpu"
     assert line in caplog.messages

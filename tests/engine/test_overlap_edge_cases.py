@@ -217,9 +217,9 @@ def _runner(model_dir: str, graphs: bool, fuse: bool = True):
     import torch
 
     from engine.config import EngineConfig
-    from engine.model_runner import ModelRunner
+    from engine.messages import SeqStep, StepResult
     from engine.models.loader import load_hf_config, load_model
-    from engine.plan import SeqStep, StepResult
+    from engine.worker.model_runner import ModelRunner
 
     config = EngineConfig(model=model_dir, dtype="float32", device="cpu", kv_cache_memory_gb=0.001,
                           max_num_seqs=4, fuse_mixed_steps=fuse).resolve(max_position_embeddings=64)
@@ -241,8 +241,8 @@ def _runner(model_dir: str, graphs: bool, fuse: bool = True):
 
 
 def test_mixed_graph_and_eager_step_keeps_plan_order_and_placeholders(model_dir: str) -> None:
-    from engine.plan import NewRow, SeqStep, StepPlan
-    from engine.request import PLACEHOLDER_TOKEN
+    from engine.messages import NewRow, SeqStep, StepPlan
+    from engine.router.seq import PLACEHOLDER_TOKEN
 
     greedy = SamplingParams(temperature=0.0, max_tokens=8, logprobs=2)
     prompts = {0: [5, 6, 7, 8], 1: [9, 10, 11], 2: [12, 13, 14, 15, 16], 3: [40, 41, 42, 43, 44, 45]}
@@ -286,8 +286,8 @@ def test_mixed_graph_and_eager_step_keeps_plan_order_and_placeholders(model_dir:
 def test_few_long_decodes_keep_the_decode_graph(model_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # A mixed step runs its decodes in the packed pass, unless they are few and long (the fused
     # graph gives each one program per kv head): then they replay the decode graph.
-    import engine.model_runner as model_runner
-    from engine.plan import NewRow, SeqStep, StepPlan
+    import engine.worker.model_runner as model_runner
+    from engine.messages import NewRow, SeqStep, StepPlan
 
     greedy = SamplingParams(temperature=0.0, max_tokens=4)
     prompts = {0: list(range(5, 15)), 1: list(range(20, 30)), 2: [40, 41, 42]}

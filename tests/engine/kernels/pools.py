@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.forward_context import INT8_KV_SCALE_DTYPE
 from engine.layers.attention import quantize_int8
+from engine.worker.forward_context import INT8_KV_SCALE_DTYPE
 
 NAN = float("nan")
 

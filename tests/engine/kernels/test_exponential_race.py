@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.kernels.exponential_race import exponential_race
-from engine.sampler import exponential_noise
+from engine.worker.sampler import exponential_noise
 
 
 def _device() -> str:
@@ -69,10 +69,10 @@ def test_race_never_picks_a_masked_token_and_follows_its_seed() -> None:
     ],
 )
 def test_sampler_draws_the_same_tokens_fused(kwargs: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> None:
-    import engine.sampler as sampler_module
-    from engine.sampler import Sampler
+    import engine.worker.sampler as sampler_module
     from engine.sampling_params import SamplingParams
-    from engine.sampling_state import SamplingState
+    from engine.worker.sampler import Sampler
+    from engine.worker.sampling_state import SamplingState
 
     params = SamplingParams(**kwargs)  # type: ignore[arg-type]
     gen = torch.Generator().manual_seed(3)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.kernels.keep_thresholds import keep_thresholds
-from engine.sampler import keep_thresholds as reference_thresholds
+from engine.worker.sampler import keep_thresholds as reference_thresholds
 
 
 def _device() -> str:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.cuda_graphs import PrefillGraphs
-from engine.forward_context import KVPool, build_forward_context
 from engine.layers.attention import triton_attention
-from engine.plan import SeqStep
+from engine.messages import SeqStep
+from engine.worker.cuda_graphs import PrefillGraphs
+from engine.worker.forward_context import KVPool, build_forward_context
 from tests.engine.kernels.test_prefill_attention import DEVICE, Case, tolerance
 
 # (cached prefix, new tokens): three running decodes first, then a fresh prompt, a chunk after a

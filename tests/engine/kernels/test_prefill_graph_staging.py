@@ -12,10 +12,10 @@ import math
 
 import torch
 
-from engine.cuda_graphs import PrefillGraphs
-from engine.forward_context import KVPool, build_forward_context
 from engine.kernels.prefill_attention import prefill_attention
-from engine.plan import SeqStep
+from engine.messages import SeqStep
+from engine.worker.cuda_graphs import PrefillGraphs
+from engine.worker.forward_context import KVPool, build_forward_context
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KV_HEADS, HEADS, HEAD_DIM, MAX_LEN = 2, 4, 16, 64

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from engine.forward_context import KVPool, build_forward_context, set_forward_context
 from engine.layers import Attention, dequantize_int8, quantize_int8
+from engine.worker.forward_context import KVPool, build_forward_context, set_forward_context
 
 H, KV, D = 4, 2, 8
 NUM_SLOTS, ROWS, MAX_LEN = 256, 4, 64

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.forward_context import build_forward_context, set_forward_context
-from engine.model_runner import allocate_kv_pool
+from engine.worker.forward_context import build_forward_context, set_forward_context
+from engine.worker.model_runner import allocate_kv_pool
 
 
 class Harness:

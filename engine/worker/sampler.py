@@ -33,8 +33,8 @@ from typing import NamedTuple
 import torch
 
 from engine.layers.backend import use_triton
-from engine.sampling_state import PenaltyTable, SamplingState, apply_penalties, column
-from engine.transfer import HostCopy, to_device
+from engine.worker.sampling_state import PenaltyTable, SamplingState, apply_penalties, column
+from engine.worker.transfer import HostCopy, to_device
 
 # On a GPU with the Triton backend, draw sampled tokens with one fused kernel
 # (engine/kernels/exponential_race.py) instead of the torch ops below: same draws up to

@@ -28,7 +28,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 
-from engine.kv_cache import KVSlotAllocator
+from engine.router.slot_allocator import KVSlotAllocator
 
 
 class RadixNode:

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from engine.sampler import (
+from engine.sampling_params import SamplingParams
+from engine.worker.sampler import (
     Sampler,
     compute_prompt_logprobs,
     exponential_noise,
@@ -19,8 +20,7 @@ from engine.sampler import (
     race,
     unit_interval,
 )
-from engine.sampling_params import SamplingParams
-from engine.sampling_state import PenaltyTable, SamplingState
+from engine.worker.sampling_state import PenaltyTable, SamplingState
 
 VOCAB = 50
 

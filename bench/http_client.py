@@ -6,7 +6,7 @@ concurrency cap, spread over several httpx clients, and `send_request` times eve
 of one streamed completion as `SSEParser` cuts the events from the body. A request that fails
 comes back as a `RequestResult` with its error, never as an exception. `first_model`,
 `server_info` and `warm_up` are the other calls made before measuring. Nothing here computes
-metrics or reports: `engine.bench_serve` imports this module, never the other way round.
+metrics or reports: `bench.serve` imports this module, never the other way round.
 """
 
 from __future__ import annotations

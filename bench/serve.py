@@ -33,8 +33,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from engine.bench_http import RequestResult, Workload, first_model, run_workload, server_info, warm_up
-from engine.bench_report import QUANTILES, fmt, load_runs, report, write_json
+from bench.http_client import RequestResult, Workload, first_model, run_workload, server_info, warm_up
+from bench.report import QUANTILES, fmt, load_runs, report, write_json
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 

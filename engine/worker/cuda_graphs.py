@@ -48,12 +48,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from engine.forward_context import ForwardContext, KVPool, leading_decodes, set_forward_context
+from engine.worker.forward_context import ForwardContext, KVPool, leading_decodes, set_forward_context
 
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from engine.plan import SeqStep
+    from engine.messages import SeqStep
 
 _IDS, _POS, _ROWS, _LENS, _SLOTS = range(5)
 # PrefillGraphs' per-token and per-sequence rows of the static buffers.

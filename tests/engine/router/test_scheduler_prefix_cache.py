@@ -7,23 +7,23 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.request import Sequence, SequenceStatus
+from engine.router.scheduler import Scheduler
+from engine.router.seq import Seq, SequenceStatus
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
 from tests.engine.factories import FakeWorker, create_scheduler, fake_token, run_to_completion, step
 
 SYSTEM_PROMPTS = [[7, 8, 9, 10, 11, 12, 13, 14], [7, 8, 9, 20, 21], [30, 31, 32, 33, 34, 35]]
 
 
-def make_request(request_id: str, prompt: list[int], max_tokens: int, n: int = 1, arrival: float = 0.0) -> list[Sequence]:
+def make_request(request_id: str, prompt: list[int], max_tokens: int, n: int = 1, arrival: float = 0.0) -> list[Seq]:
     params = SamplingParams(n=n, max_tokens=max_tokens)
     return [
-        Sequence(request_id, f"{request_id}#{i}", i, prompt, params, max_tokens, arrival_time=arrival)
+        Seq(request_id, f"{request_id}#{i}", i, prompt, params, max_tokens, arrival_time=arrival)
         for i in range(n)
     ]
 
 
-def expected_output(seq: Sequence) -> list[int]:
+def expected_output(seq: Seq) -> list[int]:
     history = list(seq.prompt_token_ids)
     for _ in range(seq.max_tokens):
         history.append(fake_token(history, seq.index))
@@ -121,7 +121,7 @@ def test_random_workload_with_shared_prefixes_keeps_invariants(
     )
     worker = FakeWorker(num_slots)
     rng = random.Random(seed)
-    added: list[Sequence] = []
+    added: list[Seq] = []
     num_requests = 0
     for op in ops:
         if op[0] == "add":

@@ -1,4 +1,4 @@
-"""One choice of a request as the router sees it: a `Sequence` and its `SequenceStatus`.
+"""One choice of a request as the router sees it: a `Seq` and its `SequenceStatus`.
 
 A request with `n > 1` becomes `n` sequences (`seq_id = f"{request_id}#{i}"`). They share the
 prompt's KV: sibling `i > 0` waits until a sibling has computed the first `prompt_len - 1`
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from engine.prefix_cache import RadixNode
+    from engine.router.prefix_cache import RadixNode
 
 
 PLACEHOLDER_TOKEN = -1  # an output token sampled by a step in flight; the worker knows its id
@@ -54,7 +54,7 @@ _FINISH_REASONS: dict[SequenceStatus, str] = {
 
 
 @dataclass(slots=True, eq=False)
-class Sequence:
+class Seq:
     """Mutable per-choice state. Identity matters (eq=False): two sequences are never equal."""
 
     request_id: str
@@ -177,11 +177,11 @@ def create_sequences(
     params: SamplingParams,
     max_tokens: int,
     arrival_time: float | None = None,
-) -> list[Sequence]:
+) -> list[Seq]:
     """The `params.n` sequences of one request, sharing one prompt list and one arrival time."""
     now = time.time() if arrival_time is None else arrival_time
     return [
-        Sequence(
+        Seq(
             request_id=request_id,
             seq_id=f"{request_id}#{i}",
             index=i,

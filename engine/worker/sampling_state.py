@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.sampling_params import SamplingParams
-from engine.transfer import to_device
+from engine.worker.transfer import to_device
 
 
 def column(values: list[float], like: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import dataclasses
 import pickle
 from multiprocessing.reduction import ForkingPickler
 
-from engine.plan import NewRow, SeqStep, StepPlan
+from engine.messages import NewRow, SeqStep, StepPlan
 from engine.sampling_params import SamplingParams
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.transfer import to_device
+from engine.worker.transfer import to_device
 
 # dtype of the per (slot, kv head) scales of an int8 pool. Two bytes keep an int8 token at
 # head_dim + 2 bytes per head (1.94x the bf16 capacity at head_dim 64, where a float32 scale

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.cuda_graphs import batch_buckets, token_buckets
+from engine.worker.cuda_graphs import batch_buckets, token_buckets
 
 
 @pytest.mark.parametrize("max_batch", [1, 3, 8, 16, 40, 256])

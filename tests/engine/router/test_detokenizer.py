@@ -12,7 +12,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from engine.detokenizer import (
+from engine.router.detokenizer import (
     ByteLevelDetokenizer,
     Detokenizers,
     IncrementalDetokenizer,

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import bench_http as bh
-from engine import bench_report as br
-from engine import bench_serve as bs
+from bench import http_client as bh
+from bench import report as br
+from bench import serve as bs
 from tests.openai_compat.servers import ProcessServer
 
 # -- lengths, prompts, arrivals ------------------------------------------------------------

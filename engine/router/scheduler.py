@@ -35,7 +35,7 @@ The caller's loop: `schedule()` → run the step → `update_after_step(out)` �
 tokens → `finish(seq, status)` for those that ended. An overlapped caller plans step k+1
 while step k runs: it calls `update_after_step` as soon as a step is sent (the worker runs
 steps in order, so their K/V are in the pool before any later step reads them) and gives each
-sequence that step k samples a placeholder token (`Sequence.add_placeholder`), which step
+sequence that step k samples a placeholder token (`Seq.add_placeholder`), which step
 k+1 computes; a sequence whose last token is in flight is skipped. Rows in `freed_rows` must
 be reset by the worker before it applies the step's new rows (a freed row may be handed out
 again).
@@ -48,10 +48,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from engine.errors import PromptTooLongError
-from engine.future_usage import FutureUsage
-from engine.kv_cache import KVSlotAllocator, ReqRowAllocator
-from engine.prefix_cache import RadixPrefixCache
-from engine.request import Sequence, SequenceStatus
+from engine.router.future_usage import FutureUsage
+from engine.router.prefix_cache import RadixPrefixCache
+from engine.router.seq import Seq, SequenceStatus
+from engine.router.slot_allocator import KVSlotAllocator, ReqRowAllocator
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig
@@ -107,7 +107,7 @@ class SchedulerConfig:
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass takes 4x as long to build, one per sequence per step
 class ScheduledSeq:
-    seq: Sequence
+    seq: Seq
     req_idx: int  # the req_to_token row
     start_pos: int  # = num_computed_tokens when scheduled
     token_ids: list[int]  # computed this step, at positions start_pos..
@@ -125,7 +125,7 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq]
     freed_rows: list[int]  # rows released since the previous schedule(), to reset first
-    preempted: list[Sequence]
+    preempted: list[Seq]
     num_batched_tokens: int
 
     @property
@@ -140,9 +140,9 @@ class Scheduler:
         self.config = config
         self.allocator = allocator
         self.rows = ReqRowAllocator(config.max_num_seqs)
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # sorted by arrival at the start of each schedule()
-        self._unfinished: dict[str, list[Sequence]] = {}  # request_id -> its unfinished sequences
+        self.waiting: deque[Seq] = deque()
+        self.running: list[Seq] = []  # sorted by arrival at the start of each schedule()
+        self._unfinished: dict[str, list[Seq]] = {}  # request_id -> its unfinished sequences
         self._freed_rows: list[int] = []
         self._slot_limit = config.num_slots - int(config.watermark * config.num_slots)
         self._avg_output_len: float | None = None
@@ -179,7 +179,7 @@ class Scheduler:
 
     # -- requests --------------------------------------------------------------------------------
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Seq) -> None:
         """Queue a new sequence (FCFS). Raises ValueError for one that could never fit."""
         if seq.status is not SequenceStatus.WAITING or seq.num_computed_tokens or seq.slots:
             raise ValueError(f"sequence {seq.seq_id} is not new")
@@ -196,7 +196,7 @@ class Scheduler:
         siblings.append(seq)
         self.waiting.append(seq)
 
-    def abort(self, request_id: str) -> list[Sequence]:
+    def abort(self, request_id: str) -> list[Seq]:
         """Finish all sequences of a request now, freeing their slots and rows."""
         seqs = self._unfinished.pop(request_id, [])
         if not seqs:
@@ -210,7 +210,7 @@ class Scheduler:
             seq.status = SequenceStatus.FINISHED_ABORTED
         return seqs
 
-    def finish(self, seq: Sequence, status: SequenceStatus) -> None:
+    def finish(self, seq: Seq, status: SequenceStatus) -> None:
         """Mark a sequence finished and free its slots and row. A no-op if it already finished
         (for example aborted while its step ran)."""
         if not status.is_finished:
@@ -239,10 +239,10 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         scheduled_ids: set[str] = set()
-        preempted: list[Sequence] = []
+        preempted: list[Seq] = []
         self.running.sort(key=lambda s: (s.arrival_time, s.index))
-        decodes: list[Sequence] = []
-        prefills: list[Sequence] = []
+        decodes: list[Seq] = []
+        prefills: list[Seq] = []
         for seq in self.running:
             num_uncomputed = seq.num_uncomputed_tokens
             if num_uncomputed == 0:
@@ -302,7 +302,7 @@ class Scheduler:
                 if self.prefix_cache is not None and s.start_pos < need <= seq.num_computed_tokens:
                     self._cache_shared_prompt(seq, need)
 
-    def _cache_shared_prompt(self, seq: Sequence, need: int) -> None:
+    def _cache_shared_prompt(self, seq: Seq, need: int) -> None:
         """Cache the prompt (minus its last token) of a sequence whose prefill just finished, and lock
         it: siblings (n > 1) and later requests with the same prefix reuse it while it runs, not
         only once it finished. `_release` inserts the rest (the outputs) later."""
@@ -320,7 +320,7 @@ class Scheduler:
 
     # -- running sequences -----------------------------------------------------------------------
 
-    def _make_room(self, seq: Sequence, n: int, scheduled_ids: set[str], preempted: list[Sequence]) -> int:
+    def _make_room(self, seq: Seq, n: int, scheduled_ids: set[str], preempted: list[Seq]) -> int:
         """How many of `n` wanted tokens `seq` can take now (0: none), preempting newer ones."""
         while self.allocator.num_free < n:
             if self.prefix_cache is not None and self._evict(n - self.allocator.num_free) > 0:
@@ -343,7 +343,7 @@ class Scheduler:
         assert self.prefix_cache is not None
         return self.prefix_cache.evict(max(num_slots, self._evict_chunk))
 
-    def _preempt(self, seq: Sequence, preempted: list[Sequence]) -> None:
+    def _preempt(self, seq: Seq, preempted: list[Seq]) -> None:
         self.running.remove(seq)
         seq.drop_placeholders()  # recomputed from its sampled tokens; a step in flight appends its last
         self._release(seq)
@@ -354,7 +354,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
         preempted.append(seq)
 
-    def _release(self, seq: Sequence) -> None:
+    def _release(self, seq: Seq) -> None:
         cache = self.prefix_cache
         if cache is not None:
             # tokens whose K/V are (or, for a step in flight, will be) in the pool
@@ -374,7 +374,7 @@ class Scheduler:
             seq.req_idx = None
 
     def _take(
-        self, seq: Sequence, n: int, prefix_slots: list[int] | None, is_new_row: bool,
+        self, seq: Seq, n: int, prefix_slots: list[int] | None, is_new_row: bool,
         out_slots: list[int] | None = None,
     ) -> ScheduledSeq:
         """Schedule `n` tokens of `seq`, in `out_slots` (already allocated: a step's decodes take
@@ -399,7 +399,7 @@ class Scheduler:
         if not (self.waiting and budget > 0 and self.rows.num_free):
             return 0
         used_budget = 0
-        skipped: list[Sequence] = []
+        skipped: list[Seq] = []
         usage = FutureUsage(shared_prefixes=self.prefix_cache is None)  # what runs, for _fits
         for seq in self.running:
             self._add_usage(usage, seq, seq.num_shared_prefix)
@@ -435,7 +435,7 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
         return used_budget
 
-    def _admit_cached(self, seq: Sequence, budget: int, usage: FutureUsage, scheduled: list[ScheduledSeq]) -> int:
+    def _admit_cached(self, seq: Seq, budget: int, usage: FutureUsage, scheduled: list[ScheduledSeq]) -> int:
         """Admit the head of the waiting queue starting from its longest cached prefix; returns the
         tokens scheduled for it (0: not admitted, nothing changed but the cache's LRU order)."""
         cache = self.prefix_cache
@@ -472,7 +472,7 @@ class Scheduler:
         scheduled.append(self._take(seq, n, list(slots) if m else None, is_new_row=True))
         return n
 
-    def _prefix_donor(self, seq: Sequence) -> Sequence | None:
+    def _prefix_donor(self, seq: Seq) -> Seq | None:
         """A running sibling whose computed slots cover the prompt minus its last token."""
         need = seq.num_prompt_tokens - 1
         if need <= 0:
@@ -482,13 +482,13 @@ class Scheduler:
                 return sib
         return None
 
-    def _waits_for_sibling(self, seq: Sequence) -> bool:
+    def _waits_for_sibling(self, seq: Seq) -> bool:
         """Sibling i > 0 waits while sibling 0 is unfinished: it will compute the shared prompt."""
         if seq.index == 0 or seq.num_prompt_tokens <= 1:
             return False
         return any(s.index == 0 for s in self._unfinished[seq.request_id])
 
-    def _predicted_slots(self, seq: Sequence) -> int:
+    def _predicted_slots(self, seq: Seq) -> int:
         """Slots `seq` holds at its predicted end."""
         if self.config.admission == "conservative":
             return seq.max_num_slots
@@ -497,14 +497,14 @@ class Scheduler:
         output_len = min(seq.max_tokens, max(predicted, seq.num_output_tokens + 1))
         return seq.num_prompt_tokens + output_len - 1
 
-    def _add_usage(self, usage: FutureUsage, seq: Sequence, prefix: int) -> None:
+    def _add_usage(self, usage: FutureUsage, seq: Seq, prefix: int) -> None:
         """Add `seq` to the future-usage model. Known tokens not computed yet (a prompt, or prompt
         + output after preemption) count as used: chunked prefill computes them many per step,
         far faster than the one token per step the check assumes for what is still to be
         generated."""
         usage.add(seq.request_id, max(self._predicted_slots(seq) - seq.num_tokens, 0), seq.num_tokens, prefix)
 
-    def _fits(self, candidate: Sequence, num_shared: int, usage: FutureUsage, limit: int | None = None) -> bool:
+    def _fits(self, candidate: Seq, num_shared: int, usage: FutureUsage, limit: int | None = None) -> bool:
         """The future-usage check for what runs plus `candidate`, which joins `usage` (the caller
         stops admitting on False, so a refused candidate is never taken back out). With the
         prefix cache, locked cached prefixes are left out of `usage` and out of `limit`."""

@@ -26,16 +26,21 @@ import torch
 from engine.config import EngineConfig
 from engine.distributed import get_tp_rank, get_tp_size, num_local_kv_heads
 from engine.distributed.parallel_state import all_reduce_min_int
-from engine.forward_context import INT8_KV_SCALE_DTYPE, KVPool, build_forward_context, set_forward_context
 from engine.layers.backend import use_triton
-from engine.plan import SeqStep, StepPlan, StepResult, TokenLogprobs, WorkerInfo
-from engine.sampler import SEARCH_MIN_ROWS, PendingSample, Sampler, compute_prompt_logprobs
+from engine.messages import SeqStep, StepPlan, StepResult, TokenLogprobs, WorkerInfo
 from engine.sampling_params import SamplingParams
-from engine.sampling_state import SamplingState
-from engine.transfer import host_wait_allowed, to_device
+from engine.worker.forward_context import (
+    INT8_KV_SCALE_DTYPE,
+    KVPool,
+    build_forward_context,
+    set_forward_context,
+)
+from engine.worker.sampler import SEARCH_MIN_ROWS, PendingSample, Sampler, compute_prompt_logprobs
+from engine.worker.sampling_state import SamplingState
+from engine.worker.transfer import host_wait_allowed, to_device
 
 if TYPE_CHECKING:
-    from engine.cuda_graphs import DecodeGraphs, PrefillGraphs
+    from engine.worker.cuda_graphs import DecodeGraphs, PrefillGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +158,7 @@ class ModelRunner:
         # engine has seen it (the plan holds a placeholder, PLACEHOLDER_TOKEN, in its place).
         self.last_sampled = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
         if self._uses_graphs():
-            from engine.cuda_graphs import DecodeGraphs, PrefillGraphs  # imports triton
+            from engine.worker.cuda_graphs import DecodeGraphs, PrefillGraphs  # imports triton
 
             self.graphs = DecodeGraphs(
                 model, self.kv, self.req_to_token, self.last_sampled, config.max_num_seqs, self.max_model_len,

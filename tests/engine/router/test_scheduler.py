@@ -5,10 +5,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.errors import PromptTooLongError
-from engine.future_usage import future_peak
-from engine.kv_cache import KVSlotAllocator
-from engine.request import Sequence, SequenceStatus
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.router.future_usage import future_peak
+from engine.router.scheduler import Scheduler, SchedulerConfig
+from engine.router.seq import Seq, SequenceStatus
+from engine.router.slot_allocator import KVSlotAllocator
 from tests.engine.factories import (
     FakeWorker,
     create_scheduler,
@@ -19,7 +19,7 @@ from tests.engine.factories import (
 )
 
 
-def expected_output(seq: Sequence) -> list[int]:
+def expected_output(seq: Seq) -> list[int]:
     """What the fake model generates for `seq` when nothing else is going on."""
     history = list(seq.prompt_token_ids)
     for _ in range(seq.max_tokens):
@@ -29,7 +29,7 @@ def expected_output(seq: Sequence) -> list[int]:
 
 def check_invariants(sched: Scheduler) -> None:
     seqs = list(sched.running) + list(sched.waiting)
-    owners: dict[int, list[Sequence]] = {}
+    owners: dict[int, list[Seq]] = {}
     for seq in seqs:
         assert not seq.is_finished
         for slot in seq.slots:
@@ -234,7 +234,7 @@ def test_preempted_sequence_keeps_its_output_and_goes_to_the_front() -> None:
     a, b, c = create_sequences(3, prompt_len=8, max_tokens=12)
     for seq in (a, b, c):
         sched.add(seq)
-    preempted: list[Sequence] = []
+    preempted: list[Seq] = []
     while not preempted:
         rows_before = {s.seq_id: s.req_idx for s in sched.running}
         out = step(sched, worker)
@@ -267,7 +267,7 @@ def test_waiting_sequences_never_preempt_running_ones() -> None:
     assert a.output_token_ids == expected_output(a)
 
 
-def _pressure_workload() -> list[Sequence]:
+def _pressure_workload() -> list[Seq]:
     prompts = [30 + (7 * i) % 50 for i in range(24)]
     outputs = [40 + (11 * i) % 50 for i in range(24)]
     seqs = create_sequences(24, prompt_len=prompts, max_tokens=outputs)
@@ -329,7 +329,7 @@ def test_random_add_abort_step_keeps_invariants(
         admission="aggressive" if aggressive else "conservative", initial_output_len=2,
     )
     worker = FakeWorker(num_slots)
-    added: list[Sequence] = []
+    added: list[Seq] = []
     num_requests = 0
     for op in ops:
         if op[0] == "add":
@@ -366,7 +366,7 @@ def test_admission_batch_groups_prompts_while_a_large_batch_is_full() -> None:
     # 40 rows, all busy with sequences finishing one per step; 60 more waiting. With
     # admission_batch 4, newcomers join in groups of at least 4 (or after 8 steps of waiting),
     # so their prompts share passes; with 1, one joins whenever a row frees.
-    def run(admission_batch: int) -> tuple[list[int], list[Sequence]]:
+    def run(admission_batch: int) -> tuple[list[int], list[Seq]]:
         config = SchedulerConfig(max_num_seqs=40, max_num_batched_tokens=4096, max_model_len=2048,
                                  num_slots=20_000, admission_batch=admission_batch)
         sched = Scheduler(config, KVSlotAllocator(config.num_slots))

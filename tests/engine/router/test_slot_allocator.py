@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from engine.kv_cache import KVSlotAllocator, ReqRowAllocator
+from engine.router.slot_allocator import KVSlotAllocator, ReqRowAllocator
 
 
 def test_allocate_hands_out_distinct_slots_and_counts_them() -> None:

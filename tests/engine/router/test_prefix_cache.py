@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.kv_cache import KVSlotAllocator
-from engine.prefix_cache import RadixNode, RadixPrefixCache
+from engine.router.prefix_cache import RadixNode, RadixPrefixCache
+from engine.router.slot_allocator import KVSlotAllocator
 
 NUM_SLOTS = 48
 

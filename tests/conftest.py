@@ -1,4 +1,5 @@
-"""Fixtures: the tiny model, and real servers on it in subprocesses (helpers in `servers.py`)."""
+"""Fixtures shared by the tiers: the tiny model, and real servers on it in subprocesses
+(helpers in `tests/openai_compat/servers.py`)."""
 
 from __future__ import annotations
 
