@@ -10,6 +10,7 @@ from engine.errors import EngineDeadError, EngineOverloadedError, PromptTooLongE
 from engine.llm import LLM
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams
+from engine.structured_output import StructuredOutput, TaggedJSON
 
 __version__ = "0.1.0"
 
@@ -26,5 +27,7 @@ __all__ = [
     "RequestOutput",
     "RequestOutputKind",
     "SamplingParams",
+    "StructuredOutput",
+    "TaggedJSON",
     "__version__",
 ]

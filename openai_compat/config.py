@@ -60,6 +60,14 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(
         30.0, ge=0, description="seconds running requests may take to finish after SIGTERM"
     )
+    tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
+        "auto", description="the format of tool calls in the model's text: auto (from the chat template), hermes, "
+        "llama3_json or mistral"
+    )
+    reasoning_parser: Literal["auto", "think", "none"] = Field(
+        "auto", description="thinking split off as reasoning_content: auto (from the chat template), think "
+        "(<think>...</think>) or none"
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
     access_log: bool = Field(True, description="log one line per HTTP request")
 

@@ -32,12 +32,82 @@ class ContentPart(OpenAIBaseModel):
     refusal: str | None = None
 
 
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIBaseModel):
-    model_config = ConfigDict(extra="allow")  # tool_calls etc. reach the chat template as sent
+    model_config = ConfigDict(extra="allow")  # other fields (reasoning_content, ...) reach the chat template as sent
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+
+
+class FunctionDefinition(OpenAIBaseModel):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; omitted: no parameters
+    strict: bool | None = None
+
+
+class ChatTool(OpenAIBaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(OpenAIBaseModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIBaseModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class AllowedTools(OpenAIBaseModel):
+    mode: Literal["auto", "required"]
+    tools: list[NamedToolChoice]
+
+
+class AllowedToolsChoice(OpenAIBaseModel):
+    type: Literal["allowed_tools"]
+    allowed_tools: AllowedTools
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice | AllowedToolsChoice
+
+
+class JsonSchemaFormat(OpenAIBaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str | None = None  # the spec requires it; nothing here depends on it
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsParams(OpenAIBaseModel):
+    """The `structured_outputs` extension: exactly one constraint on the answer's text."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    json_: dict[str, Any] | str | None = Field(None, alias="json")  # a JSON schema (object or its text)
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # EBNF
 
 
 class SamplingFields(OpenAIBaseModel):
@@ -79,12 +149,19 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = True
+    response_format: ResponseFormat | None = None
+    # constraints beyond OpenAI's (docs/tools.md): vLLM's guided_* fields or its structured_outputs
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     # accepted, but only their "off" values can be honoured
-    tools: list[Any] | None = None
-    tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
     audio: Any = None
     modalities: list[str] | None = None
     prediction: Any = None
@@ -92,16 +169,10 @@ class ChatCompletionRequest(SamplingFields):
 
     def unsupported_field(self) -> str | None:
         """The first field that asks for something lightgate cannot do, or None."""
-        if self.tools:
-            return "tools"
-        if self.tool_choice not in (None, "none"):
-            return "tool_choice"
         if self.functions:
             return "functions"
         if self.function_call not in (None, "none"):
             return "function_call"
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            return "response_format"
         if self.audio is not None:
             return "audio"
         if self.modalities is not None and any(m != "text" for m in self.modalities):
@@ -133,6 +204,7 @@ class TokenizeRequest(OpenAIBaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ChatTool] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
@@ -172,13 +244,24 @@ class ChatChoiceLogprobs(OpenAIBaseModel):
     refusal: list[TokenLogprob] | None = None
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+def _without_none(data: dict[str, Any], keep: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if v is not None or k in keep}
 
 
 class ChatResponseMessage(OpenAIBaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    reasoning_content: str | None = None  # a reasoning model's thinking, apart from its answer
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler: Any) -> dict[str, Any]:
+        # tool_calls and reasoning_content appear only when there are some, as in OpenAI's messages.
+        return _without_none(handler(self), keep=("content", "refusal"))
 
 
 class ChatCompletionChoice(OpenAIBaseModel):
@@ -198,14 +281,39 @@ class ChatCompletionResponse(OpenAIBaseModel):
     usage: UsageInfo
 
 
+class DeltaFunctionCall(OpenAIBaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler: Any) -> dict[str, Any]:
+        return _without_none(handler(self))
+
+
+class DeltaToolCall(OpenAIBaseModel):
+    """A piece of a streamed call: index, id, type and name on its first delta, then
+    `function.arguments` in pieces."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler: Any) -> dict[str, Any]:
+        return _without_none(handler(self))
+
+
 class DeltaMessage(OpenAIBaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _omit_none(self, handler: Any) -> dict[str, Any]:
         # OpenAI's deltas carry only what changed: {"content": "x"}, or {} on the last chunk.
-        return {k: v for k, v in handler(self).items() if v is not None}
+        return _without_none(handler(self))
 
 
 class ChatStreamChoice(OpenAIBaseModel):

@@ -4,19 +4,31 @@ Streaming: each choice opens with a chunk {"role": "assistant", "content": ""}, 
 chunk per engine output that changed it, the last one carrying its finish_reason; with
 `stream_options.include_usage` a chunk with `choices: []` and the usage follows, and
 `data: [DONE]` always ends the stream, also after an error event.
+
+With tools, or a model that thinks in tags, the answer is read for calls and thinking
+(`chat_output`, `chat_format`; docs/tools.md): their deltas stream as OpenAI streams them.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from engine import PromptTooLongError, RequestOutput
+from engine import PromptTooLongError, RequestOutput, SamplingParams
+from openai_compat.chat_format import ChatFormat, apply_constraint
+from openai_compat.chat_output import (
+    ChoiceMessage,
+    ChoiceReader,
+    OutputReader,
+    deltas,
+    finish_reason_with_calls,
+)
 from openai_compat.errors import OpenAIError, from_exception, unsupported
 from openai_compat.logprobs import chat_logprobs
 from openai_compat.prompt_size import check_prompt_text
@@ -27,7 +39,6 @@ from openai_compat.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessage,
-    ChatResponseMessage,
     ChatStreamChoice,
     DeltaMessage,
 )
@@ -51,6 +62,8 @@ from openai_compat.sse import (
     run_until_disconnect,
 )
 from openai_compat.stream_chunks import ChunkTemplate
+from openai_compat.tool_calls.constraints import structured_output
+from openai_compat.tool_calls.request import plan_tools
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -59,6 +72,8 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     for i, message in enumerate(messages):
         if message.role == "function":
             raise OpenAIError("The 'function' role is not supported; use 'tool'.", param=f"messages[{i}].role")
+        if message.role == "tool" and message.tool_call_id is None:
+            raise OpenAIError("A 'tool' message needs the 'tool_call_id' it answers.", param=f"messages[{i}].tool_call_id")
         entry = message.model_dump(exclude_none=True)
         entry["role"] = "system" if message.role == "developer" else message.role
         content = message.content
@@ -87,7 +102,7 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 
 
 # apply_chat_template's own parameters: a request's chat_template_kwargs may set template
-# variables (e.g. enable_thinking), not the conversation, tools (unsupported at the top level too)
+# variables (e.g. enable_thinking), not the conversation, tools (the request's `tools` are)
 # or how the call tokenizes and returns.
 _RESERVED_TEMPLATE_KWARGS = frozenset({
     "conversation", "messages", "tools", "documents", "tokenize", "padding", "truncation", "max_length",
@@ -111,24 +126,67 @@ def check_chat_template_kwargs(kwargs: dict[str, Any] | None, trust_chat_templat
 
 def render_chat_prompt(
     tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool, kwargs: dict[str, Any] | None,
-    check_text: Callable[[str], None] | None = None,
+    check_text: Callable[[str], None] | None = None, tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
-    """The chat template applied and tokenized (runs in a worker thread); `check_text` sees the
-    rendered text before the tokenizer does."""
+    """The chat template applied and tokenized (runs in a worker thread)."""
+    return render_chat(tokenizer, messages, add_generation_prompt, kwargs, check_text, tools)[1]
+
+
+def render_chat(
+    tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool, kwargs: dict[str, Any] | None,
+    check_text: Callable[[str], None] | None = None, tools: list[dict[str, Any]] | None = None,
+) -> tuple[str, list[int]]:
+    """The chat template applied (with `tools=` where given): its text and token ids (runs in a
+    worker thread); `check_text` sees the rendered text before the tokenizer does."""
     options = {"add_generation_prompt": add_generation_prompt, **(kwargs or {})}
     options.pop("tokenize", None)
+    if tools:
+        options["tools"] = tools
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, **options)
     except Exception as e:  # template errors: role order, missing fields, no template at all
         raise OpenAIError(f"The chat template could not render these messages: {e}", param="messages") from None
     if check_text is not None:
         check_text(text)
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    return text, list(tokenizer.encode(text, add_special_tokens=False))
 
 
 class ChatServing:
     def __init__(self, state: ServerState) -> None:
         self.state = state
+
+    def chat_format(self) -> ChatFormat:
+        settings = self.state.settings
+        return ChatFormat.of(self.state.tokenizer, settings.tool_call_parser, settings.reasoning_parser)
+
+    async def _prompt(self, req: ChatCompletionRequest, params: SamplingParams) -> tuple[list[int], OutputReader]:
+        """The prompt's token ids and how its answer is read. Tools and constraints are checked
+        first; `params` get what reading the answer needs."""
+        state = self.state
+        plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
+        chat_format = self.chat_format()
+        constraint = structured_output(req, plan, chat_format.tool_format)
+        messages, tools = chat_format.conversation(template_messages(req.messages), plan, req.chat_template_kwargs)
+        # A text far too long for the context is refused without tokenizing it. Checked on the
+        # rendered prompt, not on the messages: a template may trim or drop their text (and a
+        # request's own template may add any amount), but rendering is cheap (50 ms for 10 MB).
+        check_text = partial(
+            check_prompt_text, bound=state.prompt_bound, max_model_len=state.engine.max_model_len,
+            max_tokens=params.max_tokens,
+        )
+        try:
+            text, prompt_ids = await state.run_tokenizer(
+                render_chat, state.tokenizer, messages, req.add_generation_prompt, req.chat_template_kwargs,
+                check_text=check_text, tools=tools,
+            )
+        except PromptTooLongError as e:
+            raise from_exception(e, prompt_param="messages") from None
+        reader = chat_format.reader(plan, text)
+        if reader.active and chat_format.keeps_special_tokens(reader):
+            params.skip_special_tokens = False
+        if constraint is not None:
+            apply_constraint(params, replace(constraint, start_after=chat_format.start_after(text)))
+        return prompt_ids, reader
 
     async def create(self, request: Request) -> Response:
         state = self.state
@@ -151,22 +209,7 @@ class ChatServing:
             )
         except ValueError as e:
             raise from_exception(e) from None
-        tokenizer = state.tokenizer
-        messages = template_messages(req.messages)
-        # A text far too long for the context is refused without tokenizing it. Checked on the
-        # rendered prompt, not on the messages: a template may trim or drop their text (and a
-        # request's own template may add any amount), but rendering is cheap (50 ms for 10 MB).
-        check_text = partial(
-            check_prompt_text, bound=state.prompt_bound, max_model_len=state.engine.max_model_len,
-            max_tokens=params.max_tokens,
-        )
-        try:
-            prompt_ids = await state.run_tokenizer(
-                render_chat_prompt, tokenizer, messages, req.add_generation_prompt, req.chat_template_kwargs,
-                check_text=check_text,
-            )
-        except PromptTooLongError as e:
-            raise from_exception(e, prompt_param="messages") from None
+        prompt_ids, reader = await self._prompt(req, params)
         try:
             request_id = new_id("chatcmpl")
             streams = await run_until_disconnect(request, open_streams(state, [prompt_ids], params, request_id))
@@ -176,10 +219,10 @@ class ChatServing:
             raise from_exception(e, state.settings.retry_after_s) from None
         stream = streams[0]
         if req.stream:
-            events = _ChatEvents(self, req, stream, request_id)
+            events = _ChatEvents(self, req, stream, request_id, reader)
             return push_events([stream], lambda _, out: events.events(out), events.closing, events.opening)
         try:
-            response = await run_until_disconnect(request, self._collect(req, stream, request_id))
+            response = await run_until_disconnect(request, self._collect(req, stream, request_id, reader))
         except ClientDisconnected:
             return Response(status_code=499)
         except Exception as e:
@@ -195,24 +238,26 @@ class ChatServing:
         return ChatChoiceLogprobs(content=content)
 
     async def _collect(
-        self, req: ChatCompletionRequest, stream: GenerationStream, request_id: str
+        self, req: ChatCompletionRequest, stream: GenerationStream, request_id: str, reader: OutputReader
     ) -> ChatCompletionResponse:
         n = stream.params.n
-        texts = [""] * n
+        readers = [reader.choice() for _ in range(n)]
+        messages = [ChoiceMessage() for _ in range(n)]
         token_ids: list[list[int]] = [[] for _ in range(n)]
         entries: list[list[Any]] = [[] for _ in range(n)]
         reasons = ["stop"] * n
         while (out := await stream.next_output()) is not None:
             for c in out.outputs:
-                texts[c.index] += c.text
+                messages[c.index].add(readers[c.index].feed(c.text))
                 token_ids[c.index].extend(c.token_ids)
                 entries[c.index].extend(c.logprobs or [])
                 if c.finish_reason is not None:
-                    reasons[c.index] = finish_reason(c.finish_reason)
+                    messages[c.index].add(readers[c.index].finish())
+                    reasons[c.index] = finish_reason_with_calls(finish_reason(c.finish_reason), readers[c.index].num_calls)
         choices = [
             ChatCompletionChoice(
                 index=i,
-                message=ChatResponseMessage(content=texts[i]),
+                message=messages[i].message(reads_reasoning=reader.reasoning is not None),
                 logprobs=self._logprobs(req, token_ids[i], entries[i]),
                 finish_reason=reasons[i],  # type: ignore[arg-type]
             )
@@ -233,11 +278,16 @@ class _ChatEvents:
     {"role": "assistant", "content": ""}, then one chunk per engine output that changed it, the
     last one carrying its finish_reason; with `stream_options.include_usage` a usage chunk closes."""
 
-    def __init__(self, serving: ChatServing, req: ChatCompletionRequest, stream: GenerationStream, request_id: str):
+    def __init__(
+        self, serving: ChatServing, req: ChatCompletionRequest, stream: GenerationStream, request_id: str,
+        reader: OutputReader,
+    ) -> None:
         self.serving = serving
         self.req = req
         self.stream = stream
         self.request_id = request_id
+        # Reading the answer for calls or thinking; None: plain content, written from a template.
+        self.readers = [reader.choice() for _ in range(stream.params.n)] if reader.active else None
         self.created = int(time.time())
         self.exclude = None if req.include_usage else {"usage"}
         self.template = ChunkTemplate(
@@ -263,6 +313,8 @@ class _ChatEvents:
 
     def events(self, out: RequestOutput) -> list[bytes]:
         """One output's chunks; raises OpenAIError for an abort the client did not ask for."""
+        if self.readers is not None:
+            return self._read_events(out, self.readers)
         req = self.req
         events = []
         for c in out.outputs:
@@ -284,6 +336,30 @@ class _ChatEvents:
                     )
                 )
             )
+        return events
+
+    def _read_events(self, out: RequestOutput, readers: list[ChoiceReader]) -> list[bytes]:
+        """Chunks of an answer read for calls or thinking: its text, then each call's pieces as
+        OpenAI streams them; the output's logprobs on the first chunk, the finish_reason on the last."""
+        events = []
+        for c in out.outputs:
+            reader = readers[c.index]
+            pieces = deltas(reader.feed(c.text))
+            reason = None
+            if c.finish_reason is not None:
+                pieces += deltas(reader.finish())
+                reason = finish_reason_with_calls(finish_reason(c.finish_reason), reader.num_calls)
+            if not pieces and reason is None and not (self.req.logprobs and c.token_ids):
+                continue  # held back: a possible tag, or whitespace next to a call
+            logprobs = self.serving._logprobs(self.req, c.token_ids, c.logprobs)
+            pieces = pieces or [DeltaMessage()]
+            for k, delta in enumerate(pieces):
+                last = k == len(pieces) - 1
+                choice = ChatStreamChoice(
+                    index=c.index, delta=delta, logprobs=logprobs if k == 0 else None,
+                    finish_reason=reason if last else None,  # type: ignore[arg-type]
+                )
+                events.append(self._chunk(choice))
         return events
 
     def closing(self) -> list[bytes]:

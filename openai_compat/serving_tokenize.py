@@ -1,7 +1,7 @@
 """POST /tokenize and /detokenize, as vLLM serves them.
 
-/tokenize takes a `prompt` (tokenized as /v1/completions does) or `messages` (rendered with
-the chat template as /v1/chat/completions does) and returns the ids, their count and the
+/tokenize takes a `prompt` (tokenized as /v1/completions does) or `messages` and `tools`
+(rendered with the chat template as /v1/chat/completions does) and returns the ids, their count and the
 context length; /detokenize turns `tokens` back into text.
 """
 
@@ -10,10 +10,12 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from openai_compat.chat_format import ChatFormat
 from openai_compat.errors import OpenAIError
 from openai_compat.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from openai_compat.serving_base import ServerState, parse_body
 from openai_compat.serving_chat import check_chat_template_kwargs, render_chat_prompt, template_messages
+from openai_compat.tool_calls.request import plan_tools
 
 
 def _state(request: Request) -> ServerState:
@@ -31,9 +33,13 @@ async def tokenize(request: Request) -> Response:
         if not req.messages:
             raise OpenAIError("'messages' must not be empty.", param="messages")
         check_chat_template_kwargs(req.chat_template_kwargs, state.settings.trust_request_chat_template)
+        settings = state.settings
+        chat_format = ChatFormat.of(tokenizer, settings.tool_call_parser, settings.reasoning_parser)
+        messages, tools = chat_format.conversation(
+            template_messages(req.messages), plan_tools(req.tools), req.chat_template_kwargs
+        )
         ids = await state.run_tokenizer(
-            render_chat_prompt, tokenizer, template_messages(req.messages), req.add_generation_prompt,
-            req.chat_template_kwargs,
+            render_chat_prompt, tokenizer, messages, req.add_generation_prompt, req.chat_template_kwargs, tools=tools
         )
     elif req.prompt is not None:
         ids = await state.run_tokenizer(tokenizer.encode, req.prompt, add_special_tokens=req.add_special_tokens)

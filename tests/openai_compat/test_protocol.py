@@ -10,9 +10,14 @@ from pydantic import ValidationError
 from openai_compat.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatResponseMessage,
     ChatStreamChoice,
     CompletionRequest,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
+    ToolCall,
 )
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -24,11 +29,9 @@ def chat(**fields: object) -> ChatCompletionRequest:
 
 def test_unknown_fields_are_ignored_and_unsupported_ones_named() -> None:
     assert chat(some_future_field=1).unsupported_field() is None
-    assert chat(tools=[{"type": "function"}]).unsupported_field() == "tools"
-    assert chat(tools=[], tool_choice="none").unsupported_field() is None
-    assert chat(tool_choice="auto").unsupported_field() == "tool_choice"
-    assert chat(response_format={"type": "json_object"}).unsupported_field() == "response_format"
-    assert chat(response_format={"type": "text"}).unsupported_field() is None
+    assert chat(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="auto").unsupported_field() is None
+    assert chat(response_format={"type": "json_object"}).unsupported_field() is None
+    assert chat(functions=[{"name": "f"}]).unsupported_field() == "functions"  # the deprecated form
     assert chat(modalities=["text", "audio"]).unsupported_field() == "modalities"
     completion = CompletionRequest.model_validate({"model": "m", "prompt": "x", "suffix": "y"})
     assert completion.unsupported_field() == "suffix"
@@ -58,6 +61,40 @@ def test_content_parts_and_roles() -> None:
     assert req.messages[0].content[1].type == "image_url"  # type: ignore[index,union-attr]
     with pytest.raises(ValidationError):
         chat(messages=[{"role": "wizard", "content": "x"}])
+
+
+def test_tool_fields_parse_strictly_and_name_the_field() -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    req = chat(tools=[tool], tool_choice={"type": "function", "function": {"name": "f"}}, parallel_tool_calls=False,
+               response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}})
+    assert req.tools is not None and req.tools[0].function.name == "f" and req.parallel_tool_calls is False
+    assert req.response_format is not None and req.response_format.json_schema is not None
+    assert req.response_format.json_schema.schema_ == {"type": "object"}
+    history = [{"role": "assistant", "content": None,
+                "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]
+    assert chat(messages=history).messages[0].tool_calls is not None
+    for fields, loc in [
+        ({"tools": [{"type": "custom", "custom": {}}]}, ("tools", 0, "type")),
+        ({"tools": [{"type": "function", "function": {"name": 1}}]}, ("tools", 0, "function", "name")),
+        ({"response_format": {"type": "xml"}}, ("response_format", "type")),
+    ]:
+        with pytest.raises(ValidationError) as e:
+            ChatCompletionRequest.model_validate_json(
+                json.dumps({"model": "m", "messages": MESSAGES, **fields}), strict=True)
+        assert e.value.errors()[0]["loc"] == loc
+
+
+def test_message_and_delta_serialization_with_calls() -> None:
+    call = ToolCall(id="call_1", function=FunctionCall(name="f", arguments='{"a": 1}'))
+    message = ChatResponseMessage(content=None, tool_calls=[call]).model_dump()
+    assert message == {"role": "assistant", "content": None, "refusal": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]}
+    assert ChatResponseMessage(content="x").model_dump() == {"role": "assistant", "content": "x", "refusal": None}
+    first = DeltaToolCall(index=0, id="call_1", type="function", function=DeltaFunctionCall(name="f", arguments=""))
+    assert DeltaMessage(tool_calls=[first]).model_dump() == {"tool_calls": [
+        {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}]}
+    piece = DeltaToolCall(index=0, function=DeltaFunctionCall(arguments='{"a'))
+    assert DeltaMessage(tool_calls=[piece]).model_dump() == {"tool_calls": [{"index": 0, "function": {"arguments": '{"a'}}]}
 
 
 def test_chunk_serialization() -> None:
