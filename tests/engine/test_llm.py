@@ -127,4 +127,4 @@ def test_shutdown_leaves_no_worker(tmp_path: Path) -> None:
     worker = llm.core.worker
     assert worker.alive
     llm.shutdown()
-    assert not worker._proc.is_alive()
+    assert not any(proc.is_alive() for proc in worker._procs)
