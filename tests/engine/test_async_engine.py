@@ -208,6 +208,8 @@ async def test_an_aborted_request_gets_its_outputs_once_then_the_abort_and_frees
 
         engine.add_request(prompt, params, "victim", sink)
         await reached.wait()
+        assert engine.core is not None
+        num_sampled = engine.core.requests["victim"].choices[0].seq.num_sampled_tokens  # processed so far
         await engine.abort("victim")
         count = len(items)
         await asyncio.sleep(0.2)  # the steps in flight end: nothing more comes
@@ -215,9 +217,38 @@ async def test_an_aborted_request_gets_its_outputs_once_then_the_abort_and_frees
         assert items[-1].finished and items[-1].outputs[0].finish_reason == "abort"
         assert not any(item.finished for item in items[:-1])
         tokens = [t for item in items for c in item.outputs for t in c.token_ids]
-        assert tokens == want.outputs[0].token_ids[: len(tokens)] and len(tokens) >= abort_after
+        assert tokens == want.outputs[0].token_ids[:num_sampled] and num_sampled >= abort_after
         stats = engine.stats()
         assert stats.num_running == 0 and stats.kv_cache_usage == 0
+    finally:
+        await engine.shutdown()
+
+
+async def test_an_abort_while_an_output_is_on_its_way_hands_it_over_first(model_dir: str) -> None:
+    # A step's outputs wait for the next step to be sent; an abort in that window gives the
+    # consumer that output, then the abort: none is lost, none comes twice or after the end.
+    engine = await _started(model_dir)
+    try:
+        prompt = list(range(3, 40))
+        params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+        items: list[RequestOutput] = []
+        engine.add_request(prompt, params, "victim", items.append)  # type: ignore[arg-type]
+
+        def on_its_way() -> RequestOutput | None:
+            return next((o for o in engine._undelivered if o.request_id == "victim"), None)
+
+        while len(items) < 3 or on_its_way() is None:  # polled at every turn of the event loop
+            await asyncio.sleep(0)
+        waiting = on_its_way()
+        assert waiting is not None and engine.core is not None
+        num_sampled = engine.core.requests["victim"].choices[0].seq.num_sampled_tokens
+        await engine.abort("victim")
+        assert items[-2] is waiting and items[-1].outputs[0].finish_reason == "abort"
+        count = len(items)
+        await asyncio.sleep(0.2)
+        assert len(items) == count
+        assert sum(len(o.outputs[0].token_ids) for o in items) == num_sampled
+        assert engine.stats().num_running == 0
     finally:
         await engine.shutdown()
 
