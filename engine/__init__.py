@@ -5,11 +5,12 @@ The public surface is this module's `__all__`; everything else is internal.
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
-from engine.engine_core import EngineStats
 from engine.errors import EngineDeadError, EngineOverloadedError, PromptTooLongError
 from engine.llm import LLM
+from engine.output_stream import OutputStream
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams
+from engine.stats import EngineStats
 from engine.structured_output import StructuredOutput, TaggedJSON
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __all__ = [
     "EngineOverloadedError",
     "EngineStats",
     "Logprob",
+    "OutputStream",
     "PromptTooLongError",
     "RequestOutput",
     "RequestOutputKind",

@@ -5,14 +5,16 @@ and sent step k+1 (whose decodes read step k's sampled tokens on the device), th
 step k's result, processes it (appends tokens, detokenizes, finishes requests), and plans step
 k+2. A request that finishes at step k has computed one wasted token in step k+1. Plans are
 sent and results awaited in a dedicated thread, so the event loop keeps serving HTTP while the
-model runs and never blocks on a worker's pipe; it does not yield between processing a step
-and planning the next, so the requests' handlers stream a step's outputs while the worker
-computes. A worker that dies, or hangs past the step timeout (the worker client's watchdog),
-fails every in-flight request with `EngineDeadError`.
-Each request has an `asyncio.Queue` of delta outputs; `generate()` turns them into what the
-caller's `output_kind` asks for. Closing the iterator early aborts the request.
-A streaming consumer may instead have its outputs pushed (`push`): the loop calls it with each
-step's outputs once the next step is sent, so a stream costs a call, not a task waking up.
+model runs and never blocks on a worker's pipe. A worker that dies, or hangs past the step
+timeout (the worker client's watchdog), fails every open request with `EngineDeadError`.
+
+Outputs take one way out: each request has one consumer, a sink given to `add_request`. The
+loop calls it with each step's delta output of the request once the next step is sent (the
+sending thread does not wait for the GIL while the consumers take them, and they take them
+while the worker computes), and last with the finished output or the error that ends the
+request. A call, not a task woken up: a streaming response writes its events in it. `generate()`
+is an async iterator built on the same sink (`OutputStream`); closing it early aborts the
+request.
 """
 
 from __future__ import annotations
@@ -20,108 +22,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from engine.config import EngineConfig
-from engine.engine_core import EngineCore, EngineStats
+from engine.engine_core import EngineCore
 from engine.errors import EngineDeadError, EngineOverloadedError
-from engine.messages import StepPlan, StepResult
-from engine.outputs import OutputAccumulator, RequestOutput, merge_into
+from engine.messages import StepResult
+from engine.output_stream import OutputItem, OutputStream, Sink
+from engine.outputs import OutputAccumulator, RequestOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams
+from engine.stats import EngineStats, StepTimes
 from engine.worker.process import ProgressFn
 
 logger = logging.getLogger(__name__)
 
-_Item = RequestOutput | BaseException
-Sink = Callable[[_Item], None]
 _IDLE_CHECK_S = 0.5  # how often an idle engine checks that its worker is alive
-_STATS_LOG_S = 10.0  # how often a busy engine logs where its steps' time went
-
-
-class StepTimes:
-    """Where the engine loop's wall time goes, logged every `_STATS_LOG_S` while busy.
-
-    schedule: planning the step; worker: the worker's round trip (send the plan, forward
-    pass, sampling, the result back), of which execute is the worker's time from the step's launch
-    to its tokens (and worker idle its wait for the plan with nothing on the device: with
-    overlapped steps, near zero unless the loop is late); launched ahead: the steps whose result
-    came after the next step's launch (`EngineConfig.launch_ahead`); loop lag: from the result's
-    arrival to the loop taking it up, the event loop busy with other work (the requests'
-    handlers streaming, new requests): part of the round trip, and while it lasts the next
-    step is not planned; push: the previous step's outputs handed to pushed streams (written
-    to their sockets) while the worker runs; process: appending tokens, stop checks,
-    detokenizing; rest: handing outputs to the requests' queues (their handlers stream them
-    while the worker runs the next step, inside its round trip). loop cpu: the event loop thread's CPU time per step,
-    this loop's phases and everything else on it (the handlers, HTTP): when it nears the
-    step's wall time, the event loop, not the GPU, sets the pace.
-    """
-
-    PHASES = ("schedule", "worker", "process", "rest")  # consecutive spans of the loop
-    WORKER_TIMES = ("execute", "worker idle", "loop lag", "push")  # within the worker's round trip
-    LOOP_CPU = "loop cpu"
-
-    def __init__(self) -> None:
-        self.reset(time.perf_counter())
-
-    def reset(self, now: float) -> None:
-        self.since = now
-        self.cpu_since = time.thread_time()  # of the thread that runs the loop (and logs)
-        self._paused: tuple[float, float] | None = None
-        self._idle_before_next = False  # the next result's worker idle spans the engine's idle time
-        self.steps = self.seqs = self.tokens = self.launched_ahead = 0
-        self.seconds = dict.fromkeys(self.PHASES + self.WORKER_TIMES, 0.0)
-
-    def pause(self) -> None:
-        """The engine goes idle: the time until `resume` counts neither as wall nor as loop CPU."""
-        self._paused = (time.perf_counter(), time.thread_time())
-
-    def resume(self) -> None:
-        if self._paused is not None:
-            wall, cpu = self._paused
-            self.since += time.perf_counter() - wall
-            self.cpu_since += time.thread_time() - cpu
-            self._paused = None
-            self._idle_before_next = True
-
-    def add(
-        self, seqs: int, tokens: int, times: tuple[float, ...], result: StepResult, lag: float, push: float = 0.0
-    ) -> None:
-        self.steps += 1
-        self.seconds["loop lag"] += lag
-        self.seconds["push"] += push
-        self.seconds["execute"] += result.execute_seconds
-        if self._idle_before_next:  # the worker waited for work that did not exist yet
-            self._idle_before_next = False
-        else:
-            self.seconds["worker idle"] += result.wait_seconds
-        self.launched_ahead += result.launched_ahead
-        self.seqs += seqs
-        self.tokens += tokens
-        for name, start, end in zip(self.PHASES, times, times[1:], strict=False):
-            self.seconds[name] += end - start
-
-    def maybe_log(self, now: float, stats: EngineStats) -> None:
-        if now - self.since < _STATS_LOG_S or not self.steps:
-            return
-        seconds = {**self.seconds, self.LOOP_CPU: time.thread_time() - self.cpu_since}
-        per_step = ", ".join(f"{k} {1e3 * v / self.steps:.2f}" for k, v in seconds.items())
-        logger.info(
-            "%.1f steps/s, %.1f seqs and %.0f tokens per step; ms per step: %s; next step launched ahead "
-            "%.0f%%; running %d, waiting %d, KV cache %.0f%%",
-            self.steps / (now - self.since), self.seqs / self.steps, self.tokens / self.steps, per_step,
-            100 * self.launched_ahead / self.steps, stats.num_running, stats.num_waiting, 100 * stats.kv_cache_usage,
-        )
-        self.reset(now)
 
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs: Any) -> None:
         self.config = config if config is not None else EngineConfig(**kwargs)
         self.core: EngineCore | None = None
-        self._queues: dict[str, asyncio.Queue[_Item]] = {}
-        self._sinks: dict[str, Sink] = {}  # requests whose outputs are pushed (`push`)
+        self._sinks: dict[str, Sink] = {}  # each open request's consumer
+        self._undelivered: list[RequestOutput] = []  # the last step's, handed over once the next is sent
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._recv_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightgate-recv")
@@ -165,92 +90,72 @@ class AsyncEngine:
     def errored(self) -> bool:
         return self.dead_error is not None
 
-    @property
-    def is_ready(self) -> bool:
-        return self.core is not None and not self.errored
-
     def stats(self) -> EngineStats:
         return self._core().stats()
 
     # -- requests -------------------------------------------------------------------------
 
-    async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str
-    ) -> AsyncIterator[RequestOutput]:
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str, sink: Sink) -> None:
+        """Start a request whose outputs go to `sink`, called from the engine loop: each step's
+        delta output (whatever `params.output_kind` says), in order, the finished one last; or
+        the `EngineDeadError` that ends it. `sink` must not block or raise. Raises ValueError
+        for bad input, `EngineOverloadedError` when the waiting queue is full, `EngineDeadError`
+        after a worker died."""
         core = self._core()
         if self.dead_error is not None:
             raise self.dead_error
         # Counted in sequences, as the queue is: a request of n choices needs n places.
-        if core.scheduler.num_waiting + params.n > self.config.max_waiting_requests:
+        if core.num_waiting + params.n > self.config.max_waiting_requests:
             raise EngineOverloadedError("the waiting queue is full; retry later")
-        queue: asyncio.Queue[_Item] = asyncio.Queue()
-        core.add_request(request_id, prompt, params)  # raises ValueError on bad input
-        self._queues[request_id] = queue
+        if request_id in self._sinks:  # (its finished output may still be on its way)
+            raise ValueError(f"request id {request_id!r} is already in use", "request_id")
+        core.add_request(request_id, prompt, params)
+        self._sinks[request_id] = sink
         self._wakeup.set()
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """The request's outputs as `params.output_kind` asks: each step's delta, the output so
+        far after each step, or the final output only. Closing the iterator early aborts it."""
+        stream = OutputStream()
+        self.add_request(prompt, params, request_id, stream.put)
         acc = OutputAccumulator(params.n) if params.output_kind is not RequestOutputKind.DELTA else None
         finished = False
-        held: _Item | None = None  # taken from the queue behind an output, delivered next
         try:
             while not finished:
-                if held is not None:
-                    item, held = held, None
-                else:
-                    item = await queue.get()
-                # Outputs that queued up while the consumer was busy go out as one: a consumer
-                # that falls behind (a slow client, a busy event loop) catches up at once.
-                if isinstance(item, RequestOutput) and not item.finished and not queue.empty():
-                    following: list[RequestOutput] = []
-                    while not queue.empty():
-                        nxt = queue.get_nowait()
-                        if isinstance(nxt, BaseException):
-                            held = nxt
-                            break
-                        following.append(nxt)
-                        if nxt.finished:
-                            break
-                    item = merge_into(item, following)
-                if isinstance(item, BaseException):
+                try:
+                    out = await stream.get()
+                except Exception:  # the engine died: nothing left to abort
                     finished = True
-                    raise item
-                finished = item.finished
+                    raise
+                finished = out.finished
                 if acc is None:
-                    yield item
+                    yield out
                     continue
-                acc.add(item)
+                acc.add(out)
                 if finished or params.output_kind is RequestOutputKind.CUMULATIVE:
                     yield acc.result()
         finally:
-            self._queues.pop(request_id, None)
-            self._sinks.pop(request_id, None)
             if not finished:
                 self._abort(request_id)
 
-    def push(self, request_id: str, sink: Sink) -> None:
-        """From now on, hand `request_id`'s outputs (delta outputs: its `generate()` must use
-        `RequestOutputKind.DELTA`) and errors to `sink` instead of its `generate()` iterator:
-        first those already queued, in order, now; then each step's, from the engine loop once
-        the next step is sent. `sink` must not block or raise. The iterator stays open: closing
-        it ends the request as before (an abort unless it finished)."""
-        queue = self._queues.get(request_id)
-        if queue is None:
-            raise KeyError(f"no open request {request_id!r}")
-        self._sinks[request_id] = sink
-        while not queue.empty():
-            _call_sink(sink, queue.get_nowait())
-
     async def abort(self, request_id: str) -> None:
-        out = self._abort(request_id)
-        if out is None:
-            return
+        """End the request now. Its consumer gets its last step's output, if not handed over
+        yet, then the final output (the choices still running end with "abort")."""
         sink = self._sinks.get(request_id)
-        if sink is not None:
-            _call_sink(sink, out)
+        out = self._abort(request_id)
+        if sink is None:
             return
-        queue = self._queues.get(request_id)
-        if queue is not None:
-            queue.put_nowait(out)
+        for earlier in self._undelivered:
+            if earlier.request_id == request_id:
+                _call_sink(sink, earlier)
+        if out is not None:
+            _call_sink(sink, out)
 
     def _abort(self, request_id: str) -> RequestOutput | None:
+        """Abort the request in the core and drop its consumer -> the abort output, if it ran."""
+        self._sinks.pop(request_id, None)
         if self.core is None:
             return None
         return self.core.abort_request(request_id)
@@ -259,103 +164,98 @@ class AsyncEngine:
 
     async def _run(self) -> None:
         core = self._core()
-        loop = asyncio.get_running_loop()
         times = StepTimes()
-        pushed: list[RequestOutput] = []  # the last step's outputs of pushed streams, for after the next send
         try:
             while True:
-                if not core.has_work:
-                    self._deliver(pushed)
-                    self._wakeup.clear()
-                    times.pause()
-                    try:
-                        await asyncio.wait_for(self._wakeup.wait(), _IDLE_CHECK_S)
-                    except asyncio.TimeoutError:
-                        if not core.worker.alive:  # noticed while idle, not only at the next request
-                            raise EngineDeadError(core.worker.dead_reason or "the worker process exited") from None
-                    finally:
-                        times.resume()
-                    continue
-                t0 = time.perf_counter()
-                plans = core.plan_ahead()  # step k+1 (and at first step k too), while step k runs
-                if not core.in_flight:
-                    self._deliver(pushed)
-                    await asyncio.sleep(0.001)
-                    continue
-                t1 = time.perf_counter()
-                sent: asyncio.Future[None] | None = loop.create_future() if pushed else None
-                step = loop.run_in_executor(self._recv_thread, self._send_and_recv, plans, sent)
-                push_seconds = 0.0
-                if sent is not None:
-                    # The last step's outputs go to their streams while the worker runs this one,
-                    # once its plan is out: the sending thread needs the GIL that pushing holds.
-                    await sent
-                    t_push = time.perf_counter()
-                    self._deliver(pushed)
-                    push_seconds = time.perf_counter() - t_push
-                result, received = await step
-                t2 = time.perf_counter()
-                sched, plan = core.in_flight[0]
-                outputs = core.process_oldest(result)
-                t3 = time.perf_counter()
-                sinks = self._sinks
-                for out in outputs:
-                    if out.request_id in sinks:
-                        pushed.append(out)
-                        continue
-                    queue = self._queues.get(out.request_id)
-                    if queue is not None:
-                        queue.put_nowait(out)
-                # No yield here: the next step is planned and sent first, and the requests' handlers
-                # stream these outputs while the worker runs (they run during that await).
-                t4 = time.perf_counter()
-                times.add(
-                    len(plan.seqs), sched.num_batched_tokens, (t0, t1, t2, t3, t4), result, t2 - received,
-                    push_seconds,
-                )
-                times.maybe_log(t4, core.stats())
+                if core.has_work:
+                    await self._step(core, times)  # (no yield between a step's processing and the next plan)
+                else:
+                    await self._idle(core, times)
         except EngineDeadError as e:
-            self._deliver(pushed)
+            self._deliver()
             self._fail_all(e)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a bug in the loop must not leave clients hanging
             logger.exception("engine loop failed")
-            self._deliver(pushed)
+            self._deliver()
             self._fail_all(EngineDeadError(f"engine loop failed: {e!r}"))
 
-    def _deliver(self, pushed: list[RequestOutput]) -> None:
-        """Hand outputs to their pushed streams (and empty the list)."""
-        sinks = self._sinks
-        for out in pushed:
-            sink = sinks.get(out.request_id)
-            if sink is not None:
-                _call_sink(sink, out)
-        pushed.clear()
+    async def _idle(self, core: EngineCore, times: StepTimes) -> None:
+        """Nothing to run: hand over what is left, then wait for a request, checking now and
+        then that the worker is alive (noticed while idle, not only at the next request)."""
+        self._deliver()
+        self._wakeup.clear()
+        times.pause()
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), _IDLE_CHECK_S)
+        except asyncio.TimeoutError:
+            if not core.alive:
+                raise EngineDeadError(core.dead_reason or "the worker process exited") from None
+        finally:
+            times.resume()
 
-    def _send_and_recv(
-        self, plans: list[StepPlan], sent: asyncio.Future[None] | None = None
-    ) -> tuple[StepResult, float]:
-        """In the receiving thread: send the new plans (then resolve `sent`), then wait for the
-        oldest step's result -> (the result, when it came)."""
+    async def _step(self, core: EngineCore, times: StepTimes) -> None:
+        """One turn of the cycle (`EngineCore.step`) with the sending and the wait in the
+        receiving thread: plan step k+1 (at first step k too) while step k runs, send it, hand
+        step k-1's outputs over once it is out, wait for step k's result and process it."""
+        t0 = time.perf_counter()
+        core.plan_ahead()
+        if not core.num_in_flight:
+            self._deliver()
+            await asyncio.sleep(0.001)
+            return
+        t1 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        sent: asyncio.Future[None] | None = loop.create_future() if self._undelivered else None
+        step = loop.run_in_executor(self._recv_thread, self._send_and_recv, sent)
+        push_seconds = 0.0
+        if sent is not None:
+            # The last step's outputs go to their consumers while the worker runs this one,
+            # once its plan is out: the sending thread needs the GIL that handing them over holds.
+            await sent
+            t_push = time.perf_counter()
+            self._deliver()
+            push_seconds = time.perf_counter() - t_push
+        result, received = await step
+        t2 = time.perf_counter()
+        processed = core.process_result(result)
+        t3 = time.perf_counter()
+        # Handed over once the next step is sent; the consumers take them while the worker runs.
+        self._undelivered = processed.outputs
+        t4 = time.perf_counter()
+        times.add(processed.num_seqs, processed.num_tokens, (t0, t1, t2, t3, t4), result, t2 - received, push_seconds)
+        times.maybe_log(t4, core.stats())
+
+    def _send_and_recv(self, sent: asyncio.Future[None] | None) -> tuple[StepResult, float]:
+        """In the receiving thread: send the planned steps (then resolve `sent`), then wait for
+        the oldest step's result -> (the result, when it came)."""
         core = self._core()
         try:
-            for plan in plans:
-                core.worker.send_step(plan)
+            core.send_planned()
         finally:
             if sent is not None:
                 sent.get_loop().call_soon_threadsafe(_resolve, sent)
-        result = core.worker.recv_result()
+        result = core.recv_result()
         return result, time.perf_counter()
+
+    def _deliver(self) -> None:
+        """Hand the last step's outputs to their requests' consumers."""
+        if not self._undelivered:
+            return
+        outputs, self._undelivered = self._undelivered, []
+        sinks = self._sinks
+        for out in outputs:
+            # A finished output is its consumer's last.
+            sink = sinks.pop(out.request_id, None) if out.finished else sinks.get(out.request_id)
+            if sink is not None:
+                _call_sink(sink, out)
 
     def _fail_all(self, error: EngineDeadError) -> None:
         self.dead_error = error
-        for request_id, queue in list(self._queues.items()):
-            sink = self._sinks.get(request_id)
-            if sink is not None:
-                _call_sink(sink, error)
-            else:
-                queue.put_nowait(error)
+        sinks, self._sinks = self._sinks, {}
+        for sink in sinks.values():
+            _call_sink(sink, error)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -363,8 +263,8 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-def _call_sink(sink: Sink, item: _Item) -> None:
+def _call_sink(sink: Sink, item: OutputItem) -> None:
     try:
         sink(item)
-    except Exception:  # one stream's bug must not stop the engine loop or the other streams
-        logger.exception("a pushed stream failed to take an output")
+    except Exception:  # one consumer's bug must not stop the engine loop or the others
+        logger.exception("a request's consumer failed to take an output")

@@ -1,9 +1,10 @@
-"""The engine loop's body, synchronous: schedule → execute (worker) → update.
+"""The engine's step cycle in the server process: plan → send → receive → process.
 
 `EngineCore` owns the router (scheduler + slot allocator), the worker handle, the tokenizer
 and the per-request output state (detokenizers, stop-string matchers). It produces *delta*
 `RequestOutput`s: each carries what one step added to each choice that changed. `LLM` and
-`AsyncEngine` turn deltas into what their callers asked for.
+`AsyncEngine` turn deltas into what their callers asked for. `step()` runs one turn of the
+cycle, the next step planned and sent while the worker runs the current one (`plan_ahead`).
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.config import EngineConfig
 from engine.distributed import check_tensor_parallel
 from engine.errors import EngineDeadError, PromptTooLongError
 from engine.messages import NewRow, SeqStep, StepPlan, StepResult, TokenLogprobs
 from engine.models.loader import load_hf_config, resolve_model
+from engine.output_processor import ProcessedStep, flush_text, request_output
 from engine.outputs import CompletionOutput, Logprob, LogprobsDict, RequestOutput
 from engine.router.detokenizer import (
     ByteLevelDetokenizer,
@@ -33,6 +34,7 @@ from engine.router.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.router.seq import Seq, SequenceStatus
 from engine.router.slot_allocator import KVSlotAllocator
 from engine.sampling_params import SamplingParams
+from engine.stats import EngineStats
 from engine.tokenizer import eos_token_ids, load_tokenizer
 from engine.worker.process import ProgressFn
 from engine.worker_client import WorkerClient
@@ -40,16 +42,6 @@ from engine.worker_client import WorkerClient
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-
-
-@dataclass(slots=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float  # 0..1
-    kv_cache_capacity_tokens: int
-    prefix_cache_queries: int = 0  # cumulative prompt tokens looked up
-    prefix_cache_hits: int = 0  # cumulative prompt tokens found
 
 
 @dataclass(slots=True)
@@ -71,7 +63,6 @@ class RequestState:
     prompt_logprobs_planned: int = 1  # prompt positions whose logprobs are collected or in flight
     num_unfinished: int = 0
     first_token_time: float | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 # Overlapped: the step the worker runs and the next one, already sent; 1 without overlap.
@@ -104,7 +95,8 @@ class EngineCore:
         )
         self.requests: dict[str, RequestState] = {}
         self._step_id = 0
-        self.in_flight: deque[tuple[SchedulerOutput, StepPlan]] = deque()  # overlapped steps sent
+        self._in_flight: deque[tuple[SchedulerOutput, StepPlan]] = deque()  # planned, oldest first
+        self._unsent: list[StepPlan] = []  # the newest of those, planned and not sent yet
         self.max_in_flight = _STEPS_IN_FLIGHT if config.overlap_scheduling else 1
         logger.info("%s", info.kv_cache_summary())
 
@@ -186,9 +178,6 @@ class EngineCore:
         self.scheduler.abort(request_id)
         return self._output(state, outputs, finished=True)
 
-    def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
-
     def stats(self) -> EngineStats:
         return EngineStats(
             num_running=self.scheduler.num_running,
@@ -246,58 +235,80 @@ class EngineCore:
         state.prompt_logprobs_planned = end + 1
         return seq.params.prompt_logprobs
 
-    def step(self) -> list[RequestOutput]:
-        """One synchronous step, nothing overlapped."""
-        planned = self.schedule()
-        if planned is None:
-            return []
-        sched, plan = planned
-        return self.process(sched, plan, self.worker.execute(plan))
-
-    # -- overlapped steps: step k+1 is planned and sent while step k runs --------------------
+    # -- the step cycle: plan → send → receive → process, with steps planned ahead -------------
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_unfinished or bool(self.in_flight)
+        return self.scheduler.has_unfinished or bool(self._in_flight)
 
-    def plan_ahead(self, send: Callable[[StepPlan], None] | None = None) -> list[StepPlan]:
-        """Plan steps until two are in flight (the running one and the next; one without
-        `overlap_scheduling`), or nothing is left to plan. With `send`, each plan is sent as soon as it is planned and counts as in flight
-        once sent; without, the caller must send the returned plans, in order, before waiting
-        for the oldest (and treat a failure in between as fatal)."""
-        new = []
-        while len(self.in_flight) < self.max_in_flight:
+    @property
+    def num_in_flight(self) -> int:
+        """Steps planned whose result is not processed yet (sent, or about to be)."""
+        return len(self._in_flight)
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    @property
+    def alive(self) -> bool:
+        return self.worker.alive
+
+    @property
+    def dead_reason(self) -> str | None:
+        return self.worker.dead_reason
+
+    def plan_ahead(self, send: bool = False) -> None:
+        """Plan steps until `max_in_flight` are in flight (the running one and the next; one
+        without `overlap_scheduling`) or nothing is left to plan. With `send` each is sent as
+        soon as it is planned; without, `send_planned` must send them before the next wait for
+        a result (the server's loop sends from its receiving thread)."""
+        while len(self._in_flight) < self.max_in_flight:
             planned = self.schedule(overlap=True)
             if planned is None:
                 break
-            if send is not None:
-                send(planned[1])
-            self.in_flight.append(planned)
-            new.append(planned[1])
-        return new
+            self._in_flight.append(planned)
+            self._unsent.append(planned[1])
+            if send:
+                self.send_planned()
 
-    def process_oldest(self, result: StepResult) -> list[RequestOutput]:
-        """The result of the oldest step in flight."""
-        sched, plan = self.in_flight.popleft()
+    def send_planned(self) -> None:
+        """Send the planned steps not sent yet, oldest first."""
+        plans, self._unsent = self._unsent, []
+        for plan in plans:
+            self.worker.send_step(plan)
+
+    def recv_result(self) -> StepResult:
+        """Wait for the result of the oldest step in flight (sent)."""
+        return self.worker.recv_result()
+
+    def process_result(self, result: StepResult) -> ProcessedStep:
+        """Take in the result of the oldest step in flight."""
+        sched, plan = self._in_flight.popleft()
         if result.step_id != plan.step_id:
             raise RuntimeError(f"result of step {result.step_id}, expected step {plan.step_id}")
-        return self.process(sched, plan, result, overlap=True)
+        outputs = self.process(sched, plan, result, overlap=True)
+        return ProcessedStep(outputs, len(plan.seqs), sched.num_batched_tokens)
 
-    def step_overlapped(self) -> list[RequestOutput]:
-        """Send what `plan_ahead` planned, then wait for the oldest step in flight: the
-        offline API's loop body (the server's loop does the same with the waits in a thread)."""
-        self.plan_ahead(send=self.worker.send_step)
-        if not self.in_flight:
+    def step(self) -> list[RequestOutput]:
+        """One turn of the cycle, each wait in turn: plan (and send) ahead, wait for the oldest
+        step in flight, take its result in. The server's loop (`AsyncEngine`) runs the same
+        turn with the sending and the wait in a thread."""
+        self.plan_ahead(send=True)
+        if not self._in_flight:
             return []
-        return self.process_oldest(self.worker.recv_result())
+        return self.process_result(self.recv_result()).outputs
 
     def drain(self) -> None:
-        """Wait for the steps in flight and drop their results (after the requests were aborted)."""
-        while self.in_flight:
+        """Wait for the steps sent and drop their results (after the requests were aborted)."""
+        for _ in self._unsent:  # never sent: nothing comes back for them
+            self._in_flight.pop()
+        self._unsent = []
+        while self._in_flight:
             try:
-                self.process_oldest(self.worker.recv_result())
+                self.process_result(self.recv_result())
             except EngineDeadError:
-                self.in_flight.clear()
+                self._in_flight.clear()
 
     def process(
         self, sched: SchedulerOutput, plan: StepPlan, result: StepResult, overlap: bool = False
@@ -371,15 +382,8 @@ class EngineCore:
             finish.finish_reason if finish is not None else None, stop_reason,
         )
 
-    @staticmethod
-    def _flush_text(choice: _Choice) -> str:
-        if choice.detok is None:
-            return ""
-        text = choice.detok.flush()
-        if choice.stop_matcher is None:
-            return text
-        emitted, stop_str = choice.stop_matcher.feed(text)
-        return emitted if stop_str is not None else emitted + choice.stop_matcher.flush()
+    _flush_text = staticmethod(flush_text)
+    _output = staticmethod(request_output)
 
     def _logprobs_dict(self, lp: TokenLogprobs) -> LogprobsDict:
         ids = [lp.token_id, *lp.top_ids]
@@ -389,21 +393,6 @@ class EngineCore:
             if tid not in out:
                 out[tid] = Logprob(value, rank, word)
         return out
-
-    def _output(self, state: RequestState, outputs: list[CompletionOutput], finished: bool) -> RequestOutput:
-        metrics = {"arrival_time": state.arrival_time}
-        if state.first_token_time is not None:
-            metrics["first_token_time"] = state.first_token_time
-        return RequestOutput(
-            request_id=state.request_id,
-            prompt=state.prompt,
-            prompt_token_ids=state.prompt_token_ids,
-            outputs=outputs,
-            finished=finished,
-            prompt_logprobs=state.prompt_logprobs,
-            num_cached_tokens=state.choices[0].seq.num_prefix_cache_hit or 0,
-            metrics=metrics,
-        )
 
     def shutdown(self) -> None:
         self.worker.shutdown()

@@ -84,7 +84,7 @@ class LLM:
                 order.append(request_id)
                 accs[request_id] = OutputAccumulator(params.n)
             while core.has_work:
-                for out in core.step_overlapped():
+                for out in core.step():
                     accs[out.request_id].add(out)
         except BaseException:
             for request_id in order:

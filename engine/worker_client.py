@@ -107,7 +107,6 @@ class WorkerClient:
             self._conns.append(conn)
             self._procs.append(proc)
         self._ready = [False] * n
-        self.info: WorkerInfo | None = None
         self.dead_reason: str | None = None
         self._dead_lock = threading.Lock()  # the watchdog and the receiving thread may both fail
         # The step watchdog: armed by send_step, disarmed by recv_result.
@@ -120,25 +119,18 @@ class WorkerClient:
         self._watchdog: threading.Thread | None = None
 
     @property
-    def _conn(self) -> Connection:
-        return self._conns[0]
-
-    @property
-    def _proc(self) -> Any:
-        return self._procs[0]
-
-    @property
     def pids(self) -> list[int | None]:
         return [p.pid for p in self._procs]
 
     def wait_ready(self, progress: ProgressFn | None = None) -> WorkerInfo:
+        info: WorkerInfo | None = None
         while not self._ready[0]:
             kind, payload = self._recv()
             if kind == "progress":
                 if progress is not None:
                     progress(*payload)
             elif kind == "ready":
-                self.info = payload
+                info = payload
                 self._ready[0] = True
             else:
                 raise self._died(f"the worker failed to start:\n{payload}")
@@ -149,8 +141,8 @@ class WorkerClient:
                     self._ready[rank] = True
                 elif kind != "progress":
                     raise self._died(f"worker rank {rank} failed to start:\n{payload}")
-        assert self.info is not None
-        return self.info
+        assert info is not None
+        return info
 
     def send_step(self, plan: StepPlan) -> None:
         if self.dead_reason is not None:
@@ -170,10 +162,6 @@ class WorkerClient:
         if kind != "result":
             raise self._died(f"the worker failed:\n{payload}")
         return payload
-
-    def execute(self, plan: StepPlan) -> StepResult:
-        self.send_step(plan)
-        return self.recv_result()
 
     def _recv(self, rank: int = 0) -> tuple[str, Any]:
         """The next message from `rank`, while watching every other rank for an error or an exit."""

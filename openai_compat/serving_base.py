@@ -1,9 +1,9 @@
 """What chat and completions share: server state, engine streams, sampling params, usage.
 
 `ServerState` knows whether the engine is loading, ready, dead or draining, and which model
-names it answers to. `GenerationStream` wraps one `engine.generate` call: its first output is
-fetched before any response starts (so that a full queue or an oversized prompt still gets a
-real HTTP status), every output is observed for metrics, and `close()` aborts it.
+names it answers to. `GenerationStream` is one engine request and its consumer: its first
+output is fetched before any response starts (so that a full queue or an oversized prompt still
+gets a real HTTP status), every output is observed for metrics, and `close()` aborts it.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
 
-from engine import AsyncEngine, EngineStats, RequestOutput, RequestOutputKind, SamplingParams
+from engine import AsyncEngine, EngineStats, OutputStream, RequestOutput, RequestOutputKind, SamplingParams
 from openai_compat.config import Settings
 from openai_compat.daemon_executor import DaemonThreadExecutor
 from openai_compat.errors import (
@@ -203,7 +203,8 @@ def make_usage(num_prompt_tokens: int, num_completion_tokens: int, num_cached_to
 
 
 class GenerationStream:
-    """One engine request (all its choices): first output prefetched, then pulled one by one."""
+    """One engine request (all its choices): first output prefetched, then pulled one by one
+    (`next_output`) or pushed as the engine loop hands them over (`push`)."""
 
     def __init__(
         self, engine: AsyncEngine, prompt_ids: list[int], params: SamplingParams, request_id: str,
@@ -217,13 +218,15 @@ class GenerationStream:
         self.finished = False
         self._engine = engine
         self._recorder = recorder
-        self._outputs: AsyncIterator[RequestOutput] = engine.generate(prompt_ids, params, request_id)
+        self._outputs = OutputStream()  # the request's consumer, from `start()` on
         self._pending: RequestOutput | None = None
         self._finish_reasons: dict[int, str] = {}  # choice index -> the engine's finish reason
 
     async def start(self) -> None:
-        """Wait for the first output; raises what the engine refused the request with."""
+        """Add the request and wait for its first output; raises what the engine refused the
+        request with."""
         try:
+            self._engine.add_request(self.prompt_ids, self.params, self.request_id, self._outputs.put)
             self._pending = await self._pull()
         except Exception:
             self.finished = True  # refused: nothing to abort, nothing to count
@@ -239,10 +242,7 @@ class GenerationStream:
         return await self._pull()
 
     async def _pull(self) -> RequestOutput:
-        try:
-            out = await self._outputs.__anext__()
-        except StopAsyncIteration:
-            raise OpenAIError("The request ended without output.", 500, "server_error") from None
+        out = await self._outputs.get()
         self._observe(out)
         return out
 
@@ -266,7 +266,7 @@ class GenerationStream:
             self._observe(item)
             on_output(item)
 
-        self._engine.push(self.request_id, take)
+        self._outputs.forward_to(take)
 
     def _observe(self, out: RequestOutput) -> None:
         num_new = sum(len(c.token_ids) for c in out.outputs)
@@ -287,9 +287,6 @@ class GenerationStream:
             self.finished = True
             self._recorder.on_finish("abort")
             await self._engine.abort(self.request_id)
-        aclose = getattr(self._outputs, "aclose", None)
-        if aclose is not None:  # a pushed stream's iterator is still open: its end unregisters it
-            await aclose()
 
 
 async def open_streams(

@@ -5,8 +5,8 @@
 bs1: one 512-token prompt, 256 output tokens: TTFT ~ the time of a 1-token request, TPOT from
 the rest. batch: N requests with prompts of 128..1024 and outputs of 64..512 random token
 ids (eos ignored), all at once: output and total tok/s. Also where the batch run's wall time
-went: the server-side host work per step (scheduling, processing results) against the worker
-round trip (forward pass, sampling, the pipe). Prints one JSON line.
+went: the server-side host work per step (scheduling, processing results) against the wait
+for the worker's results (forward pass, sampling, the pipe). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from engine import LLM, SamplingParams
 def _time_core(core) -> dict[str, list]:
     """Wrap the engine core's step phases with wall-clock accumulators: name -> [seconds, calls]."""
     timers: dict[str, list] = {}
-    for name, obj in (("schedule", core), ("process", core), ("execute", core.worker)):
+    for name, obj in (("schedule", core), ("process", core), ("recv_result", core)):
         fn = getattr(obj, name)
         acc = timers[name] = [0.0, 0]
 

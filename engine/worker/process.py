@@ -24,14 +24,19 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from engine.config import EngineConfig
 from engine.gc_tuning import freeze_startup_objects, unfreeze
 from engine.worker.transfer import host_wait_allowed, sync_debug
+
+if TYPE_CHECKING:
+    from engine.messages import StepPlan
+    from engine.worker.model_runner import ModelRunner, PendingStep
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +45,6 @@ ProgressFn = Callable[[float, str], None]
 
 def _watch_parent(parent_pid: int) -> None:
     """Exit when the server process is gone, so no worker is ever orphaned."""
-    import time
-
     while True:
         time.sleep(0.5)
         if os.getppid() != parent_pid:
@@ -86,13 +89,21 @@ def worker_main(
         conn.send(("error", traceback.format_exc()))
         return
     try:
-        _serve_steps(conn, runner, rank, config.resolved_launch_ahead(), config.check_launch_syncs)
+        StepLoop(conn, runner, rank, config.resolved_launch_ahead(), config.check_launch_syncs).run()
     finally:
         unfreeze()
 
 
-def _serve_steps(conn: Connection, runner: Any, rank: int, launch_ahead: bool, check_syncs: bool = False) -> None:
-    """Answer step plans until told to stop, the pipe closes, or a step fails.
+class _Launched(NamedTuple):
+    """A launched step whose result is not sent yet."""
+
+    step: PendingStep
+    launched: float  # when it was launched
+    waited: float  # how long the worker waited for its plan with nothing of its own on the device
+
+
+class StepLoop:
+    """Answers step plans until told to stop, the pipe closes, or a step fails (`run`, once).
 
     With `launch_ahead` (`EngineConfig.launch_ahead`: on a GPU with overlapped scheduling) a
     step's tokens are not waited for before the next plan is read: overlapped scheduling sends
@@ -105,100 +116,119 @@ def _serve_steps(conn: Connection, runner: Any, rank: int, launch_ahead: bool, c
     `check_syncs` (`EngineConfig.check_launch_syncs`, a GPU): a launch that waits for the GPU
     raises, except in sending the previous result and in reading prompt logprobs back.
     """
-    # The launched step whose result is not sent yet: (step, when it was launched, how long the
-    # worker waited for its plan with nothing of its own on the device).
-    pending: tuple[Any, float, float] | None = None
-    # On the CPU a launched step is always done; launching ahead there (tests) keeps each result
-    # for the next launch all the same, as a GPU step still running would be.
-    on_gpu = str(runner.device).startswith("cuda")
-    check = "error" if check_syncs and on_gpu else None
-    last_done = 0.0  # when the previous step's tokens were in
-    # A thread waits for each launched step's tokens and writes a byte to `ready_w` then, so the
-    # loop can wait for the next plan or for the pending step's end, whichever comes first.
-    ready_r, ready_w = os.pipe()
-    os.set_blocking(ready_r, False)
-    os.set_blocking(ready_w, False)
-    watched: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
-    gpu_index = torch.cuda.current_device() if on_gpu else None  # this rank's, set at start-up
+    def __init__(
+        self, conn: Connection, runner: ModelRunner, rank: int, launch_ahead: bool, check_syncs: bool = False
+    ) -> None:
+        self.conn = conn
+        self.runner = runner
+        self.rank = rank
+        self.launch_ahead = launch_ahead
+        # On the CPU a launched step is always done; launching ahead there (tests) keeps each
+        # result for the next launch all the same, as a GPU step still running would be.
+        self.on_gpu = str(runner.device).startswith("cuda")
+        self.check = "error" if check_syncs and self.on_gpu else None
+        self.gpu_index = torch.cuda.current_device() if self.on_gpu else None  # this rank's, set at start-up
+        self.pending: _Launched | None = None
+        self.idle_since: float | None = None  # since when the device has nothing of this worker's
+        self.last_done = 0.0  # when the previous step's tokens were in
+        # A thread waits for each launched step's tokens and writes a byte to `ready_w` then, so
+        # the loop can wait for the next plan or for the pending step's end, whichever comes first.
+        self.ready_r, self.ready_w = os.pipe()
+        os.set_blocking(self.ready_r, False)
+        os.set_blocking(self.ready_w, False)
+        self.watched: queue.SimpleQueue[PendingStep | None] = queue.SimpleQueue()
 
-    def watch() -> None:
-        if gpu_index is not None:
-            torch.cuda.set_device(gpu_index)  # a new thread's current device is 0
+    def run(self) -> None:
+        if self.launch_ahead:
+            threading.Thread(target=self._watch, daemon=True, name="lightgate-step-watch").start()
         try:
-            while (step := watched.get()) is not None:
+            while (message := self._wait_for_plan()) is not None:
+                kind, plan = message
+                if kind == "stop" or not self._launch(plan):
+                    return
+        finally:
+            self.watched.put(None)  # the watcher closes its end
+            os.close(self.ready_r)
+            if not self.launch_ahead:
+                os.close(self.ready_w)
+
+    def _watch(self) -> None:
+        """The watcher thread: a byte to `ready_w` as each launched step's tokens are in."""
+        if self.gpu_index is not None:
+            torch.cuda.set_device(self.gpu_index)  # a new thread's current device is 0
+        try:
+            while (step := self.watched.get()) is not None:
                 with contextlib.suppress(BaseException):  # finish() raises it again, where it is reported
                     step.wait()
                 with contextlib.suppress(OSError):  # a full pipe already says so; or the loop is gone
-                    os.write(ready_w, b"\0")
+                    os.write(self.ready_w, b"\0")
         finally:
-            os.close(ready_w)
+            os.close(self.ready_w)
 
-    if launch_ahead:
-        threading.Thread(target=watch, daemon=True, name="lightgate-step-watch").start()
+    def _wait_for_plan(self) -> tuple[str, Any] | None:
+        """The next message, sending the pending step's result meanwhile if its tokens come
+        first; None once the pipe closed or a failure was reported."""
+        self.idle_since = time.perf_counter()
+        try:
+            while self.pending is not None:  # until the next plan, or the pending step's end
+                if self.conn in wait([self.conn, self.ready_r]):
+                    self.idle_since = None  # the device still has the pending step
+                    break
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self.ready_r, 4096)  # steps' ends: maybe of ones already sent
+                if self.pending.step.done():
+                    self._send_pending()
+                    self.idle_since = time.perf_counter()
+            message: tuple[str, Any] = self.conn.recv()
+            return message
+        except (EOFError, OSError):
+            return None
+        except BaseException:  # a failed step found while waiting, or a plan that does not unpickle
+            with contextlib.suppress(OSError):
+                self.conn.send(("error", traceback.format_exc()))
+            return None
 
-    def send(step: Any, launched: float, waited: float, ahead: bool = False) -> None:
-        nonlocal last_done
-        result = step.finish()
+    def _launch(self, plan: StepPlan) -> bool:
+        """Launch the plan's step; the pending one's result goes out once this one's forward
+        pass is queued. False once a failure was reported."""
+        try:
+            start = time.perf_counter()
+            if self.on_gpu and self.pending is not None and self.pending.step.done():
+                self._send_pending()  # its tokens are in: why hold it
+            previous = self.pending
+            idle_since = self.idle_since
+            waited = 0.0 if idle_since is None or previous is not None else start - idle_since
+            with sync_debug(self.check):
+                step = self.runner.launch(plan, on_forward_queued=partial(self._send_ahead, previous))
+            self.pending = _Launched(step, start, waited)
+            if self.launch_ahead:
+                self.watched.put(step)
+            else:
+                self._send_pending()
+        except BaseException:
+            self.conn.send(("error", traceback.format_exc()))
+            return False
+        return True
+
+    def _send_ahead(self, previous: _Launched | None) -> None:
+        if previous is not None:
+            with host_wait_allowed():
+                self._send(previous, ahead=True)
+
+    def _send_pending(self) -> None:
+        assert self.pending is not None
+        self._send(self.pending)
+        self.pending = None
+
+    def _send(self, launched: _Launched, ahead: bool = False) -> None:
+        result = launched.step.finish()
         # From its launch, or from the previous step's end when it was launched behind it, to
         # its tokens: the device's time for it (and, launched ahead, the next step's launch).
         done = time.perf_counter()
-        result.execute_seconds = done - max(launched, last_done)
-        last_done = done
-        result.wait_seconds = waited
+        result.execute_seconds = done - max(launched.launched, self.last_done)
+        self.last_done = done
+        result.wait_seconds = launched.waited
         result.launched_ahead = ahead
-        if rank == 0:
-            conn.send(("result", result))
-
-    try:
-        while True:
-            idle_since: float | None = time.perf_counter()
-            try:
-                while pending is not None:  # until the next plan, or the pending step's end
-                    if conn in wait([conn, ready_r]):
-                        idle_since = None  # the device still has the pending step
-                        break
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(ready_r, 4096)  # steps' ends: maybe of ones already sent
-                    if pending[0].done():
-                        send(*pending)
-                        pending = None
-                        idle_since = time.perf_counter()
-                kind, payload = conn.recv()
-            except (EOFError, OSError):
-                return
-            except BaseException:  # a failed step found while waiting, or a plan that does not unpickle
-                with contextlib.suppress(OSError):
-                    conn.send(("error", traceback.format_exc()))
-                return
-            if kind == "stop":
-                return
-            try:
-                start = time.perf_counter()
-                if on_gpu and pending is not None and pending[0].done():  # its tokens are in: why hold it
-                    send(*pending)
-                    pending = None
-                previous = pending
-                waited = 0.0 if idle_since is None or previous is not None else start - idle_since
-
-                def send_previous(previous: tuple[Any, float, float] | None = previous) -> None:
-                    if previous is not None:
-                        with host_wait_allowed():
-                            send(*previous, ahead=True)
-
-                with sync_debug(check):
-                    step = runner.launch(payload, on_forward_queued=send_previous)
-                pending = (step, start, waited)
-                if launch_ahead:
-                    watched.put(step)
-                else:
-                    send(*pending)
-                    pending = None
-            except BaseException:
-                conn.send(("error", traceback.format_exc()))
-                return
-    finally:
-        watched.put(None)  # the watcher closes its end
-        os.close(ready_r)
-        if not launch_ahead:
-            os.close(ready_w)
+        if self.rank == 0:
+            self.conn.send(("result", result))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -11,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from engine import AsyncEngine, EngineConfig, EngineDeadError, RequestOutputKind, SamplingParams
+from engine import (
+    AsyncEngine,
+    EngineConfig,
+    EngineDeadError,
+    RequestOutput,
+    RequestOutputKind,
+    SamplingParams,
+)
 from tests.engine.models.harness import save_tiny_model, tiny_config
 
 
@@ -100,7 +108,7 @@ def test_merged_deltas_keep_every_choice_in_order() -> None:
 
 
 def test_step_times_leave_idle_time_out() -> None:
-    from engine.async_engine import StepTimes
+    from engine.stats import StepTimes
 
     times = StepTimes()
     since = times.since
@@ -137,9 +145,9 @@ async def test_closing_the_stream_aborts_and_frees_slots(model_dir: str) -> None
         await engine.shutdown()
 
 
-async def test_pushed_outputs_match_the_iterated_ones(model_dir: str) -> None:
-    # A pushed stream gets the same deltas as an iterated one, from the engine loop, in order,
-    # the finish once; closing its (still open) iterator afterwards aborts nothing.
+async def test_a_sink_gets_each_output_once_in_order_as_the_iterator_does(model_dir: str) -> None:
+    # A request's sink (the one way out) gets the deltas an iterated request gets, from the
+    # engine loop, in order, the finished output once and last.
     engine = await _started(model_dir)
     try:
         prompt = [5, 9, 11, 200, 17]
@@ -149,44 +157,115 @@ async def test_pushed_outputs_match_the_iterated_ones(model_dir: str) -> None:
         async for out in engine.generate(prompt, params, "iterated"):
             for c in out.outputs:
                 want[c.index] += c.token_ids
-        got: dict[int, list[int]] = {0: [], 1: []}
-        finishes: list[int] = []
+        items: list[object] = []
         done = asyncio.get_running_loop().create_future()
 
         def sink(item: object) -> None:
-            assert not isinstance(item, BaseException)
+            items.append(item)
+            if getattr(item, "finished", False):
+                done.set_result(None)
+
+        engine.add_request(prompt, params, "pushed", sink)
+        await asyncio.wait_for(done, 10)
+        await asyncio.sleep(0.1)  # nothing comes after the finished output
+        assert all(isinstance(item, RequestOutput) for item in items)
+        assert [item.finished for item in items] == [False] * (len(items) - 1) + [True]  # type: ignore[attr-defined]
+        got: dict[int, list[int]] = {0: [], 1: []}
+        finishes: list[int] = []
+        for item in items:
             for c in item.outputs:  # type: ignore[attr-defined]
                 got[c.index] += c.token_ids
                 if c.finish_reason is not None:
                     finishes.append(c.index)
-            if item.finished:  # type: ignore[attr-defined]
-                done.set_result(None)
-
-        stream = engine.generate(prompt, params, "pushed")
-        first = await stream.__anext__()
-        sink(first)
-        engine.push("pushed", sink)
-        await asyncio.wait_for(done, 10)
         assert got == want and sorted(finishes) == [0, 1]
-        await stream.aclose()
-        assert "pushed" not in engine._sinks and "pushed" not in engine._queues
+        count = len(items)
+        await engine.abort("pushed")  # a finished request: nothing to abort, nothing delivered
+        assert len(items) == count
     finally:
         await engine.shutdown()
 
 
-async def test_a_pushed_stream_gets_the_abort_and_the_engine_death(model_dir: str) -> None:
+@pytest.mark.parametrize("abort_after", [1, 2, 5])
+async def test_an_aborted_request_gets_its_outputs_once_then_the_abort_and_frees(model_dir: str,
+                                                                                abort_after: int) -> None:
+    # Aborted from another task after its sink got `abort_after` outputs: the consumer gets
+    # every token computed so far once and in order (none still on its way is lost or
+    # repeated), then the abort as the last output; its slots are free.
+    engine = await _started(model_dir)
+    try:
+        prompt = list(range(3, 40))
+        params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+        (want,) = [o async for o in engine.generate(prompt, dataclasses.replace(
+            params, output_kind=RequestOutputKind.FINAL_ONLY), "reference")]
+        items: list[RequestOutput] = []
+        reached = asyncio.Event()
+
+        def sink(item: object) -> None:
+            assert isinstance(item, RequestOutput)
+            items.append(item)
+            if len(items) == abort_after:
+                reached.set()
+
+        engine.add_request(prompt, params, "victim", sink)
+        await reached.wait()
+        assert engine.core is not None
+        num_sampled = engine.core.requests["victim"].choices[0].seq.num_sampled_tokens  # processed so far
+        await engine.abort("victim")
+        count = len(items)
+        await asyncio.sleep(0.2)  # the steps in flight end: nothing more comes
+        assert len(items) == count
+        assert items[-1].finished and items[-1].outputs[0].finish_reason == "abort"
+        assert not any(item.finished for item in items[:-1])
+        tokens = [t for item in items for c in item.outputs for t in c.token_ids]
+        assert tokens == want.outputs[0].token_ids[:num_sampled] and num_sampled >= abort_after
+        stats = engine.stats()
+        assert stats.num_running == 0 and stats.kv_cache_usage == 0
+    finally:
+        await engine.shutdown()
+
+
+async def test_an_abort_while_an_output_is_on_its_way_hands_it_over_first(model_dir: str) -> None:
+    # A step's outputs wait for the next step to be sent; an abort in that window gives the
+    # consumer that output, then the abort: none is lost, none comes twice or after the end.
+    engine = await _started(model_dir)
+    try:
+        prompt = list(range(3, 40))
+        params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+        items: list[RequestOutput] = []
+        engine.add_request(prompt, params, "victim", items.append)  # type: ignore[arg-type]
+
+        def on_its_way() -> RequestOutput | None:
+            return next((o for o in engine._undelivered if o.request_id == "victim"), None)
+
+        while len(items) < 3 or on_its_way() is None:  # polled at every turn of the event loop
+            await asyncio.sleep(0)
+        waiting = on_its_way()
+        assert waiting is not None and engine.core is not None
+        num_sampled = engine.core.requests["victim"].choices[0].seq.num_sampled_tokens
+        await engine.abort("victim")
+        assert items[-2] is waiting and items[-1].outputs[0].finish_reason == "abort"
+        count = len(items)
+        await asyncio.sleep(0.2)
+        assert len(items) == count
+        assert sum(len(o.outputs[0].token_ids) for o in items) == num_sampled
+        assert engine.stats().num_running == 0
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_sink_gets_the_abort_and_the_engine_death(model_dir: str) -> None:
     engine = await _started(model_dir)
     try:
         params = SamplingParams(max_tokens=400, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
         items: dict[str, list[object]] = {"a": [], "b": []}
-        streams = {}
         for rid in items:
-            streams[rid] = engine.generate(list(range(3, 40)), params, rid)
-            await streams[rid].__anext__()
-            engine.push(rid, items[rid].append)
+            engine.add_request(list(range(3, 40)), params, rid, items[rid].append)
+        while not all(items.values()):
+            await asyncio.sleep(0.01)
         await engine.abort("a")  # the abort output comes to the sink at once
         assert items["a"][-1].finished and items["a"][-1].outputs[0].finish_reason == "abort"  # type: ignore[attr-defined]
         assert engine.stats().num_running == 1
+        num_a = len(items["a"])
         pid = engine.core.worker.pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
@@ -194,8 +273,10 @@ async def test_a_pushed_stream_gets_the_abort_and_the_engine_death(model_dir: st
         while not (items["b"] and isinstance(items["b"][-1], EngineDeadError)) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert isinstance(items["b"][-1], EngineDeadError)
-        for stream in streams.values():
-            await stream.aclose()
+        assert len(items["a"]) == num_a  # an aborted request hears nothing more, not even the death
+        assert sum(isinstance(item, EngineDeadError) for item in items["b"]) == 1
+        with pytest.raises(EngineDeadError):
+            engine.add_request([3], params, "later", items["a"].append)
     finally:
         await engine.shutdown()
 
@@ -236,9 +317,8 @@ async def test_a_worker_dying_while_idle_is_noticed(model_dir: str) -> None:
 
 
 def test_step_times_are_logged_per_step_while_busy(caplog: pytest.LogCaptureFixture) -> None:
-    from engine.async_engine import StepTimes
-    from engine.engine_core import EngineStats
     from engine.messages import StepResult
+    from engine.stats import EngineStats, StepTimes
 
     times = StepTimes()
     stats = EngineStats(num_running=3, num_waiting=1, kv_cache_usage=0.25, kv_cache_capacity_tokens=100)
@@ -246,7 +326,7 @@ def test_step_times_are_logged_per_step_while_busy(caplog: pytest.LogCaptureFixt
     result = StepResult(1, [], [], execute_seconds=0.009, wait_seconds=0.0005)
     times.add(3, 40, (t, t + 0.001, t + 0.011, t + 0.013, t + 0.014), result, 0.001)
     times.add(3, 3, (t, t + 0.001, t + 0.011, t + 0.013, t + 0.014), result, 0.002, push=0.004)
-    with caplog.at_level(logging.INFO, logger="engine.async_engine"):
+    with caplog.at_level(logging.INFO, logger="engine.stats"):
         times.maybe_log(t + 1.0, stats)  # too soon: nothing
         assert not caplog.records
         times.maybe_log(t + 20.0, stats)

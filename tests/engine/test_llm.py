@@ -58,7 +58,7 @@ def test_staggered_arrivals_equal_solo_runs(tiny) -> None:
     results: dict[str, list[int]] = {}
     pending = list(enumerate(prompts))
     step = 0
-    while pending or core.has_unfinished():
+    while pending or core.has_work:
         if pending and step % 3 == 0:  # a new request every third step
             i, prompt = pending.pop(0)
             core.add_request(f"stagger-{i}", prompt, params)
@@ -127,4 +127,4 @@ def test_shutdown_leaves_no_worker(tmp_path: Path) -> None:
     worker = llm.core.worker
     assert worker.alive
     llm.shutdown()
-    assert not worker._proc.is_alive()
+    assert not any(proc.is_alive() for proc in worker._procs)

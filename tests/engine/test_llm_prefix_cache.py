@@ -86,7 +86,7 @@ def test_a_running_requests_prompt_is_reused_before_it_finishes(tmp_path: Path) 
         core.add_request("second", second, short)
         tokens: list[int] = []  # the second request's output, from its deltas
         cached = -1
-        while core.scheduler.has_unfinished:
+        while core.has_work:
             for out in core.step():
                 if out.request_id == "second":
                     tokens += out.outputs[0].token_ids

@@ -3,25 +3,39 @@ time gives, with placeholders wasted on requests that stop, under KV pressure an
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from engine import LLM, SamplingParams
+from engine.engine_core import EngineCore
 from engine.outputs import OutputAccumulator, RequestOutput
 from tests.engine.models.harness import save_tiny_model, tiny_config
 
 
+@contextlib.contextmanager
+def one_step_at_a_time(core: EngineCore) -> Iterator[EngineCore]:
+    """The same cycle with one step in flight: each step is planned once the previous step's
+    tokens are in, so no plan reads a placeholder (the reference overlapped steps must match)."""
+    saved, core.max_in_flight = core.max_in_flight, 1
+    try:
+        yield core
+    finally:
+        core.max_in_flight = saved
+
+
 def _run_one_step_at_a_time(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
-    core = llm.core
     accs = {}
-    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-        core.add_request(f"sync-{i}", prompt, p)
-        accs[f"sync-{i}"] = OutputAccumulator(p.n)
-    while core.has_unfinished():
-        for out in core.step():
-            accs[out.request_id].add(out)
+    with one_step_at_a_time(llm.core) as core:
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            core.add_request(f"sync-{i}", prompt, p)
+            accs[f"sync-{i}"] = OutputAccumulator(p.n)
+        while core.has_work:
+            for out in core.step():
+                accs[out.request_id].add(out)
     return [accs[f"sync-{i}"].result() for i in range(len(prompts))]
 
 
@@ -75,7 +89,7 @@ def test_overlapped_steps_match_one_step_at_a_time(kind: str, tmp_path: Path) ->
         llm.core.scheduler.reset_prefix_cache()
         got = llm.generate(prompts, params)
         assert llm.core.scheduler.num_preemptions > 0  # the pressure is real
-        assert not llm.core.in_flight
+        assert not llm.core.num_in_flight
         llm.core.scheduler.reset_prefix_cache()
         assert llm.core.scheduler.allocator.num_free == free  # no slot leaked by a wasted step
     for g, e in zip(got, expected, strict=True):
@@ -91,7 +105,7 @@ def test_a_refused_request_leaves_the_engine_idle_and_usable(tmp_path: Path) -> 
         params = [SamplingParams(max_tokens=30, ignore_eos=True)] * 2 + [SamplingParams(max_tokens=10**6)]
         with pytest.raises(ValueError):
             llm.generate(prompts, params)  # the third request is refused after two were added
-        assert not llm.core.in_flight and not llm.core.has_work
+        assert not llm.core.num_in_flight and not llm.core.has_work
         out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
         assert len(out[0].outputs[0].token_ids) == 5
 
@@ -110,20 +124,20 @@ def test_without_overlap_a_new_request_starts_one_step_sooner(tmp_path: Path) ->
             seen: set[str] = set()
 
             def run_step(core=core, accs=accs, seen=seen) -> None:
-                for out in core.step_overlapped():
+                for out in core.step():
                     accs[out.request_id].add(out)
                     if out.outputs and out.outputs[0].token_ids:
                         seen.add(out.request_id)
 
             core.add_request("a", [5, 6, 7, 8], params)
             run_step()  # a's prefill; overlapped, a's next step is in flight too
-            assert seen == {"a"} and len(core.in_flight) == (1 if overlap else 0)
+            assert seen == {"a"} and core.num_in_flight == (1 if overlap else 0)
             core.add_request("b", [9, 10, 11], params)
             calls = 0
             while "b" not in seen:
                 calls += 1
                 run_step()
-                assert len(core.in_flight) <= (2 if overlap else 1)
+                assert core.num_in_flight <= (2 if overlap else 1)
             assert calls == (2 if overlap else 1)
             while core.has_work:
                 run_step()

@@ -10,35 +10,38 @@ import pytest
 from engine import LLM, SamplingParams
 from engine.outputs import OutputAccumulator, RequestOutput
 from tests.engine.models.harness import save_tiny_model, tiny_config
+from tests.engine.test_overlap import one_step_at_a_time
 
 
 def _sync(core, reqs) -> dict[str, RequestOutput]:
     accs = {}
-    for rid, prompt, p in reqs:
-        core.add_request(rid, prompt, p)
-        accs[rid] = OutputAccumulator(p.n)
-    while core.has_unfinished():
-        for out in core.step():
-            accs[out.request_id].add(out)
+    with one_step_at_a_time(core):
+        for rid, prompt, p in reqs:
+            core.add_request(rid, prompt, p)
+            accs[rid] = OutputAccumulator(p.n)
+        while core.has_work:
+            for out in core.step():
+                accs[out.request_id].add(out)
     return {rid: accs[rid].result() for rid in accs}
 
 
 def _overlapped(core, reqs, hook=None) -> dict[str, RequestOutput]:
-    """Overlapped steps driven by hand; hook(core, n) runs after the plans are sent, with steps in flight."""
+    """Overlapped steps driven by hand, as the server's loop does: planned, then sent; hook(core,
+    n) runs after the plans are sent, with steps in flight."""
     accs = {}
     for rid, prompt, p in reqs:
         core.add_request(rid, prompt, p)
         accs[rid] = OutputAccumulator(p.n)
     n = 0
     while core.has_work:
-        for plan in core.plan_ahead():
-            core.worker.send_step(plan)
-        if not core.in_flight:
+        core.plan_ahead()
+        core.send_planned()
+        if not core.num_in_flight:
             continue
         if hook is not None:
             hook(core, n)
         n += 1
-        for out in core.process_oldest(core.worker.recv_result()):
+        for out in core.process_result(core.recv_result()).outputs:
             if out.request_id in accs:
                 accs[out.request_id].add(out)
     return {rid: accs[rid].result() for rid in accs if accs[rid]._last is not None}
@@ -101,7 +104,7 @@ def test_abort_with_two_steps_in_flight(model_dir: str) -> None:
 
         def hook(core, n):
             if n == 5:  # decoding, two steps in flight
-                assert len(core.in_flight) == 2
+                assert core.num_in_flight == 2
                 for rid in ("r1", "r3"):
                     seq = core.requests[rid].choices[0].seq
                     aborted[rid] = list(seq.prompt_token_ids) + seq.output_token_ids[: seq.num_sampled_tokens]
@@ -110,7 +113,7 @@ def test_abort_with_two_steps_in_flight(model_dir: str) -> None:
         got = _overlapped(llm.core, reqs, hook)
         for i in (0, 2, 4):
             assert _tokens(got[f"r{i}"]) == _tokens(want[f"s{i}"])
-        assert not llm.core.in_flight
+        assert not llm.core.num_in_flight
         _check_cache_is_sound(llm, list(aborted.values()))
         llm.core.scheduler.reset_prefix_cache()
         assert llm.core.allocator.num_free == free
@@ -196,7 +199,7 @@ def test_an_error_while_planning_ahead_does_not_hang_generate(model_dir: str) ->
 
         def schedule():
             calls["n"] += 1
-            if calls["n"] == 2:  # plan_ahead's second plan (the first is planned, not sent yet)
+            if calls["n"] == 2:  # plan_ahead's second plan (the first is sent, its result due)
                 raise Boom()
             return real()
 
@@ -210,7 +213,7 @@ def test_an_error_while_planning_ahead_does_not_hang_generate(model_dir: str) ->
             signal.alarm(0)
             signal.signal(signal.SIGALRM, old)
             core.scheduler.schedule = real
-        assert core.worker.dead_reason is None and not core.in_flight
+        assert core.dead_reason is None and not core.num_in_flight
 
 
 def _runner(model_dir: str, graphs: bool, fuse: bool = True):
@@ -337,18 +340,18 @@ def test_prompt_logprobs_complete_after_a_preemption_that_moves_chunk_boundaries
     params = _greedy(3, prompt_logprobs=1)
     with _llm(model_dir, slots=200, max_num_batched_tokens=8) as llm:
         want = llm.generate([prompt], params)[0]
-        core = llm.core
-        core.add_request("r", prompt, params)
         acc = OutputAccumulator(1)
-        for _ in range(2):  # two chunks of 8: logprobs for positions 1..16
-            for out in core.step():
-                acc.add(out)
-        seq = core.requests["r"].choices[0].seq
-        core.scheduler._preempt(seq, [])  # recomputed from scratch, now in chunks of 5
-        core.scheduler.config = dataclasses.replace(core.scheduler.config, max_num_batched_tokens=5)
-        while core.has_unfinished():
-            for out in core.step():
-                acc.add(out)
+        with one_step_at_a_time(llm.core) as core:  # nothing in flight at the preemption
+            core.add_request("r", prompt, params)
+            for _ in range(2):  # two chunks of 8: logprobs for positions 1..16
+                for out in core.step():
+                    acc.add(out)
+            seq = core.requests["r"].choices[0].seq
+            core.scheduler._preempt(seq, [])  # recomputed from scratch, now in chunks of 5
+            core.scheduler.config = dataclasses.replace(core.scheduler.config, max_num_batched_tokens=5)
+            while core.has_work:
+                for out in core.step():
+                    acc.add(out)
         got = acc.result()
     assert got.outputs[0].token_ids == want.outputs[0].token_ids
     assert len(got.prompt_logprobs) == len(want.prompt_logprobs) == len(prompt)

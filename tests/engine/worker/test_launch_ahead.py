@@ -41,8 +41,8 @@ def _params(stops: list[int]) -> list[SamplingParams]:
 
 
 def _run(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[list[RequestOutput], int, int]:
-    """The offline loop (`EngineCore.step_overlapped`), counting the results that came after the
-    next step's launch."""
+    """The offline loop (`EngineCore.step`), counting the results that came after the next
+    step's launch."""
     core = llm.core
     accs = {}
     for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
@@ -50,13 +50,13 @@ def _run(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> tu
         accs[f"r{i}"] = OutputAccumulator(p.n)
     steps = ahead = 0
     while core.has_work:
-        core.plan_ahead(send=core.worker.send_step)
-        if not core.in_flight:
+        core.plan_ahead(send=True)
+        if not core.num_in_flight:
             break
-        result = core.worker.recv_result()
+        result = core.recv_result()
         steps += 1
         ahead += result.launched_ahead
-        for out in core.process_oldest(result):
+        for out in core.process_result(result).outputs:
             accs[out.request_id].add(out)
     return [accs[f"r{i}"].result() for i in range(len(prompts))], steps, ahead
 
