@@ -28,6 +28,7 @@ from engine.distributed import get_tp_rank, get_tp_size, num_local_kv_heads
 from engine.distributed.parallel_state import all_reduce_min_int
 from engine.layers.backend import use_triton
 from engine.messages import SeqStep, StepPlan, StepResult, TokenLogprobs, WorkerInfo
+from engine.model_config import ModelConfig
 from engine.sampling_params import SamplingParams
 from engine.worker.forward_context import (
     INT8_KV_SCALE_DTYPE,
@@ -121,14 +122,11 @@ class ModelRunner:
         self.config = config
         self.model = model
         self.device = config.resolved_device()
-        text_config = getattr(hf_config, "text_config", hf_config)
-        self.num_layers: int = text_config.num_hidden_layers
+        shape = ModelConfig.from_hf_config(hf_config)
+        self.num_layers = shape.num_layers
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
-        total_kv_heads: int = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
-        self.num_kv_heads = num_local_kv_heads(total_kv_heads, self.tp_size)  # on this rank
-        self.head_dim: int = getattr(text_config, "head_dim", None) or (
-            text_config.hidden_size // text_config.num_attention_heads
-        )
+        self.num_kv_heads = num_local_kv_heads(shape.num_kv_heads, self.tp_size)  # on this rank
+        self.head_dim = shape.head_dim
         assert config.max_model_len is not None and config.max_num_seqs is not None, (
             "resolve the config before building a runner"
         )
@@ -162,7 +160,7 @@ class ModelRunner:
 
             self.graphs = DecodeGraphs(
                 model, self.kv, self.req_to_token, self.last_sampled, config.max_num_seqs, self.max_model_len,
-                text_config.vocab_size,
+                shape.vocab_size,
             )
             self.graphs.capture()
             if self._prefill_graph_tokens() > 0:
