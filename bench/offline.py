@@ -39,7 +39,7 @@ def _prompts(tokenizer, n: int) -> list[list[int]]:
 
 
 def _bench_engine(llm, prompts: list[list[int]], max_tokens: int) -> float:
-    from engine.sampling_params import SamplingParams
+    from engine import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from engine.llm import LLM
+    from engine import LLM
 
     # name -> (weights, compute dtype, single stream tok/s, batch tok/s)
     rows: dict[str, tuple[str, str, float, float]] = {}

@@ -25,7 +25,12 @@ def test_implicit_kv_heads_and_head_dim_fall_back_to_multi_head_sizes() -> None:
     # a config.json without num_key_value_heads or head_dim (multi-head attention)
     shape = ModelConfig.from_hf_config(SimpleNamespace(**_SIZES))
     assert (shape.num_heads, shape.num_kv_heads, shape.head_dim) == (4, 4, 16)
-    assert (shape.num_layers, shape.hidden_size, shape.intermediate_size, shape.vocab_size) == (2, 64, 128, 256)
+    assert (shape.num_layers, shape.hidden_size, shape.intermediate_size, shape.vocab_size) == (
+        2,
+        64,
+        128,
+        256,
+    )
     assert shape.max_position_embeddings == 512 and not shape.tie_word_embeddings
 
 
