@@ -9,7 +9,6 @@ import pytest
 from engine.model_config import ModelConfig
 from tests.engine.models.harness import tiny_config
 
-
 _SIZES = dict(
     num_hidden_layers=2,
     hidden_size=64,
