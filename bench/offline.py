@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 
 import torch
 
@@ -70,7 +71,7 @@ def _bench_transformers(model, tokenizer, prompts: list[list[int]], max_tokens: 
 _QUANTIZED = {"int8": "int8 per row", "int4": "int4 per 32"}
 
 
-def _engine_kwargs(spec: str) -> tuple[dict[str, str], str, str]:
+def _engine_kwargs(spec: str) -> tuple[dict[str, Any], str, str]:
     """An `--engines` item -> (LLM keyword arguments, weights label, compute dtype label)."""
     if spec in _QUANTIZED:
         return {"dtype": "bfloat16", "weight_quantization": spec}, _QUANTIZED[spec], "bfloat16"
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         llm.shutdown()
     reference = "transformers generate float32"
     if not args.skip_transformers:
+        assert model_path is not None  # `--engines` always names at least one configuration
         prompts = _prompts(tokenizer, args.batch)
         hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
         rows[reference] = (

@@ -163,7 +163,7 @@ class EngineCore:
                 detok = self._detokenizers.new(
                     prompt_ids, params.skip_special_tokens, params.spaces_between_special_tokens
                 )
-            matcher = StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None
+            matcher = StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None  # type: ignore[arg-type]  # a list once built (__post_init__)
             choices.append(_Choice(seq, detok, matcher))
         state = RequestState(
             request_id, prompt if isinstance(prompt, str) else None, prompt_ids, params, choices, now,

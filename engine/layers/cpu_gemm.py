@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Protocol, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -158,9 +159,20 @@ def linear(
     return F.linear(x, weight, bias)
 
 
-def projections(model: nn.Module) -> list[nn.Module]:
+class Projection(Protocol):
+    """A module whose product `linear()` computes: the linear layers and the LM head."""
+
+    weight: torch.Tensor  # [out, in]
+    packed_weight: torch.Tensor | QuantizedWeight | None  # set after loading, on CPU
+
+
+def _is_projection(module: nn.Module) -> TypeGuard[Projection]:
+    return hasattr(module, "packed_weight") and isinstance(module.weight, torch.Tensor)
+
+
+def projections(model: nn.Module) -> list[Projection]:
     """Modules with a `weight` and a `packed_weight` slot: the linear layers and the LM head."""
-    return [m for m in model.modules() if hasattr(m, "packed_weight") and isinstance(m.weight, torch.Tensor)]
+    return [m for m in model.modules() if _is_projection(m)]
 
 
 def pack_model_weights(model: nn.Module) -> int:

@@ -27,6 +27,7 @@ from engine.layers import (
     get_rope,
 )
 from engine.model_config import ModelConfig
+from engine.models.causal_lm import CausalLM
 
 
 class LlamaAttention(nn.Module):
@@ -152,7 +153,7 @@ class LlamaModel(nn.Module):
         return hidden
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     # checkpoint name part -> (fused parameter name part, shard id for its weight_loader)
     packed_modules_mapping: dict[str, tuple[str, str | int]] = {
         "q_proj": ("qkv_proj", "q"),
