@@ -15,6 +15,7 @@ serve: $(STAMP)  ## start the OpenAI-compatible server on the embedded default m
 
 test: $(STAMP)  ## the default test tier (CPU, a few minutes)
 	$(BIN)/ruff check engine openai_compat bench tests scripts
+	$(BIN)/mypy  # engine, openai_compat, bench: [tool.mypy] in pyproject.toml
 	$(BIN)/python -m pytest -q -x $(ARGS)
 
 test-all: $(STAMP)  ## every tier that runs on this machine, slow tests included

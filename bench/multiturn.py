@@ -14,9 +14,7 @@ import asyncio
 import json
 import time
 
-from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
-from engine.sampling_params import RequestOutputKind, SamplingParams
+from engine import AsyncEngine, EngineConfig, RequestOutputKind, SamplingParams
 
 _SYSTEM = (
     "You are a careful assistant for a lighthouse museum. Answer in plain English, in one or two "

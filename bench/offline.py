@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 
 import torch
 
@@ -39,7 +40,7 @@ def _prompts(tokenizer, n: int) -> list[list[int]]:
 
 
 def _bench_engine(llm, prompts: list[list[int]], max_tokens: int) -> float:
-    from engine.sampling_params import SamplingParams
+    from engine import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
@@ -70,7 +71,7 @@ def _bench_transformers(model, tokenizer, prompts: list[list[int]], max_tokens: 
 _QUANTIZED = {"int8": "int8 per row", "int4": "int4 per 32"}
 
 
-def _engine_kwargs(spec: str) -> tuple[dict[str, str], str, str]:
+def _engine_kwargs(spec: str) -> tuple[dict[str, Any], str, str]:
     """An `--engines` item -> (LLM keyword arguments, weights label, compute dtype label)."""
     if spec in _QUANTIZED:
         return {"dtype": "bfloat16", "weight_quantization": spec}, _QUANTIZED[spec], "bfloat16"
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from engine.llm import LLM
+    from engine import LLM
 
     # name -> (weights, compute dtype, single stream tok/s, batch tok/s)
     rows: dict[str, tuple[str, str, float, float]] = {}
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         llm.shutdown()
     reference = "transformers generate float32"
     if not args.skip_transformers:
+        assert model_path is not None  # `--engines` always names at least one configuration
         prompts = _prompts(tokenizer, args.batch)
         hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
         rows[reference] = (

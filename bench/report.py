@@ -147,7 +147,7 @@ def plot(runs: Sequence[dict[str, Any]], path: str) -> bool:
                 values = (w or {}).get("distributions", {}).get(key) or []
                 if not values:
                     continue
-                m = w["metrics"][key]  # type: ignore[index]
+                m = w["metrics"][key]
                 label = f"{run.get('label') or f'run {i}'} (p50 {fmt(m['p50'])}, p99 {fmt(m['p99'])})"
                 ax.plot(values, [q / 100 for q in QUANTILES], drawstyle="steps-post", label=label)
             ax.set_title(f"{name}: {title}")

@@ -20,6 +20,7 @@ from engine.config import EngineConfig
 from engine.distributed import check_tensor_parallel
 from engine.errors import EngineDeadError, PromptTooLongError
 from engine.messages import NewRow, SeqStep, StepPlan, StepResult, TokenLogprobs
+from engine.model_config import ModelConfig
 from engine.models.loader import load_hf_config, resolve_model
 from engine.output_processor import ProcessedStep, flush_text, request_output
 from engine.outputs import CompletionOutput, Logprob, LogprobsDict, RequestOutput
@@ -73,9 +74,9 @@ class EngineCore:
     def __init__(self, config: EngineConfig, progress: ProgressFn | None = None) -> None:
         self.model_path = resolve_model(config.model)
         hf_config = load_hf_config(self.model_path)
-        text_config = getattr(hf_config, "text_config", hf_config)
-        config = config.resolve(max_position_embeddings=text_config.max_position_embeddings)
-        check_tensor_parallel(text_config, config.tensor_parallel_size, config.resolved_device())  # before spawning
+        shape = ModelConfig.from_hf_config(hf_config)
+        config = config.resolve(max_position_embeddings=shape.max_position_embeddings)
+        check_tensor_parallel(shape, config.tensor_parallel_size, config.resolved_device())  # before spawning
         self.config = config
         self.model_name = DEFAULT_MODEL_NAME if config.model is None else os.path.basename(
             os.path.normpath(config.model)
@@ -83,7 +84,7 @@ class EngineCore:
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
         self.eos_token_ids = eos_token_ids(self.model_path, hf_config, self.tokenizer)
         self._detokenizers = Detokenizers(self.tokenizer) if self.tokenizer is not None else None
-        self.vocab_size: int = text_config.vocab_size
+        self.vocab_size: int = shape.vocab_size
         self.worker = WorkerClient(config, self.model_path)
         info = self.worker.wait_ready(progress)
         self.worker_info = info
@@ -154,7 +155,7 @@ class EngineCore:
                 detok = self._detokenizers.new(
                     prompt_ids, params.skip_special_tokens, params.spaces_between_special_tokens
                 )
-            matcher = StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None
+            matcher = StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None  # type: ignore[arg-type]  # a list once built (__post_init__)
             choices.append(_Choice(seq, detok, matcher))
         state = RequestState(
             request_id, prompt if isinstance(prompt, str) else None, prompt_ids, params, choices, now,

@@ -5,14 +5,22 @@ from __future__ import annotations
 import atexit
 import itertools
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore
 from engine.outputs import OutputAccumulator, RequestOutput
 from engine.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
+
 PromptType = str | list[int]
+
+
+def _is_one_prompt(prompts: PromptType | Sequence[PromptType]) -> TypeIs[PromptType]:
+    """A text or a list of token ids, not a list of prompts."""
+    return isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int))
 
 
 class LLM:
@@ -62,9 +70,7 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompt_list: list[PromptType] = list(prompts)  # type: ignore[arg-type]
+        prompt_list: list[PromptType] = [prompts] if _is_one_prompt(prompts) else list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         params_list = (

@@ -7,6 +7,8 @@ import logging
 import os
 from typing import Any
 
+from engine.model_config import text_config
+
 logger = logging.getLogger(__name__)
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tokenizer.tiktoken")
@@ -32,8 +34,7 @@ def eos_token_ids(model_path: str, hf_config: Any, tokenizer: Any | None) -> set
         elif isinstance(value, (list, tuple)):
             ids.update(v for v in value if isinstance(v, int))
 
-    text_config = getattr(hf_config, "text_config", hf_config)
-    add(getattr(text_config, "eos_token_id", None))
+    add(getattr(text_config(hf_config), "eos_token_id", None))
     gen_path = os.path.join(model_path, "generation_config.json")
     if os.path.exists(gen_path):
         with open(gen_path) as f:

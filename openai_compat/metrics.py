@@ -114,7 +114,7 @@ class Metrics:
     def __init__(self, stats_fn: StatsFn, model_name: str = "") -> None:
         # No `*_created` series beside every counter and histogram (prometheus-client's
         # switch is process-wide), as vLLM dashboards expect.
-        disable_created_metrics()  # type: ignore[no-untyped-call]
+        disable_created_metrics()
         self.stats_fn = stats_fn
         self.model_name = model_name
         self.registry = CollectorRegistry()

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, TypeVar, cast
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 T = TypeVar("T")
 
@@ -89,7 +89,8 @@ class DirectWriter:
     """
 
     def __init__(self, send: Send) -> None:
-        self._send = send
+        # ASGI servers implement `send` as an async function: each call is a coroutine to step.
+        self._send = cast("Callable[[Message], Coroutine[Any, Any, None]]", send)
         self._waiting: list[bytes] = []  # behind a paused write
         self._ending = False
         self._task: asyncio.Task[None] | None = None

@@ -14,9 +14,9 @@ import time
 from torch.profiler import ProfilerActivity, profile
 
 from engine.config import EngineConfig
-from engine.layers.cpu_gemm import quantize_model_weights
 from engine.messages import NewRow, SeqStep, StepPlan
 from engine.models import load_hf_config, load_model, resolve_model
+from engine.models.quantize import quantize_model_weights
 from engine.sampling_params import SamplingParams
 from engine.worker.model_runner import ModelRunner
 

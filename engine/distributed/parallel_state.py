@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from engine.model_config import ModelConfig
+
 _group: dist.ProcessGroup | None = None
 _rank = 0
 _size = 1
@@ -103,13 +105,11 @@ def num_local_kv_heads(total_num_kv_heads: int, tp_size: int) -> int:
     return 1 if tp_size >= total_num_kv_heads else total_num_kv_heads // tp_size
 
 
-def check_tensor_parallel(text_config: Any, tp_size: int, device: str) -> None:
+def check_tensor_parallel(shape: ModelConfig, tp_size: int, device: str) -> None:
     """Raise ValueError, naming the field, when the model cannot be split over `tp_size` ranks."""
     if tp_size == 1:
         return
-    heads: int = text_config.num_attention_heads
-    kv_heads: int = getattr(text_config, "num_key_value_heads", None) or heads
-    vocab: int = text_config.vocab_size
+    heads, kv_heads, vocab = shape.num_heads, shape.num_kv_heads, shape.vocab_size
     problems = []
     if heads % tp_size:
         problems.append(f"num_attention_heads={heads} is not divisible by tensor_parallel_size={tp_size}")
@@ -120,10 +120,10 @@ def check_tensor_parallel(text_config: Any, tp_size: int, device: str) -> None:
             f"tensor_parallel_size={tp_size} is not a multiple of num_key_value_heads={kv_heads} "
             "(KV heads are replicated when there are fewer of them than ranks)"
         )
-    for name in ("intermediate_size",):
-        size = getattr(text_config, name, None)
-        if isinstance(size, int) and size % tp_size:
-            problems.append(f"{name}={size} is not divisible by tensor_parallel_size={tp_size}")
+    if shape.intermediate_size % tp_size:
+        problems.append(
+            f"intermediate_size={shape.intermediate_size} is not divisible by tensor_parallel_size={tp_size}"
+        )
     if vocab < tp_size:
         problems.append(f"vocab_size={vocab} is smaller than tensor_parallel_size={tp_size}")
     if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.device_count() < tp_size:

@@ -182,14 +182,14 @@ class Attention(nn.Module):
 
     def _mask(self, start: int, num_new: int, seq_len: int, device: torch.device) -> torch.Tensor | None:
         """Boolean [n, L] mask (True = attend), or None when plain causal or no mask suffices."""
-        windowed = self.sliding_window is not None and seq_len > self.sliding_window
-        if (start == 0 or num_new == 1) and not windowed:
+        window = self.sliding_window if self.sliding_window is not None and seq_len > self.sliding_window else None
+        if (start == 0 or num_new == 1) and window is None:
             return None  # is_causal (n == L) or a single token that sees everything
         q_pos = torch.arange(start, seq_len, device=device).unsqueeze(1)  # [n, 1]
         k_pos = torch.arange(seq_len, device=device).unsqueeze(0)  # [1, L]
         mask = k_pos <= q_pos
-        if windowed:
-            mask &= k_pos > q_pos - self.sliding_window
+        if window is not None:
+            mask &= k_pos > q_pos - window
         return mask
 
     def _decode(self, ctx: ForwardContext, q: torch.Tensor) -> torch.Tensor:

@@ -8,20 +8,21 @@ float32 weights are packed too: `F.linear` goes to MKL's sgemm, which on the AMD
 development machine runs a decode step's projections 3x slower than oneDNN's packed GEMM
 (25.8 vs 8.3 ms for SmolLM2's 30 layers at one row, 49 vs 15 ms at 16 rows).
 
-Weight-only quantization (`quantize_model_weights`, bf16 models; lossy, so opt-in) keeps a
-projection's weight as int8 with one scale per output row, or as int4 in groups of 32
-inputs with a scale and a zero per group (Q4_1's layout: a Q4_1 GGUF's weights come back on
-the same grid). A decode step of a few sequences reads 1/2 or 1/4 of the bytes through
-torch's int8 / int4 CPU kernels; their cost grows with the rows much faster than the packed
-bf16 GEMM's, and they lose to it beyond `QUANTIZED_MAX_ROWS` rows, so larger batches and
-prefill use a packed bf16 copy of the dequantized weight: the same function either way, up
-to rounding. `module.weight` is overwritten with the dequantized values too.
+Weight-only quantization (bf16 models; lossy, so opt-in; `engine.models.quantize` applies it
+to a loaded model) keeps a projection's weight as int8 with one scale per output row, or as
+int4 in groups of 32 inputs with a scale and a zero per group (Q4_1's layout: a Q4_1 GGUF's
+weights come back on the same grid). A decode step of a few sequences reads 1/2 or 1/4 of the
+bytes through torch's int8 / int4 CPU kernels; their cost grows with the rows much faster than
+the packed bf16 GEMM's, and they lose to it beyond `QUANTIZED_MAX_ROWS` rows, so larger
+batches and prefill use a packed bf16 copy of the dequantized weight: the same function either
+way, up to rounding. `module.weight` is overwritten with the dequantized values too.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Protocol, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -158,9 +159,20 @@ def linear(
     return F.linear(x, weight, bias)
 
 
-def _projections(model: nn.Module) -> list[nn.Module]:
+class Projection(Protocol):
+    """A module whose product `linear()` computes: the linear layers and the LM head."""
+
+    weight: torch.Tensor  # [out, in]
+    packed_weight: torch.Tensor | QuantizedWeight | None  # set after loading, on CPU
+
+
+def _is_projection(module: nn.Module) -> TypeGuard[Projection]:
+    return hasattr(module, "packed_weight") and isinstance(module.weight, torch.Tensor)
+
+
+def projections(model: nn.Module) -> list[Projection]:
     """Modules with a `weight` and a `packed_weight` slot: the linear layers and the LM head."""
-    return [m for m in model.modules() if hasattr(m, "packed_weight") and isinstance(m.weight, torch.Tensor)]
+    return [m for m in model.modules() if _is_projection(m)]
 
 
 def pack_model_weights(model: nn.Module) -> int:
@@ -170,35 +182,8 @@ def pack_model_weights(model: nn.Module) -> int:
     the LM head); `linear()` uses the packed copy when there is one.
     """
     count = 0
-    for module in _projections(model):
+    for module in projections(model):
         if can_pack(module.weight):
             module.packed_weight = pack_weight(module.weight)
             count += 1
-    return count
-
-
-def quantize_model_weights(model: nn.Module, method: str) -> int:
-    """Quantize the linear layers of a bf16 CPU model (`method`: int8 or int4) in place.
-
-    The LM head (often tied to the embedding) keeps its bf16 weight. Returns how many layers
-    were quantized; a layer the kernels cannot take keeps its packed bf16 weight.
-    """
-    from engine.layers.embedding import VocabParallelEmbedding
-
-    if method not in QUANTIZATION_METHODS:
-        raise ValueError(f"weight quantization must be one of {QUANTIZATION_METHODS}, got {method!r}")
-    layers = [m for m in _projections(model) if not isinstance(m, VocabParallelEmbedding)]
-    for module in layers:
-        if module.weight.device.type != "cpu" or module.weight.dtype != torch.bfloat16:
-            raise ValueError(
-                f"{method} weight quantization runs on CPU with dtype bfloat16, "
-                f"got {module.weight.dtype} on {module.weight.device}"
-            )
-    count = 0
-    for module in layers:
-        if not can_quantize(module.weight, method):
-            continue
-        module.packed_weight, dequantized = quantize_weight(module.weight, method)
-        module.weight.data.copy_(dequantized)  # every path computes the same function
-        count += 1
     return count

@@ -88,7 +88,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         if bias:
             self.bias = nn.Parameter(torch.empty(self.shard_size, dtype=params_dtype), requires_grad=False)
             self.bias.weight_loader = self.bias_loader  # type: ignore[attr-defined]
-        self.packed_weight: torch.Tensor | None = None  # CPU half-precision layout, see cpu_gemm
+        self.packed_weight: torch.Tensor | cpu_gemm.QuantizedWeight | None = None  # CPU layout, see cpu_gemm
 
     def bias_loader(self, param: nn.Parameter, loaded_weight: WeightLike) -> None:
         if loaded_weight.dim() != 1 or loaded_weight.shape[0] < self.num_embeddings:
@@ -99,7 +99,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         """Share the input embedding's weight (tie_word_embeddings)."""
         self.weight = embedding.weight
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [num_rows, embedding_dim] -> logits [num_rows, vocab] on every rank
         logits = cpu_gemm.linear(hidden, self.weight, self.bias, self.packed_weight)
         if self.tp_size > 1:

@@ -59,7 +59,7 @@ class LinearBase(nn.Module):
             self.bias = _new_param(output_size, dtype=params_dtype)
             self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
 
-        self.packed_weight: torch.Tensor | None = None  # CPU half-precision layout, see cpu_gemm
+        self.packed_weight: torch.Tensor | cpu_gemm.QuantizedWeight | None = None  # CPU layout, see cpu_gemm
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: WeightLike) -> None:
         _copy(param.data, loaded_weight)
@@ -131,7 +131,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = output_sizes
         super().__init__(input_size, sum(output_sizes), bias, tp_rank, tp_size, params_dtype)
 
-    def weight_loader(  # type: ignore[override]
+    def weight_loader(
         self, param: nn.Parameter, loaded_weight: WeightLike, shard_id: int | None = None
     ) -> None:
         if shard_id is None:  # a checkpoint that fuses the parts too (Phi-3's gate_up_proj)
@@ -186,7 +186,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_size
 
-    def weight_loader(  # type: ignore[override]
+    def weight_loader(
         self, param: nn.Parameter, loaded_weight: WeightLike, shard_id: str | None = None
     ) -> None:
         if shard_id is None:  # a checkpoint that fuses q | k | v too (Phi-3's qkv_proj)

@@ -26,12 +26,14 @@ from engine.layers import (
     VocabParallelEmbedding,
     get_rope,
 )
+from engine.model_config import ModelConfig
+from engine.models.causal_lm import CausalLM
 
 
 class LlamaAttention(nn.Module):
     def __init__(
         self,
-        config: Any,
+        shape: ModelConfig,
         layer_idx: int,
         rotary_emb: RotaryEmbedding,
         qkv_bias: bool,
@@ -42,20 +44,17 @@ class LlamaAttention(nn.Module):
         tp_size: int,
     ) -> None:
         super().__init__()
-        hidden = config.hidden_size
-        total_heads = config.num_attention_heads
-        total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
-        head_dim = getattr(config, "head_dim", None) or hidden // total_heads
+        hidden, head_dim = shape.hidden_size, shape.head_dim
         self.qkv_proj = QKVParallelLinear(
-            hidden, head_dim, total_heads, total_kv_heads, qkv_bias, tp_rank, tp_size
+            hidden, head_dim, shape.num_heads, shape.num_kv_heads, qkv_bias, tp_rank, tp_size
         )
-        self.o_proj = RowParallelLinear(total_heads * head_dim, hidden, o_bias, tp_rank, tp_size)
+        self.o_proj = RowParallelLinear(shape.num_heads * head_dim, hidden, o_bias, tp_rank, tp_size)
         self.rotary_emb = rotary_emb
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.head_dim = head_dim
         # Qwen3: an RMSNorm over each head's q and k (weights [head_dim], the same on every rank)
-        self.q_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
+        self.q_norm = RMSNorm(head_dim, shape.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, shape.rms_norm_eps) if qk_norm else None
         self.attn = Attention(
             self.qkv_proj.num_heads,
             self.qkv_proj.num_kv_heads,
@@ -78,14 +77,13 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: Any, tp_rank: int, tp_size: int) -> None:
+    def __init__(self, shape: ModelConfig, bias: bool, tp_rank: int, tp_size: int) -> None:
         super().__init__()
-        bias = bool(getattr(config, "mlp_bias", False))
-        inter = config.intermediate_size
+        inter = shape.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
-            config.hidden_size, [inter, inter], bias, tp_rank, tp_size
+            shape.hidden_size, [inter, inter], bias, tp_rank, tp_size
         )
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias, tp_rank, tp_size)
+        self.down_proj = RowParallelLinear(inter, shape.hidden_size, bias, tp_rank, tp_size)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,6 +94,7 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(
         self,
         config: Any,
+        shape: ModelConfig,
         layer_idx: int,
         rotary_emb: RotaryEmbedding,
         arch: type[LlamaForCausalLM],
@@ -104,7 +103,7 @@ class LlamaDecoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(
-            config,
+            shape,
             layer_idx,
             rotary_emb,
             qkv_bias=arch.qkv_bias(config),
@@ -114,9 +113,9 @@ class LlamaDecoderLayer(nn.Module):
             tp_rank=tp_rank,
             tp_size=tp_size,
         )
-        self.mlp = LlamaMLP(config, tp_rank, tp_size)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(shape, bool(getattr(config, "mlp_bias", False)), tp_rank, tp_size)
+        self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
@@ -133,16 +132,17 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: Any, arch: type[LlamaForCausalLM], tp_rank: int, tp_size: int) -> None:
+    def __init__(
+        self, config: Any, shape: ModelConfig, arch: type[LlamaForCausalLM], tp_rank: int, tp_size: int
+    ) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp_rank, tp_size)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        rotary_emb = get_rope(config, head_dim)  # shared by every layer (one cos/sin cache)
+        self.embed_tokens = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size, tp_rank, tp_size)
+        rotary_emb = get_rope(config, shape.head_dim)  # shared by every layer (one cos/sin cache)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, rotary_emb, arch, tp_rank, tp_size)
-            for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, shape, i, rotary_emb, arch, tp_rank, tp_size)
+            for i in range(shape.num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, hidden_size]
@@ -153,7 +153,7 @@ class LlamaModel(nn.Module):
         return hidden
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     # checkpoint name part -> (fused parameter name part, shard id for its weight_loader)
     packed_modules_mapping: dict[str, tuple[str, str | int]] = {
         "q_proj": ("qkv_proj", "q"),
@@ -166,9 +166,10 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: Any, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, type(self), tp_rank, tp_size)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp_rank=tp_rank, tp_size=tp_size)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        shape = ModelConfig.from_hf_config(config)
+        self.model = LlamaModel(config, shape, type(self), tp_rank, tp_size)
+        self.lm_head = ParallelLMHead(shape.vocab_size, shape.hidden_size, tp_rank=tp_rank, tp_size=tp_size)
+        self.tie_word_embeddings = shape.tie_word_embeddings
         if self.tie_word_embeddings:
             self.lm_head.tie_weights(self.model.embed_tokens)
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from engine.distributed.lazy_weight import LazyWeight, WeightLike, read_weight
 from engine.layers.cpu_gemm import pack_model_weights
+from engine.models.causal_lm import CausalLM
 from engine.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)
@@ -198,7 +199,7 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 def load_model(
     path: str, dtype: torch.dtype, device: str | torch.device, tp_rank: int = 0, tp_size: int = 1
-) -> nn.Module:
+) -> CausalLM:
     """Build the architecture named by `path/config.json` and load its weights.
 
     With `tp_size > 1` only rank `tp_rank`'s shard of each layer is built, and each
@@ -210,7 +211,7 @@ def load_model(
         raise ValueError(f"{path}/config.json names no architectures")
     model_class = get_model_class(architectures[0])
     with _default_dtype(dtype), torch.device(device):
-        model = model_class(config, tp_rank=tp_rank, tp_size=tp_size)  # type: ignore[call-arg]
+        model = model_class(config, tp_rank=tp_rank, tp_size=tp_size)
     load_weights(model, iterate_weights(path))
     pack_model_weights(model)  # CPU bf16/fp16 only; a no-op elsewhere
     return model.eval()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from torch import nn
+from engine.models.causal_lm import CausalLM
 
 # architecture name -> (module under engine.models, class name)
 _MODELS: dict[str, tuple[str, str]] = {
@@ -20,7 +20,7 @@ def supported_architectures() -> list[str]:
     return sorted(_MODELS)
 
 
-def get_model_class(architecture: str) -> type[nn.Module]:
+def get_model_class(architecture: str) -> type[CausalLM]:
     try:
         module_name, class_name = _MODELS[architecture]
     except KeyError:
@@ -28,5 +28,5 @@ def get_model_class(architecture: str) -> type[nn.Module]:
             f"unsupported model architecture {architecture!r}; supported: {', '.join(supported_architectures())}"
         ) from None
     module = importlib.import_module(f"engine.models.{module_name}")
-    cls: type[nn.Module] = getattr(module, class_name)
+    cls: type[CausalLM] = getattr(module, class_name)
     return cls

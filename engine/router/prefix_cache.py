@@ -209,6 +209,6 @@ class RadixPrefixCache:
         while stack:
             node, prefix = stack.pop()
             for i, slot in enumerate(node.slots):
-                out[(*prefix, *node.key[: i + 1])] = slot
+                out[prefix + tuple(node.key[: i + 1])] = slot  # (a starred subscript needs Python 3.11)
             stack.extend((c, (*prefix, *node.key)) for c in node.children.values())
         return out

@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from engine.messages import SeqStep
+    from engine.models.causal_lm import CausalLM
 
 _IDS, _POS, _ROWS, _LENS, _SLOTS = range(5)
 # PrefillGraphs' per-token and per-sequence rows of the static buffers.
@@ -112,7 +113,7 @@ def capture_buckets(
 class DecodeGraphs:
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: CausalLM,
         kv: KVPool,
         req_to_token: torch.Tensor,
         last_sampled: torch.Tensor,
@@ -215,7 +216,7 @@ class PrefillGraphs:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: CausalLM,
         kv: KVPool,
         req_to_token: torch.Tensor,
         last_sampled: torch.Tensor,

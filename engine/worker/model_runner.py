@@ -28,6 +28,8 @@ from engine.distributed import get_tp_rank, get_tp_size, num_local_kv_heads
 from engine.distributed.parallel_state import all_reduce_min_int
 from engine.layers.backend import use_triton
 from engine.messages import SeqStep, StepPlan, StepResult, TokenLogprobs, WorkerInfo
+from engine.model_config import ModelConfig
+from engine.models.causal_lm import CausalLM
 from engine.sampling_params import SamplingParams
 from engine.worker.forward_context import (
     INT8_KV_SCALE_DTYPE,
@@ -84,8 +86,8 @@ class PendingStep:
         result.sampled_logprobs = [None] * len(self._states)
         for j, state in enumerate(self._states):
             state.append(out.token_ids[j])
-            if state.params.logprobs is not None and out.logprobs is not None:
-                lp = out.logprobs[j]
+            lp = out.logprobs[j] if out.logprobs is not None else None  # None: the row asked for none
+            if state.params.logprobs is not None and lp is not None:
                 result.sampled_logprobs[j] = TokenLogprobs(
                     out.token_ids[j], lp.sampled_logprob, lp.sampled_rank, lp.top_ids, lp.top_logprobs
                 )
@@ -117,22 +119,20 @@ def allocate_kv_pool(
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model: torch.nn.Module, hf_config: object) -> None:
+    def __init__(self, config: EngineConfig, model: CausalLM, hf_config: object) -> None:
         self.config = config
         self.model = model
         self.device = config.resolved_device()
-        text_config = getattr(hf_config, "text_config", hf_config)
-        self.num_layers: int = text_config.num_hidden_layers
+        shape = ModelConfig.from_hf_config(hf_config)
+        self.num_layers = shape.num_layers
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
-        total_kv_heads: int = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
-        self.num_kv_heads = num_local_kv_heads(total_kv_heads, self.tp_size)  # on this rank
-        self.head_dim: int = getattr(text_config, "head_dim", None) or (
-            text_config.hidden_size // text_config.num_attention_heads
-        )
+        self.num_kv_heads = num_local_kv_heads(shape.num_kv_heads, self.tp_size)  # on this rank
+        self.head_dim = shape.head_dim
         assert config.max_model_len is not None and config.max_num_seqs is not None, (
             "resolve the config before building a runner"
         )
         self.max_model_len = config.max_model_len
+        self.max_num_seqs = config.max_num_seqs
         self.kv_dtype = config.kv_torch_dtype()
         self.activation_peak_bytes = 0  # measured by a profiling pass on CUDA
         self.sampler = Sampler(seed=config.seed)
@@ -162,7 +162,7 @@ class ModelRunner:
 
             self.graphs = DecodeGraphs(
                 model, self.kv, self.req_to_token, self.last_sampled, config.max_num_seqs, self.max_model_len,
-                text_config.vocab_size,
+                shape.vocab_size,
             )
             self.graphs.capture()
             if self._prefill_graph_tokens() > 0:
@@ -188,7 +188,7 @@ class ModelRunner:
         if self.max_model_len < 2:
             return
         dummy = self.kv.dummy_slot
-        decodes = min(self.config.max_num_seqs - 1, 8)
+        decodes = min(self.max_num_seqs - 1, 8)
         for seq_len in sorted({min(n, self.max_model_len) for n in (1, 65, 129, 193, 257, 385, 512, 1025, 4096)}):
             seqs = [SeqStep(row=0, start_pos=seq_len - 1, token_ids=[0], out_slots=[dummy], sample=False)] * decodes
             seqs.append(SeqStep(row=0, start_pos=0, token_ids=[0, 0], out_slots=[dummy, dummy], sample=False))
@@ -256,7 +256,7 @@ class ModelRunner:
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         with set_forward_context(ctx):
             hidden = self.model(input_ids, ctx.positions)
-        rows = min(self.config.max_num_seqs, num_tokens)
+        rows = min(self.max_num_seqs, num_tokens)
         logits = self.model.compute_logits(hidden[:rows])
         self.sampler.sample(logits, [SamplingState(_PROFILE_PARAMS, [])] * rows)
         if rows >= SEARCH_MIN_ROWS:  # fewer rows sort the vocabulary for top-k / top-p: more memory a row
@@ -370,9 +370,9 @@ class ModelRunner:
         if len(decode_idx) < len(seqs):
             in_graph = set(decode_idx)
             rest_idx = [i for i in range(len(seqs)) if i not in in_graph]
-            logits, sample_idx = self._forward_packed([seqs[i] for i in rest_idx], rest_idx, result)
-            if logits is not None:
-                parts.append((logits, sample_idx))
+            packed_logits, sample_idx = self._forward_packed([seqs[i] for i in rest_idx], rest_idx, result)
+            if packed_logits is not None:
+                parts.append((packed_logits, sample_idx))
         if on_forward_queued is not None:
             on_forward_queued()
         if not parts:

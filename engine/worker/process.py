@@ -78,7 +78,7 @@ def worker_main(
         hf_config = load_hf_config(model_path)
         model = load_model(model_path, config.torch_dtype(), device, tp_rank=rank, tp_size=tp_size)
         if config.weight_quantization != "none":
-            from engine.layers.cpu_gemm import quantize_model_weights
+            from engine.models.quantize import quantize_model_weights
 
             quantize_model_weights(model, config.weight_quantization)
         conn.send(("progress", (0.8, "allocating KV cache")))

@@ -15,6 +15,7 @@ import torch
 
 from engine import LLM, AsyncEngine, EngineConfig, EngineDeadError, RequestOutputKind, SamplingParams
 from engine.distributed import all_gather, all_reduce, check_tensor_parallel, get_tp_rank, get_tp_size
+from engine.model_config import ModelConfig
 from engine.outputs import RequestOutput
 from tests.engine.models.harness import save_tiny_model, tiny_config
 
@@ -90,9 +91,9 @@ def test_heads_that_do_not_divide_fail_before_any_worker_starts(
 
 def test_split_checks_and_collectives_without_a_group() -> None:
     config = tiny_config("llama", num_key_value_heads=1, num_attention_heads=8, hidden_size=64)
-    check_tensor_parallel(config, 4, "cpu")  # 1 kv head replicated on 4 ranks
+    check_tensor_parallel(ModelConfig.from_hf_config(config), 4, "cpu")  # 1 kv head replicated on 4 ranks
     with pytest.raises(ValueError, match="vocab_size"):
-        check_tensor_parallel(tiny_config("llama", vocab_size=1), 2, "cpu")
+        check_tensor_parallel(ModelConfig.from_hf_config(tiny_config("llama", vocab_size=1)), 2, "cpu")
     x = torch.randn(2, 3)
     assert (get_tp_rank(), get_tp_size()) == (0, 1)
     assert all_reduce(x) is x and all_gather(x) is x  # tp=1: no process group, no copies

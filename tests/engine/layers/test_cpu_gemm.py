@@ -8,6 +8,7 @@ from torch import nn
 
 from engine.layers import ParallelLMHead, ReplicatedLinear, cpu_gemm
 from engine.layers.cpu_gemm import QUANTIZED_MAX_ROWS, QuantizedWeight, quantize_int4, quantize_int8
+from engine.models.quantize import quantize_model_weights
 
 
 def _bf16_linear(in_features: int, out_features: int, seed: int = 0) -> ReplicatedLinear:
@@ -51,7 +52,7 @@ def test_quantized_layer_matches_its_dequantized_weight(method: str) -> None:
     if not cpu_gemm.can_quantize(layer.weight, method):
         pytest.skip("this torch build has no oneDNN packing for bf16")
     original = layer.weight.detach().float().clone()
-    assert cpu_gemm.quantize_model_weights(layer, method) == 1
+    assert quantize_model_weights(layer, method) == 1
     packed = layer.packed_weight
     assert isinstance(packed, QuantizedWeight) and packed.method == method
     # the weight itself now holds the dequantized values: Gaussian weights lose ~0.3 % (int8,
@@ -79,7 +80,7 @@ def test_quantize_model_weights_keeps_the_lm_head_and_shapes_the_kernels_refuse(
         pytest.skip("this torch build has no oneDNN packing for bf16")
     model["lm_head"].weight.data.normal_()
     cpu_gemm.pack_model_weights(model)
-    assert cpu_gemm.quantize_model_weights(model, "int4") == 1
+    assert quantize_model_weights(model, "int4") == 1
     assert isinstance(model["proj"].packed_weight, QuantizedWeight)
     assert isinstance(model["odd"].packed_weight, torch.Tensor)  # still the packed bf16 weight
     assert isinstance(model["lm_head"].packed_weight, torch.Tensor)
@@ -87,6 +88,6 @@ def test_quantize_model_weights_keeps_the_lm_head_and_shapes_the_kernels_refuse(
 
 def test_quantization_needs_bf16_weights() -> None:
     with pytest.raises(ValueError, match="bfloat16"):
-        cpu_gemm.quantize_model_weights(ReplicatedLinear(64, 48, bias=False), "int8")
+        quantize_model_weights(ReplicatedLinear(64, 48, bias=False), "int8")
     with pytest.raises(ValueError, match="int8"):
-        cpu_gemm.quantize_model_weights(_bf16_linear(64, 48), "fp8")
+        quantize_model_weights(_bf16_linear(64, 48), "fp8")

@@ -11,6 +11,7 @@ from torch import nn
 
 from engine.layers import cpu_gemm
 from engine.models import load_model
+from engine.models.quantize import quantize_model_weights
 from tests.engine.models.harness import Harness, rel_err, save_tiny_model, tiny_config
 
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -168,7 +169,7 @@ def test_weight_quantization_on_its_own_grid_costs_what_bf16_costs(method: str, 
             ours.weight.data.copy_(theirs.weight.data)
     cpu_gemm.pack_model_weights(exact)  # the packed copies follow the new weights
     cpu_gemm.pack_model_weights(model)
-    assert cpu_gemm.quantize_model_weights(model, method) == 2 * 4  # qkv, o, gate_up, down per layer
+    assert quantize_model_weights(model, method) == 2 * 4  # qkv, o, gate_up, down per layer
     prompt = _prompt(16, seed=6)
     expected = Harness(exact).prefill(0, prompt)
     harness = Harness(model)

@@ -1,0 +1,62 @@
+"""The model's shape, read once from its transformers config.
+
+A checkpoint's `config.json` leaves some sizes implicit: `num_key_value_heads` is absent when
+every head has its own keys (multi-head attention), `head_dim` when it is hidden / heads, and a
+multimodal wrapper keeps the decoder's sizes under `text_config`. `ModelConfig.from_hf_config`
+resolves those fallbacks in one place; the engine core, the tensor-parallel checks, the model
+runner and the model files read the resolved sizes from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+def text_config(hf_config: Any) -> Any:
+    """The decoder's config: `text_config` of a multimodal wrapper, else the config itself."""
+    decoder = getattr(hf_config, "text_config", None)
+    return hf_config if decoder is None else decoder
+
+
+def _required(config: Any, name: str) -> Any:
+    value = getattr(config, name, None)
+    if value is None:
+        raise ValueError(f"the model's config.json has no {name}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Sizes of a decoder-only transformer (whole model, not one tensor-parallel rank's share)."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int  # query heads
+    num_kv_heads: int  # key/value heads: num_heads for multi-head, fewer for grouped-query attention
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool  # the LM head shares the input embedding's weight
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any) -> ModelConfig:
+        """Read the sizes from a transformers config (its `text_config` for a multimodal
+        wrapper); raises ValueError naming a size the config lacks."""
+        config = text_config(hf_config)
+        hidden_size = int(_required(config, "hidden_size"))
+        num_heads = int(_required(config, "num_attention_heads"))
+        return cls(
+            num_layers=int(_required(config, "num_hidden_layers")),
+            hidden_size=hidden_size,
+            intermediate_size=int(_required(config, "intermediate_size")),
+            num_heads=num_heads,
+            num_kv_heads=int(getattr(config, "num_key_value_heads", None) or num_heads),
+            head_dim=int(getattr(config, "head_dim", None) or hidden_size // num_heads),
+            vocab_size=int(_required(config, "vocab_size")),
+            max_position_embeddings=int(_required(config, "max_position_embeddings")),
+            rms_norm_eps=float(_required(config, "rms_norm_eps")),
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
