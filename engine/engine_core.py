@@ -14,7 +14,6 @@ import logging
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
 
 from engine.config import EngineConfig
 from engine.distributed import check_tensor_parallel
@@ -22,12 +21,10 @@ from engine.errors import EngineDeadError, PromptTooLongError
 from engine.messages import NewRow, SeqStep, StepPlan, StepResult, TokenLogprobs
 from engine.model_config import ModelConfig
 from engine.models.loader import load_hf_config, resolve_model
-from engine.output_processor import ProcessedStep, flush_text, request_output
+from engine.output_processor import Choice, ProcessedStep, RequestState, flush_text, request_output
 from engine.outputs import CompletionOutput, Logprob, LogprobsDict, RequestOutput
 from engine.router.detokenizer import (
-    ByteLevelDetokenizer,
     Detokenizers,
-    IncrementalDetokenizer,
     StopStringMatcher,
     convert_ids_to_logprob_tokens,
 )
@@ -43,27 +40,6 @@ from engine.worker_client import WorkerClient
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-
-
-@dataclass(slots=True)
-class _Choice:
-    seq: Seq
-    detok: IncrementalDetokenizer | ByteLevelDetokenizer | None
-    stop_matcher: StopStringMatcher | None
-
-
-@dataclass(slots=True)
-class RequestState:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    choices: list[_Choice]
-    arrival_time: float
-    prompt_logprobs: list[LogprobsDict | None] | None = None
-    prompt_logprobs_planned: int = 1  # prompt positions whose logprobs are collected or in flight
-    num_unfinished: int = 0
-    first_token_time: float | None = None
 
 
 # Overlapped: the step the worker runs and the next one, already sent; 1 without overlap.
@@ -156,7 +132,7 @@ class EngineCore:
                     prompt_ids, params.skip_special_tokens, params.spaces_between_special_tokens
                 )
             matcher = StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None  # type: ignore[arg-type]  # a list once built (__post_init__)
-            choices.append(_Choice(seq, detok, matcher))
+            choices.append(Choice(seq, detok, matcher))
         state = RequestState(
             request_id, prompt if isinstance(prompt, str) else None, prompt_ids, params, choices, now,
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
@@ -349,7 +325,7 @@ class EngineCore:
         return outputs
 
     def _append_token(
-        self, state: RequestState, choice: _Choice, token_id: int, lp: TokenLogprobs | None
+        self, state: RequestState, choice: Choice, token_id: int, lp: TokenLogprobs | None
     ) -> CompletionOutput:
         seq, params = choice.seq, state.params
         seq.append_token(token_id)

@@ -1,15 +1,40 @@
-"""Building what the engine core hands back: a request's `RequestOutput` from its state, the
-text a finished choice still holds back, and `ProcessedStep` (what taking a step's result in
-gave)."""
+"""A request's output state in the server process, and building what the engine core hands
+back: `RequestState` (its choices, each a `Seq` with its detokenizer and stop-string matcher;
+prompt logprobs; timings), a request's `RequestOutput` from its state, the text a finished
+choice still holds back, and `ProcessedStep` (what taking a step's result in gave)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple
 
-from engine.outputs import CompletionOutput, RequestOutput
+from engine.outputs import CompletionOutput, LogprobsDict, RequestOutput
+from engine.router.detokenizer import ByteLevelDetokenizer, IncrementalDetokenizer, StopStringMatcher
+from engine.router.seq import Seq
+from engine.sampling_params import SamplingParams
 
-if TYPE_CHECKING:
-    from engine.engine_core import RequestState, _Choice
+
+@dataclass(slots=True)
+class Choice:
+    seq: Seq
+    detok: IncrementalDetokenizer | ByteLevelDetokenizer | None
+    stop_matcher: StopStringMatcher | None
+
+
+@dataclass(slots=True)
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    choices: list[Choice]
+    arrival_time: float
+    prompt_logprobs: list[LogprobsDict | None] | None = None
+    prompt_logprobs_planned: int = 1  # prompt positions whose logprobs are collected or in flight
+    num_unfinished: int = 0
+    first_token_time: float | None = None
+
+
 
 
 class ProcessedStep(NamedTuple):
@@ -18,7 +43,7 @@ class ProcessedStep(NamedTuple):
     num_tokens: int  # tokens it computed
 
 
-def flush_text(choice: _Choice) -> str:
+def flush_text(choice: Choice) -> str:
     """The text a finishing choice's detokenizer and stop-string matcher still hold back."""
     if choice.detok is None:
         return ""
