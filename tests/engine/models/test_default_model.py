@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -48,9 +47,7 @@ def test_converted_directory_has_hf_layout(converted: str) -> None:
 def test_chat_greedy_matches_transformers(converted: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    start = time.perf_counter()
     model = load_model(converted, torch.float32, "cpu")
-    assert time.perf_counter() - start < 5.0  # about 1.3 s on an idle 2-core machine
 
     tokenizer = AutoTokenizer.from_pretrained(converted)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
