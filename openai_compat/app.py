@@ -125,7 +125,7 @@ async def openapi(request: Request) -> Response:
 
 def _model_cards(state: ServerState) -> list[ModelCard]:
     state.check_ready()
-    root = state.settings.model or state.engine.model_name
+    root = state.settings.engine.model or state.engine.model_name
     return [
         ModelCard(id=name, created=state.created, root=root, max_model_len=state.engine.max_model_len)
         for name in state.model_names
@@ -193,7 +193,7 @@ def build_app(
     on_loaded: Callable[[ServerState], None] | None = None,
     on_load_failed: Callable[[BaseException], None] | None = None,
 ) -> Starlette:
-    state = ServerState(settings, engine if engine is not None else AsyncEngine(settings.engine_config()))
+    state = ServerState(settings, engine if engine is not None else AsyncEngine(settings.engine))
     chat, completions = ChatServing(state), CompletionServing(state)
 
     @asynccontextmanager

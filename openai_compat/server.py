@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import sys
 import threading
@@ -80,9 +79,6 @@ def serve(settings: Settings) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if settings.cache_dir:
-        # The engine's model loader (and its worker processes) read the cache location from here.
-        os.environ["LIGHTGATE_CACHE_DIR"] = settings.cache_dir
     progress = LoadProgress()
     server: GracefulServer | None = None
     url = f"http://{settings.host}:{settings.port}"

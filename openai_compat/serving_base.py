@@ -133,7 +133,7 @@ async def parse_body(request: Request, model: type[M]) -> M:
 def check_num_sequences(state: ServerState, num_sequences: int, param: str) -> None:
     """400 for a request that asks for more sequences (prompts x n) than the server ever queues:
     a 429 would have the client retry forever."""
-    limit = state.settings.max_waiting_requests
+    limit = state.settings.engine.max_waiting_requests
     if num_sequences > limit:
         raise OpenAIError(
             f"This request asks for {num_sequences} sequences (prompts x n); the server queues at most {limit}.",
