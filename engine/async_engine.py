@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import engine.gc_tuning as gc_tuning
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore
 from engine.errors import EngineDeadError, EngineOverloadedError
@@ -51,11 +52,21 @@ class AsyncEngine:
         self._loop_task: asyncio.Task[None] | None = None
         self._recv_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightgate-recv")
         self.dead_error: EngineDeadError | None = None
+        self._froze_startup_objects = False
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def start(self, progress: ProgressFn | None = None) -> None:
+    async def start(self, progress: ProgressFn | None = None, *, freeze_startup_objects: bool = False) -> None:
+        """Load the model in the worker processes and start the engine loop.
+
+        `freeze_startup_objects`, for a caller that owns its process (a server): once loaded, what
+        start-up allocated leaves the garbage collector's view and collections run less often
+        (`gc_tuning`), until `shutdown()`.
+        """
         self.core = await asyncio.to_thread(EngineCore, self.config, progress)
+        if freeze_startup_objects:
+            gc_tuning.freeze_startup_objects()
+            self._froze_startup_objects = True
         self._loop_task = asyncio.create_task(self._run(), name="lightgate-engine-loop")
 
     async def shutdown(self) -> None:
@@ -68,6 +79,9 @@ class AsyncEngine:
         if self.core is not None:
             await asyncio.to_thread(self.core.shutdown)
         self._recv_thread.shutdown(wait=False)
+        if self._froze_startup_objects:
+            gc_tuning.unfreeze()
+            self._froze_startup_objects = False
 
     def _core(self) -> EngineCore:
         if self.core is None:
@@ -152,6 +166,11 @@ class AsyncEngine:
                 _call_sink(sink, earlier)
         if out is not None:
             _call_sink(sink, out)
+
+    async def abort_all(self) -> None:
+        """Abort every open request: each ends as `abort` ends one (finish reason "abort")."""
+        for request_id in list(self._sinks):
+            await self.abort(request_id)
 
     def _abort(self, request_id: str) -> RequestOutput | None:
         """Abort the request in the core and drop its consumer -> the abort output, if it ran."""

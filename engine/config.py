@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 
@@ -35,58 +35,94 @@ WARMUP_STEPS = 4
 WARMUP_TIMEOUT_FACTOR = 5.0
 
 
+T = TypeVar("T")
+
+
+def setting(default: T, help_text: str) -> T:
+    """A field that is also a server setting: `lightgate serve --<name>`, `LIGHTGATE_<NAME>` and
+    a config file key, all documented by `help_text` (the server builds them from these fields)."""
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = None  # HF directory, GGUF file, or None for the embedded default
-    tokenizer: str | None = None  # defaults to the model's own tokenizer files
-    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU (bf16 with weight_quantization)
-    device: str = "auto"  # auto: cuda when available
-    tensor_parallel_size: int = 1  # worker ranks the model is split over (heads must divide)
-    kv_cache_dtype: str = "auto"  # auto: the model dtype; "int8"
-    kv_cache_memory_gb: float | None = None  # KV pool size per rank; default: 1 GiB on CPU, a fraction of free memory on GPU
-    gpu_memory_utilization: float = 0.85  # GPU: fraction of free memory (after weights) for KV
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    # Cap on running sequences (rows of req_to_token). None: 1024 on GPU (offline1000 on an
-    # H200 gave 9 768 and 9 811 output tok/s at 1024 against 9 316 at 512: fewer, larger
-    # steps; docs/benchmarks.md), 256 on CPU.
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None  # per-step token budget (chunked prefill)
-    max_waiting_requests: int = 4096  # beyond this, generate() raises EngineOverloadedError
-    admission: Literal["conservative", "aggressive"] = "conservative"
-    admission_batch: int = 1  # a full batch of >= 32 decodes admits only once this many rows are free
-    enable_prefix_caching: bool = True
-    # Plan and send step k+1 while step k runs (the host's scheduling and output processing hide
-    # behind the GPU). Off: each step is planned after the previous one's tokens are in, so a
-    # request that arrives mid-step starts one step sooner, and the GPU waits for the host
-    # between steps.
-    overlap_scheduling: bool = True
-    # With overlap_scheduling, the worker also launches step k+1 before step k's tokens reach
-    # the host, so reading the plan and preparing the inputs hide behind the GPU too. None: on a
-    # GPU only (on the CPU every operation waits for itself, and a result held back for the next
-    # step's launch would only come a step later).
-    launch_ahead: bool | None = None
+    """What the engine is asked for. Fields declared with `setting` are server settings too."""
+
+    model: str | None = setting(
+        None, "HF model directory or GGUF file (default: the embedded SmolLM2-135M-Instruct)"
+    )
+    tokenizer: str | None = setting(None, "tokenizer directory (default: the model's)")
+    dtype: str = setting(
+        "auto", "weights and activations: auto (bfloat16 on GPU, float32 on CPU), float32, float16, bfloat16"
+    )
+    device: str = setting("auto", "auto (cuda when available), cpu or cuda")
+    tensor_parallel_size: int = setting(
+        1, "worker processes (GPUs) the model is split over; its attention heads must divide"
+    )
+    kv_cache_dtype: str = setting("auto", "KV cache: auto (the model dtype), int8 (a scale per token and head)")
+    kv_cache_memory_gb: float | None = setting(
+        None, "GiB for the KV pool per rank (default: 1 on CPU, gpu_memory_utilization on GPU)"
+    )
+    gpu_memory_utilization: float = setting(
+        0.85, "GPU: fraction of the memory free after the weights used for the KV pool"
+    )
+    max_model_len: int | None = setting(None, "context length (default: the model's max_position_embeddings)")
+    # Rows of req_to_token. On a GPU, 1024 rather than 512 gives fewer, larger steps under load
+    # (docs/benchmarks.md, offline1000).
+    max_num_seqs: int | None = setting(None, "sequences running at once (default: 1024 on GPU, 256 on CPU)")
+    max_num_batched_tokens: int | None = setting(
+        None, "tokens per engine step, prefill chunks included (default: 8192 on GPU, 512 on CPU)"
+    )
+    max_waiting_requests: int = setting(4096, "waiting sequences before new requests are refused (429)")
+    admission: Literal["conservative", "aggressive"] = setting(
+        "conservative", "router admission: by max_tokens, or by observed lengths with preemption"
+    )
+    admission_batch: int = setting(
+        1, "a full batch of 32+ decodes admits new requests only once this many rows are free"
+    )
+    enable_prefix_caching: bool = setting(True, "share the KV of common prompt prefixes (radix cache)")
+    # Off, each step is planned after the previous one's tokens are in: the GPU waits for the
+    # host between steps.
+    overlap_scheduling: bool = setting(
+        True, "plan the next step while the current one runs (off: new requests start a step sooner)"
+    )
+    # On the CPU every operation waits for itself, and a result held back for the next step's
+    # launch would only come a step later: hence a GPU-only default.
+    launch_ahead: bool | None = setting(
+        None,
+        "with overlap scheduling, launch the next step before this one's tokens reach the host "
+        "(default: on a GPU)",
+    )
     # GPU, for tests: launching a step raises if it makes the host wait for the GPU (a blocking
     # copy, `.item()`, a boolean mask...: torch's sync debug mode, which does not see event
-    # waits). Reading prompt logprobs back is the one wait a launch may make.
+    # waits). Reading prompt logprobs back is the one wait a launch may make. Not a setting.
     check_launch_syncs: bool = False
-    seed: int = 0
-    enforce_eager: bool = False  # GPU: no CUDA graphs
-    # GPU: packed steps (prefill chunks) of up to this many tokens replay a CUDA graph too
-    # (token-count buckets); longer ones run eagerly, where the GPU, not the launches, is the
-    # bound. 0: decode graphs only.
-    max_prefill_graph_tokens: int = 2048
-    # GPU with CUDA graphs: a step with prefill chunks runs its decodes in the same pass over the
-    # weights (one GEMM per layer over all its tokens; the decodes' attention is still the decode
-    # kernel's). Off: the decodes replay a decode graph and the rest runs as a second pass.
-    fuse_mixed_steps: bool = True
-    attention_backend: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton kernels on CUDA
-    # CPU: weight-only quantization of the linear layers (lossy, so opt-in), computing in
-    # bfloat16: int8 (a scale per output row) or int4 (a scale and a zero per 32 inputs).
-    weight_quantization: Literal["none", "int8", "int4"] = "none"
-    # Seconds one step may take before the workers count as hung: every rank is killed and the
-    # in-flight requests fail with EngineDeadError. None: 60 on GPU, 300 on CPU; 0: never.
-    # The first WARMUP_STEPS steps get WARMUP_TIMEOUT_FACTOR times as long (kernel compilation).
-    step_timeout_s: float | None = None
+    seed: int = setting(0, "engine seed for requests without their own")
+    enforce_eager: bool = setting(False, "GPU: no CUDA graphs")
+    # Longer packed steps run eagerly, where the GPU, not the launches, is the bound.
+    max_prefill_graph_tokens: int = setting(
+        2048, "GPU: prefill steps of up to this many tokens replay CUDA graphs (0: decode graphs only)"
+    )
+    # The decodes' attention is still the decode kernel's.
+    fuse_mixed_steps: bool = setting(
+        True, "GPU: a step's decodes and prefill chunks share one pass over the weights (off: two passes)"
+    )
+    attention_backend: Literal["auto", "triton", "torch"] = setting(
+        "auto", "layer kernels: auto (Triton on CUDA, torch elsewhere), triton or torch"
+    )
+    # Lossy, so opt-in.
+    weight_quantization: Literal["none", "int8", "int4"] = setting(
+        "none",
+        "CPU: weight-only int8 (a scale per row) or int4 (groups of 32) linear layers, bfloat16 compute; lossy",
+    )
+    # A hung step kills every rank and fails the in-flight requests with EngineDeadError.
+    step_timeout_s: float | None = setting(
+        None,
+        f"seconds one engine step may take before the workers count as hung and are killed (default "
+        f"{DEFAULT_STEP_TIMEOUT_S_GPU:g} on GPU, {DEFAULT_STEP_TIMEOUT_S_CPU:g} on CPU; the first "
+        f"{WARMUP_STEPS} steps get {WARMUP_TIMEOUT_FACTOR:g}x; 0: never)",
+    )
+    cache_dir: str | None = setting(None, "where converted GGUF models are cached (default: ~/.cache/lightgate)")
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -101,8 +137,16 @@ class EngineConfig:
             raise ValueError(f"admission must be conservative or aggressive, got {self.admission!r}")
         if self.max_prefill_graph_tokens < 0:
             raise ValueError("max_prefill_graph_tokens must be >= 0 (0: no prefill graphs)")
-        if self.max_num_seqs is not None and self.max_num_seqs < 1:
-            raise ValueError("max_num_seqs must be at least 1")
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_waiting_requests"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value!r}")
+        if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
+            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.attention_backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"attention_backend must be auto, triton or torch, got {self.attention_backend!r}")
         quantization = self.weight_quantization
         if quantization not in ("none", "int8", "int4"):
             raise ValueError(f"weight_quantization must be none, int8 or int4, got {quantization!r}")

@@ -48,7 +48,7 @@ _STEPS_IN_FLIGHT = 2
 
 class EngineCore:
     def __init__(self, config: EngineConfig, progress: ProgressFn | None = None) -> None:
-        self.model_path = resolve_model(config.model)
+        self.model_path = resolve_model(config.model, config.cache_dir)
         hf_config = load_hf_config(self.model_path)
         shape = ModelConfig.from_hf_config(hf_config)
         config = config.resolve(max_position_embeddings=shape.max_position_embeddings)

@@ -125,7 +125,7 @@ async def openapi(request: Request) -> Response:
 
 def _model_cards(state: ServerState) -> list[ModelCard]:
     state.check_ready()
-    root = state.settings.model or state.engine.model_name
+    root = state.settings.engine.model or state.engine.model_name
     return [
         ModelCard(id=name, created=state.created, root=root, max_model_len=state.engine.max_model_len)
         for name in state.model_names
@@ -156,9 +156,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _load(state: ServerState, progress: ProgressFn | None, on_loaded: Callable[[ServerState], None] | None,
-                on_failed: Callable[[BaseException], None] | None) -> None:
+                on_failed: Callable[[BaseException], None] | None, owns_process: bool) -> None:
     try:
-        await state.engine.start(progress=progress)
+        await state.engine.start(progress=progress, freeze_startup_objects=owns_process)
     except Exception as e:
         state.load_error = e
         logger.error("the model failed to load: %s", e, exc_info=e)
@@ -192,13 +192,18 @@ def build_app(
     progress: ProgressFn | None = None,
     on_loaded: Callable[[ServerState], None] | None = None,
     on_load_failed: Callable[[BaseException], None] | None = None,
+    owns_process: bool = False,
 ) -> Starlette:
-    state = ServerState(settings, engine if engine is not None else AsyncEngine(settings.engine_config()))
+    """The app. `owns_process`: it runs in a process of its own (`lightgate serve`), whose start-up
+    objects the engine may hide from the garbage collector once loaded."""
+    state = ServerState(settings, engine if engine is not None else AsyncEngine(settings.engine))
     chat, completions = ChatServing(state), CompletionServing(state)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        loader = asyncio.create_task(_load(state, progress, on_loaded, on_load_failed), name="lightgate-load")
+        loader = asyncio.create_task(
+            _load(state, progress, on_loaded, on_load_failed, owns_process), name="lightgate-load"
+        )
         try:
             yield
         finally:

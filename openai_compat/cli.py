@@ -21,10 +21,16 @@ def _serve_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from openai_compat.config import load_settings
+    from openai_compat.config import InvalidSettingsError, load_settings
+
+    try:
+        settings = load_settings(args)
+    except InvalidSettingsError as e:
+        print(f"lightgate serve: error: {e}", file=sys.stderr)
+        return 2  # as argparse does for a bad flag
     from openai_compat.server import serve
 
-    return serve(load_settings(args))
+    return serve(settings)
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -69,8 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightgate", description="An OpenAI-compatible LLM server.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="start the server", description="Start the OpenAI-compatible server. "
-                                "Every flag can also be set as an environment variable LIGHTGATE_<NAME>.")
+    serve = commands.add_parser(
+        "serve", help="start the server",
+        description="Start the OpenAI-compatible server. Every flag can also be set as an environment variable "
+        "LIGHTGATE_<NAME> or as a key of the --config file; a flag beats the environment (and .env), which "
+        "beats the file.",
+    )
     _serve_parser(serve)
     serve.set_defaults(func=run_serve)
 

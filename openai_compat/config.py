@@ -1,28 +1,66 @@
-"""Server settings: `LIGHTGATE_*` environment variables and `.env`, overridden by CLI flags.
+"""Server settings: flags of `lightgate serve` over `LIGHTGATE_*` environment variables (and
+`.env`) over a config file (`--config lightgate.yaml`, YAML or TOML) over the defaults.
 
-This is the one place where the server reads its environment. `Settings` is resolved once
-at start-up and frozen; `engine_config()` maps it onto the engine's `EngineConfig`.
-Every field becomes a flag of `lightgate serve` (`--max-num-seqs 64`), see `add_cli_flags`.
+This is the one place where the server reads its environment. The HTTP server's own settings
+are declared here; the engine's are `EngineConfig`'s fields declared with `engine.setting` (a
+default and a help text), each of which becomes a setting of the same name: a flag
+(`--max-num-seqs 64`), an environment variable (`LIGHTGATE_MAX_NUM_SEQS`) and a config file key
+(`max_num_seqs: 64`), so that no second list of engine options is kept here. `Settings` is
+resolved once at start-up and frozen; `settings.engine` is the `EngineConfig` it describes.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Annotated, Any, Literal, get_args, get_origin
+import dataclasses
+import difflib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field, PrivateAttr, ValidationError, create_model, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
+from pydantic_settings import SettingsError as SourceError
 
 from engine import EngineConfig
 
-# Comma-separated in the environment and on the command line ("a,b"); JSON lists also work;
-# "none" is the empty list.
+ENV_PREFIX = "LIGHTGATE_"
+CONFIG_FILE_SUFFIXES = (".yaml", ".yml", ".toml")
+
+# Comma-separated in the environment and on the command line ("a,b"); JSON lists and the lists
+# of a config file also work; "none" is the empty list.
 CommaList = Annotated[list[str], NoDecode]
 
 
-class Settings(BaseSettings):
+class InvalidSettingsError(ValueError):
+    """A setting or the config file is wrong; the message names what and where."""
+
+
+def engine_settings() -> dict[str, tuple[Any, Any]]:
+    """`EngineConfig`'s settings as pydantic fields (type, `Field`): its type, default and help text."""
+    hints = get_type_hints(EngineConfig)
+    return {
+        field.name: (hints[field.name], Field(field.default, description=field.metadata["help"]))
+        for field in dataclasses.fields(EngineConfig)
+        if "help" in field.metadata
+    }
+
+
+ENGINE_SETTINGS = tuple(engine_settings())
+
+
+class _ServerSettings(BaseSettings):
+    """The HTTP server's settings; `Settings` adds the engine's (see the module docstring)."""
+
     model_config = SettingsConfigDict(
-        env_prefix="LIGHTGATE_",
+        env_prefix=ENV_PREFIX,
         env_file=".env",
         env_ignore_empty=True,  # `LIGHTGATE_MODEL=` means "the default", not an empty path
         extra="ignore",
@@ -30,7 +68,6 @@ class Settings(BaseSettings):
         protected_namespaces=(),
     )
 
-    # -- HTTP ------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     served_model_name: str | None = Field(
@@ -58,7 +95,7 @@ class Settings(BaseSettings):
         False, description="accept chat_template_kwargs.chat_template (a request's own Jinja template runs on the server)"
     )
     shutdown_timeout: float = Field(
-        30.0, ge=0, description="seconds running requests may take to finish after SIGTERM"
+        30.0, ge=0, description="seconds running requests may take to finish after SIGTERM; then they end with an error"
     )
     tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
         "auto", description="the format of tool calls in the model's text: auto (from the chat template), hermes, "
@@ -70,68 +107,11 @@ class Settings(BaseSettings):
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
     access_log: bool = Field(True, description="log one line per HTTP request")
-
-    # -- engine ------------------------------------------------------------------------------
-    model: str | None = Field(None, description="HF model directory or GGUF file (default: embedded SmolLM2-135M-Instruct)")
-    tokenizer: str | None = Field(None, description="tokenizer directory (default: the model's)")
-    dtype: str = Field("auto", description="weights and activations: auto, float32, float16, bfloat16")
-    device: str = Field("auto", description="auto, cpu or cuda")
-    kv_cache_dtype: str = Field("auto", description="auto (the model dtype) or int8")
-    weight_quantization: Literal["none", "int8", "int4"] = Field(
-        "none",
-        description="CPU: weight-only int8 (per row) or int4 (groups of 32) linear layers, bfloat16 compute; lossy",
-    )
-    kv_cache_memory_gb: float | None = Field(
-        None, gt=0, description="GiB for the KV pool (default: 1 on CPU, gpu_memory_utilization on GPU)"
-    )
-    gpu_memory_utilization: float = Field(
-        0.85, gt=0, le=1, description="GPU: fraction of free memory after the weights used for the KV pool"
-    )
-    max_model_len: int | None = Field(None, ge=1, description="context length (default: the model's)")
-    max_num_seqs: int | None = Field(None, ge=1, description="sequences running at once (default: 1024 on GPU, 256 on CPU)")
-    max_num_batched_tokens: int | None = Field(
-        None, ge=1, description="tokens per engine step (default 8192 on GPU, 512 on CPU)"
-    )
-    max_waiting_requests: int = Field(4096, ge=1, description="waiting requests before 429")
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs the model is split over")
-    admission: Literal["conservative", "aggressive"] = Field(
-        "conservative", description="router admission: by max_tokens, or by observed lengths with preemption"
-    )
-    admission_batch: int = Field(
-        1, ge=1, description="a full batch of 32+ decodes admits new requests only once this many rows are free"
-    )
-    enable_prefix_caching: bool = Field(True, description="share KV of common prompt prefixes")
-    overlap_scheduling: bool = Field(
-        True, description="plan the next step while the current one runs (off: new requests start a step sooner)"
-    )
-    launch_ahead: bool | None = Field(
-        None,
-        description="with overlap scheduling, launch the next step before this one's tokens reach the host "
-        "(default: on a GPU)",
-    )
-    enforce_eager: bool = Field(False, description="GPU: no CUDA graphs")
-    max_prefill_graph_tokens: int = Field(
-        2048, ge=0, description="GPU: prefill steps of up to this many tokens replay CUDA graphs (0: decode graphs only)"
-    )
-    fuse_mixed_steps: bool = Field(
-        True, description="GPU: a step's decodes and prefill chunks share one pass over the weights (off: two passes)"
-    )
-    attention_backend: Literal["auto", "triton", "torch"] = Field(
-        "auto", description="layer kernels: auto (Triton on CUDA, torch elsewhere), triton or torch"
-    )
-    seed: int = Field(0, description="engine seed for requests without their own")
-    step_timeout_s: float | None = Field(
-        None,
-        ge=0,
-        description="seconds one engine step may take before the workers count as hung and are killed "
-        "(default 60 on GPU, 300 on CPU; the first 4 steps get 5x; 0: never)",
-    )
     dead_worker_exit_delay: float = Field(
         5.0, ge=0, description="after a worker dies: seconds of 503 answers before the server exits with status 1"
     )
-    cache_dir: str | None = Field(
-        None, description="where converted GGUF models are cached (default ~/.cache/lightgate)"
-    )
+
+    _engine: EngineConfig = PrivateAttr()
 
     @field_validator("model_aliases", "api_keys", "cors_allow_origins", "cors_allow_headers", mode="before")
     @classmethod
@@ -139,65 +119,135 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):
-                import json
-
                 return json.loads(text)
             if text.lower() == "none":
                 return []
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
-    def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            model=self.model,
-            tokenizer=self.tokenizer,
-            dtype=self.dtype,
-            device=self.device,
-            tensor_parallel_size=self.tensor_parallel_size,
-            kv_cache_dtype=self.kv_cache_dtype,
-            weight_quantization=self.weight_quantization,
-            kv_cache_memory_gb=self.kv_cache_memory_gb,
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            max_model_len=self.max_model_len,
-            max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            max_waiting_requests=self.max_waiting_requests,
-            admission=self.admission,
-            admission_batch=self.admission_batch,
-            enable_prefix_caching=self.enable_prefix_caching,
-            overlap_scheduling=self.overlap_scheduling,
-            launch_ahead=self.launch_ahead,
-            seed=self.seed,
-            enforce_eager=self.enforce_eager,
-            max_prefill_graph_tokens=self.max_prefill_graph_tokens,
-            fuse_mixed_steps=self.fuse_mixed_steps,
-            attention_backend=self.attention_backend,
-            step_timeout_s=self.step_timeout_s,
-        )
+    @model_validator(mode="after")
+    def _build_engine_config(self) -> _ServerSettings:
+        # EngineConfig checks its values (a ValueError here is reported as a validation error).
+        values = {name: getattr(self, name) for name in ENGINE_SETTINGS if name in type(self).model_fields}
+        self._engine = EngineConfig(**values)
+        return self
+
+    @property
+    def engine(self) -> EngineConfig:
+        """The engine's settings, checked."""
+        return self._engine
+
+
+if TYPE_CHECKING:
+    # To a type checker the engine's settings are reached through `settings.engine`.
+    Settings = _ServerSettings
+else:
+    Settings = create_model(
+        "Settings", __base__=_ServerSettings, __module__=__name__, __doc__=_ServerSettings.__doc__,
+        **engine_settings(),
+    )
+
+
+def is_engine_setting(name: str) -> bool:
+    return name in ENGINE_SETTINGS
 
 
 def add_cli_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting; a flag left out keeps the environment's (or the default) value."""
+    """One flag per setting, grouped; a flag left out keeps the environment's, the config file's
+    or the default value. `--config` names the config file."""
+    parser.add_argument(
+        "--config", default=None, metavar="FILE",
+        help="a YAML (.yaml, .yml) or TOML (.toml) file of settings, keys named as the flags with "
+        "underscores (max_num_seqs: 64); flags and LIGHTGATE_* variables override it",
+    )
+    groups = {False: parser.add_argument_group("HTTP server"), True: parser.add_argument_group("engine")}
     for name, field in Settings.model_fields.items():
+        group = groups[is_engine_setting(name)]
         flag = "--" + name.replace("_", "-")
-        help_text = f"{field.description} [env LIGHTGATE_{name.upper()}]"
+        help_text = f"{field.description} [env {ENV_PREFIX}{name.upper()}]"
         annotation = field.annotation
         if annotation is bool or set(get_args(annotation)) == {bool, type(None)}:  # bool | None: unset is None
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
-        choices = None
-        if get_origin(annotation) is Literal:
-            choices = list(get_args(annotation))
-        parser.add_argument(flag, dest=name, default=None, choices=choices, help=help_text)
+        choices = list(get_args(annotation)) if get_origin(annotation) is Literal else None
+        group.add_argument(flag, dest=name, default=None, choices=choices, help=help_text)
 
 
 def load_settings(args: argparse.Namespace | None = None) -> Settings:
-    """Settings from the environment and `.env`, with the flags that were given on top."""
-    overrides = {}
+    """The settings: flags given in `args` over the environment and `.env` over the config file
+    (`args.config`) over the defaults. Raises `InvalidSettingsError` naming what is wrong."""
+    flags: dict[str, Any] = {}
+    config_file = None
     if args is not None:
-        overrides = {
-            name: value
-            for name, value in vars(args).items()
-            if name in Settings.model_fields and value is not None
-        }
-    return Settings(**overrides)
+        flags = {name: value for name, value in vars(args).items() if name in Settings.model_fields and value is not None}
+        config_file = getattr(args, "config", None)
+    settings_cls = Settings if config_file is None else _with_config_file(Path(config_file))
+    try:
+        return settings_cls(**flags)
+    except ValidationError as e:
+        raise InvalidSettingsError(_describe(e)) from None
+    except SourceError as e:
+        raise InvalidSettingsError(str(e)) from None
+
+
+def _with_config_file(path: Path) -> type[Settings]:
+    """`Settings` reading `path` below the environment (flags stay on top)."""
+    source = _config_file_source(path)
+
+    class SettingsWithFile(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return init_settings, env_settings, dotenv_settings, file_secret_settings, source
+
+    return SettingsWithFile
+
+
+def _config_file_source(path: Path) -> PydanticBaseSettingsSource:
+    """pydantic-settings' source for a YAML or TOML file, its keys checked against the settings."""
+    if path.suffix.lower() not in CONFIG_FILE_SUFFIXES:
+        raise InvalidSettingsError(f"{path}: a config file is YAML (.yaml, .yml) or TOML (.toml)")
+    if not path.is_file():
+        raise InvalidSettingsError(f"{path}: no such config file")
+    source = _file_source(path)
+    for key in source():
+        if key not in Settings.model_fields:
+            close = difflib.get_close_matches(key, list(Settings.model_fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise InvalidSettingsError(f"{path}: unknown setting {key!r}{hint}")
+    return source
+
+
+def _file_source(path: Path) -> PydanticBaseSettingsSource:
+    import yaml
+
+    if path.suffix.lower() == ".toml":
+        try:
+            return TomlConfigSettingsSource(Settings, toml_file=path)
+        except ValueError as e:  # tomllib.TOMLDecodeError
+            raise InvalidSettingsError(f"{path}: not valid TOML: {e}") from None
+    try:
+        # The source takes a mapping for granted; a list or a scalar would fail obscurely there.
+        if not isinstance(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, dict):
+            raise InvalidSettingsError(f"{path}: the file must map setting names to values")
+        return YamlConfigSettingsSource(Settings, yaml_file=path, yaml_file_encoding="utf-8")
+    except yaml.YAMLError as e:
+        raise InvalidSettingsError(f"{path}: not valid YAML: {e}") from None
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for problem in error.errors(include_url=False):
+        name = ".".join(str(part) for part in problem["loc"])
+        message = problem["msg"].removeprefix("Value error, ")
+        if name:
+            lines.append(f"{name}: {message} (got {problem['input']!r})")
+        else:  # EngineConfig's own checks, which name the setting
+            lines.append(message)
+    return "invalid settings: " + "; ".join(lines)

@@ -64,6 +64,16 @@ def invalid_json() -> OpenAIError:
     )
 
 
+def unsupported_content_type(content_type: str | None) -> OpenAIError:
+    """A body that is not declared JSON: refused as OpenAI refuses it (400), whatever it holds."""
+    given = f"Content-Type '{content_type}'" if content_type else "no Content-Type header"
+    return OpenAIError(
+        f"Unsupported content type: the request has {given}, and this endpoint accepts only "
+        "'application/json' bodies. Send the header 'Content-Type: application/json'.",
+        code="unsupported_content_type",
+    )
+
+
 def model_not_found(model: str) -> OpenAIError:
     return OpenAIError(
         f"The model `{model}` does not exist.", status_code=404, param="model", code="model_not_found"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
@@ -29,7 +30,7 @@ _RESPONSES: list[type[BaseModel]] = [
     TokenizeResponse, DetokenizeResponse, ErrorResponse,
 ]
 _ERRORS = {
-    "400": "Invalid request (the field is named in `error.param`)",
+    "400": "Invalid request (the field is named in `error.param`), or a body not sent as application/json",
     "401": "Missing or wrong API key",
     "404": "Unknown model",
     "429": "Too many waiting requests; see Retry-After",
@@ -37,68 +38,77 @@ _ERRORS = {
 }
 
 
-@cache
-def openapi_document(version: str) -> dict[str, Any]:
-    inputs: list[tuple[type[BaseModel], JsonSchemaMode]] = [(m, "validation") for m in _REQUESTS]
-    outputs: list[tuple[type[BaseModel], JsonSchemaMode]] = [(m, "serialization") for m in _RESPONSES]
-    refs, top = models_json_schema([*inputs, *outputs], ref_template="#/components/schemas/{model}")
+class _Operations:
+    """The document's operations, their bodies referring to the shared schemas in `refs`."""
 
-    def ref(model: type[BaseModel], mode: JsonSchemaMode) -> dict[str, Any]:
-        return dict(refs[(model, mode)])
+    def __init__(self, refs: Mapping[tuple[Any, JsonSchemaMode], Any]) -> None:
+        self.refs = refs
+        self.errors = {
+            status: {"description": text, **_json_body(self.ref(ErrorResponse, "serialization"))}
+            for status, text in _ERRORS.items()
+        }
 
-    def json_body(schema: dict[str, Any]) -> dict[str, Any]:
-        return {"content": {"application/json": {"schema": schema}}}
+    def ref(self, model: type[BaseModel], mode: JsonSchemaMode) -> dict[str, Any]:
+        return dict(self.refs[(model, mode)])
 
-    errors = {status: {"description": text, **json_body(ref(ErrorResponse, "serialization"))}
-              for status, text in _ERRORS.items()}
-
-    def generation(request: type[BaseModel], response: type[BaseModel], chunk: type[BaseModel]) -> dict[str, Any]:
+    def generation(self, request: type[BaseModel], response: type[BaseModel], chunk: type[BaseModel]) -> dict[str, Any]:
+        """A POST answered with JSON, or with server-sent events of `chunk` when streamed."""
         return {
             "post": {
-                "requestBody": {"required": True, **json_body(ref(request, "validation"))},
+                "requestBody": {"required": True, **_json_body(self.ref(request, "validation"))},
                 "responses": {
                     "200": {
                         "description": "The response, or with `stream: true` server-sent events "
                         "(`data: {chunk}`, then `data: [DONE]`)",
                         "content": {
-                            "application/json": {"schema": ref(response, "serialization")},
-                            "text/event-stream": {"schema": ref(chunk, "serialization")},
+                            "application/json": {"schema": self.ref(response, "serialization")},
+                            "text/event-stream": {"schema": self.ref(chunk, "serialization")},
                         },
                     },
-                    **errors,
+                    **self.errors,
                 },
             }
         }
 
-    def simple(method: str, response: type[BaseModel], request: type[BaseModel] | None = None) -> dict[str, Any]:
+    def simple(self, method: str, response: type[BaseModel], request: type[BaseModel] | None = None) -> dict[str, Any]:
         operation: dict[str, Any] = {
-            "responses": {"200": {"description": "OK", **json_body(ref(response, "serialization"))}, **errors}
+            "responses": {"200": {"description": "OK", **_json_body(self.ref(response, "serialization"))}, **self.errors}
         }
         if request is not None:
-            operation["requestBody"] = {"required": True, **json_body(ref(request, "validation"))}
+            operation["requestBody"] = {"required": True, **_json_body(self.ref(request, "validation"))}
         return {method: operation}
 
+
+def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _paths(ops: _Operations) -> dict[str, Any]:
     text = {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    model_param = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+    return {
+        "/v1/chat/completions": ops.generation(ChatCompletionRequest, ChatCompletionResponse, ChatCompletionChunk),
+        "/v1/completions": ops.generation(CompletionRequest, CompletionResponse, CompletionResponse),
+        "/v1/models": ops.simple("get", ModelList),
+        "/v1/models/{model}": {"get": {"parameters": [model_param], **ops.simple("get", ModelCard)["get"]}},
+        "/tokenize": ops.simple("post", TokenizeResponse, TokenizeRequest),
+        "/detokenize": ops.simple("post", DetokenizeResponse, DetokenizeRequest),
+        "/health": {"get": {"responses": {"200": {"description": "Ready"}, "503": {"description": "Not ready"}}}},
+        "/metrics": {"get": {"responses": {"200": text}}},
+        "/version": {"get": {"responses": {"200": {"description": "The server version"}}}},
+    }
+
+
+@cache
+def openapi_document(version: str) -> dict[str, Any]:
+    inputs: list[tuple[type[BaseModel], JsonSchemaMode]] = [(m, "validation") for m in _REQUESTS]
+    outputs: list[tuple[type[BaseModel], JsonSchemaMode]] = [(m, "serialization") for m in _RESPONSES]
+    refs, top = models_json_schema([*inputs, *outputs], ref_template="#/components/schemas/{model}")
     return {
         "openapi": "3.1.0",
         "info": {"title": "lightgate", "version": version,
                  "description": "An OpenAI-compatible LLM server with its own inference engine."},
-        "paths": {
-            "/v1/chat/completions": generation(ChatCompletionRequest, ChatCompletionResponse, ChatCompletionChunk),
-            "/v1/completions": generation(CompletionRequest, CompletionResponse, CompletionResponse),
-            "/v1/models": simple("get", ModelList),
-            "/v1/models/{model}": {
-                "get": {
-                    "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
-                    **simple("get", ModelCard)["get"],
-                }
-            },
-            "/tokenize": simple("post", TokenizeResponse, TokenizeRequest),
-            "/detokenize": simple("post", DetokenizeResponse, DetokenizeRequest),
-            "/health": {"get": {"responses": {"200": {"description": "Ready"}, "503": {"description": "Not ready"}}}},
-            "/metrics": {"get": {"responses": {"200": text}}},
-            "/version": {"get": {"responses": {"200": {"description": "The server version"}}}},
-        },
+        "paths": _paths(_Operations(refs)),
         "components": {
             "schemas": top.get("$defs", {}),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},

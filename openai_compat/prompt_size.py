@@ -7,10 +7,48 @@ its longest token, measured once at start-up: `PromptBound.of`), so a text of N 
 at least ceil(N / L) tokens, and when even that does not fit the context the request gets the
 context-length 400 at once (`check_prompt_text`), saying "at least".
 
-The bound is used only where the tokenizer's structure makes it hold (see `PromptBound.of`);
-for any other tokenizer there is none and every prompt is tokenized, as before. It is loose
-(L is 81 for the default model, whose longest token is a newline and 80 spaces), so it only
-ever catches prompts far too long, never one near the limit.
+The bound is used only where the tokenizer's structure makes it hold (below); for any other
+tokenizer there is none and every prompt is tokenized, as before. It is loose (L is 81 for the
+default model, whose longest token is a newline and 80 spaces), so it only ever catches prompts
+far too long, never one near the limit.
+
+Why ceil(N / L) tokens at least, for a text of N characters (Python str characters, code
+points, as the Rust tokenizer sees them):
+
+- The text is first split at added (special) tokens, each matched literally: such a
+  token stands for exactly len(content) characters. One with lstrip/rstrip would swallow
+  any amount of whitespace: not vouched for.
+- The normalizer may only lengthen the text (Prepend, Lowercase, a Replace by something
+  no shorter) and the pre-tokenizer only split it: every character is still there, in
+  some piece. Normalizers that drop or merge characters (Strip, NFC, BERT's cleaning,
+  SentencePiece's whitespace folding) and pre-tokenizers that drop them (Whitespace,
+  BERT's, Split with Removed) are not vouched for.
+- BPE then covers each piece with tokens, without gaps when every character is in the
+  vocabulary (byte-level: all 256 byte characters; otherwise byte fallback with all 256
+  `<0xXX>` tokens) or when each unknown one becomes an unknown token of its own (not
+  fused). A byte-level vocabulary missing some bytes drops them: the characters
+  beginning with such a byte are left out of N (`dropped_first_bytes`). Now each
+  character counted is covered by a token, and summing over the tokens,
+  N <= sum of (characters each token stands for) <= (number of tokens) * L.
+- What a token stands for: for BPE on characters, the characters of its piece of text,
+  at most len(token string) (a continuing-subword prefix, `<0xXX>` and the unknown token
+  stand for fewer characters than their strings have: L only gets larger, the bound
+  weaker). For byte-level BPE a token is a run of UTF-8 bytes, not necessarily whole
+  characters: count each character of the text at its first byte, so a token stands for
+  as many characters as it holds first bytes (ASCII or lead bytes, not continuation
+  bytes). Its bytes decoded alone, each invalid or cut-off sequence replaced by one
+  U+FFFD (Python's errors="replace"; `tokenizer.decode([id])` gives the same), give at
+  least one character per first byte: the whole character, or a U+FFFD for one cut off
+  at the token's end; stray continuation bytes at its start add more U+FFFD. A 3-byte
+  character split over two tokens counts once in the text but decodes to a U+FFFD in
+  each token. So characters of the decoded token are what L measures, and the bound
+  stays valid. (Raw token strings, one character per byte, would also do, but are
+  looser: a CJK character is one character of text, three of the token string.)
+- Tokens added on top (BOS from add_special_tokens, the chat template's markers) only
+  make the count larger.
+
+transformers' fast tokenizers hand the text to this Rust tokenizer unchanged; a
+tokenizer without one (a slow, Python tokenizer) is not vouched for.
 """
 
 from __future__ import annotations
@@ -48,7 +86,7 @@ class PromptAtLeastTooLongError(PromptTooLongError):
 
 @dataclass(frozen=True)
 class PromptBound:
-    """The fewest tokens a text can encode to, from its length: see `of` for why it holds."""
+    """The fewest tokens a text can encode to, from its length (the module docstring says why)."""
 
     max_chars_per_token: int  # L
     # Byte-level tokenizers whose vocabulary lacks some bytes drop the characters starting with
@@ -69,70 +107,12 @@ class PromptBound:
     @classmethod
     def of(cls, tokenizer: Any) -> PromptBound | None:
         """The bound for `tokenizer`, or None when its structure does not vouch for one (then no
-        prompt is refused before tokenizing). A few tenths of a second for a vocabulary of 50 000,
-        once, at start-up.
-
-        Why ceil(N / L) tokens at least, for a text of N characters (Python str characters, code
-        points, as the Rust tokenizer sees them):
-
-        - The text is first split at added (special) tokens, each matched literally: such a
-          token stands for exactly len(content) characters. One with lstrip/rstrip would swallow
-          any amount of whitespace: not vouched for.
-        - The normalizer may only lengthen the text (Prepend, Lowercase, a Replace by something
-          no shorter) and the pre-tokenizer only split it: every character is still there, in
-          some piece. Normalizers that drop or merge characters (Strip, NFC, BERT's cleaning,
-          SentencePiece's whitespace folding) and pre-tokenizers that drop them (Whitespace,
-          BERT's, Split with Removed) are not vouched for.
-        - BPE then covers each piece with tokens, without gaps when every character is in the
-          vocabulary (byte-level: all 256 byte characters; otherwise byte fallback with all 256
-          `<0xXX>` tokens) or when each unknown one becomes an unknown token of its own (not
-          fused). A byte-level vocabulary missing some bytes drops them: the characters
-          beginning with such a byte are left out of N (`dropped_first_bytes`). Now each
-          character counted is covered by a token, and summing over the tokens,
-          N <= sum of (characters each token stands for) <= (number of tokens) * L.
-        - What a token stands for: for BPE on characters, the characters of its piece of text,
-          at most len(token string) (a continuing-subword prefix, `<0xXX>` and the unknown token
-          stand for fewer characters than their strings have: L only gets larger, the bound
-          weaker). For byte-level BPE a token is a run of UTF-8 bytes, not necessarily whole
-          characters: count each character of the text at its first byte, so a token stands for
-          as many characters as it holds first bytes (ASCII or lead bytes, not continuation
-          bytes). Its bytes decoded alone, each invalid or cut-off sequence replaced by one
-          U+FFFD (Python's errors="replace"; `tokenizer.decode([id])` gives the same), give at
-          least one character per first byte: the whole character, or a U+FFFD for one cut off
-          at the token's end; stray continuation bytes at its start add more U+FFFD. A 3-byte
-          character split over two tokens counts once in the text but decodes to a U+FFFD in
-          each token. So characters of the decoded token are what L measures, and the bound
-          stays valid. (Raw token strings, one character per byte, would also do, but are
-          looser: a CJK character is one character of text, three of the token string.)
-        - Tokens added on top (BOS from add_special_tokens, the chat template's markers) only
-          make the count larger.
-
-        transformers' fast tokenizers hand the text to this Rust tokenizer unchanged; a
-        tokenizer without one (a slow, Python tokenizer) is not vouched for.
-        """
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is None:
-            logger.info("prompts are always tokenized before their context-length check: no fast tokenizer")
+        prompt is refused before tokenizing); the module docstring says when and why it holds.
+        Run once, at start-up: it measures every token of the vocabulary."""
+        spec = _vouched_spec(tokenizer)
+        if spec is None:
             return None
-        spec = json.loads(backend.to_str())
-        reason = _why_not(spec)
-        if reason is not None:
-            logger.info("prompts are always tokenized before their context-length check: %s", reason)
-            return None
-        model = spec["model"]
-        vocab: dict[str, int] = model["vocab"]
-        dropped = b""
-        if _byte_level(spec):
-            byte_of = _byte_decoder()
-            chars: Callable[[str], int] = _decoded_chars(byte_of)
-            if not _unknown_per_character(model):
-                dropped = bytes(b for c, b in byte_of.items() if c not in vocab and b in _FIRST_BYTES)
-        else:
-            chars = len
-        longest = max((chars(token) for token in vocab), default=1)
-        for added in spec.get("added_tokens", []):
-            longest = max(longest, len(added["content"]))
-        return cls(max(longest, 1), dropped)
+        return cls(*_longest_token(spec))
 
 
 def check_prompt_text(text: str, bound: PromptBound | None, max_model_len: int, max_tokens: int | None) -> None:
@@ -147,6 +127,40 @@ def check_prompt_text(text: str, bound: PromptBound | None, max_model_len: int, 
     at_least = bound.min_tokens(text, exact_from=refused_from)
     if at_least >= refused_from:
         raise PromptAtLeastTooLongError(max_model_len, at_least, 1 if max_tokens is None else max_tokens)
+
+
+def _vouched_spec(tokenizer: Any) -> dict[str, Any] | None:
+    """The fast tokenizer's description (its tokenizer.json), or None, logged, when the bound
+    does not hold for it."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        logger.info("prompts are always tokenized before their context-length check: no fast tokenizer")
+        return None
+    spec: dict[str, Any] = json.loads(backend.to_str())
+    reason = _why_not(spec)
+    if reason is not None:
+        logger.info("prompts are always tokenized before their context-length check: %s", reason)
+        return None
+    return spec
+
+
+def _longest_token(spec: dict[str, Any]) -> tuple[int, bytes]:
+    """L, the most characters of text a token stands for, and the first bytes of the characters
+    a byte-level vocabulary lacks (dropped from the text)."""
+    model = spec["model"]
+    vocab: dict[str, int] = model["vocab"]
+    dropped = b""
+    if _byte_level(spec):
+        byte_of = _byte_decoder()
+        chars: Callable[[str], int] = _decoded_chars(byte_of)
+        if not _unknown_per_character(model):
+            dropped = bytes(b for c, b in byte_of.items() if c not in vocab and b in _FIRST_BYTES)
+    else:
+        chars = len
+    longest = max((chars(token) for token in vocab), default=1)
+    for added in spec.get("added_tokens", []):
+        longest = max(longest, len(added["content"]))
+    return max(longest, 1), dropped
 
 
 def _byte_decoder() -> dict[str, int]:

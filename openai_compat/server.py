@@ -1,25 +1,28 @@
 """`lightgate serve`: uvicorn around the app, a load progress bar, graceful SIGTERM.
 
 On SIGTERM (or Ctrl-C) the server stops accepting connections, answers 503 to new requests
-on open ones, lets running requests finish for up to `shutdown_timeout` seconds, aborts the
-rest, shuts the engine down and exits 0. A second Ctrl-C forces the exit.
+on open ones, lets running requests finish for up to `shutdown_timeout` seconds, then aborts the
+rest (a stream ends with an error event and `data: [DONE]`, any other request gets a 503), shuts
+the engine down and exits 0. A second Ctrl-C forces the exit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-import os
+import math
 import signal
+import socket
 import sys
 import threading
-from collections.abc import Callable, Generator
+import time
+from collections.abc import Awaitable, Callable, Generator
 from types import FrameType
 
 import uvicorn
 from tqdm import tqdm
 
-from engine.gc_tuning import freeze_startup_objects, unfreeze
 from openai_compat.app import build_app
 from openai_compat.config import Settings
 from openai_compat.serving_base import ServerState
@@ -48,16 +51,50 @@ class LoadProgress:
                 self._bar = None
 
 
-class GracefulServer(uvicorn.Server):
-    """uvicorn's server, marking the app as draining on the first signal and exiting 0 after it."""
+# After the drain's time is up and the running requests are aborted, how long uvicorn still
+# waits for their responses to go out before it cuts the connections (a client that stopped
+# reading); ended streams write their last events at once.
+_END_GRACE_S = 2
+_ABORT_INTERVAL_S = 0.1
 
-    def __init__(self, config: uvicorn.Config, on_exit_signal: Callable[[], None]) -> None:
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, marking the app as draining on the first signal, ending what still runs
+    `drain_timeout_s` after it (`end_requests`) and exiting 0 after it."""
+
+    def __init__(
+        self, config: uvicorn.Config, on_exit_signal: Callable[[], None], end_requests: Callable[[], Awaitable[None]],
+        drain_timeout_s: float,
+    ) -> None:
         super().__init__(config)
         self._on_exit_signal = on_exit_signal
+        self._end_requests = end_requests
+        self._drain_timeout_s = drain_timeout_s
+        self._drain_deadline: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_deadline is None:
+            self._drain_deadline = time.monotonic() + self._drain_timeout_s
         self._on_exit_signal()
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn waits for the open connections, then cancels their tasks: a stream cut that way
+        # ends without its last bytes. The deadline comes first, and ends the requests the way
+        # the app ends any aborted request.
+        ending = asyncio.create_task(self._end_requests_at_deadline())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            ending.cancel()
+
+    async def _end_requests_at_deadline(self) -> None:
+        deadline = self._drain_deadline if self._drain_deadline is not None else time.monotonic()
+        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+        logger.warning("shutdown timeout: aborting the requests still running")
+        while True:  # also those that reached the engine after the first pass
+            await self._end_requests()
+            await asyncio.sleep(_ABORT_INTERVAL_S)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -80,9 +117,6 @@ def serve(settings: Settings) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if settings.cache_dir:
-        # The engine's model loader (and its worker processes) read the cache location from here.
-        os.environ["LIGHTGATE_CACHE_DIR"] = settings.cache_dir
     progress = LoadProgress()
     server: GracefulServer | None = None
     url = f"http://{settings.host}:{settings.port}"
@@ -95,14 +129,13 @@ def serve(settings: Settings) -> int:
             "lightgate serving %s at %s/v1 (KV cache capacity %d tokens, max_model_len %d)",
             state.served_model_name, url, stats.kv_cache_capacity_tokens, state.engine.max_model_len,
         )
-        freeze_startup_objects()
 
     def on_load_failed(error: BaseException) -> None:
         progress.close()
         if server is not None:
             server.should_exit = True
 
-    app = build_app(settings, progress=progress, on_loaded=on_loaded, on_load_failed=on_load_failed)
+    app = build_app(settings, progress=progress, on_loaded=on_loaded, on_load_failed=on_load_failed, owns_process=True)
     state: ServerState = app.state.server
 
     def start_draining() -> None:
@@ -116,10 +149,9 @@ def serve(settings: Settings) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=settings.access_log,
-        timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout) + _END_GRACE_S,
         lifespan="on",
     )
-    server = GracefulServer(config, start_draining)
+    server = GracefulServer(config, start_draining, state.engine.abort_all, settings.shutdown_timeout)
     server.run()
-    unfreeze()
     return 1 if state.load_error is not None or state.engine.errored else 0

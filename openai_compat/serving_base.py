@@ -29,6 +29,7 @@ from openai_compat.errors import (
     invalid_json,
     model_not_found,
     not_ready,
+    unsupported_content_type,
 )
 from openai_compat.metrics import Metrics, RequestRecorder
 from openai_compat.prompt_size import PromptBound
@@ -115,7 +116,12 @@ class ServerState:
 
 
 async def parse_body(request: Request, model: type[M]) -> M:
-    """The request body validated as `model`; 400 naming the field on any problem."""
+    """The request body validated as `model`; 400 naming the field on any problem, and 400
+    `unsupported_content_type` unless the body is declared JSON (`application/json`, any
+    parameters such as `; charset=utf-8`), before it is read."""
+    content_type = request.headers.get("content-type")
+    if content_type is None or content_type.partition(";")[0].strip().lower() != "application/json":
+        raise unsupported_content_type(content_type)
     try:
         body = await request.body()
     except ClientDisconnect:  # gone before sending the whole body: nothing to answer, not an error
@@ -133,7 +139,7 @@ async def parse_body(request: Request, model: type[M]) -> M:
 def check_num_sequences(state: ServerState, num_sequences: int, param: str) -> None:
     """400 for a request that asks for more sequences (prompts x n) than the server ever queues:
     a 429 would have the client retry forever."""
-    limit = state.settings.max_waiting_requests
+    limit = state.settings.engine.max_waiting_requests
     if num_sequences > limit:
         raise OpenAIError(
             f"This request asks for {num_sequences} sequences (prompts x n); the server queues at most {limit}.",

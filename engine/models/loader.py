@@ -1,8 +1,9 @@
 """Finding a model (`resolve_model`) and building it with its weights (`load_model`).
 
 resolve_model: None -> the embedded default GGUF; a GGUF file -> a cached HF directory
-(converted once, written to a temporary directory and renamed into place so that a crash
-never leaves a half-written cache entry); an HF directory -> itself.
+under `cache_dir` (`EngineConfig.cache_dir`; converted once, written to a temporary directory
+and renamed into place so that a crash never leaves a half-written cache entry); an HF
+directory -> itself.
 
 load_model: config.json -> registry class -> parameters allocated uninitialised on the
 target device -> every checkpoint tensor opened lazily (safetensors' `get_slice` over the
@@ -55,10 +56,8 @@ def default_gguf_path() -> str:
     raise FileNotFoundError(f"no .gguf file in the {DEFAULT_MODEL_PACKAGE!r} package")
 
 
-def cache_dir() -> str:
-    return os.environ.get("LIGHTGATE_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "lightgate"
-    )
+def default_cache_dir() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "lightgate")
 
 
 def _is_gguf(path: str) -> bool:
@@ -66,10 +65,11 @@ def _is_gguf(path: str) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def resolve_model(model: str | None) -> str:
-    """A local directory in Hugging Face layout for `model` (see the module docstring)."""
+def resolve_model(model: str | None, cache_dir: str | None = None) -> str:
+    """A local directory in Hugging Face layout for `model` (see the module docstring); GGUF
+    files are converted into `cache_dir` (default: `default_cache_dir()`)."""
     if model is None:
-        return gguf_to_hf_dir(default_gguf_path())
+        return gguf_to_hf_dir(default_gguf_path(), cache_dir)
     path = os.path.expanduser(model)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -78,18 +78,18 @@ def resolve_model(model: str | None) -> str:
     if os.path.isfile(path):
         if not _is_gguf(path):
             raise ValueError(f"{path!r} is neither a GGUF file nor a model directory")
-        return gguf_to_hf_dir(path)
+        return gguf_to_hf_dir(path, cache_dir)
     raise FileNotFoundError(f"model {model!r} not found: pass a local HF directory or a .gguf file")
 
 
-def gguf_to_hf_dir(gguf_path: str) -> str:
-    """Convert `gguf_path` once; later calls return the cached directory at once."""
+def gguf_to_hf_dir(gguf_path: str, cache_dir: str | None = None) -> str:
+    """Convert `gguf_path` once into `cache_dir`; later calls return the cached directory at once."""
     gguf_path = os.path.abspath(gguf_path)
     stat = os.stat(gguf_path)
     key = f"{_CACHE_FORMAT}|{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     stem = os.path.splitext(os.path.basename(gguf_path))[0]
-    root = cache_dir()
+    root = os.path.expanduser(cache_dir or default_cache_dir())
     target = os.path.join(root, f"{stem}-{digest}")
     if os.path.isfile(os.path.join(target, "config.json")):
         return target

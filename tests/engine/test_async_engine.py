@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -143,6 +144,41 @@ async def test_closing_the_stream_aborts_and_frees_slots(model_dir: str) -> None
         assert len(done[-1].outputs[0].token_ids) == 3
     finally:
         await engine.shutdown()
+
+
+async def test_abort_all_ends_every_open_request_as_aborted(model_dir: str) -> None:
+    engine = await _started(model_dir)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+        streams = [engine.generate(list(range(3, 40)), params, f"r{i}") for i in range(3)]
+        for stream in streams:
+            await stream.__anext__()
+        await engine.abort_all()
+        for stream in streams:
+            last = [out async for out in stream][-1]
+            assert last.finished and last.outputs[0].finish_reason == "abort"
+        stats = engine.stats()
+        assert stats.num_running == 0 and stats.kv_cache_usage == 0
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_server_process_freezes_its_startup_objects_until_shutdown(model_dir: str) -> None:
+    engine = AsyncEngine(EngineConfig(model=model_dir, dtype="float32", kv_cache_memory_gb=0.01))
+    assert gc.get_freeze_count() == 0
+    thresholds = gc.get_threshold()
+    await engine.start(freeze_startup_objects=True)
+    try:
+        assert gc.get_freeze_count() > 0  # out of the collector's view: the model, tokenizer, modules
+    finally:
+        await engine.shutdown()
+        gc.set_threshold(*thresholds)  # the rest of this test process collects as before
+    assert gc.get_freeze_count() == 0
+    plain = await _started(model_dir)  # a caller that does not own its process: nothing frozen
+    try:
+        assert gc.get_freeze_count() == 0
+    finally:
+        await plain.shutdown()
 
 
 async def test_a_sink_gets_each_output_once_in_order_as_the_iterator_does(model_dir: str) -> None:

@@ -159,15 +159,14 @@ def test_each_rank_reads_only_its_shard(
 
 
 def test_gguf_model_is_read_by_shard_too(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reads: list[tuple[str, Region, int]]
+    tmp_path: Path, reads: list[tuple[str, Region, int]]
 ) -> None:
     from tests.engine.models.test_gguf import QT, write_gguf
 
-    monkeypatch.setenv("LIGHTGATE_CACHE_DIR", str(tmp_path / "cache"))
     config = tiny_config("llama", tie_word_embeddings=False)
     hf = save_tiny_model(str(tmp_path / "hf"), config)
     write_gguf(tmp_path / "tiny.gguf", hf, QT.F32)
-    converted = resolve_model(str(tmp_path / "tiny.gguf"))  # the cached safetensors directory
+    converted = resolve_model(str(tmp_path / "tiny.gguf"), str(tmp_path / "cache"))  # the cached safetensors directory
     per_rank = _assert_each_rank_reads_its_shard(converted, config, reads)
     total = sum(math.prod(s) for s in _checkpoint_shapes(converted).values()) * 4
     assert all(n < 0.55 * total for n in per_rank), (per_rank, total)

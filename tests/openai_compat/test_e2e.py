@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -263,3 +265,37 @@ def test_sigterm_drains_finishes_running_requests_then_exits_0(tiny_model_dir: A
     assert server.stop() == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/health")
+
+
+def test_the_shutdown_timeout_ends_running_requests_with_an_error_then_exits(tiny_model_dir: Any, tmp_path: Any) -> None:
+    """Requests still running when the drain's time is up end as OpenAI ends a failed request: a
+    stream with an error event and `[DONE]` (not a connection cut mid-body), a plain request with
+    a 503; then the server exits 0."""
+    timeout = 3.0
+    server = ProcessServer(
+        "--model", str(tiny_model_dir), *TINY_ARGS, "--max-model-len", "4096", "--shutdown-timeout", str(timeout),
+        log_dir=tmp_path,
+    ).wait_healthy()
+    long = {"model": TINY, "messages": PROMPT, "max_tokens": 4000, "ignore_eos": True}  # far past the timeout
+    with ThreadPoolExecutor(1) as pool:
+        plain = pool.submit(httpx.post, f"{server.url}/v1/chat/completions", json=long, timeout=60)
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**long, "stream": True},
+                          timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            assert wait_for(lambda: metric_value(get_metrics(server.url), "lightgate:num_requests_running") == 2, 30)
+            server.proc.send_signal(15)
+            signalled = time.monotonic()
+            rest = [line for line in lines if line]  # raises if the body is cut
+            ended = time.monotonic() - signalled
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2][6:])
+        validate("ErrorResponse", error)
+        assert error["error"]["code"] == "aborted" and len(rest) > 2  # it streamed on while draining
+        assert timeout - 0.5 <= ended <= timeout + 5, ended
+        answer = plain.result()
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "aborted", answer.text
+    assert server.stop(timeout=30) == 0
+    assert time.monotonic() - signalled < timeout + 30
+    log = server.log()
+    assert "Traceback" not in log and "timeout graceful shutdown exceeded" not in log, log[-3000:]

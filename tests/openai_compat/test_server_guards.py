@@ -1,16 +1,19 @@
 """Requests that must not cost the server more than an error: a request's own chat template,
-a body cut short, stream options without a stream, loose token-id keys, JSON values of the
-wrong type, edge seeds; on the shared `tiny_server`."""
+a body cut short, a body not declared JSON, stream options without a stream, loose token-id
+keys, JSON values of the wrong type, edge seeds; on the shared `tiny_server`."""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from urllib.parse import urlparse
 
+import httpx
 import pytest
 
-from tests.openai_compat.servers import CHAT, GREEDY, TINY, ProcessServer, post
+from tests.openai_compat.openai_schema import validate
+from tests.openai_compat.servers import CHAT, GREEDY, TINY, ProcessServer, counter, get_metrics, post
 
 # Three nested loops of 10^5: hours of Jinja, were it run.
 SLOW_TEMPLATE = (
@@ -51,6 +54,33 @@ def test_a_body_cut_short_is_not_a_server_error(tiny_server: ProcessServer) -> N
     time.sleep(0.3)
     log = tiny_server.log()
     assert "unexpected error" not in log and "Exception in ASGI application" not in log, log[-2000:]
+
+
+BODIES = {
+    "/v1/chat/completions": {**CHAT, "max_tokens": 2},
+    "/v1/completions": {"model": TINY, "prompt": "hi", "max_tokens": 2},
+    "/tokenize": {"model": TINY, "prompt": "hi"},
+}
+
+
+@pytest.mark.parametrize("path", list(BODIES))
+def test_a_body_not_declared_json_is_refused(tiny_server: ProcessServer, path: str) -> None:
+    # As OpenAI's API: a valid JSON body is refused (400 unsupported_content_type, before any
+    # work) unless its Content-Type is application/json, with or without parameters.
+    url, body = tiny_server.url, json.dumps(BODIES[path]).encode()
+    tokens_before = counter(get_metrics(url), "lightgate:generation_tokens_total")
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "application/jsonl", None):
+        headers = {"Content-Type": content_type} if content_type else {}
+        r = httpx.post(url + path, content=body, headers=headers, timeout=60)
+        assert r.status_code == 400, r.text
+        validate("ErrorResponse", r.json())
+        error = r.json()["error"]
+        assert error["code"] == "unsupported_content_type" and error["type"] == "invalid_request_error"
+        assert (content_type or "no Content-Type") in error["message"] and "application/json" in error["message"]
+    assert counter(get_metrics(url), "lightgate:generation_tokens_total") == tokens_before  # nothing generated
+    for content_type in ("application/json; charset=utf-8", "Application/JSON", "application/json;charset=UTF-8"):
+        r = httpx.post(url + path, content=body, headers={"Content-Type": content_type}, timeout=60)
+        assert r.status_code == 200, (content_type, r.text)
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])

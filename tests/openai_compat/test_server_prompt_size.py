@@ -244,7 +244,10 @@ def test_a_body_over_the_limit_is_not_read(small_body_server: ProcessServer) -> 
         assert _read_response(sock).startswith(b"HTTP/1.1 413 ")
     # A chunked body that never ends: answered once the chunks sent pass the limit.
     with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
         chunk = b"x" * 1000
         for _ in range(BODY_LIMIT // len(chunk) + 1):
             sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))

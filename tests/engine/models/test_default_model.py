@@ -25,11 +25,7 @@ MAX_NEW_TOKENS = 12
 def converted(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The default model converted once into a fresh cache directory."""
     cache = tmp_path_factory.mktemp("cache")
-    os.environ["LIGHTGATE_CACHE_DIR"] = str(cache)
-    try:
-        path = resolve_model(None)
-    finally:
-        del os.environ["LIGHTGATE_CACHE_DIR"]
+    path = resolve_model(None, str(cache))
     assert Path(path).parent == cache
     return path
 

@@ -104,8 +104,8 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> nn.Module:
 
 
 @pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LIGHTGATE_CACHE_DIR", str(tmp_path / "cache"))
+def cache(tmp_path: Path) -> Path:
+    """A fresh cache directory for the converted models (`EngineConfig.cache_dir`)."""
     return tmp_path / "cache"
 
 
@@ -115,7 +115,7 @@ def test_converted_tensors_equal_gguf_dequantize(
 ) -> None:
     file = tmp_path / f"tiny-{qtype.name}.gguf"
     write_gguf(file, tiny_hf, qtype)
-    converted = load_file(os.path.join(resolve_model(str(file)), "model.safetensors"))
+    converted = load_file(os.path.join(resolve_model(str(file), str(cache)), "model.safetensors"))
     cfg: Any = tiny_hf.config
     reader = gguf.GGUFReader(str(file))
     assert len(converted) == len(reader.tensors)
@@ -143,7 +143,7 @@ def test_f32_gguf_model_matches_original_and_transformers_gguf(
 
     file = tmp_path / "tiny.gguf"
     write_gguf(file, tiny_hf, QT.F32)
-    model = load_model(resolve_model(str(file)), torch.float32, "cpu")
+    model = load_model(resolve_model(str(file), str(cache)), torch.float32, "cpu")
     prompt = list(range(3, 40, 3))
     ours = Harness(model).prefill(0, prompt)
     assert rel_err(ours, tiny_hf(torch.tensor([prompt])).logits[0]) < 1e-4
@@ -156,7 +156,7 @@ def test_qwen3_gguf_keeps_its_head_size_and_qk_norms(tmp_path: Path, cache: Path
     hf = save_tiny_model(str(tmp_path / "hf"), tiny_config("qwen3", num_hidden_layers=1, tie_word_embeddings=False))
     file = tmp_path / "tiny-qwen3.gguf"
     write_gguf(file, hf, QT.F32, arch="qwen3")
-    model = load_model(resolve_model(str(file)), torch.float32, "cpu")
+    model = load_model(resolve_model(str(file), str(cache)), torch.float32, "cpu")
     assert model.config.head_dim == 32 != model.config.hidden_size // model.config.num_attention_heads
     prompt = list(range(3, 40, 3))
     assert rel_err(Harness(model).prefill(0, prompt), hf(torch.tensor([prompt])).logits[0]) < 1e-4
@@ -168,7 +168,7 @@ def test_phi3_gguf_keeps_fused_tensors_sliding_window_and_partial_rotation(tmp_p
     hf = save_tiny_model(str(tmp_path / "hf"), config)
     file = tmp_path / "tiny-phi3.gguf"
     write_gguf(file, hf, QT.F32, arch="phi3")
-    model: Any = load_model(resolve_model(str(file)), torch.float32, "cpu")
+    model: Any = load_model(resolve_model(str(file), str(cache)), torch.float32, "cpu")
     attn = model.model.layers[0].self_attn
     assert attn.attn.sliding_window == 6 and attn.rotary_emb.rotary_dim == 8
     prompt = list(range(3, 40, 3))  # 13 tokens: past the window
@@ -181,7 +181,7 @@ def test_long_context_phi3_gguf_is_refused(tmp_path: Path, cache: Path) -> None:
     writer_tensors = {"rope_factors_long.weight": np.ones(8, dtype=np.float32)}
     write_gguf(file, hf, QT.F32, arch="phi3", extra=writer_tensors)
     with pytest.raises(ValueError, match="longrope"):
-        resolve_model(str(file))
+        resolve_model(str(file), str(cache))
 
 
 def test_conversion_is_cached_and_keyed_by_mtime(
@@ -189,17 +189,17 @@ def test_conversion_is_cached_and_keyed_by_mtime(
 ) -> None:
     file = tmp_path / "tiny.gguf"
     write_gguf(file, tiny_hf, QT.Q8_0)
-    first = resolve_model(str(file))
+    first = resolve_model(str(file), str(cache))
     assert Path(first).parent == cache
 
     def fail(*args: object) -> None:
         raise AssertionError("converted twice")
 
     monkeypatch.setattr(gguf_convert, "convert_gguf", fail)
-    assert resolve_model(str(file)) == first
+    assert resolve_model(str(file), str(cache)) == first
     os.utime(file, ns=(1, 1))  # a changed file is a new cache entry
     with pytest.raises(AssertionError, match="converted twice"):
-        resolve_model(str(file))
+        resolve_model(str(file), str(cache))
 
 
 def test_crash_during_conversion_leaves_no_cache_entry(
@@ -215,10 +215,10 @@ def test_crash_during_conversion_leaves_no_cache_entry(
 
     monkeypatch.setattr(gguf_convert, "convert_gguf", crash)
     with pytest.raises(KeyboardInterrupt):
-        resolve_model(str(file))
+        resolve_model(str(file), str(cache))
     assert list(cache.iterdir()) == []
     monkeypatch.setattr(gguf_convert, "convert_gguf", real)
-    assert os.path.isfile(os.path.join(resolve_model(str(file)), "model.safetensors"))
+    assert os.path.isfile(os.path.join(resolve_model(str(file), str(cache)), "model.safetensors"))
 
 
 def test_unsupported_tensor_name_is_reported() -> None:
