@@ -124,7 +124,7 @@ def step(scheduler: Scheduler, worker: FakeWorker, abort_while_running: str | No
         if s.seq.is_finished:
             continue
         s.seq.append_token(token_id)
-        if s.seq.reached_max_tokens:
+        if s.seq.num_output_tokens >= s.seq.max_tokens:
             scheduler.finish(s.seq, SequenceStatus.FINISHED_LENGTH)
     return out
 
