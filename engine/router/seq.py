@@ -61,6 +61,9 @@ class Seq:
     prompt_token_ids: list[int]  # shared between siblings; never mutated
     params: SamplingParams
     max_tokens: int  # resolved: params.max_tokens or what is left of the context
+    # Resolved: the ids that end generation once params.min_tokens are out (eos unless
+    # params.ignore_eos, and params.stop_token_ids); shared between siblings.
+    stop_token_ids: frozenset[int] = frozenset()
     arrival_time: float = field(default_factory=time.time)
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING

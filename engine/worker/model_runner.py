@@ -27,7 +27,7 @@ from engine.config import EngineConfig
 from engine.distributed import get_tp_rank, get_tp_size, num_local_kv_heads
 from engine.distributed.parallel_state import all_reduce_min_int
 from engine.layers.backend import use_triton
-from engine.messages import SeqStep, StepPlan, StepResult, TokenLogprobs, WorkerInfo
+from engine.messages import SeqStep, StepPlan, StepResult, WorkerInfo
 from engine.sampling_params import SamplingParams
 from engine.worker.forward_context import (
     INT8_KV_SCALE_DTYPE,
@@ -81,14 +81,10 @@ class PendingStep:
         out = self._sample.result()
         result = self._result
         result.sampled_token_ids = out.token_ids
-        result.sampled_logprobs = [None] * len(self._states)
-        for j, state in enumerate(self._states):
-            state.append(out.token_ids[j])
-            if state.params.logprobs is not None and out.logprobs is not None:
-                lp = out.logprobs[j]
-                result.sampled_logprobs[j] = TokenLogprobs(
-                    out.token_ids[j], lp.sampled_logprob, lp.sampled_rank, lp.top_ids, lp.top_logprobs
-                )
+        # (rows that asked for no logprobs have None)
+        result.sampled_logprobs = out.logprobs if out.logprobs is not None else [None] * len(self._states)
+        for state, token_id in zip(self._states, out.token_ids, strict=True):
+            state.append(token_id)
         self._finished = True
         return result
 
@@ -299,7 +295,7 @@ class ModelRunner:
         for s in plan.seqs:
             if s.new_row is not None:
                 self.states[s.row] = SamplingState(
-                    s.new_row.params, s.new_row.prompt_token_ids, s.new_row.output_token_ids
+                    s.new_row.params, s.new_row.prompt_token_ids, s.new_row.output_token_ids, s.new_row.stop_token_ids
                 )
                 if s.new_row.params.prompt_logprobs is not None:
                     self.prompts[s.row] = s.new_row.prompt_token_ids
@@ -332,7 +328,7 @@ class ModelRunner:
         its sampling: the worker sends the previous step's result there, so that result waits
         only for the previous step, and this step's sampling sees all of its tokens (seeds,
         min_tokens and penalties count them). Nothing before it waits for the device: the
-        inputs go through pinned memory (engine/transfer.py); a step with prompt logprobs, which
+        inputs go through pinned memory (engine/worker/transfer.py); a step with prompt logprobs, which
         reads them back before sampling, calls it first.
 
         With CUDA graphs, a step of plain decodes (one token, sampled) replays a decode graph. A
@@ -462,8 +458,4 @@ class ModelRunner:
                 continue
             targets = prompt[first + 1 : last + 1]
             with host_wait_allowed():  # read back here, before sampling
-                entries = compute_prompt_logprobs(logits, targets, s.prompt_logprobs)
-            result.prompt_logprobs[i] = [
-                TokenLogprobs(t, e.sampled_logprob, e.sampled_rank, e.top_ids, e.top_logprobs)
-                for t, e in zip(targets, entries, strict=True)
-            ]
+                result.prompt_logprobs[i] = compute_prompt_logprobs(logits, targets, s.prompt_logprobs)

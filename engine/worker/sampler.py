@@ -1,6 +1,6 @@
 """Batched sampling over one step's logits, in the worker process.
 
-Each running row owns a `SamplingState` (engine/sampling_state.py: its params and what
+Each running row owns a `SamplingState` (engine/worker/sampling_state.py: its params and what
 penalties need, the penalized rows' counts in the sampler's one `PenaltyTable`). A step hands
 the sampler `logits [num_rows, vocab]` and the rows' states, in the same order:
 
@@ -17,7 +17,8 @@ token i with probability `probs[i] / sum(probs)`. Each row's `E` is a counter-ba
 one 63-bit seed: for a seeded request a hash of (seed, number of tokens generated so far), so
 its tokens do not depend on the batch it shares or on preemption; for the others a draw from
 the sampler's own random source. Logprobs describe the raw distribution (log_softmax of the
-logits before any processing). Everything is plain torch, so CPU and CUDA behave alike;
+logits before any processing), one `TokenLogprobs` (engine/messages.py, the type the engine
+core receives) per row that asked. Everything is plain torch, so CPU and CUDA behave alike;
 with the Triton backend the race is one Triton kernel (`FUSED_RACE`), and with many rows the
 thresholds another, which neither sorts nor copies the logits: the same draws up to rounding.
 """
@@ -28,11 +29,11 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
 from engine.layers.backend import use_triton
+from engine.messages import TokenLogprobs
 from engine.worker.sampling_state import PenaltyTable, SamplingState, apply_penalties, column
 from engine.worker.transfer import HostCopy, to_device
 
@@ -72,13 +73,6 @@ def step_seed(seed: int, num_generated: int) -> int:
     return _mix64(_mix64(seed & _MASK64) ^ num_generated) >> 1  # 63 bits: valid everywhere
 
 
-class TokenLogprobs(NamedTuple):
-    sampled_logprob: float  # of the sampled (or actual prompt) token
-    sampled_rank: int  # 1 = most likely
-    top_ids: list[int]  # most likely first
-    top_logprobs: list[float]
-
-
 @dataclass(slots=True)
 class SamplerOutput:
     token_ids: list[int]  # one per row
@@ -97,7 +91,7 @@ def _apply_bias_and_min_tokens(logits: torch.Tensor, states: list[SamplingState]
     for i, s in enumerate(states):
         entries = list((s.params.logit_bias or {}).items())
         if s.blocks_stop_ids:
-            entries += [(t, float("-inf")) for t in s.params.all_stop_token_ids]
+            entries += [(t, float("-inf")) for t in s.stop_token_ids]
         for token_id, value in entries:
             if 0 <= token_id < logits.shape[1]:
                 rows.append(i)
@@ -183,7 +177,7 @@ def _token_logprobs_from(ints: list[int], floats: list[float], counts: list[int]
     out: list[TokenLogprobs] = []
     for i, k in enumerate(counts):
         ids_at, lps_at = 2 * n + i * num_top, n + i * num_top
-        out.append(TokenLogprobs(floats[i], ints[n + i], ints[ids_at : ids_at + k], floats[lps_at : lps_at + k]))
+        out.append(TokenLogprobs(ints[i], floats[i], ints[n + i], ints[ids_at : ids_at + k], floats[lps_at : lps_at + k]))
     return ints[:n], out
 
 

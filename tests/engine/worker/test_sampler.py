@@ -29,9 +29,7 @@ def make_state(
     prompt: list[int] | None = None, outputs: list[int] | None = None, **kw: object
 ) -> SamplingState:
     params = SamplingParams(**kw)  # type: ignore[arg-type]
-    stop_ids = kw.get("stop_token_ids")
-    params.all_stop_token_ids = set(stop_ids) if isinstance(stop_ids, list) else set()
-    return SamplingState(params, prompt or [], outputs or [])
+    return SamplingState(params, prompt or [], outputs or [], frozenset(params.stop_token_ids or ()))
 
 
 def random_logits(rows: int, seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
@@ -394,12 +392,13 @@ def test_logprobs_match_log_softmax_of_raw_logits() -> None:
         row = out.logprobs[i]
         assert row is not None
         token = out.token_ids[i]
-        assert row.sampled_logprob == pytest.approx(reference[i, token].item(), abs=1e-5)
-        assert row.sampled_rank == int((reference[i] > reference[i, token]).sum()) + 1
+        assert row.token_id == token
+        assert row.logprob == pytest.approx(reference[i, token].item(), abs=1e-5)
+        assert row.rank == int((reference[i] > reference[i, token]).sum()) + 1
         top = reference[i].topk(k)
         assert row.top_ids == top.indices.tolist()
         assert row.top_logprobs == pytest.approx(top.values.tolist(), abs=1e-5)
-    assert out.logprobs[0] is not None and out.logprobs[0].sampled_rank == 1
+    assert out.logprobs[0] is not None and out.logprobs[0].rank == 1
 
 
 def test_prompt_logprobs_in_chunks() -> None:
@@ -409,8 +408,9 @@ def test_prompt_logprobs_in_chunks() -> None:
     reference = torch.log_softmax(logits, -1)
     assert len(rows) == 7
     for i, (row, t) in enumerate(zip(rows, next_ids, strict=True)):
-        assert row.sampled_logprob == pytest.approx(reference[i, t].item(), abs=1e-5)
-        assert row.sampled_rank == int((reference[i] > reference[i, t]).sum()) + 1
+        assert row.token_id == t
+        assert row.logprob == pytest.approx(reference[i, t].item(), abs=1e-5)
+        assert row.rank == int((reference[i] > reference[i, t]).sum()) + 1
         assert row.top_ids == reference[i].topk(3).indices.tolist()
 
 
