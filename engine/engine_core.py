@@ -18,7 +18,7 @@ from collections import deque
 from engine.config import EngineConfig
 from engine.distributed import check_tensor_parallel
 from engine.errors import EngineDeadError, PromptTooLongError
-from engine.messages import NewRow, SeqStep, StepPlan, StepResult, TokenLogprobs
+from engine.messages import StepPlan, StepResult, TokenLogprobs
 from engine.model_config import ModelConfig
 from engine.models.loader import load_hf_config, resolve_model
 from engine.output_processor import Choice, ProcessedStep, RequestState, flush_text, request_output
@@ -104,8 +104,9 @@ class EngineCore:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use", "request_id")
         prompt_ids = self.validate(prompt, params)
+        stop_ids = frozenset(params.stop_token_ids or ())
         if not params.ignore_eos:
-            params.all_stop_token_ids = set(params.stop_token_ids or []) | self.eos_token_ids
+            stop_ids |= self.eos_token_ids
         max_tokens = params.max_tokens or (self.max_model_len - len(prompt_ids))
         now = time.time()
         choices = []
@@ -116,7 +117,6 @@ class EngineCore:
             if params.seed is not None and i > 0:
                 seed = params.seed + i
                 seq_params = dataclasses.replace(params, seed=seed - 2**64 if seed >= 2**64 else seed)
-                seq_params.all_stop_token_ids = params.all_stop_token_ids
             seq = Seq(
                 request_id=request_id,
                 seq_id=f"{request_id}#{i}",
@@ -124,6 +124,7 @@ class EngineCore:
                 prompt_token_ids=prompt_ids,
                 params=seq_params,
                 max_tokens=max_tokens,
+                stop_token_ids=stop_ids,
                 arrival_time=now,
             )
             detok = None
@@ -176,27 +177,22 @@ class EngineCore:
         if not sched.scheduled and not sched.freed_rows:
             return None
         self._step_id += 1
-        steps = []
-        for s in sched.scheduled:  # (positional: once per sequence per step)
+        for s in sched.scheduled:
             seq = s.seq
-            new_row = NewRow(seq.params, seq.prompt_token_ids, list(seq.output_token_ids)) if s.is_new_row else None
-            prompt_logprobs = (
-                self._wants_prompt_logprobs(seq, s.start_pos, len(s.token_ids))
-                if seq.params.prompt_logprobs is not None else None
-            )
-            steps.append(SeqStep(
-                s.req_idx, s.start_pos, s.token_ids, s.out_slots, s.sample, s.prefix_slots, new_row, prompt_logprobs
-            ))
+            assert seq is not None
+            if seq.params.prompt_logprobs is not None:
+                s.prompt_logprobs = self._wants_prompt_logprobs(seq, s.start_pos, len(s.token_ids))
         if overlap:
             self.scheduler.update_after_step(sched)
             for s in sched.scheduled:
                 if s.sample:
                     seq = s.seq
+                    assert seq is not None
                     seq.num_steps_in_flight += 1
                     # its token is not the last one (max_tokens, max_model_len): plan with it
                     if seq.num_output_tokens + 1 < seq.max_tokens and seq.num_tokens + 1 < self.max_model_len:
                         seq.add_placeholder()
-        return sched, StepPlan(self._step_id, steps, list(sched.freed_rows))
+        return sched, StepPlan(self._step_id, sched.scheduled, list(sched.freed_rows))
 
     def _wants_prompt_logprobs(self, seq: Seq, start_pos: int, num_tokens: int) -> int | None:
         state = self.requests.get(seq.request_id)
@@ -297,6 +293,7 @@ class EngineCore:
         changed: dict[str, list[CompletionOutput]] = {}
         for i, entries in result.prompt_logprobs.items():
             s = sched.scheduled[i]
+            assert s.seq is not None
             state = self.requests.get(s.seq.request_id)
             # (not a request that reused the id of one aborted while this step ran)
             if state is not None and state.prompt_logprobs is not None and state.choices[0].seq is s.seq:
@@ -306,6 +303,7 @@ class EngineCore:
         sampled = (s for s in sched.scheduled if s.sample)
         for s, token_id, lp in zip(sampled, result.sampled_token_ids, result.sampled_logprobs, strict=True):
             seq = s.seq
+            assert seq is not None
             if overlap:
                 seq.num_steps_in_flight -= 1
             state = self.requests.get(seq.request_id)
@@ -333,7 +331,7 @@ class EngineCore:
         finish: SequenceStatus | None = None
         stop_reason: int | str | None = None
         num_sampled = seq.num_sampled_tokens
-        if token_id in params.all_stop_token_ids and num_sampled >= params.min_tokens:
+        if token_id in seq.stop_token_ids and num_sampled >= params.min_tokens:
             finish = SequenceStatus.FINISHED_STOPPED
             stop_reason = None if token_id in self.eos_token_ids else token_id
         elif choice.detok is not None:

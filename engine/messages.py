@@ -8,8 +8,12 @@ and the slots to write them to.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.router.seq import Seq
 
 
 @dataclass(slots=True)
@@ -19,10 +23,15 @@ class NewRow:
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # non-empty when a preempted sequence comes back
+    # The ids that end generation (eos unless ignore_eos, and params.stop_token_ids): the sampler
+    # masks them while the row is short of params.min_tokens.
+    stop_token_ids: frozenset[int] = frozenset()
 
 
-@dataclass(slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass takes 4x as long to build, one per sequence per step
 class SeqStep:
+    """One sequence's part of a step, as the scheduler plans it and the worker runs it."""
+
     row: int
     start_pos: int  # tokens of this row already in the KV pool
     token_ids: list[int]  # tokens computed this step, at positions start_pos..
@@ -30,12 +39,14 @@ class SeqStep:
     sample: bool  # this step reaches the last known token: sample the next one
     prefix_slots: list[int] | None = None  # slots of positions [0, start_pos) for a new row
     new_row: NewRow | None = None
-    prompt_logprobs: int | None = None  # compute prompt logprobs for this chunk
+    prompt_logprobs: int | None = None  # compute prompt logprobs for this chunk (set by the engine core)
+    # The router's sequence, in the server process only: never pickled, so the worker gets None.
+    seq: Seq | None = field(default=None, repr=False, compare=False)
 
     def __reduce__(self) -> tuple[type, tuple]:
         # Pickled as its constructor's arguments, not as a slots dataclass's default state: a plan
         # of 512 decodes takes 16 740 bytes against 28 082, and well under half the time to pickle
-        # here and to unpickle in the worker (docs/benchmarks.md).
+        # here and to unpickle in the worker (docs/benchmarks.md). `seq` stays behind.
         return SeqStep, (
             self.row, self.start_pos, self.token_ids, self.out_slots, self.sample, self.prefix_slots, self.new_row,
             self.prompt_logprobs,
@@ -51,12 +62,13 @@ class StepPlan:
 
 @dataclass(slots=True)
 class TokenLogprobs:
-    """Logprobs of one position: the chosen token first, then the top alternatives."""
+    """Logprobs of one position, as the sampler computes them (raw log_softmax of the logits):
+    the chosen (sampled, or actual prompt) token first, then the top alternatives."""
 
     token_id: int
     logprob: float
-    rank: int
-    top_ids: list[int]
+    rank: int  # of token_id: 1 = most likely
+    top_ids: list[int]  # most likely first
     top_logprobs: list[float]
 
 

@@ -22,7 +22,7 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     logprobs: list[LogprobsDict] | None = None  # one entry per token in token_ids
-    finish_reason: str | None = None  # None while running; "stop" | "length" | "abort" | "error"
+    finish_reason: str | None = None  # None while running; "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
 
     @property

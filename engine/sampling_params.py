@@ -7,7 +7,7 @@ input) and is treated as immutable afterwards.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 MAX_LOGPROBS = 20
 # Stop strings are matched on the engine loop's thread at every token, at a cost that grows with
@@ -46,8 +46,6 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
-    # Filled by the engine: the ids that end generation (eos + stop_token_ids).
-    all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -57,7 +55,6 @@ class SamplingParams:
         if self.top_k == 0:
             self.top_k = -1
         self._verify()
-        self.all_stop_token_ids = set(self.stop_token_ids)
 
     def _verify(self) -> None:
         def bad(name: str, why: str) -> None:

@@ -53,13 +53,6 @@ def init_tensor_parallel(rank: int, world_size: int, port: int, device: str) -> 
     _rank, _size = rank, world_size
 
 
-def destroy_tensor_parallel() -> None:
-    global _group, _rank, _size
-    if _group is not None and dist.is_initialized():
-        dist.destroy_process_group()
-    _group, _rank, _size = None, 0, 1
-
-
 def get_tp_rank() -> int:
     return _rank
 

@@ -1,6 +1,6 @@
 """The sampler's exponential race in one pass: row i's token is
 argmax_j (logits[i, j] / temps[i] - log E[i, j]), E[i, j] ~ Exp(1) from the SplitMix64 stream
-of seeds[i] (`engine.worker.sampler.exponential_noise`, computed here per block instead of stored).
+of seeds[i] (`engine.worker.race.exponential_noise`, computed here per block instead of stored).
 
 That is `argmax(softmax(logits / t) / E)`, the torch path of `Sampler`, without its [rows,
 vocab] int64 and float32 intermediates: the logits are read once. Entries below a row's

@@ -44,10 +44,6 @@ class RadixNode:
         self.lock_ref = 0  # sequences whose matched path runs through this node
         self.last_access = last_access
 
-    @property
-    def is_root(self) -> bool:
-        return self.parent is None
-
     def __repr__(self) -> str:
         return f"RadixNode(key={self.key}, lock_ref={self.lock_ref}, children={len(self.children)})"
 

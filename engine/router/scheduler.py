@@ -6,18 +6,7 @@ There is no prefill or decode phase. Every sequence has `num_computed_tokens` ca
 1. running sequences that need one token (decodes), oldest first;
 2. running sequences still prefilling, next chunk, oldest first;
 3. waiting sequences, first come first served, while a `req_to_token` row, slots, budget and
-   the future-usage check allow (a prompt larger than the budget left gets a chunk). With
-   `admission_batch` > 1, a full batch of at least 32 decodes admits only once that many rows
-   are free (or after 8 steps), so prompts are computed in fewer, larger passes.
-
-Admission (LightLLM's future-usage check, `engine/future_usage.py`): for the running sequences plus the candidate, let
-`used_i` be its known tokens (held slots plus the prompt or recompute still to come: chunked
-prefill computes those far faster than one per step) and `remaining_i` the tokens it may still
-generate. Sorted by `remaining` descending, sequence i finishes no earlier than those before
-it, so when it does the pool holds at most `remaining_i * (i + 1) + sum(used_j for j <= i)`.
-The candidate is admitted when the maximum over i fits `num_slots` (minus the watermark).
-Conservative mode predicts `max_tokens` for every sequence; aggressive mode a running average
-of observed output lengths, capped by `max_tokens`, with preemption as the safety valve.
+   the future-usage check allow (`engine/router/admission.py`).
 
 Preemption is by recompute: when a running sequence cannot get a slot, the most recently
 arrived running sequence not yet scheduled in this step gives up its slots and row and goes to
@@ -30,6 +19,10 @@ references; when the pool runs short, unlocked cached prefixes are evicted befor
 preempted, and admission counts them as free. A prompt is also cached (and locked) as soon as
 its prefill is done, so siblings of `n > 1` and later requests with the same prefix reuse it
 while its sequence still runs: a burst of requests sharing a system prompt computes it once.
+
+A step is a list of `SeqStep`s (engine/messages.py), the type the worker receives: each names
+its row, the tokens to compute and their slots, a `NewRow` when the sequence (re)enters a row,
+and, in a field that is never pickled, the router's `Seq`.
 
 The caller's loop: `schedule()` → run the step → `update_after_step(out)` → append sampled
 tokens → `finish(seq, status)` for those that ended. An overlapped caller plans step k+1
@@ -48,7 +41,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from engine.errors import PromptTooLongError
-from engine.router.future_usage import FutureUsage
+from engine.messages import NewRow, SeqStep
+from engine.router.admission import Admission
 from engine.router.prefix_cache import RadixPrefixCache
 from engine.router.seq import Seq, SequenceStatus
 from engine.router.slot_allocator import KVSlotAllocator, ReqRowAllocator
@@ -56,10 +50,7 @@ from engine.router.slot_allocator import KVSlotAllocator, ReqRowAllocator
 if TYPE_CHECKING:
     from engine.config import EngineConfig
 
-_MIN_DECODES_TO_BATCH_ADMISSION = 32  # below this, admission never waits (latency first)
-_MAX_ADMISSION_WAIT = 8  # steps a waiting request can be held back for `admission_batch`
 _EVICT_CHUNK_DIVISOR = 256  # a full pool evicts at least 1/256 of it at a time
-_OUTPUT_LEN_EMA = 0.1  # weight of the newest observation in the aggressive output-length average
 
 
 @dataclass(frozen=True)
@@ -74,7 +65,7 @@ class SchedulerConfig:
     enable_prefix_caching: bool = False
     # While the running batch is full (fewer free rows than this) and large, admission waits
     # until this many rows are free (or `_MAX_ADMISSION_WAIT` steps passed), so prompts are
-    # computed in fewer, larger passes. 1: admit whenever a row is free.
+    # computed in fewer, larger passes. 1: admit whenever a row is free (engine/router/admission.py).
     admission_batch: int = 1
 
     def __post_init__(self) -> None:
@@ -105,32 +96,12 @@ class SchedulerConfig:
         )
 
 
-@dataclass(slots=True)  # not frozen: a frozen dataclass takes 4x as long to build, one per sequence per step
-class ScheduledSeq:
-    seq: Seq
-    req_idx: int  # the req_to_token row
-    start_pos: int  # = num_computed_tokens when scheduled
-    token_ids: list[int]  # computed this step, at positions start_pos..
-    out_slots: list[int]  # one fresh slot per token in token_ids
-    prefix_slots: list[int] | None  # new row with a shared prefix: slots of [0, start_pos); else None
-    is_new_row: bool  # the sequence (re)entered a row this step: the worker sets the row up
-    sample: bool  # this step computes the last known token: the engine appends one sampled token
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-
 @dataclass(frozen=True, slots=True)
 class SchedulerOutput:
-    scheduled: list[ScheduledSeq]
+    scheduled: list[SeqStep]  # each with its `seq`; the step plan's entries, in plan order
     freed_rows: list[int]  # rows released since the previous schedule(), to reset first
     preempted: list[Seq]
     num_batched_tokens: int
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled and not self.freed_rows
 
 
 class Scheduler:
@@ -144,14 +115,10 @@ class Scheduler:
         self.running: list[Seq] = []  # sorted by arrival at the start of each schedule()
         self._unfinished: dict[str, list[Seq]] = {}  # request_id -> its unfinished sequences
         self._freed_rows: list[int] = []
-        self._slot_limit = config.num_slots - int(config.watermark * config.num_slots)
-        self._avg_output_len: float | None = None
         self.num_preemptions = 0  # total, for stats
         self.prefix_cache = RadixPrefixCache(allocator) if config.enable_prefix_caching else None
         self._evict_chunk = max(1, config.num_slots // _EVICT_CHUNK_DIVISOR)
-        self._steps_held_back = 0  # steps admission waited for `admission_batch` rows
-        self.prefix_cache_queries = 0  # tokens of admitted sequences looked up in the cache
-        self.prefix_cache_hits = 0  # of those, tokens found
+        self.admission = Admission(self)
 
     # -- queries ---------------------------------------------------------------------------------
 
@@ -168,6 +135,16 @@ class Scheduler:
         return len(self.waiting)
 
     @property
+    def prefix_cache_queries(self) -> int:
+        """Tokens of admitted sequences looked up in the prefix cache."""
+        return self.admission.prefix_cache_queries
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        """Of `prefix_cache_queries`, the tokens found."""
+        return self.admission.prefix_cache_hits
+
+    @property
     def kv_usage(self) -> float:
         """Fraction of the pool in use, leaving out cached prefixes that could be evicted."""
         evictable = self.prefix_cache.num_evictable_tokens if self.prefix_cache is not None else 0
@@ -176,6 +153,10 @@ class Scheduler:
     def reset_prefix_cache(self) -> int:
         """Evict every unlocked cached prefix; returns the slots freed."""
         return self.prefix_cache.evict_all() if self.prefix_cache is not None else 0
+
+    def siblings(self, request_id: str) -> list[Seq]:
+        """The unfinished sequences of a request."""
+        return self._unfinished[request_id]
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -229,15 +210,13 @@ class Scheduler:
         if not siblings:
             del self._unfinished[seq.request_id]
         if status in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH):
-            n = seq.num_output_tokens
-            avg = self._avg_output_len
-            self._avg_output_len = n if avg is None else avg + _OUTPUT_LEN_EMA * (n - avg)
+            self.admission.observe_output_len(seq.num_output_tokens)
 
     # -- the step --------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
-        scheduled: list[ScheduledSeq] = []
+        scheduled: list[SeqStep] = []
         scheduled_ids: set[str] = set()
         preempted: list[Seq] = []
         self.running.sort(key=lambda s: (s.arrival_time, s.index))
@@ -253,13 +232,13 @@ class Scheduler:
         num_decodes = len(decodes)
         short = num_decodes - self.allocator.num_free
         if short > 0 and self.prefix_cache is not None:
-            self._evict(short)  # once for every decode of the step, not once per decode
+            self.evict(short)  # once for every decode of the step, not once per decode
         rest = decodes + prefills
         if 0 < num_decodes <= min(budget, self.allocator.num_free):
             # Every decode gets its slot without preempting anyone: one allocation for all of them.
             slots = self.allocator.allocate(num_decodes)
             assert slots is not None
-            scheduled += [self._take(seq, 1, None, False, [slot]) for seq, slot in zip(decodes, slots, strict=True)]
+            scheduled += [self.take(seq, 1, None, False, [slot]) for seq, slot in zip(decodes, slots, strict=True)]
             scheduled_ids.update(seq.seq_id for seq in decodes)
             budget -= num_decodes
             rest = prefills
@@ -270,33 +249,20 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             n = self._make_room(seq, min(seq.num_uncomputed_tokens, budget), scheduled_ids, preempted)
             if n:
-                scheduled.append(self._take(seq, n, None, is_new_row=False))
+                scheduled.append(self.take(seq, n, None, is_new_row=False))
                 scheduled_ids.add(seq.seq_id)
                 budget -= n
         if not preempted:  # a step that had to preempt admits nothing new
-            if self._admission_due(len(decodes)):
-                self._steps_held_back = 0
-                budget -= self._admit(budget, scheduled)
-            elif self.waiting and self.rows.num_free:
-                self._steps_held_back += 1
+            budget -= self.admission.admit(budget, num_decodes, scheduled)
         freed_rows, self._freed_rows = self._freed_rows, []
         return SchedulerOutput(scheduled, freed_rows, preempted, self.config.max_num_batched_tokens - budget)
-
-    def _admission_due(self, num_decodes: int) -> bool:
-        """Admit this step? Always, unless a large running batch is full and only a few rows are
-        free (`admission_batch`): then the waiting prompts are batched over a few steps, bounded
-        by `_MAX_ADMISSION_WAIT`."""
-        return (
-            self.rows.num_free >= min(self.config.admission_batch, len(self.waiting))
-            or num_decodes < _MIN_DECODES_TO_BATCH_ADMISSION
-            or self._steps_held_back >= _MAX_ADMISSION_WAIT
-        )
 
     def update_after_step(self, output: SchedulerOutput) -> None:
         """The step ran: its tokens' K/V are in the pool."""
         for s in output.scheduled:
             seq = s.seq
-            if seq.status is SequenceStatus.RUNNING and seq.req_idx == s.req_idx:
+            assert seq is not None
+            if seq.status is SequenceStatus.RUNNING and seq.req_idx == s.row:
                 seq.num_computed_tokens += len(s.token_ids)
                 need = seq.num_prompt_tokens - 1
                 if self.prefix_cache is not None and s.start_pos < need <= seq.num_computed_tokens:
@@ -323,7 +289,7 @@ class Scheduler:
     def _make_room(self, seq: Seq, n: int, scheduled_ids: set[str], preempted: list[Seq]) -> int:
         """How many of `n` wanted tokens `seq` can take now (0: none), preempting newer ones."""
         while self.allocator.num_free < n:
-            if self.prefix_cache is not None and self._evict(n - self.allocator.num_free) > 0:
+            if self.prefix_cache is not None and self.evict(n - self.allocator.num_free) > 0:
                 continue
             if n > 1 and self.allocator.num_free > 0:
                 return self.allocator.num_free  # a prefill chunk shrinks before anyone is preempted
@@ -337,7 +303,7 @@ class Scheduler:
                 return 0
         return n
 
-    def _evict(self, num_slots: int) -> int:
+    def evict(self, num_slots: int) -> int:
         """Evict cached prefixes for `num_slots` slots, and at least `_evict_chunk`: each eviction
         walks the tree, so a full pool frees room for many steps' decodes at once."""
         assert self.prefix_cache is not None
@@ -373,12 +339,13 @@ class Scheduler:
             self._freed_rows.append(seq.req_idx)
             seq.req_idx = None
 
-    def _take(
+    def take(
         self, seq: Seq, n: int, prefix_slots: list[int] | None, is_new_row: bool,
         out_slots: list[int] | None = None,
-    ) -> ScheduledSeq:
+    ) -> SeqStep:
         """Schedule `n` tokens of `seq`, in `out_slots` (already allocated: a step's decodes take
-        theirs at once) or in slots allocated here."""
+        theirs at once) or in slots allocated here. `is_new_row`: the sequence (re)entered its row
+        this step, so the step carries what the worker keeps per row."""
         start = seq.num_computed_tokens
         if len(seq.slots) != start:
             raise RuntimeError(f"{seq.seq_id}: update_after_step() was not called after the last step")
@@ -387,128 +354,12 @@ class Scheduler:
             assert out_slots is not None, "callers make room first"
         seq.slots.extend(out_slots)
         assert seq.req_idx is not None
-        return ScheduledSeq(
-            seq, seq.req_idx, start, seq.all_token_ids[start : start + n], out_slots,
-            prefix_slots, is_new_row, sample=start + n == seq.num_tokens,
+        new_row = (
+            NewRow(seq.params, seq.prompt_token_ids, list(seq.output_token_ids), seq.stop_token_ids)
+            if is_new_row else None
         )
-
-    # -- admission ---------------------------------------------------------------------------------
-
-    def _admit(self, budget: int, scheduled: list[ScheduledSeq]) -> int:
-        """Admit waiting sequences in FCFS order; returns the tokens scheduled for them."""
-        if not (self.waiting and budget > 0 and self.rows.num_free):
-            return 0
-        used_budget = 0
-        skipped: list[Seq] = []
-        usage = FutureUsage(shared_prefixes=self.prefix_cache is None)  # what runs, for _fits
-        for seq in self.running:
-            self._add_usage(usage, seq, seq.num_shared_prefix)
-        while self.waiting and used_budget < budget and self.rows.num_free:
-            seq = self.waiting[0]
-            donor = self._prefix_donor(seq)
-            if donor is None and self._waits_for_sibling(seq):
-                skipped.append(self.waiting.popleft())  # not ready yet; later requests may pass
-                continue
-            if self.prefix_cache is not None:
-                n = self._admit_cached(seq, budget - used_budget, usage, scheduled)
-                if not n:
-                    break
-                used_budget += n
-                continue
-            num_shared = seq.num_prompt_tokens - 1 if donor is not None else 0
-            n = min(seq.num_tokens - num_shared, budget - used_budget, self.allocator.num_free)
-            if n <= 0 or not self._fits(seq, num_shared, usage):
-                break
-            self.waiting.popleft()
-            seq.req_idx = self.rows.allocate()
-            seq.status = SequenceStatus.RUNNING
-            prefix_slots = None
-            if donor is not None:
-                seq.slots = donor.slots[:num_shared]
-                self.allocator.incref(seq.slots)
-                seq.num_computed_tokens = seq.num_shared_prefix = num_shared
-                donor.num_shared_prefix = num_shared
-                prefix_slots = list(seq.slots)
-            self.running.append(seq)
-            scheduled.append(self._take(seq, n, prefix_slots, is_new_row=True))
-            used_budget += n
-        self.waiting.extendleft(reversed(skipped))
-        return used_budget
-
-    def _admit_cached(self, seq: Seq, budget: int, usage: FutureUsage, scheduled: list[ScheduledSeq]) -> int:
-        """Admit the head of the waiting queue starting from its longest cached prefix; returns the
-        tokens scheduled for it (0: not admitted, nothing changed but the cache's LRU order)."""
-        cache = self.prefix_cache
-        assert cache is not None
-        slots: list[int] = []
-        node = cache.root
-        if seq.params.prompt_logprobs is None:  # prompt logprobs need every prompt position computed
-            slots, node = cache.match_prefix(seq.all_token_ids[: seq.num_tokens - 1])
-        cache.lock(node)  # before counting what eviction could free: the match itself must stay
-        m = len(slots)
-        n = min(seq.num_tokens - m, budget, self.allocator.num_free + cache.num_evictable_tokens)
-        locked = cache.num_cached_tokens - cache.num_evictable_tokens
-        if n <= 0 or not self._fits(seq, m, usage, self._slot_limit - locked):
-            cache.unlock(node)
-            return 0
-        if self.allocator.num_free < n:
-            self._evict(n - self.allocator.num_free)
-            n = min(n, self.allocator.num_free)
-            if n == 0:
-                cache.unlock(node)
-                return 0
-        self.waiting.popleft()
-        seq.req_idx = self.rows.allocate()
-        seq.status = SequenceStatus.RUNNING
-        self.allocator.incref(slots)
-        seq.slots = list(slots)
-        seq.num_computed_tokens = seq.num_shared_prefix = m
-        seq.prefix_node = node
-        if seq.num_prefix_cache_hit is None:
-            seq.num_prefix_cache_hit = m
-        self.prefix_cache_queries += seq.num_tokens
-        self.prefix_cache_hits += m
-        self.running.append(seq)
-        scheduled.append(self._take(seq, n, list(slots) if m else None, is_new_row=True))
-        return n
-
-    def _prefix_donor(self, seq: Seq) -> Seq | None:
-        """A running sibling whose computed slots cover the prompt minus its last token."""
-        need = seq.num_prompt_tokens - 1
-        if need <= 0:
-            return None
-        for sib in self._unfinished[seq.request_id]:
-            if sib is not seq and sib.status is SequenceStatus.RUNNING and sib.num_computed_tokens >= need:
-                return sib
-        return None
-
-    def _waits_for_sibling(self, seq: Seq) -> bool:
-        """Sibling i > 0 waits while sibling 0 is unfinished: it will compute the shared prompt."""
-        if seq.index == 0 or seq.num_prompt_tokens <= 1:
-            return False
-        return any(s.index == 0 for s in self._unfinished[seq.request_id])
-
-    def _predicted_slots(self, seq: Seq) -> int:
-        """Slots `seq` holds at its predicted end."""
-        if self.config.admission == "conservative":
-            return seq.max_num_slots
-        avg = self._avg_output_len
-        predicted = self.config.initial_output_len if avg is None else round(avg)
-        output_len = min(seq.max_tokens, max(predicted, seq.num_output_tokens + 1))
-        return seq.num_prompt_tokens + output_len - 1
-
-    def _add_usage(self, usage: FutureUsage, seq: Seq, prefix: int) -> None:
-        """Add `seq` to the future-usage model. Known tokens not computed yet (a prompt, or prompt
-        + output after preemption) count as used: chunked prefill computes them many per step,
-        far faster than the one token per step the check assumes for what is still to be
-        generated."""
-        usage.add(seq.request_id, max(self._predicted_slots(seq) - seq.num_tokens, 0), seq.num_tokens, prefix)
-
-    def _fits(self, candidate: Seq, num_shared: int, usage: FutureUsage, limit: int | None = None) -> bool:
-        """The future-usage check for what runs plus `candidate`, which joins `usage` (the caller
-        stops admitting on False, so a refused candidate is never taken back out). With the
-        prefix cache, locked cached prefixes are left out of `usage` and out of `limit`."""
-        alone = not self.running  # alone it always fits (checked in add): nothing can starve
-        self._add_usage(usage, candidate, num_shared)
-        limit = self._slot_limit if limit is None else limit
-        return alone or usage.peak() <= limit
+        # (positional: once per sequence per step)
+        return SeqStep(
+            seq.req_idx, start, seq.all_token_ids[start : start + n], out_slots, start + n == seq.num_tokens,
+            prefix_slots, new_row, None, seq,
+        )

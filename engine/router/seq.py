@@ -33,7 +33,6 @@ class SequenceStatus(enum.Enum):
     FINISHED_STOPPED = enum.auto()  # eos, a stop token id or a stop string
     FINISHED_LENGTH = enum.auto()  # max_tokens or the model's context
     FINISHED_ABORTED = enum.auto()  # the client went away or asked to stop
-    FINISHED_ERROR = enum.auto()  # the engine could not serve it
 
     @property
     def is_finished(self) -> bool:
@@ -49,7 +48,6 @@ _FINISH_REASONS: dict[SequenceStatus, str] = {
     SequenceStatus.FINISHED_STOPPED: "stop",
     SequenceStatus.FINISHED_LENGTH: "length",
     SequenceStatus.FINISHED_ABORTED: "abort",
-    SequenceStatus.FINISHED_ERROR: "error",
 }
 
 
@@ -63,6 +61,9 @@ class Seq:
     prompt_token_ids: list[int]  # shared between siblings; never mutated
     params: SamplingParams
     max_tokens: int  # resolved: params.max_tokens or what is left of the context
+    # Resolved: the ids that end generation once params.min_tokens are out (eos unless
+    # params.ignore_eos, and params.stop_token_ids); shared between siblings.
+    stop_token_ids: frozenset[int] = frozenset()
     arrival_time: float = field(default_factory=time.time)
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
@@ -119,10 +120,6 @@ class Seq:
         return self._all_token_ids
 
     @property
-    def last_token_id(self) -> int:
-        return self._all_token_ids[-1]
-
-    @property
     def num_uncomputed_tokens(self) -> int:
         return len(self._all_token_ids) - self.num_computed_tokens
 
@@ -138,10 +135,6 @@ class Seq:
     @property
     def finish_reason(self) -> str | None:
         return self.status.finish_reason
-
-    @property
-    def reached_max_tokens(self) -> bool:
-        return len(self.output_token_ids) >= self.max_tokens
 
     # -- mutation ----------------------------------------------------------------------------------
 
@@ -169,26 +162,3 @@ class Seq:
             del self.output_token_ids[-self.num_placeholders :]
             del self._all_token_ids[-self.num_placeholders :]
             self.num_placeholders = 0
-
-
-def create_sequences(
-    request_id: str,
-    prompt_token_ids: list[int],
-    params: SamplingParams,
-    max_tokens: int,
-    arrival_time: float | None = None,
-) -> list[Seq]:
-    """The `params.n` sequences of one request, sharing one prompt list and one arrival time."""
-    now = time.time() if arrival_time is None else arrival_time
-    return [
-        Seq(
-            request_id=request_id,
-            seq_id=f"{request_id}#{i}",
-            index=i,
-            prompt_token_ids=prompt_token_ids,
-            params=params,
-            max_tokens=max_tokens,
-            arrival_time=now,
-        )
-        for i in range(params.n)
-    ]

@@ -54,9 +54,6 @@ class KVSlotAllocator:
         """Fraction of the pool in use, 0..1."""
         return self.num_used / self.num_slots
 
-    def can_allocate(self, n: int) -> bool:
-        return n <= self._num_free
-
     def allocate(self, n: int) -> list[int] | None:
         """`n` fresh slots, each with one reference; None (and nothing taken) when fewer are free.
 

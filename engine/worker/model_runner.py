@@ -1,4 +1,4 @@
-"""The worker's side of a step: KV pool, `req_to_token`, forward pass, sampling.
+"""The worker's side of a step: `req_to_token`, forward pass, sampling (the KV pool: kv_pool.py).
 
 `ModelRunner.launch(plan)` writes the plan's slots into `req_to_token`, runs a step of plain
 decodes through a CUDA graph (when there are graphs) and any other step as one padding-free
@@ -27,17 +27,12 @@ from engine.config import EngineConfig
 from engine.distributed import get_tp_rank, get_tp_size, num_local_kv_heads
 from engine.distributed.parallel_state import all_reduce_min_int
 from engine.layers.backend import use_triton
-from engine.messages import SeqStep, StepPlan, StepResult, TokenLogprobs, WorkerInfo
+from engine.messages import SeqStep, StepPlan, StepResult, WorkerInfo
 from engine.model_config import ModelConfig
 from engine.models.causal_lm import CausalLM
-from engine.sampling_params import SamplingParams
-from engine.worker.forward_context import (
-    INT8_KV_SCALE_DTYPE,
-    KVPool,
-    build_forward_context,
-    set_forward_context,
-)
-from engine.worker.sampler import SEARCH_MIN_ROWS, PendingSample, Sampler, compute_prompt_logprobs
+from engine.worker.forward_context import build_forward_context, set_forward_context
+from engine.worker.kv_pool import KVLayout, kv_budget_bytes
+from engine.worker.sampler import PendingSample, Sampler, compute_prompt_logprobs
 from engine.worker.sampling_state import SamplingState
 from engine.worker.transfer import host_wait_allowed, to_device
 
@@ -46,14 +41,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_GIB = 1 << 30
 # A mixed step's decodes join its packed pass (`fuse_mixed_steps`) when their attention there,
 # one program per (decode, kv head) walking its whole context in a graph, fills the GPU: enough
 # programs, or contexts short enough that a few programs finish beside the prefill work. Else
 # (a few long contexts) they replay the decode graph, whose launch splits each context.
 _FUSED_MIN_DECODE_PROGRAMS = 512
 _FUSED_MAX_SHORT_CONTEXT = 4096
-_PROFILE_PARAMS = SamplingParams(temperature=1.0, top_p=0.9, top_k=50)  # the costliest sampling path
 
 
 class PendingStep:
@@ -83,39 +76,12 @@ class PendingStep:
         out = self._sample.result()
         result = self._result
         result.sampled_token_ids = out.token_ids
-        result.sampled_logprobs = [None] * len(self._states)
-        for j, state in enumerate(self._states):
-            state.append(out.token_ids[j])
-            lp = out.logprobs[j] if out.logprobs is not None else None  # None: the row asked for none
-            if state.params.logprobs is not None and lp is not None:
-                result.sampled_logprobs[j] = TokenLogprobs(
-                    out.token_ids[j], lp.sampled_logprob, lp.sampled_rank, lp.top_ids, lp.top_logprobs
-                )
+        # (rows that asked for no logprobs have None)
+        result.sampled_logprobs = out.logprobs if out.logprobs is not None else [None] * len(self._states)
+        for state, token_id in zip(self._states, out.token_ids, strict=True):
+            state.append(token_id)
         self._finished = True
         return result
-
-
-def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype) -> int:
-    """Bytes one token occupies in the pool: K and V of every layer (+ scales for int8)."""
-    per_layer = 2 * num_kv_heads * head_dim * kv_dtype.itemsize
-    if kv_dtype == torch.int8:
-        per_layer += 2 * num_kv_heads * INT8_KV_SCALE_DTYPE.itemsize  # one scale per (token, kv head), K and V
-    return num_layers * per_layer
-
-
-def allocate_kv_pool(
-    num_slots: int, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: str
-) -> KVPool:
-    # One extra slot at the end: the dummy that padded entries point at.
-    shape = (num_slots + 1, num_kv_heads, head_dim)
-    k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-    v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-    if dtype != torch.int8:
-        return KVPool(k=k, v=v)
-    scale_shape = (num_slots + 1, num_kv_heads)
-    k_scale = [torch.ones(scale_shape, dtype=INT8_KV_SCALE_DTYPE, device=device) for _ in range(num_layers)]
-    v_scale = [torch.ones(scale_shape, dtype=INT8_KV_SCALE_DTYPE, device=device) for _ in range(num_layers)]
-    return KVPool(k=k, v=v, k_scale=k_scale, v_scale=v_scale)
 
 
 class ModelRunner:
@@ -133,17 +99,14 @@ class ModelRunner:
         )
         self.max_model_len = config.max_model_len
         self.max_num_seqs = config.max_num_seqs
-        self.kv_dtype = config.kv_torch_dtype()
-        self.activation_peak_bytes = 0  # measured by a profiling pass on CUDA
+        self.kv_layout = KVLayout(self.num_layers, self.num_kv_heads, self.head_dim, config.kv_torch_dtype())
         self.sampler = Sampler(seed=config.seed)
-        self.kv_budget_bytes = self._kv_budget_bytes()
+        self.kv_budget_bytes = kv_budget_bytes(config, self.kv_layout, model, self.sampler, self._prefill_graph_tokens())
         # The same slot indices are valid on every rank: the smallest pool any rank can hold.
-        self.num_slots = all_reduce_min_int(self.kv_budget_bytes // self._bytes_per_token(self.kv_dtype))
+        self.num_slots = all_reduce_min_int(self.kv_budget_bytes // self.kv_layout.bytes_per_token())
         if self.num_slots < 16:
             raise ValueError(f"KV cache budget of {self.kv_budget_bytes} bytes holds only {self.num_slots} tokens")
-        self.kv = allocate_kv_pool(
-            self.num_slots, self.num_layers, self.num_kv_heads, self.head_dim, self.kv_dtype, self.device
-        )
+        self.kv = self.kv_layout.allocate(self.num_slots, self.device)
         # [max_num_seqs, max_model_len]: row r, position p -> KV slot. Unused entries point at the dummy.
         self.req_to_token = torch.full(
             (config.max_num_seqs, self.max_model_len), self.kv.dummy_slot, dtype=torch.int32, device=self.device
@@ -206,80 +169,19 @@ class ModelRunner:
             return 0
         return min(self.config.max_prefill_graph_tokens, self.config.max_num_batched_tokens or 0)
 
-    def _bytes_per_token(self, kv_dtype: torch.dtype) -> int:
-        return kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, kv_dtype)
-
-    def _kv_budget_bytes(self) -> int:
-        # Per rank: each rank's pool holds its own KV heads for every slot.
-        if self.config.kv_cache_memory_gb is not None:
-            return int(self.config.kv_cache_memory_gb * _GIB)
-        if self.device.startswith("cuda"):
-            # Weights are loaded: measure the largest step's activations, then take a fraction
-            # of what is free beside them.
-            self.activation_peak_bytes = self._profile_activations()
-            torch.cuda.empty_cache()
-            free, _total = torch.cuda.mem_get_info()
-            # The prefill graphs keep a pool of their own for their largest bucket's activations,
-            # which grow about linearly with the tokens of a step.
-            profiled = self.config.max_num_batched_tokens or 8192
-            graph_reserve = self.activation_peak_bytes * self._prefill_graph_tokens() // profiled
-            budget = int((free - self.activation_peak_bytes - graph_reserve) * self.config.gpu_memory_utilization)
-            logger.info(
-                "GPU memory: %.2f GiB free after the weights, %.2f GiB peak activations, %.2f GiB for prefill graphs, "
-                "%.0f%% of the rest for KV",
-                free / _GIB, self.activation_peak_bytes / _GIB, graph_reserve / _GIB,
-                100 * self.config.gpu_memory_utilization,
-            )
-            return budget
-        return _GIB  # CPU default: 1 GiB
-
-    @torch.inference_mode()
-    def _profile_activations(self) -> int:
-        """Peak memory of the largest step the scheduler can plan, beyond the weights.
-
-        A prefill of max_num_batched_tokens tokens (cut into sequences of at most
-        max_model_len) over a temporary pool of its own, and logits for max_num_seqs rows.
-        """
-        num_tokens = self.config.max_num_batched_tokens or 8192
-        lens = [min(self.max_model_len, num_tokens - i) for i in range(0, num_tokens, self.max_model_len)]
-        kv = allocate_kv_pool(num_tokens, self.num_layers, self.num_kv_heads, self.head_dim, self.kv_dtype, self.device)
-        req_to_token = torch.full((len(lens), self.max_model_len), kv.dummy_slot, dtype=torch.int32, device=self.device)
-        offsets = [sum(lens[:i]) for i in range(len(lens))]
-        for row, (offset, n) in enumerate(zip(offsets, lens, strict=True)):
-            req_to_token[row, :n] = torch.arange(offset, offset + n, dtype=torch.int32)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        ctx = build_forward_context(
-            kv, req_to_token, list(range(len(lens))), [0] * len(lens), lens, torch.arange(num_tokens)
-        )
-        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
-        with set_forward_context(ctx):
-            hidden = self.model(input_ids, ctx.positions)
-        rows = min(self.max_num_seqs, num_tokens)
-        logits = self.model.compute_logits(hidden[:rows])
-        self.sampler.sample(logits, [SamplingState(_PROFILE_PARAMS, [])] * rows)
-        if rows >= SEARCH_MIN_ROWS:  # fewer rows sort the vocabulary for top-k / top-p: more memory a row
-            sorted_rows = SEARCH_MIN_ROWS - 1
-            self.sampler.sample(logits[:sorted_rows], [SamplingState(_PROFILE_PARAMS, [])] * sorted_rows)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        del kv, req_to_token, ctx, hidden, logits
-        return peak
-
     def kv_capacity_ratio(self) -> float:
         """Tokens this pool holds over the tokens the same budget holds in the model dtype."""
-        reference_slots = self.kv_budget_bytes // self._bytes_per_token(self.config.torch_dtype())
+        reference_slots = self.kv_budget_bytes // self.kv_layout.bytes_per_token(self.config.torch_dtype())
         return self.num_slots / max(reference_slots, 1)
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(
             num_slots=self.num_slots,
-            kv_cache_bytes=self._bytes_per_token(self.kv_dtype) * self.num_slots,
+            kv_cache_bytes=self.kv_layout.bytes_per_token() * self.num_slots,
             max_model_len=self.max_model_len,
             device=self.device,
             dtype=str(self.config.torch_dtype()).removeprefix("torch."),
-            kv_dtype=str(self.kv_dtype).removeprefix("torch."),
+            kv_dtype=str(self.kv_layout.dtype).removeprefix("torch."),
             kv_capacity_ratio=self.kv_capacity_ratio(),
             graph_batch_sizes=list(self.graphs.buckets) if self.graphs is not None else [],
             graph_token_counts=list(self.prefill_graphs.buckets) if self.prefill_graphs is not None else [],
@@ -299,7 +201,7 @@ class ModelRunner:
         for s in plan.seqs:
             if s.new_row is not None:
                 self.states[s.row] = SamplingState(
-                    s.new_row.params, s.new_row.prompt_token_ids, s.new_row.output_token_ids
+                    s.new_row.params, s.new_row.prompt_token_ids, s.new_row.output_token_ids, s.new_row.stop_token_ids
                 )
                 if s.new_row.params.prompt_logprobs is not None:
                     self.prompts[s.row] = s.new_row.prompt_token_ids
@@ -332,7 +234,7 @@ class ModelRunner:
         its sampling: the worker sends the previous step's result there, so that result waits
         only for the previous step, and this step's sampling sees all of its tokens (seeds,
         min_tokens and penalties count them). Nothing before it waits for the device: the
-        inputs go through pinned memory (engine/transfer.py); a step with prompt logprobs, which
+        inputs go through pinned memory (engine/worker/transfer.py); a step with prompt logprobs, which
         reads them back before sampling, calls it first.
 
         With CUDA graphs, a step of plain decodes (one token, sampled) replays a decode graph. A
@@ -351,6 +253,22 @@ class ModelRunner:
             on_forward_queued = None
         if not seqs:
             return PendingStep(result)
+        logits, sample_idx = self._forward(seqs, result)
+        if on_forward_queued is not None:
+            on_forward_queued()
+        if logits is None:
+            return PendingStep(result)
+        # Every rank samples (the gathered logits and the random streams are the same on every
+        # rank) and keeps the tokens for the next step's placeholders; rank 0 sends the result.
+        states = [self.states[seqs[i].row] for i in sample_idx]
+        pending = self.sampler.sample_async(logits, states)
+        rows = to_device([seqs[i].row for i in sample_idx], torch.long, self.device)
+        self.last_sampled.index_copy_(0, rows, pending.sampled)
+        return PendingStep(result, pending, states)
+
+    def _forward(self, seqs: list[SeqStep], result: StepResult) -> tuple[torch.Tensor | None, list[int]]:
+        """Queue the step's forward passes (see `launch`) -> (logits of the rows to sample, in plan
+        order, or None; their plan indices); prompt logprobs go into `result`."""
         decode_idx: list[int] = []
         if self.graphs is not None:
             decode_idx = [i for i, s in enumerate(seqs) if self._is_plain_decode(s)]
@@ -373,24 +291,15 @@ class ModelRunner:
             packed_logits, sample_idx = self._forward_packed([seqs[i] for i in rest_idx], rest_idx, result)
             if packed_logits is not None:
                 parts.append((packed_logits, sample_idx))
-        if on_forward_queued is not None:
-            on_forward_queued()
         if not parts:
-            return PendingStep(result)
-        # Every rank samples (the gathered logits and the random streams are the same on every
-        # rank) and keeps the tokens for the next step's placeholders; rank 0 sends the result.
+            return None, []
         if len(parts) == 1:
-            logits, sample_idx = parts[0]
-        else:  # both passes sampled: rows back in plan order
-            sample_idx = parts[0][1] + parts[1][1]
-            order = sorted(range(len(sample_idx)), key=sample_idx.__getitem__)
-            logits = torch.cat([parts[0][0], parts[1][0]])[to_device(order, torch.long, self.device)]
-            sample_idx = [sample_idx[j] for j in order]
-        states = [self.states[seqs[i].row] for i in sample_idx]
-        pending = self.sampler.sample_async(logits, states)
-        rows = to_device([seqs[i].row for i in sample_idx], torch.long, self.device)
-        self.last_sampled.index_copy_(0, rows, pending.sampled)
-        return PendingStep(result, pending, states)
+            return parts[0]
+        # both passes sampled: rows back in plan order
+        sample_idx = parts[0][1] + parts[1][1]
+        order = sorted(range(len(sample_idx)), key=sample_idx.__getitem__)
+        logits = torch.cat([parts[0][0], parts[1][0]])[to_device(order, torch.long, self.device)]
+        return logits, [sample_idx[j] for j in order]
 
     def _fuses(self, seqs: list[SeqStep], decode_idx: list[int]) -> bool:
         """Whether a step with prefill chunks runs its plain decodes (`decode_idx`) in the same
@@ -462,8 +371,4 @@ class ModelRunner:
                 continue
             targets = prompt[first + 1 : last + 1]
             with host_wait_allowed():  # read back here, before sampling
-                entries = compute_prompt_logprobs(logits, targets, s.prompt_logprobs)
-            result.prompt_logprobs[i] = [
-                TokenLogprobs(t, e.sampled_logprob, e.sampled_rank, e.top_ids, e.top_logprobs)
-                for t, e in zip(targets, entries, strict=True)
-            ]
+                result.prompt_logprobs[i] = compute_prompt_logprobs(logits, targets, s.prompt_logprobs)

@@ -3,7 +3,7 @@
 A `SamplingState` per row holds its params and how many tokens it has produced; a penalized
 row's output counts (and, with a repetition penalty, its prompt mask) are a row of a
 `PenaltyTable` on the logits' device, shared by all the rows of one `Sampler`
-(engine/sampler.py), so that a step's penalty work is the same few launches for any number of
+(engine/worker/sampler.py), so that a step's penalty work is the same few launches for any number of
 rows:
 
     append(token) on the host ─► next step: one copy + one scatter of every new id (all rows)
@@ -13,7 +13,7 @@ rows:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +42,7 @@ class SamplingState:
     params: SamplingParams
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int] = ()
+    stop_token_ids: Collection[int] = ()  # masked while short of params.min_tokens (NewRow.stop_token_ids)
     num_output_tokens: int = field(init=False, default=0)
     _pending_ids: list[int] = field(init=False, default_factory=list)  # not yet in its table's counts
     _table: PenaltyTable | None = field(init=False, default=None)  # set on the first step it is penalized
@@ -76,8 +77,7 @@ class SamplingState:
 
     @property
     def blocks_stop_ids(self) -> bool:
-        p = self.params
-        return self.num_output_tokens < p.min_tokens and bool(p.all_stop_token_ids)
+        return self.num_output_tokens < self.params.min_tokens and bool(self.stop_token_ids)
 
     def output_counts(self, vocab_size: int, device: torch.device) -> torch.Tensor:
         """[vocab] int32: how often each token occurs in the output so far (a view of its row)."""

@@ -93,18 +93,20 @@ class FakeWorker:
             self.rows.pop(row, None)
         sampled = []
         for s in out.scheduled:
-            if s.is_new_row:
-                assert s.req_idx not in self.rows, "a new row must have been freed first"
+            assert s.seq is not None
+            if s.new_row is not None:
+                assert s.row not in self.rows, "a new row must have been freed first"
                 assert s.seq.is_finished or (s.prefix_slots or []) == s.seq.slots[: s.start_pos]
-                self.rows[s.req_idx] = list(s.prefix_slots or [])
-            row = self.rows[s.req_idx]
+                self.rows[s.row] = list(s.prefix_slots or [])
+            row = self.rows[s.row]
             assert len(row) == s.start_pos and len(s.out_slots) == len(s.token_ids)
             for slot, token_id in zip(s.out_slots, s.token_ids, strict=True):
                 self.kv[slot] = token_id
             row.extend(s.out_slots)
         for s in out.scheduled:  # attention reads after every write of the step
             if s.sample:
-                history = [self.kv[slot] for slot in self.rows[s.req_idx]]
+                assert s.seq is not None
+                history = [self.kv[slot] for slot in self.rows[s.row]]
                 assert history == s.seq.all_token_ids, f"{s.seq.seq_id} read a corrupted KV history"
                 sampled.append(fake_token(history, s.seq.index))
         return sampled
@@ -121,11 +123,13 @@ def step(scheduler: Scheduler, worker: FakeWorker, abort_while_running: str | No
     sampled = worker.execute(out)
     scheduler.update_after_step(out)
     for s, token_id in zip((s for s in out.scheduled if s.sample), sampled, strict=True):
-        if s.seq.is_finished:
+        seq = s.seq
+        assert seq is not None
+        if seq.is_finished:
             continue
-        s.seq.append_token(token_id)
-        if s.seq.reached_max_tokens:
-            scheduler.finish(s.seq, SequenceStatus.FINISHED_LENGTH)
+        seq.append_token(token_id)
+        if seq.num_output_tokens >= seq.max_tokens:
+            scheduler.finish(seq, SequenceStatus.FINISHED_LENGTH)
     return out
 
 

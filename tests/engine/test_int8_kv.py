@@ -19,7 +19,8 @@ from torch import nn
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.worker.forward_context import INT8_KV_SCALE_DTYPE
-from engine.worker.model_runner import ModelRunner, kv_bytes_per_token
+from engine.worker.kv_pool import kv_bytes_per_token
+from engine.worker.model_runner import ModelRunner
 from tests.engine.models.harness import Harness, save_tiny_model, tiny_config
 
 TEXT_TOKENS = 512
@@ -128,7 +129,7 @@ def test_int8_pool_layout() -> None:
 @pytest.mark.parametrize(("dtype", "min_ratio"), [("float32", 3.5), ("bfloat16", 1.9)])
 def test_capacity_ratio_in_the_same_budget(dtype: str, min_ratio: float) -> None:
     plain, int8 = _runner(dtype, "auto"), _runner(dtype, "int8")
-    assert plain.kv_dtype == getattr(torch, dtype) and int8.kv_dtype == torch.int8
+    assert plain.kv_layout.dtype == getattr(torch, dtype) and int8.kv_layout.dtype == torch.int8
     ratio = int8.num_slots / plain.num_slots
     assert ratio >= min_ratio
     assert int8.info().kv_capacity_ratio == pytest.approx(ratio)

@@ -10,7 +10,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.router.slot_allocator import KVSlotAllocator
-from engine.worker.model_runner import kv_bytes_per_token
+from engine.worker.kv_pool import kv_bytes_per_token
 from tests.engine.models.harness import save_tiny_model, tiny_config
 
 GREEDY_TOKENS = 24

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from engine import LLM, SamplingParams
-from engine.worker.model_runner import kv_bytes_per_token
+from engine.worker.kv_pool import kv_bytes_per_token
 from tests.engine.models.harness import save_tiny_model, tiny_config
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.kernels.exponential_race import exponential_race
-from engine.worker.sampler import exponential_noise
+from engine.worker.race import exponential_noise
 
 
 def _device() -> str:

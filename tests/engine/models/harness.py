@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from engine.worker.forward_context import build_forward_context, set_forward_context
-from engine.worker.model_runner import allocate_kv_pool
+from engine.worker.kv_pool import allocate_kv_pool
 
 
 class Harness:

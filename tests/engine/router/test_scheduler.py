@@ -89,7 +89,7 @@ def test_chunked_prefill_respects_the_token_budget() -> None:
         out = step(sched, worker)
         assert out.num_batched_tokens <= 32
         (s,) = out.scheduled
-        chunks.append((s.start_pos, len(s.token_ids), s.sample, s.is_new_row))
+        chunks.append((s.start_pos, len(s.token_ids), s.sample, (s.new_row is not None)))
     assert chunks == [(0, 32, False, True), (32, 32, False, False), (64, 32, False, False), (96, 4, True, False)]
     assert seq.num_output_tokens == 1
 
@@ -169,7 +169,7 @@ def test_n_siblings_share_the_prompt_and_compute_only_its_last_token() -> None:
     out = step(sched, worker)
     assert [(s.seq, s.start_pos, len(s.token_ids)) for s in out.scheduled] == [(s0, 20, 1), (s1, 19, 1), (s2, 19, 1)]
     for s in out.scheduled[1:]:
-        assert s.is_new_row and s.sample and s.token_ids == [s0.prompt_token_ids[-1]]
+        assert s.new_row is not None and s.sample and s.token_ids == [s0.prompt_token_ids[-1]]
         assert s.prefix_slots == s0.slots[:19]
     assert all(sched.allocator.refcount(slot) == 3 for slot in s0.slots[:19])
     assert sched.allocator.num_used == 20 + 1 + 2  # one prompt, s0's decode, two last prompt tokens
@@ -244,12 +244,15 @@ def test_preempted_sequence_keeps_its_output_and_goes_to_the_front() -> None:
     assert victim is not a and victim.num_computed_tokens == 0 and victim.num_output_tokens > 0
     assert sched.waiting[0] is victim and victim.num_preemptions == 1
     assert rows_before[victim.seq_id] in out.freed_rows
-    assert not any(s.is_new_row for s in out.scheduled)  # a step that preempts admits nothing
+    assert not any(s.new_row is not None for s in out.scheduled)  # a step that preempts admits nothing
     back = None
     while back is None:
         back = next((s for s in step(sched, worker).scheduled if s.seq is victim), None)
     # It recomputes prompt + output from position 0 in a fresh row.
-    assert back.is_new_row and back.start_pos == 0 and back.token_ids == victim.all_token_ids[: len(back.token_ids)]
+    assert back.new_row is not None and back.start_pos == 0 and back.token_ids == victim.all_token_ids[: len(back.token_ids)]
+    # The worker's new row gets the output it keeps (its sampling state counts those tokens).
+    kept = back.new_row.output_token_ids
+    assert kept and kept == victim.output_token_ids[: len(kept)] and back.new_row.prompt_token_ids == victim.prompt_token_ids
     run_to_completion(sched, worker)
     assert [s.output_token_ids for s in (a, b, c)] == [expected_output(s) for s in (a, b, c)]
     assert_all_released(sched)
@@ -378,7 +381,7 @@ def test_admission_batch_groups_prompts_while_a_large_batch_is_full() -> None:
         while sched.has_unfinished:
             could_join = sched.rows.num_free > 0 and sched.num_waiting > 0
             out = step(sched, worker)
-            joined.append(sum(1 for s in out.scheduled if s.is_new_row))
+            joined.append(sum(1 for s in out.scheduled if s.new_row is not None))
             held = held + 1 if could_join and not joined[-1] else 0
             assert held <= 8  # nobody is held back past 8 steps while a row is free
         return joined, seqs

@@ -67,7 +67,7 @@ def test_second_identical_request_starts_from_the_cache() -> None:
     second = make_request("b", prompt, 5)[0]
     sched.add(second)
     out = sched.schedule()
-    assert [s.num_tokens for s in out.scheduled] == [1] and len(out.scheduled[0].prefix_slots or []) == 29
+    assert [len(s.token_ids) for s in out.scheduled] == [1] and len(out.scheduled[0].prefix_slots or []) == 29
     worker.execute(out)
     sched.update_after_step(out)
     second.append_token(fake_token(second.all_token_ids, 0))

@@ -1,0 +1,138 @@
+"""A worker's KV pool: the memory it may take, and its tensors.
+
+`KVLayout` is what one token of the pool holds on this rank: K and V of every layer for the
+rank's KV heads (and, for int8, a scale per token and head). `kv_budget_bytes` is the memory the
+pool may take on this rank: `kv_cache_memory_gb` when set; on CUDA a fraction
+(`gpu_memory_utilization`) of the memory that stays free beside the weights, the largest step's
+activations (measured by one profiling pass, `profile_activations`) and the prefill graphs' own
+pool; else 1 GiB. The model runner divides it by the bytes per token, takes the smallest count
+over the ranks (one slot index means the same token everywhere) and allocates the pool with
+`allocate_kv_pool`, one dummy slot at its end for padded entries to point at.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import EngineConfig
+from engine.models.causal_lm import CausalLM
+from engine.sampling_params import SamplingParams
+from engine.worker.forward_context import (
+    INT8_KV_SCALE_DTYPE,
+    KVPool,
+    build_forward_context,
+    set_forward_context,
+)
+from engine.worker.sampler import SEARCH_MIN_ROWS, Sampler
+from engine.worker.sampling_state import SamplingState
+
+logger = logging.getLogger(__name__)
+
+_GIB = 1 << 30
+_PROFILE_PARAMS = SamplingParams(temperature=1.0, top_p=0.9, top_k=50)  # the costliest sampling path
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype) -> int:
+    """Bytes one token occupies in the pool: K and V of every layer (+ scales for int8)."""
+    per_layer = 2 * num_kv_heads * head_dim * kv_dtype.itemsize
+    if kv_dtype == torch.int8:
+        per_layer += 2 * num_kv_heads * INT8_KV_SCALE_DTYPE.itemsize  # one scale per (token, kv head), K and V
+    return num_layers * per_layer
+
+
+def allocate_kv_pool(
+    num_slots: int, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: str
+) -> KVPool:
+    # One extra slot at the end: the dummy that padded entries point at.
+    shape = (num_slots + 1, num_kv_heads, head_dim)
+    k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+    v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+    if dtype != torch.int8:
+        return KVPool(k=k, v=v)
+    scale_shape = (num_slots + 1, num_kv_heads)
+    k_scale = [torch.ones(scale_shape, dtype=INT8_KV_SCALE_DTYPE, device=device) for _ in range(num_layers)]
+    v_scale = [torch.ones(scale_shape, dtype=INT8_KV_SCALE_DTYPE, device=device) for _ in range(num_layers)]
+    return KVPool(k=k, v=v, k_scale=k_scale, v_scale=v_scale)
+
+
+@dataclass(frozen=True, slots=True)
+class KVLayout:
+    """What one token of this rank's pool holds."""
+
+    num_layers: int
+    num_kv_heads: int  # on this rank
+    head_dim: int
+    dtype: torch.dtype  # of the pool: the model's, another float dtype, or int8
+
+    def bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        """Of this pool, or of the same layout in `dtype`."""
+        return kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, dtype or self.dtype)
+
+    def allocate(self, num_slots: int, device: str) -> KVPool:
+        return allocate_kv_pool(num_slots, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, device)
+
+
+def kv_budget_bytes(
+    config: EngineConfig, layout: KVLayout, model: CausalLM, sampler: Sampler, prefill_graph_tokens: int
+) -> int:
+    """The bytes this rank's pool may take (see the module's docstring). On CUDA, once the
+    weights are loaded: it runs the largest step to measure its activations."""
+    if config.kv_cache_memory_gb is not None:
+        return int(config.kv_cache_memory_gb * _GIB)
+    if not config.resolved_device().startswith("cuda"):
+        return _GIB  # CPU default: 1 GiB
+    activation_peak_bytes = profile_activations(config, layout, model, sampler)
+    torch.cuda.empty_cache()
+    free, _total = torch.cuda.mem_get_info()
+    # The prefill graphs keep a pool of their own for their largest bucket's activations,
+    # which grow about linearly with the tokens of a step.
+    profiled = config.max_num_batched_tokens or 8192
+    graph_reserve = activation_peak_bytes * prefill_graph_tokens // profiled
+    budget = int((free - activation_peak_bytes - graph_reserve) * config.gpu_memory_utilization)
+    logger.info(
+        "GPU memory: %.2f GiB free after the weights, %.2f GiB peak activations, %.2f GiB for prefill graphs, "
+        "%.0f%% of the rest for KV",
+        free / _GIB, activation_peak_bytes / _GIB, graph_reserve / _GIB, 100 * config.gpu_memory_utilization,
+    )
+    return budget
+
+
+@torch.inference_mode()
+def profile_activations(config: EngineConfig, layout: KVLayout, model: CausalLM, sampler: Sampler) -> int:
+    """Peak CUDA memory of the largest step the scheduler can plan, beyond the weights.
+
+    A prefill of max_num_batched_tokens tokens (cut into sequences of at most
+    max_model_len) over a temporary pool of its own, and logits for max_num_seqs rows.
+    """
+    assert config.max_model_len is not None and config.max_num_seqs is not None
+    device = config.resolved_device()
+    max_model_len = config.max_model_len
+    num_tokens = config.max_num_batched_tokens or 8192
+    lens = [min(max_model_len, num_tokens - i) for i in range(0, num_tokens, max_model_len)]
+    kv = layout.allocate(num_tokens, device)
+    req_to_token = torch.full((len(lens), max_model_len), kv.dummy_slot, dtype=torch.int32, device=device)
+    offsets = [sum(lens[:i]) for i in range(len(lens))]
+    for row, (offset, n) in enumerate(zip(offsets, lens, strict=True)):
+        req_to_token[row, :n] = torch.arange(offset, offset + n, dtype=torch.int32)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ctx = build_forward_context(
+        kv, req_to_token, list(range(len(lens))), [0] * len(lens), lens, torch.arange(num_tokens)
+    )
+    input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    with set_forward_context(ctx):
+        hidden = model(input_ids, ctx.positions)
+    rows = min(config.max_num_seqs, num_tokens)
+    logits = model.compute_logits(hidden[:rows])
+    sampler.sample(logits, [SamplingState(_PROFILE_PARAMS, [])] * rows)
+    if rows >= SEARCH_MIN_ROWS:  # fewer rows sort the vocabulary for top-k / top-p: more memory a row
+        sorted_rows = SEARCH_MIN_ROWS - 1
+        sampler.sample(logits[:sorted_rows], [SamplingState(_PROFILE_PARAMS, [])] * sorted_rows)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del kv, req_to_token, ctx, hidden, logits
+    return peak
