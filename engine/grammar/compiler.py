@@ -58,10 +58,13 @@ class GrammarTokenizer:
     """The library's tokenizer: token bytes, end-of-generation ids, mask width."""
 
     def __init__(self, hf_tokenizer: Any, vocab_size: int | None = None, eos_token_ids: Iterable[int] = ()) -> None:
-        eos = sorted(set(eos_token_ids) or {hf_tokenizer.eos_token_id})
+        eos = sorted(i for i in (set(eos_token_ids) or {hf_tokenizer.eos_token_id}) if i is not None)
         self.vocab_size = max(vocab_size or 0, len(hf_tokenizer))
         self.eos_token_ids = frozenset(eos)
-        self.ll = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=self.vocab_size, eos_token=eos)
+        try:
+            self.ll = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=self.vocab_size, eos_token=eos or None)
+        except ValueError as e:  # a tokenizer without its Rust backend ("slow")
+            raise ValueError(f"constrained decoding needs a fast tokenizer: {e}", "structured_output") from None
         # The text of each special token -> its id (a grammar names them, see lark.py).
         self.special_tokens = {
             t.content: i for i, t in hf_tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)
@@ -75,8 +78,8 @@ class GrammarTokenizer:
 
 @dataclass(frozen=True, slots=True)
 class CompiledGrammar:
-    """A checked grammar: `grammar` (the library's JSON text) is what a worker builds its
-    matchers from; `template` is a matcher in its start state, copied for each sequence."""
+    """A checked grammar: `grammar` is the library's JSON text; `template` a matcher in its
+    start state, copied for each sequence (the parser and lexer built once are shared)."""
 
     grammar: str
     template: Any  # llguidance.LLMatcher, never advanced
@@ -88,7 +91,7 @@ class GrammarCompiler:
 
     def __init__(self, tokenizer: GrammarTokenizer, cache_size: int = CACHE_SIZE) -> None:
         self.tokenizer = tokenizer
-        self._cache: OrderedDict[StructuredOutput | str, CompiledGrammar] = OrderedDict()
+        self._cache: OrderedDict[StructuredOutput, CompiledGrammar] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
@@ -99,17 +102,12 @@ class GrammarCompiler:
         cached = self._cached(so)
         if cached is not None:
             return cached
-        compiled = self._build(top_level_grammar(so, self.tokenizer.special_tokens), so.kind)
+        grammar = top_level_grammar(so, self.tokenizer.special_tokens)
+        matcher = llguidance.LLMatcher(self.tokenizer.ll, grammar, log_level=0, limits=parser_limits())
+        if matcher.is_error():
+            raise ValueError(_message(so.kind, matcher.get_error()), so.kind)
+        compiled = CompiledGrammar(grammar, matcher)
         self._store(so, compiled)
-        return compiled
-
-    def compile_grammar(self, grammar: str) -> CompiledGrammar:
-        """The same for a grammar already built (`CompiledGrammar.grammar`, as a worker gets it)."""
-        cached = self._cached(grammar)
-        if cached is not None:
-            return cached
-        compiled = self._build(grammar, "structured_output")
-        self._store(grammar, compiled)
         return compiled
 
     async def compile_async(self, so: StructuredOutput, timeout_s: float = COMPILE_TIMEOUT_S) -> CompiledGrammar:
@@ -122,25 +120,19 @@ class GrammarCompiler:
         future = asyncio.get_running_loop().run_in_executor(self._pool, self.compile, so)
         try:
             return await asyncio.wait_for(future, timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # (not the builtin TimeoutError before Python 3.11)
             raise ValueError(
                 f"{so.kind} took longer than {timeout_s:g} s to compile: simplify it", so.kind
             ) from None
 
-    def _build(self, grammar: str, field: str) -> CompiledGrammar:
-        matcher = llguidance.LLMatcher(self.tokenizer.ll, grammar, log_level=0, limits=parser_limits())
-        if matcher.is_error():
-            raise ValueError(_message(field, matcher.get_error()), field)
-        return CompiledGrammar(grammar, matcher)
-
-    def _cached(self, key: StructuredOutput | str) -> CompiledGrammar | None:
+    def _cached(self, key: StructuredOutput) -> CompiledGrammar | None:
         with self._lock:
             compiled = self._cache.get(key)
             if compiled is not None:
                 self._cache.move_to_end(key)
             return compiled
 
-    def _store(self, key: StructuredOutput | str, compiled: CompiledGrammar) -> None:
+    def _store(self, key: StructuredOutput, compiled: CompiledGrammar) -> None:
         with self._lock:
             self._cache[key] = compiled
             self._cache.move_to_end(key)
