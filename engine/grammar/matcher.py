@@ -29,7 +29,7 @@ _executors: dict[int | None, llguidance.LLExecutor] = {}
 class GrammarMatcher:
     __slots__ = ("_m", "_words", "_stop_ids", "_extra_stop_ids", "_num_tokens", "_terminated", "_failed")
 
-    def __init__(self, compiled: CompiledGrammar, tokenizer: GrammarTokenizer, stop_token_ids: Iterable[int] = ()):
+    def __init__(self, compiled: CompiledGrammar, tokenizer: GrammarTokenizer, stop_token_ids: Iterable[int] = ()) -> None:
         self._m = compiled.template.deep_copy()  # the compiled parser is shared, the state is ours
         self._words = tokenizer.bitmask_words
         self._stop_ids = tokenizer.eos_token_ids | frozenset(stop_token_ids)
