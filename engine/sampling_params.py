@@ -9,6 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from engine.structured_output import StructuredOutput
+
 MAX_LOGPROBS = 20
 # Stop strings are matched on the engine loop's thread at every token, at a cost that grows with
 # their number and length (a partial match is looked for at every suffix): bounded, so one request
@@ -43,6 +45,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None  # alternatives per sampled token (0..20); None: no logprobs
     prompt_logprobs: int | None = None
+    structured_output: StructuredOutput | None = None  # a constraint the output must meet
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
@@ -100,6 +103,8 @@ class SamplingParams:
             bad("stop", f"strings may be at most {MAX_STOP_STRING_LEN} characters long.")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             bad("seed", "is out of range.")
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
+            bad("structured_output", f"must be a StructuredOutput, got {type(self.structured_output).__name__}.")
 
     @property
     def greedy(self) -> bool:

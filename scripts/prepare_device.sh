@@ -19,6 +19,7 @@ TOOLS=${TOOLS:-../shared/tools}
 PACKAGES=(pydantic pydantic-core pydantic-settings python-dotenv annotated-types typing-inspection
           starlette uvicorn openai jiter distro sniffio httpx2 httpcore2 truststore gguf
           typing-extensions uvloop httptools
+          llguidance  # constrained decoding (engine/grammar)
           py-spy  # a sampling profiler, for gpu_bench.sh's PYSPY
           jsonschema jsonschema-specifications referencing rpds-py attrs pytest-asyncio)  # the whole test tree collects
 
@@ -34,7 +35,7 @@ for name in "${PACKAGES[@]}"; do
     version=$(version_of "$name")
     spec=$name${version:+==$version}
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+        --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
         -d .whl "$spec" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 done
