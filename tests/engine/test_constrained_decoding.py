@@ -6,7 +6,8 @@ is the grammar's failure, never chance.
 
 Seeded sampling depends on neither the batch nor preemption, so the same seeded constrained
 requests give the same tokens under KV pressure (preemption replays each matcher from the
-sequence's outputs) with the worker launching ahead, and with tensor parallelism.
+sequence's outputs) with the worker launching ahead, and with tensor parallelism. The GPU tier
+runs them under CUDA graphs and launch-ahead, where a launch that waited for the device raises.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+import torch
 
 from engine import LLM, SamplingParams, StructuredOutput, TaggedJSON
 from engine.outputs import OutputAccumulator, RequestOutput
@@ -183,3 +185,20 @@ def test_tensor_parallel_2_gives_the_same_answers(llm: LLM, tiny_model_dir: Path
         outs = tp2.generate(PROMPTS[:2], params)
     check_json(outs)
     assert [texts(o) for o in outs] == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_with_graphs_launch_ahead_and_no_launch_waits(tiny_model_dir: Path) -> None:
+    """CUDA graphs, launch-ahead (a GPU's default), the Triton mask kernel and the mask's side
+    stream, 128 constrained rows beside unconstrained ones; a launch that waited for the GPU
+    would raise (`check_launch_syncs`)."""
+    prompts = PROMPTS * 16
+    params = [seeded_json(1000 + 10 * i) for i in range(len(prompts))]
+    plain = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    with LLM(str(tiny_model_dir), device="cuda", dtype="float32", kv_cache_memory_gb=0.5,
+             check_launch_syncs=True) as gpu:
+        assert gpu.core.config.resolved_launch_ahead() and gpu.core.worker_info.graph_batch_sizes
+        outs = gpu.generate(PROMPTS + prompts, [plain] * len(PROMPTS) + params)
+    assert all(len(o.outputs[0].token_ids) == MAX_TOKENS for o in outs[: len(PROMPTS)])
+    check_json(outs[len(PROMPTS):])
