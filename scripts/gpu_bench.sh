@@ -295,7 +295,7 @@ fi
 # Each server's last step-log lines: where a step's time went (schedule, worker, execute, worker
 # idle, loop lag, loop cpu), in steady state and while the batch drained.
 say "step log, last lines of each server"
-awk '/^===== /{flush(); print; n = 0; next} /steps\/s/{sub(/.*async_engine: /, ""); keep[n++ % 3] = $0}
+awk '/^===== /{flush(); print; n = 0; next} /steps\/s/{sub(/.*(async_engine|stats): /, ""); keep[n++ % 3] = $0}
      function flush(  i) { for (i = (n > 3 ? n - 3 : 0); i < n; i++) print "  " keep[i % 3] }
      END {flush()}' "$OUT/server.log" 2>/dev/null
 
