@@ -30,6 +30,15 @@ from openai_compat.chat_output import (
     finish_reason_with_calls,
 )
 from openai_compat.errors import OpenAIError, from_exception, unsupported
+from openai_compat.generation import (
+    SYSTEM_FINGERPRINT,
+    GenerationStream,
+    finish_reason,
+    make_usage,
+    new_id,
+    open_streams,
+    push_events,
+)
 from openai_compat.logprobs import chat_logprobs
 from openai_compat.prompt_size import check_prompt_text
 from openai_compat.protocol import (
@@ -42,20 +51,13 @@ from openai_compat.protocol import (
     ChatStreamChoice,
     DeltaMessage,
 )
-from openai_compat.serving_base import (
-    SYSTEM_FINGERPRINT,
-    GenerationStream,
-    ServerState,
+from openai_compat.request_parsing import (
     build_sampling_params,
     check_num_sequences,
     check_stream_options,
-    finish_reason,
-    make_usage,
-    new_id,
-    open_streams,
     parse_body,
-    push_events,
 )
+from openai_compat.server_state import ServerState
 from openai_compat.sse import (
     ClientDisconnected,
     format_event,
