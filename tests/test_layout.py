@@ -4,12 +4,15 @@
   imports inside functions (a cycle that a lazy import hides still ties the modules together);
 - `openai_compat` and `bench` use only `engine`'s public API (`engine/__init__.py`'s `__all__`),
   and `bench` only `openai_compat`'s;
-- `engine` never imports `openai_compat` or `bench`.
+- `engine` never imports `openai_compat` or `bench`;
+- sizes: no module over 400 lines and no function over 60 lines, outside `engine/kernels/`;
+- `docs/structures.md` names only paths that exist, and every module of the three packages.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,3 +203,54 @@ def test_the_engine_never_imports_the_layers_above_it(outer: str) -> None:
         if imp.importer.split(".")[0] == "engine" and imp.target.split(".")[0] == outer
     ]
     assert not problems, "; ".join(problems)
+
+
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60  # from the `def` line to the body's last line, docstring included
+
+
+def _outside_kernels(path: Path) -> bool:
+    return path.relative_to(ROOT).parts[:2] != ("engine", "kernels")
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+
+
+def _long_modules(paths: list[Path], limit: int) -> list[str]:
+    sizes = {path: len(path.read_text().splitlines()) for path in paths}
+    return [f"{_shown(path)}: {n} lines" for path, n in sizes.items() if n > limit]
+
+
+def _long_functions(path: Path, limit: int) -> list[str]:
+    """Every function and method of `path` (nested ones too) longer than `limit` lines."""
+    problems = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            assert node.end_lineno is not None
+            length = node.end_lineno - node.lineno + 1
+            if length > limit:
+                problems.append(f"{_shown(path)}:{node.lineno} {node.name}: {length} lines")
+    return problems
+
+
+def test_no_module_over_400_lines_outside_the_kernels() -> None:
+    paths = [path for path in MODULES.values() if _outside_kernels(path)]
+    problems = _long_modules(paths, MAX_MODULE_LINES)
+    assert not problems, "; ".join(problems)
+
+
+def test_no_function_over_60_lines_outside_the_kernels() -> None:
+    paths = [path for path in MODULES.values() if _outside_kernels(path)]
+    problems = [problem for path in paths for problem in _long_functions(path, MAX_FUNCTION_LINES)]
+    assert not problems, "; ".join(problems)
+
+
+def test_the_size_checks_catch_a_long_module_and_function(tmp_path: Path) -> None:
+    body = "\n".join(f"    x{i} = {i}" for i in range(60))
+    path = tmp_path / "probe.py"
+    path.write_text(f"def short() -> None:\n    pass\n\n\nasync def long() -> None:\n{body}\n")
+    assert _long_functions(path, 61) == []
+    assert _long_functions(path, 60) == ["probe.py:5 long: 61 lines"]
+    assert _long_modules([path], 65) == []
+    assert _long_modules([path], 64) == ["probe.py: 65 lines"]
