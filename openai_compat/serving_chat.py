@@ -171,7 +171,8 @@ class ChatServing:
         messages, tools = chat_format.conversation(template_messages(req.messages), plan, req.chat_template_kwargs)
         # A text far too long for the context is refused without tokenizing it. Checked on the
         # rendered prompt, not on the messages: a template may trim or drop their text (and a
-        # request's own template may add any amount), but rendering is cheap (50 ms for 10 MB).
+        # request's own template may add any amount), but rendering costs little next to
+        # tokenizing (docs/benchmarks.md, "Figures behind choices in the code").
         check_text = partial(
             check_prompt_text, bound=state.prompt_bound, max_model_len=state.engine.max_model_len,
             max_tokens=params.max_tokens,

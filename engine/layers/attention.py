@@ -15,8 +15,8 @@ Decode-only steps gather every sequence's keys into one padded [B, L] batch and 
 padding, instead of looping over sequences in Python.
 GQA: query head h reads kv head h // G, G = H / KV. A decode step folds the G query heads of
 a kv head into G query rows of that kv head ([B, KV, G, D]): plain attention with KV heads
-and no key repeat; on CPU this is 5-30x faster than `enable_gqa` with one query row
-(bf16 most of all), with the same result.
+and no key repeat. On the CPU this is several times faster than `enable_gqa` with one query
+row, bf16 most of all (docs/benchmarks.md, "CPU, offline"), with the same result.
 """
 
 from __future__ import annotations
