@@ -6,12 +6,14 @@
   and `bench` only `openai_compat`'s;
 - `engine` never imports `openai_compat` or `bench`;
 - sizes: no module over 400 lines and no function over 60 lines, outside `engine/kernels/`;
-- `docs/structures.md` names only paths that exist, and every module of the three packages.
+- `docs/structures.md` (and README.md, docs/tools.md) name only paths that exist, and
+  `docs/structures.md` names every module of the three packages.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,3 +255,49 @@ def test_the_size_checks_catch_a_long_module_and_function(tmp_path: Path) -> Non
     assert _long_functions(path, 60) == ["probe.py:5 long: 61 lines"]
     assert _long_modules([path], 65) == []
     assert _long_modules([path], 64) == ["probe.py: 65 lines"]
+
+
+STRUCTURES = ROOT / "docs" / "structures.md"
+# A path of ours in a document: a package, then folders and a module or a folder (trailing /).
+_DOC_PATH = re.compile(r"(?<![\w/.])(?:engine|openai_compat|bench)(?:/[A-Za-z0-9_]+)*(?:\.py|/)")
+
+
+def _doc_paths(text: str) -> set[str]:
+    return set(_DOC_PATH.findall(text))
+
+
+def _missing_paths(paths: set[str]) -> list[str]:
+    return sorted(path for path in paths if not (ROOT / path).exists())
+
+
+def _uncovered_modules(paths: set[str]) -> list[str]:
+    """Our modules (and packages, as folders) the document does not name."""
+    wanted = set()
+    for path in MODULES.values():
+        relative = path.relative_to(ROOT)
+        wanted.add(f"{relative.parent}/" if relative.name == "__init__.py" else str(relative))
+    return sorted(wanted - paths)
+
+
+# The documents that describe the tree as it is (docs/benchmarks.md is a log: its runs name the
+# paths of their day).
+@pytest.mark.parametrize("document", ["docs/structures.md", "README.md", "docs/tools.md"])
+def test_the_docs_name_only_paths_that_exist(document: str) -> None:
+    paths = _doc_paths((ROOT / document).read_text())
+    assert paths  # the pattern reads the document's paths
+    assert not _missing_paths(paths), f"{document} names missing paths: {_missing_paths(paths)}"
+
+
+def test_structures_covers_every_module() -> None:
+    uncovered = _uncovered_modules(_doc_paths(STRUCTURES.read_text()))
+    assert not uncovered, f"docs/structures.md does not name: {uncovered}"
+
+
+def test_the_doc_checks_catch_a_stale_path_and_a_missing_module() -> None:
+    text = "`engine/worker.py`, `engine/router/`, engine/router/seq.py; not engine.router.seq, tests/engine/x.py"
+    paths = _doc_paths(text)
+    assert paths == {"engine/worker.py", "engine/router/", "engine/router/seq.py"}
+    assert _missing_paths(paths) == ["engine/worker.py"]
+    uncovered = _uncovered_modules(paths)
+    assert "engine/router/scheduler.py" in uncovered and "engine/router/seq.py" not in uncovered
+    assert "engine/router/" not in uncovered and "engine/worker/" in uncovered
