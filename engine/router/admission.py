@@ -25,18 +25,54 @@ unlocked cached prefixes count as free.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections import deque
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from engine.router.future_usage import FutureUsage
+from engine.router.prefix_cache import RadixPrefixCache
 from engine.router.seq import Seq, SequenceStatus
+from engine.router.slot_allocator import KVSlotAllocator, ReqRowAllocator
 
 if TYPE_CHECKING:
     from engine.messages import SeqStep
-    from engine.router.scheduler import Scheduler
 
 _MIN_DECODES_TO_BATCH_ADMISSION = 32  # below this, admission never waits (latency first)
 _MAX_ADMISSION_WAIT = 8  # steps a waiting request can be held back for `admission_batch`
 _OUTPUT_LEN_EMA = 0.1  # weight of the newest observation in the aggressive output-length average
+
+
+class AdmissionLimits(Protocol):
+    """What admission reads of the scheduler's `SchedulerConfig`."""
+
+    @property
+    def num_slots(self) -> int: ...
+    @property
+    def watermark(self) -> float: ...
+    @property
+    def admission(self) -> Literal["conservative", "aggressive"]: ...
+    @property
+    def admission_batch(self) -> int: ...
+    @property
+    def initial_output_len(self) -> int: ...
+
+
+class AdmittingScheduler(Protocol):
+    """What admission uses of its `Scheduler` (engine/router/scheduler.py, which builds the
+    `Admission` and so is not imported here)."""
+
+    allocator: KVSlotAllocator
+    rows: ReqRowAllocator
+    prefix_cache: RadixPrefixCache | None
+    waiting: deque[Seq]
+    running: list[Seq]
+
+    @property
+    def config(self) -> AdmissionLimits: ...
+    def siblings(self, request_id: str) -> list[Seq]: ...
+    def evict(self, num_slots: int) -> int: ...
+    def take(
+        self, seq: Seq, n: int, prefix_slots: list[int] | None, is_new_row: bool, out_slots: list[int] | None = None
+    ) -> SeqStep: ...
 
 
 class Admission:
@@ -45,7 +81,7 @@ class Admission:
     counts. The scheduler owns the queues, rows and slots; admission moves sequences from its
     waiting queue into its running list and schedules their first chunk (`Scheduler.take`)."""
 
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: AdmittingScheduler) -> None:
         self._sched = scheduler
         config = scheduler.config
         self._config = config
