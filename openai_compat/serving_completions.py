@@ -17,24 +17,26 @@ from starlette.responses import JSONResponse, Response
 
 from engine import RequestOutput
 from openai_compat.errors import OpenAIError, from_exception, unsupported
-from openai_compat.logprobs import CompletionLogprobsBuilder
-from openai_compat.prompt_size import check_prompt_text
-from openai_compat.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from openai_compat.serving_base import (
+from openai_compat.generation import (
     SYSTEM_FINGERPRINT,
     GenerationStream,
-    ServerState,
-    build_sampling_params,
-    check_num_sequences,
-    check_stream_options,
     close_all,
     finish_reason,
     make_usage,
     new_id,
     open_streams,
-    parse_body,
     push_events,
 )
+from openai_compat.logprobs import CompletionLogprobsBuilder
+from openai_compat.prompt_size import check_prompt_text
+from openai_compat.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from openai_compat.request_parsing import (
+    build_sampling_params,
+    check_num_sequences,
+    check_stream_options,
+    parse_body,
+)
+from openai_compat.server_state import ServerState
 from openai_compat.sse import (
     ClientDisconnected,
     format_event,
