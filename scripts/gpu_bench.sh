@@ -116,7 +116,7 @@ if [ -n "${GPU_TESTS:-}" ]; then  # the GPU test tier, while the model is writte
     say "GPU tests: $GPU_TESTS (at most ${GPU_TESTS_S:-240} s, ${parallel[1]:-1} at a time)"
     # shellcheck disable=SC2086
     # -v: a line per test as it ends, so a run that `timeout` stops still says what passed
-    timeout -s TERM "${GPU_TESTS_S:-240}" "$PYTHON" -m pytest -v -m gpu -p no:cacheprovider --durations=15 \
+    timeout -s TERM "${GPU_TESTS_S:-240}" "$PYTHON" -m pytest -v -m gpu -p no:cacheprovider -p no:benchmark --durations=15 \
         "${parallel[@]}" $GPU_TESTS >"$OUT/gputests.log" 2>&1
     say "GPU tests: $(grep -c ' PASSED' "$OUT/gputests.log") passed, $(grep -c ' FAILED' "$OUT/gputests.log") failed," \
         "$(grep -c ' ERROR' "$OUT/gputests.log") errors, $(grep -c ' SKIPPED' "$OUT/gputests.log") skipped;" \
