@@ -40,10 +40,15 @@ class Workload:
     temperature: float = 0.0  # greedy, what the reference figures use; the others: a chat client's settings
     top_p: float | None = None
     top_k: int | None = None  # an extension of the API (ours, vLLM, SGLang)
+    json_schema: dict[str, Any] | None = None  # every request's output constrained to it (response_format)
 
     def sampling(self) -> dict[str, Any]:
-        """The request body's sampling fields."""
-        fields = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+        """The request body's sampling fields, and its constraint."""
+        fields: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+        if self.json_schema is not None:
+            fields["response_format"] = {
+                "type": "json_schema", "json_schema": {"name": "bench", "strict": True, "schema": self.json_schema},
+            }
         return {key: value for key, value in fields.items() if value is not None}
 
     def to_json(self) -> dict[str, Any]:
@@ -109,6 +114,7 @@ class RequestResult:
     output_tokens: int = 0
     chunk_times: list[float] = field(default_factory=list)  # text chunks' arrivals, from start
     cached_tokens: int | None = None
+    text: str | None = None  # the output, kept for a constrained request (its answer is checked)
 
     @property
     def tpot(self) -> float | None:
@@ -160,6 +166,7 @@ async def send_request(client: Any, url: str, model: str, spec: RequestSpec,
         "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
     }
     result = RequestResult(prompt_len=len(spec.prompt), output_len=spec.output_len)
+    texts: list[str] | None = [] if "response_format" in spec.sampling else None
     usage_tokens: int | None = None
     done = False
     result.start = start = time.perf_counter()
@@ -183,6 +190,8 @@ async def send_request(client: Any, url: str, model: str, spec: RequestSpec,
                     choices = chunk.get("choices") or []
                     if choices and choices[0].get("text"):
                         result.chunk_times.append(now)
+                        if texts is not None:
+                            texts.append(choices[0]["text"])
                     usage = chunk.get("usage")
                     if usage:
                         usage_tokens = usage.get("completion_tokens")
@@ -193,6 +202,8 @@ async def send_request(client: Any, url: str, model: str, spec: RequestSpec,
         result.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         return result
     result.latency = time.perf_counter() - start
+    if texts is not None:
+        result.text = "".join(texts)
     if not done:
         result.error = "the stream ended without [DONE]"
     elif not result.chunk_times:

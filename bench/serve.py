@@ -8,7 +8,13 @@
 Requests go to `/v1/completions` with random token-id prompts (ids uniform in 1000..40000,
 lengths uniform in the given ranges, fixed seed), streaming, greedy, `ignore_eos`, so the
 same workload costs the same on every server (ours, vLLM, LightLLM); `--temperature`,
-`--top-p` and `--top-k` sample instead, as chat clients do. Each request's chunks
+`--top-p` and `--top-k` sample instead, as chat clients do. `--json-schema FILE` constrains
+every request's output to that JSON schema (`response_format`, strict): with `ignore_eos` an
+answer still runs to its max_tokens (once its JSON is complete only the end token may come, and
+its text is empty), so pick a schema whose answers are longer than the workload's outputs
+(bench/schemas/catalog.json: at least 40 products) and every token is sampled under a live
+grammar; the run reports how many answers closed their JSON (and validate), and the share of
+output tokens that carried text (`structured`). Each request's chunks
 are timed as they arrive, and the metrics follow vLLM's and SGLang's serving benchmarks:
 TTFT = time to the first chunk with text; TPOT = (latency - TTFT) / (output tokens - 1);
 ITL = the gaps between text chunks; throughputs = tokens / wall time of the whole run.
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import math
 import platform
 import sys
@@ -109,6 +116,27 @@ def compute_metrics(results: Sequence[RequestResult], duration: float) -> dict[s
     }
 
 
+def structured_metrics(results: Sequence[RequestResult], schema: dict[str, Any]) -> dict[str, Any]:
+    """What the constrained answers were: how many closed their JSON (and validate against
+    `schema`), and the share of output tokens that carried text. Under `ignore_eos`, a token after
+    a closed JSON is an end token without text, so that share is the share of tokens sampled while
+    the grammar was open (a token cut inside a character has none either: a few)."""
+    import jsonschema  # type: ignore[import-untyped]
+
+    ok = [r for r in results if r.ok]
+    closed = valid = 0
+    for r in ok:
+        try:
+            answer = json.loads(r.text or "")
+        except ValueError:
+            continue
+        closed += 1
+        valid += jsonschema.Draft202012Validator(schema).is_valid(answer)
+    output_tokens = sum(r.output_tokens for r in ok)
+    with_text = sum(len(r.chunk_times) for r in ok)
+    return {"closed": closed, "valid": valid, "text_token_share": with_text / max(output_tokens, 1)}
+
+
 def distributions(results: Sequence[RequestResult]) -> dict[str, list[float]]:
     """Quantiles (QUANTILES, in ms) of TTFT, TPOT and ITL: enough to draw their CDFs later."""
     ok = [r for r in results if r.ok]
@@ -164,6 +192,17 @@ def _length_range(text: str) -> tuple[int, int]:
     return bounds
 
 
+def _json_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"{path}: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{path}: a JSON schema is an object")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightgate bench serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -184,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sampling temperature of every request (default 0: greedy, as the reference figures)")
     parser.add_argument("--top-p", type=float, default=None, help="top_p of every request")
     parser.add_argument("--top-k", type=int, default=None, help="top_k of every request (an API extension)")
+    parser.add_argument("--json-schema", type=_json_file, default=None, metavar="FILE",
+                        help="constrain every request's output to this JSON schema (e.g. bench/schemas/catalog.json)")
     parser.add_argument("--sequential", action="store_true", help="one request at a time")
     parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help=f"the server's /v1 URL (default {DEFAULT_BASE_URL})")
     parser.add_argument("--model", default=None, help="model name (default: the first of GET /v1/models)")
@@ -205,7 +246,7 @@ def workloads_from_args(args: argparse.Namespace) -> dict[str, Workload]:
     """The presets asked for (or one `custom` workload), with the explicit flags on top."""
     overrides: dict[str, Any] = {}
     for name in ("num_requests", "prompt_len", "output_len", "request_rate", "max_concurrency",
-                 "shared_prefix_len", "seed", "temperature", "top_p", "top_k"):
+                 "shared_prefix_len", "seed", "temperature", "top_p", "top_k", "json_schema"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.sequential:
@@ -247,6 +288,8 @@ async def _bench(args: argparse.Namespace, workloads: dict[str, Workload]) -> di
         cpu = time.process_time() - cpu0
         metrics = compute_metrics(results, duration)
         metrics["client_cpu_fraction"] = cpu / max(duration, 1e-9)
+        if workload.json_schema is not None:
+            metrics["structured"] = structured_metrics(results, workload.json_schema)
         run["workloads"][name] = {
             "config": workload.to_json(), "metrics": metrics, "distributions": distributions(results),
             "requests": request_rows(results, t0),
@@ -255,6 +298,10 @@ async def _bench(args: argparse.Namespace, workloads: dict[str, Workload]) -> di
         print(f"{name}: {m['completed']}/{len(results)} ok in {duration:.1f} s, "
               f"{m['output_throughput']:.1f} output tok/s, TTFT p50 {fmt(m['ttft_ms']['p50'])} ms, "
               f"TPOT p50 {fmt(m['tpot_ms']['p50'])} ms", flush=True)
+        if "structured" in m:
+            st = m["structured"]
+            print(f"{name}: json_schema: {st['closed']} answers closed their JSON ({st['valid']} valid), "
+                  f"{100 * st['text_token_share']:.1f} % of output tokens carried text", flush=True)
         if m["client_cpu_fraction"] > 0.8:
             print(f"warning: the client used {100 * m['client_cpu_fraction']:.0f} % of a core; "
                   "its own delays may show in the latencies", file=sys.stderr)

@@ -35,6 +35,7 @@ from engine.output_stream import OutputItem, OutputStream, Sink
 from engine.outputs import OutputAccumulator, RequestOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.stats import EngineStats, StepTimes
+from engine.structured_output import StructuredOutput
 from engine.worker.process import ProgressFn
 
 logger = logging.getLogger(__name__)
@@ -109,12 +110,25 @@ class AsyncEngine:
 
     # -- requests -------------------------------------------------------------------------
 
+    async def compile_structured_output(self, so: StructuredOutput) -> None:
+        """Compile a constraint for this model off the event loop, bounded in time, and cache
+        it: `add_request` then finds it compiled. ValueError(message, field) when it cannot be
+        enforced (the field: one of `StructuredOutput`'s), or takes too long to compile."""
+        core = self._core()
+        if core.grammar is None:
+            core.grammar_compiler()  # raises: no tokenizer
+        assert core.grammar is not None
+        compiler = await asyncio.wrap_future(core.grammar)
+        await compiler.compile_async(so)
+
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str, sink: Sink) -> None:
         """Start a request whose outputs go to `sink`, called from the engine loop: each step's
         delta output (whatever `params.output_kind` says), in order, the finished one last; or
         the `EngineDeadError` that ends it. `sink` must not block or raise. Raises ValueError
         for bad input, `EngineOverloadedError` when the waiting queue is full, `EngineDeadError`
-        after a worker died."""
+        after a worker died. A constraint (`params.structured_output`) is compiled here unless
+        `compile_structured_output` did it: await that first, so that a costly one does not
+        hold up the event loop."""
         core = self._core()
         if self.dead_error is not None:
             raise self.dead_error
@@ -132,6 +146,8 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """The request's outputs as `params.output_kind` asks: each step's delta, the output so
         far after each step, or the final output only. Closing the iterator early aborts it."""
+        if params.structured_output is not None:
+            await self.compile_structured_output(params.structured_output)
         stream = OutputStream()
         self.add_request(prompt, params, request_id, stream.put)
         acc = OutputAccumulator(params.n) if params.output_kind is not RequestOutputKind.DELTA else None

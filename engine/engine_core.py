@@ -14,10 +14,13 @@ import logging
 import os
 import time
 from collections import deque
+from concurrent.futures import Future
+from functools import partial
 
 from engine.config import EngineConfig
 from engine.distributed import check_tensor_parallel
 from engine.errors import EngineDeadError, PromptTooLongError
+from engine.grammar.compiler import GrammarCompiler, compiler_in_background, model_compiler
 from engine.messages import StepPlan, StepResult, TokenLogprobs
 from engine.model_config import ModelConfig
 from engine.models.loader import load_hf_config, resolve_model
@@ -77,6 +80,13 @@ class EngineCore:
         self._unsent: list[StepPlan] = []  # the newest of those, planned and not sent yet
         self.max_in_flight = _STEPS_IN_FLIGHT if config.overlap_scheduling else 1
         logger.info("%s", info.kv_cache_summary())
+        # Constraints are compiled here first (a bad one is refused before it runs): the
+        # compiler is set up in the background meanwhile, as the worker sets up its own.
+        self.grammar: Future[GrammarCompiler] | None = None
+        if self.tokenizer is not None:
+            self.grammar = compiler_in_background(
+                partial(model_compiler, self.tokenizer, self.vocab_size, self.eos_token_ids)
+            )
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -99,7 +109,16 @@ class EngineCore:
             raise PromptTooLongError(self.max_model_len, len(prompt_ids), params.max_tokens)
         if params.logit_bias and any(not 0 <= t < self.vocab_size for t in params.logit_bias):
             raise ValueError(f"logit_bias keys must be token ids in [0, {self.vocab_size})", "logit_bias")
+        if params.structured_output is not None:  # (compiled before: a cache hit)
+            self.grammar_compiler().compile(params.structured_output)
         return prompt_ids
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """This model's compiler of constraints (waits for its set-up); ValueError naming
+        `structured_output` for a model that ships no tokenizer."""
+        if self.grammar is None:
+            raise ValueError("this model ships no tokenizer: constrained decoding needs one", "structured_output")
+        return self.grammar.result()
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> RequestState:
         if request_id in self.requests:

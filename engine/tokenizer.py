@@ -14,9 +14,14 @@ logger = logging.getLogger(__name__)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tokenizer.tiktoken")
 
 
+def has_tokenizer(path: str) -> bool:
+    """False for a directory that ships no tokenizer files (a name on a hub: True)."""
+    return not os.path.isdir(path) or any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES)
+
+
 def load_tokenizer(path: str) -> Any | None:
     """A transformers tokenizer for `path`, or None when the directory ships none."""
-    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+    if not has_tokenizer(path):
         logger.warning("%s has no tokenizer files: prompts must be token ids and outputs carry no text", path)
         return None
     from transformers import AutoTokenizer

@@ -88,10 +88,5 @@ def special_token_texts(tokenizer: Any) -> frozenset[str]:
 
 
 def apply_constraint(params: SamplingParams, constraint: StructuredOutput | None) -> None:
-    """Hand a request's constraint to the engine.
-
-    MERGE(issue 19): the one line below is enabled when the grammar layer adds
-    `SamplingParams.structured_output`; until then the constraint is built and checked (bad
-    input is a 400) but the answer is not constrained.
-    """
-    # params.structured_output = constraint
+    """Hand a request's constraint to the engine (which compiles it first: `compile_constraint`)."""
+    params.structured_output = constraint

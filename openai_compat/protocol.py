@@ -135,6 +135,14 @@ class SamplingFields(OpenAIBaseModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # a constraint on the output (docs/tools.md): OpenAI's response_format (a chat field, which
+    # completions take too), or beyond it vLLM's guided_* fields or its structured_outputs
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -152,13 +160,6 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[ChatTool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = True
-    response_format: ResponseFormat | None = None
-    # constraints beyond OpenAI's (docs/tools.md): vLLM's guided_* fields or its structured_outputs
-    guided_json: dict[str, Any] | str | None = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
-    structured_outputs: StructuredOutputsParams | None = None
     # accepted, but only their "off" values can be honoured
     functions: list[Any] | None = None
     function_call: Any = None

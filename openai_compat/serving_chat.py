@@ -64,7 +64,7 @@ from openai_compat.sse import (
     run_until_disconnect,
 )
 from openai_compat.stream_chunks import ChunkTemplate
-from openai_compat.tool_calls.constraints import structured_output
+from openai_compat.tool_calls.constraints import compile_constraint, structured_output
 from openai_compat.tool_calls.request import plan_tools
 
 
@@ -188,7 +188,9 @@ class ChatServing:
         if reader.active and chat_format.keeps_special_tokens(reader):
             params.skip_special_tokens = False
         if constraint is not None:
-            apply_constraint(params, replace(constraint, start_after=chat_format.start_after(text)))
+            constraint = replace(constraint, start_after=chat_format.start_after(text))
+            await compile_constraint(state.engine, constraint, req, plan)  # a 400 if it cannot be enforced
+            apply_constraint(params, constraint)
         return prompt_ids, reader
 
     async def create(self, request: Request) -> Response:

@@ -3,7 +3,8 @@
 `prompt` is a string, a list of strings, a list of token ids or a list of such lists; each
 prompt is one engine request with `n` choices, and its choices are numbered
 `prompt_index * n + choice_index`. With `echo` the prompt text (and, with `logprobs`, the
-prompt's logprobs) lead each choice.
+prompt's logprobs) lead each choice. The text may be constrained as a chat answer is
+(`response_format`, `guided_*`, `structured_outputs`: docs/tools.md).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from openai_compat.sse import (
     run_until_disconnect,
 )
 from openai_compat.stream_chunks import ChunkTemplate
+from openai_compat.tool_calls.constraints import compile_constraint, text_structured_output
 
 
 def split_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -113,13 +115,11 @@ class CompletionServing:
                     check_prompt_text(p, state.prompt_bound, state.engine.max_model_len, params.max_tokens)
         except ValueError as e:  # PromptTooLongError too: the context-length 400
             raise from_exception(e, prompt_param="prompt") from None
-        if any(isinstance(p, str) for p in prompts):
-            prompt_ids = await state.run_tokenizer(tokenize_prompts, tokenizer, prompts)
-        else:  # token ids: nothing for the tokenizer thread (which may be busy with someone's text)
-            prompt_ids = tokenize_prompts(tokenizer, prompts)
-        echo_texts: list[str | None] = [None] * len(prompts)
-        if req.echo:
-            echo_texts = [p if isinstance(p, str) else await state.run_tokenizer(self._decode, p) for p in prompts]
+        constraint = text_structured_output(req)
+        if constraint is not None:
+            await compile_constraint(state.engine, constraint, req)  # a 400 if it cannot be enforced
+            params.structured_output = constraint
+        prompt_ids, echo_texts = await self._tokenize(req, prompts)
         try:
             request_id = new_id("cmpl")
             streams = await run_until_disconnect(request, open_streams(state, prompt_ids, params, request_id))
@@ -144,6 +144,20 @@ class CompletionServing:
         finally:
             await close_all(streams)
         return JSONResponse(response.model_dump())
+
+    async def _tokenize(
+        self, req: CompletionRequest, prompts: list[str | list[int]]
+    ) -> tuple[list[list[int]], list[str | None]]:
+        """The prompts' token ids, and their texts when the request echoes them."""
+        state, tokenizer = self.state, self.state.engine.tokenizer
+        if any(isinstance(p, str) for p in prompts):
+            prompt_ids = await state.run_tokenizer(tokenize_prompts, tokenizer, prompts)
+        else:  # token ids: nothing for the tokenizer thread (which may be busy with someone's text)
+            prompt_ids = tokenize_prompts(tokenizer, prompts)
+        echo_texts: list[str | None] = [None] * len(prompts)
+        if req.echo:
+            echo_texts = [p if isinstance(p, str) else await state.run_tokenizer(self._decode, p) for p in prompts]
+        return prompt_ids, echo_texts
 
     def _decode(self, token_ids: list[int]) -> str:
         tokenizer = self.state.engine.tokenizer

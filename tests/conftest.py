@@ -39,3 +39,14 @@ def tiny_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         yield server.wait_healthy()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessServer]:
+    """The embedded default model (SmolLM2-135M-Instruct) served as `make serve` serves it, with a
+    2048-token context: for tests of what a real model writes."""
+    server = ProcessServer("--max-model-len", "2048", log_dir=tmp_path_factory.mktemp("logs"))
+    try:
+        yield server.wait_healthy()
+    finally:
+        assert server.stop() == 0

@@ -23,8 +23,8 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,6 +151,27 @@ class GrammarCompiler:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+def model_compiler(hf_tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int]) -> GrammarCompiler:
+    """The compiler for a model: its tokenizer, the width of its logits, the ids that end its
+    generation. The server process and each worker make one alike."""
+    return GrammarCompiler(GrammarTokenizer(hf_tokenizer, vocab_size=vocab_size, eos_token_ids=eos_token_ids))
+
+
+def compiler_in_background(build: Callable[[], GrammarCompiler]) -> Future[GrammarCompiler]:
+    """`build()` on a daemon thread of its own (a tokenizer's set-up takes seconds for a large
+    vocabulary; a daemon never holds up the process's exit)."""
+    future: Future[GrammarCompiler] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(build())
+        except BaseException as e:  # delivered to whoever waits for it
+            future.set_exception(e)
+
+    threading.Thread(target=run, daemon=True, name="lightgate-grammar-setup").start()
+    return future
 
 
 def _message(field: str, error: str) -> str:

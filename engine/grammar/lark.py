@@ -91,10 +91,17 @@ def tagged_json_lark(tagged: TaggedJSON, special_tokens: Mapping[str, int]) -> s
     if high == 0:
         return 'start: ""\n'
     separator = _literal(tagged.separator, special_tokens)
-    more = f"{{{max(low - 1, 0)},{'' if high is None else high - 1}}}"
-    items = f"item ({separator} item){more}" if separator else f"item{{{max(low, 1)},{'' if high is None else high}}}"
+    if separator:  # the first item, then the others each after a separator
+        rest_low, rest_high = max(low - 1, 0), None if high is None else high - 1
+        items = "item" if rest_high == 0 else f"item ({separator} item){_repeat(rest_low, rest_high)}"
+    else:  # (the library refuses a range that ends at 0)
+        items = "item" if high == 1 else f"item{_repeat(max(low, 1), high)}"
     lines.insert(0, f"start: {items}" if low > 0 else f"start: ({items})?")
     return "\n".join(lines) + "\n"
+
+
+def _repeat(low: int, high: int | None) -> str:
+    return f"{{{low},{'' if high is None else high}}}"
 
 
 def _literal(text: str, special_tokens: Mapping[str, int]) -> str:

@@ -50,6 +50,12 @@ class GrammarMatcher:
         return not self._failed and not self._terminated and self._m.is_accepting()
 
     @property
+    def allows_stop(self) -> bool:
+        """A stop id may come next: the output is complete, or nothing but a stop id may follow
+        (terminated, or handed a refused id)."""
+        return self._done() or self._m.is_accepting()
+
+    @property
     def num_tokens(self) -> int:
         return self._num_tokens
 

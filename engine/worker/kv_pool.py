@@ -26,6 +26,7 @@ from engine.worker.forward_context import (
     build_forward_context,
     set_forward_context,
 )
+from engine.worker.grammar_masks import StepMask
 from engine.worker.sampler import SEARCH_MIN_ROWS, Sampler
 from engine.worker.sampling_state import SamplingState
 
@@ -105,7 +106,8 @@ def profile_activations(config: EngineConfig, layout: KVLayout, model: CausalLM,
     """Peak CUDA memory of the largest step the scheduler can plan, beyond the weights.
 
     A prefill of max_num_batched_tokens tokens (cut into sequences of at most
-    max_model_len) over a temporary pool of its own, and logits for max_num_seqs rows.
+    max_model_len) over a temporary pool of its own, and logits for max_num_seqs rows sampled
+    the costliest way (top-k, top-p and a grammar mask, which copies the logits).
     """
     assert config.max_model_len is not None and config.max_num_seqs is not None
     device = config.resolved_device()
@@ -128,7 +130,12 @@ def profile_activations(config: EngineConfig, layout: KVLayout, model: CausalLM,
         hidden = model(input_ids, ctx.positions)
     rows = min(config.max_num_seqs, num_tokens)
     logits = model.compute_logits(hidden[:rows])
-    sampler.sample(logits, [SamplingState(_PROFILE_PARAMS, [])] * rows)
+    # Every row constrained (a grammar mask that allows everything): the processed logits' copy
+    mask = StepMask(
+        torch.full((rows, (logits.shape[1] + 31) // 32), -1, dtype=torch.int32, device=device),
+        torch.arange(rows, device=device),
+    )
+    sampler.sample(logits, [SamplingState(_PROFILE_PARAMS, [])] * rows, mask)
     if rows >= SEARCH_MIN_ROWS:  # fewer rows sort the vocabulary for top-k / top-p: more memory a row
         sorted_rows = SEARCH_MIN_ROWS - 1
         sampler.sample(logits[:sorted_rows], [SamplingState(_PROFILE_PARAMS, [])] * sorted_rows)

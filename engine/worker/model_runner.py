@@ -13,6 +13,11 @@ With tensor parallelism every rank runs this on the same plan: each holds its sh
 weights and a KV pool of its own KV heads (the same number of slots on every rank); the
 logits are gathered on every rank, every rank samples the same tokens, and only rank 0's
 worker sends the result.
+
+Constrained rows (`SamplingParams.structured_output`) are masked by their grammars
+(`GrammarMasks`, engine/worker/grammar_masks.py): the mask of a step is filled on the host
+once its forward pass is queued and the previous step's tokens are in, and the sampler
+applies it after its other logit processing.
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ from engine.config import EngineConfig
 from engine.distributed import get_tp_rank, get_tp_size, num_local_kv_heads
 from engine.distributed.parallel_state import all_reduce_min_int
 from engine.layers.backend import use_triton
-from engine.messages import SeqStep, StepPlan, StepResult, WorkerInfo
+from engine.messages import NewRow, SeqStep, StepPlan, StepResult, WorkerInfo
 from engine.model_config import ModelConfig
 from engine.models.causal_lm import CausalLM
 from engine.worker.forward_context import build_forward_context, set_forward_context
+from engine.worker.grammar_masks import GrammarMasks
 from engine.worker.kv_pool import KVLayout, kv_budget_bytes
 from engine.worker.sampler import PendingSample, Sampler, compute_prompt_logprobs
 from engine.worker.sampling_state import SamplingState
@@ -85,7 +91,9 @@ class PendingStep:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model: CausalLM, hf_config: object) -> None:
+    def __init__(
+        self, config: EngineConfig, model: CausalLM, hf_config: object, grammar: GrammarMasks | None = None
+    ) -> None:
         self.config = config
         self.model = model
         self.device = config.resolved_device()
@@ -115,6 +123,10 @@ class ModelRunner:
         self.prefill_graphs: PrefillGraphs | None = None
         self.states: dict[int, SamplingState] = {}
         self.prompts: dict[int, list[int]] = {}  # row -> prompt ids, for prompt logprobs
+        # Its compiler is started by the worker once ready; without one (a model that ships no
+        # tokenizer) a constrained row is refused.
+        self.grammar = grammar if grammar is not None else GrammarMasks(self.device)
+        self.constrained_rows: set[int] = set()  # rows whose state has a grammar: fill masks while any
 
         logger.info("%s", self.info().kv_cache_summary())
         # Row r's last sampled token, on the device: an overlapped step computes it before the
@@ -195,16 +207,13 @@ class ModelRunner:
         for row in plan.freed_rows:
             self.states.pop(row, None)
             self.prompts.pop(row, None)
+            self.constrained_rows.discard(row)
         rows: list[int] = []
         cols: list[int] = []
         slots: list[int] = []
         for s in plan.seqs:
             if s.new_row is not None:
-                self.states[s.row] = SamplingState(
-                    s.new_row.params, s.new_row.prompt_token_ids, s.new_row.output_token_ids, s.new_row.stop_token_ids
-                )
-                if s.new_row.params.prompt_logprobs is not None:
-                    self.prompts[s.row] = s.new_row.prompt_token_ids
+                self._new_row(s.row, s.new_row)
             if s.prefix_slots:
                 rows += [s.row] * len(s.prefix_slots)
                 cols += range(len(s.prefix_slots))
@@ -216,6 +225,16 @@ class ModelRunner:
             index = to_device([rows, cols], torch.int64, self.device)
             values = to_device(slots, torch.int32, self.device)
             self.req_to_token.index_put_((index[0], index[1]), values)
+
+    def _new_row(self, row: int, new: NewRow) -> None:
+        state = self.states[row] = SamplingState(new.params, new.prompt_token_ids, new.output_token_ids, new.stop_token_ids)
+        if new.params.prompt_logprobs is not None:
+            self.prompts[row] = new.prompt_token_ids
+        if new.params.structured_output is not None:
+            state.compiled_grammar = self.grammar.compile(new.params.structured_output)
+            self.constrained_rows.add(row)
+        else:
+            self.constrained_rows.discard(row)
 
     @staticmethod
     def _is_plain_decode(s: SeqStep) -> bool:
@@ -261,7 +280,9 @@ class ModelRunner:
         # Every rank samples (the gathered logits and the random streams are the same on every
         # rank) and keeps the tokens for the next step's placeholders; rank 0 sends the result.
         states = [self.states[seqs[i].row] for i in sample_idx]
-        pending = self.sampler.sample_async(logits, states)
+        # (after on_forward_queued: the previous step's tokens are in its matchers)
+        mask = self.grammar.fill(states) if self.constrained_rows else None
+        pending = self.sampler.sample_async(logits, states, mask)
         rows = to_device([seqs[i].row for i in sample_idx], torch.long, self.device)
         self.last_sampled.index_copy_(0, rows, pending.sampled)
         return PendingStep(result, pending, states)

@@ -35,6 +35,7 @@ from engine.gc_tuning import freeze_startup_objects, unfreeze
 from engine.worker.transfer import host_wait_allowed, sync_debug
 
 if TYPE_CHECKING:
+    from engine.grammar import GrammarCompiler
     from engine.messages import StepPlan
     from engine.worker.model_runner import ModelRunner, PendingStep
 
@@ -65,6 +66,8 @@ def worker_main(
         from engine.distributed import init_tensor_parallel
         from engine.layers.backend import select_backend
         from engine.models.loader import load_hf_config, load_model
+        from engine.tokenizer import has_tokenizer
+        from engine.worker.grammar_masks import GrammarMasks
         from engine.worker.model_runner import ModelRunner
 
         device = config.resolved_device()
@@ -82,9 +85,12 @@ def worker_main(
 
             quantize_model_weights(model, config.weight_quantization)
         conn.send(("progress", (0.8, "allocating KV cache")))
-        runner = ModelRunner(config, model, hf_config)
+        grammar = GrammarMasks(device, num_threads=max(1, (os.cpu_count() or 1) // tp_size))
+        runner = ModelRunner(config, model, hf_config, grammar)
         freeze_startup_objects()
         conn.send(("ready", runner.info()))
+        if has_tokenizer(config.tokenizer or model_path):  # constrained decoding needs one
+            grammar.start(partial(_grammar_compiler, config, model_path, hf_config))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         return
@@ -92,6 +98,18 @@ def worker_main(
         StepLoop(conn, runner, rank, config.resolved_launch_ahead(), config.check_launch_syncs).run()
     finally:
         unfreeze()
+
+
+def _grammar_compiler(config: EngineConfig, model_path: str, hf_config: Any) -> GrammarCompiler:
+    """The worker's grammar compiler: the tokenizer, end ids and logits width of the server's
+    (engine_core.py), so that both compile a constraint alike."""
+    from engine.grammar.compiler import model_compiler
+    from engine.model_config import ModelConfig
+    from engine.tokenizer import eos_token_ids, load_tokenizer
+
+    tokenizer = load_tokenizer(config.tokenizer or model_path)
+    eos = eos_token_ids(model_path, hf_config, tokenizer)
+    return model_compiler(tokenizer, ModelConfig.from_hf_config(hf_config).vocab_size, eos)
 
 
 class _Launched(NamedTuple):

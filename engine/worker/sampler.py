@@ -5,9 +5,12 @@ penalties need, the penalized rows' counts in the sampler's one `PenaltyTable`).
 the sampler `logits [num_rows, vocab]` and the rows' states, in the same order:
 
     logits ─► logit_bias ─► min_tokens (mask stop ids) ─► repetition penalty
-           ─► presence / frequency penalties ─► greedy rows: argmax
-                                               other rows: temperature ─► top_k ─► top_p
-                                                            ─► min_p ─► exponential race
+           ─► presence / frequency penalties ─► grammar mask (constrained rows)
+           ─► greedy rows: argmax
+              other rows: temperature ─► top_k ─► top_p ─► min_p ─► exponential race
+
+The grammar mask (`StepMask`, engine/worker/grammar_masks.py) sets -inf wherever a
+constrained row's grammar does not allow the token; -inf never wins the race or the argmax.
 
 top_k, top_p and min_p each keep every token at or above some value, so together they come
 to one threshold per row (`keep_thresholds`), below which the race does not look.
@@ -30,14 +33,19 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from engine.grammar.bitmask import apply_token_bitmask
 from engine.layers.backend import use_triton
 from engine.messages import TokenLogprobs
 from engine.worker.race import race, step_seed
 from engine.worker.sampling_state import PenaltyTable, SamplingState, apply_penalties, column
 from engine.worker.transfer import HostCopy, to_device
+
+if TYPE_CHECKING:
+    from engine.worker.grammar_masks import StepMask
 
 # On a GPU with the Triton backend, draw sampled tokens with one fused kernel
 # (engine/kernels/exponential_race.py) instead of the torch ops below: same draws up to
@@ -190,15 +198,19 @@ def compute_prompt_logprobs(
 
 
 def process_logits(
-    logits: torch.Tensor, states: list[SamplingState], penalty_table: PenaltyTable | None = None
+    logits: torch.Tensor, states: list[SamplingState], penalty_table: PenaltyTable | None = None,
+    grammar_mask: StepMask | None = None,
 ) -> torch.Tensor:
-    """logit_bias, min_tokens and penalties applied to a copy (or `logits` itself if none apply).
-    States not in a `PenaltyTable` yet go into `penalty_table` (a new one if None)."""
-    if all(s.is_plain for s in states):
+    """logit_bias, min_tokens, penalties and the grammar mask applied to a copy (or `logits`
+    itself if none apply). States not in a `PenaltyTable` yet go into `penalty_table` (a new
+    one if None)."""
+    if grammar_mask is None and all(s.is_plain for s in states):
         return logits
     processed = logits.clone()
     _apply_bias_and_min_tokens(processed, states)
     apply_penalties(processed, states, penalty_table)
+    if grammar_mask is not None:
+        apply_token_bitmask(processed, grammar_mask.bitmask, grammar_mask.rows)
     return processed
 
 
@@ -230,18 +242,24 @@ class Sampler:
         self._rng = random.Random(seed)
         self._penalties: PenaltyTable | None = None  # made for the first logits' vocab and device
 
-    def sample(self, logits: torch.Tensor, states: list[SamplingState]) -> SamplerOutput:
-        """logits [num_rows, vocab] float32; states[i] belongs to row i."""
-        return self.sample_async(logits, states).result()
+    def sample(
+        self, logits: torch.Tensor, states: list[SamplingState], grammar_mask: StepMask | None = None
+    ) -> SamplerOutput:
+        """logits [num_rows, vocab] float32; states[i] belongs to row i; `grammar_mask` limits
+        the constrained rows to what their grammars allow."""
+        return self.sample_async(logits, states, grammar_mask).result()
 
-    def sample_async(self, logits: torch.Tensor, states: list[SamplingState]) -> PendingSample:
+    def sample_async(
+        self, logits: torch.Tensor, states: list[SamplingState], grammar_mask: StepMask | None = None
+    ) -> PendingSample:
         """`sample` without waiting for the device: the tokens are drawn (`PendingSample.sampled`,
         on the logits' device) and on their way to the host; `result()` waits for them. The
-        states are read now: every token sampled before must be appended."""
+        states are read now: every token sampled before must be appended. Logprobs are those
+        of the raw logits, the grammar's mask aside as every other processing."""
         if logits.shape[0] != len(states):
             raise ValueError(f"{logits.shape[0]} logits rows but {len(states)} sampling states")
         logits = logits.float()
-        processed = process_logits(logits, states, self._penalty_table(logits))
+        processed = process_logits(logits, states, self._penalty_table(logits), grammar_mask)
         random_rows = [i for i, s in enumerate(states) if not s.params.greedy]
         if not random_rows:
             sampled = processed.argmax(dim=-1)

@@ -14,12 +14,17 @@ rows:
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.sampling_params import SamplingParams
 from engine.worker.transfer import to_device
+
+if TYPE_CHECKING:
+    from engine.grammar import CompiledGrammar, GrammarMatcher, GrammarTokenizer
 
 
 def column(values: list[float], like: torch.Tensor) -> torch.Tensor:
@@ -37,6 +42,11 @@ class SamplingState:
     logits' device, taken on the first step that needs them and given back when the state is
     freed; `append` only records the id, and the table counts the ids of all its rows on the
     next step with one scatter.
+
+    A constrained row (`params.structured_output`) is given its grammar's compilation
+    (`compiled_grammar`, engine/worker/grammar_masks.py) and makes its `GrammarMatcher` at its
+    first sample (`grammar_matcher`), replaying the outputs it had; from then on `append`
+    advances the matcher too.
     """
 
     params: SamplingParams
@@ -48,11 +58,16 @@ class SamplingState:
     _table: PenaltyTable | None = field(init=False, default=None)  # set on the first step it is penalized
     _slot: int = field(init=False, default=-1)  # its row of _table.counts
     _mask_slot: int = field(init=False, default=-1)  # its row of _table.prompt_mask (repetition penalty only)
+    compiled_grammar: Future[CompiledGrammar] | None = field(init=False, default=None)  # a constrained row's
+    grammar: GrammarMatcher | None = field(init=False, default=None)  # made at its first sample
+    _grammar_ids: list[int] = field(init=False, default_factory=list)  # outputs its matcher has yet to see
 
     def __post_init__(self) -> None:
         self.num_output_tokens = len(self.output_token_ids)
         if self.params.needs_penalties:
             self._pending_ids = list(self.output_token_ids)
+        if self.params.structured_output is not None:
+            self._grammar_ids = list(self.output_token_ids)  # replayed by its matcher (after preemption)
         if self.params.repetition_penalty == 1.0:
             self.prompt_token_ids = ()  # only the repetition penalty looks at the prompt
         self.output_token_ids = ()  # counted from here on; the engine keeps the ids
@@ -68,6 +83,25 @@ class SamplingState:
         self.num_output_tokens += 1
         if self.params.needs_penalties:
             self._pending_ids.append(token_id)
+        if self.grammar is not None:
+            # A token its grammar refuses is one sampled for a row whose stop id the engine has
+            # not seen yet (a step launched behind it): the matcher allows only stop ids then.
+            self.grammar.accept(token_id)
+        elif self.compiled_grammar is not None:
+            self._grammar_ids.append(token_id)
+
+    def grammar_matcher(self, tokenizer: GrammarTokenizer) -> GrammarMatcher:
+        """A constrained row's matcher: made on first use from its compiled grammar (waiting for
+        the compilation) and the outputs it had (a preempted sequence's, replayed)."""
+        if self.grammar is None:
+            from engine.grammar import GrammarMatcher
+
+            assert self.compiled_grammar is not None, "an unconstrained row has no matcher"
+            matcher = GrammarMatcher(self.compiled_grammar.result(), tokenizer, self.params.stop_token_ids or ())
+            matcher.replay(self._grammar_ids)
+            self._grammar_ids = []
+            self.grammar = matcher
+        return self.grammar
 
     @property
     def is_plain(self) -> bool:
@@ -77,7 +111,11 @@ class SamplingState:
 
     @property
     def blocks_stop_ids(self) -> bool:
-        return self.num_output_tokens < self.params.min_tokens and bool(self.stop_token_ids)
+        """Short of min_tokens, the stop ids are masked; unless its grammar may end there: its
+        mask allows no other token once the output is complete."""
+        if self.num_output_tokens >= self.params.min_tokens or not self.stop_token_ids:
+            return False
+        return self.grammar is None or not self.grammar.allows_stop
 
     def output_counts(self, vocab_size: int, device: torch.device) -> torch.Tensor:
         """[vocab] int32: how often each token occurs in the output so far (a view of its row)."""

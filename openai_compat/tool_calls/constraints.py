@@ -11,6 +11,11 @@
   calls the answer may make); it is still checked.
 
 A reasoning model's constraint starts after its thinking (`start_after`, e.g. `</think>`).
+
+`compile_constraint` has the engine compile it before the request starts: what the grammar
+library cannot enforce (a schema feature it lacks, a grammar too large, one that takes too
+long to compile) is a 400 naming the request's field that set it. `/v1/completions` takes the
+text constraints alone (`text_structured_output`).
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from engine import StructuredOutput, TaggedJSON
+from engine import AsyncEngine, StructuredOutput, TaggedJSON
 from openai_compat.errors import OpenAIError
-from openai_compat.protocol import ChatCompletionRequest
+from openai_compat.protocol import ChatCompletionRequest, SamplingFields
 from openai_compat.tool_calls.formats import ToolFormat
 from openai_compat.tool_calls.request import ToolPlan, check_json_schema
 
@@ -34,11 +39,51 @@ def structured_output(
         return StructuredOutput(tagged_json=calls_shape(plan, tool_format), start_after=start_after)
     if text is None or plan.parses_calls:
         return None
+    return _text_output(text, start_after)
+
+
+def text_structured_output(req: SamplingFields) -> StructuredOutput | None:
+    """The constraint on a completion's text, or None; OpenAIError (400) naming the field."""
+    text = text_constraint(req)
+    return _text_output(text) if text is not None else None
+
+
+def _text_output(text: tuple[str, dict[str, Any]], start_after: str | None = None) -> StructuredOutput:
     field, kwargs = text
     try:
         return StructuredOutput(**kwargs, start_after=start_after)
     except ValueError as e:
         raise OpenAIError(str(e.args[0]), param=field) from None
+
+
+async def compile_constraint(
+    engine: AsyncEngine, so: StructuredOutput, req: SamplingFields, plan: ToolPlan | None = None
+) -> None:
+    """The engine compiles `so` (cached for the request that follows); what it cannot enforce
+    is a 400 naming the field of `req` that set it: a forced call's tool by its `parameters`
+    where one alone fails."""
+    try:
+        await engine.compile_structured_output(so)
+    except ValueError as e:
+        raise OpenAIError(str(e.args[0]), param=await _blamed_field(engine, req, plan)) from None
+
+
+async def _blamed_field(engine: AsyncEngine, req: SamplingFields, plan: ToolPlan | None) -> str:
+    if plan is not None and plan.forced:
+        for i, tool in enumerate(plan.tools):
+            if tool.function.name in plan.callable and tool.function.parameters is not None:
+                try:
+                    schema = json.dumps(tool.function.parameters, ensure_ascii=False)
+                    await engine.compile_structured_output(StructuredOutput(json_schema=schema))
+                except ValueError:
+                    return f"tools[{i}].function.parameters"
+        return "tools"
+    text = text_constraint(req)
+    field = text[0] if text is not None else "response_format"
+    fmt = req.response_format
+    if field == "response_format" and fmt is not None and fmt.type == "json_schema":
+        return "response_format.json_schema.schema"
+    return field
 
 
 def calls_shape(plan: ToolPlan, tool_format: ToolFormat) -> TaggedJSON:
@@ -57,7 +102,7 @@ def calls_shape(plan: ToolPlan, tool_format: ToolFormat) -> TaggedJSON:
     return tool_format.tagged_json(item_schema, 1, plan.max_calls)
 
 
-def text_constraint(req: ChatCompletionRequest) -> tuple[str, dict[str, Any]] | None:
+def text_constraint(req: SamplingFields) -> tuple[str, dict[str, Any]] | None:
     """(the field that set it, StructuredOutput's arguments) for the answer's text, or None."""
     found: list[tuple[str, dict[str, Any]]] = []
     fmt = req.response_format
@@ -79,7 +124,7 @@ def text_constraint(req: ChatCompletionRequest) -> tuple[str, dict[str, Any]] | 
     return found[0] if found else None
 
 
-def _extensions(req: ChatCompletionRequest) -> list[tuple[str, dict[str, Any]]]:
+def _extensions(req: SamplingFields) -> list[tuple[str, dict[str, Any]]]:
     found: list[tuple[str, dict[str, Any]]] = []
     so = req.structured_outputs
     fields: list[tuple[str, str, Any]] = [

@@ -16,7 +16,7 @@ from openai_compat.errors import OpenAIError
 from openai_compat.protocol import AllowedToolsChoice, ChatTool, NamedToolChoice, ToolChoice
 
 _FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}  # called with {}
 
 
 @dataclass(frozen=True)

@@ -236,6 +236,31 @@ def test_bench_serve_against_the_tiny_server(tiny_server: ProcessServer, tmp_pat
     assert [r["label"] for r in json.loads(merged.read_text())["runs"]] == ["presets", "poisson"]
 
 
+def test_bench_serve_with_a_json_schema(tiny_server: ProcessServer, tmp_path: Path) -> None:
+    """Every request constrained: the shipped catalog schema keeps every answer's JSON open to
+    its max_tokens; a one-digit schema closes at once, and the end tokens after it carry no text."""
+    digit = tmp_path / "digit.json"
+    digit.write_text(json.dumps({"type": "integer", "minimum": 0, "maximum": 9}))
+    catalog = Path(__file__).resolve().parents[2] / "bench" / "schemas" / "catalog.json"
+    runs = {}
+    for name, schema in (("catalog", catalog), ("digit", digit)):
+        out = tmp_path / f"{name}.json"
+        assert bs.main(["--base-url", f"{tiny_server.url}/v1", "--num-requests", "3", "--prompt-len", "4:8",
+                        "--output-len", "24:32", "--warmup", "0", "--no-progress", "--json-schema", str(schema),
+                        "--json", str(out)]) == 0
+        runs[name] = json.loads(out.read_text())["runs"][0]["workloads"]["custom"]
+    for w in runs.values():
+        assert w["config"]["json_schema"]["type"] in ("object", "integer")
+        assert all(r["output_tokens"] == r["output_len"] for r in w["requests"])  # eos ignored: all of them
+    assert runs["catalog"]["metrics"]["structured"]["closed"] == 0
+    assert runs["catalog"]["metrics"]["structured"]["text_token_share"] > 0.8
+    digit_metrics = runs["digit"]["metrics"]["structured"]
+    assert digit_metrics["closed"] == digit_metrics["valid"] == 3
+    assert digit_metrics["text_token_share"] <= 3 / (3 * 24)  # one token with text each
+    with pytest.raises(SystemExit):
+        _args("--json-schema", str(tmp_path / "missing.json"))
+
+
 def test_failed_requests_are_counted_and_reported(tiny_server: ProcessServer, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "fail.json"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import httpx
 import openai
@@ -15,15 +14,6 @@ pytestmark = pytest.mark.slow
 
 NUM_CLIENTS = 64
 MAX_TOKENS = 24
-
-
-@pytest.fixture(scope="module")
-def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessServer]:
-    server = ProcessServer("--max-model-len", "2048", log_dir=tmp_path_factory.mktemp("logs"))
-    try:
-        yield server.wait_healthy()
-    finally:
-        assert server.stop() == 0
 
 
 async def test_64_concurrent_streaming_chats(default_server: ProcessServer) -> None:

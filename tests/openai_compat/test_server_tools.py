@@ -5,7 +5,9 @@ The tiny model has random weights and the default model's template, which has no
 tools: the definitions reach it in the system message. What it generates is noise, so these
 tests check what a client relies on whatever the text: every choice is accepted, every
 response and chunk has the spec's shape, a stream reassembles into the same message as the
-whole response, the prompt carries the tools and the history, and bad input is a 400.
+whole response, the prompt carries the tools and the history, a forced call is a valid call
+(its grammar writes it, noise or not), and bad input is a 400. What a real model answers under
+constraints, LangChain's `with_structured_output` included: test_server_constrained.py.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import json
 from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
-from pydantic import ValidationError
 
+from openai_compat.tool_calls.request import NO_PARAMETERS
 from tests.openai_compat.openai_schema import validate
 from tests.openai_compat.servers import TINY, ProcessServer, post, stream_chunks
 
@@ -26,10 +29,14 @@ WEATHER = {
     "type": "function",
     "function": {
         "name": "get_weather", "description": "The weather now in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        # (bounded: a forced call of the random-weight model ends within a few tokens)
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6}}, "required": ["city"],
+                       "additionalProperties": False},
     },
 }
 TIME = {"type": "function", "function": {"name": "get_time", "description": "The time now"}}
+UNIQUE_TAGS = {"type": "function", "function": {"name": "tag", "parameters": {
+    "type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}}}
 CHOICES: list[Any] = ["none", "auto", "required", {"type": "function", "function": {"name": "get_weather"}}]
 SAMPLING: dict[str, Any] = {"temperature": 0.0, "max_tokens": 24}
 
@@ -58,14 +65,21 @@ def check_message(choice: dict[str, Any], tools: bool) -> None:
 def test_every_tool_choice_is_answered_in_the_specs_shape(
     client: openai.OpenAI, tiny_server: ProcessServer, tiny_tokenizer: Any, tool_choice: Any
 ) -> None:
-    # Ends with eos after 12 tokens: the SDK's stream helper refuses an answer cut off by length.
+    # Ends with eos after 12 tokens, or once a forced call is complete (its grammar allows eos
+    # only then): the SDK's stream helper refuses an answer cut off by length.
     ending = {"logit_bias": {str(tiny_tokenizer.eos_token_id): 100}, "extra_body": {"min_tokens": 12}}
     body = {"model": TINY, "messages": MESSAGES, "tools": [WEATHER, TIME], "tool_choice": tool_choice,
-            **SAMPLING, **ending}
+            **SAMPLING, "max_tokens": 64, **ending}
     raw = client.chat.completions.with_raw_response.create(**body)
     data = raw.http_response.json()
     validate("CreateChatCompletionResponse", data)
     check_message(data["choices"][0], tool_choice != "none")
+    if tool_choice not in ("none", "auto"):  # forced: a valid call, whatever the random weights favour
+        assert data["choices"][0]["finish_reason"] == "tool_calls"
+        for call in data["choices"][0]["message"]["tool_calls"]:
+            name, arguments = call["function"]["name"], json.loads(call["function"]["arguments"])
+            assert name == "get_weather" or (tool_choice == "required" and name == "get_time")
+            jsonschema.validate(arguments, WEATHER["function"]["parameters"] if name == "get_weather" else NO_PARAMETERS)
     parsed = raw.parse()
     assert parsed.choices[0].message.content == data["choices"][0]["message"]["content"]
     # Streamed: every chunk in the spec's shape, and the SDK puts them back together into
@@ -78,7 +92,7 @@ def test_every_tool_choice_is_answered_in_the_specs_shape(
     expected = data["choices"][0]
     assert final.finish_reason == expected["finish_reason"]
     assert (final.message.content or None) == expected["message"]["content"]
-    got_calls = [c.function.model_dump() for c in final.message.tool_calls or ()]
+    got_calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in final.message.tool_calls or ()]
     assert got_calls == [c["function"] for c in expected["message"].get("tool_calls") or ()]
 
 
@@ -140,6 +154,14 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
      "messages[1].tool_call_id"),
     ("malformed tool call in history", {"messages": [*MESSAGES, {"role": "assistant", "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "f"}}]}]}, "messages[1].tool_calls[0].function.arguments"),
+    # what the grammar library cannot enforce, found when the engine compiles the constraint
+    ("schema feature not enforced", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}}}},
+     "response_format.json_schema.schema"),
+    ("tool parameters not enforced", {"tools": [WEATHER, UNIQUE_TAGS], "tool_choice": "required"},
+     "tools[1].function.parameters"),
+    ("regex that does not compile", {"guided_regex": "("}, "guided_regex"),
+    ("grammar that does not compile", {"guided_grammar": "start: foo"}, "guided_grammar"),
 ]
 
 
@@ -194,30 +216,17 @@ def test_langchain_bind_tools(tiny_server: ProcessServer, tiny_tokenizer: Any) -
         assert [c["name"] for c in streamed.tool_calls] == [c["name"] for c in answer.tool_calls]
 
 
-@pytest.mark.parametrize("method", ["function_calling", "json_mode", "json_schema"])
-def test_langchain_with_structured_output_requests_are_accepted(
-    tiny_server: ProcessServer, tiny_tokenizer: Any, method: str
-) -> None:
-    from pydantic import BaseModel
-
-    class City(BaseModel):
-        """A city and its country."""
-
-        name: str
-        country: str
-
-    llm = langchain_model(tiny_server, tiny_tokenizer)
-    structured = llm.with_structured_output(City, method=method, include_raw=True)  # type: ignore[arg-type]
-    try:
-        result = structured.invoke("Which city is the capital of France? Answer in JSON.")
-    except ValidationError as e:
-        # json_schema: the SDK parses the answer itself, inside the call; random weights write no
-        # JSON until the grammar layer constrains them. An HTTP error would be openai.APIError.
-        assert method == "json_schema" and e.errors()[0]["type"] == "json_invalid", e
-        return
-    # The request was accepted and answered; with random weights the answer need not parse.
-    assert isinstance(result, dict) and result["raw"].response_metadata["finish_reason"] in ("stop", "tool_calls")
-    assert result["parsed"] is None or isinstance(result["parsed"], City)
+def test_completions_take_text_constraints(tiny_server: ProcessServer) -> None:
+    """/v1/completions constrains its text as chat does; what cannot be enforced is a 400."""
+    body = {"model": TINY, "prompt": "Yes or no?", "max_tokens": 16, "temperature": 1.0, "seed": 4, "n": 3}
+    response = post(tiny_server.url, "/v1/completions", {**body, "guided_choice": ["yes", "no"]})
+    assert response.status_code == 200, response.text
+    assert [(c["text"], c["finish_reason"]) in (("yes", "stop"), ("no", "stop")) for c in response.json()["choices"]] == [True] * 3
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "integer", "minimum": 0, "maximum": 99}}}
+    response = post(tiny_server.url, "/v1/completions", {**body, "response_format": fmt})
+    assert all(0 <= json.loads(c["text"]) <= 99 for c in response.json()["choices"])
+    response = post(tiny_server.url, "/v1/completions", {**body, "guided_regex": "("})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "guided_regex"
 
 
 def test_a_cut_short_body_with_tools_is_no_server_error(tiny_server: ProcessServer) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from engine.grammar import GrammarCompiler, GrammarMatcher, GrammarTokenizer
 from engine.grammar.lark import JSON_OPTIONS, top_level_grammar, with_json_options
 from engine.structured_output import StructuredOutput, TaggedJSON
@@ -52,3 +54,12 @@ def test_tagged_json_without_separator_and_with_none(compiler: GrammarCompiler, 
     nothing = TaggedJSON(begin="<", schema='{"type": "boolean"}', end=">", min_items=0, max_items=0)
     m = GrammarMatcher(compiler.compile(StructuredOutput(tagged_json=nothing)), compiler.tokenizer)
     assert allowed(m, compiler.tokenizer).nonzero().flatten().tolist() == [tiny_tokenizer.eos_token_id]
+
+
+@pytest.mark.parametrize("separator", ["", "\n"], ids=["no-separator", "separator"])
+def test_tagged_json_of_exactly_one_item(compiler: GrammarCompiler, tiny_tokenizer: Any, separator: str) -> None:
+    """A single call (a named tool_choice, or parallel_tool_calls false): one item, no second."""
+    one = TaggedJSON(begin="<", schema='{"type": "boolean"}', end=">", max_items=1, separator=separator)
+    assert _walks(compiler, tiny_tokenizer, "<true>", tagged_json=one)
+    assert not _walks(compiler, tiny_tokenizer, f"<true>{separator}<false>", tagged_json=one)
+    assert not _walks(compiler, tiny_tokenizer, "", tagged_json=one)

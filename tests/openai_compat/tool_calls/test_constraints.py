@@ -48,6 +48,7 @@ def test_required_constrains_to_calls_of_any_tool() -> None:
     check = item_validator(shape)
     assert check.is_valid({"name": "get_weather", "arguments": {"city": "Paris"}})
     assert check.is_valid({"name": "get_time", "arguments": {}})  # no parameters: an empty object
+    assert not check.is_valid({"name": "get_time", "arguments": {"when": "now"}})  # and nothing in it
     assert not check.is_valid({"name": "get_weather", "arguments": {}})  # its schema requires city
     assert not check.is_valid({"name": "rm_rf", "arguments": {}})
     assert not check.is_valid({"name": "get_time", "arguments": {}, "extra": 1})
