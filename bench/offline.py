@@ -78,7 +78,12 @@ def _engine_kwargs(spec: str) -> tuple[dict[str, Any], str, str]:
     return {"dtype": spec}, spec, spec
 
 
-def main(argv: list[str] | None = None) -> None:
+# name -> (weights, compute dtype, single stream tok/s, batch tok/s)
+Rows = dict[str, tuple[str, str, float, float]]
+_REFERENCE = "transformers generate float32"
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightgate bench offline", description=__doc__)
     parser.add_argument(
         "--model", default=None, help="model dir or GGUF file (default: embedded SmolLM2-135M)"
@@ -92,14 +97,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results to this file")
-    args = parser.parse_args(argv)
+    return parser
 
-    from transformers import AutoModelForCausalLM
 
+def _run_engines(args: argparse.Namespace, rows: Rows) -> tuple[Any, str | None]:
+    """Each `--engines` configuration in turn, into `rows`; returns the (tokenizer, model dir)
+    of the last one."""
     from engine import LLM
 
-    # name -> (weights, compute dtype, single stream tok/s, batch tok/s)
-    rows: dict[str, tuple[str, str, float, float]] = {}
     model_path = tokenizer = None
     for spec in args.engines.split(","):
         kwargs, weights, compute = _engine_kwargs(spec.strip())
@@ -113,23 +118,28 @@ def main(argv: list[str] | None = None) -> None:
             _bench_engine(llm, prompts, args.max_tokens),
         )
         llm.shutdown()
-    reference = "transformers generate float32"
-    if not args.skip_transformers:
-        assert model_path is not None  # `--engines` always names at least one configuration
-        prompts = _prompts(tokenizer, args.batch)
-        hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-        rows[reference] = (
-            "float32",
-            "float32",
-            _bench_transformers(hf, tokenizer, prompts[:1], args.max_tokens),
-            _bench_transformers(hf, tokenizer, prompts, args.max_tokens),
-        )
+    return tokenizer, model_path
 
+
+def _run_transformers(args: argparse.Namespace, tokenizer: Any, model_path: str, rows: Rows) -> None:
+    from transformers import AutoModelForCausalLM
+
+    prompts = _prompts(tokenizer, args.batch)
+    hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    rows[_REFERENCE] = (
+        "float32",
+        "float32",
+        _bench_transformers(hf, tokenizer, prompts[:1], args.max_tokens),
+        _bench_transformers(hf, tokenizer, prompts, args.max_tokens),
+    )
+
+
+def _print_table(args: argparse.Namespace, model_path: str | None, rows: Rows) -> None:
     print(
         f"\nmodel: {model_path}\nthreads: {torch.get_num_threads()}, greedy, {args.max_tokens} output tokens "
         "per request (eos ignored); output tok/s; compute = activations and KV cache"
     )
-    ref = rows.get(reference)
+    ref = rows.get(_REFERENCE)
     header = (
         f"{'':32}{'weights':>14}{'compute':>10}{'single stream':>15}{f'batch {args.batch} aggregate':>22}"
     )
@@ -139,6 +149,16 @@ def main(argv: list[str] | None = None) -> None:
         if ref is not None:
             line += f"{f'{single / ref[2]:.2f}x / {batch / ref[3]:.2f}x':>20}"
         print(line)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    rows: Rows = {}
+    tokenizer, model_path = _run_engines(args, rows)
+    if not args.skip_transformers:
+        assert model_path is not None  # `--engines` always names at least one configuration
+        _run_transformers(args, tokenizer, model_path, rows)
+    _print_table(args, model_path, rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

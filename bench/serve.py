@@ -121,7 +121,7 @@ def structured_metrics(results: Sequence[RequestResult], schema: dict[str, Any])
     `schema`), and the share of output tokens that carried text. Under `ignore_eos`, a token after
     a closed JSON is an end token without text, so that share is the share of tokens sampled while
     the grammar was open (a token cut inside a character has none either: a few)."""
-    import jsonschema
+    import jsonschema  # type: ignore[import-untyped]
 
     ok = [r for r in results if r.ok]
     closed = valid = 0

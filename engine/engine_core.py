@@ -31,7 +31,8 @@ from engine.router.detokenizer import (
     StopStringMatcher,
     convert_ids_to_logprob_tokens,
 )
-from engine.router.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.router.scheduler import Scheduler, SchedulerOutput
+from engine.router.scheduler_config import SchedulerConfig
 from engine.router.seq import Seq, SequenceStatus
 from engine.router.slot_allocator import KVSlotAllocator
 from engine.sampling_params import SamplingParams

@@ -2,9 +2,9 @@
 
 Start-up leaves hundreds of thousands of long-lived container objects behind (imported
 modules, the tokenizer, the model's Python objects). CPython's full collections walk all of
-them, and a serving loop that allocates per token triggers one every few seconds: on a 256-
-stream run they took ~150 ms each, a stall of every stream (and of the GPU, which waits for
-the next plan). `freeze_startup_objects()` moves what start-up allocated to the permanent
+them, and a serving loop that allocates per token triggers one every few seconds, each a
+stall of every stream (and of the GPU, which waits for the next plan; docs/benchmarks.md,
+"CPU, served: the server's own work with 256 streams"). `freeze_startup_objects()` moves what start-up allocated to the permanent
 generation, where collections never look, once start-up is done (in processes the server
 owns: its own and the workers', never in a user's process that runs `LLM`), and makes the youngest
 generation 10x larger than CPython's 700 objects (the per-token objects of a step are mostly

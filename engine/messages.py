@@ -28,7 +28,10 @@ class NewRow:
     stop_token_ids: frozenset[int] = frozenset()
 
 
-@dataclass(slots=True)  # not frozen: a frozen dataclass takes 4x as long to build, one per sequence per step
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, several times the
+# cost of building a plain one, and one is built per sequence per step (docs/benchmarks.md,
+# "Figures behind choices in the code").
+@dataclass(slots=True)
 class SeqStep:
     """One sequence's part of a step, as the scheduler plans it and the worker runs it."""
 
@@ -44,9 +47,9 @@ class SeqStep:
     seq: Seq | None = field(default=None, repr=False, compare=False)
 
     def __reduce__(self) -> tuple[type, tuple]:
-        # Pickled as its constructor's arguments, not as a slots dataclass's default state: a plan
-        # of 512 decodes takes 16 740 bytes against 28 082, and well under half the time to pickle
-        # here and to unpickle in the worker (docs/benchmarks.md). `seq` stays behind.
+        # Pickled as its constructor's arguments, not as a slots dataclass's default state: fewer
+        # bytes, and less time to pickle here and to unpickle in the worker (docs/benchmarks.md,
+        # run of 2026-12-01 22:45). `seq` stays behind.
         return SeqStep, (
             self.row, self.start_pos, self.token_ids, self.out_slots, self.sample, self.prefix_slots, self.new_row,
             self.prompt_logprobs,

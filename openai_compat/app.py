@@ -32,7 +32,7 @@ from openai_compat.metrics import CONTENT_TYPE
 from openai_compat.openapi import openapi_document
 from openai_compat.prompt_size import PromptBound
 from openai_compat.protocol import ModelCard, ModelList
-from openai_compat.serving_base import ServerState
+from openai_compat.server_state import ServerState
 from openai_compat.serving_chat import ChatServing
 from openai_compat.serving_completions import CompletionServing
 from openai_compat.serving_tokenize import detokenize, tokenize

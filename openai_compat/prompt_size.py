@@ -96,7 +96,8 @@ class PromptBound:
     def min_tokens(self, text: str, exact_from: int = 0) -> int:
         """A lower bound of the tokens `text` encodes to. Characters that may be dropped are
         counted only when the quick bound (O(1)) reaches `exact_from`, i.e. for a prompt about to
-        be refused: that takes O(len(text)), some 40 ms for 10 MB, against seconds to tokenize it."""
+        be refused: that takes one pass over the text's bytes, far less than tokenizing it
+        (docs/benchmarks.md, "Figures behind choices in the code")."""
         at_least = -(-len(text) // self.max_chars_per_token)
         if at_least < exact_from or not self.dropped_first_bytes:
             return at_least

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from openai_compat.app import build_app
 from openai_compat.config import Settings
-from openai_compat.serving_base import ServerState
+from openai_compat.server_state import ServerState
 
 logger = logging.getLogger("lightgate")
 

@@ -30,6 +30,15 @@ from openai_compat.chat_output import (
     finish_reason_with_calls,
 )
 from openai_compat.errors import OpenAIError, from_exception, unsupported
+from openai_compat.generation import (
+    SYSTEM_FINGERPRINT,
+    GenerationStream,
+    finish_reason,
+    make_usage,
+    new_id,
+    open_streams,
+    push_events,
+)
 from openai_compat.logprobs import chat_logprobs
 from openai_compat.prompt_size import check_prompt_text
 from openai_compat.protocol import (
@@ -42,20 +51,13 @@ from openai_compat.protocol import (
     ChatStreamChoice,
     DeltaMessage,
 )
-from openai_compat.serving_base import (
-    SYSTEM_FINGERPRINT,
-    GenerationStream,
-    ServerState,
+from openai_compat.request_parsing import (
     build_sampling_params,
     check_num_sequences,
     check_stream_options,
-    finish_reason,
-    make_usage,
-    new_id,
-    open_streams,
     parse_body,
-    push_events,
 )
+from openai_compat.server_state import ServerState
 from openai_compat.sse import (
     ClientDisconnected,
     format_event,
@@ -169,7 +171,8 @@ class ChatServing:
         messages, tools = chat_format.conversation(template_messages(req.messages), plan, req.chat_template_kwargs)
         # A text far too long for the context is refused without tokenizing it. Checked on the
         # rendered prompt, not on the messages: a template may trim or drop their text (and a
-        # request's own template may add any amount), but rendering is cheap (50 ms for 10 MB).
+        # request's own template may add any amount), but rendering costs little next to
+        # tokenizing (docs/benchmarks.md, "Figures behind choices in the code").
         check_text = partial(
             check_prompt_text, bound=state.prompt_bound, max_model_len=state.engine.max_model_len,
             max_tokens=params.max_tokens,

@@ -18,24 +18,26 @@ from starlette.responses import JSONResponse, Response
 
 from engine import RequestOutput
 from openai_compat.errors import OpenAIError, from_exception, unsupported
-from openai_compat.logprobs import CompletionLogprobsBuilder
-from openai_compat.prompt_size import check_prompt_text
-from openai_compat.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from openai_compat.serving_base import (
+from openai_compat.generation import (
     SYSTEM_FINGERPRINT,
     GenerationStream,
-    ServerState,
-    build_sampling_params,
-    check_num_sequences,
-    check_stream_options,
     close_all,
     finish_reason,
     make_usage,
     new_id,
     open_streams,
-    parse_body,
     push_events,
 )
+from openai_compat.logprobs import CompletionLogprobsBuilder
+from openai_compat.prompt_size import check_prompt_text
+from openai_compat.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from openai_compat.request_parsing import (
+    build_sampling_params,
+    check_num_sequences,
+    check_stream_options,
+    parse_body,
+)
+from openai_compat.server_state import ServerState
 from openai_compat.sse import (
     ClientDisconnected,
     format_event,
@@ -117,13 +119,7 @@ class CompletionServing:
         if constraint is not None:
             await compile_constraint(state.engine, constraint, req)  # a 400 if it cannot be enforced
             params.structured_output = constraint
-        if any(isinstance(p, str) for p in prompts):
-            prompt_ids = await state.run_tokenizer(tokenize_prompts, tokenizer, prompts)
-        else:  # token ids: nothing for the tokenizer thread (which may be busy with someone's text)
-            prompt_ids = tokenize_prompts(tokenizer, prompts)
-        echo_texts: list[str | None] = [None] * len(prompts)
-        if req.echo:
-            echo_texts = [p if isinstance(p, str) else await state.run_tokenizer(self._decode, p) for p in prompts]
+        prompt_ids, echo_texts = await self._tokenize(req, prompts)
         try:
             request_id = new_id("cmpl")
             streams = await run_until_disconnect(request, open_streams(state, prompt_ids, params, request_id))
@@ -148,6 +144,20 @@ class CompletionServing:
         finally:
             await close_all(streams)
         return JSONResponse(response.model_dump())
+
+    async def _tokenize(
+        self, req: CompletionRequest, prompts: list[str | list[int]]
+    ) -> tuple[list[list[int]], list[str | None]]:
+        """The prompts' token ids, and their texts when the request echoes them."""
+        state, tokenizer = self.state, self.state.engine.tokenizer
+        if any(isinstance(p, str) for p in prompts):
+            prompt_ids = await state.run_tokenizer(tokenize_prompts, tokenizer, prompts)
+        else:  # token ids: nothing for the tokenizer thread (which may be busy with someone's text)
+            prompt_ids = tokenize_prompts(tokenizer, prompts)
+        echo_texts: list[str | None] = [None] * len(prompts)
+        if req.echo:
+            echo_texts = [p if isinstance(p, str) else await state.run_tokenizer(self._decode, p) for p in prompts]
+        return prompt_ids, echo_texts
 
     def _decode(self, token_ids: list[int]) -> str:
         tokenizer = self.state.engine.tokenizer

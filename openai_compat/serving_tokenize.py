@@ -13,7 +13,8 @@ from starlette.responses import JSONResponse, Response
 from openai_compat.chat_format import ChatFormat
 from openai_compat.errors import OpenAIError
 from openai_compat.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
-from openai_compat.serving_base import ServerState, parse_body
+from openai_compat.request_parsing import parse_body
+from openai_compat.server_state import ServerState
 from openai_compat.serving_chat import check_chat_template_kwargs, render_chat_prompt, template_messages
 from openai_compat.tool_calls.request import plan_tools
 

@@ -2,8 +2,9 @@
 
 A streamed response sends one chunk per token per choice, and most of them carry nothing but
 text (no logprobs): `data: {"id":...,"choices":[{"index":0,"text":" the",...}]}`. Building the
-pydantic model and serializing it costs ~3.6 us a chunk, ~15x what filling a template does,
-and the event loop that streams also schedules the engine's steps. The template is the
+pydantic model and serializing it costs many times what filling a template does (docs/benchmarks.md,
+"GPU: served", run of 2026-12-02 00:45), and the event loop that streams also schedules the
+engine's steps. The template is the
 pydantic serialization of the response with no choices, cut where the choice goes, so every
 other field is the model's own; the choice is written here, and the tests check its bytes
 against the model's for every kind of text and finish reason. Chunks with logprobs, and the

@@ -116,7 +116,7 @@ if [ -n "${GPU_TESTS:-}" ]; then  # the GPU test tier, while the model is writte
     say "GPU tests: $GPU_TESTS (at most ${GPU_TESTS_S:-240} s, ${parallel[1]:-1} at a time)"
     # shellcheck disable=SC2086
     # -v: a line per test as it ends, so a run that `timeout` stops still says what passed
-    timeout -s TERM "${GPU_TESTS_S:-240}" "$PYTHON" -m pytest -v -m gpu -p no:cacheprovider --durations=15 \
+    timeout -s TERM "${GPU_TESTS_S:-240}" "$PYTHON" -m pytest -v -m gpu -p no:cacheprovider -p no:benchmark --durations=15 \
         "${parallel[@]}" $GPU_TESTS >"$OUT/gputests.log" 2>&1
     say "GPU tests: $(grep -c ' PASSED' "$OUT/gputests.log") passed, $(grep -c ' FAILED' "$OUT/gputests.log") failed," \
         "$(grep -c ' ERROR' "$OUT/gputests.log") errors, $(grep -c ' SKIPPED' "$OUT/gputests.log") skipped;" \
@@ -295,7 +295,7 @@ fi
 # Each server's last step-log lines: where a step's time went (schedule, worker, execute, worker
 # idle, loop lag, loop cpu), in steady state and while the batch drained.
 say "step log, last lines of each server"
-awk '/^===== /{flush(); print; n = 0; next} /steps\/s/{sub(/.*async_engine: /, ""); keep[n++ % 3] = $0}
+awk '/^===== /{flush(); print; n = 0; next} /steps\/s/{sub(/.*(async_engine|stats): /, ""); keep[n++ % 3] = $0}
      function flush(  i) { for (i = (n > 3 ? n - 3 : 0); i < n; i++) print "  " keep[i % 3] }
      END {flush()}' "$OUT/server.log" 2>/dev/null
 

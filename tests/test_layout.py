@@ -4,12 +4,16 @@
   imports inside functions (a cycle that a lazy import hides still ties the modules together);
 - `openai_compat` and `bench` use only `engine`'s public API (`engine/__init__.py`'s `__all__`),
   and `bench` only `openai_compat`'s;
-- `engine` never imports `openai_compat` or `bench`.
+- `engine` never imports `openai_compat` or `bench`;
+- sizes: no module over 400 lines and no function over 60 lines, outside `engine/kernels/`;
+- `docs/structures.md` (and README.md, docs/tools.md) name only paths that exist, and
+  `docs/structures.md` names every module of the three packages.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,3 +204,100 @@ def test_the_engine_never_imports_the_layers_above_it(outer: str) -> None:
         if imp.importer.split(".")[0] == "engine" and imp.target.split(".")[0] == outer
     ]
     assert not problems, "; ".join(problems)
+
+
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60  # from the `def` line to the body's last line, docstring included
+
+
+def _outside_kernels(path: Path) -> bool:
+    return path.relative_to(ROOT).parts[:2] != ("engine", "kernels")
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+
+
+def _long_modules(paths: list[Path], limit: int) -> list[str]:
+    sizes = {path: len(path.read_text().splitlines()) for path in paths}
+    return [f"{_shown(path)}: {n} lines" for path, n in sizes.items() if n > limit]
+
+
+def _long_functions(path: Path, limit: int) -> list[str]:
+    """Every function and method of `path` (nested ones too) longer than `limit` lines."""
+    problems = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            assert node.end_lineno is not None
+            length = node.end_lineno - node.lineno + 1
+            if length > limit:
+                problems.append(f"{_shown(path)}:{node.lineno} {node.name}: {length} lines")
+    return problems
+
+
+def test_no_module_over_400_lines_outside_the_kernels() -> None:
+    paths = [path for path in MODULES.values() if _outside_kernels(path)]
+    problems = _long_modules(paths, MAX_MODULE_LINES)
+    assert not problems, "; ".join(problems)
+
+
+def test_no_function_over_60_lines_outside_the_kernels() -> None:
+    paths = [path for path in MODULES.values() if _outside_kernels(path)]
+    problems = [problem for path in paths for problem in _long_functions(path, MAX_FUNCTION_LINES)]
+    assert not problems, "; ".join(problems)
+
+
+def test_the_size_checks_catch_a_long_module_and_function(tmp_path: Path) -> None:
+    body = "\n".join(f"    x{i} = {i}" for i in range(60))
+    path = tmp_path / "probe.py"
+    path.write_text(f"def short() -> None:\n    pass\n\n\nasync def long() -> None:\n{body}\n")
+    assert _long_functions(path, 61) == []
+    assert _long_functions(path, 60) == ["probe.py:5 long: 61 lines"]
+    assert _long_modules([path], 65) == []
+    assert _long_modules([path], 64) == ["probe.py: 65 lines"]
+
+
+STRUCTURES = ROOT / "docs" / "structures.md"
+# A path of ours in a document: a package, then folders and a module or a folder (trailing /).
+_DOC_PATH = re.compile(r"(?<![\w/.])(?:engine|openai_compat|bench)(?:/[A-Za-z0-9_]+)*(?:\.py|/)")
+
+
+def _doc_paths(text: str) -> set[str]:
+    return set(_DOC_PATH.findall(text))
+
+
+def _missing_paths(paths: set[str]) -> list[str]:
+    return sorted(path for path in paths if not (ROOT / path).exists())
+
+
+def _uncovered_modules(paths: set[str]) -> list[str]:
+    """Our modules (and packages, as folders) the document does not name."""
+    wanted = set()
+    for path in MODULES.values():
+        relative = path.relative_to(ROOT)
+        wanted.add(f"{relative.parent}/" if relative.name == "__init__.py" else str(relative))
+    return sorted(wanted - paths)
+
+
+# The documents that describe the tree as it is (docs/benchmarks.md is a log: its runs name the
+# paths of their day).
+@pytest.mark.parametrize("document", ["docs/structures.md", "README.md", "docs/tools.md"])
+def test_the_docs_name_only_paths_that_exist(document: str) -> None:
+    paths = _doc_paths((ROOT / document).read_text())
+    assert paths  # the pattern reads the document's paths
+    assert not _missing_paths(paths), f"{document} names missing paths: {_missing_paths(paths)}"
+
+
+def test_structures_covers_every_module() -> None:
+    uncovered = _uncovered_modules(_doc_paths(STRUCTURES.read_text()))
+    assert not uncovered, f"docs/structures.md does not name: {uncovered}"
+
+
+def test_the_doc_checks_catch_a_stale_path_and_a_missing_module() -> None:
+    text = "`engine/worker.py`, `engine/router/`, engine/router/seq.py; not engine.router.seq, tests/engine/x.py"
+    paths = _doc_paths(text)
+    assert paths == {"engine/worker.py", "engine/router/", "engine/router/seq.py"}
+    assert _missing_paths(paths) == ["engine/worker.py"]
+    uncovered = _uncovered_modules(paths)
+    assert "engine/router/scheduler.py" in uncovered and "engine/router/seq.py" not in uncovered
+    assert "engine/router/" not in uncovered and "engine/worker/" in uncovered

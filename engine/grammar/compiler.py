@@ -37,21 +37,29 @@ from engine.structured_output import StructuredOutput
 # What one grammar may cost the library (its defaults, tighter where a request could otherwise
 # hold a compile thread for seconds): lexer states and the fuel to build them, the grammar's
 # size, Earley items per step.
-LIMITS = dict(
+LIMITS: dict[str, int] = dict(
     max_items_in_row=2000,
     initial_lexer_fuel=200_000,
     step_lexer_fuel=200_000,
     step_max_items=50_000,
     max_lexer_states=50_000,
     max_grammar_size=50_000,
-    verbose_errors=False,  # the error goes back to the client: not the parser's state
 )
 COMPILE_TIMEOUT_S = 10.0
 CACHE_SIZE = 256
 
 
 def parser_limits() -> llguidance.LLParserLimits:
-    return llguidance.LLParserLimits(**LIMITS)
+    # verbose_errors off: the error goes back to the client, not the parser's state
+    return llguidance.LLParserLimits(
+        max_items_in_row=LIMITS["max_items_in_row"],
+        initial_lexer_fuel=LIMITS["initial_lexer_fuel"],
+        step_lexer_fuel=LIMITS["step_lexer_fuel"],
+        step_max_items=LIMITS["step_max_items"],
+        max_lexer_states=LIMITS["max_lexer_states"],
+        max_grammar_size=LIMITS["max_grammar_size"],
+        verbose_errors=False,
+    )
 
 
 class GrammarTokenizer:

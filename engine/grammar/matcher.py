@@ -145,7 +145,7 @@ def fill_bitmasks(
         return
     words = rows[0][0]._words
     _check_bitmask(bitmask, words)
-    live: list[tuple[object, int]] = []
+    live: list[tuple[llguidance.LLMatcher, int]] = []
     for matcher, row in rows:
         if matcher._words != words:
             raise ValueError("the matchers of one bitmask must share a tokenizer")

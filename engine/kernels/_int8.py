@@ -6,9 +6,9 @@ applies the scales to the fp32 scores (K) and to the probabilities (V). Both way
 the fp16 bits directly: the bits 0x64XX are the number 1024 + XX, so an int8 x (XX = x ^ 0x80,
 i.e. x + 128 as unsigned) becomes 1152 + x, and subtracting 1152 leaves x exactly.
 
-Measured on an H200 (scripts/attention_bench.py, batch 256 x 4096 keys, docs/benchmarks.md):
-the inline-PTX way and the add-and-bitcast way time the same (1 258 and 1 190 GB/s of KV), so
-the conversion is not what keeps the int8 kernel at a third of the bf16 kernel's bandwidth.
+On an H200 the inline-PTX way and the add-and-bitcast way time about the same
+(scripts/attention_bench.py; docs/benchmarks.md, run of 2026-12-01 18:32), so the conversion is
+not what keeps the int8 kernel below the bf16 kernel's bandwidth.
 """
 
 from __future__ import annotations

@@ -47,9 +47,9 @@ INT8_ASM = True
 INT8_PINNED = True
 # (keys per block, warps, pipeline stages) of the tensor-core stage 1 over an int8 pool on a GPU;
 # None: the float pools' (64, 4, 2). An int8 block of 128 keys moves the bytes of a bf16 block
-# of 64, and a third stage hides more of the gathered loads: on an H200, with the conversions
-# pinned, 0.29 ms against 0.42 for (64, 4, 3) at 64 sequences x 4 096 keys and 0.31 against
-# 0.36 at 256 x 1 024 (docs/benchmarks.md); scripts/attention_bench.py times others.
+# of 64, and a third stage hides more of the gathered loads: with the conversions pinned it was
+# the fastest launch tried on an H200 (docs/benchmarks.md, run of 2026-12-01 22:45);
+# scripts/attention_bench.py times others.
 INT8_TC_LAUNCH: tuple[int, int, int] | None = (128, 4, 3)
 # (keys per block, warps, pipeline stages) of stage 1 over a float pool on a GPU
 # (scripts/attention_bench.py --decode-launches times others).

@@ -26,9 +26,9 @@ import triton.language as tl
 __all__ = ["keep_thresholds"]
 
 _BLOCK = 256
-# Keys tried per pass. H200, 1 024 rows x 128 256, top_p 0.9 (scripts/sampler_bench.py --ways):
-# 4 ways 9.0 ms, 8 ways 7.3, 16 ways 8.8, 32 ways 13.6: more ways, fewer passes but more work
-# per element, and the search is bound by that work, not by reading the logits (0.1 ms a pass).
+# Keys tried per pass: more ways, fewer passes but more work per element, and the search is
+# bound by that work, not by reading the logits. 8 was the fastest of 4, 8, 16 and 32 on an
+# H200 (scripts/sampler_bench.py --ways; docs/benchmarks.md, run of 2026-12-02 07:25).
 _WAYS = 8
 _KEY_NEG_INF = -2139095041  # _key(-inf): below every other value's key
 

@@ -15,8 +15,8 @@ Decode-only steps gather every sequence's keys into one padded [B, L] batch and 
 padding, instead of looping over sequences in Python.
 GQA: query head h reads kv head h // G, G = H / KV. A decode step folds the G query heads of
 a kv head into G query rows of that kv head ([B, KV, G, D]): plain attention with KV heads
-and no key repeat; on CPU this is 5-30x faster than `enable_gqa` with one query row
-(bf16 most of all), with the same result.
+and no key repeat. On the CPU this is several times faster than `enable_gqa` with one query
+row, bf16 most of all (docs/benchmarks.md, "CPU, offline"), with the same result.
 """
 
 from __future__ import annotations
@@ -290,16 +290,23 @@ def triton_attention(
             q, k_pool, v_pool, ctx.req_to_token, ctx.req_indices, ctx.start_pos, ctx.cu_new_lens, scale, out,
             sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale, tiles=ctx.prefill_tiles,
         )
-    req_indices, start_pos, cu_new_lens = ctx.req_indices, ctx.start_pos, ctx.cu_new_lens
-    if first:
-        # The other sequences' metadata, copied once per step into tensors of their own: a slice
-        # at an odd offset is not 16-byte aligned, and Triton compiles a kernel variant per
-        # pointer alignment (in the middle of serving, the first time a step needs it).
-        part = ctx.derived.get("prefill_part")
-        if part is None:
-            part = ctx.derived["prefill_part"] = tuple(t[first:].clone() for t in (req_indices, start_pos, cu_new_lens))
-        req_indices, start_pos, cu_new_lens = part  # type: ignore[misc]
+    req_indices, start_pos, cu_new_lens = _prefill_part(ctx, first)
     return prefill_attention(
         q, k_pool, v_pool, ctx.req_to_token, req_indices, start_pos, cu_new_lens, scale, out,
         sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale, max_new_len=max(ctx.new_lens_list[first:]),
     )
+
+
+def _prefill_part(ctx: ForwardContext, first: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`req_indices`, `start_pos` and `cu_new_lens` of the sequences from `first` on: the
+    context's own tensors when `first` is 0, else copies made once per step into tensors of
+    their own: a slice at an odd offset is not 16-byte aligned, and Triton compiles a kernel
+    variant per pointer alignment (in the middle of serving, the first time a step needs it)."""
+    if not first:
+        return ctx.req_indices, ctx.start_pos, ctx.cu_new_lens
+    part = ctx.derived.get("prefill_part")
+    if part is None:
+        part = ctx.derived["prefill_part"] = tuple(
+            t[first:].clone() for t in (ctx.req_indices, ctx.start_pos, ctx.cu_new_lens)
+        )
+    return part  # type: ignore[return-value]

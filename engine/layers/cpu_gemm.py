@@ -3,10 +3,9 @@
 torch's plain `F.linear` on a bf16/fp16 CPU weight re-lays the weight out for the matrix
 engine on every call, which costs as much as the product itself at decode sizes. Packing
 each weight once, after loading, into oneDNN's blocked layout brings a decode step's
-projections down to the cost of reading the weights (measured in docs/benchmarks.md).
-float32 weights are packed too: `F.linear` goes to MKL's sgemm, which on the AMD EPYC
-development machine runs a decode step's projections 3x slower than oneDNN's packed GEMM
-(25.8 vs 8.3 ms for SmolLM2's 30 layers at one row, 49 vs 15 ms at 16 rows).
+projections down to the cost of reading the weights. float32 weights are packed too:
+`F.linear` in float32 goes to MKL's sgemm, slower than oneDNN's packed GEMM at decode and
+prefill sizes alike (docs/benchmarks.md, "CPU, offline").
 
 Weight-only quantization (bf16 models; lossy, so opt-in; `engine.models.quantize` applies it
 to a loaded model) keeps a projection's weight as int8 with one scale per output row, or as
@@ -63,9 +62,8 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 QUANTIZATION_METHODS = ("int8", "int4")
 INT4_GROUP_SIZE = 32
-# Rows up to which the int8 / int4 kernels beat the packed bf16 GEMM on a decode step's 30
-# layers of SmolLM2-135M (2-core AVX-512 machine, docs/benchmarks.md): at 1..4 rows int4
-# takes 0.45x and int8 0.75x the time of bf16; at 8 rows both are slower or even.
+# Rows up to which the int8 / int4 kernels beat the packed bf16 GEMM on a decode step; from 8
+# rows on they tie or lose (docs/benchmarks.md, "CPU, offline", weight-only quantization).
 QUANTIZED_MAX_ROWS = 4
 
 

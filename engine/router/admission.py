@@ -25,18 +25,41 @@ unlocked cached prefixes count as free.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections import deque
+from typing import TYPE_CHECKING, Protocol
 
 from engine.router.future_usage import FutureUsage
+from engine.router.prefix_cache import RadixPrefixCache
+from engine.router.scheduler_config import SchedulerConfig
 from engine.router.seq import Seq, SequenceStatus
+from engine.router.slot_allocator import KVSlotAllocator, ReqRowAllocator
 
 if TYPE_CHECKING:
     from engine.messages import SeqStep
-    from engine.router.scheduler import Scheduler
 
 _MIN_DECODES_TO_BATCH_ADMISSION = 32  # below this, admission never waits (latency first)
 _MAX_ADMISSION_WAIT = 8  # steps a waiting request can be held back for `admission_batch`
 _OUTPUT_LEN_EMA = 0.1  # weight of the newest observation in the aggressive output-length average
+
+
+class Router(Protocol):
+    """What admission uses of its scheduler (`engine.router.scheduler.Scheduler`)."""
+
+    config: SchedulerConfig
+    allocator: KVSlotAllocator
+    rows: ReqRowAllocator
+    prefix_cache: RadixPrefixCache | None
+    waiting: deque[Seq]
+    running: list[Seq]
+
+    def take(
+        self, seq: Seq, n: int, prefix_slots: list[int] | None, is_new_row: bool,
+        out_slots: list[int] | None = None,
+    ) -> SeqStep: ...
+
+    def evict(self, num_slots: int) -> int: ...
+
+    def siblings(self, request_id: str) -> list[Seq]: ...
 
 
 class Admission:
@@ -45,7 +68,7 @@ class Admission:
     counts. The scheduler owns the queues, rows and slots; admission moves sequences from its
     waiting queue into its running list and schedules their first chunk (`Scheduler.take`)."""
 
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Router) -> None:
         self._sched = scheduler
         config = scheduler.config
         self._config = config

@@ -52,7 +52,8 @@ class IncrementalDetokenizer:
             special_ids = skipped_special_ids(tokenizer)
         self._special_ids = special_ids
         # A fast tokenizer that cleans up no spaces decodes as its Rust backend does: call the
-        # backend directly (a fifth of the cost of `tokenizer.decode`, twice per token).
+        # backend directly (a fraction of the cost of `tokenizer.decode`, which runs twice per
+        # token; docs/benchmarks.md, "Figures behind choices in the code").
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._backend = None if getattr(tokenizer, "clean_up_tokenization_spaces", False) else backend
         context = [t for t in prompt_token_ids if t not in self._special_ids][-_NUM_CONTEXT_TOKENS:]

@@ -75,9 +75,9 @@ def race(probs: torch.Tensor, seeds: list[int], kept: torch.Tensor | None = None
     it holds few entries, only those draw noise (the others, 0 / noise, cannot win).
 
     On the CPU, when the rows are many, a few thousand columns at a time, so that each piece's
-    int64 noise stays in the cache through its dozen passes (16 rows x 49 152: 3.3 ms against
-    5.1 for the whole at once, the same tokens; one row fits whole); elsewhere in one go, as each
-    piece would be a dozen more launches."""
+    int64 noise stays in the cache through its dozen passes (faster than the whole at once, with
+    the same tokens: docs/benchmarks.md, "CPU: top-k and top-p without sorting the vocabulary";
+    one row fits whole); elsewhere in one go, as each piece would be a dozen more launches."""
     rows, vocab_size = probs.shape
     seed = to_device(seeds, torch.int64, probs.device).unsqueeze(1)
     if kept is not None and probs.device.type == "cpu":

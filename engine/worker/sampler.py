@@ -49,19 +49,17 @@ if TYPE_CHECKING:
 
 # On a GPU with the Triton backend, draw sampled tokens with one fused kernel
 # (engine/kernels/exponential_race.py) instead of the torch ops below: same draws up to
-# rounding in near-ties. On the H200 at 1 024 rows x 128 k vocabulary, temperature alone:
-# 1.47 ms against 12.3 (scripts/sampler_bench.py --fused, docs/benchmarks.md).
+# rounding in near-ties, and several times faster at large batches (scripts/sampler_bench.py
+# --fused; docs/benchmarks.md, run of 2026-12-02 06:50).
 FUSED_RACE = True
 # With it, from this many rows top-k / top-p thresholds come from the search kernel
-# (engine/kernels/keep_thresholds.py), below it from torch's sort. H200, 128 k vocabulary,
-# top_p 0.9, ms per step with the race (docs/benchmarks.md, 2026-12-02): sorting (as it was
-# then: a masked sorted copy scattered back) 1.7 / 4.5 / 16.9 at 64 / 256 / 1 024 rows,
-# searching 3.0-3.1 / 4.6-5.1 / 7.3. The search runs one program per row, which leaves most of
-# the GPU idle when there are few rows.
+# (engine/kernels/keep_thresholds.py), below it from torch's sort. The search runs one program
+# per row, which leaves most of the GPU idle when there are few rows: below this many it lost
+# to the sort (docs/benchmarks.md, "GPU: served", run of 2026-12-02 07:25).
 SEARCH_MIN_ROWS = 256
 # On the CPU, top-p looks at this many of a row's largest values before sorting it whole (see
-# keep_thresholds). 16 rows x 49 152 (SmolLM2's vocabulary) on this 2-core VM: a sort 26 ms,
-# topk 256 ~1 ms, topk 50 0.4 ms.
+# keep_thresholds): a `topk` of this size costs a small part of a whole row's sort
+# (docs/benchmarks.md, "Figures behind choices in the code").
 NUCLEUS_GUESS = 256
 
 

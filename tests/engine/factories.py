@@ -12,7 +12,8 @@ import zlib
 from array import array
 from typing import Literal
 
-from engine.router.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.router.scheduler import Scheduler, SchedulerOutput
+from engine.router.scheduler_config import SchedulerConfig
 from engine.router.seq import Seq, SequenceStatus
 from engine.router.slot_allocator import KVSlotAllocator
 from engine.sampling_params import SamplingParams

@@ -19,8 +19,8 @@ from engine import (
     RequestOutputKind,
     SamplingParams,
 )
+from openai_compat.generation import GenerationStream
 from openai_compat.metrics import Metrics
-from openai_compat.serving_base import GenerationStream
 from tests.engine.models.harness import save_tiny_model, tiny_config
 
 PROMPT = [5, 9, 11, 200, 17]

@@ -7,7 +7,7 @@ import pytest
 from engine import RequestOutputKind
 from openai_compat.errors import OpenAIError
 from openai_compat.protocol import ChatCompletionRequest
-from openai_compat.serving_base import build_sampling_params
+from openai_compat.request_parsing import build_sampling_params
 from openai_compat.serving_chat import template_messages
 from openai_compat.serving_completions import split_prompts
 

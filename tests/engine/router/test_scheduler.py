@@ -6,7 +6,8 @@ from hypothesis import strategies as st
 
 from engine.errors import PromptTooLongError
 from engine.router.future_usage import future_peak
-from engine.router.scheduler import Scheduler, SchedulerConfig
+from engine.router.scheduler import Scheduler
+from engine.router.scheduler_config import SchedulerConfig
 from engine.router.seq import Seq, SequenceStatus
 from engine.router.slot_allocator import KVSlotAllocator
 from tests.engine.factories import (
