@@ -101,6 +101,3 @@ class GrammarMasks:
         main.wait_stream(self._stream)
         on_device.record_stream(main)  # its memory is not reused before the sampler is done with it
         return on_device
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)

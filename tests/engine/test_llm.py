@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from engine import LLM, SamplingParams, StructuredOutput
 from engine.router.slot_allocator import KVSlotAllocator
 from engine.worker.kv_pool import kv_bytes_per_token
 from tests.engine.models.harness import save_tiny_model, tiny_config
@@ -119,6 +119,10 @@ def test_directory_without_tokenizer_generates_from_token_ids(tiny) -> None:
     assert len(out.outputs[0].token_ids) == 4 and out.outputs[0].text == ""
     with pytest.raises(ValueError, match="token ids"):
         llm.generate(["text needs a tokenizer"])
+    constrained = SamplingParams(max_tokens=4, structured_output=StructuredOutput(regex="[a-z]+"))
+    with pytest.raises(ValueError, match="constrained decoding needs one") as e:  # a grammar needs the tokens' text
+        llm.generate([[5, 6, 7]], constrained)
+    assert e.value.args[1] == "structured_output"
 
 
 def test_shutdown_leaves_no_worker(tmp_path: Path) -> None:

@@ -416,3 +416,35 @@ def test_cuda_matches_cpu() -> None:
     # Seeded rows: the same tokens alone on the GPU as inside the batch.
     alone = Sampler().sample(logits[3:5].cuda(), states()[3:5]).token_ids
     assert alone == out.token_ids[3:5]
+
+
+def test_grammar_mask_limits_its_rows_after_penalties_and_leaves_logprobs_raw() -> None:
+    from engine.worker.grammar_masks import StepMask
+
+    logits = random_logits(4, seed=7)
+    allowed = [3, 17, 40]
+    bitmask = torch.zeros(2, (VOCAB + 31) // 32, dtype=torch.int32)
+    for token in allowed:  # mask 0 for row 1 (sampled), mask 1 for row 3 (greedy)
+        bitmask[:, token // 32] |= 1 << (token % 32)
+    mask = StepMask(bitmask, torch.tensor([1, 3]))
+    # Row 3's best allowed token is penalized (it occurred): the mask comes after the penalty.
+    best_allowed = max(allowed, key=lambda t: float(logits[3, t]))
+    sampler = Sampler(seed=0)
+    drawn = set()
+    for seed in range(40):
+        states = [
+            make_state(temperature=0.0, logprobs=1), make_state(temperature=1.0, seed=seed, logprobs=1),
+            make_state(temperature=1.0, seed=seed), make_state([best_allowed], [best_allowed], temperature=0.0,
+                                                               frequency_penalty=2.0, presence_penalty=2.0),
+        ]
+        out = sampler.sample(logits, states, mask)
+        assert out.token_ids[0] == int(logits[0].argmax())  # unmasked rows as without a mask
+        assert out.token_ids[1] in allowed
+        penalized = logits[3].clone()
+        penalized[best_allowed] -= 4.0
+        assert out.token_ids[3] == max(allowed, key=lambda t: float(penalized[t]))
+        raw = logits[1].log_softmax(-1)
+        assert out.logprobs is not None and out.logprobs[1] is not None
+        assert out.logprobs[1].logprob == pytest.approx(float(raw[out.token_ids[1]]), abs=1e-5)
+        drawn.add(out.token_ids[1])
+    assert len(drawn) >= 2  # still drawn, not forced to one
