@@ -252,6 +252,9 @@ class AsyncEngine:
             t_push = time.perf_counter()
             self._deliver()
             push_seconds = time.perf_counter() - t_push
+            # Their consumers' turn: a worker that is already done would otherwise make the
+            # await below return at once, and this step's outputs would follow before they ran.
+            await asyncio.sleep(0)
         result, received = await step
         t2 = time.perf_counter()
         processed = core.process_result(result)
