@@ -26,6 +26,30 @@ def _required(config: Any, name: str) -> Any:
     return value
 
 
+# The names families give the norm's epsilon, in the order they are looked up.
+_NORM_EPS_NAMES = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon", "layernorm_epsilon")
+# A model with ALiBi (BLOOM) has no position table and no `max_position_embeddings`: its context
+# is the length it was trained at, `seq_length` where the config keeps it, else this.
+_ALIBI_DEFAULT_CONTEXT = 2048
+
+
+def _norm_eps(config: Any) -> float:
+    for name in _NORM_EPS_NAMES:
+        value = getattr(config, name, None)
+        if value is not None:
+            return float(value)
+    raise ValueError(f"the model's config.json has none of {', '.join(_NORM_EPS_NAMES)}")
+
+
+def _max_positions(config: Any) -> int:
+    value = getattr(config, "max_position_embeddings", None) or getattr(config, "seq_length", None)
+    if value is None and getattr(config, "model_type", None) == "bloom":
+        value = _ALIBI_DEFAULT_CONTEXT
+    if value is None:
+        raise ValueError("the model's config.json has no max_position_embeddings")
+    return int(value)
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     """Sizes of a decoder-only transformer (whole model, not one tensor-parallel rank's share)."""
@@ -38,7 +62,7 @@ class ModelConfig:
     head_dim: int
     vocab_size: int
     max_position_embeddings: int
-    rms_norm_eps: float
+    norm_eps: float  # RMSNorm's or LayerNorm's epsilon, whichever the family uses
     tie_word_embeddings: bool  # the LM head shares the input embedding's weight
 
     @classmethod
@@ -48,15 +72,17 @@ class ModelConfig:
         config = text_config(hf_config)
         hidden_size = int(_required(config, "hidden_size"))
         num_heads = int(_required(config, "num_attention_heads"))
+        # GPT-style configs (BLOOM, GPTBigCode) leave the MLP at 4 x hidden: `n_inner` None or absent
+        intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
         return cls(
             num_layers=int(_required(config, "num_hidden_layers")),
             hidden_size=hidden_size,
-            intermediate_size=int(_required(config, "intermediate_size")),
+            intermediate_size=int(intermediate or 4 * hidden_size),
             num_heads=num_heads,
             num_kv_heads=int(getattr(config, "num_key_value_heads", None) or num_heads),
             head_dim=int(getattr(config, "head_dim", None) or hidden_size // num_heads),
             vocab_size=int(_required(config, "vocab_size")),
-            max_position_embeddings=int(_required(config, "max_position_embeddings")),
-            rms_norm_eps=float(_required(config, "rms_norm_eps")),
+            max_position_embeddings=_max_positions(config),
+            norm_eps=_norm_eps(config),
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         )

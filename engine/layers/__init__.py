@@ -1,6 +1,6 @@
 """Shared model layers: one interface, plain torch on CPU (Triton kernels plug in on CUDA)."""
 
-from engine.layers.activation import SiluAndMul
+from engine.layers.activation import Activation, GeluAndMul, SiluAndMul
 from engine.layers.attention import Attention, dequantize_int8, quantize_int8
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import (
@@ -10,12 +10,20 @@ from engine.layers.linear import (
     ReplicatedLinear,
     RowParallelLinear,
 )
-from engine.layers.norm import RMSNorm
-from engine.layers.rotary import RotaryEmbedding, get_rope, rope_parameters_from_config
+from engine.layers.norm import LayerNorm, RMSNorm
+from engine.layers.rotary import (
+    RotaryEmbedding,
+    get_rope,
+    interleaved_to_half_rows,
+    rope_parameters_from_config,
+)
 
 __all__ = [
+    "Activation",
     "Attention",
     "ColumnParallelLinear",
+    "GeluAndMul",
+    "LayerNorm",
     "MergedColumnParallelLinear",
     "ParallelLMHead",
     "QKVParallelLinear",
@@ -27,6 +35,7 @@ __all__ = [
     "VocabParallelEmbedding",
     "dequantize_int8",
     "get_rope",
+    "interleaved_to_half_rows",
     "quantize_int8",
     "rope_parameters_from_config",
 ]

@@ -44,3 +44,36 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class LayerNorm(nn.Module):
+    """y = (x - mean(x)) / sqrt(var(x) + eps) * weight (+ bias), computed in float32 and cast
+    back to the input dtype, as transformers' families with LayerNorm do (BLOOM, StarCoder,
+    StableLM, Cohere, whose LayerNorm has no bias).
+
+    Same calling convention as `RMSNorm`: `forward(x, residual)` adds the residual stream first
+    and returns `(normed, x + residual)`.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, bias: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(hidden_size), requires_grad=False) if bias else None
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [num_tokens, hidden]; normalised in float32 (a 16-bit mean / variance drifts)
+        bias = None if self.bias is None else self.bias.float()
+        y = F.layer_norm(x.float(), self.weight.shape, self.weight.float(), bias, self.eps)
+        return y.to(x.dtype)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, bias={self.bias is not None}"

@@ -160,6 +160,25 @@ class RotaryEmbedding(nn.Module):
         )
 
 
+def interleaved_to_half_rows(weight: torch.Tensor, num_heads: int, rotary_dim: int | None = None) -> torch.Tensor:
+    """Rows of a q or k projection (weight [H * D, in] or bias [H * D]) reordered from the
+    interleaved rotary layout to the `rotate_half` one this module computes.
+
+    Checkpoints of some families (Cohere, ChatGLM / GLM, and every llama.cpp conversion of
+    Llama) rotate the pairs (x0, x1), (x2, x3), ... of each head's first `rotary_dim` dims;
+    `rotate_half` rotates (x_i, x_{i + rotary_dim / 2}). Moving row 2i to i and 2i + 1 to
+    rotary_dim / 2 + i in both q and k leaves every q . k product, so the attention, unchanged,
+    and lets one rotary kernel serve both layouts. Rows past `rotary_dim` keep their place.
+    """
+    shape = weight.shape
+    head_dim = shape[0] // num_heads
+    rotary_dim = head_dim if rotary_dim is None else rotary_dim
+    w = weight.reshape(num_heads, head_dim, *shape[1:])
+    rot = w[:, :rotary_dim].reshape(num_heads, rotary_dim // 2, 2, *shape[1:]).transpose(1, 2)
+    rot = rot.reshape(num_heads, rotary_dim, *shape[1:])
+    return torch.cat((rot, w[:, rotary_dim:]), dim=1).reshape(shape)
+
+
 def get_rope(config: Any, head_size: int) -> RotaryEmbedding:
     """The rotary embedding a transformers config asks for."""
     params = rope_parameters_from_config(config)

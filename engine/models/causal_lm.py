@@ -7,9 +7,12 @@ step's packed tokens and `compute_logits` over the rows they sample.
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+from engine.distributed.lazy_weight import WeightLike
 
 
 class CausalLM(nn.Module, abc.ABC):
@@ -22,3 +25,10 @@ class CausalLM(nn.Module, abc.ABC):
     @abc.abstractmethod
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden_size], the rows to sample -> logits [N, vocab] float32 on every rank."""
+
+    def checkpoint_weights(self, weights: Iterable[tuple[str, WeightLike]]) -> Iterable[tuple[str, WeightLike]]:
+        """The checkpoint's (name, tensor) pairs as this model's parameters name and lay them
+        out. The default passes them through; a family whose checkpoints differ (its own
+        weight names, a fused q/k/v in another order, an interleaved rotary layout) maps them
+        here, reading a lazy tensor (`read_weight`) only where it must reshape it."""
+        return weights

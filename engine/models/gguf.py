@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.layers.rotary import interleaved_to_half_rows
+
 # general.architecture -> transformers class
 GGUF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -76,10 +78,7 @@ def undo_rope_permute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
     llama.cpp stores head h's rows as (d/2, 2) pairs [x0, x_{D/2}, x1, ...]; HF as (2, d/2).
     """
-    shape = weight.shape
-    head_dim = shape[0] // num_heads
-    w = weight.reshape(num_heads, head_dim // 2, 2, *shape[1:])
-    return w.transpose(1, 2).reshape(shape)
+    return interleaved_to_half_rows(weight, num_heads)
 
 
 def dequantize_tensor(tensor: Any) -> torch.Tensor:

@@ -53,8 +53,8 @@ class LlamaAttention(nn.Module):
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.head_dim = head_dim
         # Qwen3: an RMSNorm over each head's q and k (weights [head_dim], the same on every rank)
-        self.q_norm = RMSNorm(head_dim, shape.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(head_dim, shape.rms_norm_eps) if qk_norm else None
+        self.q_norm = RMSNorm(head_dim, shape.norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, shape.norm_eps) if qk_norm else None
         self.attn = Attention(
             self.qkv_proj.num_heads,
             self.qkv_proj.num_kv_heads,
@@ -114,8 +114,8 @@ class LlamaDecoderLayer(nn.Module):
             tp_size=tp_size,
         )
         self.mlp = LlamaMLP(shape, bool(getattr(config, "mlp_bias", False)), tp_rank, tp_size)
-        self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        self.input_layernorm = RMSNorm(shape.hidden_size, shape.norm_eps)
+        self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.norm_eps)
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
@@ -142,7 +142,7 @@ class LlamaModel(nn.Module):
             LlamaDecoderLayer(config, shape, i, rotary_emb, arch, tp_rank, tp_size)
             for i in range(shape.num_layers)
         )
-        self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        self.norm = RMSNorm(shape.hidden_size, shape.norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, hidden_size]

@@ -212,6 +212,6 @@ def load_model(
     model_class = get_model_class(architectures[0])
     with _default_dtype(dtype), torch.device(device):
         model = model_class(config, tp_rank=tp_rank, tp_size=tp_size)
-    load_weights(model, iterate_weights(path))
+    load_weights(model, model.checkpoint_weights(iterate_weights(path)))
     pack_model_weights(model)  # CPU bf16/fp16 only; a no-op elsewhere
     return model.eval()

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.model_config import ModelConfig
 from engine.worker.forward_context import build_forward_context, set_forward_context
 from engine.worker.kv_pool import allocate_kv_pool
 
@@ -25,11 +26,11 @@ class Harness:
         kv_dtype: torch.dtype = torch.float32,
         seed: int = 0,
     ) -> None:
-        config: Any = model.config  # type: ignore[assignment]
-        num_kv_heads = config.num_key_value_heads or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = ModelConfig.from_hf_config(model.config)
         # The model runner's pool layout (int8: int8 values and per (slot, kv head) scales).
-        self.kv = allocate_kv_pool(num_slots, config.num_hidden_layers, num_kv_heads, head_dim, kv_dtype, "cpu")
+        self.kv = allocate_kv_pool(
+            num_slots, shape.num_layers, shape.num_kv_heads, shape.head_dim, kv_dtype, "cpu"
+        )
         self.model = model
         # Stale garbage in unused entries: attention must never read past seq_len.
         self.req_to_token = torch.randint(0, num_slots, (max_rows, max_len), dtype=torch.int32)
