@@ -79,17 +79,13 @@ def worker_main(
         select_backend(device, config.attention_backend)  # once, before the model exists
         conn.send(("progress", (0.1, "loading weights")))
         hf_config = load_hf_config(model_path)
-        model = load_model(model_path, config.torch_dtype(), device, tp_rank=rank, tp_size=tp_size)
+        model = load_model(
+            model_path, config.torch_dtype(), device, tp_rank=rank, tp_size=tp_size, quantization=config.quantization
+        )
         if config.weight_quantization != "none":
             from engine.models.quantize import quantize_model_weights
 
             quantize_model_weights(model, config.weight_quantization)
-        if config.quantization == "fp8":
-            from engine.models.quantize import quantize_model_fp8
-
-            quantize_model_fp8(model)
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()  # the 16-bit weights' memory goes to the KV cache
         conn.send(("progress", (0.8, "allocating KV cache")))
         grammar = GrammarMasks(device, num_threads=max(1, (os.cpu_count() or 1) // tp_size))
         runner = ModelRunner(config, model, hf_config, grammar)
