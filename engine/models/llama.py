@@ -77,9 +77,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, shape: ModelConfig, bias: bool, tp_rank: int, tp_size: int) -> None:
+    def __init__(
+        self, shape: ModelConfig, bias: bool, tp_rank: int, tp_size: int, intermediate_size: int | None = None
+    ) -> None:
         super().__init__()
-        inter = shape.intermediate_size
+        inter = intermediate_size or shape.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
             shape.hidden_size, [inter, inter], bias, tp_rank, tp_size
         )
@@ -113,7 +115,7 @@ class LlamaDecoderLayer(nn.Module):
             tp_rank=tp_rank,
             tp_size=tp_size,
         )
-        self.mlp = LlamaMLP(shape, bool(getattr(config, "mlp_bias", False)), tp_rank, tp_size)
+        self.mlp = arch.mlp(config, shape, layer_idx, tp_rank, tp_size)
         self.input_layernorm = RMSNorm(shape.hidden_size, shape.norm_eps)
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.norm_eps)
 
@@ -186,6 +188,11 @@ class LlamaForCausalLM(CausalLM):
     @classmethod
     def qk_norm(cls, config: Any) -> bool:
         return False
+
+    @classmethod
+    def mlp(cls, config: Any, shape: ModelConfig, layer_idx: int, tp_rank: int, tp_size: int) -> nn.Module:
+        """Layer `layer_idx`'s MLP: [T, hidden] -> [T, hidden], reduced over the ranks."""
+        return LlamaMLP(shape, bool(getattr(config, "mlp_bias", False)), tp_rank, tp_size)
 
     @classmethod
     def sliding_window_of(cls, config: Any, layer_idx: int) -> int | None:

@@ -111,6 +111,28 @@ def tiny_config(kind: str = "llama", **overrides: Any) -> Any:
         common.setdefault("bos_token_id", 1)
         common.setdefault("eos_token_id", 2)  # its default, 32 000, lies past a tiny vocabulary
         return Phi3Config(architectures=["Phi3ForCausalLM"], **common)
+    return _tiny_moe_config(kind, common)
+
+
+def _tiny_moe_config(kind: str, common: dict[str, Any]) -> Any:
+    """Mixture-of-experts families: 8 experts, top 2 (Qwen2-MoE: a shared expert and a dense
+    second layer; Qwen3-MoE: the chosen weights renormalised)."""
+    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    common.setdefault("num_experts_per_tok", 2)
+    if kind == "mixtral":
+        common.setdefault("num_local_experts", 8)
+        return MixtralConfig(architectures=["MixtralForCausalLM"], **common)
+    common.setdefault("num_experts", 8)
+    common.setdefault("moe_intermediate_size", 32)
+    if kind == "qwen2_moe":
+        common.setdefault("shared_expert_intermediate_size", 48)
+        common.setdefault("mlp_only_layers", [1])
+        return Qwen2MoeConfig(architectures=["Qwen2MoeForCausalLM"], **common)
+    if kind == "qwen3_moe":
+        common.setdefault("head_dim", 32)
+        common.setdefault("norm_topk_prob", True)
+        return Qwen3MoeConfig(architectures=["Qwen3MoeForCausalLM"], **common)
     raise ValueError(kind)
 
 
