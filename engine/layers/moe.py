@@ -32,7 +32,6 @@ from torch import nn
 
 from engine.distributed import WeightLike, all_reduce, read_weight
 from engine.layers.backend import use_triton
-from engine.layers.linear import ReplicatedLinear
 
 EXPERT_PARTS = ("gate", "up", "down")
 
@@ -215,6 +214,20 @@ class FusedMoE(nn.Module):
         return f"experts={self.num_experts}, top_k={self.routing.top_k}, renormalize={self.routing.renormalize}"
 
 
+class RouterLinear(nn.Module):
+    """A small replicated projection (the router, a shared expert's gate): weight [out, in]
+    in the model's dtype, never packed or quantized. The router's logits decide which experts
+    run, so they keep the model's precision (and an FP8 product needs `out` a multiple of 16)."""
+
+    def __init__(self, input_size: int, output_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, in] -> [T, out]
+        return F.linear(x, self.weight)
+
+
 class SparseMoeBlock(nn.Module):
     """A layer's MLP as a mixture of experts: a router (`gate`, replicated), the routed
     experts, and optionally an expert every token runs (`shared_expert`, any module that maps
@@ -237,10 +250,10 @@ class SparseMoeBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.tp_size = tp_size
-        self.gate = ReplicatedLinear(hidden_size, num_experts, bias=False)
+        self.gate = RouterLinear(hidden_size, num_experts)
         self.experts = FusedMoE(num_experts, hidden_size, intermediate_size, routing, tp_rank, tp_size)
         self.shared_expert = shared_expert
-        self.shared_expert_gate = ReplicatedLinear(hidden_size, 1, bias=False) if shared_expert_gate else None
+        self.shared_expert_gate = RouterLinear(hidden_size, 1) if shared_expert_gate else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.experts(x, self.gate(x))

@@ -41,10 +41,15 @@ _RUNS_OF = {
     "qwen2": [r for r in _GPU_RUNS if r[0] == "triton" and r != ("triton", "bfloat16", True)],
     "qwen3": [("triton", "float32", False), ("triton", "bfloat16", False)],  # q/k norms graphed
     "phi3": [("triton", "bfloat16", False)],
+    # mixture of experts: the fused Triton experts eager and graphed, the torch path once
+    "mixtral": [("torch", "float32", True), ("triton", "float32", True), ("triton", "float32", False),
+                ("triton", "bfloat16", False)],
+    "qwen2_moe": [("triton", "float32", False), ("triton", "bfloat16", False)],
+    "qwen3_moe": [("triton", "float32", False), ("triton", "bfloat16", False)],
 }
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe"])
 def test_gpu_greedy_matches_cpu(kind: str, tmp_path: Path) -> None:
     save_tiny_model(str(tmp_path), tiny_config(kind))
     prompts = _prompts(6)

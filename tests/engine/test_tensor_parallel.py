@@ -56,8 +56,11 @@ def _logprob_values(entries: list[Any] | None) -> dict[tuple[int, int], float]:
         ("qwen3", {}),  # per-head q/k norms (replicated), head_dim != hidden / heads
         ("phi3", {}),  # q | k | v and gate | up fused in the checkpoint: each rank takes its rows of each
         ("llama", {"num_key_value_heads": 1}),  # fewer kv heads than ranks: replicated
+        ("mixtral", {}),  # each expert's gate / up rows and down columns split, router replicated
+        ("qwen2_moe", {}),  # + a shared expert (split as a dense MLP) with its gate, a dense layer
+        ("qwen3_moe", {}),  # renormalised top-k, q/k norms
     ],
-    ids=["llama", "qwen2", "qwen3", "phi3", "llama-kv1"],
+    ids=["llama", "qwen2", "qwen3", "phi3", "llama-kv1", "mixtral", "qwen2-moe", "qwen3-moe"],
 )
 def test_tp2_matches_tp1(tmp_path: Path, kind: str, overrides: dict[str, Any]) -> None:
     save_tiny_model(str(tmp_path), tiny_config(kind, vocab_size=251, **overrides))  # 251: a padded shard
