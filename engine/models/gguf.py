@@ -28,6 +28,8 @@ GGUF_ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 
 _GLOBAL_NAMES = {
@@ -48,9 +50,26 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # mixtures of experts: the router, the experts stacked [E, ...] (split per expert, `*`), the
+    # shared expert and its gate (qwen2moe)
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.*.gate_proj",
+    "ffn_up_exps": "mlp.experts.*.up_proj",
+    "ffn_down_exps": "mlp.experts.*.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+}
+# Mixtral is `llama` with experts, named as its transformers checkpoints name them.
+_MIXTRAL_NAMES = {
+    "ffn_gate_inp": "block_sparse_moe.gate",
+    "ffn_gate_exps": "block_sparse_moe.experts.*.w1",
+    "ffn_up_exps": "block_sparse_moe.experts.*.w3",
+    "ffn_down_exps": "block_sparse_moe.experts.*.w2",
 }
 # Per architecture, where a llama.cpp name means something else (phi3's ffn_up is gate | up).
-_ARCH_BLOCK_NAMES = {"phi3": {"ffn_up": "mlp.gate_up_proj"}}
+_ARCH_BLOCK_NAMES = {"phi3": {"ffn_up": "mlp.gate_up_proj"}, "llama": _MIXTRAL_NAMES}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 # Tensors with no transformers counterpart (llama3's precomputed rope factors come from config).
 _SKIPPED = {"rope_freqs.weight"}
@@ -118,6 +137,12 @@ def read_gguf_tensors(reader: Any, config: dict[str, Any]) -> Iterator[tuple[str
                 value = undo_rope_permute(value, num_heads)
             elif ".self_attn.k_proj." in name:
                 value = undo_rope_permute(value, num_kv_heads)
+        if ".*." in name:  # experts stacked [E, ...]: one tensor per expert, as transformers names them
+            for expert in range(value.shape[0]):
+                yield name.replace(".*.", f".{expert}."), value[expert].contiguous()
+            continue
+        if name.endswith("shared_expert_gate.weight") and value.dim() == 1:  # llama.cpp: [H]; HF: [1, H]
+            value = value.unsqueeze(0)
         yield name, value.contiguous()
 
 
@@ -156,7 +181,35 @@ def gguf_config(gguf_path: str, reader: Any) -> dict[str, Any]:
     rotary_dim = number("rope.dimension_count")
     if rotary_dim and rotary_dim < head_dim:  # a partial rotation (transformers' mapping drops it)
         config["partial_rotary_factor"] = rotary_dim / head_dim
+    _moe_config(reader, config)
     return config
+
+
+def _moe_config(reader: Any, config: dict[str, Any]) -> None:
+    """The mixture-of-experts sizes transformers' mapping leaves out; `llama` with experts is
+    Mixtral. llama.cpp renormalises the chosen experts' weights for Mixtral and Qwen3-MoE (and
+    wherever `expert_weights_norm` says so), not for Qwen2-MoE."""
+    arch = _read_str(reader, "general.architecture")
+
+    def field(key: str) -> Any:
+        value = reader.fields.get(f"{arch}.{key}")
+        return None if value is None else value.parts[value.data[0]][0]
+
+    num_experts = field("expert_count")
+    if not num_experts:
+        return
+    if config["model_type"] in ("llama", "mistral"):
+        config["model_type"], config["architectures"] = "mixtral", ["MixtralForCausalLM"]
+        config["num_local_experts"] = int(num_experts)
+        config["num_experts_per_tok"] = int(field("expert_used_count"))
+        return
+    config["num_experts"], config["num_experts_per_tok"] = int(num_experts), int(field("expert_used_count"))
+    for key, name in (("expert_feed_forward_length", "moe_intermediate_size"),
+                      ("expert_shared_feed_forward_length", "shared_expert_intermediate_size")):
+        if field(key) is not None:
+            config[name] = int(field(key))
+    norm = field("expert_weights_norm")
+    config["norm_topk_prob"] = bool(norm) if norm is not None else config["model_type"] == "qwen3_moe"
 
 
 def convert_gguf(gguf_path: str, out_dir: str) -> None:
