@@ -161,7 +161,12 @@ def _grouped_gemm(
 ) -> None:
     n_out, k_in = b.shape[1], b.shape[2]
     half = a.dtype in (torch.bfloat16, torch.float16)
-    block_n, block_k = (128, 64) if half and n_out >= 1024 else (64, 64 if half else 32)
+    if not half:
+        block_n, block_k = 64, 32  # float32 tiles: half the elements in the same shared memory
+    elif block_m <= 16 or n_out < 1024:
+        block_n, block_k = 64, 64  # few rows per expert (decode): more column tiles, more programs
+    else:
+        block_n, block_k = 128, 64
     grid = (block_expert.numel(), triton.cdiv(n_out, block_n))
     _grouped_gemm_kernel[grid](
         a, b, c, c if weights is None else weights, sorted_pairs, block_expert,

@@ -115,7 +115,7 @@ class LlamaDecoderLayer(nn.Module):
             tp_rank=tp_rank,
             tp_size=tp_size,
         )
-        self.mlp = arch.mlp(config, shape, layer_idx, tp_rank, tp_size)
+        self.mlp = arch.mlp_of(config, shape, layer_idx, tp_rank, tp_size)
         self.input_layernorm = RMSNorm(shape.hidden_size, shape.norm_eps)
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.norm_eps)
 
@@ -190,7 +190,7 @@ class LlamaForCausalLM(CausalLM):
         return False
 
     @classmethod
-    def mlp(cls, config: Any, shape: ModelConfig, layer_idx: int, tp_rank: int, tp_size: int) -> nn.Module:
+    def mlp_of(cls, config: Any, shape: ModelConfig, layer_idx: int, tp_rank: int, tp_size: int) -> nn.Module:
         """Layer `layer_idx`'s MLP: [T, hidden] -> [T, hidden], reduced over the ranks."""
         return LlamaMLP(shape, bool(getattr(config, "mlp_bias", False)), tp_rank, tp_size)
 

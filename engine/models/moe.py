@@ -1,7 +1,7 @@
 """Mixture-of-experts decoders over the Llama wiring: Mixtral, Qwen2-MoE, Qwen3-MoE.
 
 Attention and the decoder layer are Llama's (`engine.models.llama`); what differs is the MLP
-(`LlamaForCausalLM.mlp`): a `SparseMoeBlock` (`engine.layers.moe`) in the sparse layers, a dense
+(`LlamaForCausalLM.mlp_of`): a `SparseMoeBlock` (`engine.layers.moe`) in the sparse layers, a dense
 `LlamaMLP` in the layers a config keeps dense (`mlp_only_layers`, `decoder_sparse_step`).
 
 - Mixtral: every layer sparse, softmax top-k renormalised over the chosen experts; checkpoint
@@ -85,7 +85,7 @@ class _MoeMixin(LlamaForCausalLM):
         )
 
     @classmethod
-    def mlp(cls, config: Any, shape: ModelConfig, layer_idx: int, tp_rank: int, tp_size: int) -> nn.Module:
+    def mlp_of(cls, config: Any, shape: ModelConfig, layer_idx: int, tp_rank: int, tp_size: int) -> nn.Module:
         if _is_sparse_layer(config, layer_idx):
             return cls.moe_block(config, shape, tp_rank, tp_size)
         return LlamaMLP(shape, False, tp_rank, tp_size)
@@ -106,7 +106,7 @@ class MixtralForCausalLM(_MoeMixin, MistralForCausalLM):
         return Routing(int(config.num_experts_per_tok), renormalize=True)
 
     @classmethod
-    def mlp(cls, config: Any, shape: ModelConfig, layer_idx: int, tp_rank: int, tp_size: int) -> nn.Module:
+    def mlp_of(cls, config: Any, shape: ModelConfig, layer_idx: int, tp_rank: int, tp_size: int) -> nn.Module:
         return cls.moe_block(config, shape, tp_rank, tp_size)
 
 
