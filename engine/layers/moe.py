@@ -46,7 +46,7 @@ class Routing:
 
     top_k: int
     renormalize: bool
-    routed_scaling_factor: float = 1.0
+    routed_scaling_factor: float = 1.0  # DeepSeek's; its grouped top-k would add its fields here
 
 
 def select_experts(router_logits: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:

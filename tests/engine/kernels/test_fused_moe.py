@@ -45,7 +45,8 @@ def test_align_groups_pairs_by_expert_in_padded_blocks() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     ("num_tokens", "num_experts", "top_k", "hidden", "inter"),
-    [(1, 8, 2, 32, 48), (13, 8, 2, 64, 40), (70, 16, 4, 48, 24), (5, 32, 3, 32, 16)],
+    # blocks of 16, 32 and 64 rows (200 tokens on 4 experts); experts left without tokens
+    [(1, 8, 2, 32, 48), (13, 8, 2, 64, 40), (70, 16, 4, 48, 24), (5, 32, 3, 32, 16), (200, 4, 2, 32, 16)],
 )
 def test_fused_experts_matches_torch(
     num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int, dtype: torch.dtype
