@@ -16,14 +16,14 @@ def _device() -> str:
 def _inputs(
     num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int, dtype: torch.dtype, seed: int = 0
 ) -> tuple[torch.Tensor, ...]:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(num_tokens, hidden, generator=gen)
-    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=gen) / hidden**0.5
-    w2 = torch.randn(num_experts, hidden, inter, generator=gen) / inter**0.5
-    logits = 2 * torch.randn(num_tokens, num_experts, generator=gen)
+    device = _device()  # drawn on the device: the real shapes' weights are gigabytes
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, generator=gen, device=device)
+    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=gen, device=device) / hidden**0.5
+    w2 = torch.randn(num_experts, hidden, inter, generator=gen, device=device) / inter**0.5
+    logits = 2 * torch.randn(num_tokens, num_experts, generator=gen, device=device)
     weights, ids = select_experts(logits, Routing(top_k, renormalize=True))
-    device = _device()
-    return x.to(dtype).to(device), w13.to(dtype).to(device), w2.to(dtype).to(device), weights.to(device), ids.to(device)
+    return x.to(dtype), w13.to(dtype), w2.to(dtype), weights, ids
 
 
 def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
