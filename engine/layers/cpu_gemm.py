@@ -177,11 +177,16 @@ def pack_model_weights(model: nn.Module) -> int:
     """Pack every packable projection of `model` in place; returns how many were packed.
 
     A projection is a module with a `weight` and a `packed_weight` slot (the linear layers and
-    the LM head); `linear()` uses the packed copy when there is one.
+    the LM head); `linear()` uses the packed copy when there is one. A module with a
+    `pack_cpu_weights()` method (the MoE experts) packs its own and returns how many.
     """
     count = 0
     for module in projections(model):
         if can_pack(module.weight):
             module.packed_weight = pack_weight(module.weight)
             count += 1
+    for owner in model.modules():  # modules holding several matrices (the MoE experts) pack their own
+        pack = getattr(owner, "pack_cpu_weights", None)
+        if callable(pack):
+            count += pack()
     return count

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed import WeightLike, all_reduce, read_weight
+from engine.layers import cpu_gemm
 from engine.layers.backend import use_triton
 
 EXPERT_PARTS = ("gate", "up", "down")
@@ -154,12 +155,21 @@ def expert_packed_mapping(num_experts: int, names: tuple[str, str, str]) -> dict
     return mapping
 
 
+# Per expert, its gate | up and down weights packed for oneDNN (`cpu_gemm.pack_weight`).
+PackedExperts = list[tuple[torch.Tensor, torch.Tensor]]
+
+
 def fused_experts_torch(
-    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    packed: PackedExperts | None = None,
 ) -> torch.Tensor:
     """x [T, H], w13 [E, 2I, H], w2 [E, H, I], weights / ids [T, k] -> sum_j weights[t, j] *
     expert_{ids[t, j]}(x[t]): [T, H] in x's dtype. Only the chosen experts run, each once over
-    the tokens that chose it."""
+    the tokens that chose it (through its `packed` weights where given)."""
     num_tokens, top_k = ids.shape
     flat = ids.flatten()
     order = torch.argsort(flat, stable=True)  # the (token, choice) pairs grouped by expert
@@ -169,10 +179,16 @@ def fused_experts_torch(
     out_rows = torch.empty(rows.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
     start = 0
     for e, n in enumerate(counts):
-        if n:
-            gate, up = F.linear(rows[start : start + n], w13[e]).chunk(2, dim=-1)
+        if not n:
+            continue
+        chunk = rows[start : start + n]
+        if packed is not None and x.dtype == w13.dtype:
+            gate, up = cpu_gemm.packed_linear(chunk, packed[e][0], None).chunk(2, dim=-1)
+            out_rows[start : start + n] = cpu_gemm.packed_linear(F.silu(gate) * up, packed[e][1], None).float()
+        else:
+            gate, up = F.linear(chunk, w13[e]).chunk(2, dim=-1)
             out_rows[start : start + n] = F.linear(F.silu(gate) * up, w2[e]).float()
-            start += n
+        start += n
     out_rows *= weights.flatten()[order].unsqueeze(1).float()
     out = torch.zeros(num_tokens, w2.shape[1], dtype=torch.float32, device=x.device)
     return out.index_add_(0, token_of, out_rows).to(x.dtype)
@@ -201,6 +217,16 @@ class FusedMoE(nn.Module):
         self.routing = routing
         self.gate_up = ExpertGateUp(num_experts, hidden_size, intermediate_size, tp_rank, tp_size)
         self.down = ExpertDown(num_experts, hidden_size, intermediate_size, tp_rank, tp_size)
+        self.packed: PackedExperts | None = None  # CPU: set after loading (`pack_cpu_weights`)
+
+    def pack_cpu_weights(self) -> int:
+        """Pack every expert's weights for oneDNN (CPU only; `cpu_gemm.pack_model_weights` calls
+        it after loading), as the linear layers are packed; returns how many matrices."""
+        w13, w2 = self.gate_up.weight, self.down.weight
+        if not cpu_gemm.can_pack(w13[0]) or not cpu_gemm.can_pack(w2[0]):
+            return 0
+        self.packed = [(cpu_gemm.pack_weight(w13[e]), cpu_gemm.pack_weight(w2[e])) for e in range(self.num_experts)]
+        return 2 * self.num_experts
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         weights, ids = select_experts(router_logits, self.routing)
@@ -208,7 +234,7 @@ class FusedMoE(nn.Module):
             from engine.kernels.fused_moe import fused_experts
 
             return fused_experts(x, self.gate_up.weight, self.down.weight, weights, ids)
-        return fused_experts_torch(x, self.gate_up.weight, self.down.weight, weights, ids)
+        return fused_experts_torch(x, self.gate_up.weight, self.down.weight, weights, ids, self.packed)
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, top_k={self.routing.top_k}, renormalize={self.routing.renormalize}"

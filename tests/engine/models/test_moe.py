@@ -13,7 +13,7 @@ from torch import nn
 from engine.layers.moe import SparseMoeBlock
 from engine.models import load_model
 from tests.engine.models.family_checks import *  # noqa: F403
-from tests.engine.models.harness import save_tiny_model, tiny_config
+from tests.engine.models.harness import Harness, rel_err, save_tiny_model, tiny_config
 
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "mixtral": ("mixtral", {}),
@@ -92,3 +92,18 @@ def test_missing_expert_fails_the_load(tmp_path: Path) -> None:
     safetensors.torch.save_file(tensors, file)
     with pytest.raises(ValueError, match="no weights"):
         load_model(str(tmp_path), torch.float32, "cpu")
+
+
+def test_packed_cpu_experts_compute_what_plain_ones_do(tmp_path: Path) -> None:
+    """bf16 on the CPU: the experts' oneDNN-packed weights (packed at load) give the plain
+    products' logits, up to bf16 rounding."""
+    save_tiny_model(str(tmp_path), tiny_config("mixtral"))
+    model: Any = load_model(str(tmp_path), torch.bfloat16, "cpu")
+    experts = [layer.mlp.experts for layer in model.model.layers]
+    if experts[0].packed is None:
+        pytest.skip("this torch build has no oneDNN packing for bf16")
+    prompt = list(range(3, 40, 3))
+    packed = Harness(model).prefill(0, prompt)
+    for e in experts:
+        e.packed = None
+    assert rel_err(packed, Harness(model).prefill(0, prompt)) < 1e-2
