@@ -42,13 +42,15 @@ _POOL = dict(stride_ks=KV_HEADS * HEAD_DIM, stride_kh=HEAD_DIM, stride_kd=1, str
 _VALUES = {
     "decode": dict(_POOL, stride_qb=HEADS * HEAD_DIM, stride_qh=HEAD_DIM, stride_qd=1,
                    stride_mob=HEADS * SPLITS * HEAD_DIM, stride_moh=SPLITS * HEAD_DIM, stride_mos=HEAD_DIM,
-                   stride_mod=1, stride_mlb=HEADS * SPLITS, stride_mlh=SPLITS, stride_mls=1, num_splits=SPLITS),
+                   stride_mod=1, stride_mlb=HEADS * SPLITS, stride_mlh=SPLITS, stride_mls=1, num_splits=SPLITS,
+                   stride_ob=HEADS * HEAD_DIM, stride_oh=HEAD_DIM, stride_od=1),
     "prefill": dict(_POOL, stride_qt=HEADS * HEAD_DIM, stride_qh=HEAD_DIM, stride_qd=1, stride_ot=HEADS * HEAD_DIM,
                     stride_oh=HEAD_DIM, stride_od=1, stride_tile=4096),
 }
 # Element types of the pointer arguments (K and V: the pool's; any other: int64 metadata).
 _POINTERS = {"q_ptr": "bf16", "out_ptr": "bf16", "k_scale_ptr": "bf16", "v_scale_ptr": "bf16",
-             "req_to_token_ptr": "i32", "tiles_ptr": "i32", "mid_o_ptr": "fp32", "mid_lse_ptr": "fp32"}
+             "req_to_token_ptr": "i32", "tiles_ptr": "i32", "mid_o_ptr": "fp32", "mid_lse_ptr": "fp32",
+             "slopes_ptr": "fp32"}
 
 SASS_COUNTS = [
     ("LDG (global loads)", r"\bLDG\b"), ("LDGSTS (cp.async)", r"\bLDGSTS\b"), ("LDS (shared loads)", r"\bLDS\b"),
@@ -63,10 +65,10 @@ def _constexprs(kernel: str, int8: bool, pinned: bool, block_n: int) -> dict[str
     if kernel == "decode":
         return dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=HEAD_DIM, BLOCK_N=block_n,
                     HAS_WINDOW=False, IS_INT8=int8, INT8_AS_FP16=int8, INT8_ASM=True, INT8_PINNED=pinned,
-                    DOT_PRECISION="tf32")
+                    DOT_PRECISION="tf32", DIRECT=False, HAS_ALIBI=False)
     block_m = prefill_module.prefill_block_m(_FakeCuda())
     return dict(GROUP=group, HEAD_DIM=HEAD_DIM, BLOCK_M=block_m, BLOCK_N=block_n, HAS_WINDOW=False, IS_INT8=int8,
-                DOT_PRECISION="tf32", USE_TILES=True)
+                DOT_PRECISION="tf32", USE_TILES=True, HAS_ALIBI=False)
 
 
 class _FakeCuda:

@@ -38,24 +38,27 @@ def _eager(case: Case, decode_rows: int = 3) -> torch.Tensor:
     assert ctx.decode_rows == decode_rows and not ctx.is_decode_only
     return triton_attention(
         ctx, case.q, case.k_pool, case.v_pool, case.scale, sliding_window=case.window, k_scale=case.k_scale,
-        v_scale=case.v_scale,
+        v_scale=case.v_scale, alibi_slopes=case.alibi_slopes,
     )
 
 
-@pytest.mark.parametrize(("int8", "window"), [(False, None), (True, None), (False, 12)])
+@pytest.mark.parametrize(
+    ("int8", "window", "alibi"),
+    [(False, None, False), (True, None, False), (False, 12, False), (False, None, True), (True, None, True)],
+)
 def test_leading_decodes_take_the_decode_kernel_eagerly(
-    int8: bool, window: int | None, monkeypatch: pytest.MonkeyPatch
+    int8: bool, window: int | None, alibi: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    case = Case(MIXED, HEADS, KV_HEADS, HEAD_DIM, torch.float32, int8=int8, window=window).to(DEVICE)
+    case = Case(MIXED, HEADS, KV_HEADS, HEAD_DIM, torch.float32, int8=int8, window=window, alibi=alibi).to(DEVICE)
     # The output the two launches share starts as NaN: a row neither writes fails.
     empty_like = torch.empty_like
     monkeypatch.setattr(torch, "empty_like", lambda t, **kw: empty_like(t, **kw).fill_(float("nan")))
     torch.testing.assert_close(_eager(case), case.reference(), **tolerance(torch.float32))
 
 
-@pytest.mark.parametrize("int8", [False, True])
-def test_a_staged_graph_step_matches_the_eager_one(int8: bool) -> None:
-    case = Case(MIXED, HEADS, KV_HEADS, HEAD_DIM, torch.float32, int8=int8).to(DEVICE)
+@pytest.mark.parametrize(("int8", "alibi"), [(False, False), (True, False), (False, True), (True, True)])
+def test_a_staged_graph_step_matches_the_eager_one(int8: bool, alibi: bool) -> None:
+    case = Case(MIXED, HEADS, KV_HEADS, HEAD_DIM, torch.float32, int8=int8, alibi=alibi).to(DEVICE)
     num_tokens = case.q.shape[0]
     seqs = []
     for i, (start, n) in enumerate(case.seqs):
@@ -81,7 +84,8 @@ def test_a_staged_graph_step_matches_the_eager_one(int8: bool) -> None:
     gen = torch.Generator().manual_seed(1)
     padding = torch.randn(bucket - num_tokens, HEADS, HEAD_DIM, generator=gen).to(DEVICE)
     q = torch.cat([case.q, padding])
-    out = triton_attention(ctx, q, case.k_pool, case.v_pool, case.scale, k_scale=case.k_scale, v_scale=case.v_scale)
+    out = triton_attention(ctx, q, case.k_pool, case.v_pool, case.scale, k_scale=case.k_scale, v_scale=case.v_scale,
+                           alibi_slopes=case.alibi_slopes)
     torch.testing.assert_close(out[:num_tokens], case.reference(), **tolerance(torch.float32))
     assert (out[num_tokens:] == 0).all()  # padding rows: zeros, not garbage
     torch.testing.assert_close(out[:num_tokens], _eager(case), atol=1e-5, rtol=1e-5)
