@@ -8,6 +8,7 @@ from engine.models.causal_lm import CausalLM
 
 # architecture name -> (module under engine.models, class name)
 _MODELS: dict[str, tuple[str, str]] = {
+    "BloomForCausalLM": ("bloom", "BloomForCausalLM"),
     "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("llama", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("llama", "Qwen2ForCausalLM"),

@@ -82,7 +82,7 @@ class Harness:
 def tiny_config(kind: str = "llama", **overrides: Any) -> Any:
     """A small transformers config of the given family; `initializer_range` is large so that
     random logits are peaked and greedy decoding has no near-ties."""
-    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import BloomConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common: dict[str, Any] = dict(
         vocab_size=256,
@@ -94,7 +94,15 @@ def tiny_config(kind: str = "llama", **overrides: Any) -> Any:
         max_position_embeddings=512,
         initializer_range=0.2,
     )
+    if kind == "bloom":  # multi-head, MLP of 4 x hidden, no position table (ALiBi)
+        for name in ("intermediate_size", "num_key_value_heads", "max_position_embeddings"):
+            del common[name]
     common.update(overrides)
+    if kind == "bloom":
+        # No end token: with BLOOM's default (2) a random model may pick it first, and the
+        # reference's `min_new_tokens` would then suppress it where the engine does not.
+        common.setdefault("eos_token_id", None)
+        return BloomConfig(architectures=["BloomForCausalLM"], **common)
     if kind == "llama":
         return LlamaConfig(architectures=["LlamaForCausalLM"], **common)
     if kind == "mistral":
