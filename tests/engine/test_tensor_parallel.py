@@ -56,8 +56,10 @@ def _logprob_values(entries: list[Any] | None) -> dict[tuple[int, int], float]:
         ("qwen3", {}),  # per-head q/k norms (replicated), head_dim != hidden / heads
         ("phi3", {}),  # q | k | v and gate | up fused in the checkpoint: each rank takes its rows of each
         ("llama", {"num_key_value_heads": 1}),  # fewer kv heads than ranks: replicated
+        # per-head fused q/k/v, each rank 3 heads with their own ALiBi slopes (6: not a power of two)
+        ("bloom", {"num_attention_heads": 6, "hidden_size": 96}),
     ],
-    ids=["llama", "qwen2", "qwen3", "phi3", "llama-kv1"],
+    ids=["llama", "qwen2", "qwen3", "phi3", "llama-kv1", "bloom"],
 )
 def test_tp2_matches_tp1(tmp_path: Path, kind: str, overrides: dict[str, Any]) -> None:
     save_tiny_model(str(tmp_path), tiny_config(kind, vocab_size=251, **overrides))  # 251: a padded shard

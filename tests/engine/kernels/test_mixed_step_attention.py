@@ -93,14 +93,18 @@ def test_a_staged_graph_step_matches_the_eager_one(int8: bool, alibi: bool) -> N
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize(("dtype", "int8"), [(torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)])
-def test_gpu_real_shapes(dtype: torch.dtype, int8: bool) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "int8", "alibi"),
+    [(torch.bfloat16, False, False), (torch.float16, False, False), (torch.bfloat16, True, False),
+     (torch.bfloat16, False, True), (torch.bfloat16, True, True)],
+)
+def test_gpu_real_shapes(dtype: torch.dtype, int8: bool, alibi: bool) -> None:
     # offline1000's steady state at the 8B shape: 200 running decodes of 100-3000 keys, then
     # prompts and chunks after cached prefixes; eager, and staged for the graph of its bucket.
     gen = torch.Generator().manual_seed(0)
     decodes = [(int(s), 1) for s in torch.randint(100, 3000, (200,), generator=gen)]
     seqs = decodes + [(0, 600), (0, 129), (700, 300), (50, 1), (0, 17)]
-    case = Case(seqs, num_heads=32, num_kv_heads=8, head_dim=128, dtype=dtype, int8=int8).to("cuda")
+    case = Case(seqs, num_heads=32, num_kv_heads=8, head_dim=128, dtype=dtype, int8=int8, alibi=alibi).to("cuda")
     reference = case.reference()
     torch.testing.assert_close(_eager(case, decode_rows=200), reference, atol=1e-2, rtol=1e-2)
     num_tokens = case.q.shape[0]
@@ -120,6 +124,6 @@ def test_gpu_real_shapes(dtype: torch.dtype, int8: bool) -> None:
     graphs._static.copy_(graphs._host)
     q = torch.cat([case.q, torch.randn(bucket - num_tokens, 32, 128, device="cuda").to(dtype)])
     out = triton_attention(graphs._context(bucket), q, case.k_pool, case.v_pool, case.scale, k_scale=case.k_scale,
-                           v_scale=case.v_scale)
+                           v_scale=case.v_scale, alibi_slopes=case.alibi_slopes)
     torch.testing.assert_close(out[:num_tokens], reference, atol=1e-2, rtol=1e-2)
     assert (out[num_tokens:] == 0).all()
