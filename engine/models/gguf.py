@@ -6,6 +6,9 @@ else the installed `gguf` package can dequantize), renamed from llama.cpp's name
 (`blk.N.attn_q.weight`) to transformers' (`model.layers.N.self_attn.q_proj.weight`), and for
 the `llama` architecture the q/k rows are un-permuted: llama.cpp's converter interleaves the
 two rotary halves of every head, `undo_rope_permute` restores the `rotate_half` layout.
+For `bloom` the names are BLOOM's (`transformer.h.N.self_attention.query_key_value`), and the
+fused q/k/v goes back from llama.cpp's q | k | v rows to BLOOM's per-head [H, 3, D] rows
+(`qkv_to_per_head`), so the directory is an ordinary BLOOM checkpoint.
 Config and tokenizer come from transformers' own GGUF metadata readers.
 """
 
@@ -28,6 +31,7 @@ GGUF_ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "bloom": "BloomForCausalLM",
 }
 
 _GLOBAL_NAMES = {
@@ -51,6 +55,25 @@ _BLOCK_NAMES = {
 }
 # Per architecture, where a llama.cpp name means something else (phi3's ffn_up is gate | up).
 _ARCH_BLOCK_NAMES = {"phi3": {"ffn_up": "mlp.gate_up_proj"}}
+# Architectures with names of their own: (layer prefix, global names, block names).
+_BLOOM_NAMES = (
+    "transformer.h",
+    {
+        "token_embd": "transformer.word_embeddings",
+        "token_embd_norm": "transformer.word_embeddings_layernorm",
+        "output_norm": "transformer.ln_f",
+        "output": "lm_head",
+    },
+    {
+        "attn_norm": "input_layernorm",
+        "attn_qkv": "self_attention.query_key_value",
+        "attn_output": "self_attention.dense",
+        "ffn_norm": "post_attention_layernorm",
+        "ffn_up": "mlp.dense_h_to_4h",
+        "ffn_down": "mlp.dense_4h_to_h",
+    },
+)
+_ARCH_NAMES = {"bloom": _BLOOM_NAMES}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 # Tensors with no transformers counterpart (llama3's precomputed rope factors come from config).
 _SKIPPED = {"rope_freqs.weight"}
@@ -60,17 +83,19 @@ def hf_tensor_name(gguf_name: str, architecture: str = "llama") -> str | None:
     """llama.cpp tensor name -> transformers name (None for tensors that are not loaded)."""
     if gguf_name in _SKIPPED:
         return None
+    layers, global_names, names = _ARCH_NAMES.get(
+        architecture, ("model.layers", _GLOBAL_NAMES, {**_BLOCK_NAMES, **_ARCH_BLOCK_NAMES.get(architecture, {})})
+    )
     match = _BLOCK_RE.match(gguf_name)
     if match:
         layer, part, kind = match.groups()
-        names = {**_BLOCK_NAMES, **_ARCH_BLOCK_NAMES.get(architecture, {})}
         if part not in names:
             raise ValueError(f"unsupported GGUF tensor {gguf_name!r}")
-        return f"model.layers.{layer}.{names[part]}.{kind}"
+        return f"{layers}.{layer}.{names[part]}.{kind}"
     base, _, kind = gguf_name.rpartition(".")
-    if base not in _GLOBAL_NAMES:
+    if base not in global_names:
         raise ValueError(f"unsupported GGUF tensor {gguf_name!r}")
-    return f"{_GLOBAL_NAMES[base]}.{kind}"
+    return f"{global_names[base]}.{kind}"
 
 
 def undo_rope_permute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -79,6 +104,20 @@ def undo_rope_permute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     llama.cpp stores head h's rows as (d/2, 2) pairs [x0, x_{D/2}, x1, ...]; HF as (2, d/2).
     """
     return interleaved_to_half_rows(weight, num_heads)
+
+
+def qkv_to_per_head(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Rows of a fused q/k/v (weight [3 H D, in] or bias [3 H D]) from llama.cpp's q | k | v
+    to BLOOM's per head [H, 3, D] (head 0's q, k, v, then head 1's ...)."""
+    rows = weight.shape[0]
+    head_dim = rows // (3 * num_heads)
+    rest = tuple(weight.shape[1:])
+    return weight.reshape(3, num_heads, head_dim, *rest).transpose(0, 1).reshape(rows, *rest)
+
+
+def _num_heads(config: dict[str, Any]) -> int:
+    # BLOOM's config names it n_head
+    return int(config.get("num_attention_heads") or config["n_head"])
 
 
 def dequantize_tensor(tensor: Any) -> torch.Tensor:
@@ -106,7 +145,7 @@ def dequantize_tensor(tensor: Any) -> torch.Tensor:
 def read_gguf_tensors(reader: Any, config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (transformers name, tensor) for every tensor of an opened `gguf.GGUFReader`."""
     architecture = _read_str(reader, "general.architecture")
-    num_heads = int(config["num_attention_heads"])
+    num_heads = _num_heads(config)
     num_kv_heads = int(config.get("num_key_value_heads") or num_heads)
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name, architecture)
@@ -118,6 +157,8 @@ def read_gguf_tensors(reader: Any, config: dict[str, Any]) -> Iterator[tuple[str
                 value = undo_rope_permute(value, num_heads)
             elif ".self_attn.k_proj." in name:
                 value = undo_rope_permute(value, num_kv_heads)
+        elif architecture == "bloom" and ".query_key_value." in name:
+            value = qkv_to_per_head(value, num_heads)
         yield name, value.contiguous()
 
 
@@ -141,15 +182,23 @@ def gguf_config(gguf_path: str, reader: Any) -> dict[str, Any]:
     config["architectures"] = [GGUF_ARCHITECTURES[model_type]]
     if any(t.name.startswith("rope_factors_") for t in reader.tensors):  # phi3's long-context variants
         raise ValueError("GGUF models with long-context rope factors (longrope) are not supported")
+    if model_type == "bloom":
+        # transformers ties BLOOM's head whatever the file holds; llama.cpp uses the file's
+        # `output` when there is one (its converter writes a copy of the embeddings there).
+        config["tie_word_embeddings"] = all(t.name != "output.weight" for t in reader.tensors)
 
     def number(key: str) -> int | None:
         field = reader.fields.get(f"{model_type}.{key}")
         return None if field is None else int(field.parts[field.data[0]][0])
 
+    if number("vocab_size") is None:  # else transformers guesses from the tokenizer (BLOOM pads its vocabulary)
+        embeddings = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+        if embeddings is not None:
+            config["vocab_size"] = int(embeddings.shape[-1])  # ggml lists the fastest dim first
     head_dim = number("attention.key_length")
     if head_dim is not None:  # a head size that is not hidden / heads (Qwen3's 128 with 1 024 / 16)
         config["head_dim"] = head_dim
-    head_dim = head_dim or config["hidden_size"] // config["num_attention_heads"]
+    head_dim = head_dim or config["hidden_size"] // _num_heads(config)
     sliding_window = number("attention.sliding_window")
     if sliding_window:
         config["sliding_window"] = sliding_window

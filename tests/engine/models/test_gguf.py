@@ -224,3 +224,79 @@ def test_crash_during_conversion_leaves_no_cache_entry(
 def test_unsupported_tensor_name_is_reported() -> None:
     with pytest.raises(ValueError, match="unsupported GGUF tensor"):
         hf_tensor_name("blk.0.ssm_conv1d.weight")
+
+
+def write_bloom_gguf(
+    path: Path, hf: nn.Module, qtype: gguf.GGMLQuantizationType, with_output: bool = True, vocab_size: bool = True
+) -> None:
+    """A `bloom` GGUF of `hf`'s weights as llama.cpp's converter writes one: names from the
+    `gguf` package's own map (after dropping `transformer.`), the fused q/k/v reordered from
+    BLOOM's per-head rows to q | k | v, and (`with_output`) a copy of the embeddings as
+    `output` where the checkpoint has no LM head. Without `vocab_size` the metadata leaves
+    the vocabulary's size to the embeddings' shape."""
+    cfg: Any = hf.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BLOOM, cfg.n_layer)
+    writer = gguf.GGUFWriter(str(path), "bloom")
+    writer.add_context_length(2048)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(4 * cfg.hidden_size)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_head_count(cfg.n_head)
+    writer.add_head_count_kv(cfg.n_head)
+    writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    if vocab_size:
+        writer.add_vocab_size(cfg.vocab_size)
+    tensors = {k.removeprefix("transformer."): v.detach().float() for k, v in hf.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+        if with_output:
+            tensors["lm_head.weight"] = tensors["word_embeddings.weight"]
+    for name, w in tensors.items():
+        if ".query_key_value." in name:  # [H, 3, D] rows -> q | k | v
+            rest = w.shape[1:]
+            w = w.reshape(cfg.n_head, 3, -1, *rest).transpose(0, 1).reshape(w.shape)
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert gguf_name is not None, name
+        t = w.numpy()
+        if t.ndim == 1 or qtype == QT.F32:
+            writer.add_tensor(gguf_name, t)
+        else:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("with_output", [True, False], ids=["output-copy", "no-output"])
+@torch.inference_mode()
+def test_bloom_gguf_matches_original_and_transformers_gguf(with_output: bool, tmp_path: Path, cache: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    hf = save_tiny_model(str(tmp_path / "hf"), tiny_config("bloom", num_attention_heads=6, hidden_size=96))
+    file = tmp_path / "tiny-bloom.gguf"
+    write_bloom_gguf(file, hf, QT.F32, with_output)
+    directory = resolve_model(str(file), str(cache))
+    converted = load_file(os.path.join(directory, "model.safetensors"))
+    for name, value in hf.state_dict().items():  # BLOOM's own names and per-head q/k/v layout again
+        if name in converted:
+            assert torch.equal(converted[name], value), name
+    assert ("lm_head.weight" in converted) == with_output
+    model: Any = load_model(directory, torch.float32, "cpu")
+    assert model.tie_word_embeddings != with_output
+    prompt = list(range(3, 60, 4))
+    ours = Harness(model).prefill(0, prompt)
+    assert rel_err(ours, hf(torch.tensor([prompt])).logits[0]) < 1e-4
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=file.name, dtype=torch.float32)
+    assert rel_err(ours, ref(torch.tensor([prompt])).logits[0]) < 1e-4
+
+
+def test_bloom_gguf_quantized_without_vocab_size_stays_close(tmp_path: Path, cache: Path) -> None:
+    hf = save_tiny_model(str(tmp_path / "hf"), tiny_config("bloom", num_hidden_layers=1))
+    file = tmp_path / "tiny-bloom-q8.gguf"
+    write_bloom_gguf(file, hf, QT.Q8_0, vocab_size=False)
+    model = load_model(resolve_model(str(file), str(cache)), torch.float32, "cpu")
+    prompt = list(range(3, 60, 4))
+    with torch.inference_mode():
+        expected = hf(torch.tensor([prompt])).logits[0]
+    assert rel_err(Harness(model).prefill(0, prompt), expected) < 2e-2
