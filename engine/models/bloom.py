@@ -4,7 +4,9 @@ No position table: every attention layer adds ALiBi's per-head linear bias to it
 (`engine/layers/alibi.py`; with tensor parallelism each rank has the slopes of its own heads).
 The word embeddings go through a LayerNorm before the first layer; every norm is a LayerNorm
 with bias, every linear has a bias, the MLP is h -> 4h -> h with the tanh GELU, and the LM head
-shares the word embeddings.
+shares the word embeddings. Heads of 64 or 128 (bloom-560m, bloom-1b7, bloom-7b1) take the
+Triton kernels on a GPU; bloom-1b1's 96 and bloom-3b's 80 take the torch attention path, as
+any head size that is not a power of two does.
 
 Checkpoint names are transformers' (`transformer.h.N.self_attention.query_key_value.weight`,
 ...), or the same without `transformer.` (checkpoints saved from the bare `BloomModel`). The
