@@ -11,6 +11,7 @@ strides of 1 become constants, multiples of 16 get the divisibility hint.
     python scripts/kernel_sass.py decode --kv int8 --pinned --launch 64,4,3
     python scripts/kernel_sass.py decode --kv bf16
     python scripts/kernel_sass.py prefill --kv int8 --out /tmp/sass  # also writes .ptx/.ttgir/.sass
+    python scripts/kernel_sass.py prefill --kv bf16 --alibi          # with ALiBi's slopes (BLOOM)
 
 Counts are of the whole kernel's code (prologue, pipelined loop copies and epilogue), a guide
 to compare variants by, not a time.
@@ -60,25 +61,27 @@ SASS_COUNTS = [
 ]
 
 
-def _constexprs(kernel: str, int8: bool, pinned: bool, block_n: int) -> dict[str, object]:
+def _constexprs(kernel: str, int8: bool, pinned: bool, block_n: int, alibi: bool = False) -> dict[str, object]:
     group = HEADS // KV_HEADS
     if kernel == "decode":
         return dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=HEAD_DIM, BLOCK_N=block_n,
                     HAS_WINDOW=False, IS_INT8=int8, INT8_AS_FP16=int8, INT8_ASM=True, INT8_PINNED=pinned,
-                    DOT_PRECISION="tf32", DIRECT=False, HAS_ALIBI=False)
+                    DOT_PRECISION="tf32", DIRECT=False, HAS_ALIBI=alibi)
     block_m = prefill_module.prefill_block_m(_FakeCuda())
     return dict(GROUP=group, HEAD_DIM=HEAD_DIM, BLOCK_M=block_m, BLOCK_N=block_n, HAS_WINDOW=False, IS_INT8=int8,
-                DOT_PRECISION="tf32", USE_TILES=True, HAS_ALIBI=False)
+                DOT_PRECISION="tf32", USE_TILES=True, HAS_ALIBI=alibi)
 
 
 class _FakeCuda:
     type = "cuda"  # what the launch-config helpers look at
 
 
-def compile_kernel(kernel: str, int8: bool, pinned: bool, launch: tuple[int, int, int], arch: int) -> dict[str, str]:
+def compile_kernel(
+    kernel: str, int8: bool, pinned: bool, launch: tuple[int, int, int], arch: int, alibi: bool = False
+) -> dict[str, str]:
     fn = decode_module._decode_split_kernel if kernel == "decode" else prefill_module._prefill_kernel
     block_n, num_warps, num_stages = launch
-    constexprs = _constexprs(kernel, int8, pinned, block_n)
+    constexprs = _constexprs(kernel, int8, pinned, block_n, alibi)
     values = _VALUES[kernel]
     params = list(inspect.signature(fn.fn).parameters)
     missing = [p for p in params if p not in constexprs and not p.endswith("_ptr") and p not in values
@@ -126,6 +129,7 @@ def main() -> None:
     parser.add_argument("--launch", default="", help="keys per block,warps,stages (default: the engine's)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     parser.add_argument("--out", type=Path, help="a folder for the .ptx, .ttgir and .sass")
+    parser.add_argument("--alibi", action="store_true", help="the ALiBi variant (HAS_ALIBI)")
     args = parser.parse_args()
     if args.launch:
         launch = tuple(int(x) for x in args.launch.split(","))
@@ -137,8 +141,9 @@ def main() -> None:
         launch = (block_n, warps, stages)
     if len(launch) != 3:
         parser.error("--launch takes three numbers: keys per block, warps, stages")
-    asm = compile_kernel(args.kernel, args.kv == "int8", args.pinned, launch, args.arch)
+    asm = compile_kernel(args.kernel, args.kv == "int8", args.pinned, launch, args.arch, args.alibi)
     name = f"{args.kernel}-{args.kv}{'-pinned' if args.pinned else ''}-n{launch[0]}w{launch[1]}s{launch[2]}"
+    name += "-alibi" if args.alibi else ""
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         for ext in ("ptx", "ttgir", "sass"):
