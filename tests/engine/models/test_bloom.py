@@ -3,6 +3,7 @@ checks, ALiBi's slopes, the per-head fused q/k/v split over ranks, bare `BloomMo
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from engine import LLM, SamplingParams
 from engine.layers.alibi import alibi_slopes, rank_alibi_slopes
 from engine.models import load_model
 from engine.models.bloom import BloomForCausalLM
+from engine.worker.kv_pool import kv_bytes_per_token
 from tests.engine.models.family_checks import *  # noqa: F403
 from tests.engine.models.harness import Harness, rel_err, save_tiny_model, tiny_config
 
@@ -95,3 +98,24 @@ def test_attention_carries_the_slopes_and_no_rotary(tmp_path: Path) -> None:
     assert torch.equal(attns[0].alibi_slopes, alibi_slopes(4))
     assert model.lm_head.weight is model.transformer.word_embeddings.weight
     assert not any("rotary" in name for name, _ in model.named_modules())
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_served_outputs_equal_with_prefix_cache_on_and_off(kv_cache_dtype: str, tmp_path: Path) -> None:
+    """The engine end to end: shared system prompts, chunked prefill and a pool small enough to
+    preempt; ALiBi's bias over a cached prefix is the one a fresh prefill computes."""
+    save_tiny_model(str(tmp_path), tiny_config("bloom", num_attention_heads=6, hidden_size=96))
+    rng = random.Random(7)
+    systems = [[rng.randrange(3, 256) for _ in range(24)] for _ in range(2)]
+    prompts = [systems[i % 2] + [rng.randrange(3, 256) for _ in range(rng.randrange(1, 20))] for i in range(8)]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, n=2)
+    per_token = kv_bytes_per_token(2, 6, 16, torch.int8 if kv_cache_dtype == "int8" else torch.float32)
+    results = {}
+    for enabled in (False, True):
+        with LLM(str(tmp_path), dtype="float32", kv_cache_dtype=kv_cache_dtype,
+                 kv_cache_memory_gb=160 * per_token / (1 << 30), max_num_batched_tokens=16,
+                 admission="aggressive", enable_prefix_caching=enabled) as llm:
+            results[enabled] = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params)]
+            if enabled:
+                assert llm.core.stats().prefix_cache_hits > 0 and llm.core.scheduler.num_preemptions > 0
+    assert results[True] == results[False]
