@@ -111,7 +111,42 @@ def tiny_config(kind: str = "llama", **overrides: Any) -> Any:
         common.setdefault("bos_token_id", 1)
         common.setdefault("eos_token_id", 2)  # its default, 32 000, lies past a tiny vocabulary
         return Phi3Config(architectures=["Phi3ForCausalLM"], **common)
+    if kind in ("stablelm", "cohere", "cohere2"):
+        return _stablelm_cohere_config(kind, common)
     raise ValueError(kind)
+
+
+def _stablelm_cohere_config(kind: str, common: dict[str, Any]) -> Any:
+    from transformers import Cohere2Config, CohereConfig, StableLmConfig
+
+    common.setdefault("pad_token_id", 0)
+    common.setdefault("bos_token_id", 1)
+    # No end-of-sequence token: the defaults lie past a tiny vocabulary, and one inside it would be
+    # held back by transformers' `min_new_tokens` in the greedy reference, but not by the harness.
+    common.setdefault("eos_token_id", None)
+    if kind == "stablelm":  # partial rotary (a quarter of each head), LayerNorm with bias
+        return StableLmConfig(architectures=["StableLmForCausalLM"], **common)
+    common.setdefault("logit_scale", 0.5)
+    if kind == "cohere":
+        return CohereConfig(architectures=["CohereForCausalLM"], **common)
+    common.setdefault("sliding_window", 6)  # short, so that the windowed layers differ from global
+    common.setdefault("sliding_window_pattern", 2)  # layer 0 sliding (rotary), layer 1 global (none)
+    return Cohere2Config(architectures=["Cohere2ForCausalLM"], **common)
+
+
+# Families whose norms get random weights and biases (transformers starts them at ones and
+# zeros): their per-head q/k norms must land on the right heads, on every tensor-parallel rank,
+# and a norm of ones would hide a mix-up.
+_RANDOM_NORM_FAMILIES = {"stablelm", "cohere", "cohere2"}
+
+
+@torch.no_grad()
+def _randomize_norms(model: nn.Module) -> None:
+    generator = torch.Generator().manual_seed(1)
+    for name, param in model.named_parameters():
+        if "norm" in name and not name.startswith("lm_head"):
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_(1.0 + 0.3 * noise if name.endswith("weight") else 0.1 * noise)
 
 
 def save_tiny_model(path: str, config: Any, seed: int = 0, **save_kwargs: Any) -> nn.Module:
@@ -120,6 +155,8 @@ def save_tiny_model(path: str, config: Any, seed: int = 0, **save_kwargs: Any) -
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if config.model_type in _RANDOM_NORM_FAMILIES:
+        _randomize_norms(model)
     model.save_pretrained(path, **save_kwargs)
     return model
 
