@@ -56,8 +56,13 @@ def _logprob_values(entries: list[Any] | None) -> dict[tuple[int, int], float]:
         ("qwen3", {}),  # per-head q/k norms (replicated), head_dim != hidden / heads
         ("phi3", {}),  # q | k | v and gate | up fused in the checkpoint: each rank takes its rows of each
         ("llama", {"num_key_value_heads": 1}),  # fewer kv heads than ranks: replicated
+        # per-head q/k LayerNorms: each rank its heads' rows; q/k/v biases; partial rotary
+        ("stablelm", {"qk_layernorm": True, "use_qkv_bias": True}),
+        # interleaved rotary reordered per rank; per-head norms with a replicated kv head
+        ("cohere", {"use_qk_norm": True, "num_key_value_heads": 1}),
+        ("cohere2", {}),  # sliding layers with rotary, global layers without
     ],
-    ids=["llama", "qwen2", "qwen3", "phi3", "llama-kv1"],
+    ids=["llama", "qwen2", "qwen3", "phi3", "llama-kv1", "stablelm-qk-norm", "cohere-qk-norm-kv1", "cohere2"],
 )
 def test_tp2_matches_tp1(tmp_path: Path, kind: str, overrides: dict[str, Any]) -> None:
     save_tiny_model(str(tmp_path), tiny_config(kind, vocab_size=251, **overrides))  # 251: a padded shard
