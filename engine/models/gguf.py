@@ -6,7 +6,8 @@ else the installed `gguf` package can dequantize), renamed from llama.cpp's name
 (`blk.N.attn_q.weight`) to transformers' (`model.layers.N.self_attn.q_proj.weight`), and for
 the `llama` architecture the q/k rows are un-permuted: llama.cpp's converter interleaves the
 two rotary halves of every head, `undo_rope_permute` restores the `rotate_half` layout.
-Config and tokenizer come from transformers' own GGUF metadata readers.
+Config and tokenizer come from transformers' own GGUF metadata readers, the config of the
+architectures they lack or misread from `engine/models/gguf_metadata.py`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ GGUF_ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "stablelm": "StableLmForCausalLM",
+    "command-r": "CohereForCausalLM",
+    "cohere2": "Cohere2ForCausalLM",
 }
 
 _GLOBAL_NAMES = {
@@ -51,6 +55,9 @@ _BLOCK_NAMES = {
 }
 # Per architecture, where a llama.cpp name means something else (phi3's ffn_up is gate | up).
 _ARCH_BLOCK_NAMES = {"phi3": {"ffn_up": "mlp.gate_up_proj"}}
+# AutoTokenizer reads the model's config through transformers' GGUF reader first, which fails
+# on these (`gguf_metadata`); their tokenizer is built from the file's tokenizer fields alone.
+_TOKENIZER_ONLY_FROM_FILE = {"cohere", "cohere2"}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 # Tensors with no transformers counterpart (llama3's precomputed rope factors come from config).
 _SKIPPED = {"rope_freqs.weight"}
@@ -131,6 +138,13 @@ def gguf_config(gguf_path: str, reader: Any) -> dict[str, Any]:
     `reader`: the file opened by `gguf.GGUFReader`, for what transformers' mapping leaves out."""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    from engine.models.gguf_metadata import METADATA_CONFIGS
+
+    architecture = _read_str(reader, "general.architecture")
+    if architecture in METADATA_CONFIGS:  # transformers' reader lacks these (see gguf_metadata)
+        config = METADATA_CONFIGS[architecture](reader)
+        config["architectures"] = [GGUF_ARCHITECTURES[architecture]]
+        return config
     config = dict(load_gguf_checkpoint(gguf_path, return_tensors=False)["config"])
     config.pop("_model_name_or_path", None)
     model_type = config.get("model_type")
@@ -163,7 +177,7 @@ def convert_gguf(gguf_path: str, out_dir: str) -> None:
     """Write config.json, model.safetensors and the tokenizer files of `gguf_path` into `out_dir`."""
     from gguf import GGUFReader
     from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
     reader = GGUFReader(gguf_path)
     config_dict = gguf_config(gguf_path, reader)
@@ -180,5 +194,8 @@ def convert_gguf(gguf_path: str, out_dir: str) -> None:
 
     if has_tokenizer:
         directory, filename = os.path.split(os.path.abspath(gguf_path))
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+        if model_type in _TOKENIZER_ONLY_FROM_FILE:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(directory, gguf_file=filename)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
         tokenizer.save_pretrained(out_dir)

@@ -224,3 +224,115 @@ def test_crash_during_conversion_leaves_no_cache_entry(
 def test_unsupported_tensor_name_is_reported() -> None:
     with pytest.raises(ValueError, match="unsupported GGUF tensor"):
         hf_tensor_name("blk.0.ssm_conv1d.weight")
+
+
+def write_llama_cpp_gguf(path: Path, hf: nn.Module, arch: str, tokenizer: bool = False) -> None:
+    """`hf`'s weights (F32) and metadata as llama.cpp's converter writes them for `stablelm`,
+    `command-r` and `cohere2`: q/k rows as they are (no permutation), StableLM's per-head
+    norms stacked into one [heads, head_dim] tensor, the sliding-window pattern of Cohere2 left
+    implicit (llama.cpp's every fourth layer global)."""
+    cfg: Any = hf.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_eps(cfg.layer_norm_eps)
+    rope = cfg.rope_parameters
+    if arch == "stablelm":
+        writer.add_rope_dimension_count(int(head_dim * rope["partial_rotary_factor"]))
+        writer.add_parallel_residual(cfg.use_parallel_residual)
+    else:
+        writer.add_rope_freq_base(rope["rope_theta"])
+        writer.add_logit_scale(cfg.logit_scale)
+    if arch == "cohere2":
+        writer.add_sliding_window(cfg.sliding_window)
+        writer.add_vocab_size(cfg.vocab_size)
+        writer.add_rope_dimension_count(head_dim)
+    if tokenizer:
+        _add_byte_level_tokenizer(writer)
+    for name, tensor in _stacked_head_norms(hf.state_dict()).items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # not in a tied checkpoint, so not in its GGUF either
+        if name == "model.norm.bias":
+            writer.add_tensor("output_norm.bias", tensor.float().numpy())
+        else:
+            writer.add_tensor(_gguf_name(name), tensor.detach().float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _stacked_head_norms(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """StableLM's `q_layernorm.norms.{head}.weight` -> one `q_norm.weight` [heads, head_dim]."""
+    out: dict[str, torch.Tensor] = {}
+    heads: dict[str, list[torch.Tensor]] = {}
+    for name, tensor in state.items():
+        if "_layernorm.norms." in name:
+            prefix = name.split("_layernorm.norms.")[0]  # ....self_attn.q
+            heads.setdefault(f"{prefix}_norm.weight", []).append(tensor)  # heads in order 0, 1, ...
+        else:
+            out[name] = tensor
+    return {**out, **{name: torch.stack(rows) for name, rows in heads.items()}}
+
+
+def _add_byte_level_tokenizer(writer: gguf.GGUFWriter) -> None:
+    """A 260-token byte-level BPE vocabulary: the 256 byte symbols, two merges, BOS and EOS."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tokens = [bytes_to_unicode()[b] for b in range(256)] + ["Ġt", "he", "<BOS>", "<EOS>"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_merges(["Ġ t", "h e"])
+    writer.add_token_types([gguf.TokenType.NORMAL] * 258 + [gguf.TokenType.CONTROL] * 2)
+    writer.add_bos_token_id(258)
+    writer.add_eos_token_id(259)
+    writer.add_chat_template("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
+
+
+GGUF_FAMILIES = {
+    "stablelm-qk-norm-bias": ("stablelm", "stablelm", {"qk_layernorm": True, "use_qkv_bias": True}),
+    # a full rotation must not fall back to StableLmConfig's default quarter
+    "stablelm-parallel-full-rotary": ("stablelm", "stablelm", {"use_parallel_residual": True,
+                                                                "partial_rotary_factor": 1.0}),
+    "command-r-qk-norm": ("command-r", "cohere", {"use_qk_norm": True}),
+    "cohere2": ("cohere2", "cohere2", {"num_hidden_layers": 4, "sliding_window_pattern": 4}),
+}
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("case", sorted(GGUF_FAMILIES))
+def test_llama_cpp_gguf_of_stablelm_and_cohere_matches_transformers(case: str, tmp_path: Path, cache: Path) -> None:
+    arch, kind, overrides = GGUF_FAMILIES[case]
+    hf = save_tiny_model(str(tmp_path / "hf"), tiny_config(kind, **overrides))
+    file = tmp_path / f"tiny-{case}.gguf"
+    write_llama_cpp_gguf(file, hf, arch)
+    model: Any = load_model(resolve_model(str(file), str(cache)), torch.float32, "cpu")
+    ours, theirs = model.config, hf.config
+    for key in ("qk_layernorm", "use_qkv_bias", "use_parallel_residual", "use_qk_norm", "logit_scale",
+                "sliding_window", "layer_types", "tie_word_embeddings", "num_key_value_heads"):
+        assert getattr(ours, key, None) == getattr(theirs, key, None), key
+    assert ours.rope_parameters == theirs.rope_parameters
+    prompt = list(range(3, 40, 3))  # 13 tokens: past Cohere2's window of 6
+    assert rel_err(Harness(model).prefill(0, prompt), hf(torch.tensor([prompt])).logits[0]) < 1e-4
+
+
+def test_command_r_gguf_tokenizer_and_chat_template_are_read_from_the_file(tmp_path: Path, cache: Path) -> None:
+    hf = save_tiny_model(str(tmp_path / "hf"), tiny_config("cohere", vocab_size=260, num_hidden_layers=1))
+    file = tmp_path / "tiny-command-r.gguf"
+    write_llama_cpp_gguf(file, hf, "command-r", tokenizer=True)
+    path = resolve_model(str(file), str(cache))
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert tokenizer.convert_ids_to_tokens(tokenizer.encode(" the", add_special_tokens=False)) == ["Ġt", "he"]
+    assert tokenizer.decode(tokenizer.encode("a the b", add_special_tokens=False)) == "a the b"
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<BOS>", "<EOS>")
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert chat == "<user>hi"
+    config = AutoConfig.from_pretrained(path)
+    assert (config.bos_token_id, config.eos_token_id, config.vocab_size) == (258, 259, 260)
