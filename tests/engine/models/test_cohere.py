@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -69,3 +70,19 @@ def test_lazy_half_rows_reads_only_whole_heads() -> None:
                                interleaved_to_half_rows(weight, 4)[16:32, 1:4])
     with pytest.raises(ValueError, match="whole heads"):
         lazy.narrow(0, 4, 8).read()
+
+
+def test_cohere2_config_without_layer_types_follows_its_sliding_window_pattern() -> None:
+    """Configs written before `layer_types` existed give the period of the global layers."""
+    from engine.models.cohere import Cohere2ForCausalLM
+
+    config = SimpleNamespace(num_hidden_layers=8, sliding_window=4096, sliding_window_pattern=4)
+    windows = [Cohere2ForCausalLM.sliding_window_of(config, i) for i in range(8)]
+    assert windows == [4096, 4096, 4096, None] * 2
+    assert [Cohere2ForCausalLM.rotates(config, i) for i in range(8)] == [True, True, True, False] * 2
+
+
+def test_a_non_silu_mlp_is_refused_at_load(tmp_path: Path) -> None:
+    save_tiny_model(str(tmp_path), tiny_config("cohere", hidden_act="gelu"))
+    with pytest.raises(ValueError, match="hidden_act 'gelu'"):
+        load_model(str(tmp_path), torch.float32, "cpu")
