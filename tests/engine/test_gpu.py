@@ -41,7 +41,7 @@ _RUNS_OF = {
     "qwen2": [r for r in _GPU_RUNS if r[0] == "triton" and r != ("triton", "bfloat16", True)],
     "qwen3": [("triton", "float32", False), ("triton", "bfloat16", False)],  # q/k norms graphed
     "phi3": [("triton", "bfloat16", False)],
-    "stablelm": [("triton", "float32", False), ("triton", "bfloat16", False)],  # partial rotary, LayerNorm
+    "stablelm": [("triton", "float32", False), ("triton", "bfloat16", False)],  # per-head q/k norms, partial rotary
     "cohere": [("triton", "float32", False), ("triton", "bfloat16", False)],  # parallel residual, logit scale
     "cohere2": [("triton", "float32", False), ("triton", "bfloat16", False)],  # sliding + no-rotary layers
 }

@@ -125,6 +125,8 @@ def _stablelm_cohere_config(kind: str, common: dict[str, Any]) -> Any:
     # held back by transformers' `min_new_tokens` in the greedy reference, but not by the harness.
     common.setdefault("eos_token_id", None)
     if kind == "stablelm":  # partial rotary (a quarter of each head), LayerNorm with bias
+        # stablelm-2-12b's per-head q/k norms unless told otherwise: the GPU checks cover them
+        common.setdefault("qk_layernorm", True)
         return StableLmConfig(architectures=["StableLmForCausalLM"], **common)
     common.setdefault("logit_scale", 0.5)
     if kind == "cohere":

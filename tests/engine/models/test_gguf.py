@@ -297,7 +297,7 @@ def _add_byte_level_tokenizer(writer: gguf.GGUFWriter) -> None:
 GGUF_FAMILIES = {
     "stablelm-qk-norm-bias": ("stablelm", "stablelm", {"qk_layernorm": True, "use_qkv_bias": True}),
     # a full rotation must not fall back to StableLmConfig's default quarter
-    "stablelm-parallel-full-rotary": ("stablelm", "stablelm", {"use_parallel_residual": True,
+    "stablelm-parallel-full-rotary": ("stablelm", "stablelm", {"use_parallel_residual": True, "qk_layernorm": False,
                                                                 "partial_rotary_factor": 1.0}),
     "command-r-qk-norm": ("command-r", "cohere", {"use_qk_norm": True}),
     "cohere2": ("cohere2", "cohere2", {"num_hidden_layers": 4, "sliding_window_pattern": 4}),

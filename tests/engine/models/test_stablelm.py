@@ -14,8 +14,9 @@ from tests.engine.models.family_checks import *  # noqa: F403
 from tests.engine.models.harness import save_tiny_model, tiny_config
 
 CASES: dict[str, dict[str, Any]] = {
-    "stablelm": {},  # rotary on a quarter of each head, sequential residual
-    "stablelm-qkv-bias-parallel": {"use_qkv_bias": True, "use_parallel_residual": True, "tie_word_embeddings": True},
+    "stablelm": {"qk_layernorm": False},  # rotary on a quarter of each head, sequential residual
+    "stablelm-qkv-bias-parallel": {"use_qkv_bias": True, "use_parallel_residual": True, "tie_word_embeddings": True,
+                                   "qk_layernorm": False},
     "stablelm-qk-layernorm": {"qk_layernorm": True, "partial_rotary_factor": 0.5},
 }
 
