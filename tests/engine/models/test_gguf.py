@@ -245,6 +245,7 @@ def write_llama_cpp_gguf(path: Path, hf: nn.Module, arch: str, tokenizer: bool =
     if arch == "stablelm":
         writer.add_rope_dimension_count(int(head_dim * rope["partial_rotary_factor"]))
         writer.add_parallel_residual(cfg.use_parallel_residual)
+        writer.add_vocab_size(cfg.vocab_size)  # transformers' reader needs it without a tokenizer
     else:
         writer.add_rope_freq_base(rope["rope_theta"])
         writer.add_logit_scale(cfg.logit_scale)
@@ -336,3 +337,21 @@ def test_command_r_gguf_tokenizer_and_chat_template_are_read_from_the_file(tmp_p
     assert chat == "<user>hi"
     config = AutoConfig.from_pretrained(path)
     assert (config.bos_token_id, config.eos_token_id, config.vocab_size) == (258, 259, 260)
+
+
+@torch.inference_mode()
+def test_stablelm_gguf_layout_is_the_one_transformers_reads(tmp_path: Path, cache: Path) -> None:
+    """transformers' own GGUF loader (which knows StableLM, though not its per-head norms or a
+    full rotation) reads the written file back to the same model: the writer lays q/k out as
+    llama.cpp does, and so does our conversion."""
+    from transformers import AutoModelForCausalLM
+
+    hf = save_tiny_model(str(tmp_path / "hf"), tiny_config("stablelm", qk_layernorm=False, use_qkv_bias=True))
+    file = tmp_path / "tiny-stablelm.gguf"
+    write_llama_cpp_gguf(file, hf, "stablelm")
+    prompt = list(range(3, 40, 3))
+    expected = hf(torch.tensor([prompt])).logits[0]
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=file.name, dtype=torch.float32)
+    assert rel_err(ref(torch.tensor([prompt])).logits[0], expected) < 1e-5
+    model = load_model(resolve_model(str(file), str(cache)), torch.float32, "cpu")
+    assert rel_err(Harness(model).prefill(0, prompt), expected) < 1e-4
