@@ -51,7 +51,8 @@ class _HalfRowsSource:
 def half_rows(weight: WeightLike, head_dim: int) -> LazyWeight:
     """`weight` (q/k rows in the interleaved rotary layout) reordered to the rotate_half one,
     lazily: nothing is read until a weight loader reads its (narrowed) region."""
-    return LazyWeight(_HalfRowsSource(weight, head_dim), weight.shape)
+    dtype_name = weight.dtype_name if isinstance(weight, LazyWeight) else None
+    return LazyWeight(_HalfRowsSource(weight, head_dim), weight.shape, dtype_name=dtype_name)
 
 
 def _layer_types(config: Any) -> list[str]:
