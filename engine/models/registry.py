@@ -13,6 +13,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen2ForCausalLM": ("llama", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("llama", "Qwen3ForCausalLM"),
     "Phi3ForCausalLM": ("llama", "Phi3ForCausalLM"),
+    "GPTBigCodeForCausalLM": ("starcoder", "GPTBigCodeForCausalLM"),
+    "Starcoder2ForCausalLM": ("starcoder", "Starcoder2ForCausalLM"),
 }
 
 

@@ -111,7 +111,22 @@ def tiny_config(kind: str = "llama", **overrides: Any) -> Any:
         common.setdefault("bos_token_id", 1)
         common.setdefault("eos_token_id", 2)  # its default, 32 000, lies past a tiny vocabulary
         return Phi3Config(architectures=["Phi3ForCausalLM"], **common)
+    if kind in ("gpt_bigcode", "starcoder2"):
+        return _starcoder_config(kind, common)
     raise ValueError(kind)
+
+
+def _starcoder_config(kind: str, common: dict[str, Any]) -> Any:
+    from transformers import GPTBigCodeConfig, Starcoder2Config
+
+    for name, token_id in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
+        common.setdefault(name, token_id)  # the defaults (50 256) lie past a tiny vocabulary
+    if kind == "starcoder2":
+        return Starcoder2Config(architectures=["Starcoder2ForCausalLM"], **common)
+    # GPTBigCode: one kv head (`multi_query`, the default) or one per head; MLP width `n_inner`
+    common.pop("num_key_value_heads")
+    common.setdefault("n_inner", common.pop("intermediate_size"))
+    return GPTBigCodeConfig(architectures=["GPTBigCodeForCausalLM"], **common)
 
 
 def save_tiny_model(path: str, config: Any, seed: int = 0, **save_kwargs: Any) -> nn.Module:
