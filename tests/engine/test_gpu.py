@@ -41,10 +41,13 @@ _RUNS_OF = {
     "qwen2": [r for r in _GPU_RUNS if r[0] == "triton" and r != ("triton", "bfloat16", True)],
     "qwen3": [("triton", "float32", False), ("triton", "bfloat16", False)],  # q/k norms graphed
     "phi3": [("triton", "bfloat16", False)],
+    # multi-query (one kv head for the whole group) through the Triton kernels, graphed and eager
+    "gpt_bigcode": [("triton", "float32", True), ("triton", "float32", False), ("triton", "bfloat16", False)],
+    "starcoder2": [("triton", "float32", False), ("triton", "bfloat16", False)],
 }
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gpt_bigcode", "starcoder2"])
 def test_gpu_greedy_matches_cpu(kind: str, tmp_path: Path) -> None:
     save_tiny_model(str(tmp_path), tiny_config(kind))
     prompts = _prompts(6)
