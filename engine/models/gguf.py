@@ -6,7 +6,9 @@ else the installed `gguf` package can dequantize), renamed from llama.cpp's name
 (`blk.N.attn_q.weight`) to transformers' (`model.layers.N.self_attn.q_proj.weight`), and for
 the `llama` architecture the q/k rows are un-permuted: llama.cpp's converter interleaves the
 two rotary halves of every head, `undo_rope_permute` restores the `rotate_half` layout.
-Config and tokenizer come from transformers' own GGUF metadata readers.
+Config and tokenizer come from transformers' own GGUF metadata readers, completed where its
+mapping leaves something out; for an architecture it cannot read at all (`starcoder`) the
+config is written from the metadata here (`OWN_CONFIG_READERS`).
 """
 
 from __future__ import annotations
