@@ -73,6 +73,9 @@ class ModelConfig:
     max_position_embeddings: int
     norm_eps: float  # RMSNorm's or LayerNorm's epsilon, whichever the family uses
     tie_word_embeddings: bool  # the LM head shares the input embedding's weight
+    # Learned absolute positions (GPTBigCode's `wpe`): a table of max_position_embeddings rows,
+    # so no sequence may run past it (rotary positions extend, a table does not).
+    learned_positions: bool = False
 
     @classmethod
     def from_hf_config(cls, hf_config: Any) -> ModelConfig:
@@ -94,4 +97,5 @@ class ModelConfig:
             max_position_embeddings=_max_positions(config),
             norm_eps=_norm_eps(config),
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            learned_positions=getattr(config, "model_type", None) == "gpt_bigcode",
         )

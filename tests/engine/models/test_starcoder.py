@@ -95,3 +95,17 @@ def test_positions_past_a_prefix_read_their_own_position_embedding(tmp_path: Pat
     tail = torch.cat([harness.step([(0, [t])])[0] for t in prompt[30:]])
     expected = hf(torch.tensor([prompt])).logits[0, 30:]
     assert rel_err(tail, expected) < 1e-4
+
+
+def test_context_past_the_learned_positions_is_refused_at_start(tmp_path: Path) -> None:
+    """wpe has max_position_embeddings rows: a longer max_model_len fails before any worker starts;
+    a sequence may fill the table to its last row."""
+    from engine import LLM, SamplingParams
+
+    save_random_model(str(tmp_path), tiny_config("gpt_bigcode"))  # 512 positions
+    with pytest.raises(ValueError, match="max_model_len 513 is past the model's 512 learned positions"):
+        LLM(str(tmp_path), dtype="float32", kv_cache_memory_gb=0.01, max_model_len=513)
+    with LLM(str(tmp_path), dtype="float32", kv_cache_memory_gb=0.01, max_model_len=512) as llm:
+        assert llm.max_model_len == 512
+        out = llm.generate([list(range(3, 253)) * 2], SamplingParams(max_tokens=12, ignore_eos=True))
+        assert len(out[0].outputs[0].token_ids) == 12  # positions 0 .. 511
