@@ -57,9 +57,10 @@ def _logprob_values(entries: list[Any] | None) -> dict[tuple[int, int], float]:
         ("phi3", {}),  # q | k | v and gate | up fused in the checkpoint: each rank takes its rows of each
         ("llama", {"num_key_value_heads": 1}),  # fewer kv heads than ranks: replicated
         ("gpt_bigcode", {}),  # multi-query: the one kv head replicated, fused c_attn, learned positions
+        ("gpt_bigcode", {"multi_query": False}),  # per-head q, k, v rows re-laid, then split by heads
         ("starcoder2", {"sliding_window": 6}),  # LayerNorm, biases, GELU MLP, sliding window
     ],
-    ids=["llama", "qwen2", "qwen3", "phi3", "llama-kv1", "gpt_bigcode", "starcoder2"],
+    ids=["llama", "qwen2", "qwen3", "phi3", "llama-kv1", "gpt_bigcode", "gpt_bigcode-mha", "starcoder2"],
 )
 def test_tp2_matches_tp1(tmp_path: Path, kind: str, overrides: dict[str, Any]) -> None:
     save_tiny_model(str(tmp_path), tiny_config(kind, vocab_size=251, **overrides))  # 251: a padded shard
