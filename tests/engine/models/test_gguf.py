@@ -57,11 +57,13 @@ def _rope_permute(w: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def write_gguf(path: Path, hf: nn.Module, qtype: gguf.GGMLQuantizationType, arch: str = "llama",
-               extra: dict[str, np.ndarray] | None = None) -> None:
+               extra: dict[str, np.ndarray] | None = None, name: str | None = None) -> None:
     """A GGUF file of `hf`'s weights: 2-D weights in `qtype`, norms in F32 (as llama.cpp); q/k
     rows permuted as llama.cpp's converter does for `llama` only."""
     cfg: Any = hf.config
     writer = gguf.GGUFWriter(str(path), arch)
+    if name is not None:
+        writer.add_name(name)
     if getattr(cfg, "head_dim", None):
         writer.add_key_length(cfg.head_dim)
         writer.add_value_length(cfg.head_dim)
@@ -171,6 +173,19 @@ def test_phi3_gguf_keeps_fused_tensors_sliding_window_and_partial_rotation(tmp_p
     model: Any = load_model(resolve_model(str(file), str(cache)), torch.float32, "cpu")
     attn = model.model.layers[0].self_attn
     assert attn.attn.sliding_window == 6 and attn.rotary_emb.rotary_dim == 8
+    prompt = list(range(3, 40, 3))  # 13 tokens: past the window
+    assert rel_err(Harness(model).prefill(0, prompt), hf(torch.tensor([prompt])).logits[0]) < 1e-4
+
+
+@torch.inference_mode()
+def test_mistral_in_a_llama_gguf_keeps_its_sliding_window(tmp_path: Path, cache: Path) -> None:
+    """A `llama` file that transformers reads as `mistral` (by its name): the metadata keys are
+    still `llama.*`, so the sliding window is read from there."""
+    hf = save_tiny_model(str(tmp_path / "hf"), tiny_config("mistral", num_hidden_layers=1, sliding_window=6))
+    file = tmp_path / "tiny-mistral.gguf"
+    write_gguf(file, hf, QT.F32, arch="llama", name="mistral")
+    model: Any = load_model(resolve_model(str(file), str(cache)), torch.float32, "cpu")
+    assert model.config.model_type == "mistral" and model.model.layers[0].self_attn.attn.sliding_window == 6
     prompt = list(range(3, 40, 3))  # 13 tokens: past the window
     assert rel_err(Harness(model).prefill(0, prompt), hf(torch.tensor([prompt])).logits[0]) < 1e-4
 
