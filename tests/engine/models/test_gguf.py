@@ -367,11 +367,16 @@ def test_starcoder2_gguf_matches_transformers(overrides: dict[str, Any], tmp_pat
     """llama.cpp's `starcoder2` (no q/k permutation: its rotary is rotate_half already) ->
     Starcoder2ForCausalLM, with the rotary base, vocabulary and biases transformers' mapping
     leaves out."""
+    from transformers import AutoTokenizer
+
     config = tiny_config("starcoder2", rope_parameters={"rope_type": "default", "rope_theta": 50000.0}, **overrides)
     hf = _random_norms_and_biases(save_tiny_model(str(tmp_path / "hf"), config))
     file = tmp_path / "tiny-starcoder2.gguf"
-    write_starcoder_gguf(file, hf, gguf.MODEL_ARCH.STARCODER2, QT.F32)
-    model: Any = load_model(resolve_model(str(file), str(cache)), torch.float32, "cpu")
+    write_starcoder_gguf(file, hf, gguf.MODEL_ARCH.STARCODER2, QT.F32, with_tokenizer=True)
+    path = resolve_model(str(file), str(cache))
+    model: Any = load_model(path, torch.float32, "cpu")
+    tokens = _byte_level_vocab()[0]
+    assert AutoTokenizer.from_pretrained(path)("def")["input_ids"] == [tokens.index("de"), tokens.index("f")]
     assert model.config.rope_parameters["rope_theta"] == 50000.0
     assert model.config.use_bias == config.use_bias and model.config.vocab_size == 256
     prompt = list(range(3, 40, 3))
