@@ -255,7 +255,13 @@ def starcoder_config(reader: Any) -> dict[str, Any]:
     def number(key: str) -> int | None:
         return _read_int(reader, f"starcoder.{key}")
 
-    num_heads = int(number("attention.head_count") or 0)
+    def required(key: str) -> int:
+        value = number(key)
+        if value is None:
+            raise ValueError(f"GGUF starcoder file without starcoder.{key}")
+        return value
+
+    num_heads = required("attention.head_count")
     num_kv_heads = number("attention.head_count_kv") or 1
     if num_kv_heads not in (1, num_heads):
         raise ValueError(f"GGUF starcoder with {num_kv_heads} kv heads: GPTBigCode has one, or one per head")
@@ -263,12 +269,12 @@ def starcoder_config(reader: Any) -> dict[str, Any]:
     return {
         "model_type": "gpt_bigcode",
         "architectures": [GGUF_ARCHITECTURES["gpt_bigcode"]],
-        "hidden_size": number("embedding_length"),
-        "num_hidden_layers": number("block_count"),
+        "hidden_size": required("embedding_length"),
+        "num_hidden_layers": required("block_count"),
         "num_attention_heads": num_heads,
         "num_key_value_heads": num_kv_heads,
         "multi_query": num_kv_heads == 1,
-        "max_position_embeddings": number("context_length"),
+        "max_position_embeddings": required("context_length"),
         "n_inner": number("feed_forward_length"),
         "layer_norm_epsilon": 1e-5 if eps is None else eps,
         "activation_function": "gelu_pytorch_tanh",  # llama.cpp's GELU: the tanh approximation

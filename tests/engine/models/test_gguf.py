@@ -381,3 +381,21 @@ def test_starcoder2_gguf_matches_transformers(overrides: dict[str, Any], tmp_pat
     assert model.config.use_bias == config.use_bias and model.config.vocab_size == 256
     prompt = list(range(3, 40, 3))
     assert rel_err(Harness(model).prefill(0, prompt), hf(torch.tensor([prompt])).logits[0]) < 1e-4
+
+
+def test_starcoder_gguf_with_grouped_kv_heads_is_refused(tmp_path: Path, cache: Path) -> None:
+    file = tmp_path / "grouped.gguf"
+    writer = gguf.GGUFWriter(str(file), "starcoder")
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(64)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)  # neither multi-query nor multi-head
+    writer.add_tensor("token_embd.weight", np.zeros((256, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="GGUF starcoder with 2 kv heads"):
+        resolve_model(str(file), str(cache))
+    assert not cache.exists() or list(cache.iterdir()) == []
