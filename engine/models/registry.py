@@ -16,6 +16,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "StableLmForCausalLM": ("stablelm", "StableLmForCausalLM"),
     "CohereForCausalLM": ("cohere", "CohereForCausalLM"),
     "Cohere2ForCausalLM": ("cohere", "Cohere2ForCausalLM"),
+    "GPTBigCodeForCausalLM": ("starcoder", "GPTBigCodeForCausalLM"),
+    "Starcoder2ForCausalLM": ("starcoder", "Starcoder2ForCausalLM"),
 }
 
 

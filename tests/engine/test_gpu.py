@@ -44,10 +44,13 @@ _RUNS_OF = {
     "stablelm": [("triton", "float32", False), ("triton", "bfloat16", False)],  # per-head q/k norms, partial rotary
     "cohere": [("triton", "float32", False), ("triton", "bfloat16", False)],  # parallel residual, logit scale
     "cohere2": [("triton", "float32", False), ("triton", "bfloat16", False)],  # sliding + no-rotary layers
+    # multi-query (one kv head for the whole group) through the Triton kernels, graphed and eager
+    "gpt_bigcode": [("triton", "float32", True), ("triton", "float32", False), ("triton", "bfloat16", False)],
+    "starcoder2": [("triton", "float32", False), ("triton", "bfloat16", False)],
 }
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "phi3", "stablelm", "cohere", "cohere2"])
+@pytest.mark.parametrize("kind", list(_RUNS_OF))
 def test_gpu_greedy_matches_cpu(kind: str, tmp_path: Path) -> None:
     save_tiny_model(str(tmp_path), tiny_config(kind))
     prompts = _prompts(6)

@@ -61,8 +61,12 @@ def _logprob_values(entries: list[Any] | None) -> dict[tuple[int, int], float]:
         # interleaved rotary reordered per rank; per-head norms with a replicated kv head
         ("cohere", {"use_qk_norm": True, "num_key_value_heads": 1}),
         ("cohere2", {}),  # sliding layers with rotary, global layers without
+        ("gpt_bigcode", {}),  # multi-query: the one kv head replicated, fused c_attn, learned positions
+        ("gpt_bigcode", {"multi_query": False}),  # per-head q, k, v rows re-laid, then split by heads
+        ("starcoder2", {"sliding_window": 6}),  # LayerNorm, biases, GELU MLP, sliding window
     ],
-    ids=["llama", "qwen2", "qwen3", "phi3", "llama-kv1", "stablelm-qk-norm", "cohere-qk-norm-kv1", "cohere2"],
+    ids=["llama", "qwen2", "qwen3", "phi3", "llama-kv1", "stablelm-qk-norm", "cohere-qk-norm-kv1", "cohere2",
+         "gpt_bigcode", "gpt_bigcode-mha", "starcoder2"],
 )
 def test_tp2_matches_tp1(tmp_path: Path, kind: str, overrides: dict[str, Any]) -> None:
     save_tiny_model(str(tmp_path), tiny_config(kind, vocab_size=251, **overrides))  # 251: a padded shard

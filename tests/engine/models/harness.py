@@ -113,7 +113,22 @@ def tiny_config(kind: str = "llama", **overrides: Any) -> Any:
         return Phi3Config(architectures=["Phi3ForCausalLM"], **common)
     if kind in ("stablelm", "cohere", "cohere2"):
         return _stablelm_cohere_config(kind, common)
+    if kind in ("gpt_bigcode", "starcoder2"):
+        return _starcoder_config(kind, common)
     raise ValueError(kind)
+
+
+def _starcoder_config(kind: str, common: dict[str, Any]) -> Any:
+    from transformers import GPTBigCodeConfig, Starcoder2Config
+
+    for name, token_id in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
+        common.setdefault(name, token_id)  # the defaults (50 256) lie past a tiny vocabulary
+    if kind == "starcoder2":
+        return Starcoder2Config(architectures=["Starcoder2ForCausalLM"], **common)
+    # GPTBigCode: one kv head (`multi_query`, the default) or one per head; MLP width `n_inner`
+    common.pop("num_key_value_heads")
+    common.setdefault("n_inner", common.pop("intermediate_size"))
+    return GPTBigCodeConfig(architectures=["GPTBigCodeForCausalLM"], **common)
 
 
 def _stablelm_cohere_config(kind: str, common: dict[str, Any]) -> Any:
