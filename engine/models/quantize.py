@@ -1,4 +1,6 @@
-"""Opt-in weight-only quantization of a loaded model (`weight_quantization`: int8 or int4).
+"""Opt-in quantization of a loaded model: weight-only int8 / int4 on the CPU
+(`weight_quantization`), FP8 weights and activations (`quantization`: fp8, see
+`engine.layers.fp8`).
 
 A pass over the whole model after `load_model`: each linear layer's weight is quantized by
 `engine.layers.cpu_gemm` (which holds the per-weight formats and kernels) and replaced by its
@@ -13,6 +15,8 @@ from torch import nn
 
 from engine.layers.cpu_gemm import QUANTIZATION_METHODS, can_quantize, projections, quantize_weight
 from engine.layers.embedding import VocabParallelEmbedding
+from engine.layers.fp8 import quantize_fp8_rows
+from engine.layers.linear import LinearBase
 
 
 def quantize_model_weights(model: nn.Module, method: str) -> int:
@@ -38,3 +42,23 @@ def quantize_model_weights(model: nn.Module, method: str) -> int:
         module.weight.data.copy_(dequantized)  # every path computes the same function
         count += 1
     return count
+
+
+def quantize_model_fp8(model: nn.Module) -> int:
+    """Quantize every linear layer of a 16-bit model to FP8 in place (the embedding and the LM
+    head keep their weights); returns how many layers were quantized."""
+    layers = [m for m in model.modules() if isinstance(m, LinearBase)]
+    for module in layers:
+        if module.weight.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"fp8 quantization needs a float model, got {module.weight.dtype}")
+        quantize_linear_fp8(module)
+    return len(layers)
+
+
+def quantize_linear_fp8(module: LinearBase) -> None:
+    """Replace a linear layer's weight [N, K] by its e4m3 values and set `weight_scale` [N, 1];
+    the layer's forward then takes `fp8_linear`."""
+    q, scale = quantize_fp8_rows(module.weight.data)
+    module.weight = nn.Parameter(q, requires_grad=False)
+    module.register_buffer("weight_scale", scale, persistent=False)
+    module.packed_weight = None  # a CPU packed copy of the old weight no longer applies

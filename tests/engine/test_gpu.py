@@ -41,12 +41,18 @@ _RUNS_OF = {
     "qwen2": [r for r in _GPU_RUNS if r[0] == "triton" and r != ("triton", "bfloat16", True)],
     "qwen3": [("triton", "float32", False), ("triton", "bfloat16", False)],  # q/k norms graphed
     "phi3": [("triton", "bfloat16", False)],
+    "stablelm": [("triton", "float32", False), ("triton", "bfloat16", False)],  # per-head q/k norms, partial rotary
+    "cohere": [("triton", "float32", False), ("triton", "bfloat16", False)],  # parallel residual, logit scale
+    "cohere2": [("triton", "float32", False), ("triton", "bfloat16", False)],  # sliding + no-rotary layers
+    # multi-query (one kv head for the whole group) through the Triton kernels, graphed and eager
+    "gpt_bigcode": [("triton", "float32", True), ("triton", "float32", False), ("triton", "bfloat16", False)],
+    "starcoder2": [("triton", "float32", False), ("triton", "bfloat16", False)],
     # ALiBi in the kernels (prefill, decode, mixed, graphed) and on the torch path
     "bloom": [r for r in _GPU_RUNS if r != ("triton", "bfloat16", True)],
 }
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "phi3", "bloom"])
+@pytest.mark.parametrize("kind", list(_RUNS_OF))
 def test_gpu_greedy_matches_cpu(kind: str, tmp_path: Path) -> None:
     save_tiny_model(str(tmp_path), tiny_config(kind))
     prompts = _prompts(6)

@@ -56,10 +56,19 @@ def _logprob_values(entries: list[Any] | None) -> dict[tuple[int, int], float]:
         ("qwen3", {}),  # per-head q/k norms (replicated), head_dim != hidden / heads
         ("phi3", {}),  # q | k | v and gate | up fused in the checkpoint: each rank takes its rows of each
         ("llama", {"num_key_value_heads": 1}),  # fewer kv heads than ranks: replicated
+        # per-head q/k LayerNorms: each rank its heads' rows; q/k/v biases; partial rotary
+        ("stablelm", {"qk_layernorm": True, "use_qkv_bias": True}),
+        # interleaved rotary reordered per rank; per-head norms with a replicated kv head
+        ("cohere", {"use_qk_norm": True, "num_key_value_heads": 1}),
+        ("cohere2", {}),  # sliding layers with rotary, global layers without
+        ("gpt_bigcode", {}),  # multi-query: the one kv head replicated, fused c_attn, learned positions
+        ("gpt_bigcode", {"multi_query": False}),  # per-head q, k, v rows re-laid, then split by heads
+        ("starcoder2", {"sliding_window": 6}),  # LayerNorm, biases, GELU MLP, sliding window
         # per-head fused q/k/v, each rank 3 heads with their own ALiBi slopes (6: not a power of two)
         ("bloom", {"num_attention_heads": 6, "hidden_size": 96}),
     ],
-    ids=["llama", "qwen2", "qwen3", "phi3", "llama-kv1", "bloom"],
+    ids=["llama", "qwen2", "qwen3", "phi3", "llama-kv1", "stablelm-qk-norm", "cohere-qk-norm-kv1", "cohere2",
+         "gpt_bigcode", "gpt_bigcode-mha", "starcoder2", "bloom"],
 )
 def test_tp2_matches_tp1(tmp_path: Path, kind: str, overrides: dict[str, Any]) -> None:
     save_tiny_model(str(tmp_path), tiny_config(kind, vocab_size=251, **overrides))  # 251: a padded shard

@@ -107,6 +107,13 @@ def test_matches_reference_on_ragged_batch(group: int, head_dim: int, dtype: tor
     torch.testing.assert_close(case.run(max_seq_len=75), case.reference(), **tolerance(dtype))
 
 
+@pytest.mark.parametrize("int8", [False, True])
+def test_multi_query_one_kv_head_serves_a_large_group(int8: bool) -> None:
+    # GPTBigCode: all 20 query heads read the one kv head (a group padded to 32 rows)
+    case = Case([1, 17, 40, 75], num_heads=20, num_kv_heads=1, head_dim=64, dtype=torch.float32, int8=int8)
+    torch.testing.assert_close(case.to(DEVICE).run(max_seq_len=75), case.reference(), **tolerance(torch.float32))
+
+
 def test_sliding_window_excludes_old_keys() -> None:
     # Keys outside the window point at NaN slots: reading one would poison the output.
     case = Case([5, 20, 21, 70], num_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.float32, window=20)
@@ -254,6 +261,16 @@ def test_gpu_alibi_real_shapes(heads: int, int8: bool, num_splits: int | None) -
                 alibi=True).to("cuda")
     out = case.run(max_seq_len=max(seq_lens), num_splits=num_splits)
     torch.testing.assert_close(out, case.reference(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("num_heads", "int8"), [(48, False), (48, True), (16, False)], ids=["starcoder", "starcoder-int8", "santacoder"])
+def test_gpu_multi_query_real_shapes(num_heads: int, int8: bool) -> None:
+    # StarCoder (48 query heads) and SantaCoder (16): one kv head of 128, contexts up to 8 192
+    seq_lens = torch.randint(1, 8193, (64,), generator=torch.Generator().manual_seed(num_heads)).tolist()
+    case = Case(seq_lens, num_heads=num_heads, num_kv_heads=1, head_dim=128, dtype=torch.bfloat16, int8=int8)
+    torch.testing.assert_close(case.to("cuda").run(max_seq_len=max(seq_lens)), case.reference(), atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.gpu

@@ -129,6 +129,13 @@ def test_matches_reference_on_ragged_batch(group: int, head_dim: int, dtype: tor
     torch.testing.assert_close(case.run(max_new_len=37), case.reference(), **tolerance(dtype))
 
 
+@pytest.mark.parametrize("int8", [False, True])
+def test_multi_query_one_kv_head_serves_every_head(int8: bool) -> None:
+    # GPTBigCode: all 6 query heads read the one kv head
+    case = Case(RAGGED, num_heads=6, num_kv_heads=1, head_dim=64, dtype=torch.float32, int8=int8).to(DEVICE)
+    torch.testing.assert_close(case.run(max_new_len=37), case.reference(), **tolerance(torch.float32))
+
+
 def test_sliding_window_excludes_old_keys() -> None:
     case = Case(
         [(0, 40), (30, 9), (3, 20), (50, 1)],
@@ -296,6 +303,17 @@ def test_gpu_alibi_real_shapes(heads: int, int8: bool) -> None:
     torch.testing.assert_close(case.run(max_new_len=1100), reference, atol=1e-2, rtol=1e-2)
     tiles = tile_table(case, max_prefill_tiles(sum(n for _, n in seqs), 32, prefill_block_m(torch.device("cuda"))))
     torch.testing.assert_close(case.run(tiles=tiles), reference, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("num_heads", "int8"), [(48, False), (48, True), (16, False)], ids=["starcoder", "starcoder-int8", "santacoder"])
+def test_gpu_multi_query_real_shapes(num_heads: int, int8: bool) -> None:
+    # StarCoder (48 query heads) and SantaCoder (16): one kv head of 128, contexts up to its 8 192
+    # (the reference's float32 scores of 48 heads bound the chunk sizes)
+    seqs = [(0, 3072), (1000, 2000), (8000, 1), (0, 777), (6500, 1500)]
+    case = Case(seqs, num_heads=num_heads, num_kv_heads=1, head_dim=128, dtype=torch.bfloat16, int8=int8).to("cuda")
+    torch.testing.assert_close(case.run(max_new_len=3072), case.reference(), atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.gpu
