@@ -38,6 +38,7 @@ from engine.models.causal_lm import CausalLM
 from engine.models.fp8_checkpoint import dequantized_weights, is_fp8_checkpoint
 from engine.models.quantize import quantize_model_fp8
 from engine.models.registry import get_model_class
+from engine.models.remote_config import read_remote_family_config
 
 logger = logging.getLogger(__name__)
 
@@ -116,9 +117,13 @@ def gguf_to_hf_dir(gguf_path: str, cache_dir: str | None = None) -> str:
 
 
 def load_hf_config(path: str) -> Any:
+    """The model's transformers config. The families that ship their own modelling code
+    (InternLM2, ChatGLM, MiniCPM 1 / 2) are read by `remote_config`, so no code in the
+    directory ever runs; every other config by transformers' `AutoConfig`."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(path)
+    remote = read_remote_family_config(path)
+    return remote if remote is not None else AutoConfig.from_pretrained(path)
 
 
 def _index_files(path: str, index_name: str) -> list[str] | None:
