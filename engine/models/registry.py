@@ -13,6 +13,13 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen2ForCausalLM": ("llama", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("llama", "Qwen3ForCausalLM"),
     "Phi3ForCausalLM": ("llama", "Phi3ForCausalLM"),
+    "InternLM2ForCausalLM": ("internlm", "InternLM2ForCausalLM"),
+    "InternLM3ForCausalLM": ("internlm", "InternLM3ForCausalLM"),
+    "GlmForCausalLM": ("glm", "GlmForCausalLM"),
+    "ChatGLMModel": ("glm", "ChatGLMForCausalLM"),
+    "ChatGLMForConditionalGeneration": ("glm", "ChatGLMForCausalLM"),
+    "MiniCPMForCausalLM": ("minicpm", "MiniCPMForCausalLM"),
+    "MiniCPM3ForCausalLM": ("minicpm", "MiniCPM3ForCausalLM"),
 }
 
 
