@@ -1,4 +1,5 @@
-"""GLM: the native `GlmForCausalLM` (GLM-4 in transformers' layout) and the remote-code
+"""GLM: the native `GlmForCausalLM` (GLM-4 in transformers' layout), `Glm4ForCausalLM` (GLM-4-0414,
+which adds a norm after the attention and after the MLP of each layer) and the remote-code
 ChatGLM2 / ChatGLM3 / GLM-4 checkpoints (`ChatGLMModel`, `ChatGLMForConditionalGeneration`).
 
 Both are Llama-shaped decoders (RMSNorm, SwiGLU, grouped-query attention with q/k/v biases and
@@ -22,9 +23,12 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Any, cast
 
+import torch
+
 from engine.distributed.lazy_weight import WeightLike, read_weight
-from engine.layers import interleaved_to_half_rows
-from engine.models.llama import LlamaAttention, LlamaForCausalLM
+from engine.layers import RMSNorm, interleaved_to_half_rows
+from engine.model_config import ModelConfig
+from engine.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
 
 class GlmForCausalLM(LlamaForCausalLM):
@@ -53,6 +57,40 @@ class GlmForCausalLM(LlamaForCausalLM):
     def checkpoint_weights(self, weights: Iterable[tuple[str, WeightLike]]) -> Iterable[tuple[str, WeightLike]]:
         for name, tensor in weights:
             yield name, self._to_half_rows(name, tensor)
+
+
+_GLM4_NORMS = ("post_self_attn_layernorm", "post_mlp_layernorm")
+
+
+class Glm4ForCausalLM(GlmForCausalLM):
+    """GLM with "sandwich" norms: each layer also normalizes its attention output
+    (`post_self_attn_layernorm`) and its MLP output (`post_mlp_layernorm`) before they join the
+    residual stream."""
+
+    def __init__(self, config: Any, tp_rank: int = 0, tp_size: int = 1) -> None:
+        super().__init__(config, tp_rank, tp_size)
+        shape = ModelConfig.from_hf_config(config)
+        for layer in self.model.layers:  # replicated weights [hidden], named as in the checkpoints
+            for name in _GLM4_NORMS:
+                layer.add_module(name, RMSNorm(shape.hidden_size, shape.norm_eps))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # LlamaModel.forward with the two extra norms; the residual add stays fused into the others.
+        model = self.model
+        hidden = model.embed_tokens(input_ids)  # [T, hidden_size]
+        residual: torch.Tensor | None = None
+        for module in model.layers:
+            layer = cast(LlamaDecoderLayer, module)
+            if residual is None:
+                residual, hidden = hidden, layer.input_layernorm(hidden)
+            else:
+                hidden, residual = layer.input_layernorm(hidden, residual)
+            post_attn_norm, post_mlp_norm = (cast(RMSNorm, layer.get_submodule(n)) for n in _GLM4_NORMS)
+            hidden = post_attn_norm(layer.self_attn(positions, hidden))
+            hidden, residual = layer.post_attention_layernorm(hidden, residual)
+            hidden = post_mlp_norm(layer.mlp(hidden))
+        hidden, _ = model.norm(hidden, residual)
+        return hidden
 
 
 _CHATGLM_LAYER = re.compile(r"transformer\.encoder\.layers\.(\d+)\.(.+)$")

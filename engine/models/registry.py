@@ -16,6 +16,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "InternLM2ForCausalLM": ("internlm", "InternLM2ForCausalLM"),
     "InternLM3ForCausalLM": ("internlm", "InternLM3ForCausalLM"),
     "GlmForCausalLM": ("glm", "GlmForCausalLM"),
+    "Glm4ForCausalLM": ("glm", "Glm4ForCausalLM"),
     "ChatGLMModel": ("glm", "ChatGLMForCausalLM"),
     "ChatGLMForConditionalGeneration": ("glm", "ChatGLMForCausalLM"),
     "MiniCPMForCausalLM": ("minicpm", "MiniCPMForCausalLM"),

@@ -45,6 +45,7 @@ _RUNS_OF = {
     "internlm2": [("triton", "float32", False), ("triton", "bfloat16", False)],
     "internlm3": [("triton", "bfloat16", False)],
     "glm": [("triton", "float32", False), ("triton", "bfloat16", False)],  # partial rotary, q/k biases
+    "glm4": [("triton", "bfloat16", False)],
     "chatglm": [("triton", "float32", False), ("triton", "bfloat16", True)],
     "minicpm": [("triton", "float32", False), ("triton", "bfloat16", False)],  # scalings graphed
 }

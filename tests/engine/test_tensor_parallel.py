@@ -61,11 +61,12 @@ def _logprob_values(entries: list[Any] | None) -> dict[tuple[int, int], float]:
         ("internlm2", {"num_key_value_heads": 1}),
         ("internlm3", {}),
         ("glm", {}),  # q/k rows permuted (half-head interleaved rotary), then sharded
+        ("glm4", {}),  # replicated extra norms
         ("chatglm", {}),  # fused query_key_value and dense_h_to_4h, own names
         ("minicpm", {}),  # muP scalings, tied head
     ],
     ids=["llama", "qwen2", "qwen3", "phi3", "llama-kv1", "internlm2", "internlm2-kv1", "internlm3", "glm",
-         "chatglm", "minicpm"],
+         "glm4", "chatglm", "minicpm"],
 )
 def test_tp2_matches_tp1(tmp_path: Path, kind: str, overrides: dict[str, Any]) -> None:
     if kind in SAVERS:  # a family saved in its own checkpoint layout

@@ -103,16 +103,17 @@ def save_internlm3(path: Path, seed: int = 0, **overrides: Any) -> nn.Module:
     return ref
 
 
-def glm_config(**overrides: Any) -> Any:
-    from transformers import GlmConfig
+def glm_config(glm4: bool = False, **overrides: Any) -> Any:
+    from transformers import Glm4Config, GlmConfig
 
-    return GlmConfig(architectures=["GlmForCausalLM"], head_dim=16, pad_token_id=0, eos_token_id=2,
-                     **{**SIZES, "rms_norm_eps": 1e-5, **overrides})
+    cls, architecture = (Glm4Config, "Glm4ForCausalLM") if glm4 else (GlmConfig, "GlmForCausalLM")
+    return cls(architectures=[architecture], head_dim=16, pad_token_id=0, eos_token_id=2,
+               **{**SIZES, "rms_norm_eps": 1e-5, **overrides})
 
 
-def save_glm(path: Path, seed: int = 0, **overrides: Any) -> nn.Module:
-    """GLM-4 in transformers' layout (`GlmForCausalLM`), saved by transformers."""
-    return save_tiny_model(str(path), glm_config(**overrides), seed=seed)
+def save_glm(path: Path, seed: int = 0, glm4: bool = False, **overrides: Any) -> nn.Module:
+    """GLM-4 in transformers' layout (`GlmForCausalLM`; `Glm4ForCausalLM` with `glm4`), saved by transformers."""
+    return save_tiny_model(str(path), glm_config(glm4, **overrides), seed=seed)
 
 
 def save_chatglm(path: Path, seed: int = 0, **overrides: Any) -> nn.Module:
@@ -187,6 +188,7 @@ SAVERS = {
     "internlm2": save_internlm2,
     "internlm3": save_internlm3,
     "glm": save_glm,
+    "glm4": lambda path, **overrides: save_glm(path, glm4=True, **overrides),
     "chatglm": save_chatglm,
     "minicpm": save_minicpm,
 }

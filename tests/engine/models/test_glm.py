@@ -1,4 +1,4 @@
-"""GLM (`GlmForCausalLM`) and ChatGLM2 / ChatGLM3 / GLM-4 against transformers (fp32, CPU, random weights).
+"""GLM (`GlmForCausalLM`, `Glm4ForCausalLM`) and ChatGLM2 / ChatGLM3 / GLM-4 against transformers (fp32, CPU, random weights).
 
 transformers has no ChatGLM class (its checkpoints ship remote code, never run here): the
 reference is transformers' `GlmForCausalLM`, the same architecture, whose weights the test
@@ -23,6 +23,7 @@ from tests.engine.models.remote_families import save_chatglm, save_glm
 CASES: dict[str, tuple[Any, dict[str, Any]]] = {
     "glm": (save_glm, {}),
     "glm-kv1": (save_glm, {"num_key_value_heads": 1}),
+    "glm4": (save_glm, {"glm4": True}),  # Glm4ForCausalLM: norms after attention and MLP
     "chatglm": (save_chatglm, {}),
     # GLM-4's rope_ratio 500 (a rotary base of 5e6); one multi-query group
     "chatglm-rope-ratio-kv1": (save_chatglm, {"num_key_value_heads": 1, "rope_parameters": {
