@@ -102,9 +102,15 @@ def gguf_to_hf_dir(gguf_path: str, cache_dir: str | None = None) -> str:
     tmp = tempfile.mkdtemp(prefix=f".{stem}-", dir=root)
     try:
         from engine.models.gguf import convert_gguf
+        from engine.models.gguf_families import (
+            GGUF_FAMILY_ARCHITECTURES,
+            convert_family_gguf,
+            gguf_architecture,
+        )
 
         logger.info("converting %s into %s (once)", gguf_path, target)
-        convert_gguf(gguf_path, tmp)
+        family = gguf_architecture(gguf_path) in GGUF_FAMILY_ARCHITECTURES  # InternLM2, ChatGLM, MiniCPM
+        (convert_family_gguf if family else convert_gguf)(gguf_path, tmp)
         os.chmod(tmp, 0o755)  # mkdtemp creates it private
         try:
             os.rename(tmp, target)
