@@ -99,7 +99,9 @@ def save_internlm3(path: Path, seed: int = 0, **overrides: Any) -> nn.Module:
     ref = save_tiny_model(str(path), config, seed=seed)
     saved = json.loads((path / "config.json").read_text())
     saved["architectures"] = ["InternLM3ForCausalLM"]
+    saved["auto_map"] = {"AutoConfig": "configuration_internlm3.Config"}  # transformers' own class wins
     (path / "config.json").write_text(json.dumps(saved))
+    (path / "configuration_internlm3.py").write_text(_REMOTE_CODE)
     return ref
 
 

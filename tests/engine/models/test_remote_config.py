@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from engine import LLM, SamplingParams
 from engine.models import load_hf_config
 from engine.tokenizer import eos_token_ids, load_tokenizer
 from tests.engine.models.remote_families import save_chatglm, save_family, save_internlm2, save_minicpm
@@ -86,3 +87,21 @@ def test_chatglm_tokenizer_that_exists_only_as_code_is_refused(tmp_path: Path) -
     _write_tokenizer(tmp_path, tokenizer_json=False, remote_class="ChatGLMTokenizer")
     with pytest.raises(ValueError, match="ChatGLMTokenizer.*does not run.*--tokenizer"):
         load_tokenizer(str(tmp_path))
+
+
+def test_a_remote_code_family_serves_text_end_to_end(tmp_path: Path) -> None:
+    """Engine, worker and the worker's grammar compiler all read config and tokenizer without
+    the directory's code; the text decodes the greedy tokens transformers' reference picks."""
+    import torch
+
+    hf = save_chatglm(tmp_path)
+    _write_tokenizer(tmp_path, tokenizer_json=True, remote_class="ChatGLMTokenizer")
+    prompt = "t5 t17 t3 t99"
+    with torch.inference_mode():
+        expected = hf.generate(torch.tensor([[5, 17, 3, 99]]), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    with LLM(str(tmp_path), dtype="float32", kv_cache_memory_gb=0.01) as llm:
+        out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))[0]
+    assert out.prompt_token_ids == [5, 17, 3, 99]
+    assert out.outputs[0].token_ids == expected[0, 4:].tolist()
+    words = [f"t{i}" for i in out.outputs[0].token_ids if i < 200]  # ids past the word-level vocabulary: no text
+    assert words and out.outputs[0].text.split() == words
