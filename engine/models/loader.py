@@ -7,12 +7,13 @@ directory -> itself.
 
 load_model: config.json -> registry class -> parameters allocated uninitialised on the
 target device -> every checkpoint tensor opened lazily (safetensors' `get_slice` over the
-memory-mapped file, wrapped in a `LazyWeight`; a PyTorch `.bin` checkpoint, where a
-directory has no safetensors, through `torch.load(weights_only=True, mmap=True)`) and handed to its parameter's `weight_loader`
+memory-mapped file, wrapped in a `LazyWeight`) and handed to its parameter's `weight_loader`
 (fused q/k/v and gate/up via `packed_modules_mapping`). The loader narrows the lazy tensor to
 its rank's rows or columns before reading, so with tensor parallelism each rank reads only its
 shard from disk; replicated tensors (norms) are read whole, skipped ones not at all. A GGUF
-model loads the same way, from its converted safetensors directory.
+model loads the same way, from its converted safetensors directory. A directory without
+safetensors loads from PyTorch `.bin` files, read with `torch.load(weights_only=True,
+mmap=True)`: memory-mapped, and refused if they hold anything but tensors.
 """
 
 from __future__ import annotations
