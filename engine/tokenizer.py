@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -36,6 +37,13 @@ def load_tokenizer(path: str) -> Any | None:
     return _load_without_remote_class(path, remote.model_type, remote_class)
 
 
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
 def _remote_tokenizer_class(path: str) -> str | None:
     """The tokenizer class tokenizer_config.json maps to code in the directory, or None."""
     config_path = os.path.join(path, "tokenizer_config.json")
@@ -56,7 +64,14 @@ def _load_without_remote_class(path: str, model_type: str, remote_class: str) ->
     converted by it where that is the same tokenizer; else a ValueError naming `--tokenizer`."""
     from transformers import PreTrainedTokenizerFast
 
-    if os.path.isfile(os.path.join(path, "tokenizer.json")) or model_type in TOKENIZER_MODEL_CONVERTIBLE:
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    if model_type in TOKENIZER_MODEL_CONVERTIBLE and os.path.isfile(os.path.join(path, "tokenizer.model")):
+        if not (_importable("sentencepiece") and _importable("google.protobuf")):
+            raise ValueError(
+                f"{path}: converting its tokenizer.model ({remote_class}'s SentencePiece vocabulary) needs the "
+                "sentencepiece and protobuf packages; install them, or add the tokenizer as tokenizer.json"
+            )
         return PreTrainedTokenizerFast.from_pretrained(path)
     raise ValueError(
         f"{path}: the tokenizer is {remote_class}, defined by code in the model directory, which lightgate "

@@ -18,7 +18,8 @@ config.json's `auto_map` either): a tokenizer class that exists only as remote c
 run. Where the directory has a `tokenizer.json`, transformers' generic fast tokenizer loads it
 with the special tokens and chat template of tokenizer_config.json. Without one, InternLM2's
 and MiniCPM's `tokenizer.model` (a plain SentencePiece model; MiniCPM's class is transformers'
-own `LlamaTokenizer`) are converted by transformers; ChatGLM2 / 3 and GLM-4 define their
+own `LlamaTokenizer`) are converted by transformers, which needs the sentencepiece and protobuf
+packages for it (a clear error says so where they are missing); ChatGLM2 / 3 and GLM-4 define their
 special tokens (`[gMASK]`, `sop`, the role tokens) in their code, so a ChatGLM directory
 without `tokenizer.json` is refused with a message naming `--tokenizer`.
 """

@@ -105,3 +105,16 @@ def test_a_remote_code_family_serves_text_end_to_end(tmp_path: Path) -> None:
     assert out.outputs[0].token_ids == expected[0, 4:].tolist()
     words = [f"t{i}" for i in out.outputs[0].token_ids if i < 200]  # ids past the word-level vocabulary: no text
     assert words and out.outputs[0].text.split() == words
+
+
+def test_internlm2_tokenizer_model_without_its_converter_packages_says_what_to_install(tmp_path: Path) -> None:
+    """InternLM2's tokenizer.model is a plain SentencePiece model that transformers converts,
+    given the sentencepiece and protobuf packages (not dependencies of lightgate)."""
+    import importlib.util
+
+    if importlib.util.find_spec("sentencepiece") is not None:
+        pytest.skip("sentencepiece is installed: transformers converts the file")
+    save_internlm2(tmp_path)
+    _write_tokenizer(tmp_path, tokenizer_json=False, remote_class="InternLM2Tokenizer")
+    with pytest.raises(ValueError, match="tokenizer.model .*needs the sentencepiece and protobuf packages"):
+        load_tokenizer(str(tmp_path))
