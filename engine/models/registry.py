@@ -19,6 +19,14 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Cohere2ForCausalLM": ("cohere", "Cohere2ForCausalLM"),
     "GPTBigCodeForCausalLM": ("starcoder", "GPTBigCodeForCausalLM"),
     "Starcoder2ForCausalLM": ("starcoder", "Starcoder2ForCausalLM"),
+    "InternLM2ForCausalLM": ("internlm", "InternLM2ForCausalLM"),
+    "InternLM3ForCausalLM": ("internlm", "InternLM3ForCausalLM"),
+    "GlmForCausalLM": ("glm", "GlmForCausalLM"),
+    "Glm4ForCausalLM": ("glm", "Glm4ForCausalLM"),
+    "ChatGLMModel": ("glm", "ChatGLMForCausalLM"),
+    "ChatGLMForConditionalGeneration": ("glm", "ChatGLMForCausalLM"),
+    "MiniCPMForCausalLM": ("minicpm", "MiniCPMForCausalLM"),
+    "MiniCPM3ForCausalLM": ("minicpm", "MiniCPM3ForCausalLM"),
 }
 
 

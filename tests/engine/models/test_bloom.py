@@ -119,3 +119,15 @@ def test_served_outputs_equal_with_prefix_cache_on_and_off(kv_cache_dtype: str, 
             if enabled:
                 assert llm.core.stats().prefix_cache_hits > 0 and llm.core.scheduler.num_preemptions > 0
     assert results[True] == results[False]
+
+
+@torch.inference_mode()
+def test_pytorch_bin_checkpoint_without_the_prefix_loads(tmp_path: Path) -> None:
+    """bigscience's BLOOM repositories were published as `pytorch_model.bin` from `BloomModel`."""
+    hf = save_tiny_model(str(tmp_path / "st"), tiny_config("bloom"))
+    state = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if not k.startswith("lm_head.")}
+    hf.config.save_pretrained(str(tmp_path / "bin"))
+    torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
+    model = load_model(str(tmp_path / "bin"), torch.float32, "cpu")
+    prompt = list(range(3, 60, 4))
+    assert rel_err(Harness(model).prefill(0, prompt), hf(torch.tensor([prompt])).logits[0]) < 1e-4
