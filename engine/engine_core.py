@@ -56,6 +56,11 @@ class EngineCore:
         hf_config = load_hf_config(self.model_path)
         shape = ModelConfig.from_hf_config(hf_config)
         config = config.resolve(max_position_embeddings=shape.max_position_embeddings)
+        if shape.learned_positions and (config.max_model_len or 0) > shape.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} is past the model's {shape.max_position_embeddings} "
+                "learned positions (max_position_embeddings)"
+            )
         check_tensor_parallel(shape, config.tensor_parallel_size, config.resolved_device())  # before spawning
         self.config = config
         self.model_name = DEFAULT_MODEL_NAME if config.model is None else os.path.basename(

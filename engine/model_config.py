@@ -50,6 +50,15 @@ def _max_positions(config: Any) -> int:
     return int(value)
 
 
+def _num_kv_heads(config: Any, num_heads: int) -> int:
+    if getattr(config, "model_type", None) == "gpt_bigcode":
+        # `multi_query` decides: one kv head or one per head. The `num_key_value_heads` that
+        # transformers derives from it can be stale (computed from the default head count when
+        # the config is built with `num_attention_heads`, and saved so).
+        return 1 if getattr(config, "multi_query", True) else num_heads
+    return int(getattr(config, "num_key_value_heads", None) or num_heads)
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     """Sizes of a decoder-only transformer (whole model, not one tensor-parallel rank's share)."""
@@ -64,6 +73,9 @@ class ModelConfig:
     max_position_embeddings: int
     norm_eps: float  # RMSNorm's or LayerNorm's epsilon, whichever the family uses
     tie_word_embeddings: bool  # the LM head shares the input embedding's weight
+    # Learned absolute positions (GPTBigCode's `wpe`): a table of max_position_embeddings rows,
+    # so no sequence may run past it (rotary positions extend, a table does not).
+    learned_positions: bool = False
 
     @classmethod
     def from_hf_config(cls, hf_config: Any) -> ModelConfig:
@@ -79,10 +91,11 @@ class ModelConfig:
             hidden_size=hidden_size,
             intermediate_size=int(intermediate or 4 * hidden_size),
             num_heads=num_heads,
-            num_kv_heads=int(getattr(config, "num_key_value_heads", None) or num_heads),
+            num_kv_heads=_num_kv_heads(config, num_heads),
             head_dim=int(getattr(config, "head_dim", None) or hidden_size // num_heads),
             vocab_size=int(_required(config, "vocab_size")),
             max_position_embeddings=_max_positions(config),
             norm_eps=_norm_eps(config),
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            learned_positions=getattr(config, "model_type", None) == "gpt_bigcode",
         )

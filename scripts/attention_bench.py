@@ -1,6 +1,6 @@
 """Decode and prefill attention kernel times on the GPU, bf16 KV beside int8 KV.
 
-    python scripts/attention_bench.py [--batches 1,64,256] [--lens 512,2048,4096]
+    python scripts/attention_bench.py [--batches 1,64,256] [--lens 512,2048,4096] [--alibi]
     TRITON_INTERPRET=1 python scripts/attention_bench.py --device cpu --batches 2 --lens 64 --prefill-tokens 64
         (a check of the script itself, under the CPU interpreter: no graphs, times meaningless)
 
@@ -24,6 +24,7 @@ import engine.kernels.prefill_attention as prefill_module
 from engine.kernels.decode_attention import decode_attention, graph_num_splits
 from engine.kernels.prefill_attention import prefill_attention
 from engine.kernels.timing import graph_time_ms
+from engine.layers.alibi import alibi_slopes
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 DEVICE = "cuda"
@@ -101,6 +102,7 @@ def main() -> None:
     parser.add_argument("--variants", default="", help="comma-separated labels to run (default: all)")
     parser.add_argument("--decode-launches", default="",
                         help="more bf16 decode launches to time, 'N,warps,stages;...' (labels bf16-nNwWsS)")
+    parser.add_argument("--alibi", action="store_true", help="with BLOOM's ALiBi slopes (labels end in -alibi)")
     args = parser.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -113,6 +115,8 @@ def main() -> None:
         n, w, st = (int(x) for x in item.split(","))
         variants.append((f"bf16-n{n}w{w}s{st}", False, "asm", None, (n, w, st)))
     gen = torch.Generator().manual_seed(0)
+    slopes = alibi_slopes(HEADS).to(DEVICE) if args.alibi else None
+    suffix = "-alibi" if args.alibi else ""
     rows = []
     print(f"{'kernel':<8} {'kv':<20} {'batch':>5} {'len':>5} {'ms':>8} {'GB/s':>7}")
     for batch in (int(b) for b in args.batches.split(",")):
@@ -128,9 +132,11 @@ def main() -> None:
 
                 def run(pool=pool, q=q, rows_t=rows_t, lens=lens, out=out, splits=splits) -> None:
                     decode_attention(q, pool["k"], pool["v"], pool["req_to_token"], rows_t, lens, HEAD_DIM**-0.5,
-                                     out, k_scale=pool["k_scale"], v_scale=pool["v_scale"], num_splits=splits)
+                                     out, k_scale=pool["k_scale"], v_scale=pool["v_scale"], num_splits=splits,
+                                     alibi_slopes=slopes)
 
                 ms = time_ms(run)
+                kv += suffix
                 gbs = kv_bytes(batch, seq_len, int8) / ms / 1e6
                 print(f"{'decode':<8} {kv:<20} {batch:>5} {seq_len:>5} {ms:8.3f} {gbs:7.0f}")
                 rows.append({"kernel": "decode", "kv": kv, "batch": batch, "len": seq_len, "ms": ms, "GB/s": gbs})
@@ -143,7 +149,7 @@ def main() -> None:
     for kv, int8, conversion, launch, prefill_launch in cases if n > 0 else []:
         use_variant(conversion, launch)
         prefill_module.PREFILL_LAUNCH = prefill_launch  # type: ignore[assignment]
-        kv = f"{kv}-m{prefill_launch[0]}n{prefill_launch[1]}w{prefill_launch[2]}s{prefill_launch[3]}"
+        kv = f"{kv}-m{prefill_launch[0]}n{prefill_launch[1]}w{prefill_launch[2]}s{prefill_launch[3]}{suffix}"
         pool = make_pool(1, n, int8, gen)
         q = torch.randn(n, HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16).to(DEVICE)
         zero = torch.zeros(1, dtype=torch.int64, device=DEVICE)
@@ -152,7 +158,7 @@ def main() -> None:
 
         def run_prefill(pool=pool, q=q, zero=zero, cu=cu, out=out) -> None:
             prefill_attention(q, pool["k"], pool["v"], pool["req_to_token"], zero, zero, cu, HEAD_DIM**-0.5, out,
-                              k_scale=pool["k_scale"], v_scale=pool["v_scale"], max_new_len=n)
+                              k_scale=pool["k_scale"], v_scale=pool["v_scale"], max_new_len=n, alibi_slopes=slopes)
 
         ms = time_ms(run_prefill)
         tflops = 2 * 2 * HEADS * HEAD_DIM * n * n / 2 / ms / 1e9  # causal: half the square

@@ -11,6 +11,7 @@ strides of 1 become constants, multiples of 16 get the divisibility hint.
     python scripts/kernel_sass.py decode --kv int8 --pinned --launch 64,4,3
     python scripts/kernel_sass.py decode --kv bf16
     python scripts/kernel_sass.py prefill --kv int8 --out /tmp/sass  # also writes .ptx/.ttgir/.sass
+    python scripts/kernel_sass.py prefill --kv bf16 --alibi          # with ALiBi's slopes (BLOOM)
 
 Counts are of the whole kernel's code (prologue, pipelined loop copies and epilogue), a guide
 to compare variants by, not a time.
@@ -42,13 +43,15 @@ _POOL = dict(stride_ks=KV_HEADS * HEAD_DIM, stride_kh=HEAD_DIM, stride_kd=1, str
 _VALUES = {
     "decode": dict(_POOL, stride_qb=HEADS * HEAD_DIM, stride_qh=HEAD_DIM, stride_qd=1,
                    stride_mob=HEADS * SPLITS * HEAD_DIM, stride_moh=SPLITS * HEAD_DIM, stride_mos=HEAD_DIM,
-                   stride_mod=1, stride_mlb=HEADS * SPLITS, stride_mlh=SPLITS, stride_mls=1, num_splits=SPLITS),
+                   stride_mod=1, stride_mlb=HEADS * SPLITS, stride_mlh=SPLITS, stride_mls=1, num_splits=SPLITS,
+                   stride_ob=HEADS * HEAD_DIM, stride_oh=HEAD_DIM, stride_od=1),
     "prefill": dict(_POOL, stride_qt=HEADS * HEAD_DIM, stride_qh=HEAD_DIM, stride_qd=1, stride_ot=HEADS * HEAD_DIM,
                     stride_oh=HEAD_DIM, stride_od=1, stride_tile=4096),
 }
 # Element types of the pointer arguments (K and V: the pool's; any other: int64 metadata).
 _POINTERS = {"q_ptr": "bf16", "out_ptr": "bf16", "k_scale_ptr": "bf16", "v_scale_ptr": "bf16",
-             "req_to_token_ptr": "i32", "tiles_ptr": "i32", "mid_o_ptr": "fp32", "mid_lse_ptr": "fp32"}
+             "req_to_token_ptr": "i32", "tiles_ptr": "i32", "mid_o_ptr": "fp32", "mid_lse_ptr": "fp32",
+             "slopes_ptr": "fp32"}
 
 SASS_COUNTS = [
     ("LDG (global loads)", r"\bLDG\b"), ("LDGSTS (cp.async)", r"\bLDGSTS\b"), ("LDS (shared loads)", r"\bLDS\b"),
@@ -58,25 +61,27 @@ SASS_COUNTS = [
 ]
 
 
-def _constexprs(kernel: str, int8: bool, pinned: bool, block_n: int) -> dict[str, object]:
+def _constexprs(kernel: str, int8: bool, pinned: bool, block_n: int, alibi: bool = False) -> dict[str, object]:
     group = HEADS // KV_HEADS
     if kernel == "decode":
         return dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=HEAD_DIM, BLOCK_N=block_n,
                     HAS_WINDOW=False, IS_INT8=int8, INT8_AS_FP16=int8, INT8_ASM=True, INT8_PINNED=pinned,
-                    DOT_PRECISION="tf32")
+                    DOT_PRECISION="tf32", DIRECT=False, HAS_ALIBI=alibi)
     block_m = prefill_module.prefill_block_m(_FakeCuda())
     return dict(GROUP=group, HEAD_DIM=HEAD_DIM, BLOCK_M=block_m, BLOCK_N=block_n, HAS_WINDOW=False, IS_INT8=int8,
-                DOT_PRECISION="tf32", USE_TILES=True)
+                DOT_PRECISION="tf32", USE_TILES=True, HAS_ALIBI=alibi)
 
 
 class _FakeCuda:
     type = "cuda"  # what the launch-config helpers look at
 
 
-def compile_kernel(kernel: str, int8: bool, pinned: bool, launch: tuple[int, int, int], arch: int) -> dict[str, str]:
+def compile_kernel(
+    kernel: str, int8: bool, pinned: bool, launch: tuple[int, int, int], arch: int, alibi: bool = False
+) -> dict[str, str]:
     fn = decode_module._decode_split_kernel if kernel == "decode" else prefill_module._prefill_kernel
     block_n, num_warps, num_stages = launch
-    constexprs = _constexprs(kernel, int8, pinned, block_n)
+    constexprs = _constexprs(kernel, int8, pinned, block_n, alibi)
     values = _VALUES[kernel]
     params = list(inspect.signature(fn.fn).parameters)
     missing = [p for p in params if p not in constexprs and not p.endswith("_ptr") and p not in values
@@ -124,6 +129,7 @@ def main() -> None:
     parser.add_argument("--launch", default="", help="keys per block,warps,stages (default: the engine's)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     parser.add_argument("--out", type=Path, help="a folder for the .ptx, .ttgir and .sass")
+    parser.add_argument("--alibi", action="store_true", help="the ALiBi variant (HAS_ALIBI)")
     args = parser.parse_args()
     if args.launch:
         launch = tuple(int(x) for x in args.launch.split(","))
@@ -135,8 +141,9 @@ def main() -> None:
         launch = (block_n, warps, stages)
     if len(launch) != 3:
         parser.error("--launch takes three numbers: keys per block, warps, stages")
-    asm = compile_kernel(args.kernel, args.kv == "int8", args.pinned, launch, args.arch)
+    asm = compile_kernel(args.kernel, args.kv == "int8", args.pinned, launch, args.arch, args.alibi)
     name = f"{args.kernel}-{args.kv}{'-pinned' if args.pinned else ''}-n{launch[0]}w{launch[1]}s{launch[2]}"
+    name += "-alibi" if args.alibi else ""
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         for ext in ("ptx", "ttgir", "sass"):

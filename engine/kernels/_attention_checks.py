@@ -58,6 +58,18 @@ def check_q_and_pools(
         )
 
 
+def check_alibi_slopes(slopes: torch.Tensor | None, num_heads: int, device: torch.device) -> None:
+    """ALiBi's slopes, when given: float32 [num_heads] on q's device, one per query head."""
+    if slopes is None:
+        return
+    if slopes.dtype != torch.float32 or tuple(slopes.shape) != (num_heads,) or slopes.stride(0) != 1:
+        raise ValueError(
+            f"alibi_slopes must be contiguous float32 [{num_heads}], got {slopes.dtype} {tuple(slopes.shape)}"
+        )
+    if slopes.device != device:
+        raise ValueError(f"alibi_slopes must be on q's device {device}, got {slopes.device}")
+
+
 def dot_precision(dtype: torch.dtype) -> str | None:
     """tl.dot's input precision: exact products for float32 inputs (the precise path, checked
     token for token against the CPU); None (the default) for half-precision inputs."""

@@ -18,6 +18,10 @@ CUDA graph can hold the launch. Each sequence cuts its own keys into splits of
 ceil(num_keys / S) positions rounded up to a whole key block, on the device: a short sequence
 in a batch sized for long ones gets short splits, and programs past its end exit at once.
 With a sliding window W the splits start at the window's first key.
+
+With ALiBi slopes (`HAS_ALIBI`, a compile-time flag: other models compile the kernels as
+before) head h adds slope_h * (key position - (seq_len - 1)) to its scores in stage 1, in
+float32; the splits' log2-sum-exps carry it into stage 2 unchanged.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels._attention_checks import check_q_and_pools, dot_precision
+from engine.kernels._attention_checks import check_alibi_slopes, check_q_and_pools, dot_precision
 from engine.kernels._int8 import int8_pv_dot, int8_to_fp16
 
 __all__ = ["decode_attention"]
@@ -76,6 +80,7 @@ def _decode_split_kernel(
     mid_o_ptr,
     mid_lse_ptr,
     out_ptr,
+    slopes_ptr,
     sm_scale_log2,
     window,
     stride_qb,
@@ -115,6 +120,7 @@ def _decode_split_kernel(
     INT8_PINNED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DIRECT: tl.constexpr,  # one split: the output itself, no scratch and no stage 2
+    HAS_ALIBI: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -146,6 +152,9 @@ def _decode_split_kernel(
     )  # [BLOCK_G, D]
     if INT8_AS_FP16:
         q = q.to(tl.float16)  # exact for bf16 values in fp16's range
+    slope_log2 = tl.zeros([BLOCK_G], dtype=tl.float32)
+    if HAS_ALIBI:  # per query head of the group, in the scores' log2 units
+        slope_log2 = tl.load(slopes_ptr + heads, mask=g_mask, other=0.0).to(tl.float32) * 1.4426950408889634
 
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -168,7 +177,11 @@ def _decode_split_kernel(
         if IS_INT8:
             k_scale = tl.load(k_scale_ptr + slots * stride_kss + kv_head * stride_ksh, mask=valid, other=0.0)
             qk = qk * k_scale.to(tl.float32)[None, :]
-        qk = tl.where(valid[None, :], qk * sm_scale_log2, float("-inf"))
+        if HAS_ALIBI:
+            distance = (pos - (seq_len - 1)).to(tl.float32)  # <= 0: the query is the last token
+            qk = tl.where(valid[None, :], qk * sm_scale_log2 + slope_log2[:, None] * distance[None, :], float("-inf"))
+        else:
+            qk = tl.where(valid[None, :], qk * sm_scale_log2, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -293,8 +306,10 @@ def _check_inputs(
     k_scale: torch.Tensor | None,
     v_scale: torch.Tensor | None,
     sliding_window: int | None,
+    alibi_slopes: torch.Tensor | None,
 ) -> None:
     check_q_and_pools(q, k_pool, v_pool, req_to_token, k_scale, v_scale, "batch")
+    check_alibi_slopes(alibi_slopes, q.shape[1], q.device)
     batch, num_heads, head_dim = q.shape
     for name, t in (("req_indices", req_indices), ("seq_lens", seq_lens)):
         if t.dim() != 1 or t.shape[0] != batch or t.dtype not in (torch.int32, torch.int64):
@@ -358,6 +373,7 @@ def decode_attention(
     v_scale: torch.Tensor | None = None,
     max_seq_len: int | None = None,
     num_splits: int | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per sequence attending to all its keys in the pool.
 
@@ -371,9 +387,12 @@ def decode_attention(
     when None the row length of req_to_token is used, which is always a bound but launches
     more programs that exit at once. `num_splits` fixes the number of splits per sequence
     instead (a CUDA graph's launch, see `graph_num_splits`). No device value is read on the host.
+
+    `alibi_slopes` ([H] float32 on q's device): ALiBi, head h's scores get
+    slope_h * (key position - (seq_lens[b] - 1)) added.
     """
     _check_inputs(
-        q, k_pool, v_pool, req_to_token, req_indices, seq_lens, out, k_scale, v_scale, sliding_window
+        q, k_pool, v_pool, req_to_token, req_indices, seq_lens, out, k_scale, v_scale, sliding_window, alibi_slopes
     )
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_pool.shape[1]
@@ -409,7 +428,9 @@ def decode_attention(
 
     grid = (batch, num_kv_heads, num_splits)
     args = (
-        q, k_pool, v_pool, ks, vs, req_to_token, req_indices, seq_lens, mid_o, mid_lse, out, scale * _LOG2E,
+        q, k_pool, v_pool, ks, vs, req_to_token, req_indices, seq_lens, mid_o, mid_lse, out,
+        alibi_slopes if alibi_slopes is not None else seq_lens,  # unused without ALiBi
+        scale * _LOG2E,
         window, *q.stride(), *k_pool.stride(), *v_pool.stride(), *ks_strides, *vs_strides,
         *req_to_token.stride(), *mid_o.stride(), *mid_lse.stride(), *out.stride(),
     )
@@ -429,6 +450,7 @@ def decode_attention(
         INT8_PINNED=INT8_PINNED,
         DOT_PRECISION=dot_precision(q.dtype),
         DIRECT=direct,
+        HAS_ALIBI=alibi_slopes is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -9,6 +9,8 @@ One program (grid [query blocks over max_new_len, N, H]) takes BLOCK_M query row
 of one sequence and walks the key blocks up to its causal limit (and from its sliding
 window's first key), FlashAttention-style: scores and the online softmax in float32,
 exp2 with the scale folded into log2(e). Query head h reads kv head h // (H / KV).
+With ALiBi slopes (`HAS_ALIBI`, a compile-time flag: other models compile the kernel as
+before) head h adds slope_h * (key position - query position) to its scores, in float32.
 
 With a tile table (`tiles`, [2, num_tiles]: sequence, query block) the grid is
 [num_tiles, H] instead and a program takes the tile its index names; a tile whose sequence is
@@ -24,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels._attention_checks import check_q_and_pools, dot_precision
+from engine.kernels._attention_checks import check_alibi_slopes, check_q_and_pools, dot_precision
 
 __all__ = ["max_prefill_tiles", "prefill_attention", "prefill_block_m", "prefill_tiles"]
 
@@ -65,6 +67,7 @@ def _prefill_kernel(
     stride_ot,
     stride_oh,
     stride_od,
+    slopes_ptr,  # last of the run-time arguments: before them it changed the registers of the others
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -73,6 +76,7 @@ def _prefill_kernel(
     IS_INT8: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_TILES: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
 ):
     if USE_TILES:
         seq = tl.load(tiles_ptr + tl.program_id(0)).to(tl.int32)
@@ -111,6 +115,10 @@ def _prefill_kernel(
     if HAS_WINDOW:
         lo = tl.maximum(start + m_block * BLOCK_M - window + 1, 0)
 
+    slope_log2 = 0.0
+    if HAS_ALIBI:  # in the scores' log2 units, as the scale
+        slope_log2 = tl.load(slopes_ptr + head).to(tl.float32) * 1.4426950408889634
+
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -133,7 +141,11 @@ def _prefill_kernel(
         allowed = k_valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
         if HAS_WINDOW:
             allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
-        qk = tl.where(allowed, qk * sm_scale_log2, float("-inf"))
+        if HAS_ALIBI:
+            distance = (k_pos[None, :] - q_pos[:, None]).to(tl.float32)  # <= 0 where allowed
+            qk = tl.where(allowed, qk * sm_scale_log2 + slope_log2 * distance, float("-inf"))
+        else:
+            qk = tl.where(allowed, qk * sm_scale_log2, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # A row with no key yet (window, or a padding row) keeps m = -inf: subtract 0 instead.
@@ -177,8 +189,10 @@ def _check_inputs(
     k_scale: torch.Tensor | None,
     v_scale: torch.Tensor | None,
     sliding_window: int | None,
+    alibi_slopes: torch.Tensor | None,
 ) -> None:
     check_q_and_pools(q, k_pool, v_pool, req_to_token, k_scale, v_scale, "num_tokens")
+    check_alibi_slopes(alibi_slopes, q.shape[1], q.device)
     _, num_heads, head_dim = q.shape
     num_seqs = req_indices.shape[0] if req_indices.dim() == 1 else -1
     for name, t, length in (
@@ -260,6 +274,7 @@ def prefill_attention(
     v_scale: torch.Tensor | None = None,
     max_new_len: int | None = None,
     tiles: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its cached prefix and themselves.
 
@@ -277,6 +292,9 @@ def prefill_attention(
     `tiles` ([2, num_tiles] int32/int64 on q's device, see `prefill_tiles`) replaces the grid
     over (query blocks, sequences) with one program per table entry (and head); it must name
     every query block of every sequence, with the kernel's `prefill_block_m`.
+
+    `alibi_slopes` ([H] float32 on q's device): ALiBi, head h's scores get
+    slope_h * (key position - query position) added.
     """
     _check_inputs(
         q,
@@ -290,6 +308,7 @@ def prefill_attention(
         k_scale,
         v_scale,
         sliding_window,
+        alibi_slopes,
     )
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = req_indices.shape[0]
@@ -339,6 +358,7 @@ def prefill_attention(
         *vs_strides,
         *req_to_token.stride(),
         *out.stride(),
+        alibi_slopes if alibi_slopes is not None else start_pos,  # unused without ALiBi
         GROUP=num_heads // k_pool.shape[1],
         HEAD_DIM=head_dim,
         BLOCK_M=block_m,
@@ -347,6 +367,7 @@ def prefill_attention(
         IS_INT8=is_int8,
         DOT_PRECISION=dot_precision(q.dtype),
         USE_TILES=tiles is not None,
+        HAS_ALIBI=alibi_slopes is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )

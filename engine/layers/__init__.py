@@ -10,7 +10,7 @@ from engine.layers.linear import (
     ReplicatedLinear,
     RowParallelLinear,
 )
-from engine.layers.norm import LayerNorm, RMSNorm
+from engine.layers.norm import HeadLayerNorm, LayerNorm, RMSNorm
 from engine.layers.rotary import (
     RotaryEmbedding,
     get_rope,
@@ -23,6 +23,7 @@ __all__ = [
     "Attention",
     "ColumnParallelLinear",
     "GeluAndMul",
+    "HeadLayerNorm",
     "LayerNorm",
     "MergedColumnParallelLinear",
     "ParallelLMHead",

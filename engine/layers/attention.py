@@ -9,7 +9,8 @@ Data flow of one layer in one step (see `engine/forward_context.py`):
    plus the tokens just stored), dequantized when int8.
 3. attend: new token j of sequence i sits at position start_pos_i + j and sees keys at
    positions <= its own (causal), and with a sliding window W only keys with
-   position > its own - W.
+   position > its own - W. With ALiBi slopes (BLOOM, `engine/layers/alibi.py`) head h adds
+   slope_h * (key position - query position) to its scores.
 
 Decode-only steps gather every sequence's keys into one padded [B, L] batch and mask the
 padding, instead of looping over sequences in Python.
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.alibi import alibi_bias
 from engine.layers.backend import use_triton
 from engine.worker.forward_context import INT8_KV_SCALE_DTYPE, ForwardContext, KVPool, get_forward_context
 
@@ -60,6 +62,7 @@ class Attention(nn.Module):
         scale: float,
         layer_idx: int,
         sliding_window: int | None = None,
+        alibi_slopes: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
@@ -70,6 +73,16 @@ class Attention(nn.Module):
         self.scale = scale
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
+        # ALiBi: this rank's heads' slopes, [num_heads] float32 on the model's device (a buffer,
+        # not a parameter: no checkpoint holds it). Layers may share one tensor.
+        self.alibi_slopes: torch.Tensor | None
+        if alibi_slopes is not None:
+            if tuple(alibi_slopes.shape) != (num_heads,):
+                raise ValueError(f"alibi_slopes must be [{num_heads}], got {tuple(alibi_slopes.shape)}")
+            alibi_slopes = alibi_slopes.to(torch.get_default_device(), torch.float32)
+            self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
+        else:
+            self.alibi_slopes = None
         # The kernels take power-of-two head sizes; other models keep the torch path on CUDA too.
         self._kernel_head_dim = head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
@@ -137,7 +150,7 @@ class Attention(nn.Module):
         )
         return triton_attention(
             ctx, q, kv.k[layer], kv.v[layer], self.scale, sliding_window=self.sliding_window, k_scale=k_scale,
-            v_scale=v_scale,
+            v_scale=v_scale, alibi_slopes=self.alibi_slopes,
         )
 
     def _per_sequence(
@@ -160,10 +173,12 @@ class Attention(nn.Module):
             else:
                 slots = ctx.req_to_token[row, :seq_len].long()
                 k, v = self._read(ctx.kv, slots, q.dtype)  # [L, KV, D]
-            mask = self._mask(start, num_new, seq_len, q.device)
+            mask = self._mask(start, num_new, seq_len, q.device, q.dtype)
             if num_new == 1:  # a decoding sequence in a mixed step: fold the heads as in _decode
                 q_i = q[offset].view(1, self.num_kv_heads, group, self.head_dim)  # [1, KV, G, D]
                 gqa = False
+                if mask is not None and mask.dim() == 3:  # ALiBi's [H, 1, L], folded the same way
+                    mask = mask.view(self.num_kv_heads, group, seq_len)
             else:
                 q_i = q[offset : offset + num_new].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
                 gqa = True
@@ -180,16 +195,21 @@ class Attention(nn.Module):
             offset += num_new
         return out
 
-    def _mask(self, start: int, num_new: int, seq_len: int, device: torch.device) -> torch.Tensor | None:
-        """Boolean [n, L] mask (True = attend), or None when plain causal or no mask suffices."""
+    def _mask(
+        self, start: int, num_new: int, seq_len: int, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """Boolean [n, L] mask (True = attend), or None when plain causal or no mask suffices;
+        with ALiBi the additive [H, n, L] bias in `dtype` (-inf where a key is not seen)."""
         window = self.sliding_window if self.sliding_window is not None and seq_len > self.sliding_window else None
-        if (start == 0 or num_new == 1) and window is None:
+        if (start == 0 or num_new == 1) and window is None and self.alibi_slopes is None:
             return None  # is_causal (n == L) or a single token that sees everything
         q_pos = torch.arange(start, seq_len, device=device).unsqueeze(1)  # [n, 1]
         k_pos = torch.arange(seq_len, device=device).unsqueeze(0)  # [1, L]
         mask = k_pos <= q_pos
         if window is not None:
             mask &= k_pos > q_pos - window
+        if self.alibi_slopes is not None:
+            return alibi_bias(self.alibi_slopes, q_pos, k_pos, mask, dtype)
         return mask
 
     def _decode(self, ctx: ForwardContext, q: torch.Tensor) -> torch.Tensor:
@@ -197,12 +217,14 @@ class Attention(nn.Module):
         num_seqs = q.shape[0]
         group = self.num_heads // self.num_kv_heads
         slots, bias = self._decode_grid(ctx, q.dtype)
+        if self.alibi_slopes is not None:
+            bias = self._decode_alibi(ctx, self.alibi_slopes, bias, q.dtype)
         k, v = self._read(ctx.kv, slots, q.dtype)  # [B, L, KV, D]
         o = F.scaled_dot_product_attention(
             q.view(num_seqs, self.num_kv_heads, group, self.head_dim),  # [B, KV, G, D]: heads of one kv head
             k.transpose(1, 2),  # [B, KV, L, D]
             v.transpose(1, 2),
-            attn_mask=bias,  # [B, 1, 1, L]
+            attn_mask=bias,  # [B, 1, 1, L]; with ALiBi [B, KV, G, L]
             scale=self.scale,
         )  # [B, KV, G, D]
         return o.reshape(num_seqs, self.num_heads, self.head_dim)
@@ -235,10 +257,31 @@ class Attention(nn.Module):
         ctx.derived[key] = (slots, bias)
         return slots, bias
 
+    def _decode_alibi(
+        self, ctx: ForwardContext, slopes: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The decode grid's additive mask [B, 1, 1, L] (or None) plus each head's ALiBi bias
+        against the query at position seq_len - 1: [B, KV, G, L] in `dtype`. Computed once per
+        step for the layers that share the slopes tensor."""
+        key = ("decode_alibi", self.sliding_window, dtype, slopes.data_ptr())
+        cached = ctx.derived.get(key)
+        if cached is not None:
+            return cached  # type: ignore[return-value]
+        k_pos = torch.arange(ctx.max_seq_len, device=slopes.device).view(1, 1, -1)  # [1, 1, L]
+        q_pos = (ctx.seq_lens.to(slopes.device) - 1).view(-1, 1, 1)  # [B, 1, 1]
+        bias = alibi_bias(slopes, q_pos, k_pos, None, dtype)  # [B, H, 1, L]
+        if mask is not None:
+            bias = bias + mask
+        group = self.num_heads // self.num_kv_heads
+        bias = bias.view(bias.shape[0], self.num_kv_heads, group, ctx.max_seq_len)
+        ctx.derived[key] = bias
+        return bias
+
     def extra_repr(self) -> str:
+        alibi = "" if self.alibi_slopes is None else ", alibi"
         return (
             f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-            f"layer={self.layer_idx}, sliding_window={self.sliding_window}"
+            f"layer={self.layer_idx}, sliding_window={self.sliding_window}{alibi}"
         )
 
 
@@ -252,13 +295,15 @@ def triton_attention(
     sliding_window: int | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One layer's attention of a step through the Triton kernels, the new K/V already stored.
 
-    q: [T, H, D] -> [T, H, D]. A decode-only step takes the decode kernel. A packed step takes
-    the prefill kernel, except its leading one-token sequences (`ctx.decode_rows`): the decode
-    kernel reads each of their keys once per kv head for the whole query group, where the
-    prefill kernel would compute a query tile per head (BLOCK_M rows, one of them real).
+    q: [T, H, D] -> [T, H, D]; `alibi_slopes`: [H] float32, ALiBi's per-head slopes, or None.
+    A decode-only step takes the decode kernel. A packed step takes the prefill kernel, except
+    its leading one-token sequences (`ctx.decode_rows`): the decode kernel reads each of their
+    keys once per kv head for the whole query group, where the prefill kernel would compute a
+    query tile per head (BLOCK_M rows, one of them real).
     """
     from engine.kernels.decode_attention import decode_attention
     from engine.kernels.prefill_attention import prefill_attention
@@ -266,7 +311,7 @@ def triton_attention(
     if ctx.is_decode_only:
         return decode_attention(
             q, k_pool, v_pool, ctx.req_to_token, ctx.req_indices, ctx.seq_lens, scale,
-            sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale,
+            sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale, alibi_slopes=alibi_slopes,
             max_seq_len=ctx.max_seq_len, num_splits=ctx.decode_num_splits,
         )
     graphed = ctx.prefill_tiles is not None
@@ -280,7 +325,7 @@ def triton_attention(
         # their values from the prefill launch after it (its tiles cover only those sequences).
         decode_attention(
             q[:rows], k_pool, v_pool, ctx.req_to_token, ctx.req_indices[:rows], ctx.decode_seq_lens, scale,
-            out[:rows], sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale,
+            out[:rows], sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale, alibi_slopes=alibi_slopes,
             max_seq_len=ctx.max_seq_len, num_splits=ctx.decode_num_splits,
         )
         if not graphed:
@@ -288,12 +333,14 @@ def triton_attention(
     if graphed:
         return prefill_attention(
             q, k_pool, v_pool, ctx.req_to_token, ctx.req_indices, ctx.start_pos, ctx.cu_new_lens, scale, out,
-            sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale, tiles=ctx.prefill_tiles,
+            sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale, alibi_slopes=alibi_slopes,
+            tiles=ctx.prefill_tiles,
         )
     req_indices, start_pos, cu_new_lens = _prefill_part(ctx, first)
     return prefill_attention(
         q, k_pool, v_pool, ctx.req_to_token, req_indices, start_pos, cu_new_lens, scale, out,
-        sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale, max_new_len=max(ctx.new_lens_list[first:]),
+        sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale, alibi_slopes=alibi_slopes,
+        max_new_len=max(ctx.new_lens_list[first:]),
     )
 
 

@@ -1,4 +1,5 @@
-"""RMSNorm with an optional fused residual add (the torch reference of the Triton kernel)."""
+"""RMSNorm with an optional fused residual add (the torch reference of the Triton kernel), LayerNorm,
+and a LayerNorm per attention head."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.distributed import WeightLike, read_weight
 from engine.layers.backend import use_triton
 
 
@@ -77,3 +79,43 @@ class LayerNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, bias={self.bias is not None}"
+
+
+class HeadLayerNorm(nn.Module):
+    """A LayerNorm over each attention head of q or k, with a weight of its own per head and no
+    bias (StableLM's `qk_layernorm`, Cohere's `use_qk_norm`), computed in float32.
+
+    weight: [num_heads, head_dim], this rank's heads: rows [first_head, first_head + num_heads)
+    of the checkpoint's [total_heads, head_dim], which its weight loader reads alone.
+    `forward` takes rows of single heads, x: [T * num_heads, head_dim] (token-major, as
+    `[T, num_heads * head_dim].reshape(-1, head_dim)` lays them out), and returns the same shape.
+    """
+
+    def __init__(
+        self, num_heads: int, head_dim: int, eps: float, first_head: int = 0, total_heads: int | None = None
+    ) -> None:
+        super().__init__()
+        self.eps = eps
+        self.first_head = first_head
+        self.total_heads = num_heads if total_heads is None else total_heads
+        self.weight = nn.Parameter(torch.ones(num_heads, head_dim), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: WeightLike) -> None:
+        num_heads, head_dim = param.shape
+        if tuple(loaded_weight.shape) != (self.total_heads, head_dim):
+            raise ValueError(
+                f"weight shape mismatch: per-head norm needs ({self.total_heads}, {head_dim}), "
+                f"checkpoint {tuple(loaded_weight.shape)}"
+            )
+        param.data.copy_(read_weight(loaded_weight.narrow(0, self.first_head, num_heads)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        num_heads, head_dim = self.weight.shape
+        heads = x.float().view(-1, num_heads, head_dim)  # [T, heads, head_dim]
+        y = F.layer_norm(heads, (head_dim,), None, None, self.eps) * self.weight.float()
+        return y.view(x.shape).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        num_heads, head_dim = self.weight.shape
+        return f"heads={num_heads} of {self.total_heads}, head_dim={head_dim}, eps={self.eps}"

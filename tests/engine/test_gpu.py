@@ -10,6 +10,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from tests.engine.models.harness import save_tiny_model, tiny_config
+from tests.engine.models.remote_families import SAVERS, save_family
 
 pytestmark = [
     pytest.mark.gpu,
@@ -41,6 +42,20 @@ _RUNS_OF = {
     "qwen2": [r for r in _GPU_RUNS if r[0] == "triton" and r != ("triton", "bfloat16", True)],
     "qwen3": [("triton", "float32", False), ("triton", "bfloat16", False)],  # q/k norms graphed
     "phi3": [("triton", "bfloat16", False)],
+    "stablelm": [("triton", "float32", False), ("triton", "bfloat16", False)],  # per-head q/k norms, partial rotary
+    "cohere": [("triton", "float32", False), ("triton", "bfloat16", False)],  # parallel residual, logit scale
+    "cohere2": [("triton", "float32", False), ("triton", "bfloat16", False)],  # sliding + no-rotary layers
+    # multi-query (one kv head for the whole group) through the Triton kernels, graphed and eager
+    "gpt_bigcode": [("triton", "float32", True), ("triton", "float32", False), ("triton", "bfloat16", False)],
+    "starcoder2": [("triton", "float32", False), ("triton", "bfloat16", False)],
+    "internlm2": [("triton", "float32", False), ("triton", "bfloat16", False)],
+    "internlm3": [("triton", "bfloat16", False)],
+    "glm": [("triton", "float32", False), ("triton", "bfloat16", False)],  # partial rotary, q/k biases
+    "glm4": [("triton", "bfloat16", False)],
+    "chatglm": [("triton", "float32", False), ("triton", "bfloat16", True)],
+    "minicpm": [("triton", "float32", False), ("triton", "bfloat16", False)],  # scalings graphed
+    # ALiBi in the kernels (prefill, decode, mixed, graphed) and on the torch path
+    "bloom": [r for r in _GPU_RUNS if r != ("triton", "bfloat16", True)],
     # mixture of experts: the fused Triton experts eager and graphed, the torch path once
     "mixtral": [("torch", "float32", True), ("triton", "float32", True), ("triton", "float32", False),
                 ("triton", "bfloat16", False)],
@@ -49,9 +64,12 @@ _RUNS_OF = {
 }
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("kind", list(_RUNS_OF))
 def test_gpu_greedy_matches_cpu(kind: str, tmp_path: Path) -> None:
-    save_tiny_model(str(tmp_path), tiny_config(kind))
+    if kind in SAVERS:  # a family saved in its own checkpoint layout
+        save_family(kind, tmp_path)
+    else:
+        save_tiny_model(str(tmp_path), tiny_config(kind))
     prompts = _prompts(6)
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=1)
     with LLM(str(tmp_path), device="cpu", dtype="float32", kv_cache_memory_gb=0.01) as cpu:

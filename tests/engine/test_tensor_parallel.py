@@ -18,6 +18,7 @@ from engine.distributed import all_gather, all_reduce, check_tensor_parallel, ge
 from engine.model_config import ModelConfig
 from engine.outputs import RequestOutput
 from tests.engine.models.harness import save_tiny_model, tiny_config
+from tests.engine.models.remote_families import SAVERS, save_family
 
 PROMPTS: list[list[int]] = [[1, 5, 9, 33, 7, 250, 4], [100, 2, 3], list(range(10, 50))]
 
@@ -56,14 +57,37 @@ def _logprob_values(entries: list[Any] | None) -> dict[tuple[int, int], float]:
         ("qwen3", {}),  # per-head q/k norms (replicated), head_dim != hidden / heads
         ("phi3", {}),  # q | k | v and gate | up fused in the checkpoint: each rank takes its rows of each
         ("llama", {"num_key_value_heads": 1}),  # fewer kv heads than ranks: replicated
+        # per-head q/k LayerNorms: each rank its heads' rows; q/k/v biases; partial rotary
+        ("stablelm", {"qk_layernorm": True, "use_qkv_bias": True}),
+        # interleaved rotary reordered per rank; per-head norms with a replicated kv head
+        ("cohere", {"use_qk_norm": True, "num_key_value_heads": 1}),
+        ("cohere2", {}),  # sliding layers with rotary, global layers without
+        ("gpt_bigcode", {}),  # multi-query: the one kv head replicated, fused c_attn, learned positions
+        ("gpt_bigcode", {"multi_query": False}),  # per-head q, k, v rows re-laid, then split by heads
+        ("starcoder2", {"sliding_window": 6}),  # LayerNorm, biases, GELU MLP, sliding window
+        ("internlm2", {}),  # grouped wqkv regrouped into q, k, v before each rank takes its heads
+        ("internlm2", {"num_key_value_heads": 1}),
+        ("internlm3", {}),
+        ("glm", {}),  # q/k rows permuted (half-head interleaved rotary), then sharded
+        ("glm4", {}),  # replicated extra norms
+        ("chatglm", {}),  # fused query_key_value and dense_h_to_4h, own names
+        ("minicpm", {}),  # muP scalings, tied head
+        # per-head fused q/k/v, each rank 3 heads with their own ALiBi slopes (6: not a power of two)
+        ("bloom", {"num_attention_heads": 6, "hidden_size": 96}),
         ("mixtral", {}),  # each expert's gate / up rows and down columns split, router replicated
         ("qwen2_moe", {}),  # + a shared expert (split as a dense MLP) with its gate, a dense layer
         ("qwen3_moe", {}),  # renormalised top-k, q/k norms
     ],
-    ids=["llama", "qwen2", "qwen3", "phi3", "llama-kv1", "mixtral", "qwen2-moe", "qwen3-moe"],
+    ids=["llama", "qwen2", "qwen3", "phi3", "llama-kv1", "stablelm-qk-norm", "cohere-qk-norm-kv1", "cohere2",
+         "gpt_bigcode", "gpt_bigcode-mha", "starcoder2", "internlm2", "internlm2-kv1", "internlm3", "glm",
+         "glm4", "chatglm", "minicpm", "bloom",
+         "mixtral", "qwen2-moe", "qwen3-moe"],
 )
 def test_tp2_matches_tp1(tmp_path: Path, kind: str, overrides: dict[str, Any]) -> None:
-    save_tiny_model(str(tmp_path), tiny_config(kind, vocab_size=251, **overrides))  # 251: a padded shard
+    if kind in SAVERS:  # a family saved in its own checkpoint layout
+        save_family(kind, tmp_path, vocab_size=251, **overrides)
+    else:
+        save_tiny_model(str(tmp_path), tiny_config(kind, vocab_size=251, **overrides))  # 251: a padded shard
     single, split = _run(str(tmp_path), 1), _run(str(tmp_path), 2)
     for a, b in zip(single, split, strict=True):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids

@@ -14,6 +14,7 @@ import torch
 import engine.kernels.decode_attention as decode_module
 from engine.kernels.decode_attention import decode_attention
 from engine.kernels.timing import graph_time_ms
+from engine.layers.alibi import alibi_slopes
 from tests.engine.kernels.pools import NAN, PoisonedPool
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -33,6 +34,7 @@ class Case(PoisonedPool):
         int8: bool = False,
         window: int | None = None,
         seed: int = 0,
+        alibi: bool = False,
     ) -> None:
         gen = torch.Generator().manual_seed(seed)
         batch = len(seq_lens)
@@ -42,6 +44,7 @@ class Case(PoisonedPool):
         self.seq_lens = torch.tensor(seq_lens, dtype=torch.int64)
         self.scale = 1.0 / math.sqrt(head_dim)
         self.window = window
+        self.alibi_slopes = alibi_slopes(num_heads) if alibi else None  # BLOOM's, of every head
 
     def run(self, **kwargs: object) -> torch.Tensor:
         out = torch.full_like(self.q, NAN)  # poisoned: an unwritten element fails the test
@@ -57,13 +60,15 @@ class Case(PoisonedPool):
             sliding_window=self.window,
             k_scale=self.k_scale,
             v_scale=self.v_scale,
+            alibi_slopes=self.alibi_slopes,
             **kwargs,  # type: ignore[arg-type]
         )
         assert result is out
         return out
 
     def reference(self) -> torch.Tensor:
-        """Gather each sequence's (windowed) keys, repeat kv heads, softmax in float32."""
+        """Gather each sequence's (windowed) keys, repeat kv heads, softmax in float32 (with
+        ALiBi, slope_h * (key position - query position) added to head h's scores)."""
         group = self.q.shape[1] // self.k_pool.shape[1]
         outs = []
         for b, length in enumerate(self.seq_lens.tolist()):
@@ -75,6 +80,9 @@ class Case(PoisonedPool):
                 v = v * self.v_scale[slots].float()[..., None]
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
             scores = torch.einsum("hd,lhd->hl", self.q[b].float(), k) * self.scale
+            if self.alibi_slopes is not None:
+                k_pos = torch.arange(first, length, device=scores.device)
+                scores = scores + self.alibi_slopes.float()[:, None] * (k_pos - (length - 1))
             outs.append(torch.einsum("hl,lhd->hd", scores.softmax(-1), v))
         return torch.stack(outs).to(self.q.dtype)
 
@@ -97,6 +105,13 @@ def test_matches_reference_on_ragged_batch(group: int, head_dim: int, dtype: tor
         DEVICE
     )
     torch.testing.assert_close(case.run(max_seq_len=75), case.reference(), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_multi_query_one_kv_head_serves_a_large_group(int8: bool) -> None:
+    # GPTBigCode: all 20 query heads read the one kv head (a group padded to 32 rows)
+    case = Case([1, 17, 40, 75], num_heads=20, num_kv_heads=1, head_dim=64, dtype=torch.float32, int8=int8)
+    torch.testing.assert_close(case.to(DEVICE).run(max_seq_len=75), case.reference(), **tolerance(torch.float32))
 
 
 def test_sliding_window_excludes_old_keys() -> None:
@@ -132,6 +147,30 @@ def test_int8_pool_with_window_and_fixed_splits(group: int, num_splits: int | No
     out = case.run(max_seq_len=70, num_splits=num_splits)
     torch.testing.assert_close(out[:4], case.reference()[:4], **tolerance(torch.float32))
     assert torch.equal(out[4], torch.zeros_like(out[4]))
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "int8", "dtype", "num_splits"),
+    [
+        (4, 4, False, torch.float32, None),  # several splits per sequence
+        (6, 6, False, torch.float32, 1),  # one split, written directly; 6 heads: BLOOM's odd slopes
+        (6, 2, True, torch.float32, None),  # a group of 3 query heads with their own slopes
+        (12, 12, True, torch.float16, 3),
+        (8, 2, False, torch.float16, None),  # (the interpreter's bf16 dots are wrong: bf16 on a GPU only)
+    ],
+)
+def test_alibi_matches_reference(
+    heads: int, kv_heads: int, int8: bool, dtype: torch.dtype, num_splits: int | None
+) -> None:
+    case = Case([1, 17, 40, 75, 0], num_heads=heads, num_kv_heads=kv_heads, head_dim=32, dtype=dtype, int8=int8,
+                alibi=True)
+    case.to(DEVICE)
+    out = case.run(max_seq_len=75, num_splits=num_splits)
+    reference = case.reference()
+    torch.testing.assert_close(out[:4], reference[:4], **tolerance(dtype))
+    assert torch.equal(out[4], torch.zeros_like(out[4]))  # a padded row
+    case.alibi_slopes = None  # the bias matters at these lengths: without it the output differs
+    assert (case.reference()[:4].float() - reference[:4].float()).abs().max() > 0.1
 
 
 def test_without_max_seq_len_hint_uses_row_length() -> None:
@@ -175,6 +214,8 @@ def test_rejects_bad_inputs() -> None:
         decode_attention(*args, torch.empty_like(case.q, dtype=torch.float16))
     with pytest.raises(ValueError, match="scales"):
         decode_attention(*args[:1], case.k_pool.to(torch.int8), case.v_pool.to(torch.int8), *args[3:])
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        decode_attention(*args, alibi_slopes=torch.ones(2))  # one per query head: 4
 
 
 # ---- GPU, real shapes ---------------------------------------------------------------------
@@ -208,6 +249,28 @@ def test_gpu_variants(group: int, head_dim: int, window: int | None, int8: bool)
         window=window,
     ).to("cuda")
     torch.testing.assert_close(case.run(max_seq_len=max(seq_lens)), case.reference(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("heads", "int8", "num_splits"), [(32, False, None), (32, True, None), (16, False, 1)])
+def test_gpu_alibi_real_shapes(heads: int, int8: bool, num_splits: int | None) -> None:
+    # bloom-7b1's attention (32 heads of 128) and bloom-560m's head count; split-K and one split.
+    seq_lens = torch.randint(1, 3000, (96,), generator=torch.Generator().manual_seed(2)).tolist()
+    case = Case(seq_lens, num_heads=heads, num_kv_heads=heads, head_dim=128, dtype=torch.bfloat16, int8=int8,
+                alibi=True).to("cuda")
+    out = case.run(max_seq_len=max(seq_lens), num_splits=num_splits)
+    torch.testing.assert_close(out, case.reference(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("num_heads", "int8"), [(48, False), (48, True), (16, False)], ids=["starcoder", "starcoder-int8", "santacoder"])
+def test_gpu_multi_query_real_shapes(num_heads: int, int8: bool) -> None:
+    # StarCoder (48 query heads) and SantaCoder (16): one kv head of 128, contexts up to 8 192
+    seq_lens = torch.randint(1, 8193, (64,), generator=torch.Generator().manual_seed(num_heads)).tolist()
+    case = Case(seq_lens, num_heads=num_heads, num_kv_heads=1, head_dim=128, dtype=torch.bfloat16, int8=int8)
+    torch.testing.assert_close(case.to("cuda").run(max_seq_len=max(seq_lens)), case.reference(), atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.gpu

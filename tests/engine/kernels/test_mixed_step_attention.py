@@ -38,24 +38,27 @@ def _eager(case: Case, decode_rows: int = 3) -> torch.Tensor:
     assert ctx.decode_rows == decode_rows and not ctx.is_decode_only
     return triton_attention(
         ctx, case.q, case.k_pool, case.v_pool, case.scale, sliding_window=case.window, k_scale=case.k_scale,
-        v_scale=case.v_scale,
+        v_scale=case.v_scale, alibi_slopes=case.alibi_slopes,
     )
 
 
-@pytest.mark.parametrize(("int8", "window"), [(False, None), (True, None), (False, 12)])
+@pytest.mark.parametrize(
+    ("int8", "window", "alibi"),
+    [(False, None, False), (True, None, False), (False, 12, False), (False, None, True), (True, None, True)],
+)
 def test_leading_decodes_take_the_decode_kernel_eagerly(
-    int8: bool, window: int | None, monkeypatch: pytest.MonkeyPatch
+    int8: bool, window: int | None, alibi: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    case = Case(MIXED, HEADS, KV_HEADS, HEAD_DIM, torch.float32, int8=int8, window=window).to(DEVICE)
+    case = Case(MIXED, HEADS, KV_HEADS, HEAD_DIM, torch.float32, int8=int8, window=window, alibi=alibi).to(DEVICE)
     # The output the two launches share starts as NaN: a row neither writes fails.
     empty_like = torch.empty_like
     monkeypatch.setattr(torch, "empty_like", lambda t, **kw: empty_like(t, **kw).fill_(float("nan")))
     torch.testing.assert_close(_eager(case), case.reference(), **tolerance(torch.float32))
 
 
-@pytest.mark.parametrize("int8", [False, True])
-def test_a_staged_graph_step_matches_the_eager_one(int8: bool) -> None:
-    case = Case(MIXED, HEADS, KV_HEADS, HEAD_DIM, torch.float32, int8=int8).to(DEVICE)
+@pytest.mark.parametrize(("int8", "alibi"), [(False, False), (True, False), (False, True), (True, True)])
+def test_a_staged_graph_step_matches_the_eager_one(int8: bool, alibi: bool) -> None:
+    case = Case(MIXED, HEADS, KV_HEADS, HEAD_DIM, torch.float32, int8=int8, alibi=alibi).to(DEVICE)
     num_tokens = case.q.shape[0]
     seqs = []
     for i, (start, n) in enumerate(case.seqs):
@@ -81,7 +84,8 @@ def test_a_staged_graph_step_matches_the_eager_one(int8: bool) -> None:
     gen = torch.Generator().manual_seed(1)
     padding = torch.randn(bucket - num_tokens, HEADS, HEAD_DIM, generator=gen).to(DEVICE)
     q = torch.cat([case.q, padding])
-    out = triton_attention(ctx, q, case.k_pool, case.v_pool, case.scale, k_scale=case.k_scale, v_scale=case.v_scale)
+    out = triton_attention(ctx, q, case.k_pool, case.v_pool, case.scale, k_scale=case.k_scale, v_scale=case.v_scale,
+                           alibi_slopes=case.alibi_slopes)
     torch.testing.assert_close(out[:num_tokens], case.reference(), **tolerance(torch.float32))
     assert (out[num_tokens:] == 0).all()  # padding rows: zeros, not garbage
     torch.testing.assert_close(out[:num_tokens], _eager(case), atol=1e-5, rtol=1e-5)
@@ -89,14 +93,18 @@ def test_a_staged_graph_step_matches_the_eager_one(int8: bool) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize(("dtype", "int8"), [(torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)])
-def test_gpu_real_shapes(dtype: torch.dtype, int8: bool) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "int8", "alibi"),
+    [(torch.bfloat16, False, False), (torch.float16, False, False), (torch.bfloat16, True, False),
+     (torch.bfloat16, False, True), (torch.bfloat16, True, True)],
+)
+def test_gpu_real_shapes(dtype: torch.dtype, int8: bool, alibi: bool) -> None:
     # offline1000's steady state at the 8B shape: 200 running decodes of 100-3000 keys, then
     # prompts and chunks after cached prefixes; eager, and staged for the graph of its bucket.
     gen = torch.Generator().manual_seed(0)
     decodes = [(int(s), 1) for s in torch.randint(100, 3000, (200,), generator=gen)]
     seqs = decodes + [(0, 600), (0, 129), (700, 300), (50, 1), (0, 17)]
-    case = Case(seqs, num_heads=32, num_kv_heads=8, head_dim=128, dtype=dtype, int8=int8).to("cuda")
+    case = Case(seqs, num_heads=32, num_kv_heads=8, head_dim=128, dtype=dtype, int8=int8, alibi=alibi).to("cuda")
     reference = case.reference()
     torch.testing.assert_close(_eager(case, decode_rows=200), reference, atol=1e-2, rtol=1e-2)
     num_tokens = case.q.shape[0]
@@ -116,6 +124,6 @@ def test_gpu_real_shapes(dtype: torch.dtype, int8: bool) -> None:
     graphs._static.copy_(graphs._host)
     q = torch.cat([case.q, torch.randn(bucket - num_tokens, 32, 128, device="cuda").to(dtype)])
     out = triton_attention(graphs._context(bucket), q, case.k_pool, case.v_pool, case.scale, k_scale=case.k_scale,
-                           v_scale=case.v_scale)
+                           v_scale=case.v_scale, alibi_slopes=case.alibi_slopes)
     torch.testing.assert_close(out[:num_tokens], reference, atol=1e-2, rtol=1e-2)
     assert (out[num_tokens:] == 0).all()

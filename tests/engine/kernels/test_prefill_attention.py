@@ -18,6 +18,7 @@ from engine.kernels.prefill_attention import (
     prefill_block_m,
     prefill_tiles,
 )
+from engine.layers.alibi import alibi_slopes
 from tests.engine.kernels.pools import NAN, PoisonedPool
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,6 +39,7 @@ class Case(PoisonedPool):
         int8: bool = False,
         window: int | None = None,
         seed: int = 0,
+        alibi: bool = False,
     ) -> None:
         gen = torch.Generator().manual_seed(seed)
         seq_lens = [s + n for s, n in seqs]
@@ -51,6 +53,7 @@ class Case(PoisonedPool):
         self.seqs = seqs
         self.scale = 1.0 / math.sqrt(head_dim)
         self.window = window
+        self.alibi_slopes = alibi_slopes(num_heads) if alibi else None  # BLOOM's, of every head
 
     def run(self, **kwargs: object) -> torch.Tensor:
         out = torch.full_like(self.q, NAN)  # poisoned: an unwritten element fails the test
@@ -67,13 +70,15 @@ class Case(PoisonedPool):
             sliding_window=self.window,
             k_scale=self.k_scale,
             v_scale=self.v_scale,
+            alibi_slopes=self.alibi_slopes,
             **kwargs,  # type: ignore[arg-type]
         )
         assert result is out
         return out
 
     def reference(self) -> torch.Tensor:
-        """Gather each sequence's keys, repeat kv heads, masked softmax in float32."""
+        """Gather each sequence's keys, repeat kv heads, masked softmax in float32 (with ALiBi,
+        slope_h * (key position - query position) added to head h's scores)."""
         group = self.q.shape[1] // self.k_pool.shape[1]
         outs = []
         offset = 0
@@ -94,6 +99,8 @@ class Case(PoisonedPool):
             allowed = k_pos <= q_pos
             if self.window is not None:
                 allowed &= k_pos > q_pos - self.window
+            if self.alibi_slopes is not None:
+                scores = scores + self.alibi_slopes.float()[:, None, None] * (k_pos - q_pos)
             scores = scores.masked_fill(~allowed, float("-inf"))
             outs.append(torch.einsum("hnl,lhd->nhd", scores.softmax(-1), v))
         return torch.cat(outs).to(self.q.dtype)
@@ -122,6 +129,13 @@ def test_matches_reference_on_ragged_batch(group: int, head_dim: int, dtype: tor
     torch.testing.assert_close(case.run(max_new_len=37), case.reference(), **tolerance(dtype))
 
 
+@pytest.mark.parametrize("int8", [False, True])
+def test_multi_query_one_kv_head_serves_every_head(int8: bool) -> None:
+    # GPTBigCode: all 6 query heads read the one kv head
+    case = Case(RAGGED, num_heads=6, num_kv_heads=1, head_dim=64, dtype=torch.float32, int8=int8).to(DEVICE)
+    torch.testing.assert_close(case.run(max_new_len=37), case.reference(), **tolerance(torch.float32))
+
+
 def test_sliding_window_excludes_old_keys() -> None:
     case = Case(
         [(0, 40), (30, 9), (3, 20), (50, 1)],
@@ -141,6 +155,35 @@ def test_int8_pool_dequantized_with_scales(dtype: torch.dtype) -> None:
     case = Case([(0, 21), (25, 12)], num_heads=8, num_kv_heads=2, head_dim=64, dtype=dtype, int8=True)
     case.to(DEVICE)
     torch.testing.assert_close(case.run(max_new_len=21), case.reference(), **tolerance(dtype))
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "int8", "dtype"),
+    [
+        (4, 4, False, torch.float32),
+        (6, 6, False, torch.float32),  # BLOOM's slopes of a head count that is not a power of two
+        (6, 2, True, torch.float32),
+        (12, 12, True, torch.float16),
+        (8, 8, False, torch.float16),
+    ],
+)
+def test_alibi_matches_reference(heads: int, kv_heads: int, int8: bool, dtype: torch.dtype) -> None:
+    case = Case(RAGGED, num_heads=heads, num_kv_heads=kv_heads, head_dim=32, dtype=dtype, int8=int8, alibi=True)
+    case.to(DEVICE)
+    reference = case.reference()
+    torch.testing.assert_close(case.run(max_new_len=37), reference, **tolerance(dtype))
+    case.alibi_slopes = None  # the bias matters at these lengths: without it the output differs
+    assert (case.reference().float() - reference.float()).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_alibi_through_the_tile_table(int8: bool) -> None:
+    seqs = [*RAGGED, (9, 0)]
+    case = Case(seqs, num_heads=6, num_kv_heads=6, head_dim=32, dtype=torch.float32, int8=int8, alibi=True)
+    case.to(DEVICE)
+    num_tokens = sum(n for _, n in seqs)
+    tiles = tile_table(case, max_prefill_tiles(num_tokens + 20, len(seqs), prefill_block_m(torch.device(DEVICE))))
+    torch.testing.assert_close(case.run(tiles=tiles), case.reference(), **tolerance(torch.float32))
 
 
 def test_without_max_new_len_hint_uses_num_tokens() -> None:
@@ -204,6 +247,10 @@ def test_rejects_bad_inputs() -> None:
         prefill_attention(*args[:1], case.k_pool.to(torch.int8), case.v_pool.to(torch.int8), *args[3:])
     with pytest.raises(ValueError, match="tiles"):
         prefill_attention(*args, tiles=torch.zeros(3, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        prefill_attention(*args, alibi_slopes=torch.ones(3))  # one per head: 4
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        prefill_attention(*args, alibi_slopes=torch.ones(4, dtype=torch.float64))
 
 
 # ---- GPU, real shapes ---------------------------------------------------------------------
@@ -242,6 +289,31 @@ def test_gpu_variants(group: int, head_dim: int, window: int | None, int8: bool)
         window=window,
     ).to("cuda")
     torch.testing.assert_close(case.run(max_new_len=4096), case.reference(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("heads", "int8"), [(32, False), (32, True), (16, False)])
+def test_gpu_alibi_real_shapes(heads: int, int8: bool) -> None:
+    # bloom-7b1's attention (32 heads of 128) and bloom-560m's head count; eager and tiled.
+    seqs = [(0, 1100), (700, 300), (2000, 1), (0, 5), (300, 129)]
+    case = Case(seqs, num_heads=heads, num_kv_heads=heads, head_dim=128, dtype=torch.bfloat16, int8=int8, alibi=True)
+    case.to("cuda")
+    reference = case.reference()
+    torch.testing.assert_close(case.run(max_new_len=1100), reference, atol=1e-2, rtol=1e-2)
+    tiles = tile_table(case, max_prefill_tiles(sum(n for _, n in seqs), 32, prefill_block_m(torch.device("cuda"))))
+    torch.testing.assert_close(case.run(tiles=tiles), reference, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("num_heads", "int8"), [(48, False), (48, True), (16, False)], ids=["starcoder", "starcoder-int8", "santacoder"])
+def test_gpu_multi_query_real_shapes(num_heads: int, int8: bool) -> None:
+    # StarCoder (48 query heads) and SantaCoder (16): one kv head of 128, contexts up to its 8 192
+    # (the reference's float32 scores of 48 heads bound the chunk sizes)
+    seqs = [(0, 3072), (1000, 2000), (8000, 1), (0, 777), (6500, 1500)]
+    case = Case(seqs, num_heads=num_heads, num_kv_heads=1, head_dim=128, dtype=torch.bfloat16, int8=int8).to("cuda")
+    torch.testing.assert_close(case.run(max_new_len=3072), case.reference(), atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.gpu

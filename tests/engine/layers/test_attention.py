@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from engine.layers import Attention, dequantize_int8, quantize_int8
+from engine.layers.alibi import alibi_slopes
 from engine.worker.forward_context import KVPool, build_forward_context, set_forward_context
 
 H, KV, D = 4, 2, 8
@@ -15,9 +16,11 @@ NUM_SLOTS, ROWS, MAX_LEN = 256, 4, 64
 
 
 def reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, window: int | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, window: int | None,
+    slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [n, H, D] at positions start.., k/v [L, KV, D] at 0..L-1 -> [n, H, D]."""
+    """q [n, H, D] at positions start.., k/v [L, KV, D] at 0..L-1 -> [n, H, D]; with ALiBi
+    `slopes` [H], slope_h * (key position - query position) added to head h's scores."""
     n, length = q.shape[0], k.shape[0]
     k = k.repeat_interleave(H // KV, dim=1)
     v = v.repeat_interleave(H // KV, dim=1)
@@ -27,6 +30,8 @@ def reference(
     allowed = k_pos <= q_pos
     if window is not None:
         allowed &= k_pos > q_pos - window
+    if slopes is not None:
+        scores = scores + slopes[:, None, None] * (k_pos - q_pos)
     scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.einsum("hnl,lhd->nhd", scores.softmax(-1), v)
 
@@ -85,8 +90,10 @@ def run_steps(
 
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("int8", [False, True])
-def test_mixed_steps_match_dense_reference(window: int | None, int8: bool) -> None:
-    attn = Attention(H, KV, D, scale=D**-0.5, layer_idx=0, sliding_window=window)
+@pytest.mark.parametrize("alibi", [False, True], ids=["no-alibi", "alibi"])
+def test_mixed_steps_match_dense_reference(window: int | None, int8: bool, alibi: bool) -> None:
+    slopes = alibi_slopes(H) if alibi else None
+    attn = Attention(H, KV, D, scale=D**-0.5, layer_idx=0, sliding_window=window, alibi_slopes=slopes)
     # prefill (one chunked), a mixed step, decode-only steps over 3 sequences, then over one
     # (the single-sequence decode path, with and without the window cutting in).
     steps = [
@@ -106,14 +113,16 @@ def test_mixed_steps_match_dense_reference(window: int | None, int8: bool) -> No
         for r, n in step:
             q, k, v = history[r]
             end = lens[r] + n
-            expected = reference(q[lens[r] : end], k[:end], v[:end], lens[r], window)
+            expected = reference(q[lens[r] : end], k[:end], v[:end], lens[r], window, slopes)
             actual = out[off : off + n].view(n, H, D)
             assert (actual - expected).norm() / expected.norm() < tol, (step, r)
             lens[r], off = end, off + n
 
 
-def test_batched_decode_equals_per_sequence_path() -> None:
-    attn = Attention(H, KV, D, scale=0.3, layer_idx=0, sliding_window=4)
+@pytest.mark.parametrize("alibi", [False, True])
+def test_batched_decode_equals_per_sequence_path(alibi: bool) -> None:
+    slopes = alibi_slopes(H) if alibi else None
+    attn = Attention(H, KV, D, scale=0.3, layer_idx=0, sliding_window=4, alibi_slopes=slopes)
     pool = make_pool(False)
     run_steps(attn, pool, [[(0, 6), (1, 2), (2, 9)]], seed=3)  # fills slots 0.. of rows 0-2
     req_to_token = torch.full((ROWS, MAX_LEN), NUM_SLOTS - 1, dtype=torch.int32)

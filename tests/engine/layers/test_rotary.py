@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from engine.layers import RotaryEmbedding, get_rope, rope_parameters_from_config
+from engine.layers import RotaryEmbedding, get_rope, interleaved_to_half_rows, rope_parameters_from_config
 from engine.layers.rotary import compute_inv_freq
 
 LLAMA3 = {
@@ -83,3 +83,44 @@ def test_packed_q_and_k_rotate_like_transformers(partial: float, dtype: torch.dt
     torch.testing.assert_close(torch.cat((q, k), dim=-1).view(4, 4, 16), expected, **tol)
     q2, k2 = rope(positions, qk[:, : 3 * 16], qk[:, 3 * 16 :])
     assert torch.equal(q, q2) and torch.equal(k, k2)
+
+
+def _rotate_interleaved_reference(
+    x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int
+) -> torch.Tensor:
+    """Cohere's / GLM's rotation of x [T, heads, D]: the pairs (x0, x1), (x2, x3), ... of the
+    first rotary_dim dims, each pair by its own frequency."""
+    freqs = torch.outer(positions.float(), inv_freq).repeat_interleave(2, dim=-1)  # [T, rotary_dim]
+    cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    swapped = torch.stack((-rot[..., 1::2], rot[..., ::2]), dim=-1).flatten(-2)
+    return torch.cat((rot * cos + swapped * sin, rest), dim=-1)
+
+
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+def test_interleaved_rows_permuted_rotate_like_the_interleaved_layout(partial: float) -> None:
+    """q / k projections whose rows `interleaved_to_half_rows` reordered, rotated the
+    rotate_half way, give the interleaved rotation of the original rows, reordered the same
+    way, so every q . k product (the attention scores) is unchanged."""
+    heads, kv_heads, head_dim, hidden = 3, 1, 16, 24
+    config = SimpleNamespace(rope_theta=1e4, max_position_embeddings=64, partial_rotary_factor=partial)
+    rope = get_rope(config, head_size=head_dim)
+    rd = rope.rotary_dim
+    w_q, w_k = torch.randn(heads * head_dim, hidden), torch.randn(kv_heads * head_dim, hidden)
+    b_q = torch.randn(heads * head_dim)
+    x, positions = torch.randn(5, hidden), torch.tensor([0, 1, 7, 30, 63])
+
+    q_ref = _rotate_interleaved_reference((x @ w_q.T + b_q).view(5, heads, head_dim), positions, rope.inv_freq, rd)
+    k_ref = _rotate_interleaved_reference((x @ w_k.T).view(5, kv_heads, head_dim), positions, rope.inv_freq, rd)
+    w_q2, b_q2 = interleaved_to_half_rows(w_q, heads, rd), interleaved_to_half_rows(b_q, heads, rd)
+    w_k2 = interleaved_to_half_rows(w_k, kv_heads, rd)
+    q, k = rope(positions, x @ w_q2.T + b_q2, x @ w_k2.T)
+
+    expected_q = interleaved_to_half_rows(q_ref.reshape(5, -1).T, heads, rd).T  # the reordered reference
+    torch.testing.assert_close(q, expected_q, rtol=1e-5, atol=1e-5)
+    scores = torch.einsum("thd,skd->tsh", q.view(5, heads, head_dim), k.view(5, kv_heads, head_dim))
+    scores_ref = torch.einsum("thd,skd->tsh", q_ref, k_ref)
+    torch.testing.assert_close(scores, scores_ref, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(  # rotate_half on the original rows is a different rotation
+        rope(positions, x @ w_q.T + b_q, x @ w_k.T)[0], expected_q, rtol=1e-3, atol=1e-3
+    )

@@ -82,7 +82,7 @@ class Harness:
 def tiny_config(kind: str = "llama", **overrides: Any) -> Any:
     """A small transformers config of the given family; `initializer_range` is large so that
     random logits are peaked and greedy decoding has no near-ties."""
-    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import BloomConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common: dict[str, Any] = dict(
         vocab_size=256,
@@ -94,7 +94,15 @@ def tiny_config(kind: str = "llama", **overrides: Any) -> Any:
         max_position_embeddings=512,
         initializer_range=0.2,
     )
+    if kind == "bloom":  # multi-head, MLP of 4 x hidden, no position table (ALiBi)
+        for name in ("intermediate_size", "num_key_value_heads", "max_position_embeddings"):
+            del common[name]
     common.update(overrides)
+    if kind == "bloom":
+        # No end token: with BLOOM's default (2) a random model may pick it first, and the
+        # reference's `min_new_tokens` would then suppress it where the engine does not.
+        common.setdefault("eos_token_id", None)
+        return BloomConfig(architectures=["BloomForCausalLM"], **common)
     if kind == "llama":
         return LlamaConfig(architectures=["LlamaForCausalLM"], **common)
     if kind == "mistral":
@@ -111,7 +119,13 @@ def tiny_config(kind: str = "llama", **overrides: Any) -> Any:
         common.setdefault("bos_token_id", 1)
         common.setdefault("eos_token_id", 2)  # its default, 32 000, lies past a tiny vocabulary
         return Phi3Config(architectures=["Phi3ForCausalLM"], **common)
-    return _tiny_moe_config(kind, common)
+    if kind in ("stablelm", "cohere", "cohere2"):
+        return _stablelm_cohere_config(kind, common)
+    if kind in ("gpt_bigcode", "starcoder2"):
+        return _starcoder_config(kind, common)
+    if kind in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        return _tiny_moe_config(kind, common)
+    raise ValueError(kind)
 
 
 def _tiny_moe_config(kind: str, common: dict[str, Any]) -> Any:
@@ -136,12 +150,80 @@ def _tiny_moe_config(kind: str, common: dict[str, Any]) -> Any:
     raise ValueError(kind)
 
 
+def _starcoder_config(kind: str, common: dict[str, Any]) -> Any:
+    from transformers import GPTBigCodeConfig, Starcoder2Config
+
+    for name, token_id in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
+        common.setdefault(name, token_id)  # the defaults (50 256) lie past a tiny vocabulary
+    if kind == "starcoder2":
+        return Starcoder2Config(architectures=["Starcoder2ForCausalLM"], **common)
+    # GPTBigCode: one kv head (`multi_query`, the default) or one per head; MLP width `n_inner`
+    common.pop("num_key_value_heads")
+    common.setdefault("n_inner", common.pop("intermediate_size"))
+    return GPTBigCodeConfig(architectures=["GPTBigCodeForCausalLM"], **common)
+
+
+def _stablelm_cohere_config(kind: str, common: dict[str, Any]) -> Any:
+    from transformers import Cohere2Config, CohereConfig, StableLmConfig
+
+    common.setdefault("pad_token_id", 0)
+    common.setdefault("bos_token_id", 1)
+    # No end-of-sequence token: the defaults lie past a tiny vocabulary, and one inside it would be
+    # held back by transformers' `min_new_tokens` in the greedy reference, but not by the harness.
+    common.setdefault("eos_token_id", None)
+    if kind == "stablelm":  # partial rotary (a quarter of each head), LayerNorm with bias
+        # stablelm-2-12b's per-head q/k norms unless told otherwise: the GPU checks cover them
+        common.setdefault("qk_layernorm", True)
+        return StableLmConfig(architectures=["StableLmForCausalLM"], **common)
+    common.setdefault("logit_scale", 0.5)
+    if kind == "cohere":
+        return CohereConfig(architectures=["CohereForCausalLM"], **common)
+    common.setdefault("sliding_window", 6)  # short, so that the windowed layers differ from global
+    common.setdefault("sliding_window_pattern", 2)  # layer 0 sliding (rotary), layer 1 global (none)
+    return Cohere2Config(architectures=["Cohere2ForCausalLM"], **common)
+
+
+# Families whose norms get random weights and biases (transformers starts them at ones and
+# zeros): their per-head q/k norms must land on the right heads, on every tensor-parallel rank,
+# and a norm of ones would hide a mix-up.
+_RANDOM_NORM_FAMILIES = {"stablelm", "cohere", "cohere2"}
+
+
+@torch.no_grad()
+def _randomize_norms(model: nn.Module) -> None:
+    generator = torch.Generator().manual_seed(1)
+    for name, param in model.named_parameters():
+        if "norm" in name and not name.startswith("lm_head"):
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_(1.0 + 0.3 * noise if name.endswith("weight") else 0.1 * noise)
+
+
+# BLOOM: every linear layer has a bias (transformers starts them at zero, which would hide a
+# misplaced row of its per-head fused q/k/v bias) and LayerNorms with bias (`ln_f` among them).
+_RANDOM_BIAS_FAMILIES = {"bloom"}
+
+
+@torch.no_grad()
+def _randomize_biases_and_layer_norms(model: nn.Module) -> None:
+    generator = torch.Generator().manual_seed(2)
+    for name, param in model.named_parameters():
+        noise = torch.randn(param.shape, generator=generator)
+        if name.endswith(".bias"):
+            param.copy_(0.1 * noise)
+        elif name.endswith(("layernorm.weight", "ln_f.weight")):
+            param.copy_(1.0 + 0.3 * noise)
+
+
 def save_tiny_model(path: str, config: Any, seed: int = 0, **save_kwargs: Any) -> nn.Module:
     """Random-weight transformers model saved (safetensors) to `path`; returns it in eval mode."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if config.model_type in _RANDOM_NORM_FAMILIES:
+        _randomize_norms(model)
+    if config.model_type in _RANDOM_BIAS_FAMILIES:
+        _randomize_biases_and_layer_norms(model)
     model.save_pretrained(path, **save_kwargs)
     return model
 

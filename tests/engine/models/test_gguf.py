@@ -57,11 +57,13 @@ def _rope_permute(w: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def write_gguf(path: Path, hf: nn.Module, qtype: gguf.GGMLQuantizationType, arch: str = "llama",
-               extra: dict[str, np.ndarray] | None = None) -> None:
+               extra: dict[str, np.ndarray] | None = None, name: str | None = None) -> None:
     """A GGUF file of `hf`'s weights: 2-D weights in `qtype`, norms in F32 (as llama.cpp); q/k
     rows permuted as llama.cpp's converter does for `llama` only."""
     cfg: Any = hf.config
     writer = gguf.GGUFWriter(str(path), arch)
+    if name is not None:
+        writer.add_name(name)
     if getattr(cfg, "head_dim", None):
         writer.add_key_length(cfg.head_dim)
         writer.add_value_length(cfg.head_dim)
@@ -175,6 +177,19 @@ def test_phi3_gguf_keeps_fused_tensors_sliding_window_and_partial_rotation(tmp_p
     assert rel_err(Harness(model).prefill(0, prompt), hf(torch.tensor([prompt])).logits[0]) < 1e-4
 
 
+@torch.inference_mode()
+def test_mistral_in_a_llama_gguf_keeps_its_sliding_window(tmp_path: Path, cache: Path) -> None:
+    """A `llama` file that transformers reads as `mistral` (by its name): the metadata keys are
+    still `llama.*`, so the sliding window is read from there."""
+    hf = save_tiny_model(str(tmp_path / "hf"), tiny_config("mistral", num_hidden_layers=1, sliding_window=6))
+    file = tmp_path / "tiny-mistral.gguf"
+    write_gguf(file, hf, QT.F32, arch="llama", name="mistral")
+    model: Any = load_model(resolve_model(str(file), str(cache)), torch.float32, "cpu")
+    assert model.config.model_type == "mistral" and model.model.layers[0].self_attn.attn.sliding_window == 6
+    prompt = list(range(3, 40, 3))  # 13 tokens: past the window
+    assert rel_err(Harness(model).prefill(0, prompt), hf(torch.tensor([prompt])).logits[0]) < 1e-4
+
+
 def test_long_context_phi3_gguf_is_refused(tmp_path: Path, cache: Path) -> None:
     hf = save_tiny_model(str(tmp_path / "hf"), tiny_config("phi3", num_hidden_layers=1))
     file = tmp_path / "long.gguf"
@@ -224,3 +239,370 @@ def test_crash_during_conversion_leaves_no_cache_entry(
 def test_unsupported_tensor_name_is_reported() -> None:
     with pytest.raises(ValueError, match="unsupported GGUF tensor"):
         hf_tensor_name("blk.0.ssm_conv1d.weight")
+
+
+def write_llama_cpp_gguf(path: Path, hf: nn.Module, arch: str, tokenizer: bool = False) -> None:
+    """`hf`'s weights (F32) and metadata as llama.cpp's converter writes them for `stablelm`,
+    `command-r` and `cohere2`: q/k rows as they are (no permutation), StableLM's per-head
+    norms stacked into one [heads, head_dim] tensor, the sliding-window pattern of Cohere2 left
+    implicit (llama.cpp's every fourth layer global)."""
+    cfg: Any = hf.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_eps(cfg.layer_norm_eps)
+    rope = cfg.rope_parameters
+    if arch == "stablelm":
+        writer.add_rope_dimension_count(int(head_dim * rope["partial_rotary_factor"]))
+        writer.add_parallel_residual(cfg.use_parallel_residual)
+        writer.add_vocab_size(cfg.vocab_size)  # transformers' reader needs it without a tokenizer
+    else:
+        writer.add_rope_freq_base(rope["rope_theta"])
+        writer.add_logit_scale(cfg.logit_scale)
+    if arch == "cohere2":
+        writer.add_sliding_window(cfg.sliding_window)
+        writer.add_vocab_size(cfg.vocab_size)
+        writer.add_rope_dimension_count(head_dim)
+    if tokenizer:
+        _add_byte_level_tokenizer(writer)
+    for name, tensor in _stacked_head_norms(hf.state_dict()).items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # not in a tied checkpoint, so not in its GGUF either
+        if name == "model.norm.bias":
+            writer.add_tensor("output_norm.bias", tensor.float().numpy())
+        else:
+            writer.add_tensor(_gguf_name(name), tensor.detach().float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _stacked_head_norms(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """StableLM's `q_layernorm.norms.{head}.weight` -> one `q_norm.weight` [heads, head_dim]."""
+    out: dict[str, torch.Tensor] = {}
+    heads: dict[str, list[torch.Tensor]] = {}
+    for name, tensor in state.items():
+        if "_layernorm.norms." in name:
+            prefix = name.split("_layernorm.norms.")[0]  # ....self_attn.q
+            heads.setdefault(f"{prefix}_norm.weight", []).append(tensor)  # heads in order 0, 1, ...
+        else:
+            out[name] = tensor
+    return {**out, **{name: torch.stack(rows) for name, rows in heads.items()}}
+
+
+def _add_byte_level_tokenizer(writer: gguf.GGUFWriter) -> None:
+    """A 260-token byte-level BPE vocabulary: the 256 byte symbols, two merges, BOS and EOS."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tokens = [bytes_to_unicode()[b] for b in range(256)] + ["Ġt", "he", "<BOS>", "<EOS>"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_merges(["Ġ t", "h e"])
+    writer.add_token_types([gguf.TokenType.NORMAL] * 258 + [gguf.TokenType.CONTROL] * 2)
+    writer.add_bos_token_id(258)
+    writer.add_eos_token_id(259)
+    writer.add_chat_template("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
+
+
+GGUF_FAMILIES = {
+    "stablelm-qk-norm-bias": ("stablelm", "stablelm", {"qk_layernorm": True, "use_qkv_bias": True}),
+    # a full rotation must not fall back to StableLmConfig's default quarter
+    "stablelm-parallel-full-rotary": ("stablelm", "stablelm", {"use_parallel_residual": True, "qk_layernorm": False,
+                                                                "partial_rotary_factor": 1.0}),
+    "command-r-qk-norm": ("command-r", "cohere", {"use_qk_norm": True}),
+    "cohere2": ("cohere2", "cohere2", {"num_hidden_layers": 4, "sliding_window_pattern": 4}),
+}
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("case", sorted(GGUF_FAMILIES))
+def test_llama_cpp_gguf_of_stablelm_and_cohere_matches_transformers(case: str, tmp_path: Path, cache: Path) -> None:
+    arch, kind, overrides = GGUF_FAMILIES[case]
+    hf = save_tiny_model(str(tmp_path / "hf"), tiny_config(kind, **overrides))
+    file = tmp_path / f"tiny-{case}.gguf"
+    write_llama_cpp_gguf(file, hf, arch)
+    model: Any = load_model(resolve_model(str(file), str(cache)), torch.float32, "cpu")
+    ours, theirs = model.config, hf.config
+    for key in ("qk_layernorm", "use_qkv_bias", "use_parallel_residual", "use_qk_norm", "logit_scale",
+                "sliding_window", "layer_types", "tie_word_embeddings", "num_key_value_heads"):
+        assert getattr(ours, key, None) == getattr(theirs, key, None), key
+    assert ours.rope_parameters == theirs.rope_parameters
+    prompt = list(range(3, 40, 3))  # 13 tokens: past Cohere2's window of 6
+    assert rel_err(Harness(model).prefill(0, prompt), hf(torch.tensor([prompt])).logits[0]) < 1e-4
+
+
+def test_command_r_gguf_tokenizer_and_chat_template_are_read_from_the_file(tmp_path: Path, cache: Path) -> None:
+    hf = save_tiny_model(str(tmp_path / "hf"), tiny_config("cohere", vocab_size=260, num_hidden_layers=1))
+    file = tmp_path / "tiny-command-r.gguf"
+    write_llama_cpp_gguf(file, hf, "command-r", tokenizer=True)
+    path = resolve_model(str(file), str(cache))
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert tokenizer.convert_ids_to_tokens(tokenizer.encode(" the", add_special_tokens=False)) == ["Ġt", "he"]
+    assert tokenizer.decode(tokenizer.encode("a the b", add_special_tokens=False)) == "a the b"
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<BOS>", "<EOS>")
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert chat == "<user>hi"
+    config = AutoConfig.from_pretrained(path)
+    assert (config.bos_token_id, config.eos_token_id, config.vocab_size) == (258, 259, 260)
+
+
+@torch.inference_mode()
+def test_stablelm_gguf_layout_is_the_one_transformers_reads(tmp_path: Path, cache: Path) -> None:
+    """transformers' own GGUF loader (which knows StableLM, though not its per-head norms or a
+    full rotation) reads the written file back to the same model: the writer lays q/k out as
+    llama.cpp does, and so does our conversion."""
+    from transformers import AutoModelForCausalLM
+
+    hf = save_tiny_model(str(tmp_path / "hf"), tiny_config("stablelm", qk_layernorm=False, use_qkv_bias=True))
+    file = tmp_path / "tiny-stablelm.gguf"
+    write_llama_cpp_gguf(file, hf, "stablelm")
+    prompt = list(range(3, 40, 3))
+    expected = hf(torch.tensor([prompt])).logits[0]
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=file.name, dtype=torch.float32)
+    assert rel_err(ref(torch.tensor([prompt])).logits[0], expected) < 1e-5
+    model = load_model(resolve_model(str(file), str(cache)), torch.float32, "cpu")
+    assert rel_err(Harness(model).prefill(0, prompt), expected) < 1e-4
+
+
+# ---- StarCoder families: files as llama.cpp's converter writes them -------------------------
+
+
+def _byte_level_vocab() -> tuple[list[str], list[str]]:
+    """A 256-token byte-level BPE vocabulary: 254 of GPT-2's byte symbols and two merges."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    merges = ["d e", "p a"]
+    return list(bytes_to_unicode().values())[:254] + [m.replace(" ", "") for m in merges], merges
+
+
+def write_starcoder_gguf(path: Path, hf: nn.Module, arch: gguf.MODEL_ARCH, qtype: gguf.GGMLQuantizationType,
+                         with_tokenizer: bool = False) -> None:
+    """`hf`'s weights under llama.cpp's names (the `gguf` package's own name map), with the
+    metadata llama.cpp's converter writes: `starcoder` always says one kv head and a 4x MLP, its
+    `c_attn` stays as it is; `starcoder2` has the common keys and the rotary base. A multi-head
+    GPTBigCode (which that converter does not describe: it always writes one kv head) is written
+    with its head count and `c_attn` as q | k | v blocks, the layout llama.cpp's graph reads."""
+    cfg: Any = hf.config
+    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    if arch == gguf.MODEL_ARCH.STARCODER:
+        writer.add_feed_forward_length(4 * cfg.hidden_size)
+        writer.add_head_count_kv(1 if cfg.multi_query else cfg.num_attention_heads)
+        writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    else:
+        writer.add_feed_forward_length(cfg.intermediate_size)
+        writer.add_head_count_kv(cfg.num_key_value_heads)
+        writer.add_layer_norm_eps(cfg.norm_epsilon)
+        writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    if with_tokenizer:
+        tokens, merges = _byte_level_vocab()
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(tokens)
+        writer.add_token_types([gguf.TokenType.NORMAL] * len(tokens))
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+    for name, tensor in hf.state_dict().items():
+        module, _, kind = name.rpartition(".")
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # a tied head is not written
+        w = tensor.detach().float()
+        if ".c_attn." in name and not getattr(cfg, "multi_query", True):  # [H, (q, k, v), D] -> blocks
+            w = w.reshape(cfg.num_attention_heads, 3, -1, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
+        t = w.numpy()
+        gguf_name = f"{names.get_name(module)}.{kind}"
+        if t.ndim == 1 or qtype == QT.F32:
+            writer.add_tensor(gguf_name, t)
+        else:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _random_norms_and_biases(model: nn.Module) -> nn.Module:
+    """transformers starts biases at 0 and LayerNorms at (1, 0): random ones check their names."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+@torch.inference_mode()
+def test_starcoder_gguf_matches_transformers_gptbigcode(tmp_path: Path, cache: Path) -> None:
+    """llama.cpp's `starcoder` (multi-query, learned positions, fused qkv, LayerNorm biases,
+    tied head) -> GPTBigCodeForCausalLM: logits equal transformers' on the same weights, and the
+    converted directory loads in transformers too."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = _random_norms_and_biases(save_tiny_model(str(tmp_path / "hf"), tiny_config("gpt_bigcode", n_inner=256)))
+    file = tmp_path / "tiny-starcoder.gguf"
+    write_starcoder_gguf(file, hf, gguf.MODEL_ARCH.STARCODER, QT.F32, with_tokenizer=True)
+    path = resolve_model(str(file), str(cache))
+    model: Any = load_model(path, torch.float32, "cpu")
+    assert model.config.multi_query and model.transformer.h[0].attn.attn.num_kv_heads == 1
+    assert model.lm_head.weight is model.transformer.wte.weight
+    prompt = list(range(3, 40, 3))
+    expected = hf(torch.tensor([prompt])).logits[0]
+    assert rel_err(Harness(model).prefill(0, prompt), expected) < 1e-4
+    reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert rel_err(reloaded(torch.tensor([prompt])).logits[0], expected) < 1e-4
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer("def f(): pass")["input_ids"]
+    assert ids[0] == 254 and len(ids) == 11  # "de" and "pa" merged
+    assert tokenizer.decode(ids) == "def f(): pass" and tokenizer.eos_token_id == 2
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("qtype", [QT.F32, QT.Q8_0], ids=lambda q: q.name)
+def test_multi_head_starcoder_gguf_and_its_quantized_weights(
+    qtype: gguf.GGMLQuantizationType, tmp_path: Path, cache: Path
+) -> None:
+    """A `starcoder` file with a kv head per head: its q | k | v blocks become multi-head
+    GPTBigCode's per-head rows (transformers reads the converted directory the same)."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("gpt_bigcode", n_inner=256, multi_query=False, tie_word_embeddings=False)
+    hf = _random_norms_and_biases(save_tiny_model(str(tmp_path / "hf"), config))
+    file = tmp_path / "tiny-starcoder-mha.gguf"
+    write_starcoder_gguf(file, hf, gguf.MODEL_ARCH.STARCODER, qtype)
+    path = resolve_model(str(file), str(cache))
+    model: Any = load_model(path, torch.float32, "cpu")
+    assert not model.config.multi_query and model.transformer.h[0].attn.attn.num_kv_heads == 4
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    prompt = list(range(3, 40, 3))
+    ours = Harness(model).prefill(0, prompt)
+    reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert rel_err(ours, reloaded(torch.tensor([prompt])).logits[0]) < 1e-4
+    assert rel_err(ours, hf(torch.tensor([prompt])).logits[0]) < (1e-4 if qtype == QT.F32 else 5e-2)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("overrides", [{}, {"use_bias": False, "tie_word_embeddings": False}],
+                         ids=["bias-tied", "nobias-untied"])
+def test_starcoder2_gguf_matches_transformers(overrides: dict[str, Any], tmp_path: Path, cache: Path) -> None:
+    """llama.cpp's `starcoder2` (no q/k permutation: its rotary is rotate_half already) ->
+    Starcoder2ForCausalLM, with the rotary base, vocabulary and biases transformers' mapping
+    leaves out."""
+    from transformers import AutoTokenizer
+
+    config = tiny_config("starcoder2", rope_parameters={"rope_type": "default", "rope_theta": 50000.0}, **overrides)
+    hf = _random_norms_and_biases(save_tiny_model(str(tmp_path / "hf"), config))
+    file = tmp_path / "tiny-starcoder2.gguf"
+    write_starcoder_gguf(file, hf, gguf.MODEL_ARCH.STARCODER2, QT.F32, with_tokenizer=True)
+    path = resolve_model(str(file), str(cache))
+    model: Any = load_model(path, torch.float32, "cpu")
+    tokens = _byte_level_vocab()[0]
+    assert AutoTokenizer.from_pretrained(path)("def")["input_ids"] == [tokens.index("de"), tokens.index("f")]
+    assert model.config.rope_parameters["rope_theta"] == 50000.0
+    assert model.config.use_bias == config.use_bias and model.config.vocab_size == 256
+    prompt = list(range(3, 40, 3))
+    assert rel_err(Harness(model).prefill(0, prompt), hf(torch.tensor([prompt])).logits[0]) < 1e-4
+
+
+def test_starcoder_gguf_with_grouped_kv_heads_is_refused(tmp_path: Path, cache: Path) -> None:
+    file = tmp_path / "grouped.gguf"
+    writer = gguf.GGUFWriter(str(file), "starcoder")
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(64)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)  # neither multi-query nor multi-head
+    writer.add_tensor("token_embd.weight", np.zeros((256, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="GGUF starcoder with 2 kv heads"):
+        resolve_model(str(file), str(cache))
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def write_bloom_gguf(
+    path: Path, hf: nn.Module, qtype: gguf.GGMLQuantizationType, with_output: bool = True, vocab_size: bool = True
+) -> None:
+    """A `bloom` GGUF of `hf`'s weights as llama.cpp's converter writes one: names from the
+    `gguf` package's own map (after dropping `transformer.`), the fused q/k/v reordered from
+    BLOOM's per-head rows to q | k | v, and (`with_output`) a copy of the embeddings as
+    `output` where the checkpoint has no LM head. Without `vocab_size` the metadata leaves
+    the vocabulary's size to the embeddings' shape."""
+    cfg: Any = hf.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BLOOM, cfg.n_layer)
+    writer = gguf.GGUFWriter(str(path), "bloom")
+    writer.add_context_length(2048)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(4 * cfg.hidden_size)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_head_count(cfg.n_head)
+    writer.add_head_count_kv(cfg.n_head)
+    writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    if vocab_size:
+        writer.add_vocab_size(cfg.vocab_size)
+    tensors = {k.removeprefix("transformer."): v.detach().float() for k, v in hf.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+        if with_output:
+            tensors["lm_head.weight"] = tensors["word_embeddings.weight"]
+    for name, w in tensors.items():
+        if ".query_key_value." in name:  # [H, 3, D] rows -> q | k | v
+            rest = w.shape[1:]
+            w = w.reshape(cfg.n_head, 3, -1, *rest).transpose(0, 1).reshape(w.shape)
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert gguf_name is not None, name
+        t = w.numpy()
+        if t.ndim == 1 or qtype == QT.F32:
+            writer.add_tensor(gguf_name, t)
+        else:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("with_output", [True, False], ids=["output-copy", "no-output"])
+@torch.inference_mode()
+def test_bloom_gguf_matches_original_and_transformers_gguf(with_output: bool, tmp_path: Path, cache: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    hf = save_tiny_model(str(tmp_path / "hf"), tiny_config("bloom", num_attention_heads=6, hidden_size=96))
+    file = tmp_path / "tiny-bloom.gguf"
+    write_bloom_gguf(file, hf, QT.F32, with_output)
+    directory = resolve_model(str(file), str(cache))
+    converted = load_file(os.path.join(directory, "model.safetensors"))
+    for name, value in hf.state_dict().items():  # BLOOM's own names and per-head q/k/v layout again
+        if name in converted:
+            assert torch.equal(converted[name], value), name
+    assert ("lm_head.weight" in converted) == with_output
+    model: Any = load_model(directory, torch.float32, "cpu")
+    assert model.tie_word_embeddings != with_output
+    prompt = list(range(3, 60, 4))
+    ours = Harness(model).prefill(0, prompt)
+    assert rel_err(ours, hf(torch.tensor([prompt])).logits[0]) < 1e-4
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=file.name, dtype=torch.float32)
+    assert rel_err(ours, ref(torch.tensor([prompt])).logits[0]) < 1e-4
+
+
+def test_bloom_gguf_quantized_without_vocab_size_stays_close(tmp_path: Path, cache: Path) -> None:
+    hf = save_tiny_model(str(tmp_path / "hf"), tiny_config("bloom", num_hidden_layers=1))
+    file = tmp_path / "tiny-bloom-q8.gguf"
+    write_bloom_gguf(file, hf, QT.Q8_0, vocab_size=False)
+    model = load_model(resolve_model(str(file), str(cache)), torch.float32, "cpu")
+    prompt = list(range(3, 60, 4))
+    with torch.inference_mode():
+        expected = hf(torch.tensor([prompt])).logits[0]
+    assert rel_err(Harness(model).prefill(0, prompt), expected) < 2e-2
