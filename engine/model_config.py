@@ -76,6 +76,9 @@ class ModelConfig:
     # Learned absolute positions (GPTBigCode's `wpe`): a table of max_position_embeddings rows,
     # so no sequence may run past it (rotary positions extend, a table does not).
     learned_positions: bool = False
+    # Mixtures of experts: the widths split over the ranks besides intermediate_size (each
+    # expert's, a shared expert's), named as the config names them; empty for a dense model.
+    expert_sizes: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def from_hf_config(cls, hf_config: Any) -> ModelConfig:
@@ -98,4 +101,9 @@ class ModelConfig:
             norm_eps=_norm_eps(config),
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             learned_positions=getattr(config, "model_type", None) == "gpt_bigcode",
+            expert_sizes=tuple(
+                (name, int(getattr(config, name)))
+                for name in ("moe_intermediate_size", "shared_expert_intermediate_size")
+                if getattr(config, name, None)
+            ),
         )

@@ -117,6 +117,9 @@ def check_tensor_parallel(shape: ModelConfig, tp_size: int, device: str) -> None
         problems.append(
             f"intermediate_size={shape.intermediate_size} is not divisible by tensor_parallel_size={tp_size}"
         )
+    for name, size in shape.expert_sizes:
+        if size % tp_size:
+            problems.append(f"{name}={size} is not divisible by tensor_parallel_size={tp_size}")
     if vocab < tp_size:
         problems.append(f"vocab_size={vocab} is smaller than tensor_parallel_size={tp_size}")
     if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.device_count() < tp_size:

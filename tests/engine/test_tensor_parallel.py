@@ -100,16 +100,18 @@ def test_tp2_matches_tp1(tmp_path: Path, kind: str, overrides: dict[str, Any]) -
 
 
 @pytest.mark.parametrize(
-    "overrides,field",
+    "kind,overrides,field",
     [
-        ({"num_attention_heads": 3, "num_key_value_heads": 3, "hidden_size": 48}, "num_attention_heads"),
-        ({"num_attention_heads": 6, "num_key_value_heads": 3, "hidden_size": 48}, "num_key_value_heads"),
+        ("llama", {"num_attention_heads": 3, "num_key_value_heads": 3, "hidden_size": 48}, "num_attention_heads"),
+        ("llama", {"num_attention_heads": 6, "num_key_value_heads": 3, "hidden_size": 48}, "num_key_value_heads"),
+        ("qwen3_moe", {"moe_intermediate_size": 33}, "moe_intermediate_size"),  # each expert's width
+        ("qwen2_moe", {"shared_expert_intermediate_size": 45}, "shared_expert_intermediate_size"),
     ],
 )
 def test_heads_that_do_not_divide_fail_before_any_worker_starts(
-    tmp_path: Path, overrides: dict[str, Any], field: str
+    tmp_path: Path, kind: str, overrides: dict[str, Any], field: str
 ) -> None:
-    save_tiny_model(str(tmp_path), tiny_config("llama", **overrides))
+    save_tiny_model(str(tmp_path), tiny_config(kind, **overrides))
     before = {p.pid for p in multiprocessing.active_children()}
     with pytest.raises(ValueError, match=field):
         LLM(str(tmp_path), dtype="float32", tensor_parallel_size=2, kv_cache_memory_gb=0.01)
