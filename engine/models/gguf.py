@@ -26,7 +26,13 @@ import numpy as np
 import torch
 
 from engine.layers.rotary import interleaved_to_half_rows
-from engine.models.gguf_moe import MIXTRAL_BLOCK_NAMES, MOE_BLOCK_NAMES, complete_moe_config, expand_experts
+from engine.models.gguf_moe import (
+    MIXTRAL_BLOCK_NAMES,
+    MOE_BLOCK_NAMES,
+    complete_moe_config,
+    expand_experts,
+    legacy_expert_name,
+)
 
 # general.architecture -> transformers class
 GGUF_ARCHITECTURES = {
@@ -114,6 +120,9 @@ def hf_tensor_name(gguf_name: str, architecture: str = "llama") -> str | None:
     """llama.cpp tensor name -> transformers name (None for tensors that are not loaded)."""
     if gguf_name in _SKIPPED:
         return None
+    legacy = legacy_expert_name(gguf_name, architecture)
+    if legacy is not None:
+        return legacy
     match = _BLOCK_RE.match(gguf_name)
     if match:
         layer, part, kind = match.groups()

@@ -6,11 +6,13 @@ llama.cpp stacks each layer's experts in one tensor per projection (`ffn_gate_ex
 expert under transformers' names (`mlp.experts.N.gate_proj.weight`, Mixtral's
 `block_sparse_moe.experts.N.w1.weight`), as a downloaded checkpoint has. The router is
 `ffn_gate_inp`; Qwen2-MoE's shared expert is `ffn_*_shexp`, its gate `ffn_gate_inp_shexp`
-(stored [H], transformers' [1, H]).
+(stored [H], transformers' [1, H]). Mixtral files written before llama.cpp stacked the experts
+keep one tensor per expert (`blk.N.ffn_gate.E.weight`); those load too.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,6 +36,20 @@ MIXTRAL_BLOCK_NAMES = {
     "ffn_up_exps": "block_sparse_moe.experts.*.w3",
     "ffn_down_exps": "block_sparse_moe.experts.*.w2",
 }
+
+
+_LEGACY_EXPERT_RE = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
+_MIXTRAL_PARTS = {"gate": "w1", "up": "w3", "down": "w2"}
+
+
+def legacy_expert_name(gguf_name: str, architecture: str) -> str | None:
+    """An older Mixtral file's per-expert tensor (`blk.N.ffn_gate.E.weight`) -> its
+    transformers name; None for any other tensor."""
+    match = _LEGACY_EXPERT_RE.match(gguf_name)
+    if match is None or architecture != "llama":
+        return None
+    layer, part, expert = match.groups()
+    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{_MIXTRAL_PARTS[part]}.weight"
 
 
 def expand_experts(name: str, value: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:

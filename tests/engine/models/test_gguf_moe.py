@@ -29,9 +29,18 @@ _MOE_NAMES = {
 }
 
 
-def _moe_tensors(hf: nn.Module) -> dict[str, np.ndarray]:
+def _stacked(out: dict[str, np.ndarray], layer: str, part: str, w: torch.Tensor, per_expert: bool) -> None:
+    if per_expert:  # older Mixtral files: blk.N.ffn_gate.E.weight
+        for e in range(w.shape[0]):
+            out[f"blk.{layer}.ffn_{part}.{e}.weight"] = w[e].contiguous().numpy()
+    else:
+        out[f"blk.{layer}.ffn_{part}_exps.weight"] = w.contiguous().numpy()
+
+
+def _moe_tensors(hf: nn.Module, per_expert: bool = False) -> dict[str, np.ndarray]:
     """llama.cpp's names and layouts of `hf`'s tensors (transformers holds the experts stacked:
-    gate_up_proj [E, 2I, H], down_proj [E, H, I]; llama.cpp stacks gate, up and down apart)."""
+    gate_up_proj [E, 2I, H], down_proj [E, H, I]; llama.cpp stacks gate, up and down apart, or
+    in older Mixtral files keeps one tensor per expert)."""
     cfg: Any = hf.config
     out: dict[str, np.ndarray] = {}
     for name, tensor in hf.state_dict().items():
@@ -40,11 +49,11 @@ def _moe_tensors(hf: nn.Module) -> dict[str, np.ndarray]:
             _, _, layer, rest = name.split(".", 3)
             if rest == "mlp.experts.gate_up_proj":
                 gate, up = w.chunk(2, dim=1)
-                out[f"blk.{layer}.ffn_gate_exps.weight"] = gate.contiguous().numpy()
-                out[f"blk.{layer}.ffn_up_exps.weight"] = up.contiguous().numpy()
+                _stacked(out, layer, "gate", gate, per_expert)
+                _stacked(out, layer, "up", up, per_expert)
                 continue
             if rest == "mlp.experts.down_proj":
-                out[f"blk.{layer}.ffn_down_exps.weight"] = w.numpy()
+                _stacked(out, layer, "down", w, per_expert)
                 continue
             if rest in _MOE_NAMES:
                 out[f"blk.{layer}.{_MOE_NAMES[rest]}"] = w.reshape(-1).numpy() if "shared_expert_gate" in rest else w.numpy()
@@ -57,7 +66,9 @@ def _moe_tensors(hf: nn.Module) -> dict[str, np.ndarray]:
     return out
 
 
-def write_moe_gguf(path: Path, hf: nn.Module, arch: str, qtype: gguf.GGMLQuantizationType = QT.F32) -> None:
+def write_moe_gguf(
+    path: Path, hf: nn.Module, arch: str, qtype: gguf.GGMLQuantizationType = QT.F32, per_expert: bool = False
+) -> None:
     cfg: Any = hf.config
     writer = gguf.GGUFWriter(str(path), arch)
     if getattr(cfg, "head_dim", None):
@@ -78,7 +89,7 @@ def write_moe_gguf(path: Path, hf: nn.Module, arch: str, qtype: gguf.GGMLQuantiz
         writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     if getattr(cfg, "shared_expert_intermediate_size", None):
         writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
-    for name, t in _moe_tensors(hf).items():
+    for name, t in _moe_tensors(hf, per_expert).items():
         if t.ndim == 1 or qtype == QT.F32 or "ffn_gate_inp" in name:
             writer.add_tensor(name, t)
         else:
@@ -89,22 +100,24 @@ def write_moe_gguf(path: Path, hf: nn.Module, arch: str, qtype: gguf.GGMLQuantiz
     writer.close()
 
 
-# (tiny_config kind, GGUF architecture, overrides): every layer sparse, as llama.cpp has them
+# (tiny_config kind, GGUF architecture, overrides, experts one tensor each): every layer
+# sparse, as llama.cpp has them
 CASES = {
-    "mixtral": ("mixtral", "llama", {}),
-    "qwen2moe": ("qwen2_moe", "qwen2moe", {"mlp_only_layers": []}),
-    "qwen3moe": ("qwen3_moe", "qwen3moe", {}),
+    "mixtral": ("mixtral", "llama", {}, False),
+    "mixtral-per-expert": ("mixtral", "llama", {}, True),
+    "qwen2moe": ("qwen2_moe", "qwen2moe", {"mlp_only_layers": []}, False),
+    "qwen3moe": ("qwen3_moe", "qwen3moe", {}, False),
 }
 
 
 @torch.inference_mode()
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_moe_gguf_model_matches_original(case: str, tmp_path: Path) -> None:
-    kind, arch, overrides = CASES[case]
+    kind, arch, overrides, per_expert = CASES[case]
     config = tiny_config(kind, num_hidden_layers=1, tie_word_embeddings=False, **overrides)
     hf = save_tiny_model(str(tmp_path / "hf"), config)
     file = tmp_path / f"tiny-{case}.gguf"
-    write_moe_gguf(file, hf, arch)
+    write_moe_gguf(file, hf, arch, per_expert=per_expert)
     model: Any = load_model(resolve_model(str(file), str(tmp_path / "cache")), torch.float32, "cpu")
     assert type(model).__name__ == config.architectures[0]
     assert model.config.num_experts_per_tok == 2
