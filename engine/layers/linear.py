@@ -224,7 +224,8 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(LinearBase):
-    """Inputs are split across ranks; the partial outputs are summed by an all-reduce.
+    """Inputs are split across ranks; the partial outputs are summed by an all-reduce
+    (`reduce_results=False`: left to the caller, who sums it with other partial sums first).
 
     The bias is added on rank 0 only so that the all-reduce counts it once.
     """
@@ -237,8 +238,10 @@ class RowParallelLinear(LinearBase):
         tp_rank: int = 0,
         tp_size: int = 1,
         params_dtype: torch.dtype | None = None,
+        reduce_results: bool = True,
     ) -> None:
         super().__init__(_divide(input_size, tp_size), output_size, bias, tp_rank, tp_size, params_dtype)
+        self.reduce_results = reduce_results
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: WeightLike) -> None:
         if param.data.dim() == 1:  # bias: not sharded
@@ -252,4 +255,4 @@ class RowParallelLinear(LinearBase):
         # x: [num_tokens, input_size / tp] -> [num_tokens, output_size], summed over the ranks
         bias = self.bias if self.tp_rank == 0 else None
         out = self._product(x, bias)
-        return all_reduce(out) if self.tp_size > 1 else out
+        return all_reduce(out) if self.tp_size > 1 and self.reduce_results else out

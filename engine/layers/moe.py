@@ -257,10 +257,11 @@ class RouterLinear(nn.Module):
 class SparseMoeBlock(nn.Module):
     """A layer's MLP as a mixture of experts: a router (`gate`, replicated), the routed
     experts, and optionally an expert every token runs (`shared_expert`, any module that maps
-    [T, H] -> [T, H] reduced over the ranks), scaled by sigmoid(`shared_expert_gate`) where
-    the family has one (Qwen2-MoE).
+    [T, H] -> this rank's partial sum [T, H], not reduced: a dense MLP built with
+    `reduce_results=False`), scaled by sigmoid(`shared_expert_gate`) where the family has one
+    (Qwen2-MoE; a per-token scale, so it applies to the partial sums alike).
 
-    forward(x [T, H]) -> [T, H], summed over the tensor-parallel ranks.
+    forward(x [T, H]) -> [T, H], summed over the tensor-parallel ranks by one all-reduce.
     """
 
     def __init__(
@@ -283,11 +284,9 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.experts(x, self.gate(x))
-        if self.tp_size > 1:
-            out = all_reduce(out)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
-        return out
+        return all_reduce(out) if self.tp_size > 1 else out

@@ -78,14 +78,22 @@ class LlamaAttention(nn.Module):
 
 class LlamaMLP(nn.Module):
     def __init__(
-        self, shape: ModelConfig, bias: bool, tp_rank: int, tp_size: int, intermediate_size: int | None = None
+        self,
+        shape: ModelConfig,
+        bias: bool,
+        tp_rank: int,
+        tp_size: int,
+        intermediate_size: int | None = None,
+        reduce_results: bool = True,  # False: a partial sum over the ranks (a MoE's shared expert)
     ) -> None:
         super().__init__()
         inter = intermediate_size or shape.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
             shape.hidden_size, [inter, inter], bias, tp_rank, tp_size
         )
-        self.down_proj = RowParallelLinear(inter, shape.hidden_size, bias, tp_rank, tp_size)
+        self.down_proj = RowParallelLinear(
+            inter, shape.hidden_size, bias, tp_rank, tp_size, reduce_results=reduce_results
+        )
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

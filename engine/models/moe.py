@@ -121,7 +121,7 @@ class Qwen2MoeForCausalLM(_MoeMixin, Qwen2ForCausalLM):
     @classmethod
     def moe_block(cls, config: Any, shape: ModelConfig, tp_rank: int, tp_size: int) -> SparseMoeBlock:
         shared_size = int(getattr(config, "shared_expert_intermediate_size", 0) or 0)
-        shared = LlamaMLP(shape, False, tp_rank, tp_size, shared_size) if shared_size else None
+        shared = LlamaMLP(shape, False, tp_rank, tp_size, shared_size, reduce_results=False) if shared_size else None
         return SparseMoeBlock(
             shape.hidden_size,
             _num_experts(config),
