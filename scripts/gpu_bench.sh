@@ -81,6 +81,8 @@ case $MODEL in /*) ;; *) MODEL=$PWD/$MODEL ;; esac
 case $PYTHON in */*) PYTHON=$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON") ;; esac
 exec > >(tee -a "$OUT/gpu_bench.log") 2>&1
 export PYTHONUNBUFFERED=1
+# The tests' tiny models take the default model's tokenizer from here (its package is not carried)
+[ -d .gpu_tok/tok ] && export LIGHTGATE_TEST_TOKENIZER="$PWD/.gpu_tok/tok"
 
 left() { echo $((BUDGET_S - SECONDS)); }
 say() { echo "[gpu_bench $(printf '%4d' "$SECONDS") s] $*"; }

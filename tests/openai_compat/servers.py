@@ -30,7 +30,9 @@ def build_tiny_model(out: Path) -> Path:
 
     from engine.models.loader import resolve_model
 
-    source = Path(resolve_model(None))  # the packaged default model, converted once and cached
+    # the packaged default model, converted once and cached; LIGHTGATE_TEST_TOKENIZER names a
+    # directory with the same tokenizer files where the package is not installed (the GPU host)
+    source = Path(os.environ.get("LIGHTGATE_TEST_TOKENIZER") or resolve_model(None))
     out.mkdir(parents=True, exist_ok=True)
     for path in source.iterdir():
         if path.name.startswith(("tokenizer", "special_tokens")) or path.name == "chat_template.jinja":
