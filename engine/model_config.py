@@ -76,6 +76,10 @@ class ModelConfig:
     # Learned absolute positions (GPTBigCode's `wpe`): a table of max_position_embeddings rows,
     # so no sequence may run past it (rotary positions extend, a table does not).
     learned_positions: bool = False
+    # Multi-head latent attention (DeepSeek-V2): a token stores, per layer, one compressed latent
+    # (`kv_lora_rank`) and one rotary key (`qk_rope_head_dim`) shared by every head, this many
+    # values, instead of per-head keys and values; None for per-head K/V.
+    kv_latent_dim: int | None = None
 
     @classmethod
     def from_hf_config(cls, hf_config: Any) -> ModelConfig:
@@ -98,4 +102,12 @@ class ModelConfig:
             norm_eps=_norm_eps(config),
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             learned_positions=getattr(config, "model_type", None) == "gpt_bigcode",
+            kv_latent_dim=_kv_latent_dim(config),
         )
+
+
+def _kv_latent_dim(config: Any) -> int | None:
+    kv_lora_rank = getattr(config, "kv_lora_rank", None)
+    if kv_lora_rank is None:
+        return None
+    return int(kv_lora_rank) + int(_required(config, "qk_rope_head_dim"))

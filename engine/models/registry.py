@@ -26,6 +26,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "ChatGLMForConditionalGeneration": ("glm", "ChatGLMForCausalLM"),
     "MiniCPMForCausalLM": ("minicpm", "MiniCPMForCausalLM"),
     "MiniCPM3ForCausalLM": ("minicpm", "MiniCPM3ForCausalLM"),
+    "DeepseekV2ForCausalLM": ("deepseek_v2", "DeepseekV2ForCausalLM"),
 }
 
 
