@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.layers.attention import decode_grid, dequantize_int8, quantize_int8
+from engine.layers.linear import LinearBase
 from engine.worker.forward_context import ForwardContext, KVPool, get_forward_context
 
 
@@ -48,7 +49,7 @@ class MLAAttention(nn.Module):
         v_head_dim: int,
         scale: float,
         layer_idx: int,
-        kv_b_proj: nn.Module,
+        kv_b_proj: LinearBase,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads  # on this rank
@@ -66,7 +67,7 @@ class MLAAttention(nn.Module):
         """(W_uk [H, dn, r], W_uv [H, dv, r]) in `dtype`: views of kv_b_proj's weight, or a
         dequantized copy of an FP8 one."""
         proj = self._kv_b_proj[0]
-        weight = proj.weight
+        weight: torch.Tensor = proj.weight
         if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):  # e4m3 + row scales
             weight = weight.float() * proj.weight_scale
         weight = weight.to(dtype).view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)

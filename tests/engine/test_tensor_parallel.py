@@ -72,10 +72,15 @@ def _logprob_values(entries: list[Any] | None) -> dict[tuple[int, int], float]:
         ("glm4", {}),  # replicated extra norms
         ("chatglm", {}),  # fused query_key_value and dense_h_to_4h, own names
         ("minicpm", {}),  # muP scalings, tied head
+        # MLA: heads split (q_b_proj / kv_b_proj by heads, o_proj by rows), the latent pool replicated
+        ("deepseek_v2", {}),
+        ("deepseek_v2", {"q_lora_rank": None, "attention_bias": True, "rope_parameters": {
+            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0,
+            "mscale": 1.0, "mscale_all_dim": 0.707}}),  # q_proj split by heads, YaRN
     ],
     ids=["llama", "qwen2", "qwen3", "phi3", "llama-kv1", "stablelm-qk-norm", "cohere-qk-norm-kv1", "cohere2",
          "gpt_bigcode", "gpt_bigcode-mha", "starcoder2", "internlm2", "internlm2-kv1", "internlm3", "glm",
-         "glm4", "chatglm", "minicpm"],
+         "glm4", "chatglm", "minicpm", "deepseek_v2", "deepseek_v2-no-q-lora-yarn"],
 )
 def test_tp2_matches_tp1(tmp_path: Path, kind: str, overrides: dict[str, Any]) -> None:
     if kind in SAVERS:  # a family saved in its own checkpoint layout

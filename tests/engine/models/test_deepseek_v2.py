@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from engine.layers import ReplicatedLinear
 from engine.layers.mla import MLAAttention
 from engine.model_config import ModelConfig
 from engine.models import load_model
@@ -60,7 +61,7 @@ def test_absorbed_and_expanded_forms_match_transformers(
 
 def test_the_cheaper_form_is_chosen_per_sequence() -> None:
     # DeepSeek-V2-Lite's sizes: a decode or a short chunk over a long prefix absorbs, a prefill expands
-    attn = MLAAttention(16, 512, 128, 64, 128, 0.1, 0, nn.Identity())
+    attn = MLAAttention(16, 512, 128, 64, 128, 0.1, 0, ReplicatedLinear(512, 16 * 256, False))
     assert attn._absorbed_is_cheaper(1, 4096) and attn._absorbed_is_cheaper(64, 4096)
     assert not attn._absorbed_is_cheaper(2048, 2048) and not attn._absorbed_is_cheaper(1024, 4096)
 
