@@ -145,10 +145,7 @@ class ModelRunner:
                     config.max_num_seqs, self.max_model_len,
                 )
                 self.prefill_graphs.capture()
-        if (
-            self.device.startswith("cuda") and use_triton() and model.triton_attention
-            and (config.fuse_mixed_steps or self.graphs is None)
-        ):
+        if self._triton_attention() and (config.fuse_mixed_steps or self.graphs is None):
             self._warm_up_mixed_steps()  # without graphs (enforce_eager) every step runs eagerly
 
     @torch.inference_mode()
@@ -173,13 +170,14 @@ class ModelRunner:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
 
+    def _triton_attention(self) -> bool:
+        """Attention takes the Triton kernels: the Triton backend on CUDA, for a model whose
+        attention has them (`CausalLM.triton_attention`)."""
+        return self.device.startswith("cuda") and use_triton() and self.model.triton_attention
+
     def _uses_graphs(self) -> bool:
-        """CUDA graphs are captured for the Triton backend on CUDA unless enforce_eager, or the
-        model's attention runs the torch path on CUDA too (`CausalLM.triton_attention` False)."""
-        return (
-            self.device.startswith("cuda") and use_triton() and not self.config.enforce_eager
-            and self.model.triton_attention
-        )
+        """CUDA graphs are captured when attention takes the Triton kernels, unless enforce_eager."""
+        return self._triton_attention() and not self.config.enforce_eager
 
     def _prefill_graph_tokens(self) -> int:
         """Tokens of the largest packed step a prefill graph is captured for (0: none)."""
