@@ -1,4 +1,4 @@
-"""Multi-head latent attention (MLA) over the token-granular KV pool (plain torch, every device).
+"""Multi-head latent attention (MLA) over the token-granular KV pool.
 
 A token's keys and values are not stored per head. Each token keeps, per layer, one compressed
 latent c [r] (r = kv_lora_rank, already through kv_a_layernorm) and one rotary key k_pe [dr]
@@ -15,8 +15,9 @@ Two ways to attend, with the same result:
   q . k = [q_nope W_uk[h] | q_pe] . [c | k_pe]: attention of H query rows over one shared
   "head" of r + dr, whose values are the latents c themselves; the output o_c [r] goes back
   through W_uv[h]. No key is expanded: a decode reads r + dr values per key.
-A decode-only step always takes the absorbed form over a padded [B, L] batch; the sequences of
-a packed step take whichever form costs fewer multiply-adds (`_absorbed_is_cheaper`).
+A decode-only step always takes the absorbed form, on CUDA with the Triton backend through
+`engine/kernels/mla_decode.py`, else over a padded [B, L] batch in torch; the sequences of a
+packed step take whichever form costs fewer multiply-adds (`_absorbed_is_cheaper`), in torch.
 
 int8: one scale per token and layer over its r + dr values (`quantize_int8`), as a per-head
 pool keeps one per token and kv head.
@@ -24,11 +25,14 @@ pool keeps one per token and kv head.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine.layers.attention import decode_grid, dequantize_int8, quantize_int8
+from engine.layers.backend import use_triton
 from engine.layers.linear import LinearBase
 from engine.worker.forward_context import ForwardContext, KVPool, get_forward_context
 
@@ -122,11 +126,19 @@ class MLAAttention(nn.Module):
         return out.reshape(num_tokens, self.num_heads * self.v_dim)
 
     def _decode(self, ctx: ForwardContext, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
-        # One new token per sequence: the absorbed form over the padded [B, L] grid of latents.
+        # One new token per sequence: the absorbed form, H query rows of the one latent "head"
         num_seqs = q_nope.shape[0]
+        q = self._absorb_query(q_nope, q_pe)  # [B, H, r + dr]
+        if use_decode_kernel(q):
+            k_scale = ctx.kv.k_scale[self.layer_idx] if ctx.kv.k_scale is not None else None
+            o_latent = mla_decode_attention(
+                q, ctx.kv.k[self.layer_idx], ctx.req_to_token, ctx.req_indices, ctx.seq_lens, self.kv_lora_rank,
+                self.scale, ctx.max_seq_len, pool_scale=k_scale,
+            )
+            return self._unabsorb_output(o_latent)
+        # torch: over the padded [B, L] grid of latents
         slots, bias = decode_grid(ctx, None, q_nope.dtype)
         keys = self._read(ctx.kv, slots, q_nope.dtype).unsqueeze(1)  # [B, 1, L, r + dr]
-        q = self._absorb_query(q_nope, q_pe)  # [B, H, r + dr]: H query rows of the one latent "head"
         o = F.scaled_dot_product_attention(
             q.unsqueeze(1), keys, keys[..., : self.kv_lora_rank], attn_mask=bias, scale=self.scale
         )  # [B, 1, H, r]
@@ -198,6 +210,19 @@ class MLAAttention(nn.Module):
             f"heads={self.num_heads}, kv_lora_rank={self.kv_lora_rank}, qk_nope={self.nope_dim}, "
             f"qk_rope={self.rope_dim}, v={self.v_dim}, layer={self.layer_idx}"
         )
+
+
+def mla_decode_attention(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """engine/kernels/mla_decode.py's launcher, imported when first used (it imports triton)."""
+    from engine.kernels.mla_decode import mla_decode_attention as launch
+
+    return launch(*args, **kwargs)
+
+
+def use_decode_kernel(q: torch.Tensor) -> bool:
+    """Decode-only steps take the Triton kernel (engine/kernels/mla_decode.py) on CUDA with the
+    Triton backend."""
+    return q.is_cuda and use_triton()
 
 
 def _causal_mask(start: int, num_new: int, seq_len: int, device: torch.device) -> torch.Tensor | None:
