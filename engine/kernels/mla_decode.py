@@ -11,7 +11,9 @@ of one sequence and one split of its keys: it loads each key block once for all 
 (scores and the value product are tensor-core dots over [BLOCK_H, *] tiles) and keeps an online
 softmax in float32, then writes its normalized partial output and log2-sum-exp (float32).
 Stage 2 (torch): merges the splits, weighting each by exp2 of its log2-sum-exp. With one split
-stage 1's output is the result.
+stage 1's output is the result. A sequence of length 0 (a padding row of a CUDA graph's batch)
+gets zeros. Nothing reads a host value of the device tensors: a CUDA graph can hold the launch,
+with `num_splits` fixed.
 
 int8 pool: one scale per entry (slot), applied as the block is loaded.
 The number of splits comes from a host int (`max_seq_len`): the launcher never synchronizes.
@@ -27,7 +29,6 @@ from engine.kernels._attention_checks import FLOAT_DTYPES, dot_precision
 
 __all__ = ["mla_decode_attention"]
 
-_LOG2E = 1.4426950408889634
 _MIN_PROGRAMS = 512  # stage-1 programs worth splitting the keys for (several per SM)
 _MIN_SPLIT_KEYS = 128  # no split shorter than this many keys
 
@@ -147,5 +148,8 @@ def mla_decode_attention(
     )
     if splits == 1:
         return partial[:, :, 0].to(q.dtype)
-    weights = torch.softmax(lse * (1.0 / _LOG2E), dim=-1)  # [B, H, S]; split 0 is never empty
-    return (partial * weights.unsqueeze(-1)).sum(dim=2).to(q.dtype)
+    # A padding row of a CUDA graph's batch (seq len 0) has only empty splits: zeros, not NaN.
+    top = lse.amax(dim=-1, keepdim=True).clamp(min=-1e30)
+    weights = torch.exp2(lse - top)  # [B, H, S]: 0 for an empty split
+    merged = (partial * weights.unsqueeze(-1)).sum(dim=2) / weights.sum(dim=-1, keepdim=True).clamp(min=1e-30)
+    return merged.to(q.dtype)

@@ -133,7 +133,7 @@ class MLAAttention(nn.Module):
             k_scale = ctx.kv.k_scale[self.layer_idx] if ctx.kv.k_scale is not None else None
             o_latent = mla_decode_attention(
                 q, ctx.kv.k[self.layer_idx], ctx.req_to_token, ctx.req_indices, ctx.seq_lens, self.kv_lora_rank,
-                self.scale, ctx.max_seq_len, pool_scale=k_scale,
+                self.scale, ctx.max_seq_len, pool_scale=k_scale, num_splits=ctx.decode_num_splits,
             )
             return self._unabsorb_output(o_latent)
         # torch: over the padded [B, L] grid of latents

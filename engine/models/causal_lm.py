@@ -19,9 +19,10 @@ from engine.distributed.lazy_weight import WeightLike
 class CausalLM(nn.Module, abc.ABC):
     """A decoder-only language model built for one tensor-parallel rank."""
 
-    # Whether its attention takes the Triton kernels on CUDA (with the Triton backend). False: the
-    # torch path on every device, whose per-step host work CUDA graphs cannot capture, so the
-    # model runner runs it eagerly.
+    # Whether the attention of its packed (prefill and mixed) steps takes the Triton kernels on
+    # CUDA (with the Triton backend). False: the torch path there, whose per-sequence host loop
+    # CUDA graphs cannot capture, so the model runner captures no prefill graphs and runs a
+    # mixed step's decodes in the decode graph; its decode steps must still be capturable.
     triton_attention: ClassVar[bool] = True
 
     @abc.abstractmethod

@@ -187,7 +187,8 @@ class DeepseekV2ForCausalLM(CausalLM):
         "gate_proj": ("gate_up_proj", 0),
         "up_proj": ("gate_up_proj", 1),
     }
-    # The MLA attention runs the torch path on CUDA too (no Triton MLA kernel yet): no CUDA graphs.
+    # Packed steps' MLA runs the torch path on CUDA too (decode steps take the MLA decode kernel):
+    # no prefill graphs.
     triton_attention = False
 
     def __init__(self, config: Any, tp_rank: int = 0, tp_size: int = 1) -> None:

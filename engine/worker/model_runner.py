@@ -171,17 +171,17 @@ class ModelRunner:
             torch.cuda.synchronize()
 
     def _triton_attention(self) -> bool:
-        """Attention takes the Triton kernels: the Triton backend on CUDA, for a model whose
-        attention has them (`CausalLM.triton_attention`)."""
+        """Packed steps' attention takes the Triton kernels: the Triton backend on CUDA, for a
+        model whose attention has them there (`CausalLM.triton_attention`)."""
         return self.device.startswith("cuda") and use_triton() and self.model.triton_attention
 
     def _uses_graphs(self) -> bool:
-        """CUDA graphs are captured when attention takes the Triton kernels, unless enforce_eager."""
-        return self._triton_attention() and not self.config.enforce_eager
+        """CUDA graphs are captured for the Triton backend on CUDA unless enforce_eager."""
+        return self.device.startswith("cuda") and use_triton() and not self.config.enforce_eager
 
     def _prefill_graph_tokens(self) -> int:
         """Tokens of the largest packed step a prefill graph is captured for (0: none)."""
-        if not self._uses_graphs():
+        if not (self._uses_graphs() and self.model.triton_attention):
             return 0
         return min(self.config.max_prefill_graph_tokens, self.config.max_num_batched_tokens or 0)
 
@@ -329,7 +329,7 @@ class ModelRunner:
     def _fuses(self, seqs: list[SeqStep], decode_idx: list[int]) -> bool:
         """Whether a step with prefill chunks runs its plain decodes (`decode_idx`) in the same
         packed pass (see `_FUSED_MIN_DECODE_PROGRAMS`)."""
-        if not self.config.fuse_mixed_steps:
+        if not (self.config.fuse_mixed_steps and self.model.triton_attention):
             return False
         if len(decode_idx) * self.num_kv_heads >= _FUSED_MIN_DECODE_PROGRAMS:
             return True

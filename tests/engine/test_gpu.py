@@ -54,9 +54,10 @@ _RUNS_OF = {
     "glm4": [("triton", "bfloat16", False)],
     "chatglm": [("triton", "float32", False), ("triton", "bfloat16", True)],
     "minicpm": [("triton", "float32", False), ("triton", "bfloat16", False)],  # scalings graphed
-    # MLA takes the torch attention path on CUDA (never graphed); the Triton runs cover its norms and
-    # rotary kernels around it
-    "deepseek_v2": [("torch", "float32", True), ("triton", "float32", False), ("triton", "bfloat16", False)],
+    # MLA: decode steps through the MLA decode kernel (graphed, and eager), packed steps through the
+    # torch path (no prefill graphs)
+    "deepseek_v2": [("torch", "float32", True), ("triton", "float32", True), ("triton", "float32", False),
+                    ("triton", "bfloat16", False)],
 }
 
 
