@@ -131,12 +131,14 @@ def mla_decode_attention(
     if (pool.dtype == torch.int8) != (pool_scale is not None):
         raise ValueError("an int8 pool takes its per-slot scales; a float pool takes none")
     q = q.contiguous()
-    block_h = max(16, min(64, triton.next_power_of_2(num_heads)))
+    block_r = max(16, triton.next_power_of_2(kv_lora_rank))
+    # A program's float32 accumulator is [BLOCK_H, BLOCK_R]: 16 heads at a wide latent (512),
+    # more at narrow ones; never under 16 rows (tl.dot's smallest tile).
+    block_h = max(16, min(16 if block_r >= 256 else 64, triton.next_power_of_2(num_heads)))
     head_blocks = triton.cdiv(num_heads, block_h)
     splits = num_splits or _num_splits(batch, head_blocks, max_seq_len)
     partial = torch.empty(batch, num_heads, splits, kv_lora_rank, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
-    block_r = max(16, triton.next_power_of_2(kv_lora_rank))
     _mla_split_kernel[(batch, head_blocks, splits)](
         q, pool, pool_scale if pool_scale is not None else pool, req_to_token, req_indices, seq_lens, partial, lse,
         scale, num_heads, splits,
