@@ -131,13 +131,14 @@ def test_deepseek_v2_decode_through_the_kernel_matches_torch(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("heads", [16, 128])
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("batch", [1, 64])
-def test_gpu_deepseek_v2_lite_shapes(batch: int, int8: bool) -> None:
-    # 16 heads, kv_lora_rank 512, rope 64 (DeepSeek-V2-Lite), bf16, contexts up to 4k
+def test_gpu_deepseek_v2_shapes(batch: int, int8: bool, heads: int) -> None:
+    # kv_lora_rank 512, rope 64, 16 heads (DeepSeek-V2-Lite) or 128 (DeepSeek-V2), bf16, contexts up to 4k
     gen = torch.Generator().manual_seed(batch)
     seq_lens = torch.randint(1, 4097, (batch,), generator=gen).tolist()
-    c = _case(seq_lens, heads=16, dtype=torch.bfloat16, int8=int8, seed=batch, r=512, dr=64)
+    c = _case(seq_lens, heads=heads, dtype=torch.bfloat16, int8=int8, seed=batch, r=512, dr=64)
     scale = c["scale"].cuda() if c["scale"] is not None else None
     out = mla_decode_attention(
         c["q"].cuda(), c["pool"].cuda(), c["req_to_token"].cuda(), torch.tensor(c["rows"]).cuda(),
