@@ -79,6 +79,10 @@ class ModelConfig:
     # Mixtures of experts: the widths split over the ranks besides intermediate_size (each
     # expert's, a shared expert's), named as the config names them; empty for a dense model.
     expert_sizes: tuple[tuple[str, int], ...] = ()
+    # Multi-head latent attention (DeepSeek-V2): a token stores, per layer, one compressed latent
+    # (`kv_lora_rank`) and one rotary key (`qk_rope_head_dim`) shared by every head, this many
+    # values, instead of per-head keys and values; None for per-head K/V.
+    kv_latent_dim: int | None = None
 
     @classmethod
     def from_hf_config(cls, hf_config: Any) -> ModelConfig:
@@ -106,4 +110,12 @@ class ModelConfig:
                 for name in ("moe_intermediate_size", "shared_expert_intermediate_size")
                 if getattr(config, name, None)
             ),
+            kv_latent_dim=_kv_latent_dim(config),
         )
+
+
+def _kv_latent_dim(config: Any) -> int | None:
+    kv_lora_rank = getattr(config, "kv_lora_rank", None)
+    if kv_lora_rank is None:
+        return None
+    return int(kv_lora_rank) + int(_required(config, "qk_rope_head_dim"))

@@ -232,30 +232,7 @@ class Attention(nn.Module):
     def _decode_grid(
         self, ctx: ForwardContext, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Padded slot ids [B, L] and an additive mask [B, 1, 1, L] in `dtype` (0 where a key
-        is seen, -inf on padding and outside the window; None when every key is seen).
-        Computed once per step, window and dtype, for every layer."""
-        key = ("decode_grid", self.sliding_window, dtype)
-        cached = ctx.derived.get(key)
-        if cached is not None:
-            return cached  # type: ignore[return-value]
-        max_len = ctx.max_seq_len
-        windowed = self.sliding_window is not None and max_len > self.sliding_window
-        slots = ctx.req_to_token[ctx.req_indices, :max_len].long()  # [B, L]
-        bias: torch.Tensor | None = None
-        if ctx.num_seqs > 1 or windowed:
-            seq_lens = ctx.seq_lens  # [B]
-            k_pos = torch.arange(max_len, device=seq_lens.device).unsqueeze(0)  # [1, L]
-            valid = k_pos < seq_lens.unsqueeze(1)  # [B, L]
-            if self.sliding_window is not None:
-                valid &= k_pos > (seq_lens - 1 - self.sliding_window).unsqueeze(1)
-            # Padding entries may hold stale slot ids: point them at the dummy slot.
-            slots = torch.where(valid, slots, ctx.kv.dummy_slot)
-            # Every row sees at least its own token, so no row is all -inf.
-            bias = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
-            bias = bias.masked_fill_(~valid, float("-inf"))[:, None, None, :]
-        ctx.derived[key] = (slots, bias)
-        return slots, bias
+        return decode_grid(ctx, self.sliding_window, dtype)
 
     def _decode_alibi(
         self, ctx: ForwardContext, slopes: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype
@@ -283,6 +260,35 @@ class Attention(nn.Module):
             f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
             f"layer={self.layer_idx}, sliding_window={self.sliding_window}{alibi}"
         )
+
+
+def decode_grid(
+    ctx: ForwardContext, sliding_window: int | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A decode-only step's padded slot ids [B, L] and an additive mask [B, 1, 1, L] in `dtype`
+    (0 where a key is seen, -inf on padding and outside the window; None when every key is
+    seen). Computed once per step, window and dtype, for every layer."""
+    key = ("decode_grid", sliding_window, dtype)
+    cached = ctx.derived.get(key)
+    if cached is not None:
+        return cached  # type: ignore[return-value]
+    max_len = ctx.max_seq_len
+    windowed = sliding_window is not None and max_len > sliding_window
+    slots = ctx.req_to_token[ctx.req_indices, :max_len].long()  # [B, L]
+    bias: torch.Tensor | None = None
+    if ctx.num_seqs > 1 or windowed:
+        seq_lens = ctx.seq_lens  # [B]
+        k_pos = torch.arange(max_len, device=seq_lens.device).unsqueeze(0)  # [1, L]
+        valid = k_pos < seq_lens.unsqueeze(1)  # [B, L]
+        if sliding_window is not None:
+            valid &= k_pos > (seq_lens - 1 - sliding_window).unsqueeze(1)
+        # Padding entries may hold stale slot ids: point them at the dummy slot.
+        slots = torch.where(valid, slots, ctx.kv.dummy_slot)
+        # Every row sees at least its own token, so no row is all -inf.
+        bias = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
+        bias = bias.masked_fill_(~valid, float("-inf"))[:, None, None, :]
+    ctx.derived[key] = (slots, bias)
+    return slots, bias
 
 
 def triton_attention(

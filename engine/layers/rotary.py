@@ -1,8 +1,11 @@
 """Rotary position embedding (neox / `rotate_half` layout) with rope scaling.
 
 Supported `rope_type`s: `default`, `linear` (positions divided by `factor`, i.e. inverse
-frequencies divided by it) and `llama3` (low frequencies divided by `factor`, a smooth
-blend between `low_freq_factor` and `high_freq_factor` wavelengths).
+frequencies divided by it), `llama3` (low frequencies divided by `factor`, a smooth
+blend between `low_freq_factor` and `high_freq_factor` wavelengths) and `yarn` (frequencies
+that turn fewer than `beta_slow` times over the original context are divided by `factor`,
+those turning more than `beta_fast` times are kept, a linear ramp between; cos and sin are
+multiplied by an attention factor, `yarn_attention_factor`).
 
 Parameters are read with `rope_parameters_from_config`: transformers 5 keeps them in
 `config.rope_parameters` (with `rope_theta` inside), older versions in `config.rope_scaling`
@@ -20,7 +23,7 @@ from torch import nn
 from engine.layers.backend import use_triton
 from engine.worker.forward_context import current_forward_context
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def rope_parameters_from_config(config: Any) -> dict[str, Any]:
@@ -61,7 +64,60 @@ def compute_inv_freq(rotary_dim: int, params: dict[str, Any], max_position: int)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
         return torch.where(is_medium, smoothed, scaled)
+    if rope_type == "yarn":
+        return _yarn_inv_freq(inv_freq, rotary_dim, params, max_position)
     raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction for a context stretched `factor` times: 1 + 0.1 m ln(factor)."""
+    return 1.0 if factor <= 1 else 1.0 + 0.1 * mscale * math.log(factor)
+
+
+def _yarn_factor(params: dict[str, Any], max_position: int) -> float:
+    factor = params.get("factor")
+    if factor is None:  # some configs give the stretch only as the ratio of the two context lengths
+        return max_position / float(params["original_max_position_embeddings"])
+    return float(factor)
+
+
+def yarn_attention_factor(params: dict[str, Any], max_position: int) -> float:
+    """What YaRN multiplies cos and sin by (so q . k of the rotated part by its square):
+    `attention_factor` when given; else mscale(factor, mscale) / mscale(factor, mscale_all_dim)
+    when the config has both (DeepSeek), else mscale(factor). 1 for the other rope types."""
+    if params["rope_type"] != "yarn":
+        return 1.0
+    if params.get("attention_factor") is not None:
+        return float(params["attention_factor"])
+    factor = _yarn_factor(params, max_position)
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return yarn_mscale(factor, float(mscale)) / yarn_mscale(factor, float(mscale_all_dim))
+    return yarn_mscale(factor)
+
+
+def _yarn_inv_freq(
+    inv_freq: torch.Tensor, rotary_dim: int, params: dict[str, Any], max_position: int
+) -> torch.Tensor:
+    factor = _yarn_factor(params, max_position)
+    base = float(params["rope_theta"])
+    original = float(params["original_max_position_embeddings"])
+    beta_fast = float(params.get("beta_fast") or 32)
+    beta_slow = float(params.get("beta_slow") or 1)
+
+    def dim_of(rotations: float) -> float:
+        # the (pair) dimension whose wavelength fits `rotations` times into the original context
+        return rotary_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001  # a one-point ramp
+    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    # ramp 0: fast dims, kept (extrapolated); ramp 1: slow dims, interpolated (divided by factor)
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -82,12 +138,15 @@ class RotaryEmbedding(nn.Module):
         self.rotary_dim = rotary_dim
         self.params = params
         self.inv_freq = compute_inv_freq(rotary_dim, params, max_position)  # [rotary_dim // 2]
+        self.attention_factor = yarn_attention_factor(params, max_position)  # folded into cos and sin
         self.cos_cache, self.sin_cache = self._build_cache(max_position)
 
     def _build_cache(self, num_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
         # [num_positions, rotary_dim // 2] float32, computed as pos * inv_freq like the reference.
         freqs = torch.outer(torch.arange(num_positions, dtype=torch.float32), self.inv_freq)
-        return freqs.cos(), freqs.sin()
+        if self.attention_factor == 1.0:
+            return freqs.cos(), freqs.sin()
+        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # Every layer rotates at the same positions: look them up once per step.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -17,6 +18,12 @@ from engine.distributed.lazy_weight import WeightLike
 
 class CausalLM(nn.Module, abc.ABC):
     """A decoder-only language model built for one tensor-parallel rank."""
+
+    # Whether the attention of its packed (prefill and mixed) steps takes the Triton kernels on
+    # CUDA (with the Triton backend). False: the torch path there, whose per-sequence host loop
+    # CUDA graphs cannot capture, so the model runner captures no prefill graphs and runs a
+    # mixed step's decodes in the decode graph; its decode steps must still be capturable.
+    triton_attention: ClassVar[bool] = True
 
     @abc.abstractmethod
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

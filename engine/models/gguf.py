@@ -5,7 +5,8 @@ with `gguf.quants.dequantize` (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and 
 else the installed `gguf` package can dequantize), renamed from llama.cpp's names
 (`blk.N.attn_q.weight`) to transformers' (`model.layers.N.self_attn.q_proj.weight`), and for
 the `llama` architecture the q/k rows are un-permuted: llama.cpp's converter interleaves the
-two rotary halves of every head, `undo_rope_permute` restores the `rotate_half` layout.
+two rotary halves of every head, `undo_rope_permute` restores the `rotate_half` layout
+(`deepseek2`: engine/models/gguf_deepseek.py).
 For `bloom` the names are BLOOM's (`transformer.h.N.self_attention.query_key_value`), and the
 fused q/k/v goes back from llama.cpp's q | k | v rows to BLOOM's per-head [H, 3, D] rows, so
 the directory is an ordinary BLOOM checkpoint.
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from engine.layers.rotary import interleaved_to_half_rows
+from engine.models.gguf_deepseek import DEEPSEEK2_BLOCK_NAMES, deepseek2_config, merge_kv_b
 from engine.models.gguf_moe import (
     MIXTRAL_BLOCK_NAMES,
     MOE_BLOCK_NAMES,
@@ -75,6 +77,7 @@ _BLOCK_NAMES = {
 _ARCH_BLOCK_NAMES = {
     "phi3": {"ffn_up": "mlp.gate_up_proj"},
     "llama": MIXTRAL_BLOCK_NAMES,
+    "deepseek2": DEEPSEEK2_BLOCK_NAMES,
     "starcoder2": {"ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
     "starcoder": {
         "attn_norm": "ln_1",
@@ -110,7 +113,7 @@ _ARCH_GLOBAL_NAMES = {
 }
 # AutoTokenizer reads the model's config through transformers' GGUF reader first, which fails
 # on these (`gguf_metadata`); their tokenizer is built from the file's tokenizer fields alone.
-_TOKENIZER_ONLY_FROM_FILE = {"cohere", "cohere2"}
+_TOKENIZER_ONLY_FROM_FILE = {"cohere", "cohere2", "deepseek_v2"}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 # Tensors with no transformers counterpart (llama3's precomputed rope factors come from config).
 _SKIPPED = {"rope_freqs.weight"}
@@ -170,6 +173,13 @@ def dequantize_tensor(tensor: Any) -> torch.Tensor:
 def read_gguf_tensors(reader: Any, config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (transformers name, tensor) for every tensor of an opened `gguf.GGUFReader`."""
     architecture = _read_str(reader, "general.architecture")
+    if architecture == "deepseek2":  # kv_b_proj's halves joined back
+        yield from merge_kv_b(_read_tensors(reader, config, architecture))
+    else:
+        yield from _read_tensors(reader, config, architecture)
+
+
+def _read_tensors(reader: Any, config: dict[str, Any], architecture: str) -> Iterator[tuple[str, torch.Tensor]]:
     num_heads = _num_heads(config)
     num_kv_heads = int(config.get("num_key_value_heads") or num_heads)
     for tensor in reader.tensors:
@@ -340,7 +350,10 @@ def starcoder_config(reader: Any) -> dict[str, Any]:
 
 
 # llama.cpp architecture -> its config from the GGUF metadata, where transformers has no mapping
-OWN_CONFIG_READERS: dict[str, Callable[[Any], dict[str, Any]]] = {"starcoder": starcoder_config}
+OWN_CONFIG_READERS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "starcoder": starcoder_config,
+    "deepseek2": deepseek2_config,
+}
 
 
 def _complete_starcoder2_config(config: dict[str, Any], reader: Any) -> None:

@@ -30,6 +30,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MixtralForCausalLM": ("moe", "MixtralForCausalLM"),
     "Qwen2MoeForCausalLM": ("moe", "Qwen2MoeForCausalLM"),
     "Qwen3MoeForCausalLM": ("moe", "Qwen3MoeForCausalLM"),
+    "DeepseekV2ForCausalLM": ("deepseek_v2", "DeepseekV2ForCausalLM"),
 }
 
 

@@ -36,6 +36,9 @@ class KVPool:
     k[layer]: [num_slots + 1, num_kv_heads, head_dim]; the last slot is a dummy that padded
     entries point at. With int8 KV, `k_scale[layer]`: [num_slots + 1, num_kv_heads]
     (`INT8_KV_SCALE_DTYPE`), and k[layer] ~= k_int8 * k_scale[layer][..., None].
+    Multi-head latent attention keeps no V: `v` is empty and `v_scale` None, and k[layer]
+    [num_slots + 1, 1, kv_lora_rank + qk_rope_head_dim] holds each token's latent and rotary key
+    (engine/layers/mla.py).
     """
 
     k: list[torch.Tensor]

@@ -1,7 +1,8 @@
 """A worker's KV pool: the memory it may take, and its tensors.
 
 `KVLayout` is what one token of the pool holds on this rank: K and V of every layer for the
-rank's KV heads (and, for int8, a scale per token and head). `kv_budget_bytes` is the memory the
+rank's KV heads (and, for int8, a scale per token and head), or for multi-head latent attention
+one latent per layer, the same on every rank (`KVLayout.for_model`). `kv_budget_bytes` is the memory the
 pool may take on this rank: `kv_cache_memory_gb` when set; on CUDA a fraction
 (`gpu_memory_utilization`) of the memory that stays free beside the weights, the largest step's
 activations (measured by one profiling pass, `profile_activations`) and the prefill graphs' own
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import EngineConfig
+from engine.distributed import num_local_kv_heads
+from engine.model_config import ModelConfig
 from engine.models.causal_lm import CausalLM
 from engine.sampling_params import SamplingParams
 from engine.worker.forward_context import (
@@ -36,44 +39,69 @@ _GIB = 1 << 30
 _PROFILE_PARAMS = SamplingParams(temperature=1.0, top_p=0.9, top_k=50)  # the costliest sampling path
 
 
-def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype) -> int:
-    """Bytes one token occupies in the pool: K and V of every layer (+ scales for int8)."""
-    per_layer = 2 * num_kv_heads * head_dim * kv_dtype.itemsize
+def kv_bytes_per_token(
+    num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype, has_v: bool = True
+) -> int:
+    """Bytes one token occupies in the pool: K (and V, unless `has_v` is False) of every layer,
+    plus their scales for int8."""
+    tensors = 2 if has_v else 1
+    per_layer = tensors * num_kv_heads * head_dim * kv_dtype.itemsize
     if kv_dtype == torch.int8:
-        per_layer += 2 * num_kv_heads * INT8_KV_SCALE_DTYPE.itemsize  # one scale per (token, kv head), K and V
+        per_layer += tensors * num_kv_heads * INT8_KV_SCALE_DTYPE.itemsize  # one scale per (token, kv head)
     return num_layers * per_layer
 
 
 def allocate_kv_pool(
-    num_slots: int, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: str
+    num_slots: int, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: str,
+    has_v: bool = True,
 ) -> KVPool:
+    """Zeroed K (and V) tensors of `num_slots` + 1 slots per layer; without V, `v` is empty."""
     # One extra slot at the end: the dummy that padded entries point at.
     shape = (num_slots + 1, num_kv_heads, head_dim)
+    num_v = num_layers if has_v else 0
     k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-    v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+    v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_v)]
     if dtype != torch.int8:
         return KVPool(k=k, v=v)
     scale_shape = (num_slots + 1, num_kv_heads)
     k_scale = [torch.ones(scale_shape, dtype=INT8_KV_SCALE_DTYPE, device=device) for _ in range(num_layers)]
-    v_scale = [torch.ones(scale_shape, dtype=INT8_KV_SCALE_DTYPE, device=device) for _ in range(num_layers)]
-    return KVPool(k=k, v=v, k_scale=k_scale, v_scale=v_scale)
+    v_scale = [torch.ones(scale_shape, dtype=INT8_KV_SCALE_DTYPE, device=device) for _ in range(num_v)]
+    return KVPool(k=k, v=v, k_scale=k_scale, v_scale=v_scale if has_v else None)
 
 
 @dataclass(frozen=True, slots=True)
 class KVLayout:
-    """What one token of this rank's pool holds."""
+    """What one token of this rank's pool holds.
+
+    Per-head attention: K and V of `num_kv_heads` heads of `head_dim` per layer. Multi-head
+    latent attention (`has_v` False): one "head" per layer, the latent and the rotary key side
+    by side (`head_dim` = kv_lora_rank + qk_rope_head_dim), which the attention reads as both its
+    keys and (the latent part) its values; every rank holds all of it.
+    """
 
     num_layers: int
     num_kv_heads: int  # on this rank
     head_dim: int
     dtype: torch.dtype  # of the pool: the model's, another float dtype, or int8
+    has_v: bool = True
+
+    @classmethod
+    def for_model(cls, shape: ModelConfig, tp_size: int, dtype: torch.dtype) -> KVLayout:
+        """The layout of one rank's pool for a model of this shape over `tp_size` ranks."""
+        if shape.kv_latent_dim is not None:  # the latent is replicated, not split by heads
+            return cls(shape.num_layers, 1, shape.kv_latent_dim, dtype, has_v=False)
+        return cls(shape.num_layers, num_local_kv_heads(shape.num_kv_heads, tp_size), shape.head_dim, dtype)
 
     def bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
         """Of this pool, or of the same layout in `dtype`."""
-        return kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, dtype or self.dtype)
+        return kv_bytes_per_token(
+            self.num_layers, self.num_kv_heads, self.head_dim, dtype or self.dtype, self.has_v
+        )
 
     def allocate(self, num_slots: int, device: str) -> KVPool:
-        return allocate_kv_pool(num_slots, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, device)
+        return allocate_kv_pool(
+            num_slots, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, device, self.has_v
+        )
 
 
 def kv_budget_bytes(

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.config import EngineConfig
-from engine.distributed import get_tp_rank, get_tp_size, num_local_kv_heads
+from engine.distributed import get_tp_rank, get_tp_size
 from engine.distributed.parallel_state import all_reduce_min_int
 from engine.layers.backend import use_triton
 from engine.messages import NewRow, SeqStep, StepPlan, StepResult, WorkerInfo
@@ -100,14 +100,13 @@ class ModelRunner:
         shape = ModelConfig.from_hf_config(hf_config)
         self.num_layers = shape.num_layers
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
-        self.num_kv_heads = num_local_kv_heads(shape.num_kv_heads, self.tp_size)  # on this rank
-        self.head_dim = shape.head_dim
         assert config.max_model_len is not None and config.max_num_seqs is not None, (
             "resolve the config before building a runner"
         )
         self.max_model_len = config.max_model_len
         self.max_num_seqs = config.max_num_seqs
-        self.kv_layout = KVLayout(self.num_layers, self.num_kv_heads, self.head_dim, config.kv_torch_dtype())
+        self.kv_layout = KVLayout.for_model(shape, self.tp_size, config.kv_torch_dtype())
+        self.num_kv_heads = self.kv_layout.num_kv_heads  # on this rank
         self.sampler = Sampler(seed=config.seed)
         self.kv_budget_bytes = kv_budget_bytes(config, self.kv_layout, model, self.sampler, self._prefill_graph_tokens())
         # The same slot indices are valid on every rank: the smallest pool any rank can hold.
@@ -146,7 +145,7 @@ class ModelRunner:
                     config.max_num_seqs, self.max_model_len,
                 )
                 self.prefill_graphs.capture()
-        if self.device.startswith("cuda") and use_triton() and (config.fuse_mixed_steps or self.graphs is None):
+        if self._triton_attention() and (config.fuse_mixed_steps or self.graphs is None):
             self._warm_up_mixed_steps()  # without graphs (enforce_eager) every step runs eagerly
 
     @torch.inference_mode()
@@ -171,13 +170,18 @@ class ModelRunner:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
 
+    def _triton_attention(self) -> bool:
+        """Packed steps' attention takes the Triton kernels: the Triton backend on CUDA, for a
+        model whose attention has them there (`CausalLM.triton_attention`)."""
+        return self.device.startswith("cuda") and use_triton() and self.model.triton_attention
+
     def _uses_graphs(self) -> bool:
         """CUDA graphs are captured for the Triton backend on CUDA unless enforce_eager."""
         return self.device.startswith("cuda") and use_triton() and not self.config.enforce_eager
 
     def _prefill_graph_tokens(self) -> int:
         """Tokens of the largest packed step a prefill graph is captured for (0: none)."""
-        if not self._uses_graphs():
+        if not (self._uses_graphs() and self.model.triton_attention):
             return 0
         return min(self.config.max_prefill_graph_tokens, self.config.max_num_batched_tokens or 0)
 
@@ -325,7 +329,7 @@ class ModelRunner:
     def _fuses(self, seqs: list[SeqStep], decode_idx: list[int]) -> bool:
         """Whether a step with prefill chunks runs its plain decodes (`decode_idx`) in the same
         packed pass (see `_FUSED_MIN_DECODE_PROGRAMS`)."""
-        if not self.config.fuse_mixed_steps:
+        if not (self.config.fuse_mixed_steps and self.model.triton_attention):
             return False
         if len(decode_idx) * self.num_kv_heads >= _FUSED_MIN_DECODE_PROGRAMS:
             return True

@@ -62,6 +62,10 @@ _RUNS_OF = {
                 ("triton", "bfloat16", False)],
     "qwen2_moe": [("triton", "float32", False), ("triton", "bfloat16", False)],
     "qwen3_moe": [("triton", "float32", False), ("triton", "bfloat16", False)],
+    # MLA: decode steps through the MLA decode kernel (graphed, and eager), packed steps through the
+    # torch path (no prefill graphs)
+    "deepseek_v2": [("torch", "float32", True), ("triton", "float32", True), ("triton", "float32", False),
+                    ("triton", "bfloat16", False)],
 }
 
 

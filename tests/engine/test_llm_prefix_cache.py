@@ -5,10 +5,12 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.worker.kv_pool import kv_bytes_per_token
+from engine.model_config import ModelConfig
+from engine.worker.kv_pool import KVLayout
 from tests.engine.models.harness import save_tiny_model, tiny_config
 
 
@@ -18,15 +20,17 @@ def _shared_prefix_prompts(num: int, seed: int) -> list[list[int]]:
     return [systems[i % 2] + [rng.randrange(3, 256) for _ in range(rng.randrange(1, 20))] for i in range(num)]
 
 
-def test_outputs_equal_with_cache_on_and_off_under_pressure(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["llama", "deepseek_v2"])  # per-head K/V, and MLA's latents
+def test_outputs_equal_with_cache_on_and_off_under_pressure(kind: str, tmp_path: Path) -> None:
     """Shared system prompts, n > 1, chunked prefill and a pool small enough to preempt."""
-    save_tiny_model(str(tmp_path), tiny_config("llama"))
+    config = tiny_config(kind)
+    save_tiny_model(str(tmp_path), config)
     prompts = _shared_prefix_prompts(12, seed=4)
     params = [
         SamplingParams(temperature=0.0, max_tokens=20 + 7 * (i % 3), ignore_eos=True, n=1 + i % 3)
         for i in range(len(prompts))
     ]
-    per_token = kv_bytes_per_token(2, 2, 16, torch.float32)
+    per_token = KVLayout.for_model(ModelConfig.from_hf_config(config), 1, torch.float32).bytes_per_token()
     results = {}
     for enabled in (False, True):
         with LLM(

@@ -77,11 +77,16 @@ def _logprob_values(entries: list[Any] | None) -> dict[tuple[int, int], float]:
         ("mixtral", {}),  # each expert's gate / up rows and down columns split, router replicated
         ("qwen2_moe", {}),  # + a shared expert (split as a dense MLP) with its gate, a dense layer
         ("qwen3_moe", {}),  # renormalised top-k, q/k norms
+        # MLA: heads split (q_b_proj / kv_b_proj by heads, o_proj by rows), the latent pool replicated
+        ("deepseek_v2", {}),
+        ("deepseek_v2", {"q_lora_rank": None, "attention_bias": True, "rope_parameters": {
+            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0,
+            "mscale": 1.0, "mscale_all_dim": 0.707}}),  # q_proj split by heads, YaRN
     ],
     ids=["llama", "qwen2", "qwen3", "phi3", "llama-kv1", "stablelm-qk-norm", "cohere-qk-norm-kv1", "cohere2",
          "gpt_bigcode", "gpt_bigcode-mha", "starcoder2", "internlm2", "internlm2-kv1", "internlm3", "glm",
-         "glm4", "chatglm", "minicpm", "bloom",
-         "mixtral", "qwen2-moe", "qwen3-moe"],
+         "glm4", "chatglm", "minicpm", "bloom", "mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2",
+         "deepseek-v2-no-q-lora-yarn"],
 )
 def test_tp2_matches_tp1(tmp_path: Path, kind: str, overrides: dict[str, Any]) -> None:
     if kind in SAVERS:  # a family saved in its own checkpoint layout

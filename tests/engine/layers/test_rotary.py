@@ -22,12 +22,23 @@ LLAMA3 = {
 }
 
 
-@pytest.mark.parametrize("params", [{"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, LLAMA3])
+YARN = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64, "rope_theta": 1e4,
+        "beta_fast": 32, "beta_slow": 1}
+# DeepSeek's: the attention factor is mscale(factor, mscale) / mscale(factor, mscale_all_dim)
+YARN_MSCALE = {**YARN, "mscale": 1.0, "mscale_all_dim": 0.707}
+
+
+@pytest.mark.parametrize(
+    "params", [{"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, LLAMA3, YARN, YARN_MSCALE]
+)
 def test_inv_freq_matches_transformers(params: dict[str, object]) -> None:
-    config = LlamaConfig(hidden_size=256, num_attention_heads=2, rope_parameters=dict(params))
-    expected, _ = ROPE_INIT_FUNCTIONS[str(params["rope_type"])](config, "cpu")
-    actual = compute_inv_freq(128, rope_parameters_from_config(config), 4096)
-    torch.testing.assert_close(actual, expected.float())
+    config = LlamaConfig(hidden_size=256, num_attention_heads=2, rope_parameters=dict(params),
+                         max_position_embeddings=4096)
+    expected, expected_factor = ROPE_INIT_FUNCTIONS[str(params["rope_type"])](config, "cpu")
+    rope = get_rope(config, 128)
+    torch.testing.assert_close(rope.inv_freq, expected.float())
+    assert rope.attention_factor == pytest.approx(expected_factor or 1.0, rel=1e-6)
+    assert rope.attention_factor != 1.0 or params["rope_type"] != "yarn"
 
 
 def test_old_style_rope_scaling_is_read() -> None:
@@ -38,8 +49,8 @@ def test_old_style_rope_scaling_is_read() -> None:
     assert params == {"type": "linear", "factor": 3.0, "rope_theta": 5e5, "rope_type": "linear"}
     plain = SimpleNamespace(rope_scaling=None, rope_theta=None, max_position_embeddings=64)
     assert rope_parameters_from_config(plain) == {"rope_theta": 10000.0, "rope_type": "default"}
-    with pytest.raises(ValueError, match="unsupported rope_type 'yarn'"):
-        compute_inv_freq(8, {"rope_type": "yarn", "rope_theta": 1e4}, 64)
+    with pytest.raises(ValueError, match="unsupported rope_type 'longrope'"):
+        compute_inv_freq(8, {"rope_type": "longrope", "rope_theta": 1e4}, 64)
 
 
 def test_rotation_preserves_norm_and_is_relative() -> None:

@@ -13,7 +13,7 @@ from torch import nn
 
 from engine.model_config import ModelConfig
 from engine.worker.forward_context import build_forward_context, set_forward_context
-from engine.worker.kv_pool import allocate_kv_pool
+from engine.worker.kv_pool import KVLayout
 
 
 class Harness:
@@ -27,10 +27,9 @@ class Harness:
         seed: int = 0,
     ) -> None:
         shape = ModelConfig.from_hf_config(model.config)
-        # The model runner's pool layout (int8: int8 values and per (slot, kv head) scales).
-        self.kv = allocate_kv_pool(
-            num_slots, shape.num_layers, shape.num_kv_heads, shape.head_dim, kv_dtype, "cpu"
-        )
+        # The model runner's pool layout (int8: int8 values and per (slot, kv head) scales; one
+        # latent per token and layer for multi-head latent attention).
+        self.kv = KVLayout.for_model(shape, 1, kv_dtype).allocate(num_slots, "cpu")
         self.model = model
         # Stale garbage in unused entries: attention must never read past seq_len.
         self.req_to_token = torch.randint(0, num_slots, (max_rows, max_len), dtype=torch.int32)
@@ -125,6 +124,8 @@ def tiny_config(kind: str = "llama", **overrides: Any) -> Any:
         return _starcoder_config(kind, common)
     if kind in ("mixtral", "qwen2_moe", "qwen3_moe"):
         return _tiny_moe_config(kind, common)
+    if kind == "deepseek_v2":
+        return _deepseek_v2_config(common)
     raise ValueError(kind)
 
 
@@ -148,6 +149,20 @@ def _tiny_moe_config(kind: str, common: dict[str, Any]) -> Any:
         common.setdefault("norm_topk_prob", True)
         return Qwen3MoeConfig(architectures=["Qwen3MoeForCausalLM"], **common)
     raise ValueError(kind)
+
+
+def _deepseek_v2_config(common: dict[str, Any]) -> Any:
+    """Multi-head latent attention with dense MLPs only (every layer before first_k_dense_replace)."""
+    from transformers import DeepseekV2Config
+
+    common.pop("num_key_value_heads")
+    for name, value in (
+        ("kv_lora_rank", 32), ("q_lora_rank", 48), ("qk_nope_head_dim", 16), ("qk_rope_head_dim", 16),
+        ("v_head_dim", 24), ("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2),
+    ):
+        common.setdefault(name, value)
+    common.setdefault("first_k_dense_replace", common["num_hidden_layers"])
+    return DeepseekV2Config(architectures=["DeepseekV2ForCausalLM"], **common)
 
 
 def _starcoder_config(kind: str, common: dict[str, Any]) -> Any:

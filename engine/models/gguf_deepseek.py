@@ -1,0 +1,128 @@
+"""llama.cpp's `deepseek2` GGUF files -> a DeepSeek-V2 (`deepseek_v2`) config and tensors.
+
+The metadata gives the latent attention's sizes: `attention.kv_lora_rank`,
+`attention.q_lora_rank` (absent: a plain q projection), `rope.dimension_count` (the rotary
+part of each head), and the per-head key / value lengths, in `attention.key_length_mla` /
+`value_length_mla` (files that also describe the latent as one head of `key_length` =
+kv_lora_rank + rope) or, in older files, in `attention.key_length` / `value_length` themselves.
+YaRN: `rope.scaling.type` yarn with `factor`, `original_context_length` and
+`yarn_log_multiplier` = 0.1 * mscale_all_dim (mscale is taken equal to it, as in every
+DeepSeek-V2 config, so the rotary part keeps an attention factor of 1).
+
+Tensors: llama.cpp's converter keeps the q / k_pe rows in the checkpoint's interleaved rotary
+layout (engine/models/deepseek_v2.py reorders them at load, as for a Hugging Face checkpoint).
+Newer files split kv_b_proj per head into `attn_k_b` ([H, kv_lora_rank, qk_nope], the key half
+transposed) and `attn_v_b` ([H, v_head_dim, kv_lora_rank]); `merge_kv_b` joins them back into
+kv_b_proj's [H * (qk_nope + v_head_dim), kv_lora_rank] rows. Files whose layers have experts
+(`expert_count` with fewer `leading_dense_block_count` layers than blocks) are refused: the
+mixture-of-experts layer waits for issue 22's MoE part.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+# llama.cpp block tensor -> DeepSeek-V2's module under model.layers.N
+DEEPSEEK2_BLOCK_NAMES = {
+    "attn_q_a": "self_attn.q_a_proj",
+    "attn_q_a_norm": "self_attn.q_a_layernorm",
+    "attn_q_b": "self_attn.q_b_proj",
+    "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+    "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+    "attn_kv_b": "self_attn.kv_b_proj",
+    "attn_k_b": "self_attn.k_b_proj",  # halves of kv_b_proj, joined by `merge_kv_b`
+    "attn_v_b": "self_attn.v_b_proj",
+}
+_HALF_RE = re.compile(r"(model\.layers\.\d+\.self_attn)\.([kv])_b_proj\.weight$")
+
+
+def _meta(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def deepseek2_config(reader: Any) -> dict[str, Any]:
+    """config.json content (transformers' `deepseek_v2` fields) from the GGUF metadata."""
+
+    def value(key: str, default: Any = None) -> Any:
+        found = _meta(reader, f"deepseek2.{key}", default)
+        if found is None:
+            raise ValueError(f"the GGUF file has no deepseek2.{key}")
+        return found
+
+    layers = int(value("block_count"))
+    dense = int(value("leading_dense_block_count", layers))
+    if dense < layers and int(value("expert_count", 0)):
+        raise ValueError(
+            f"this DeepSeek-V2 GGUF has mixture-of-experts layers (from layer {dense} on): lightgate serves "
+            "DeepSeek-V2's multi-head latent attention with dense MLPs only; mixture-of-experts layers wait "
+            "for issue 22's MoE part"
+        )
+    rope_dim = int(value("rope.dimension_count"))
+    key_length = int(_meta(reader, "deepseek2.attention.key_length_mla") or value("attention.key_length"))
+    value_length = int(_meta(reader, "deepseek2.attention.value_length_mla") or value("attention.value_length"))
+    names = {t.name for t in reader.tensors}
+    embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    config: dict[str, Any] = {
+        "model_type": "deepseek_v2",
+        "architectures": ["DeepseekV2ForCausalLM"],
+        "hidden_size": int(value("embedding_length")),
+        "num_hidden_layers": layers,
+        "num_attention_heads": int(value("attention.head_count")),
+        "intermediate_size": int(value("feed_forward_length")),
+        "max_position_embeddings": int(value("context_length")),
+        "rms_norm_eps": float(value("attention.layer_norm_rms_epsilon")),
+        "vocab_size": int(embedding.shape[1]),
+        "tie_word_embeddings": "output.weight" not in names,
+        "kv_lora_rank": int(value("attention.kv_lora_rank")),
+        "q_lora_rank": _meta(reader, "deepseek2.attention.q_lora_rank"),
+        "qk_rope_head_dim": rope_dim,
+        "qk_nope_head_dim": key_length - rope_dim,
+        "v_head_dim": value_length,
+        "first_k_dense_replace": layers,  # every layer dense (checked above)
+        "attention_bias": "blk.0.attn_kv_a_mqa.bias" in names,
+        "rope_parameters": _rope_parameters(reader, float(value("rope.freq_base", 10000.0))),
+        "bos_token_id": _meta(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _meta(reader, "tokenizer.ggml.eos_token_id"),
+    }
+    return config
+
+
+def _rope_parameters(reader: Any, theta: float) -> dict[str, Any]:
+    if _meta(reader, "deepseek2.rope.scaling.type") != "yarn":
+        return {"rope_type": "default", "rope_theta": theta}
+    mscale = float(_meta(reader, "deepseek2.rope.scaling.yarn_log_multiplier", 0.0)) / 0.1
+    return {
+        "rope_type": "yarn",
+        "rope_theta": theta,
+        "factor": float(_meta(reader, "deepseek2.rope.scaling.factor")),
+        "original_max_position_embeddings": int(_meta(reader, "deepseek2.rope.scaling.original_context_length")),
+        "beta_fast": float(_meta(reader, "deepseek2.rope.scaling.yarn_beta_fast", 32.0)),
+        "beta_slow": float(_meta(reader, "deepseek2.rope.scaling.yarn_beta_slow", 1.0)),
+        "mscale": mscale,
+        "mscale_all_dim": mscale,
+    }
+
+
+def merge_kv_b(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass the tensors through, joining each layer's k_b_proj [H, r, dn] and v_b_proj
+    [H, dv, r] into kv_b_proj [H * (dn + dv), r] once both are read."""
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors:
+        match = _HALF_RE.match(name)
+        if match is None:
+            yield name, tensor
+            continue
+        prefix, half = match.groups()
+        parts = halves.setdefault(prefix, {})
+        parts[half] = tensor
+        if len(parts) == 2:
+            k_b, v_b = parts["k"].transpose(1, 2), parts["v"]  # [H, dn, r], [H, dv, r]
+            yield f"{prefix}.kv_b_proj.weight", torch.cat((k_b, v_b), dim=1).reshape(-1, k_b.shape[-1]).contiguous()
+            del halves[prefix]
+    if halves:
+        raise ValueError(f"GGUF deepseek2 file with half of kv_b_proj only: {sorted(halves)}")

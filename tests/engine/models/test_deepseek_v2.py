@@ -1,0 +1,129 @@
+"""DeepSeek-V2 (multi-head latent attention, dense MLPs) against transformers (fp32, CPU, random
+weights), its latent KV pool, and the refusal of mixture-of-experts layers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from engine.layers import ReplicatedLinear
+from engine.layers.mla import MLAAttention
+from engine.model_config import ModelConfig
+from engine.models import load_model
+from engine.worker.forward_context import INT8_KV_SCALE_DTYPE
+from engine.worker.kv_pool import KVLayout
+from tests.engine.models.family_checks import *  # noqa: F403
+from tests.engine.models.harness import Harness, rel_err, save_tiny_model, tiny_config
+
+_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0,
+         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.707}
+
+CASES: dict[str, dict[str, Any]] = {
+    "q-lora": {},
+    # plain q_proj; biases on q_a / kv_a / o (kv_a's rotary rows reordered with its weight)
+    "no-q-lora-bias": {"q_lora_rank": None, "attention_bias": True},
+    # DeepSeek's YaRN: frequencies blended, cos / sin and the softmax scale corrected
+    "yarn": {"rope_parameters": _YARN},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, nn.Module]:
+    """(transformers model, our model loaded from its saved directory)."""
+    path = tmp_path_factory.mktemp(request.param)
+    hf = save_tiny_model(str(path), tiny_config("deepseek_v2", **CASES[request.param]))
+    return hf, load_model(str(path), torch.float32, "cpu")
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("absorbed", [True, False])
+@torch.inference_mode()
+def test_absorbed_and_expanded_forms_match_transformers(
+    pair: tuple[nn.Module, nn.Module], absorbed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Either form for every sequence of a packed step (prefill and a chunk over a cached
+    prefix): the same logits as transformers."""
+    hf, ours = pair
+    monkeypatch.setattr(MLAAttention, "_absorbed_is_cheaper", lambda self, n, length: absorbed)
+    prompt = _prompt(19, seed=7)
+    expected = hf(torch.tensor([prompt])).logits[0]
+    harness = Harness(ours)
+    actual = torch.cat([harness.step([(0, prompt[:11])])[0], harness.step([(0, prompt[11:])])[0]])
+    assert rel_err(actual, expected) < 1e-4
+
+
+def test_the_cheaper_form_is_chosen_per_sequence() -> None:
+    # DeepSeek-V2-Lite's sizes: a decode or a short chunk over a long prefix absorbs, a prefill expands
+    attn = MLAAttention(16, 512, 128, 64, 128, 0.1, 0, ReplicatedLinear(512, 16 * 256, False))
+    assert attn._absorbed_is_cheaper(1, 4096) and attn._absorbed_is_cheaper(64, 4096)
+    assert not attn._absorbed_is_cheaper(2048, 2048) and not attn._absorbed_is_cheaper(1024, 4096)
+
+
+def test_kv_pool_holds_one_latent_per_token_and_layer(tmp_path: Path) -> None:
+    """A token costs kv_lora_rank + qk_rope_head_dim values per layer (one int8 scale with
+    int8), on every tensor-parallel rank: the KV capacity for a given memory follows."""
+    config = tiny_config("deepseek_v2", num_hidden_layers=3)
+    shape = ModelConfig.from_hf_config(config)
+    assert shape.kv_latent_dim == 32 + 16
+    for tp in (1, 2):
+        layout = KVLayout.for_model(shape, tp, torch.bfloat16)
+        assert layout.bytes_per_token() == 3 * 48 * 2
+        assert layout.bytes_per_token(torch.int8) == 3 * (48 + INT8_KV_SCALE_DTYPE.itemsize)
+    # the same model with per-head K and V (4 heads of qk 32 / v 24, padded to 32) would need
+    # 2 * 4 * 32 values per layer: 48 of them hold 5.3x the tokens
+    pool = KVLayout.for_model(shape, 1, torch.int8).allocate(10, "cpu")
+    assert [tuple(k.shape) for k in pool.k] == [(11, 1, 48)] * 3 and pool.v == [] and pool.v_scale is None
+    assert pool.k_scale is not None and tuple(pool.k_scale[0].shape) == (11, 1)
+
+    from engine import LLM
+
+    save_tiny_model(str(tmp_path), config)
+    budget = 1000 * 3 * 48 * 4  # bytes for 1 000 float32 tokens
+    with LLM(str(tmp_path), dtype="float32", kv_cache_memory_gb=budget / (1 << 30)) as llm:
+        assert llm.kv_cache_tokens == 1000
+
+
+def test_mixture_of_experts_layers_are_refused_at_load(tmp_path: Path) -> None:
+    save_tiny_model(str(tmp_path), tiny_config("deepseek_v2", first_k_dense_replace=1, n_routed_experts=4,
+                                               num_experts_per_tok=2, moe_intermediate_size=32))
+    with pytest.raises(ValueError, match=r"layer 1 is a mixture-of-experts layer.*issue 22's MoE part"):
+        load_model(str(tmp_path), torch.float32, "cpu")
+
+
+
+def test_random_lite_shaped_model_script_writes_a_loadable_model(tmp_path: Path) -> None:
+    """scripts/make_random_deepseek_v2.py at reduced sizes: with --dense the engine loads and runs
+    it; with experts its tensors are the released checkpoints' (one per expert) and it is refused
+    until the MoE layer lands."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[3] / "scripts" / "make_random_deepseek_v2.py"
+    spec = importlib.util.spec_from_file_location("make_random_deepseek_v2", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    small = ["vocab_size=256", "hidden_size=64", "intermediate_size=96", "moe_intermediate_size=32",
+             "num_hidden_layers=3", "num_attention_heads=4", "num_key_value_heads=4", "n_routed_experts=4",
+             "num_experts_per_tok=2", "kv_lora_rank=32", "qk_rope_head_dim=16", "qk_nope_head_dim=16",
+             "v_head_dim=16", "max_position_embeddings=512"]
+    args = [arg for item in small for arg in ("--set", item)]
+    script.main(["--out", str(tmp_path / "dense"), "--dense", *args])
+    model: Any = load_model(str(tmp_path / "dense"), torch.float32, "cpu")
+    assert model.model.layers[0].self_attn.attn.scale != (16 + 16) ** -0.5  # YaRN's mscale
+    tokens = Harness(model).generate([5, 6, 7], 4)
+    assert len(tokens) == 4
+    script.main(["--out", str(tmp_path / "moe"), *args])
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "moe" / "model-00001.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "model.layers.0.mlp.gate_proj.weight" in names and "model.layers.1.mlp.experts.3.down_proj.weight" in names
+    with pytest.raises(ValueError, match="issue 22's MoE part"):
+        load_model(str(tmp_path / "moe"), torch.float32, "cpu")
