@@ -59,6 +59,21 @@ def _num_kv_heads(config: Any, num_heads: int) -> int:
     return int(getattr(config, "num_key_value_heads", None) or num_heads)
 
 
+def _expert_sizes(config: Any) -> tuple[tuple[str, int], ...]:
+    """The expert widths of a model that has experts (a dense DeepSeek-V2 config still names a
+    `moe_intermediate_size`: every layer before `first_k_dense_replace` is dense)."""
+    experts = next((getattr(config, n, None) for n in ("num_local_experts", "num_experts", "n_routed_experts")
+                    if getattr(config, n, None)), None)
+    first_dense = getattr(config, "first_k_dense_replace", None)
+    if not experts or (first_dense is not None and first_dense >= int(config.num_hidden_layers)):
+        return ()
+    return tuple(
+        (name, int(getattr(config, name)))
+        for name in ("moe_intermediate_size", "shared_expert_intermediate_size")
+        if getattr(config, name, None)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     """Sizes of a decoder-only transformer (whole model, not one tensor-parallel rank's share)."""
@@ -105,11 +120,7 @@ class ModelConfig:
             norm_eps=_norm_eps(config),
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             learned_positions=getattr(config, "model_type", None) == "gpt_bigcode",
-            expert_sizes=tuple(
-                (name, int(getattr(config, name)))
-                for name in ("moe_intermediate_size", "shared_expert_intermediate_size")
-                if getattr(config, name, None)
-            ),
+            expert_sizes=_expert_sizes(config),
             kv_latent_dim=_kv_latent_dim(config),
         )
 
