@@ -49,44 +49,55 @@ def _logprob_values(entries: list[Any] | None) -> dict[tuple[int, int], float]:
     return values
 
 
+# Each case starts a tp=1 and a tp=2 engine (10-20 s on two cores). The default tier runs one of
+# each way a model is split (`-m slow` adds the rest of the families and variants).
+_SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize(
     "kind,overrides",
     [
-        ("llama", {}),  # 4 heads, 2 kv heads: one kv head per rank
-        ("qwen2", {}),  # q/k/v biases, tied embeddings
-        ("qwen3", {}),  # per-head q/k norms (replicated), head_dim != hidden / heads
-        ("phi3", {}),  # q | k | v and gate | up fused in the checkpoint: each rank takes its rows of each
-        ("llama", {"num_key_value_heads": 1}),  # fewer kv heads than ranks: replicated
+        pytest.param("llama", {}, id="llama"),  # 4 heads, 2 kv heads: one kv head per rank
+        pytest.param("qwen2", {}, id="qwen2", marks=_SLOW),  # q/k/v biases, tied embeddings
+        # per-head q/k norms (replicated), head_dim != hidden / heads
+        pytest.param("qwen3", {}, id="qwen3"),
+        # q | k | v and gate | up fused in the checkpoint: each rank takes its rows of each
+        pytest.param("phi3", {}, id="phi3"),
+        pytest.param("llama", {"num_key_value_heads": 1}, id="llama-kv1"),  # fewer kv heads than ranks: replicated
         # per-head q/k LayerNorms: each rank its heads' rows; q/k/v biases; partial rotary
-        ("stablelm", {"qk_layernorm": True, "use_qkv_bias": True}),
+        pytest.param("stablelm", {"qk_layernorm": True, "use_qkv_bias": True}, id="stablelm-qk-norm", marks=_SLOW),
         # interleaved rotary reordered per rank; per-head norms with a replicated kv head
-        ("cohere", {"use_qk_norm": True, "num_key_value_heads": 1}),
-        ("cohere2", {}),  # sliding layers with rotary, global layers without
-        ("gpt_bigcode", {}),  # multi-query: the one kv head replicated, fused c_attn, learned positions
-        ("gpt_bigcode", {"multi_query": False}),  # per-head q, k, v rows re-laid, then split by heads
-        ("starcoder2", {"sliding_window": 6}),  # LayerNorm, biases, GELU MLP, sliding window
-        ("internlm2", {}),  # grouped wqkv regrouped into q, k, v before each rank takes its heads
-        ("internlm2", {"num_key_value_heads": 1}),
-        ("internlm3", {}),
-        ("glm", {}),  # q/k rows permuted (half-head interleaved rotary), then sharded
-        ("glm4", {}),  # replicated extra norms
-        ("chatglm", {}),  # fused query_key_value and dense_h_to_4h, own names
-        ("minicpm", {}),  # muP scalings, tied head
+        pytest.param("cohere", {"use_qk_norm": True, "num_key_value_heads": 1}, id="cohere-qk-norm-kv1"),
+        # sliding layers with rotary, global layers without
+        pytest.param("cohere2", {}, id="cohere2", marks=_SLOW),
+        # multi-query: the one kv head replicated, fused c_attn, learned positions
+        pytest.param("gpt_bigcode", {}, id="gpt_bigcode"),
+        # per-head q, k, v rows re-laid, then split by heads
+        pytest.param("gpt_bigcode", {"multi_query": False}, id="gpt_bigcode-mha", marks=_SLOW),
+        # LayerNorm, biases, GELU MLP, sliding window
+        pytest.param("starcoder2", {"sliding_window": 6}, id="starcoder2", marks=_SLOW),
+        # grouped wqkv regrouped into q, k, v before each rank takes its heads
+        pytest.param("internlm2", {}, id="internlm2"),
+        pytest.param("internlm2", {"num_key_value_heads": 1}, id="internlm2-kv1", marks=_SLOW),
+        pytest.param("internlm3", {}, id="internlm3", marks=_SLOW),
+        # q/k rows permuted (half-head interleaved rotary), then sharded
+        pytest.param("glm", {}, id="glm", marks=_SLOW),
+        pytest.param("glm4", {}, id="glm4", marks=_SLOW),  # replicated extra norms
+        pytest.param("chatglm", {}, id="chatglm"),  # fused query_key_value and dense_h_to_4h, own names
+        pytest.param("minicpm", {}, id="minicpm", marks=_SLOW),  # muP scalings, tied head
         # per-head fused q/k/v, each rank 3 heads with their own ALiBi slopes (6: not a power of two)
-        ("bloom", {"num_attention_heads": 6, "hidden_size": 96}),
-        ("mixtral", {}),  # each expert's gate / up rows and down columns split, router replicated
-        ("qwen2_moe", {}),  # + a shared expert (split as a dense MLP) with its gate, a dense layer
-        ("qwen3_moe", {}),  # renormalised top-k, q/k norms
+        pytest.param("bloom", {"num_attention_heads": 6, "hidden_size": 96}, id="bloom"),
+        # each expert's gate / up rows and down columns split, router replicated
+        pytest.param("mixtral", {}, id="mixtral"),
+        # + a shared expert (split as a dense MLP) with its gate, a dense layer
+        pytest.param("qwen2_moe", {}, id="qwen2-moe", marks=_SLOW),
+        pytest.param("qwen3_moe", {}, id="qwen3-moe", marks=_SLOW),  # renormalised top-k, q/k norms
         # MLA: heads split (q_b_proj / kv_b_proj by heads, o_proj by rows), the latent pool replicated
-        ("deepseek_v2", {}),
-        ("deepseek_v2", {"q_lora_rank": None, "attention_bias": True, "rope_parameters": {
+        pytest.param("deepseek_v2", {}, id="deepseek-v2"),
+        pytest.param("deepseek_v2", {"q_lora_rank": None, "attention_bias": True, "rope_parameters": {
             "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0,
-            "mscale": 1.0, "mscale_all_dim": 0.707}}),  # q_proj split by heads, YaRN
+            "mscale": 1.0, "mscale_all_dim": 0.707}}, id="deepseek-v2-no-q-lora-yarn", marks=_SLOW),
     ],
-    ids=["llama", "qwen2", "qwen3", "phi3", "llama-kv1", "stablelm-qk-norm", "cohere-qk-norm-kv1", "cohere2",
-         "gpt_bigcode", "gpt_bigcode-mha", "starcoder2", "internlm2", "internlm2-kv1", "internlm3", "glm",
-         "glm4", "chatglm", "minicpm", "bloom", "mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2",
-         "deepseek-v2-no-q-lora-yarn"],
 )
 def test_tp2_matches_tp1(tmp_path: Path, kind: str, overrides: dict[str, Any]) -> None:
     if kind in SAVERS:  # a family saved in its own checkpoint layout
