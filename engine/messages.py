@@ -10,10 +10,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from engine.router.seq import Seq
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PromptImage:
+    """One image of a prompt: its preprocessed pixels and the placeholder positions they fill."""
+
+    offset: int  # the first of its placeholder positions in the prompt
+    num_tokens: int  # its positions: offset .. offset + num_tokens - 1
+    pixel_values: np.ndarray  # [3, H, W] float32, the vision tower's input
 
 
 @dataclass(slots=True)
@@ -26,6 +37,7 @@ class NewRow:
     # The ids that end generation (eos unless ignore_eos, and params.stop_token_ids): the sampler
     # masks them while the row is short of params.min_tokens.
     stop_token_ids: frozenset[int] = frozenset()
+    images: tuple[PromptImage, ...] = ()  # a vision-language model's images, in prompt order
 
 
 # Not frozen: a frozen dataclass sets each field through object.__setattr__, several times the
