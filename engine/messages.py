@@ -10,21 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
-
+from engine.multimodal import PromptImage
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from engine.router.seq import Seq
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class PromptImage:
-    """One image of a prompt: its preprocessed pixels and the placeholder positions they fill."""
-
-    offset: int  # the first of its placeholder positions in the prompt
-    num_tokens: int  # its positions: offset .. offset + num_tokens - 1
-    pixel_values: np.ndarray  # [3, H, W] float32, the vision tower's input
 
 
 @dataclass(slots=True)

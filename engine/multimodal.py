@@ -1,4 +1,4 @@
-"""Images in prompts, on the server process's side: preprocessing, placeholders, cache keys.
+"""Images in prompts: preprocessing, placeholders and cache keys (server process), `PromptImage` (both).
 
 A vision-language model (`LlavaForConditionalGeneration`) reads each image as a run of
 placeholder tokens (its `image_token_id`, `<image>` in its tokenizer), one per image embedding
@@ -29,12 +29,19 @@ from typing import Any
 
 import numpy as np
 
-from engine.messages import PromptImage
-
 # Architectures whose prompts take images.
 VISION_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration"})
 # Negative cache keys stay below the router's placeholder output token (-1).
 _KEY_BITS = 60
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PromptImage:
+    """One image of a prompt: its preprocessed pixels and the placeholder positions they fill."""
+
+    offset: int  # the first of its placeholder positions in the prompt
+    num_tokens: int  # its positions: offset .. offset + num_tokens - 1
+    pixel_values: np.ndarray  # [3, H, W] float32, the vision tower's input
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from engine.messages import PromptImage
+from engine.multimodal import PromptImage
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
