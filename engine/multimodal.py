@@ -56,10 +56,11 @@ class ImageInput:
 class ImageProcessor:
     """The model's image side in the server process (thread-safe: no state changes after init)."""
 
-    def __init__(self, model_path: str, hf_config: Any, tokenizer: Any) -> None:
+    def __init__(self, model_path: str, hf_config: Any, tokenizer: Any | None) -> None:
         vision = hf_config.vision_config
         self.image_token_id = int(getattr(hf_config, "image_token_id", None) or hf_config.image_token_index)
-        self.placeholder: str = tokenizer.convert_ids_to_tokens(self.image_token_id)
+        # the placeholder's text (a model that ships no tokenizer takes token ids only)
+        self.placeholder: str = tokenizer.convert_ids_to_tokens(self.image_token_id) if tokenizer else "<image>"
         self.patch_size = int(vision.patch_size)
         # "default" drops the vision tower's class token, "full" keeps it
         self.extra_tokens = 1 if getattr(hf_config, "vision_feature_select_strategy", "default") == "full" else 0
@@ -103,10 +104,10 @@ def _clip_processor(model_path: str, image_size: int) -> Any:
     return Processor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
-def image_processor_for(model_path: str, hf_config: Any, tokenizer: Any) -> ImageProcessor | None:
+def image_processor_for(model_path: str, hf_config: Any, tokenizer: Any | None) -> ImageProcessor | None:
     """The model's image processor; None for a model that reads text only."""
     architectures = getattr(hf_config, "architectures", None) or []
-    if not architectures or architectures[0] not in VISION_ARCHITECTURES or tokenizer is None:
+    if not architectures or architectures[0] not in VISION_ARCHITECTURES:
         return None
     return ImageProcessor(model_path, hf_config, tokenizer)
 

@@ -50,18 +50,11 @@ def save_tiny_llava(path: Path, seed: int = 0, **text_overrides: Any) -> nn.Modu
     return model
 
 
-class _Vocab:
-    """The one tokenizer method the image processor reads: the placeholder's text."""
-
-    def convert_ids_to_tokens(self, token_id: int) -> str:
-        return "<image>"
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, nn.Module, ImageProcessor]:
     path = tmp_path_factory.mktemp("llava")
     hf = save_tiny_llava(path)
-    processor = ImageProcessor(str(path), hf.config, _Vocab())
+    processor = ImageProcessor(str(path), hf.config, None)
     return hf, load_model(str(path), torch.float32, "cpu"), processor
 
 
