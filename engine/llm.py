@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore
-from engine.multimodal import ImageInput
+from engine.multimodal import ImageInput, ImageProcessor
 from engine.outputs import OutputAccumulator, RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -62,6 +62,11 @@ class LLM:
     @property
     def max_model_len(self) -> int:
         return self.core.max_model_len
+
+    @property
+    def image_processor(self) -> ImageProcessor | None:
+        """A vision-language model's image preprocessing and placeholders; None for text only."""
+        return self.core.image_processor
 
     def get_tokenizer(self) -> Any:
         return self.core.tokenizer

@@ -47,6 +47,7 @@ def _generate(model_dir: Path, repeat: int = 1, max_tokens: int = 16, **kwargs: 
     prompts, images = prompts * repeat, images * repeat
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=3)
     with LLM(str(model_dir), dtype="float32", max_num_batched_tokens=16, **kwargs) as llm:
+        assert llm.image_processor is not None and llm.image_processor.image_token_id == IMAGE_TOKEN
         outs = llm.generate(prompts, params, images=images)
         preemptions = llm.core.scheduler.num_preemptions
     return [(o.outputs[0].token_ids, o.outputs[0].logprobs, o.num_cached_tokens) for o in outs] + [preemptions]
