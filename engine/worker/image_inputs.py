@@ -22,6 +22,7 @@ import torch
 
 from engine.messages import SeqStep
 from engine.multimodal import PromptImage
+from engine.worker.transfer import to_device
 
 
 @dataclass(slots=True)
@@ -75,14 +76,14 @@ class ImageInputs:
         if not placed:
             return None
         self._embed([entry for _, entry, _, _ in placed if entry.embeds is None])
-        index = torch.cat([torch.arange(at, at + end - first) for at, _, first, end in placed])
+        index = [i for at, _, first, end in placed for i in range(at, at + end - first)]
         rows = []
         for _, entry, first, end in placed:
             assert entry.embeds is not None
             rows.append(entry.embeds[first:end])
             if end == entry.image.num_tokens:  # its last position: not needed again in this row
                 entry.embeds = None
-        return index.to(self.device), torch.cat(rows)
+        return to_device(index, torch.long, self.device), torch.cat(rows)
 
     def _embed(self, entries: list[_RowImage]) -> None:
         """Embed the images of `entries`, one batch per pixel shape."""
@@ -90,7 +91,7 @@ class ImageInputs:
         for entry in entries:
             by_shape.setdefault(entry.image.pixel_values.shape, []).append(entry)
         for group in by_shape.values():
-            pixels = torch.from_numpy(np.stack([e.image.pixel_values for e in group])).to(self.device)
+            pixels = to_device(torch.from_numpy(np.stack([e.image.pixel_values for e in group])), torch.float32, self.device)
             embeds = self.model.embed_images(pixels)  # [N, tokens, hidden_size]
             for entry, rows in zip(group, embeds, strict=True):
                 if rows.shape[0] != entry.image.num_tokens:
