@@ -31,6 +31,9 @@ import numpy as np
 
 # Architectures whose prompts take images.
 VISION_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration"})
+# The CLIP processor resizes the shorter side to the tower's size before cropping: a long thin
+# image would become a huge array first (1 x 10 000 px: 336 x 3 360 000). Refused beyond this.
+MAX_ASPECT_RATIO = 64
 # Negative cache keys stay below the router's placeholder output token (-1).
 _KEY_BITS = 60
 
@@ -67,7 +70,11 @@ class ImageProcessor:
         self._processor = _clip_processor(model_path, int(vision.image_size))
 
     def preprocess(self, image: Any) -> ImageInput:
-        """A Pillow RGB image -> its pixels as the model reads them, its token count and cache key."""
+        """A Pillow RGB image -> its pixels as the model reads them, its token count and cache key;
+        ValueError for a side more than `MAX_ASPECT_RATIO` times the other."""
+        width, height = image.size
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise ValueError(f"a {width}x{height} image: one side may be at most {MAX_ASPECT_RATIO} times the other")
         pixels = np.ascontiguousarray(self._processor(images=[image], return_tensors="np")["pixel_values"][0],
                                       dtype=np.float32)
         height, width = pixels.shape[-2:]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,3 +120,45 @@ def prepare_images(parts: list[ImagePart], processor: Any, max_pixels: int) -> l
         except (ValueError, OSError) as e:
             raise OpenAIError(f"The image could not be preprocessed for the model: {e}", param=part.param) from None
     return inputs
+
+
+def as_parts(messages: list[dict[str, Any]], placeholder: str) -> list[dict[str, Any]]:
+    """Messages whose text holds the placeholder, with their content as transformers'
+    multimodal parts (`{"type": "image"}` where each placeholder was, `{"type": "text"}` between)."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if not isinstance(content, str) or placeholder not in content:
+            out.append(message)
+            continue
+        parts: list[dict[str, Any]] = []
+        for k, text in enumerate(content.split(placeholder)):
+            if k:
+                parts.append({"type": "image"})
+            if text.strip("\n"):
+                parts.append({"type": "text", "text": text.strip("\n")})
+        out.append({**message, "content": parts})
+    return out
+
+
+def render_with_images(
+    render: Callable[..., tuple[str, list[int]]], processor: Any, images: list[Any], tokenizer: Any,
+    messages: list[dict[str, Any]], *args: Any, **kwargs: Any,
+) -> tuple[str, list[int]]:
+    """`render` (the chat template, then the tokenizer; on the tokenizer's thread) for a chat with
+    images -> its text and its token ids with each placeholder widened to its image's tokens.
+
+    The templates of vision-language models place images from content parts (`{"type": "image"}`),
+    so the messages are rendered that way first; a template that does not place every image (one
+    written for plain-text content) renders the text with the placeholders inline instead."""
+    placeholder = processor.placeholder
+    try:
+        text, ids = render(tokenizer, as_parts(messages, placeholder), *args, **kwargs)
+    except OpenAIError:  # a template that cannot take content parts
+        text, ids = "", []
+    if text.count(placeholder) != len(images):
+        text, ids = render(tokenizer, messages, *args, **kwargs)
+    try:
+        return text, processor.expand_placeholders(ids, images)
+    except ValueError as e:  # the template dropped or repeated an image, or the text names the placeholder
+        raise OpenAIError(str(e.args[0]), param="messages") from None

@@ -40,7 +40,7 @@ from openai_compat.generation import (
     open_streams,
     push_events,
 )
-from openai_compat.images import ChatImages, prepare_images
+from openai_compat.images import ChatImages, prepare_images, render_with_images
 from openai_compat.logprobs import chat_logprobs
 from openai_compat.prompt_size import check_prompt_text
 from openai_compat.protocol import (
@@ -194,18 +194,14 @@ class ChatServing:
             check_prompt_text, bound=state.prompt_bound, max_model_len=state.engine.max_model_len,
             max_tokens=params.max_tokens,
         )
+        render = partial(render_with_images, render_chat, processor, inputs) if inputs else render_chat
         try:
             text, prompt_ids = await state.run_tokenizer(
-                render_chat, tokenizer, messages, req.add_generation_prompt, req.chat_template_kwargs,
+                render, tokenizer, messages, req.add_generation_prompt, req.chat_template_kwargs,
                 check_text=check_text, tools=tools,
             )
         except PromptTooLongError as e:
             raise from_exception(e, prompt_param="messages") from None
-        if processor is not None and inputs:
-            try:
-                prompt_ids = processor.expand_placeholders(prompt_ids, inputs)
-            except ValueError as e:
-                raise from_exception(e) from None
         reader = chat_format.reader(plan, text)
         if reader.active and chat_format.keeps_special_tokens(reader):
             params.skip_special_tokens = False

@@ -80,3 +80,48 @@ def test_images_stand_as_the_placeholder_in_the_message_text() -> None:
     with pytest.raises(OpenAIError) as info:  # a model of text only
         template_messages(req.messages, ChatImages(None, max_images=8))
     assert info.value.param == PARAM and "does not take images" in info.value.message
+
+
+# A template in the style of vision-language models': images placed from content parts.
+PARTS_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }} {% endif %}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
+    """(tokenizer, image processor) of a tiny LLaVA with the default model's tokenizer + `<image>`."""
+    from transformers import AutoTokenizer
+
+    from engine.models.loader import load_hf_config
+    from engine.multimodal import image_processor_for
+    from tests.openai_compat.servers import build_tiny_llava
+
+    path = build_tiny_llava(tmp_path_factory.mktemp("llava-template"))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return tokenizer, image_processor_for(str(path), load_hf_config(str(path)), tokenizer)
+
+
+@pytest.mark.parametrize("template,expected", [
+    (PARTS_TEMPLATE, "USER: What is this? <image>\nASSISTANT:"),  # placed from content parts
+    (None, "What is this?\n<image>"),  # a template for text content: the placeholder inline
+])
+def test_chat_templates_place_the_images(llava: tuple[Any, Any], template: str | None, expected: str) -> None:
+    from PIL import Image
+
+    from openai_compat.images import render_with_images
+    from openai_compat.serving_chat import render_chat
+
+    tokenizer, processor = llava
+    images = [processor.preprocess(Image.new("RGB", (40, 50), (1, 2, 3)))]
+    messages = [{"role": "user", "content": "What is this?\n<image>"}]
+    kwargs = {"chat_template": template} if template else None
+    text, ids = render_with_images(render_chat, processor, images, tokenizer, messages, True, kwargs)
+    assert expected in text
+    assert ids.count(processor.image_token_id) == images[0].num_tokens == 25
+    with pytest.raises(OpenAIError) as info:  # a placeholder in the user's own text: one too many
+        render_with_images(render_chat, processor, images, tokenizer, [{**messages[0], "content": "<image> <image>"}],
+                           True, kwargs)
+    assert info.value.param == "messages"

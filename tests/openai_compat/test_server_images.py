@@ -115,6 +115,7 @@ BAD_IMAGES = {
     "a truncated PNG": (_data_url(_encoded(20, 20, seed=5)[:60]), "could not be decoded"),
     "an unsupported format (BMP)": (_data_url(_encoded(20, 20, seed=6, fmt="BMP"), "image/bmp"), "BMP"),
     "a data URL not in base64": ("data:image/png,rawbytes", "base64"),
+    "too thin (the resize would blow it up)": (_data_url(_encoded(2, 200, seed=10)), "at most 64 times"),
 }
 
 
