@@ -181,5 +181,21 @@ def test_checkpoint_names_of_every_layout(tmp_path: Path, pair: tuple[nn.Module,
     assert _rename("language_model.lm_head.weight") == "language_model.lm_head.weight"
     assert _rename("vision_tower.vision_model.encoder.layers.1.mlp.fc1.bias") == "vision_tower.encoder.layers.1.mlp.fc1.bias"
     assert _rename("model.multi_modal_projector.linear_1.weight") == "multi_modal_projector.linear_1.weight"
-    _, ours, _ = pair
+    hf, ours, processor = pair
     assert len(ours.vision_tower.encoder.layers) == 2  # feature layer -2 of 3: the last one is not built
+    # The published layout, written out: the same logits
+    from safetensors.torch import save_file
+
+    published_prefixes = {"model.vision_tower.": "vision_tower.vision_model.", "model.language_model.":
+                          "language_model.model.", "model.multi_modal_projector.": "multi_modal_projector.",
+                          "lm_head.": "language_model.lm_head."}
+    renamed = {}
+    for name, tensor in hf.state_dict().items():  # (the in-memory names)
+        prefix = next(p for p in published_prefixes if name.startswith(p))
+        renamed[published_prefixes[prefix] + name[len(prefix):]] = tensor
+    assert "vision_tower.vision_model.encoder.layers.2.mlp.fc2.bias" in renamed and "language_model.lm_head.weight" in renamed
+    save_file({k: v.contiguous() for k, v in renamed.items()}, str(tmp_path / "model.safetensors"))
+    hf.config.save_pretrained(tmp_path)
+    published = load_model(str(tmp_path), torch.float32, "cpu")
+    ids, _, placed = _prompt(processor, *CASES["one image"], seed=9)
+    assert torch.equal(_harness(published, placed).prefill(0, ids), _harness(ours, placed).prefill(0, ids))
