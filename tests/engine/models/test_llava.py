@@ -20,7 +20,7 @@ IMAGE_SIZE, PATCH = 30, 6
 TOKENS_PER_IMAGE = (IMAGE_SIZE // PATCH) ** 2
 
 
-def tiny_llava_config(**text_overrides: Any) -> Any:
+def tiny_llava_config(llava_overrides: dict[str, Any] | None = None, **text_overrides: Any) -> Any:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision = CLIPVisionConfig(
@@ -33,15 +33,17 @@ def tiny_llava_config(**text_overrides: Any) -> Any:
     )
     return LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
-        architectures=["LlavaForConditionalGeneration"],
+        architectures=["LlavaForConditionalGeneration"], **(llava_overrides or {}),
     )
 
 
-def save_tiny_llava(path: Path, seed: int = 0, **text_overrides: Any) -> nn.Module:
+def save_tiny_llava(
+    path: Path, seed: int = 0, llava_overrides: dict[str, Any] | None = None, **text_overrides: Any
+) -> nn.Module:
     from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(tiny_llava_config(**text_overrides)).eval()
+    model = LlavaForConditionalGeneration(tiny_llava_config(llava_overrides, **text_overrides)).eval()
     with torch.no_grad():  # the projector and tower at the language model's scale: peaked logits
         for name, param in model.named_parameters():
             if "multi_modal_projector" in name and name.endswith("weight"):
@@ -199,3 +201,17 @@ def test_checkpoint_names_of_every_layout(tmp_path: Path, pair: tuple[nn.Module,
     published = load_model(str(tmp_path), torch.float32, "cpu")
     ids, _, placed = _prompt(processor, *CASES["one image"], seed=9)
     assert torch.equal(_harness(published, placed).prefill(0, ids), _harness(ours, placed).prefill(0, ids))
+
+
+@torch.inference_mode()
+def test_several_feature_layers_and_the_class_token_kept(tmp_path: Path) -> None:
+    """`vision_feature_layer` a list (the layers' states side by side, into a wider projector) and
+    the "full" strategy (the class token kept: 26 tokens an image)."""
+    hf = save_tiny_llava(tmp_path, llava_overrides={"vision_feature_layer": [-4, -1],
+                                                    "vision_feature_select_strategy": "full"})
+    ours = load_model(str(tmp_path), torch.float32, "cpu")
+    processor = ImageProcessor(str(tmp_path), hf.config, None)
+    ids, images, placed = _prompt(processor, [5, 7], [(40, 50)], seed=11)
+    assert images[0].num_tokens == TOKENS_PER_IMAGE + 1
+    expected = hf(input_ids=torch.tensor([ids]), pixel_values=_pixels(images)).logits[0]
+    assert rel_err(_harness(ours, placed).prefill(0, ids), expected) < 1e-4
