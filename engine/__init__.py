@@ -7,6 +7,7 @@ from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.errors import EngineDeadError, EngineOverloadedError, PromptTooLongError
 from engine.llm import LLM
+from engine.multimodal import ImageInput, ImageProcessor
 from engine.output_stream import OutputStream
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams
@@ -23,6 +24,8 @@ __all__ = [
     "EngineDeadError",
     "EngineOverloadedError",
     "EngineStats",
+    "ImageInput",
+    "ImageProcessor",
     "Logprob",
     "OutputStream",
     "PromptTooLongError",

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,6 +31,7 @@ from engine.config import EngineConfig
 from engine.engine_core import EngineCore
 from engine.errors import EngineDeadError, EngineOverloadedError
 from engine.messages import StepResult
+from engine.multimodal import ImageInput, ImageProcessor
 from engine.output_stream import OutputItem, OutputStream, Sink
 from engine.outputs import OutputAccumulator, RequestOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams
@@ -121,14 +122,23 @@ class AsyncEngine:
         compiler = await asyncio.wrap_future(core.grammar)
         await compiler.compile_async(so)
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str, sink: Sink) -> None:
+    @property
+    def image_processor(self) -> ImageProcessor | None:
+        """The model's image preprocessing and placeholders; None for a model of text only."""
+        return self._core().image_processor
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str, sink: Sink,
+        images: Sequence[ImageInput] = (),
+    ) -> None:
         """Start a request whose outputs go to `sink`, called from the engine loop: each step's
         delta output (whatever `params.output_kind` says), in order, the finished one last; or
         the `EngineDeadError` that ends it. `sink` must not block or raise. Raises ValueError
         for bad input, `EngineOverloadedError` when the waiting queue is full, `EngineDeadError`
         after a worker died. A constraint (`params.structured_output`) is compiled here unless
         `compile_structured_output` did it: await that first, so that a costly one does not
-        hold up the event loop."""
+        hold up the event loop. `images` (`ImageProcessor.preprocess`d) fill the prompt's image
+        placeholders, in order (`ImageProcessor.expand_placeholders`)."""
         core = self._core()
         if self.dead_error is not None:
             raise self.dead_error
@@ -137,7 +147,7 @@ class AsyncEngine:
             raise EngineOverloadedError("the waiting queue is full; retry later")
         if request_id in self._sinks:  # (its finished output may still be on its way)
             raise ValueError(f"request id {request_id!r} is already in use", "request_id")
-        core.add_request(request_id, prompt, params)
+        core.add_request(request_id, prompt, params, images)
         self._sinks[request_id] = sink
         self._wakeup.set()
 

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future
 from functools import partial
 
@@ -24,6 +25,7 @@ from engine.grammar.compiler import GrammarCompiler, compiler_in_background, mod
 from engine.messages import StepPlan, StepResult, TokenLogprobs
 from engine.model_config import ModelConfig
 from engine.models.loader import load_hf_config, resolve_model
+from engine.multimodal import ImageInput, image_processor_for, place_images
 from engine.output_processor import Choice, ProcessedStep, RequestState, flush_text, request_output
 from engine.outputs import CompletionOutput, Logprob, LogprobsDict, RequestOutput
 from engine.router.detokenizer import (
@@ -68,6 +70,7 @@ class EngineCore:
         )
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
         self.eos_token_ids = eos_token_ids(self.model_path, hf_config, self.tokenizer)
+        self.image_processor = image_processor_for(self.model_path, hf_config, self.tokenizer)  # None: text only
         self._detokenizers = Detokenizers(self.tokenizer) if self.tokenizer is not None else None
         self.vocab_size: int = shape.vocab_size
         self.worker = WorkerClient(config, self.model_path)
@@ -125,10 +128,14 @@ class EngineCore:
             raise ValueError("this model ships no tokenizer: constrained decoding needs one", "structured_output")
         return self.grammar.result()
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> RequestState:
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, images: Sequence[ImageInput] = ()
+    ) -> RequestState:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use", "request_id")
-        prompt_ids = self.validate(prompt, params)
+        prompt_ids = self.validate(prompt, params)  # images: one per placeholder run (engine/multimodal.py)
+        image_token_id = self.image_processor.image_token_id if self.image_processor is not None else None
+        images_placed, cache_keys = place_images(prompt_ids, images, image_token_id)
         stop_ids = frozenset(params.stop_token_ids or ())
         if not params.ignore_eos:
             stop_ids |= self.eos_token_ids
@@ -143,14 +150,9 @@ class EngineCore:
                 seed = params.seed + i
                 seq_params = dataclasses.replace(params, seed=seed - 2**64 if seed >= 2**64 else seed)
             seq = Seq(
-                request_id=request_id,
-                seq_id=f"{request_id}#{i}",
-                index=i,
-                prompt_token_ids=prompt_ids,
-                params=seq_params,
-                max_tokens=max_tokens,
-                stop_token_ids=stop_ids,
-                arrival_time=now,
+                request_id=request_id, seq_id=f"{request_id}#{i}", index=i, prompt_token_ids=prompt_ids,
+                params=seq_params, max_tokens=max_tokens, stop_token_ids=stop_ids, arrival_time=now,
+                images=images_placed, prompt_cache_keys=cache_keys,
             )
             detok = None
             if self._detokenizers is not None:
@@ -161,8 +163,7 @@ class EngineCore:
             choices.append(Choice(seq, detok, matcher))
         state = RequestState(
             request_id, prompt if isinstance(prompt, str) else None, prompt_ids, params, choices, now,
-            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
-            num_unfinished=params.n,
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None, num_unfinished=params.n,
         )
         self.requests[request_id] = state
         for choice in choices:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore
+from engine.multimodal import ImageInput, ImageProcessor
 from engine.outputs import OutputAccumulator, RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -62,6 +63,11 @@ class LLM:
     def max_model_len(self) -> int:
         return self.core.max_model_len
 
+    @property
+    def image_processor(self) -> ImageProcessor | None:
+        """A vision-language model's image preprocessing and placeholders; None for text only."""
+        return self.core.image_processor
+
     def get_tokenizer(self) -> Any:
         return self.core.tokenizer
 
@@ -69,7 +75,10 @@ class LLM:
         self,
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        images: Sequence[Sequence[ImageInput]] | None = None,
     ) -> list[RequestOutput]:
+        """`images`, for a vision-language model: one list per prompt, filling its image
+        placeholders in order (`ImageProcessor.preprocess`, `expand_placeholders`)."""
         prompt_list: list[PromptType] = [prompts] if _is_one_prompt(prompts) else list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -80,13 +89,16 @@ class LLM:
         )
         if len(params_list) != len(prompt_list):
             raise ValueError("give one SamplingParams, or one per prompt")
+        images_list = list(images) if images is not None else [()] * len(prompt_list)
+        if len(images_list) != len(prompt_list):
+            raise ValueError("give one list of images per prompt", "images")
         core = self.core
         order: list[str] = []
         accs: dict[str, OutputAccumulator] = {}
         try:
-            for prompt, params in zip(prompt_list, params_list, strict=True):
+            for prompt, params, prompt_images in zip(prompt_list, params_list, images_list, strict=True):
                 request_id = f"offline-{next(self._ids)}"
-                core.add_request(request_id, prompt, params)
+                core.add_request(request_id, prompt, params, prompt_images)
                 order.append(request_id)
                 accs[request_id] = OutputAccumulator(params.n)
             while core.has_work:

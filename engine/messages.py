@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from engine.multimodal import PromptImage
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ class NewRow:
     # The ids that end generation (eos unless ignore_eos, and params.stop_token_ids): the sampler
     # masks them while the row is short of params.min_tokens.
     stop_token_ids: frozenset[int] = frozenset()
+    images: tuple[PromptImage, ...] = ()  # a vision-language model's images, in prompt order
 
 
 # Not frozen: a frozen dataclass sets each field through object.__setattr__, several times the

@@ -92,6 +92,12 @@ class _ServerSettings(BaseSettings):
     max_request_body_bytes: int = Field(
         64 * 1024 * 1024, ge=0, description="largest request body in bytes, refused with 413 beyond (0: no limit)"
     )
+    max_images_per_request: int = Field(
+        8, ge=0, description="images a chat request may carry (image_url parts), refused with 400 beyond"
+    )
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="largest image in pixels (width x height), refused with 400 beyond"
+    )
     trust_request_chat_template: bool = Field(
         False, description="accept chat_template_kwargs.chat_template (a request's own Jinja template runs on the server)"
     )

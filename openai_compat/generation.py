@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
-from engine import AsyncEngine, OutputStream, RequestOutput, SamplingParams
+from engine import AsyncEngine, ImageInput, OutputStream, RequestOutput, SamplingParams
 from openai_compat.errors import OpenAIError, from_exception
 from openai_compat.metrics import RequestRecorder
 from openai_compat.protocol import PromptTokensDetails, UsageInfo
@@ -53,10 +53,11 @@ class GenerationStream:
 
     def __init__(
         self, engine: AsyncEngine, prompt_ids: list[int], params: SamplingParams, request_id: str,
-        recorder: RequestRecorder,
+        recorder: RequestRecorder, images: Sequence[ImageInput] = (),
     ) -> None:
         self.request_id = request_id
         self.prompt_ids = prompt_ids
+        self.images = images  # a vision-language prompt's, one per placeholder run
         self.params = params
         self.num_cached_tokens = 0
         self.num_generated_tokens = 0
@@ -71,7 +72,7 @@ class GenerationStream:
         """Add the request and wait for its first output; raises what the engine refused the
         request with."""
         try:
-            self._engine.add_request(self.prompt_ids, self.params, self.request_id, self._outputs.put)
+            self._engine.add_request(self.prompt_ids, self.params, self.request_id, self._outputs.put, self.images)
             self._pending = await self._pull()
         except Exception:
             self.finished = True  # refused: nothing to abort, nothing to count
@@ -135,12 +136,14 @@ class GenerationStream:
 
 
 async def open_streams(
-    state: ServerState, prompts: list[list[int]], params: SamplingParams, request_id: str
+    state: ServerState, prompts: list[list[int]], params: SamplingParams, request_id: str,
+    images: Sequence[ImageInput] = (),
 ) -> list[GenerationStream]:
-    """Start one engine request per prompt and wait for each one's first output."""
+    """Start one engine request per prompt (with `images`: one prompt) and wait for each one's
+    first output."""
     streams = [
         GenerationStream(state.engine, ids, params, request_id if len(prompts) == 1 else f"{request_id}-{i}",
-                         state.metrics.recorder())
+                         state.metrics.recorder(), images)
         for i, ids in enumerate(prompts)
     ]
     tasks = [asyncio.ensure_future(s.start()) for s in streams]

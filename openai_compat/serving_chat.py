@@ -11,6 +11,7 @@ With tools, or a model that thinks in tags, the answer is read for calls and thi
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -20,7 +21,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from engine import PromptTooLongError, RequestOutput, SamplingParams
+from engine import ImageInput, PromptTooLongError, RequestOutput, SamplingParams
 from openai_compat.chat_format import ChatFormat, apply_constraint
 from openai_compat.chat_output import (
     ChoiceMessage,
@@ -39,6 +40,7 @@ from openai_compat.generation import (
     open_streams,
     push_events,
 )
+from openai_compat.images import ChatImages, prepare_images, render_with_images
 from openai_compat.logprobs import chat_logprobs
 from openai_compat.prompt_size import check_prompt_text
 from openai_compat.protocol import (
@@ -68,8 +70,10 @@ from openai_compat.tool_calls.constraints import compile_constraint, structured_
 from openai_compat.tool_calls.request import plan_tools
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as chat templates expect them: plain-text content, developer → system."""
+def template_messages(messages: list[ChatMessage], images: ChatImages | None = None) -> list[dict[str, Any]]:
+    """Messages as chat templates expect them: plain-text content, developer → system. With
+    `images`, each `image_url` part is collected there and stands as the model's placeholder
+    text in its message's content; without, it is refused."""
     out = []
     for i, message in enumerate(messages):
         if message.role == "function":
@@ -86,6 +90,8 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                     texts.append(part.text)
                 elif part.type == "refusal" and part.refusal is not None:
                     texts.append(part.refusal)
+                elif part.type == "image_url" and images is not None:
+                    texts.append(images.add(part, f"messages[{i}].content[{j}]"))
                 elif part.type in ("text", "refusal"):
                     raise OpenAIError(
                         f"A content part of type '{part.type}' needs its '{part.type}' field.",
@@ -161,15 +167,25 @@ class ChatServing:
         settings = self.state.settings
         return ChatFormat.of(tokenizer, settings.tool_call_parser, settings.reasoning_parser)
 
-    async def _prompt(self, req: ChatCompletionRequest, params: SamplingParams) -> tuple[list[int], OutputReader]:
-        """The prompt's token ids and how its answer is read. Tools and constraints are checked
-        first; `params` get what reading the answer needs."""
+    async def _prompt(
+        self, req: ChatCompletionRequest, params: SamplingParams
+    ) -> tuple[list[int], OutputReader, list[ImageInput]]:
+        """The prompt's token ids (each image's placeholders widened to its tokens), how its
+        answer is read, and its images preprocessed. Tools and constraints are checked first;
+        `params` get what reading the answer needs."""
         state = self.state
         tokenizer = state.chat_tokenizer(template_in_request="chat_template" in (req.chat_template_kwargs or {}))
         plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
         chat_format = self.chat_format(tokenizer)
         constraint = structured_output(req, plan, chat_format.tool_format)
-        messages, tools = chat_format.conversation(template_messages(req.messages), plan, req.chat_template_kwargs)
+        processor = state.engine.image_processor
+        images = ChatImages(processor.placeholder if processor else None, state.settings.max_images_per_request)
+        messages, tools = chat_format.conversation(
+            template_messages(req.messages, images), plan, req.chat_template_kwargs
+        )
+        inputs: list[ImageInput] = []
+        if images.parts:  # decoded and preprocessed beside the tokenizer's thread
+            inputs = await asyncio.to_thread(prepare_images, images.parts, processor, state.settings.max_image_pixels)
         # A text far too long for the context is refused without tokenizing it. Checked on the
         # rendered prompt, not on the messages: a template may trim or drop their text (and a
         # request's own template may add any amount), but rendering costs little next to
@@ -178,9 +194,10 @@ class ChatServing:
             check_prompt_text, bound=state.prompt_bound, max_model_len=state.engine.max_model_len,
             max_tokens=params.max_tokens,
         )
+        render = partial(render_with_images, render_chat, processor, inputs) if inputs else render_chat
         try:
             text, prompt_ids = await state.run_tokenizer(
-                render_chat, tokenizer, messages, req.add_generation_prompt, req.chat_template_kwargs,
+                render, tokenizer, messages, req.add_generation_prompt, req.chat_template_kwargs,
                 check_text=check_text, tools=tools,
             )
         except PromptTooLongError as e:
@@ -192,7 +209,7 @@ class ChatServing:
             constraint = replace(constraint, start_after=chat_format.start_after(text))
             await compile_constraint(state.engine, constraint, req, plan)  # a 400 if it cannot be enforced
             apply_constraint(params, constraint)
-        return prompt_ids, reader
+        return prompt_ids, reader, inputs
 
     async def create(self, request: Request) -> Response:
         state = self.state
@@ -215,10 +232,12 @@ class ChatServing:
             )
         except ValueError as e:
             raise from_exception(e) from None
-        prompt_ids, reader = await self._prompt(req, params)
+        prompt_ids, reader, images = await self._prompt(req, params)
         try:
             request_id = new_id("chatcmpl")
-            streams = await run_until_disconnect(request, open_streams(state, [prompt_ids], params, request_id))
+            streams = await run_until_disconnect(
+                request, open_streams(state, [prompt_ids], params, request_id, images=images)
+            )
         except ClientDisconnected:
             return Response(status_code=499)
         except Exception as e:

@@ -156,7 +156,7 @@ class Admission:
         slots: list[int] = []
         node = cache.root
         if seq.params.prompt_logprobs is None:  # prompt logprobs need every prompt position computed
-            slots, node = cache.match_prefix(seq.all_token_ids[: seq.num_tokens - 1])
+            slots, node = cache.match_prefix(seq.cache_keys(seq.num_tokens - 1))
         cache.lock(node)  # before counting what eviction could free: the match itself must stay
         m = len(slots)
         n = min(seq.num_tokens - m, budget, sched.allocator.num_free + cache.num_evictable_tokens)

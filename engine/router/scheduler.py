@@ -228,7 +228,7 @@ class Scheduler:
         only once it finished. `_release` inserts the rest (the outputs) later."""
         cache = self.prefix_cache
         assert cache is not None
-        ids = seq.prompt_token_ids[:need]
+        ids = seq.cache_keys(need)
         num_cached_before = cache.insert(ids, seq.slots[:need])
         _, node = cache.match_prefix(ids)
         cache.lock(node)
@@ -280,7 +280,7 @@ class Scheduler:
             # tokens whose K/V are (or, for a step in flight, will be) in the pool
             k = min(seq.num_computed_tokens, len(seq.slots), seq.num_tokens)
             if k:
-                cache.insert(seq.all_token_ids[:k], seq.slots[:k])
+                cache.insert(seq.cache_keys(k), seq.slots[:k])
             if seq.prefix_node is not None:
                 cache.unlock(seq.prefix_node)
                 seq.prefix_node = None
@@ -309,7 +309,7 @@ class Scheduler:
         seq.slots.extend(out_slots)
         assert seq.req_idx is not None
         new_row = (
-            NewRow(seq.params, seq.prompt_token_ids, list(seq.output_token_ids), seq.stop_token_ids)
+            NewRow(seq.params, seq.prompt_token_ids, list(seq.output_token_ids), seq.stop_token_ids, seq.images)
             if is_new_row else None
         )
         # (positional: once per sequence per step)

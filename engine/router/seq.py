@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from engine.multimodal import PromptImage
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -84,6 +85,11 @@ class Seq:
     # outputs, so the next step can compute it already (the worker fills in the sampled id).
     num_placeholders: int = 0  # trailing outputs not sampled yet
     num_steps_in_flight: int = 0  # sampled steps sent whose result is not processed yet
+    # A vision-language prompt's images (sent to the worker with the row) and the prompt as the
+    # prefix cache keys it: each image's placeholders as an id from its content hash
+    # (engine/multimodal.py `place_images`); None when the prompt has no images.
+    images: tuple[PromptImage, ...] = ()
+    prompt_cache_keys: list[int] | None = None
     # prompt + output, appended in place: the scheduler slices it every step without copying.
     _all_token_ids: list[int] = field(init=False, repr=False)
 
@@ -118,6 +124,13 @@ class Seq:
     def all_token_ids(self) -> list[int]:
         """prompt + output. The live list, not a copy: read it, never mutate it."""
         return self._all_token_ids
+
+    def cache_keys(self, n: int) -> list[int]:
+        """The first `n` of prompt + output as the prefix cache keys them (see `prompt_cache_keys`)."""
+        keys = self.prompt_cache_keys
+        if keys is None:
+            return self._all_token_ids[:n]
+        return keys[:n] + self._all_token_ids[len(keys) : n]
 
     @property
     def num_uncomputed_tokens(self) -> int:

@@ -7,17 +7,15 @@ for the next step's placeholders, and starts copying them to the host; the `Pend
 returns gives only what the engine core needs (token ids and logprobs) once they are there.
 On a GPU the worker launches the next step before waiting for those tokens, so the host's
 work between two steps (reading the plan, the inputs of the next step, the result) runs while
-the GPU computes. `execute(plan)` does both halves at once.
+the GPU computes (`execute(plan)`: both halves at once).
 
 With tensor parallelism every rank runs this on the same plan: each holds its shard of the
 weights and a KV pool of its own KV heads (the same number of slots on every rank); the
 logits are gathered on every rank, every rank samples the same tokens, and only rank 0's
 worker sends the result.
 
-Constrained rows (`SamplingParams.structured_output`) are masked by their grammars
-(`GrammarMasks`, engine/worker/grammar_masks.py): the mask of a step is filled on the host
-once its forward pass is queued and the previous step's tokens are in, and the sampler
-applies it after its other logit processing.
+Constrained rows are masked by their grammars (engine/worker/grammar_masks.py): filled on the
+host once the forward pass is queued and the previous tokens are in; applied last in the sampler.
 """
 
 from __future__ import annotations
@@ -37,6 +35,7 @@ from engine.model_config import ModelConfig
 from engine.models.causal_lm import CausalLM
 from engine.worker.forward_context import build_forward_context, set_forward_context
 from engine.worker.grammar_masks import GrammarMasks
+from engine.worker.image_inputs import ImageInputs
 from engine.worker.kv_pool import KVLayout, kv_budget_bytes
 from engine.worker.sampler import PendingSample, Sampler, compute_prompt_logprobs
 from engine.worker.sampling_state import SamplingState
@@ -47,10 +46,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# A mixed step's decodes join its packed pass (`fuse_mixed_steps`) when their attention there,
-# one program per (decode, kv head) walking its whole context in a graph, fills the GPU: enough
-# programs, or contexts short enough that a few programs finish beside the prefill work. Else
-# (a few long contexts) they replay the decode graph, whose launch splits each context.
+# A mixed step's decodes join its packed pass (`fuse_mixed_steps`) when their attention there (a
+# program per (decode, kv head) over its whole context) fills the GPU: enough programs, or short
+# contexts. Else (a few long contexts) they replay the decode graph, which splits each context.
 _FUSED_MIN_DECODE_PROGRAMS = 512
 _FUSED_MAX_SHORT_CONTEXT = 4096
 
@@ -126,6 +124,7 @@ class ModelRunner:
         # tokenizer) a constrained row is refused.
         self.grammar = grammar if grammar is not None else GrammarMasks(self.device)
         self.constrained_rows: set[int] = set()  # rows whose state has a grammar: fill masks while any
+        self.images = ImageInputs(model, self.device)  # a vision-language model's images, per row
 
         logger.info("%s", self.info().kv_cache_summary())
         # Row r's last sampled token, on the device: an overlapped step computes it before the
@@ -152,13 +151,11 @@ class ModelRunner:
     def _warm_up_mixed_steps(self) -> None:
         """Compile, at start-up, the decode attention launches of eager mixed steps (steps past
         the largest prefill graph, or every step without graphs: their running decodes take the
-        decode kernel eagerly). Its
-        number of splits S follows the step's longest context, and Triton compiles a variant
-        for each way S and heads x S (a scratch stride) divide by 16 or equal 1: each would
-        otherwise stall a step for seconds the first time serving needs it. Eight decodes at
-        lengths that give S = 1, 2, 3, 4, 5, 7, 8, 17 at 64 keys per split and 16 or more at
-        4 096 keys, and a two-token prompt, over the dummy slot; few rows keep the splits'
-        scratch small."""
+        decode kernel eagerly). Its number of splits S follows the step's longest context, and
+        Triton compiles a variant for each way S and heads x S (a scratch stride) divide by 16 or
+        equal 1: each would otherwise stall a step for seconds the first time serving needs it.
+        Eight decodes at lengths that give S = 1, 2, 3, 4, 5, 7, 8, 17 at 64 keys per split and 16
+        or more at 4 096 keys, and a two-token prompt, over the dummy slot (few rows: small scratch)."""
         if self.max_model_len < 2:
             return
         dummy = self.kv.dummy_slot
@@ -212,6 +209,7 @@ class ModelRunner:
             self.states.pop(row, None)
             self.prompts.pop(row, None)
             self.constrained_rows.discard(row)
+            self.images.free_row(row)
         rows: list[int] = []
         cols: list[int] = []
         slots: list[int] = []
@@ -234,6 +232,7 @@ class ModelRunner:
         state = self.states[row] = SamplingState(new.params, new.prompt_token_ids, new.output_token_ids, new.stop_token_ids)
         if new.params.prompt_logprobs is not None:
             self.prompts[row] = new.prompt_token_ids
+        self.images.set_row(row, new.images)
         if new.params.structured_output is not None:
             state.compiled_grammar = self.grammar.compile(new.params.structured_output)
             self.constrained_rows.add(row)
@@ -295,7 +294,7 @@ class ModelRunner:
         """Queue the step's forward passes (see `launch`) -> (logits of the rows to sample, in plan
         order, or None; their plan indices); prompt logprobs go into `result`."""
         decode_idx: list[int] = []
-        if self.graphs is not None:
+        if self.graphs is not None and not self.images.in_step(seqs):  # (graphs take token ids only)
             decode_idx = [i for i, s in enumerate(seqs) if self._is_plain_decode(s)]
             if not self.graphs.can_run(len(decode_idx)) or (
                 len(decode_idx) < len(seqs) and self._fuses(seqs, decode_idx)
@@ -341,7 +340,8 @@ class ModelRunner:
         """`seqs` (the plan's entries at `plan_idx`) as one packed batch through the model (a
         prefill graph when one fits, else eagerly) -> (logits of the rows to sample, their plan
         indices); prompt logprobs go into `result`."""
-        bucket = self.prefill_graphs.bucket_for(seqs) if self.prefill_graphs is not None else None
+        graphs = self.prefill_graphs if not self.images.in_step(seqs) else None
+        bucket = graphs.bucket_for(seqs) if graphs is not None else None
         if bucket is not None:
             assert self.prefill_graphs is not None
             hidden = self.prefill_graphs.run(seqs, bucket)
@@ -375,8 +375,9 @@ class ModelRunner:
             new_lens=[len(s.token_ids) for s in seqs],
             out_slots=out_slots,
         )
-        with set_forward_context(ctx):
-            return self.model(input_ids, ctx.positions)  # [num_tokens, hidden]
+        image_embeds = self.images.step_embeds(seqs)  # (passed only to a model that takes images)
+        with set_forward_context(ctx):  # -> [num_tokens, hidden]
+            return self.model(input_ids, ctx.positions, *(() if image_embeds is None else (image_embeds,)))
 
     def _prompt_logprobs(
         self, seqs: list[SeqStep], plan_idx: list[int], hidden: torch.Tensor, ends: list[int], result: StepResult

@@ -202,3 +202,22 @@ def test_prefill_graphs_match_eager(tmp_path: Path) -> None:
     assert got_prompt is not None and want_prompt is not None and len(got_prompt) == lens[7]
     for g, w, tid in zip(got_prompt[1:], want_prompt[1:], first[7][1:], strict=True):
         assert g[tid].logprob == pytest.approx(w[tid].logprob, abs=1e-4)
+
+
+def test_gpu_llava_greedy_matches_cpu(tmp_path: Path) -> None:
+    """LLaVA 1.5 with one, two and no images (a repeated image from the prefix cache), prefill
+    chunks of 16 tokens cut inside the images: the image steps eager, the decodes graphed."""
+    from tests.engine.models.test_llava import save_tiny_llava
+    from tests.engine.test_llava_engine import _requests
+
+    save_tiny_llava(tmp_path)
+    prompts, images = _requests(tmp_path)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=5)
+    with LLM(str(tmp_path), device="cpu", dtype="float32", kv_cache_memory_gb=0.01) as cpu:
+        expected = cpu.generate(prompts, params, images=images)
+    for dtype, eager in (("float32", True), ("float32", False), ("bfloat16", False)):
+        with LLM(str(tmp_path), device="cuda", dtype=dtype, kv_cache_memory_gb=0.05, enforce_eager=eager,
+                 max_num_batched_tokens=16) as gpu:
+            outs = gpu.generate(prompts, params, images=images)
+        for out, ref in zip(outs, expected, strict=True):
+            _check_greedy(out.outputs[0], ref.outputs[0], dtype, ("triton", eager))

@@ -48,6 +48,42 @@ def build_tiny_model(out: Path) -> Path:
     return out
 
 
+def build_tiny_llava(out: Path) -> Path:
+    """A random LLaVA 1.5 in `out`: a tiny CLIP vision tower (30 px images, 6 px patches: 25 tokens
+    an image) and a 2-layer Llama, with the default model's tokenizer and chat template plus an
+    `<image>` token."""
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    build_tiny_model(out)  # the tokenizer files (and a text model's weights, replaced below)
+    for path in out.glob("*.safetensors*"):
+        path.unlink()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    tokenizer.save_pretrained(out)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=30, patch_size=6,
+    )
+    text = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        architectures=["LlavaForConditionalGeneration"],
+    )
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(out)
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

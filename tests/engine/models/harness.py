@@ -6,13 +6,17 @@ req_to_token indirection rather than relying on contiguous slots.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from engine.messages import SeqStep
 from engine.model_config import ModelConfig
+from engine.multimodal import PromptImage
 from engine.worker.forward_context import build_forward_context, set_forward_context
+from engine.worker.image_inputs import ImageInputs
 from engine.worker.kv_pool import KVLayout
 
 
@@ -36,6 +40,11 @@ class Harness:
         generator = torch.Generator().manual_seed(seed)
         self.free_slots: list[int] = torch.randperm(num_slots, generator=generator).tolist()
         self.seq_lens = [0] * max_rows
+        # A vision-language model's images per row (`add_images`), placed as the worker places them.
+        self.images = ImageInputs(model, "cpu")
+
+    def add_images(self, row: int, images: Sequence[PromptImage]) -> None:
+        self.images.set_row(row, images)
 
     @torch.inference_mode()
     def step(self, batch: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
@@ -55,8 +64,10 @@ class Harness:
             self.kv, self.req_to_token, rows, starts, new_lens, torch.tensor(slots, dtype=torch.int64)
         )
         input_ids = torch.tensor([t for _, ids in batch for t in ids], dtype=torch.int64)
+        seqs = [SeqStep(row, start, ids, [], False) for (row, ids), start in zip(batch, starts, strict=True)]
+        image_embeds = self.images.step_embeds(seqs)
         with set_forward_context(ctx):
-            hidden = self.model(input_ids, ctx.positions)
+            hidden = self.model(input_ids, ctx.positions, *(() if image_embeds is None else (image_embeds,)))
         logits = self.model.compute_logits(hidden)  # type: ignore[operator]
         return list(logits.split(new_lens))
 

@@ -1,0 +1,146 @@
+"""Images in prompts: preprocessing, placeholders and cache keys (server process), `PromptImage` (both).
+
+A vision-language model (`LlavaForConditionalGeneration`) reads each image as a run of
+placeholder tokens (its `image_token_id`, `<image>` in its tokenizer), one per image embedding
+the vision tower and projector make of it. The HTTP layer renders one placeholder per image,
+tokenizes, and `ImageProcessor.expand_placeholders` widens each to the image's number of tokens,
+so the prompt's ids (and `usage.prompt_tokens`) are the positions the model computes.
+
+Preprocessing (resize, center crop, rescale, normalize: transformers' CLIP image processor,
+its PIL backend) runs here, in the server process, off the event loop, not in the workers: the
+number of tokens an image takes must be known to build the prompt (for LLaVA 1.5 it is fixed,
+for any-resolution models it depends on the image), the content hash that keys the prefix cache
+is taken of what the model sees, and it runs once, not on every tensor-parallel rank. The
+preprocessed pixels cross to the workers once per row, in the `NewRow` (`PromptImage`).
+
+`place_images` finds each image's placeholder run in the prompt and gives the ids the prefix
+cache keys the prompt by: the prompt with every placeholder of an image replaced by a negative
+id derived from the image's content hash, so two prompts share cached K/V over an image only
+when the image is the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+# Architectures whose prompts take images.
+VISION_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration"})
+# The CLIP processor resizes the shorter side to the tower's size before cropping: a long thin
+# image would become a huge array first (1 x 10 000 px: 336 x 3 360 000). Refused beyond this.
+MAX_ASPECT_RATIO = 64
+# Negative cache keys stay below the router's placeholder output token (-1).
+_KEY_BITS = 60
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PromptImage:
+    """One image of a prompt: its preprocessed pixels and the placeholder positions they fill."""
+
+    offset: int  # the first of its placeholder positions in the prompt
+    num_tokens: int  # its positions: offset .. offset + num_tokens - 1
+    pixel_values: np.ndarray  # [3, H, W] float32, the vision tower's input
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ImageInput:
+    """One image preprocessed for the model."""
+
+    pixel_values: np.ndarray  # [3, H, W] float32, the vision tower's input
+    num_tokens: int  # placeholder tokens it takes in the prompt
+    cache_key: int  # negative, from the pixels' hash: the prefix cache's id for its positions
+
+
+class ImageProcessor:
+    """The model's image side in the server process (thread-safe: no state changes after init)."""
+
+    def __init__(self, model_path: str, hf_config: Any, tokenizer: Any | None) -> None:
+        vision = hf_config.vision_config
+        self.image_token_id = int(getattr(hf_config, "image_token_id", None) or hf_config.image_token_index)
+        # the placeholder's text (a model that ships no tokenizer takes token ids only)
+        self.placeholder: str = tokenizer.convert_ids_to_tokens(self.image_token_id) if tokenizer else "<image>"
+        self.patch_size = int(vision.patch_size)
+        # "default" drops the vision tower's class token, "full" keeps it
+        self.extra_tokens = 1 if getattr(hf_config, "vision_feature_select_strategy", "default") == "full" else 0
+        self._processor = _clip_processor(model_path, int(vision.image_size))
+
+    def preprocess(self, image: Any) -> ImageInput:
+        """A Pillow RGB image -> its pixels as the model reads them, its token count and cache key;
+        ValueError for a side more than `MAX_ASPECT_RATIO` times the other."""
+        width, height = image.size
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise ValueError(f"a {width}x{height} image: one side may be at most {MAX_ASPECT_RATIO} times the other")
+        pixels = np.ascontiguousarray(self._processor(images=[image], return_tensors="np")["pixel_values"][0],
+                                      dtype=np.float32)
+        height, width = pixels.shape[-2:]
+        num_tokens = (height // self.patch_size) * (width // self.patch_size) + self.extra_tokens
+        digest = hashlib.sha256(pixels.tobytes() + repr(pixels.shape).encode()).digest()
+        key = -2 - (int.from_bytes(digest[:8], "little") >> (64 - _KEY_BITS))
+        return ImageInput(pixels, num_tokens, key)
+
+    def expand_placeholders(self, prompt_ids: list[int], images: Sequence[ImageInput]) -> list[int]:
+        """Each placeholder token, in order, widened to its image's number of tokens; ValueError
+        naming `messages` when the prompt's placeholders and the images differ in number."""
+        found = prompt_ids.count(self.image_token_id)
+        if found != len(images):
+            raise ValueError(
+                f"the prompt has {found} image placeholders ({self.placeholder!r}) for {len(images)} images",
+                "messages",
+            )
+        out: list[int] = []
+        it = iter(images)
+        for token in prompt_ids:
+            out.extend([token] * next(it).num_tokens if token == self.image_token_id else (token,))
+        return out
+
+
+def _clip_processor(model_path: str, image_size: int) -> Any:
+    """The directory's CLIP image processor (preprocessor_config.json), else CLIP's defaults at the
+    vision tower's image size. The PIL backend: the same pixels without torchvision."""
+    import transformers
+
+    # transformers 5's PIL backend; in transformers 4 the slow processor is the PIL one
+    Processor: Any = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    if os.path.isfile(os.path.join(model_path, "preprocessor_config.json")):
+        return Processor.from_pretrained(model_path)
+    return Processor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+
+
+def image_processor_for(model_path: str, hf_config: Any, tokenizer: Any | None) -> ImageProcessor | None:
+    """The model's image processor; None for a model that reads text only."""
+    architectures = getattr(hf_config, "architectures", None) or []
+    if not architectures or architectures[0] not in VISION_ARCHITECTURES:
+        return None
+    return ImageProcessor(model_path, hf_config, tokenizer)
+
+
+def place_images(
+    prompt_ids: list[int], images: Sequence[ImageInput], image_token_id: int | None
+) -> tuple[tuple[PromptImage, ...], list[int] | None]:
+    """The images at their placeholder runs, in order -> (what the workers get, the ids the prefix
+    cache keys the prompt by; None without images). ValueError naming `images` when the
+    placeholders do not make one contiguous run of the right length per image."""
+    positions = [p for p, t in enumerate(prompt_ids) if t == image_token_id] if image_token_id is not None else []
+    if not images and not positions:
+        return (), None
+    if image_token_id is None:
+        raise ValueError("this model does not take images", "images")
+    if len(positions) != sum(image.num_tokens for image in images):
+        raise ValueError(
+            f"the prompt has {len(positions)} image tokens where its {len(images)} images take "
+            f"{sum(image.num_tokens for image in images)}", "images",
+        )
+    placed, keys, start = [], list(prompt_ids), 0
+    for image in images:
+        run = positions[start : start + image.num_tokens]
+        start += image.num_tokens
+        if run[-1] - run[0] + 1 != image.num_tokens:
+            raise ValueError("an image's placeholder tokens must be contiguous in the prompt", "images")
+        placed.append(PromptImage(run[0], image.num_tokens, image.pixel_values))
+        keys[run[0] : run[-1] + 1] = [image.cache_key] * image.num_tokens
+    return tuple(placed), keys

@@ -1,0 +1,86 @@
+"""LLaVA 1.5 through the engine (`LLM`, worker processes): tensor parallel 2 equal to 1 (the
+vision tower replicated on each rank), and preemption, chunked prefill and the prefix cache
+giving the same answers as a roomy run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.models.loader import load_hf_config
+from engine.multimodal import ImageInput, image_processor_for
+from tests.engine.models.test_llava import _image, _text, save_tiny_llava
+
+IMAGE_TOKEN = 255
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("llava-engine")
+    save_tiny_llava(path)
+    return path
+
+
+def _requests(model_dir: Path) -> tuple[list[list[int]], list[list[ImageInput]]]:
+    """Prompts with one image, two images of different sizes, none, and the first image again
+    after the same text (a prefix cache hit over the image)."""
+    processor = image_processor_for(str(model_dir), load_hf_config(str(model_dir)), None)
+    assert processor is not None
+    one = [processor.preprocess(_image(40, 50, seed=1))]
+    two = [processor.preprocess(_image(64, 31, seed=2)), processor.preprocess(_image(30, 90, seed=3))]
+    shapes: list[tuple[list[int], list[ImageInput]]] = [
+        ([*_text(4, 1), IMAGE_TOKEN, *_text(6, 2)], one),
+        ([*_text(3, 3), IMAGE_TOKEN, *_text(2, 4), IMAGE_TOKEN, *_text(5, 5)], two),
+        (_text(21, 6), []),
+        ([*_text(4, 1), IMAGE_TOKEN, *_text(9, 7)], one),
+    ]
+    prompts = [processor.expand_placeholders(ids, images) for ids, images in shapes]
+    return prompts, [images for _, images in shapes]
+
+
+def _generate(model_dir: Path, repeat: int = 1, max_tokens: int = 16, **kwargs: Any) -> list[Any]:
+    """[(token ids, logprobs, cached tokens) per request..., the run's preemptions]"""
+    prompts, images = _requests(model_dir)
+    prompts, images = prompts * repeat, images * repeat
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=3)
+    with LLM(str(model_dir), dtype="float32", max_num_batched_tokens=16, **kwargs) as llm:
+        assert llm.image_processor is not None and llm.image_processor.image_token_id == IMAGE_TOKEN
+        outs = llm.generate(prompts, params, images=images)
+        preemptions = llm.core.scheduler.num_preemptions
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs, o.num_cached_tokens) for o in outs] + [preemptions]
+
+
+def _close(a: list[Any], b: list[Any]) -> bool:
+    """Same tokens and logprobs within float32 noise."""
+    for (ids_a, lps_a, _), (ids_b, lps_b, _) in zip(a, b, strict=True):
+        if ids_a != ids_b:
+            return False
+        for la, lb in zip(lps_a, lps_b, strict=True):
+            if any(abs(la[t].logprob - lb[t].logprob) > 1e-4 for t in la if t in lb):
+                return False
+    return True
+
+
+def test_tensor_parallel_2_equals_1(llava_dir: Path) -> None:
+    tp1 = _generate(llava_dir, kv_cache_memory_gb=0.01)
+    tp2 = _generate(llava_dir, kv_cache_memory_gb=0.01, tensor_parallel_size=2)
+    assert _close(tp1[:-1], tp2[:-1])
+
+
+def test_preemption_and_prefix_cache_give_the_same_answers(llava_dir: Path) -> None:
+    roomy = _generate(llava_dir, repeat=2, max_tokens=48, kv_cache_memory_gb=0.01, enable_prefix_caching=False)
+    assert all(cached == 0 for _, _, cached in roomy[:-1])
+    cached = _generate(llava_dir, repeat=2, max_tokens=48, kv_cache_memory_gb=0.01)
+    assert _close(roomy[:-1], cached[:-1])
+    assert cached[3][2] >= 4 + 25  # the repeated image and the text before it came from the cache
+    # A pool of 120 tokens (512 bytes each) for eight prompts of 21 to 60 tokens with 48 answer
+    # tokens each: sequences are preempted and recompute their prompts, images included
+    tight = _generate(
+        llava_dir, repeat=2, max_tokens=48, kv_cache_memory_gb=120 * 512 / 2**30, max_num_seqs=6,
+        admission="aggressive",
+    )
+    assert tight[-1] > 0
+    assert _close(roomy[:-1], tight[:-1])

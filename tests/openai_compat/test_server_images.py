@@ -1,0 +1,156 @@
+"""Images in chat through the server, with the openai SDK: a tiny LLaVA 1.5 (25 tokens an image)
+answering base64 PNGs, streamed and not; the prefix cache over a repeated image; each bad image
+input a 400 naming its part."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openai
+import pytest
+
+from tests.openai_compat.servers import TINY, TINY_ARGS, ProcessServer, build_tiny_llava, post
+
+TOKENS_PER_IMAGE = 25
+
+
+@pytest.fixture(scope="module")
+def llava_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessServer]:
+    """Prefill chunks of 16 tokens: chunk boundaries fall inside the images."""
+    model = build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
+    server = ProcessServer(
+        "--model", str(model), *TINY_ARGS, "--max-num-batched-tokens", "16", "--max-images-per-request", "2",
+        log_dir=tmp_path_factory.mktemp("logs"),
+    )
+    try:
+        yield server.wait_healthy()
+    finally:
+        server.stop()
+
+
+def _encoded(width: int, height: int, seed: int, fmt: str = "PNG") -> bytes:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def _image_part(url: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": url, "detail": "low"}}
+
+
+def _ask(url: str, text: str = "What is in this picture?") -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "text", "text": text}, _image_part(url)]}]
+
+
+def _client(server: ProcessServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def _num_text_tokens(server: ProcessServer, text: str) -> int:
+    """Tokens of the same chat with the placeholder's one token where the image goes."""
+    messages = [{"role": "user", "content": text + "\n<image>"}]
+    return int(post(server.url, "/tokenize", {"model": TINY, "messages": messages}).json()["count"])
+
+
+def test_chat_with_an_image_answered_and_streamed(llava_server: ProcessServer) -> None:
+    client = _client(llava_server)
+    messages = _ask(_data_url(_encoded(48, 40, seed=1)))
+    kwargs: dict[str, Any] = dict(model=TINY, messages=messages, max_tokens=8, temperature=0.0,
+                                  extra_body={"ignore_eos": True})
+    response = client.chat.completions.create(**kwargs)
+    text = response.choices[0].message.content
+    assert text and response.choices[0].finish_reason == "length"
+    assert response.usage is not None and response.usage.completion_tokens == 8
+    expected = _num_text_tokens(llava_server, "What is in this picture?") - 1 + TOKENS_PER_IMAGE
+    assert response.usage.prompt_tokens == expected
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == expected
+    # another image, the same text: another answer (the image is read)
+    other = client.chat.completions.create(**{**kwargs, "messages": _ask(_data_url(_encoded(48, 40, seed=2)))})
+    assert other.choices[0].message.content != text
+
+
+def test_repeated_image_served_from_the_prefix_cache(llava_server: ProcessServer) -> None:
+    client = _client(llava_server)
+    image, other = _data_url(_encoded(33, 61, seed=3)), _data_url(_encoded(33, 61, seed=4))
+    first = _ask(image, "Describe it.")
+    kwargs: dict[str, Any] = dict(model=TINY, max_tokens=4, temperature=0.0, extra_body={"ignore_eos": True})
+    answer = client.chat.completions.create(messages=first, **kwargs)
+    turn = [*first, {"role": "assistant", "content": answer.choices[0].message.content},
+            {"role": "user", "content": "And its colours?"}]
+    again = client.chat.completions.create(messages=turn, **kwargs)
+    assert again.usage is not None and again.usage.prompt_tokens_details is not None
+    image_end = _num_text_tokens(llava_server, "Describe it.") - 1 + TOKENS_PER_IMAGE
+    assert again.usage.prompt_tokens_details.cached_tokens >= image_end
+    # the same text with another image: nothing past the image's first position is reused
+    swapped = client.chat.completions.create(messages=[turn[0] | {"content": _ask(other, "Describe it.")[0]["content"]},
+                                                       *turn[1:]], **kwargs)
+    assert swapped.usage is not None and swapped.usage.prompt_tokens_details is not None
+    assert swapped.usage.prompt_tokens_details.cached_tokens < image_end - TOKENS_PER_IMAGE + 1
+
+
+def _error(server: ProcessServer, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    response = post(server.url, "/v1/chat/completions", {"model": TINY, "messages": messages, "max_tokens": 2})
+    assert response.status_code == 400, response.text
+    return dict(response.json()["error"])
+
+
+BAD_IMAGES = {
+    "an http URL (fetching is off)": ("https://example.com/cat.png", "not fetched"),
+    "not base64": ("data:image/png;base64,%%%", "base64"),
+    "not an image": (_data_url(b"just some bytes"), "could not be decoded"),
+    "a truncated PNG": (_data_url(_encoded(20, 20, seed=5)[:60]), "could not be decoded"),
+    "an unsupported format (BMP)": (_data_url(_encoded(20, 20, seed=6, fmt="BMP"), "image/bmp"), "BMP"),
+    "a data URL not in base64": ("data:image/png,rawbytes", "base64"),
+    "too thin (the resize would blow it up)": (_data_url(_encoded(2, 200, seed=10)), "at most 64 times"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_IMAGES))
+def test_bad_image_is_a_400_naming_the_part(llava_server: ProcessServer, case: str) -> None:
+    url, words = BAD_IMAGES[case]
+    error = _error(llava_server, _ask(url))
+    assert error["param"] == "messages[0].content[1]" and words in error["message"], error
+
+
+def test_other_image_formats_are_read(llava_server: ProcessServer) -> None:
+    for fmt, mime in (("JPEG", "image/jpeg"), ("WEBP", "image/webp"), ("GIF", "image/gif")):
+        messages = _ask(_data_url(_encoded(40, 30, seed=7, fmt=fmt), mime))
+        response = post(llava_server.url, "/v1/chat/completions", {"model": TINY, "messages": messages, "max_tokens": 2})
+        assert response.status_code == 200, (fmt, response.text)
+
+
+def test_too_many_images_is_a_400_naming_the_first_one_past_the_limit(llava_server: ProcessServer) -> None:
+    url = _data_url(_encoded(20, 20, seed=8))
+    messages = [
+        {"role": "user", "content": [_image_part(url), {"type": "text", "text": "and"}, _image_part(url)]},
+        {"role": "assistant", "content": "Two pictures."},
+        {"role": "user", "content": [{"type": "text", "text": "one more"}, _image_part(url)]},
+    ]
+    error = _error(llava_server, messages)
+    assert error["param"] == "messages[2].content[1]" and "At most 2 images" in error["message"], error
+
+
+def test_completions_stay_text_only(llava_server: ProcessServer) -> None:
+    """A completions prompt that names the image placeholder has no image for it: a 400."""
+    response = post(llava_server.url, "/v1/completions", {"model": TINY, "prompt": "look: <image>", "max_tokens": 2})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "images"
+
+
+def test_image_to_a_text_only_model_is_a_400(tiny_server: ProcessServer, tiny_model_dir: Path) -> None:
+    error = _error(tiny_server, _ask(_data_url(_encoded(20, 20, seed=9))))
+    assert error["param"] == "messages[0].content[1]" and "does not take images" in error["message"], error
