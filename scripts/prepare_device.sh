@@ -20,6 +20,7 @@ PACKAGES=(pydantic pydantic-core pydantic-settings python-dotenv annotated-types
           starlette uvicorn openai jiter distro sniffio httpx2 httpcore2 truststore gguf
           typing-extensions uvloop httptools
           llguidance  # constrained decoding (engine/grammar)
+          pillow  # images in chat messages (openai_compat/images.py)
           py-spy  # a sampling profiler, for gpu_bench.sh's PYSPY
           jsonschema jsonschema-specifications referencing rpds-py attrs pytest-asyncio)  # the whole test tree collects
 
