@@ -43,20 +43,55 @@ class Routing:
 
     top_k experts by softmax probability; `renormalize` rescales the chosen weights to sum to
     1 (Mixtral, `norm_topk_prob`); `routed_scaling_factor` multiplies them afterwards.
+
+    Grouped (device-limited) top-k, DeepSeek-V2's `group_limited_greedy`: the experts form
+    `num_groups` groups of consecutive ids, each group scores its best expert's probability,
+    and a token's top_k come from the experts of its `topk_groups` best groups only.
     """
 
     top_k: int
     renormalize: bool
-    routed_scaling_factor: float = 1.0  # DeepSeek's; its grouped top-k would add its fields here
+    routed_scaling_factor: float = 1.0
+    num_groups: int = 1
+    topk_groups: int = 1
+
+    def __post_init__(self) -> None:
+        if self.num_groups < 1 or not 1 <= self.topk_groups <= self.num_groups:
+            raise ValueError(
+                f"grouped top-k needs 1 <= topk_group <= n_group, got n_group={self.num_groups}, "
+                f"topk_group={self.topk_groups}"
+            )
+
+    def check_experts(self, num_experts: int) -> None:
+        """Raises unless `num_experts` experts can be routed this way."""
+        if not 0 < self.top_k <= num_experts:
+            raise ValueError(f"top_k must be in 1..{num_experts}, got {self.top_k}")
+        if self.num_groups > 1:
+            if num_experts % self.num_groups:
+                raise ValueError(f"n_group={self.num_groups} does not divide the {num_experts} experts")
+            if self.top_k > self.topk_groups * (num_experts // self.num_groups):
+                raise ValueError(
+                    f"top_k={self.top_k} exceeds the {self.topk_groups} groups' "
+                    f"{self.topk_groups * (num_experts // self.num_groups)} experts"
+                )
 
 
 def select_experts(router_logits: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [T, E] -> (weights [T, top_k] float32, expert ids [T, top_k] int64).
 
-    The softmax runs in float32 over every expert; the top_k probabilities are the weights
-    (renormalised over the chosen ones where `routing.renormalize`).
+    The softmax runs in float32 over every expert; with groups, the experts outside a token's
+    `topk_groups` best groups (by their best expert's probability) are dropped (their
+    probability set to 0) before its top_k; the top_k probabilities are the weights
+    (renormalised over the chosen ones where `routing.renormalize`), times
+    `routed_scaling_factor`.
     """
     probs = torch.softmax(router_logits.float(), dim=-1)
+    if routing.num_groups > 1:
+        grouped = probs.view(probs.shape[0], routing.num_groups, -1)
+        best_groups = torch.topk(grouped.amax(dim=-1), routing.topk_groups, dim=-1).indices  # [T, topk_groups]
+        keep = torch.zeros(grouped.shape[:2], dtype=torch.bool, device=probs.device)
+        keep.scatter_(1, best_groups, True)
+        probs = grouped.masked_fill(~keep.unsqueeze(-1), 0.0).view_as(probs)
     weights, ids = torch.topk(probs, routing.top_k, dim=-1)
     if routing.renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -211,8 +246,7 @@ class FusedMoE(nn.Module):
         tp_size: int = 1,
     ) -> None:
         super().__init__()
-        if not 0 < routing.top_k <= num_experts:
-            raise ValueError(f"top_k must be in 1..{num_experts}, got {routing.top_k}")
+        routing.check_experts(num_experts)
         self.num_experts = num_experts
         self.routing = routing
         self.gate_up = ExpertGateUp(num_experts, hidden_size, intermediate_size, tp_rank, tp_size)
@@ -243,14 +277,19 @@ class FusedMoE(nn.Module):
 class RouterLinear(nn.Module):
     """A small replicated projection (the router, a shared expert's gate): weight [out, in]
     in the model's dtype, never packed or quantized. The router's logits decide which experts
-    run, so they keep the model's precision (and an FP8 product needs `out` a multiple of 16)."""
+    run, so they keep the model's precision (and an FP8 product needs `out` a multiple of 16).
+    With `float32`, the product runs in float32 whatever the model's dtype (DeepSeek's router:
+    its checkpoints' weights are bf16, their scores float32)."""
 
-    def __init__(self, input_size: int, output_size: int) -> None:
+    def __init__(self, input_size: int, output_size: int, float32: bool = False) -> None:
         super().__init__()
+        self.float32 = float32
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, in] -> [T, out]
+        # x: [T, in] -> [T, out] (float32 where `float32`)
+        if self.float32:
+            return F.linear(x.float(), self.weight.float())
         return F.linear(x, self.weight)
 
 
@@ -259,7 +298,8 @@ class SparseMoeBlock(nn.Module):
     experts, and optionally an expert every token runs (`shared_expert`, any module that maps
     [T, H] -> this rank's partial sum [T, H], not reduced: a dense MLP built with
     `reduce_results=False`), scaled by sigmoid(`shared_expert_gate`) where the family has one
-    (Qwen2-MoE; a per-token scale, so it applies to the partial sums alike).
+    (Qwen2-MoE; a per-token scale, so it applies to the partial sums alike). `router_float32`
+    computes the router's logits in float32 (`RouterLinear`).
 
     forward(x [T, H]) -> [T, H], summed over the tensor-parallel ranks by one all-reduce.
     """
@@ -274,10 +314,11 @@ class SparseMoeBlock(nn.Module):
         tp_size: int = 1,
         shared_expert: nn.Module | None = None,
         shared_expert_gate: bool = False,
+        router_float32: bool = False,
     ) -> None:
         super().__init__()
         self.tp_size = tp_size
-        self.gate = RouterLinear(hidden_size, num_experts)
+        self.gate = RouterLinear(hidden_size, num_experts, router_float32)
         self.experts = FusedMoE(num_experts, hidden_size, intermediate_size, routing, tp_rank, tp_size)
         self.shared_expert = shared_expert
         self.shared_expert_gate = RouterLinear(hidden_size, 1) if shared_expert_gate else None

@@ -1,5 +1,6 @@
 """DeepSeek-V2 (`DeepseekV2ForCausalLM`): multi-head latent attention (engine/layers/mla.py) in a
-Llama-style pre-norm decoder; dense MLPs (the mixture-of-experts layers are refused at load).
+Llama-style pre-norm decoder whose MLPs are dense in the first layers and mixtures of experts
+after them.
 
 Attention of one layer, for H heads (this rank's), per token:
 - q: `q_proj` [H * (dn + dr)], or the low-rank path q_a_proj -> q_a_layernorm -> q_b_proj when
@@ -19,8 +20,18 @@ Tensor parallelism: heads split across ranks (q_proj / q_b_proj and kv_b_proj co
 by heads, o_proj row-parallel); q_a_proj, kv_a_proj_with_mqa and the latent are replicated.
 
 The MLP of each layer comes from `_make_mlp`: a layer at or past `first_k_dense_replace` (every
-`moe_layer_freq`-th) with `n_routed_experts` set is a mixture-of-experts layer, not built yet
-(issue 22's MoE part): such a config is refused with a message saying so.
+`moe_layer_freq`-th) with `n_routed_experts` set is a mixture of experts (`SparseMoeBlock`),
+the others a dense SiLU-gated MLP. A mixture-of-experts layer:
+- router `mlp.gate` [E, hidden], its logits and softmax in float32 (the model's dtype elsewhere);
+- top `num_experts_per_tok` experts by probability, `topk_method` "greedy" (V2-Lite) or
+  "group_limited_greedy" (DeepSeek-V2: the `topk_group` best of `n_group` groups first);
+- the chosen probabilities times `routed_scaling_factor`, not renormalised: transformers'
+  DeepSeek-V2 leaves `norm_topk_prob` unused (the released checkpoints set it false);
+- `n_shared_experts` shared experts, one SiLU-gated MLP of `n_shared_experts *
+  moe_intermediate_size` (`mlp.shared_experts`) that every token runs, ungated, added.
+Checkpoint names: `mlp.experts.E.{gate,up,down}_proj` (stacked into the experts' parameters),
+`mlp.shared_experts.*` (loaded as `mlp.shared_expert.*`). Tensor parallelism: each expert and
+the shared experts split as a dense MLP is, router replicated, one all-reduce per layer.
 """
 
 from __future__ import annotations
@@ -44,10 +55,12 @@ from engine.layers import (
     rope_parameters_from_config,
 )
 from engine.layers.mla import MLAAttention
+from engine.layers.moe import Routing, SparseMoeBlock, expert_packed_mapping
 from engine.layers.rotary import yarn_mscale
 from engine.model_config import ModelConfig
 from engine.models.causal_lm import CausalLM
 from engine.models.llama import LlamaMLP
+from engine.models.moe import stacked_expert_name
 
 # transformers' DeepseekV2RMSNorm default: q_a_layernorm and kv_a_layernorm do not take rms_norm_eps
 _LORA_NORM_EPS = 1e-6
@@ -74,16 +87,41 @@ def is_moe_layer(config: Any, layer_idx: int) -> bool:
     return layer_idx >= first_dense and layer_idx % freq == 0
 
 
+def routing_of(config: Any) -> Routing:
+    """The experts' routing as the config sets it (softmax scores; greedy or grouped top-k)."""
+    scoring = getattr(config, "scoring_func", "softmax") or "softmax"
+    method = getattr(config, "topk_method", "greedy") or "greedy"
+    if scoring != "softmax" or method not in ("greedy", "group_limited_greedy"):
+        raise ValueError(
+            f"DeepSeek-V2 routing with scoring_func={scoring!r}, topk_method={method!r} is not supported "
+            "(softmax scores with topk_method 'greedy' or 'group_limited_greedy' are)"
+        )
+    groups = (1, 1)
+    if method == "group_limited_greedy":
+        if not getattr(config, "n_group", None) or not getattr(config, "topk_group", None):
+            raise ValueError("topk_method 'group_limited_greedy' needs n_group and topk_group in config.json")
+        groups = (int(config.n_group), int(config.topk_group))
+    return Routing(
+        int(config.num_experts_per_tok or 0),
+        renormalize=False,
+        routed_scaling_factor=float(getattr(config, "routed_scaling_factor", 1.0) or 1.0),
+        num_groups=groups[0],
+        topk_groups=groups[1],
+    )
+
+
 def _make_mlp(config: Any, shape: ModelConfig, layer_idx: int, tp_rank: int, tp_size: int) -> nn.Module:
     """The MLP of layer `layer_idx`: the one place that chooses between dense and MoE."""
-    if is_moe_layer(config, layer_idx):
-        raise ValueError(
-            f"DeepSeek-V2 layer {layer_idx} is a mixture-of-experts layer (n_routed_experts="
-            f"{config.n_routed_experts}, first_k_dense_replace={getattr(config, 'first_k_dense_replace', 0)}): "
-            "lightgate serves DeepSeek-V2's multi-head latent attention with dense MLPs only; "
-            "mixture-of-experts layers wait for issue 22's MoE part"
-        )
-    return LlamaMLP(shape, bool(getattr(config, "mlp_bias", False)), tp_rank, tp_size)
+    bias = bool(getattr(config, "mlp_bias", False))
+    if not is_moe_layer(config, layer_idx):
+        return LlamaMLP(shape, bias, tp_rank, tp_size)
+    inter = int(config.moe_intermediate_size)
+    shared_size = int(getattr(config, "n_shared_experts", 0) or 0) * inter
+    shared = LlamaMLP(shape, bias, tp_rank, tp_size, shared_size, reduce_results=False) if shared_size else None
+    return SparseMoeBlock(
+        shape.hidden_size, int(config.n_routed_experts), inter, routing_of(config), tp_rank, tp_size,
+        shared_expert=shared, router_float32=True,
+    )
 
 
 class DeepseekV2Attention(nn.Module):
@@ -195,6 +233,11 @@ class DeepseekV2ForCausalLM(CausalLM):
         super().__init__()
         self.config = config
         self.shape = ModelConfig.from_hf_config(config)
+        if getattr(config, "n_routed_experts", None):
+            self.packed_modules_mapping = {
+                **type(self).packed_modules_mapping,
+                **expert_packed_mapping(int(config.n_routed_experts), ("gate_proj", "up_proj", "down_proj")),
+            }
         if config.num_attention_heads % tp_size:
             raise ValueError(
                 f"num_attention_heads={config.num_attention_heads} is not divisible by tensor_parallel_size={tp_size}"
@@ -215,7 +258,8 @@ class DeepseekV2ForCausalLM(CausalLM):
 
     def checkpoint_weights(self, weights: Iterable[tuple[str, WeightLike]]) -> Iterator[tuple[str, WeightLike]]:
         """The rotary rows of q_proj / q_b_proj (the last dr of each head's dn + dr) and of
-        kv_a_proj_with_mqa (its last dr) reordered from interleaved pairs to `rotate_half`."""
+        kv_a_proj_with_mqa (its last dr) reordered from interleaved pairs to `rotate_half`;
+        `mlp.shared_experts` renamed to the block's `shared_expert`, stacked experts mapped."""
         config = self.config
         qk_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
         kv_a_dim = config.kv_lora_rank + config.qk_rope_head_dim
@@ -225,7 +269,7 @@ class DeepseekV2ForCausalLM(CausalLM):
             elif ".self_attn.kv_a_proj_with_mqa." in name:
                 yield name, _rope_half_rows(tensor, kv_a_dim, config.qk_rope_head_dim)
             else:
-                yield name, tensor
+                yield stacked_expert_name(name.replace(".mlp.shared_experts.", ".mlp.shared_expert.")), tensor
 
 
 class _RopeHalfRowsSource:

@@ -37,6 +37,15 @@ from engine.models.llama import (
 _STACKED_NAMES = {".experts.gate_up_proj": ".experts.gate_up.weight", ".experts.down_proj": ".experts.down.weight"}
 
 
+def stacked_expert_name(name: str) -> str:
+    """A checkpoint name of stacked experts (`mlp.experts.gate_up_proj`) -> the parameter that
+    takes it whole; any other name unchanged."""
+    for stacked, param in _STACKED_NAMES.items():
+        if name.endswith(stacked):
+            return name[: -len(stacked)] + param
+    return name
+
+
 def _num_experts(config: Any) -> int:
     value = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
     if not value:
@@ -68,10 +77,7 @@ class _MoeMixin(LlamaForCausalLM):
 
     def checkpoint_weights(self, weights: Iterable[tuple[str, WeightLike]]) -> Iterable[tuple[str, WeightLike]]:
         for name, tensor in weights:
-            for stacked, param in _STACKED_NAMES.items():
-                if name.endswith(stacked):
-                    name = name[: -len(stacked)] + param
-            yield name, tensor
+            yield stacked_expert_name(name), tensor
 
     @classmethod
     def routing(cls, config: Any) -> Routing:

@@ -137,6 +137,8 @@ def tiny_config(kind: str = "llama", **overrides: Any) -> Any:
         return _tiny_moe_config(kind, common)
     if kind == "deepseek_v2":
         return _deepseek_v2_config(common)
+    if kind == "deepseek_v2_moe":
+        return _deepseek_v2_config(common, moe=True)
     raise ValueError(kind)
 
 
@@ -162,10 +164,20 @@ def _tiny_moe_config(kind: str, common: dict[str, Any]) -> Any:
     raise ValueError(kind)
 
 
-def _deepseek_v2_config(common: dict[str, Any]) -> Any:
-    """Multi-head latent attention with dense MLPs only (every layer before first_k_dense_replace)."""
+def _deepseek_v2_config(common: dict[str, Any], moe: bool = False) -> Any:
+    """Multi-head latent attention with dense MLPs only (every layer before first_k_dense_replace);
+    with `moe`, a dense first layer then mixture-of-experts layers: DeepSeek-V2's grouped top-k
+    (top 3 of the experts of the best 2 of 4 groups of 2), 2 shared experts, routed weights
+    scaled by 1.5."""
     from transformers import DeepseekV2Config
 
+    if moe:
+        for name, value in (
+            ("first_k_dense_replace", 1), ("n_routed_experts", 8), ("num_experts_per_tok", 3),
+            ("moe_intermediate_size", 32), ("n_shared_experts", 2), ("topk_method", "group_limited_greedy"),
+            ("n_group", 4), ("topk_group", 2), ("routed_scaling_factor", 1.5),
+        ):
+            common.setdefault(name, value)
     common.pop("num_key_value_heads")
     for name, value in (
         ("kv_lora_rank", 32), ("q_lora_rank", 48), ("qk_nope_head_dim", 16), ("qk_rope_head_dim", 16),

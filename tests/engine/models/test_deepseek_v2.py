@@ -1,8 +1,10 @@
-"""DeepSeek-V2 (multi-head latent attention, dense MLPs) against transformers (fp32, CPU, random
-weights), its latent KV pool, and the refusal of mixture-of-experts layers."""
+"""DeepSeek-V2 (multi-head latent attention; dense MLPs, and mixture-of-experts layers with greedy
+or grouped top-k) against transformers (fp32, CPU, random weights), and its latent KV pool."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ from torch import nn
 
 from engine.layers import ReplicatedLinear
 from engine.layers.mla import MLAAttention
+from engine.layers.moe import Routing, SparseMoeBlock
 from engine.model_config import ModelConfig
 from engine.models import load_model
 from engine.worker.forward_context import INT8_KV_SCALE_DTYPE
@@ -22,20 +25,30 @@ from tests.engine.models.harness import Harness, rel_err, save_tiny_model, tiny_
 _YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0,
          "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.707}
 
-CASES: dict[str, dict[str, Any]] = {
-    "q-lora": {},
+_GREEDY = {"topk_method": "greedy", "n_group": None, "topk_group": None, "num_experts_per_tok": 2}
+
+CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "q-lora": ("deepseek_v2", {}),
     # plain q_proj; biases on q_a / kv_a / o (kv_a's rotary rows reordered with its weight)
-    "no-q-lora-bias": {"q_lora_rank": None, "attention_bias": True},
+    "no-q-lora-bias": ("deepseek_v2", {"q_lora_rank": None, "attention_bias": True}),
     # DeepSeek's YaRN: frequencies blended, cos / sin and the softmax scale corrected
-    "yarn": {"rope_parameters": _YARN},
+    "yarn": ("deepseek_v2", {"rope_parameters": _YARN}),
+    # mixture of experts after a dense first layer, 2 shared experts (V2-Lite's greedy top-k)
+    "moe-greedy": ("deepseek_v2_moe", {**_GREEDY, "routed_scaling_factor": 1.0}),
+    # DeepSeek-V2's grouped top-k (best 2 of 4 groups, then top 3), routed weights scaled by 1.5
+    "moe-grouped-scaled": ("deepseek_v2_moe", {}),
+    # norm_topk_prob set (transformers leaves it unused), one shared expert, every layer MoE
+    "moe-norm-topk-all-layers": ("deepseek_v2_moe", {**_GREEDY, "norm_topk_prob": True, "n_shared_experts": 1,
+                                                     "routed_scaling_factor": 2.0, "first_k_dense_replace": 0}),
 }
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, nn.Module]:
     """(transformers model, our model loaded from its saved directory)."""
+    kind, overrides = CASES[request.param]
     path = tmp_path_factory.mktemp(request.param)
-    hf = save_tiny_model(str(path), tiny_config("deepseek_v2", **CASES[request.param]))
+    hf = save_tiny_model(str(path), tiny_config(kind, **overrides))
     return hf, load_model(str(path), torch.float32, "cpu")
 
 
@@ -90,18 +103,42 @@ def test_kv_pool_holds_one_latent_per_token_and_layer(tmp_path: Path) -> None:
         assert llm.kv_cache_tokens == 1000
 
 
-def test_mixture_of_experts_layers_are_refused_at_load(tmp_path: Path) -> None:
-    save_tiny_model(str(tmp_path), tiny_config("deepseek_v2", first_k_dense_replace=1, n_routed_experts=4,
-                                               num_experts_per_tok=2, moe_intermediate_size=32))
-    with pytest.raises(ValueError, match=r"layer 1 is a mixture-of-experts layer.*issue 22's MoE part"):
-        load_model(str(tmp_path), torch.float32, "cpu")
+def test_moe_layers_follow_the_config() -> None:
+    """Dense before first_k_dense_replace and off the moe_layer_freq beat; MoE layers hold the
+    stacked experts, the float32 router and the shared experts (n_shared_experts wide)."""
+    from engine.models.deepseek_v2 import DeepseekV2ForCausalLM
 
+    model = DeepseekV2ForCausalLM(tiny_config("deepseek_v2_moe", num_hidden_layers=4, moe_layer_freq=2))
+    mlps = [layer.mlp for layer in model.model.layers]
+    assert [isinstance(m, SparseMoeBlock) for m in mlps] == [False, False, True, False]
+    moe: Any = mlps[2]
+    assert moe.experts.gate_up.weight.shape == (8, 2 * 32, 64) and moe.experts.down.weight.shape == (8, 64, 32)
+    assert moe.gate.float32 and moe.shared_expert_gate is None
+    assert moe.shared_expert.gate_up_proj.weight.shape == (2 * 2 * 32, 64)
+    assert moe.experts.routing == Routing(3, False, 1.5, num_groups=4, topk_groups=2)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"topk_method": "noaux_tc"}, "topk_method='noaux_tc'"),
+        ({"scoring_func": "sigmoid"}, "scoring_func='sigmoid'"),
+        ({"n_group": 3}, "n_group=3 does not divide the 8 experts"),
+        ({"topk_group": 1, "num_experts_per_tok": 3}, "top_k=3 exceeds the 1 groups' 2 experts"),
+    ],
+)
+def test_unsupported_routing_is_refused_at_load(tmp_path: Path, overrides: dict[str, Any], message: str) -> None:
+    save_tiny_model(str(tmp_path), tiny_config("deepseek_v2_moe"))
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **overrides}))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_model(str(tmp_path), torch.float32, "cpu")
 
 
 def test_random_lite_shaped_model_script_writes_a_loadable_model(tmp_path: Path) -> None:
     """scripts/make_random_deepseek_v2.py at reduced sizes: with --dense the engine loads and runs
-    it; with experts its tensors are the released checkpoints' (one per expert) and it is refused
-    until the MoE layer lands."""
+    it; by default (V2-Lite's mixture of experts) its tensors are the released checkpoints' (one
+    per expert) and the engine loads and runs it too."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[3] / "scripts" / "make_random_deepseek_v2.py"
@@ -125,5 +162,6 @@ def test_random_lite_shaped_model_script_writes_a_loadable_model(tmp_path: Path)
     with safe_open(str(tmp_path / "moe" / "model-00001.safetensors"), "pt") as f:
         names = set(f.keys())
     assert "model.layers.0.mlp.gate_proj.weight" in names and "model.layers.1.mlp.experts.3.down_proj.weight" in names
-    with pytest.raises(ValueError, match="issue 22's MoE part"):
-        load_model(str(tmp_path / "moe"), torch.float32, "cpu")
+    moe: Any = load_model(str(tmp_path / "moe"), torch.float32, "cpu")
+    assert isinstance(moe.model.layers[1].mlp, SparseMoeBlock)
+    assert len(Harness(moe).generate([5, 6, 7], 4)) == 4
