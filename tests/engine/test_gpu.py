@@ -66,6 +66,8 @@ _RUNS_OF = {
     # torch path (no prefill graphs)
     "deepseek_v2": [("torch", "float32", True), ("triton", "float32", True), ("triton", "float32", False),
                     ("triton", "bfloat16", False)],
+    # MLA with experts (grouped top-k, shared experts): the fused experts graphed and eager
+    "deepseek_v2_moe": [("triton", "float32", True), ("triton", "float32", False), ("triton", "bfloat16", False)],
 }
 
 
@@ -92,7 +94,7 @@ _LOGPROB_TOL = {"float32": 1e-3, "bfloat16": 0.25}
 # How close (in multiples of the bf16 tolerance) the float32 model's two tokens must be where a bf16
 # run first picks the other. With experts, rounding may also flip a router's near-tie: another
 # expert's output moves the logits by more than rounding does (Qwen3-MoE: 0.59 nats, H100, 12-07).
-_TIE_MARGIN = {"mixtral": 4.0, "qwen2_moe": 4.0, "qwen3_moe": 4.0}
+_TIE_MARGIN = {"mixtral": 4.0, "qwen2_moe": 4.0, "qwen3_moe": 4.0, "deepseek_v2_moe": 4.0}
 
 
 def _check_greedy(got: Any, want: Any, dtype: str, run: tuple[str, bool], tie_margin: float) -> None:

@@ -97,6 +97,8 @@ _SLOW = pytest.mark.slow
         pytest.param("deepseek_v2", {"q_lora_rank": None, "attention_bias": True, "rope_parameters": {
             "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0,
             "mscale": 1.0, "mscale_all_dim": 0.707}}, id="deepseek-v2-no-q-lora-yarn", marks=_SLOW),
+        # + experts (grouped top-k, scaled) and 2 shared experts split as dense MLPs, float32 router
+        pytest.param("deepseek_v2_moe", {}, id="deepseek-v2-moe"),
     ],
 )
 def test_tp2_matches_tp1(tmp_path: Path, kind: str, overrides: dict[str, Any]) -> None:
@@ -122,6 +124,7 @@ def test_tp2_matches_tp1(tmp_path: Path, kind: str, overrides: dict[str, Any]) -
         ("llama", {"num_attention_heads": 6, "num_key_value_heads": 3, "hidden_size": 48}, "num_key_value_heads"),
         ("qwen3_moe", {"moe_intermediate_size": 33}, "moe_intermediate_size"),  # each expert's width
         ("qwen2_moe", {"shared_expert_intermediate_size": 45}, "shared_expert_intermediate_size"),
+        ("deepseek_v2_moe", {"moe_intermediate_size": 33}, "moe_intermediate_size"),
     ],
 )
 def test_heads_that_do_not_divide_fail_before_any_worker_starts(

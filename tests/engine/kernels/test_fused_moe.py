@@ -88,9 +88,34 @@ def test_routing_renormalises_and_scales() -> None:
     torch.testing.assert_close(weights, 2.5 * probs[:, [1, 2]] / probs[:, [1, 2]].sum())
 
 
-# Real shapes: Mixtral-8x7B (8 experts, top 2, H 4096, I 14336) and Qwen3-30B-A3B (128 experts,
-# top 8, H 2048, I 768), bf16, from one decode token to a prefill chunk.
-_REAL = {"mixtral-8x7b": (8, 2, 4096, 14336), "qwen3-30b-a3b": (128, 8, 2048, 768)}
+def test_grouped_routing_picks_within_the_best_groups() -> None:
+    """DeepSeek-V2's group_limited_greedy: 3 groups of 2 experts scored by their best expert;
+    the top 2 come from the best 2 groups only, even where an expert outside them scores more."""
+    probs = torch.tensor([[0.30, 0.01, 0.20, 0.19, 0.25, 0.05]])  # group maxima 0.30, 0.20, 0.25
+    logits = probs.log()
+    weights, ids = select_experts(logits, Routing(3, renormalize=False, num_groups=3, topk_groups=2))
+    assert sorted(ids[0].tolist()) == [0, 4, 5]  # not 2 (0.20 > 0.05, but its group lost)
+    weights, ids = select_experts(logits, Routing(2, False, 16.0, num_groups=3, topk_groups=1))
+    assert sorted(ids[0].tolist()) == [0, 1]  # group 0 only, its weak expert included
+    torch.testing.assert_close(weights.sort(descending=True).values, 16.0 * probs[:, [0, 1]])
+    greedy_weights, greedy_ids = select_experts(logits, Routing(2, False, 16.0, num_groups=3, topk_groups=3))
+    assert sorted(greedy_ids[0].tolist()) == [0, 4]  # every group: the plain top-k
+
+
+def test_routing_refuses_groups_that_cannot_hold_top_k() -> None:
+    with pytest.raises(ValueError, match="1 <= topk_group <= n_group"):
+        Routing(2, False, num_groups=2, topk_groups=3)
+    with pytest.raises(ValueError, match="does not divide"):
+        Routing(2, False, num_groups=3, topk_groups=1).check_experts(8)
+    with pytest.raises(ValueError, match="exceeds"):
+        Routing(3, False, num_groups=4, topk_groups=1).check_experts(8)
+
+
+# Real shapes: Mixtral-8x7B (8 experts, top 2, H 4096, I 14336), Qwen3-30B-A3B (128 experts,
+# top 8, H 2048, I 768) and DeepSeek-V2-Lite (64 experts, top 6, H 2048, I 1408), bf16, from one
+# decode token to a prefill chunk.
+_REAL = {"mixtral-8x7b": (8, 2, 4096, 14336), "qwen3-30b-a3b": (128, 8, 2048, 768),
+         "deepseek-v2-lite": (64, 6, 2048, 1408)}
 
 
 @pytest.mark.gpu
