@@ -13,9 +13,17 @@ Tensors: llama.cpp's converter keeps the q / k_pe rows in the checkpoint's inter
 layout (engine/models/deepseek_v2.py reorders them at load, as for a Hugging Face checkpoint).
 Newer files split kv_b_proj per head into `attn_k_b` ([H, kv_lora_rank, qk_nope], the key half
 transposed) and `attn_v_b` ([H, v_head_dim, kv_lora_rank]); `merge_kv_b` joins them back into
-kv_b_proj's [H * (qk_nope + v_head_dim), kv_lora_rank] rows. Files whose layers have experts
-(`expert_count` with fewer `leading_dense_block_count` layers than blocks) are refused: the
-mixture-of-experts layer waits for issue 22's MoE part.
+kv_b_proj's [H * (qk_nope + v_head_dim), kv_lora_rank] rows.
+
+Experts: the layers from `leading_dense_block_count` on are mixtures of `expert_count` experts,
+`expert_used_count` per token, `expert_shared_count` shared experts, each
+`expert_feed_forward_length` wide; routed weights times `expert_weights_scale`;
+`expert_group_count` / `expert_group_used_count` (above 1: DeepSeek-V2's grouped top-k, else
+greedy); `expert_weights_norm` -> norm_topk_prob. Tensors: the router `ffn_gate_inp`, the
+stacked experts `ffn_{gate,up,down}_exps` (one tensor per expert once converted, by
+engine/models/gguf_moe.py) and the shared experts `ffn_{gate,up,down}_shexp`. Files routed as
+DeepSeek-V3 (sigmoid `expert_gating_func`, a score-correction bias `exp_probs_b`) are refused:
+lightgate routes DeepSeek-V2's softmax scores only.
 """
 
 from __future__ import annotations
@@ -36,7 +44,11 @@ DEEPSEEK2_BLOCK_NAMES = {
     "attn_kv_b": "self_attn.kv_b_proj",
     "attn_k_b": "self_attn.k_b_proj",  # halves of kv_b_proj, joined by `merge_kv_b`
     "attn_v_b": "self_attn.v_b_proj",
+    "ffn_gate_shexp": "mlp.shared_experts.gate_proj",
+    "ffn_up_shexp": "mlp.shared_experts.up_proj",
+    "ffn_down_shexp": "mlp.shared_experts.down_proj",
 }
+_SIGMOID_GATING = 2  # llama.cpp's expert_gating_func: 1 softmax, 2 sigmoid
 _HALF_RE = re.compile(r"(model\.layers\.\d+\.self_attn)\.([kv])_b_proj\.weight$")
 
 
@@ -55,13 +67,6 @@ def deepseek2_config(reader: Any) -> dict[str, Any]:
         return found
 
     layers = int(value("block_count"))
-    dense = int(value("leading_dense_block_count", layers))
-    if dense < layers and int(value("expert_count", 0)):
-        raise ValueError(
-            f"this DeepSeek-V2 GGUF has mixture-of-experts layers (from layer {dense} on): lightgate serves "
-            "DeepSeek-V2's multi-head latent attention with dense MLPs only; mixture-of-experts layers wait "
-            "for issue 22's MoE part"
-        )
     rope_dim = int(value("rope.dimension_count"))
     key_length = int(_meta(reader, "deepseek2.attention.key_length_mla") or value("attention.key_length"))
     value_length = int(_meta(reader, "deepseek2.attention.value_length_mla") or value("attention.value_length"))
@@ -83,13 +88,49 @@ def deepseek2_config(reader: Any) -> dict[str, Any]:
         "qk_rope_head_dim": rope_dim,
         "qk_nope_head_dim": key_length - rope_dim,
         "v_head_dim": value_length,
-        "first_k_dense_replace": layers,  # every layer dense (checked above)
+        "first_k_dense_replace": layers,  # every layer dense unless `_expert_fields` says otherwise
         "attention_bias": "blk.0.attn_kv_a_mqa.bias" in names,
         "rope_parameters": _rope_parameters(reader, float(value("rope.freq_base", 10000.0))),
         "bos_token_id": _meta(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _meta(reader, "tokenizer.ggml.eos_token_id"),
     }
+    config.update(_expert_fields(reader, layers, names))
     return config
+
+
+def _expert_fields(reader: Any, layers: int, tensor_names: set[str]) -> dict[str, Any]:
+    """The mixture-of-experts fields of config.json ({} for a file without experts)."""
+
+    def meta(key: str, default: Any = None) -> Any:
+        return _meta(reader, f"deepseek2.{key}", default)
+
+    num_experts = int(meta("expert_count", 0) or 0)
+    dense = int(meta("leading_dense_block_count", layers))
+    if not num_experts or dense >= layers:
+        return {}
+    if meta("expert_gating_func") == _SIGMOID_GATING or any(n.endswith(".exp_probs_b.bias") for n in tensor_names):
+        raise ValueError(
+            "this deepseek2 GGUF routes its experts as DeepSeek-V3 does (sigmoid scores, exp_probs_b): "
+            "lightgate serves DeepSeek-V2's softmax routing only"
+        )
+    groups, used_groups = int(meta("expert_group_count", 1) or 1), int(meta("expert_group_used_count", 1) or 1)
+    fields: dict[str, Any] = {
+        "first_k_dense_replace": dense,
+        "n_routed_experts": num_experts,
+        "num_experts_per_tok": int(meta("expert_used_count", 0) or 0),
+        "n_shared_experts": int(meta("expert_shared_count", 0) or 0),
+        "moe_intermediate_size": int(meta("expert_feed_forward_length") or 0),
+        "routed_scaling_factor": float(meta("expert_weights_scale", 1.0) or 1.0),
+        "norm_topk_prob": bool(meta("expert_weights_norm", False)),
+        "moe_layer_freq": 1,
+        "scoring_func": "softmax",
+        "topk_method": "greedy",
+    }
+    if not fields["moe_intermediate_size"]:
+        raise ValueError("the GGUF file has no deepseek2.expert_feed_forward_length")
+    if groups > 1:
+        fields.update(topk_method="group_limited_greedy", n_group=groups, topk_group=used_groups)
+    return fields
 
 
 def _rope_parameters(reader: Any, theta: float) -> dict[str, Any]:
