@@ -278,19 +278,18 @@ class RouterLinear(nn.Module):
     """A small replicated projection (the router, a shared expert's gate): weight [out, in]
     in the model's dtype, never packed or quantized. The router's logits decide which experts
     run, so they keep the model's precision (and an FP8 product needs `out` a multiple of 16).
-    With `float32`, the product runs in float32 whatever the model's dtype (DeepSeek's router:
-    its checkpoints' weights are bf16, their scores float32)."""
+    With `float32`, the weight is kept and the product runs in float32 whatever the model's
+    dtype (DeepSeek's router, as transformers keeps it: a float32 checkpoint weight stays exact)."""
 
     def __init__(self, input_size: int, output_size: int, float32: bool = False) -> None:
         super().__init__()
         self.float32 = float32
-        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        dtype = torch.float32 if float32 else None
+        self.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in] -> [T, out] (float32 where `float32`)
-        if self.float32:
-            return F.linear(x.float(), self.weight.float())
-        return F.linear(x, self.weight)
+        return F.linear(x.float() if self.float32 else x, self.weight)
 
 
 class SparseMoeBlock(nn.Module):

@@ -108,14 +108,31 @@ def test_moe_layers_follow_the_config() -> None:
     stacked experts, the float32 router and the shared experts (n_shared_experts wide)."""
     from engine.models.deepseek_v2 import DeepseekV2ForCausalLM
 
-    model = DeepseekV2ForCausalLM(tiny_config("deepseek_v2_moe", num_hidden_layers=4, moe_layer_freq=2))
+    with torch.device("cpu"):
+        torch.set_default_dtype(torch.bfloat16)  # the router stays float32 in a bf16 model
+        try:
+            model = DeepseekV2ForCausalLM(tiny_config("deepseek_v2_moe", num_hidden_layers=4, moe_layer_freq=2))
+        finally:
+            torch.set_default_dtype(torch.float32)
     mlps = [layer.mlp for layer in model.model.layers]
     assert [isinstance(m, SparseMoeBlock) for m in mlps] == [False, False, True, False]
     moe: Any = mlps[2]
     assert moe.experts.gate_up.weight.shape == (8, 2 * 32, 64) and moe.experts.down.weight.shape == (8, 64, 32)
-    assert moe.gate.float32 and moe.shared_expert_gate is None
+    assert moe.gate.weight.dtype == torch.float32 and moe.shared_expert_gate is None
     assert moe.shared_expert.gate_up_proj.weight.shape == (2 * 2 * 32, 64)
     assert moe.experts.routing == Routing(3, False, 1.5, num_groups=4, topk_groups=2)
+
+
+def test_bf16_moe_model_keeps_a_float32_router(tmp_path: Path) -> None:
+    """bf16 on the CPU (packed experts where oneDNN has them): the routers keep the checkpoint's
+    float32 weights and the logits stay within bf16 rounding of the float32 model's."""
+    save_tiny_model(str(tmp_path), tiny_config("deepseek_v2_moe"))
+    model: Any = load_model(str(tmp_path), torch.bfloat16, "cpu")
+    reference: Any = load_model(str(tmp_path), torch.float32, "cpu")
+    router = model.model.layers[1].mlp.gate.weight
+    assert router.dtype == torch.float32 and torch.equal(router, reference.model.layers[1].mlp.gate.weight)
+    prompt = _prompt(16, seed=3)
+    assert rel_err(Harness(model).prefill(0, prompt), Harness(reference).prefill(0, prompt)) < 3e-2
 
 
 @pytest.mark.parametrize(
