@@ -9,7 +9,9 @@ low-rank, 64 routed experts of which 6 per token, 2 shared, the first layer dens
 overrides any config field (value read as JSON). Tensors are written under the names of the
 released checkpoints (one tensor per expert), in safetensors shards with an index; norms are
 ones, everything else N(0, 0.02). With `--tokenizer-dir` its tokenizer files are copied and its
-BOS / EOS ids go into config.json.
+BOS / EOS ids go into config.json. It prints the weights' size and the bytes a one-sequence decode
+step reads (`active_bytes`: every tensor but the embedding table and the experts a token does not
+pick), the floor of a bs1 step's time at the GPU's memory bandwidth.
 """
 
 from __future__ import annotations
@@ -90,6 +92,23 @@ def tensor_shapes(c: dict[str, Any]) -> Iterator[tuple[str, tuple[int, ...]]]:
         yield "lm_head.weight", (c["vocab_size"], hidden)
 
 
+def active_bytes(c: dict[str, Any]) -> int:
+    """bf16 bytes one token's decode step reads: attention, dense MLPs, routers, shared experts,
+    its `num_experts_per_tok` routed experts per MoE layer, norms and the LM head; of the
+    embedding table only its row."""
+    total = 0
+    for name, shape in tensor_shapes(c):
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if name == "model.embed_tokens.weight":
+            numel = shape[1]
+        elif ".mlp.experts." in name:
+            numel = numel * c["num_experts_per_tok"] // c["n_routed_experts"]
+        total += 2 * numel
+    return total
+
+
 def write_model(out: str, config: dict[str, Any], seed: int = 0) -> None:
     """Write config.json and the random weights (safetensors shards + index) into `out`."""
     from safetensors.torch import save_file
@@ -157,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.tokenizer_dir:
         config.update(_tokenizer_ids(args.tokenizer_dir, args.out))
     write_model(args.out, config, args.seed)
+    weights = sum(2 * torch.Size(shape).numel() for _, shape in tensor_shapes(config))
+    print(f"wrote {args.out}: {weights / 2**30:.2f} GiB of weights; a bs1 decode step reads "
+          f"{active_bytes(config) / 2**30:.3f} GiB (active parameters)")
 
 
 if __name__ == "__main__":

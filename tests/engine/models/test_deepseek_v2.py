@@ -182,3 +182,7 @@ def test_random_lite_shaped_model_script_writes_a_loadable_model(tmp_path: Path)
     moe: Any = load_model(str(tmp_path / "moe"), torch.float32, "cpu")
     assert isinstance(moe.model.layers[1].mlp, SparseMoeBlock)
     assert len(Harness(moe).generate([5, 6, 7], 4)) == 4
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    every = sum(2 * p.numel() for p in moe.parameters()) - 2 * 256 * 64  # but the embedding table's rows
+    unpicked = 2 * 2 * 2 * (3 * 64 * 32)  # bf16 bytes of layers 1, 2's 2 unpicked experts (3 of 64 x 32)
+    assert script.active_bytes(config) == every - unpicked + 2 * 64
