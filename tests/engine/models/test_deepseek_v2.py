@@ -108,12 +108,12 @@ def test_moe_layers_follow_the_config() -> None:
     stacked experts, the float32 router and the shared experts (n_shared_experts wide)."""
     from engine.models.deepseek_v2 import DeepseekV2ForCausalLM
 
-    with torch.device("cpu"):
-        torch.set_default_dtype(torch.bfloat16)  # the router stays float32 in a bf16 model
-        try:
-            model = DeepseekV2ForCausalLM(tiny_config("deepseek_v2_moe", num_hidden_layers=4, moe_layer_freq=2))
-        finally:
-            torch.set_default_dtype(torch.float32)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # as load_model builds a bf16 model: the router stays float32
+    try:
+        model = DeepseekV2ForCausalLM(tiny_config("deepseek_v2_moe", num_hidden_layers=4, moe_layer_freq=2))
+    finally:
+        torch.set_default_dtype(previous)
     mlps = [layer.mlp for layer in model.model.layers]
     assert [isinstance(m, SparseMoeBlock) for m in mlps] == [False, False, True, False]
     moe: Any = mlps[2]
