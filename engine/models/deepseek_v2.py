@@ -59,7 +59,7 @@ from engine.layers.moe import Routing, SparseMoeBlock, expert_packed_mapping
 from engine.layers.rotary import yarn_mscale
 from engine.model_config import ModelConfig
 from engine.models.causal_lm import CausalLM
-from engine.models.llama import LlamaMLP
+from engine.models.llama import LlamaMLP, PreNormDecoderLayer
 from engine.models.moe import stacked_expert_name
 
 # transformers' DeepseekV2RMSNorm default: q_a_layernorm and kv_a_layernorm do not take rms_norm_eps
@@ -170,7 +170,7 @@ class DeepseekV2Attention(nn.Module):
         return self.o_proj(out)
 
 
-class DeepseekV2DecoderLayer(nn.Module):
+class DeepseekV2DecoderLayer(PreNormDecoderLayer):
     def __init__(
         self, config: Any, shape: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding, tp_rank: int,
         tp_size: int,
@@ -180,18 +180,6 @@ class DeepseekV2DecoderLayer(nn.Module):
         self.mlp = _make_mlp(config, shape, layer_idx, tp_rank, tp_size)
         self.input_layernorm = RMSNorm(shape.hidden_size, shape.norm_eps)
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.norm_eps)
-
-    def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
 
 
 def get_mla_rope(config: Any) -> RotaryEmbedding:

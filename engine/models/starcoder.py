@@ -40,7 +40,7 @@ from engine.layers import (
 )
 from engine.model_config import ModelConfig
 from engine.models.causal_lm import CausalLM
-from engine.models.llama import LlamaAttention
+from engine.models.llama import LlamaAttention, PreNormDecoderLayer
 
 
 class GeluMLP(nn.Module):
@@ -174,7 +174,7 @@ class GPTBigCodeForCausalLM(CausalLM):
 # ---- StarCoder2 ---------------------------------------------------------------------------
 
 
-class Starcoder2DecoderLayer(nn.Module):
+class Starcoder2DecoderLayer(PreNormDecoderLayer):
     def __init__(
         self, config: Any, shape: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding, tp_rank: int, tp_size: int
     ) -> None:
@@ -194,18 +194,6 @@ class Starcoder2DecoderLayer(nn.Module):
         self.mlp = GeluMLP(shape, bias, getattr(config, "hidden_act", "gelu_pytorch_tanh"), tp_rank, tp_size)
         self.input_layernorm = LayerNorm(shape.hidden_size, shape.norm_eps)
         self.post_attention_layernorm = LayerNorm(shape.hidden_size, shape.norm_eps)
-
-    def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
 
 
 class Starcoder2Model(nn.Module):
