@@ -89,21 +89,25 @@ class Harness:
         return out
 
 
+# The sizes of every tiny test model, whatever its family.
+TINY_SIZES: dict[str, Any] = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    initializer_range=0.2,
+)
+
+
 def tiny_config(kind: str = "llama", **overrides: Any) -> Any:
     """A small transformers config of the given family; `initializer_range` is large so that
     random logits are peaked and greedy decoding has no near-ties."""
     from transformers import BloomConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
-    common: dict[str, Any] = dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.2,
-    )
+    common: dict[str, Any] = dict(TINY_SIZES)
     if kind == "bloom":  # multi-head, MLP of 4 x hidden, no position table (ALiBi)
         for name in ("intermediate_size", "num_key_value_heads", "max_position_embeddings"):
             del common[name]

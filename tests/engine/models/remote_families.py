@@ -27,18 +27,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tests.engine.models.harness import save_tiny_model, tiny_config
+from tests.engine.models.harness import TINY_SIZES, save_tiny_model, tiny_config
 
-SIZES: dict[str, Any] = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    initializer_range=0.2,
-)
 _REMOTE_CODE = 'raise RuntimeError("remote code ran")\n'
 
 
@@ -59,7 +49,7 @@ def _random_model(config: Any, seed: int) -> nn.Module:
 
 def save_internlm2(path: Path, seed: int = 0, **overrides: Any) -> nn.Module:
     """InternLM2 checkpoint from a Llama's weights; `attention_bias` becomes InternLM2's `bias`."""
-    config = tiny_config("llama", **{**SIZES, **overrides})
+    config = tiny_config("llama", **{**TINY_SIZES, **overrides})
     ref = _random_model(config, seed)
     heads, kv, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     tensors: dict[str, torch.Tensor] = {}
@@ -97,7 +87,7 @@ def save_internlm3(path: Path, seed: int = 0, **overrides: Any) -> nn.Module:
     transformers = pytest.importorskip("transformers")
     if not hasattr(transformers, "InternLM3Config"):
         pytest.skip(f"transformers {transformers.__version__} has no InternLM3Config")
-    config = transformers.InternLM3Config(architectures=["InternLM3ForCausalLM"], head_dim=16, **{**SIZES, **overrides})
+    config = transformers.InternLM3Config(architectures=["InternLM3ForCausalLM"], head_dim=16, **{**TINY_SIZES, **overrides})
     ref = save_tiny_model(str(path), config, seed=seed)
     saved = json.loads((path / "config.json").read_text())
     saved["architectures"] = ["InternLM3ForCausalLM"]
@@ -112,7 +102,7 @@ def glm_config(glm4: bool = False, **overrides: Any) -> Any:
 
     cls, architecture = (Glm4Config, "Glm4ForCausalLM") if glm4 else (GlmConfig, "GlmForCausalLM")
     return cls(architectures=[architecture], head_dim=16, pad_token_id=0, eos_token_id=2,
-               **{**SIZES, "rms_norm_eps": 1e-5, **overrides})
+               **{**TINY_SIZES, "rms_norm_eps": 1e-5, **overrides})
 
 
 def save_glm(path: Path, seed: int = 0, glm4: bool = False, **overrides: Any) -> nn.Module:
@@ -161,7 +151,7 @@ MINICPM_SCALES = {"scale_emb": 12.0, "scale_depth": 1.4, "dim_model_base": 32}
 
 def save_minicpm(path: Path, seed: int = 0, tie_word_embeddings: bool = True, **overrides: Any) -> nn.Module:
     """MiniCPM checkpoint of random weights; the reference is a Llama with the scalings folded in."""
-    sizes = {**SIZES, **overrides}
+    sizes = {**TINY_SIZES, **overrides}
     source = _random_model(tiny_config("llama", tie_word_embeddings=tie_word_embeddings, **sizes), seed)
     tensors = {k: v.detach().clone() for k, v in source.state_dict().items()}
     if tie_word_embeddings:
