@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from engine.models.gguf_metadata import metadata_value
+
 # llama.cpp block tensor -> DeepSeek-V2's module under model.layers.N
 DEEPSEEK2_BLOCK_NAMES = {
     "attn_q_a": "self_attn.q_a_proj",
@@ -52,24 +54,19 @@ _SIGMOID_GATING = 2  # llama.cpp's expert_gating_func: 1 softmax, 2 sigmoid
 _HALF_RE = re.compile(r"(model\.layers\.\d+\.self_attn)\.([kv])_b_proj\.weight$")
 
 
-def _meta(reader: Any, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
 def deepseek2_config(reader: Any) -> dict[str, Any]:
     """config.json content (transformers' `deepseek_v2` fields) from the GGUF metadata."""
 
     def value(key: str, default: Any = None) -> Any:
-        found = _meta(reader, f"deepseek2.{key}", default)
+        found = metadata_value(reader, f"deepseek2.{key}", default)
         if found is None:
             raise ValueError(f"the GGUF file has no deepseek2.{key}")
         return found
 
     layers = int(value("block_count"))
     rope_dim = int(value("rope.dimension_count"))
-    key_length = int(_meta(reader, "deepseek2.attention.key_length_mla") or value("attention.key_length"))
-    value_length = int(_meta(reader, "deepseek2.attention.value_length_mla") or value("attention.value_length"))
+    key_length = int(metadata_value(reader, "deepseek2.attention.key_length_mla") or value("attention.key_length"))
+    value_length = int(metadata_value(reader, "deepseek2.attention.value_length_mla") or value("attention.value_length"))
     names = {t.name for t in reader.tensors}
     embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
     config: dict[str, Any] = {
@@ -84,15 +81,15 @@ def deepseek2_config(reader: Any) -> dict[str, Any]:
         "vocab_size": int(embedding.shape[1]),
         "tie_word_embeddings": "output.weight" not in names,
         "kv_lora_rank": int(value("attention.kv_lora_rank")),
-        "q_lora_rank": _meta(reader, "deepseek2.attention.q_lora_rank"),
+        "q_lora_rank": metadata_value(reader, "deepseek2.attention.q_lora_rank"),
         "qk_rope_head_dim": rope_dim,
         "qk_nope_head_dim": key_length - rope_dim,
         "v_head_dim": value_length,
         "first_k_dense_replace": layers,  # every layer dense unless `_expert_fields` says otherwise
         "attention_bias": "blk.0.attn_kv_a_mqa.bias" in names,
         "rope_parameters": _rope_parameters(reader, float(value("rope.freq_base", 10000.0))),
-        "bos_token_id": _meta(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _meta(reader, "tokenizer.ggml.eos_token_id"),
+        "bos_token_id": metadata_value(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": metadata_value(reader, "tokenizer.ggml.eos_token_id"),
     }
     config.update(_expert_fields(reader, layers, names))
     return config
@@ -102,7 +99,7 @@ def _expert_fields(reader: Any, layers: int, tensor_names: set[str]) -> dict[str
     """The mixture-of-experts fields of config.json ({} for a file without experts)."""
 
     def meta(key: str, default: Any = None) -> Any:
-        return _meta(reader, f"deepseek2.{key}", default)
+        return metadata_value(reader, f"deepseek2.{key}", default)
 
     num_experts = int(meta("expert_count", 0) or 0)
     dense = int(meta("leading_dense_block_count", layers))
@@ -134,16 +131,16 @@ def _expert_fields(reader: Any, layers: int, tensor_names: set[str]) -> dict[str
 
 
 def _rope_parameters(reader: Any, theta: float) -> dict[str, Any]:
-    if _meta(reader, "deepseek2.rope.scaling.type") != "yarn":
+    if metadata_value(reader, "deepseek2.rope.scaling.type") != "yarn":
         return {"rope_type": "default", "rope_theta": theta}
-    mscale = float(_meta(reader, "deepseek2.rope.scaling.yarn_log_multiplier", 0.0)) / 0.1
+    mscale = float(metadata_value(reader, "deepseek2.rope.scaling.yarn_log_multiplier", 0.0)) / 0.1
     return {
         "rope_type": "yarn",
         "rope_theta": theta,
-        "factor": float(_meta(reader, "deepseek2.rope.scaling.factor")),
-        "original_max_position_embeddings": int(_meta(reader, "deepseek2.rope.scaling.original_context_length")),
-        "beta_fast": float(_meta(reader, "deepseek2.rope.scaling.yarn_beta_fast", 32.0)),
-        "beta_slow": float(_meta(reader, "deepseek2.rope.scaling.yarn_beta_slow", 1.0)),
+        "factor": float(metadata_value(reader, "deepseek2.rope.scaling.factor")),
+        "original_max_position_embeddings": int(metadata_value(reader, "deepseek2.rope.scaling.original_context_length")),
+        "beta_fast": float(metadata_value(reader, "deepseek2.rope.scaling.yarn_beta_fast", 32.0)),
+        "beta_slow": float(metadata_value(reader, "deepseek2.rope.scaling.yarn_beta_slow", 1.0)),
         "mscale": mscale,
         "mscale_all_dim": mscale,
     }

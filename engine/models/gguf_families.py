@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from engine.models.gguf import dequantize_tensor, undo_rope_permute
+from engine.models.gguf_metadata import metadata_value
 
 GGUF_FAMILY_ARCHITECTURES = {
     "internlm2": "InternLM2ForCausalLM",
@@ -64,19 +65,14 @@ def gguf_architecture(gguf_path: str) -> str:
     return str(GGUFReader(gguf_path).fields["general.architecture"].contents())
 
 
-def _meta(reader: Any, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
 def family_gguf_config(reader: Any) -> dict[str, Any]:
     """config.json content, in the family's own fields, from the GGUF metadata."""
-    arch = str(_meta(reader, "general.architecture"))
+    arch = str(metadata_value(reader, "general.architecture"))
     if any(t.name.startswith("rope_factors_") for t in reader.tensors):
         raise ValueError("GGUF models with long-context rope factors (longrope) are not supported")
 
     def value(key: str, default: Any = None) -> Any:
-        found = _meta(reader, f"{arch}.{key}", default)
+        found = metadata_value(reader, f"{arch}.{key}", default)
         if found is None:
             raise ValueError(f"the GGUF file has no {arch}.{key}")
         return found
@@ -87,8 +83,8 @@ def family_gguf_config(reader: Any) -> dict[str, Any]:
     names = {t.name for t in reader.tensors}
     common = {
         "architectures": [GGUF_FAMILY_ARCHITECTURES[arch]], "model_type": arch,
-        "bos_token_id": _meta(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _meta(reader, "tokenizer.ggml.eos_token_id"),
+        "bos_token_id": metadata_value(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": metadata_value(reader, "tokenizer.ggml.eos_token_id"),
     }
     sizes = {
         "hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": kv_heads,

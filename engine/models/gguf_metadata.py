@@ -18,18 +18,11 @@ from collections.abc import Callable
 from typing import Any
 
 
-def _value(reader: Any, key: str, default: Any = None) -> Any:
-    """A scalar (or a list, for an array) metadata value, strings decoded."""
-    from gguf import GGUFValueType
-
+def metadata_value(reader: Any, key: str, default: Any = None) -> Any:
+    """A GGUF metadata value (a number, a decoded string, or a list for an array), or `default`
+    when the file has no such key."""
     field = reader.fields.get(key)
-    if field is None:
-        return default
-    values = []
-    for index in field.data:
-        part = field.parts[index]
-        values.append(bytes(part).decode("utf-8") if field.types[-1] == GGUFValueType.STRING else part[0].item())
-    return values if field.types[0] == GGUFValueType.ARRAY else values[0]
+    return default if field is None else field.contents()
 
 
 def _has_tensor(reader: Any, part: str) -> bool:
@@ -38,25 +31,25 @@ def _has_tensor(reader: Any, part: str) -> bool:
 
 def _common(reader: Any, arch: str) -> dict[str, Any]:
     """The sizes every one of these architectures states, in transformers' names."""
-    heads = int(_value(reader, f"{arch}.attention.head_count"))
+    heads = int(metadata_value(reader, f"{arch}.attention.head_count"))
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = _value(reader, f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None)
+    vocab = metadata_value(reader, f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None)
     if vocab is None:  # the embedding's rows: ggml lists the fastest dim first
         vocab = next(int(t.shape[-1]) for t in reader.tensors if t.name == "token_embd.weight")
     config: dict[str, Any] = {
-        "max_position_embeddings": int(_value(reader, f"{arch}.context_length")),
-        "num_hidden_layers": int(_value(reader, f"{arch}.block_count")),
-        "hidden_size": int(_value(reader, f"{arch}.embedding_length")),
-        "intermediate_size": int(_value(reader, f"{arch}.feed_forward_length")),
+        "max_position_embeddings": int(metadata_value(reader, f"{arch}.context_length")),
+        "num_hidden_layers": int(metadata_value(reader, f"{arch}.block_count")),
+        "hidden_size": int(metadata_value(reader, f"{arch}.embedding_length")),
+        "intermediate_size": int(metadata_value(reader, f"{arch}.feed_forward_length")),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(_value(reader, f"{arch}.attention.head_count_kv", heads)),
-        "layer_norm_eps": float(_value(reader, f"{arch}.attention.layer_norm_epsilon", 1e-5)),
-        "rope_theta": float(_value(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "num_key_value_heads": int(metadata_value(reader, f"{arch}.attention.head_count_kv", heads)),
+        "layer_norm_eps": float(metadata_value(reader, f"{arch}.attention.layer_norm_epsilon", 1e-5)),
+        "rope_theta": float(metadata_value(reader, f"{arch}.rope.freq_base", 10000.0)),
         "vocab_size": int(vocab),
         "tie_word_embeddings": all(t.name != "output.weight" for t in reader.tensors),
     }
     for name in ("bos", "eos", "padding"):
-        token_id = _value(reader, f"tokenizer.ggml.{name}_token_id")
+        token_id = metadata_value(reader, f"tokenizer.ggml.{name}_token_id")
         if token_id is not None:
             config[f"{'pad' if name == 'padding' else name}_token_id"] = int(token_id)
     return config
@@ -65,7 +58,7 @@ def _common(reader: Any, arch: str) -> dict[str, Any]:
 def _stablelm(reader: Any) -> dict[str, Any]:
     config = _common(reader, "stablelm")
     head_dim = config["hidden_size"] // config["num_attention_heads"]
-    rotary_dim = int(_value(reader, "stablelm.rope.dimension_count", head_dim))
+    rotary_dim = int(metadata_value(reader, "stablelm.rope.dimension_count", head_dim))
     config.update(
         model_type="stablelm",
         partial_rotary_factor=rotary_dim / head_dim,
@@ -80,7 +73,7 @@ def _command_r(reader: Any) -> dict[str, Any]:
     config = _common(reader, "command-r")
     config.update(
         model_type="cohere",
-        logit_scale=float(_value(reader, "command-r.logit_scale", 1.0)),
+        logit_scale=float(metadata_value(reader, "command-r.logit_scale", 1.0)),
         use_qk_norm=_has_tensor(reader, "attn_q_norm"),
         attention_bias=_has_tensor(reader, "attn_q.bias"),
     )
@@ -89,13 +82,13 @@ def _command_r(reader: Any) -> dict[str, Any]:
 
 def _cohere2(reader: Any) -> dict[str, Any]:
     config = _common(reader, "cohere2")
-    pattern = _value(reader, "cohere2.attention.sliding_window_pattern", 4)
+    pattern = metadata_value(reader, "cohere2.attention.sliding_window_pattern", 4)
     layers = range(config["num_hidden_layers"])
     sliding = [bool(pattern[i]) for i in layers] if isinstance(pattern, list) else [(i + 1) % pattern != 0 for i in layers]
     config.update(
         model_type="cohere2",
-        logit_scale=float(_value(reader, "cohere2.logit_scale", 1.0)),
-        sliding_window=int(_value(reader, "cohere2.attention.sliding_window")),
+        logit_scale=float(metadata_value(reader, "cohere2.logit_scale", 1.0)),
+        sliding_window=int(metadata_value(reader, "cohere2.attention.sliding_window")),
         layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
         attention_bias=_has_tensor(reader, "attn_q.bias"),
     )

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from engine.models.gguf_metadata import metadata_value
+
 # llama.cpp block tensor -> transformers name; `*` is the expert index of a stacked tensor.
 MOE_BLOCK_NAMES = {
     "ffn_gate_inp": "mlp.gate",
@@ -70,8 +72,7 @@ def complete_moe_config(config: dict[str, Any], reader: Any, architecture: str) 
     Qwen3-MoE (and wherever `expert_weights_norm` says so), not for Qwen2-MoE."""
 
     def field(key: str) -> Any:
-        value = reader.fields.get(f"{architecture}.{key}")
-        return None if value is None else value.parts[value.data[0]][0]
+        return metadata_value(reader, f"{architecture}.{key}")
 
     num_experts = field("expert_count")
     if not num_experts:
