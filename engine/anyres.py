@@ -9,20 +9,16 @@ map, the rows or columns that only saw padding are cut off ("unpadding"), and a 
 `image_newline` embedding ends each remaining row. An image's tokens: the base tile's features,
 then the unpadded map row by row, each row followed by its newline.
 
-Both processes use this: the server's `AnyResImageProcessor` counts an image's placeholder tokens
-with it (the prompt, and `usage.prompt_tokens`, hold one per token), and the model
-(engine/models/llava.py `LlavaNextForConditionalGeneration`) lays the features out with it.
+Both processes use this: the server's `AnyResImageProcessor` (engine/multimodal.py) counts an
+image's placeholder tokens with it (the prompt, and `usage.prompt_tokens`, hold one per token),
+and the model (engine/models/llava.py `LlavaNextForConditionalGeneration`) lays the features out
+with it.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
-
-import numpy as np
-
-from engine.multimodal import ImageProcessor
 
 
 def check_select_strategy(config: Any) -> None:
@@ -72,35 +68,3 @@ def num_image_tokens(
     rows, cols = grid_shape(image_size, pinpoints, tile_size)
     _, height, _, width = unpadded_box(image_size, rows * side, cols * side)
     return side * side + height * (width + 1)
-
-
-class AnyResImageProcessor(ImageProcessor):
-    """LLaVA-NeXT's image side in the server process: transformers' LLaVA-NeXT image processor
-    (pixels [1 + rows * cols, 3, S, S]: the base tile, then the grid's), the tile grid from the
-    model's `image_grid_pinpoints`, tokens that depend on the image's size."""
-
-    def __init__(self, model_path: str, hf_config: Any, tokenizer: Any | None) -> None:
-        check_select_strategy(hf_config)
-        self.pinpoints = grid_pinpoints(hf_config)
-        self.tile_size = int(hf_config.vision_config.image_size)
-        super().__init__(model_path, hf_config, tokenizer)
-
-    def _load_processor(self, model_path: str, hf_config: Any) -> Any:
-        """The directory's processor (preprocessor_config.json), else its defaults at the tower's
-        size; the model's pinpoints either way, so that the tiles are those the model expects."""
-        import transformers
-
-        # transformers 5's PIL backend; in transformers 4 the slow processor is the PIL one
-        Processor: Any = getattr(transformers, "LlavaNextImageProcessorPil", None) or transformers.LlavaNextImageProcessor
-        pinpoints = [list(p) for p in self.pinpoints]
-        if os.path.isfile(os.path.join(model_path, "preprocessor_config.json")):
-            return Processor.from_pretrained(model_path, image_grid_pinpoints=pinpoints)
-        size = self.tile_size
-        return Processor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                         image_grid_pinpoints=pinpoints)
-
-    def num_tokens(self, pixels: np.ndarray, image_size: tuple[int, int]) -> int:
-        rows, cols = grid_shape(image_size, self.pinpoints, self.tile_size)
-        if pixels.ndim != 4 or pixels.shape[0] != 1 + rows * cols:
-            raise ValueError(f"the image processor made {pixels.shape[0]} tiles where the model reads {1 + rows * cols}")
-        return num_image_tokens(image_size, self.pinpoints, self.tile_size, self.patch_size)

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from engine.anyres import check_select_strategy, grid_pinpoints, grid_shape, num_image_tokens
+
 # Architectures whose prompts take images.
 VISION_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"})
 # The CLIP processor resizes the shorter side to the tower's size before cropping: a long thin
@@ -122,14 +124,44 @@ def _clip_processor(model_path: str, image_size: int) -> Any:
     return Processor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
+class AnyResImageProcessor(ImageProcessor):
+    """LLaVA-NeXT's image side in the server process: transformers' LLaVA-NeXT image processor
+    (pixels [1 + rows * cols, 3, S, S]: the base tile, then the grid's), the tile grid from the
+    model's `image_grid_pinpoints`, tokens that depend on the image's size (engine/anyres.py)."""
+
+    def __init__(self, model_path: str, hf_config: Any, tokenizer: Any | None) -> None:
+        check_select_strategy(hf_config)
+        self.pinpoints = grid_pinpoints(hf_config)
+        self.tile_size = int(hf_config.vision_config.image_size)
+        super().__init__(model_path, hf_config, tokenizer)
+
+    def _load_processor(self, model_path: str, hf_config: Any) -> Any:
+        """The directory's processor (preprocessor_config.json), else its defaults at the tower's
+        size; the model's pinpoints either way, so that the tiles are those the model expects."""
+        import transformers
+
+        # transformers 5's PIL backend; in transformers 4 the slow processor is the PIL one
+        Processor: Any = getattr(transformers, "LlavaNextImageProcessorPil", None) or transformers.LlavaNextImageProcessor
+        pinpoints = [list(p) for p in self.pinpoints]
+        if os.path.isfile(os.path.join(model_path, "preprocessor_config.json")):
+            return Processor.from_pretrained(model_path, image_grid_pinpoints=pinpoints)
+        size = self.tile_size
+        return Processor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                         image_grid_pinpoints=pinpoints)
+
+    def num_tokens(self, pixels: np.ndarray, image_size: tuple[int, int]) -> int:
+        rows, cols = grid_shape(image_size, self.pinpoints, self.tile_size)
+        if pixels.ndim != 4 or pixels.shape[0] != 1 + rows * cols:
+            raise ValueError(f"the image processor made {pixels.shape[0]} tiles where the model reads {1 + rows * cols}")
+        return num_image_tokens(image_size, self.pinpoints, self.tile_size, self.patch_size)
+
+
 def image_processor_for(model_path: str, hf_config: Any, tokenizer: Any | None) -> ImageProcessor | None:
     """The model's image processor; None for a model that reads text only."""
     architectures = getattr(hf_config, "architectures", None) or []
     if not architectures or architectures[0] not in VISION_ARCHITECTURES:
         return None
     if architectures[0] == "LlavaNextForConditionalGeneration":
-        from engine.anyres import AnyResImageProcessor  # (it builds on this module)
-
         return AnyResImageProcessor(model_path, hf_config, tokenizer)
     return ImageProcessor(model_path, hf_config, tokenizer)
 

@@ -12,9 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from engine.anyres import AnyResImageProcessor
 from engine.models import load_model
-from engine.multimodal import ImageInput, image_processor_for
+from engine.multimodal import AnyResImageProcessor, ImageInput, image_processor_for
 from tests.engine.models.harness import Harness, rel_err
 from tests.engine.models.test_llava import _harness, _image, _prompt, _text, save_tiny_llava
 
