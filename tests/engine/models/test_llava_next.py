@@ -160,3 +160,23 @@ def test_class_token_kept_is_refused(tmp_path: Path) -> None:
         LlavaNextForConditionalGeneration(config)
     with pytest.raises(ValueError, match="vision_feature_select_strategy 'full'"):
         image_processor_for(str(tmp_path), config, None)
+
+
+def test_the_directorys_image_processor_is_used(tmp_path: Path) -> None:
+    """A `preprocessor_config.json` (here with its own normalization) is the processor the server
+    runs, with the model's `image_grid_pinpoints` (the tiles the model reads) over the file's."""
+    from transformers import LlavaNextImageProcessorPil
+
+    hf = save_tiny_llava(tmp_path, next_=True)
+    LlavaNextImageProcessorPil(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30},
+                               image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.3, 0.4],
+                               image_grid_pinpoints=[[30, 30]]).save_pretrained(tmp_path)
+    processor = image_processor_for(str(tmp_path), hf.config, None)
+    assert processor is not None
+    image = _image(70, 50, seed=3)
+    ours = processor.preprocess(image)
+    theirs = LlavaNextImageProcessorPil.from_pretrained(tmp_path, image_grid_pinpoints=hf.config.image_grid_pinpoints)(
+        images=[image], return_tensors="np")["pixel_values"][0]
+    assert ours.pixel_values.shape == (5, 3, 30, 30) and np.array_equal(ours.pixel_values, theirs)
+    defaults = image_processor_for(str(tmp_path / "missing"), hf.config, None)
+    assert defaults is not None and not np.allclose(defaults.preprocess(image).pixel_values, theirs)
