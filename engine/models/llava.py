@@ -16,9 +16,9 @@ out as one map, unpadded, and each of its rows ends with the learned `image_newl
 Checkpoint names: transformers 5 saves `language_model.model.*`, `language_model.lm_head.*`,
 `vision_tower.*` and `multi_modal_projector.*` (in memory: `model.language_model.*`,
 `model.vision_tower.*`, `lm_head.*`); the published LLaVA 1.5 checkpoints name the tower
-`vision_tower.vision_model.*`; LLaVA-NeXT's `image_newline` is
-`model.image_newline` in memory and `image_newline` saved. `checkpoint_weights` maps each onto this module's names and drops
-the tower's layers past the feature layer and its `post_layernorm`, which the model never reads.
+`vision_tower.vision_model.*`; LLaVA-NeXT's `image_newline` is `model.image_newline` in memory
+and `image_newline` saved. `checkpoint_weights` maps each onto this module's names and drops the
+tower's layers past the feature layer and its `post_layernorm`, which the model never reads.
 """
 
 from __future__ import annotations

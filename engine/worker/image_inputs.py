@@ -3,8 +3,9 @@
 A row's `NewRow.images` (`PromptImage`: pixels and the placeholder positions they fill) are kept
 here until the row is freed. When a step's tokens of a row cover some of an image's placeholder
 positions, the image is embedded (`model.embed_images`: vision tower and projector; all the
-step's new images in one batch per pixel shape, which for any-resolution images is per tile count), and the rows of the embedding that those
-positions take go to the model's forward pass with their indices in the packed batch. A prefill
+step's new images in one batch per pixel shape, for any-resolution images per tile count), and
+the rows of the embedding that those positions take go to the model's forward pass with their
+indices in the packed batch. A prefill
 chunk may end inside an image: the image is embedded at its first chunk and the later chunks
 slice the same embedding; it is dropped once its last position is computed (a preempted row
 comes back with a new `NewRow` and embeds it again). Steps with images run eagerly, never
