@@ -1,13 +1,13 @@
 """Images in prompts: preprocessing, placeholders and cache keys (server process), `PromptImage` (both).
 
-A vision-language model (`LlavaForConditionalGeneration`) reads each image as a run of
+A vision-language model (`LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration`) reads each image as a run of
 placeholder tokens (its `image_token_id`, `<image>` in its tokenizer), one per image embedding
 the vision tower and projector make of it. The HTTP layer renders one placeholder per image,
 tokenizes, and `ImageProcessor.expand_placeholders` widens each to the image's number of tokens,
 so the prompt's ids (and `usage.prompt_tokens`) are the positions the model computes.
 
 Preprocessing (resize, center crop, rescale, normalize: transformers' CLIP image processor,
-its PIL backend) runs here, in the server process, off the event loop, not in the workers: the
+its PIL backend; for LLaVA-NeXT its any-resolution tiles, engine/anyres.py) runs here, in the server process, off the event loop, not in the workers: the
 number of tokens an image takes must be known to build the prompt (for LLaVA 1.5 it is fixed,
 for any-resolution models it depends on the image), the content hash that keys the prefix cache
 is taken of what the model sees, and it runs once, not on every tensor-parallel rank. The
@@ -29,8 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from engine.anyres import check_select_strategy, grid_pinpoints, grid_shape, num_image_tokens
+
 # Architectures whose prompts take images.
-VISION_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration"})
+VISION_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"})
 # The CLIP processor resizes the shorter side to the tower's size before cropping: a long thin
 # image would become a huge array first (1 x 10 000 px: 336 x 3 360 000). Refused beyond this.
 MAX_ASPECT_RATIO = 64
@@ -44,16 +46,18 @@ class PromptImage:
 
     offset: int  # the first of its placeholder positions in the prompt
     num_tokens: int  # its positions: offset .. offset + num_tokens - 1
-    pixel_values: np.ndarray  # [3, H, W] float32, the vision tower's input
+    pixel_values: np.ndarray  # float32, the vision tower's input: [3, H, W], or [tiles, 3, S, S] (any-resolution)
+    image_size: tuple[int, int] = (0, 0)  # (height, width) as sent: any-resolution models unpad by it
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class ImageInput:
     """One image preprocessed for the model."""
 
-    pixel_values: np.ndarray  # [3, H, W] float32, the vision tower's input
+    pixel_values: np.ndarray  # float32, the vision tower's input: [3, H, W], or [tiles, 3, S, S] (any-resolution)
     num_tokens: int  # placeholder tokens it takes in the prompt
-    cache_key: int  # negative, from the pixels' hash: the prefix cache's id for its positions
+    cache_key: int  # negative, from the pixels' and size's hash: the prefix cache's id for its positions
+    image_size: tuple[int, int] = (0, 0)  # (height, width) as sent
 
 
 class ImageProcessor:
@@ -67,7 +71,16 @@ class ImageProcessor:
         self.patch_size = int(vision.patch_size)
         # "default" drops the vision tower's class token, "full" keeps it
         self.extra_tokens = 1 if getattr(hf_config, "vision_feature_select_strategy", "default") == "full" else 0
-        self._processor = _clip_processor(model_path, int(vision.image_size))
+        self._processor = self._load_processor(model_path, hf_config)
+
+    def _load_processor(self, model_path: str, hf_config: Any) -> Any:
+        """transformers' image processor for the model."""
+        return _clip_processor(model_path, int(hf_config.vision_config.image_size))
+
+    def num_tokens(self, pixels: np.ndarray, image_size: tuple[int, int]) -> int:
+        """The placeholder tokens of an image of `image_size` (height, width) preprocessed to `pixels`."""
+        height, width = pixels.shape[-2:]
+        return (height // self.patch_size) * (width // self.patch_size) + self.extra_tokens
 
     def preprocess(self, image: Any) -> ImageInput:
         """A Pillow RGB image -> its pixels as the model reads them, its token count and cache key;
@@ -77,11 +90,11 @@ class ImageProcessor:
             raise ValueError(f"a {width}x{height} image: one side may be at most {MAX_ASPECT_RATIO} times the other")
         pixels = np.ascontiguousarray(self._processor(images=[image], return_tensors="np")["pixel_values"][0],
                                       dtype=np.float32)
-        height, width = pixels.shape[-2:]
-        num_tokens = (height // self.patch_size) * (width // self.patch_size) + self.extra_tokens
-        digest = hashlib.sha256(pixels.tobytes() + repr(pixels.shape).encode()).digest()
+        image_size = (height, width)
+        # (the size too: an any-resolution model's tokens depend on it, beyond the pixels)
+        digest = hashlib.sha256(pixels.tobytes() + repr((pixels.shape, image_size)).encode()).digest()
         key = -2 - (int.from_bytes(digest[:8], "little") >> (64 - _KEY_BITS))
-        return ImageInput(pixels, num_tokens, key)
+        return ImageInput(pixels, self.num_tokens(pixels, image_size), key, image_size)
 
     def expand_placeholders(self, prompt_ids: list[int], images: Sequence[ImageInput]) -> list[int]:
         """Each placeholder token, in order, widened to its image's number of tokens; ValueError
@@ -111,11 +124,45 @@ def _clip_processor(model_path: str, image_size: int) -> Any:
     return Processor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
+class AnyResImageProcessor(ImageProcessor):
+    """LLaVA-NeXT's image side in the server process: transformers' LLaVA-NeXT image processor
+    (pixels [1 + rows * cols, 3, S, S]: the base tile, then the grid's), the tile grid from the
+    model's `image_grid_pinpoints`, tokens that depend on the image's size (engine/anyres.py)."""
+
+    def __init__(self, model_path: str, hf_config: Any, tokenizer: Any | None) -> None:
+        check_select_strategy(hf_config)
+        self.pinpoints = grid_pinpoints(hf_config)
+        self.tile_size = int(hf_config.vision_config.image_size)
+        super().__init__(model_path, hf_config, tokenizer)
+
+    def _load_processor(self, model_path: str, hf_config: Any) -> Any:
+        """The directory's processor (preprocessor_config.json), else its defaults at the tower's
+        size; the model's pinpoints either way, so that the tiles are those the model expects."""
+        import transformers
+
+        # transformers 5's PIL backend; in transformers 4 the slow processor is the PIL one
+        Processor: Any = getattr(transformers, "LlavaNextImageProcessorPil", None) or transformers.LlavaNextImageProcessor
+        pinpoints = [list(p) for p in self.pinpoints]
+        if os.path.isfile(os.path.join(model_path, "preprocessor_config.json")):
+            return Processor.from_pretrained(model_path, image_grid_pinpoints=pinpoints)
+        size = self.tile_size
+        return Processor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                         image_grid_pinpoints=pinpoints)
+
+    def num_tokens(self, pixels: np.ndarray, image_size: tuple[int, int]) -> int:
+        rows, cols = grid_shape(image_size, self.pinpoints, self.tile_size)
+        if pixels.ndim != 4 or pixels.shape[0] != 1 + rows * cols:
+            raise ValueError(f"the image processor made {pixels.shape[0]} tiles where the model reads {1 + rows * cols}")
+        return num_image_tokens(image_size, self.pinpoints, self.tile_size, self.patch_size)
+
+
 def image_processor_for(model_path: str, hf_config: Any, tokenizer: Any | None) -> ImageProcessor | None:
     """The model's image processor; None for a model that reads text only."""
     architectures = getattr(hf_config, "architectures", None) or []
     if not architectures or architectures[0] not in VISION_ARCHITECTURES:
         return None
+    if architectures[0] == "LlavaNextForConditionalGeneration":
+        return AnyResImageProcessor(model_path, hf_config, tokenizer)
     return ImageProcessor(model_path, hf_config, tokenizer)
 
 
@@ -141,6 +188,6 @@ def place_images(
         start += image.num_tokens
         if run[-1] - run[0] + 1 != image.num_tokens:
             raise ValueError("an image's placeholder tokens must be contiguous in the prompt", "images")
-        placed.append(PromptImage(run[0], image.num_tokens, image.pixel_values))
+        placed.append(PromptImage(run[0], image.num_tokens, image.pixel_values, image.image_size))
         keys[run[0] : run[-1] + 1] = [image.cache_key] * image.num_tokens
     return tuple(placed), keys

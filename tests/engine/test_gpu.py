@@ -209,13 +209,15 @@ def test_prefill_graphs_match_eager(tmp_path: Path) -> None:
         assert g[tid].logprob == pytest.approx(w[tid].logprob, abs=1e-4)
 
 
-def test_gpu_llava_greedy_matches_cpu(tmp_path: Path) -> None:
-    """LLaVA 1.5 with one, two and no images (a repeated image from the prefix cache), prefill
-    chunks of 16 tokens cut inside the images: the image steps eager, the decodes graphed."""
+@pytest.mark.parametrize("next_", [False, True], ids=["llava", "llava-next"])
+def test_gpu_llava_greedy_matches_cpu(tmp_path: Path, next_: bool) -> None:
+    """LLaVA 1.5 and LLaVA-NeXT (any-resolution tiles) with one, two and no images (a repeated
+    image from the prefix cache), prefill chunks of 16 tokens cut inside the images: the image
+    steps eager, the decodes graphed."""
     from tests.engine.models.test_llava import save_tiny_llava
     from tests.engine.test_llava_engine import _requests
 
-    save_tiny_llava(tmp_path)
+    save_tiny_llava(tmp_path, next_=next_)
     prompts, images = _requests(tmp_path)
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=5)
     with LLM(str(tmp_path), device="cpu", dtype="float32", kv_cache_memory_gb=0.01) as cpu:
