@@ -49,7 +49,7 @@ def _row(name: str, tokens: int, k: int, n: int, hbm: float) -> dict[str, float]
 
 def _sweep(hbm: float) -> None:
     """The fused kernel's time by launch (BLOCK_N, BLOCK_K, warps, stages), the best per product."""
-    launches = [(bn, bk, w, st) for bn in (16, 32, 64) for bk in (128, 256, 512) for w in (4,) for st in (3, 5)]
+    launches = [(bn, bk, w, st) for bn in (16, 32, 64) for bk in (128, 256, 512) for w in (4, 8) for st in (3, 5)]
     for tokens in (1, MAX_ROWS):
         for name, (k, n) in SHAPES.items():
             w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
