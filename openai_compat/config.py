@@ -98,6 +98,14 @@ class _ServerSettings(BaseSettings):
     max_image_pixels: int = Field(
         4096 * 4096, ge=1, description="largest image in pixels (width x height), refused with 400 beyond"
     )
+    max_image_bytes: int = Field(
+        20 * 1024 * 1024, ge=1, description="largest encoded image in bytes (inline or fetched), refused with 400 beyond"
+    )
+    allowed_media_domains: CommaList = Field(
+        default_factory=list, description="hosts whose http(s) image URLs are fetched, comma-separated (a domain "
+        "covers its subdomains; * any host); empty: image URLs are refused, only inline data: URLs are read"
+    )
+    media_fetch_timeout: float = Field(10.0, gt=0, description="seconds a fetch of an image URL may take in all")
     trust_request_chat_template: bool = Field(
         False, description="accept chat_template_kwargs.chat_template (a request's own Jinja template runs on the server)"
     )
@@ -124,7 +132,9 @@ class _ServerSettings(BaseSettings):
 
     _engine: EngineConfig = PrivateAttr()
 
-    @field_validator("model_aliases", "api_keys", "cors_allow_origins", "cors_allow_headers", mode="before")
+    @field_validator(
+        "model_aliases", "api_keys", "cors_allow_origins", "cors_allow_headers", "allowed_media_domains", mode="before"
+    )
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -2,9 +2,10 @@
 
 A part `{"type": "image_url", "image_url": {"url": "data:image/png;base64,...", "detail": ...}}`
 is read in two stages. `ImagePart.of` checks it while the messages are turned into the chat
-template's input (cheap, on the event loop): a `data:` URL with base64 data; an `http(s)` URL is
-refused, since the server fetches nothing (an allow-list of media domains would be the way to
-let it; there is none yet). `decode_image` then decodes it with Pillow, off the event loop:
+template's input (cheap, on the event loop): a `data:` URL with base64 data, or an `http(s)` URL
+when the server fetches images from its host (`--allowed-media-domains`, off by default; see
+`openai_compat/media_fetch.py`), fetched by `fetch_parts` before decoding; either at most
+`--max-image-bytes`. `decode_image` then decodes it with Pillow, off the event loop:
 PNG, JPEG, WebP or GIF (its first frame), no more pixels than `max_pixels` (checked from the
 header, before the pixels are decoded), as RGB. Each problem is a 400 naming the part,
 `messages[i].content[j]`. `detail` is accepted and has no effect: the model's image processor
@@ -13,6 +14,7 @@ decides the resolution.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -20,7 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
 from openai_compat.errors import OpenAIError
+from openai_compat.media_fetch import MediaPolicy, fetch_image
 
 # Pillow's format names of the image types served; anything else is refused by name.
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
@@ -31,7 +36,8 @@ class ImagePart:
     """One image of a conversation, found at `param` (`messages[i].content[j]`)."""
 
     param: str
-    data: bytes  # the encoded image, as sent
+    data: bytes  # the encoded image, as sent (empty until fetched, for a URL)
+    url: str | None = None  # an http(s) URL to fetch the image from
 
 
 def image_url_of(part: Any, param: str) -> str:
@@ -43,11 +49,17 @@ def image_url_of(part: Any, param: str) -> str:
     return url
 
 
-def read_image_part(part: Any, param: str) -> ImagePart:
-    """The bytes of an `image_url` part's `data:` URL; a 400 naming the part otherwise."""
+def read_image_part(part: Any, param: str, policy: MediaPolicy | None = None) -> ImagePart:
+    """The bytes of an `image_url` part's `data:` URL, or its http(s) URL when `policy` fetches
+    from that host; a 400 naming the part otherwise."""
+    policy = policy or MediaPolicy()
     url = image_url_of(part, param)
     if url.startswith(("http://", "https://")):
+        if policy.allows(url):
+            return ImagePart(param, b"", url)
         raise OpenAIError(
+            "Image URLs of this host are not fetched by this server (--allowed-media-domains); send the image "
+            "inline as a base64 'data:' URL." if policy.fetches else
             "Image URLs are not fetched by this server; send the image inline as a base64 'data:' URL.",
             param=param, code="unsupported_parameter",
         )
@@ -56,11 +68,26 @@ def read_image_part(part: Any, param: str) -> ImagePart:
     header, sep, payload = url[len("data:"):].partition(",")
     if not sep or not header.endswith(";base64"):
         raise OpenAIError("An image 'data:' URL must be base64-encoded ('data:image/png;base64,...').", param=param)
+    if len(payload) * 3 // 4 > policy.max_bytes + 2:  # before decoding: base64 is 4 characters per 3 bytes
+        raise OpenAIError(f"The image is larger than this server's {policy.max_bytes} bytes (--max-image-bytes).",
+                          param=param)
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise OpenAIError("The image's base64 data could not be decoded.", param=param) from None
     return ImagePart(param, data)
+
+
+async def fetch_parts(parts: list[ImagePart], policy: MediaPolicy) -> list[ImagePart]:
+    """The parts with each URL's image fetched (concurrently, one client); a 400 naming the first
+    part that fails."""
+    pending = [part for part in parts if part.url is not None]
+    if not pending:
+        return parts
+    async with httpx.AsyncClient() as client:
+        bodies = await asyncio.gather(*(fetch_image(client, p.url or "", policy, p.param) for p in pending))
+    fetched = {id(part): body for part, body in zip(pending, bodies, strict=True)}
+    return [ImagePart(p.param, fetched[id(p)], p.url) if id(p) in fetched else p for p in parts]
 
 
 def decode_image(part: ImagePart, max_pixels: int) -> Any:
@@ -95,6 +122,7 @@ class ChatImages:
 
     placeholder: str | None  # the model's image placeholder text; None: the model reads text only
     max_images: int
+    policy: MediaPolicy = field(default_factory=MediaPolicy)
     parts: list[ImagePart] = field(default_factory=list)
 
     def add(self, part: Any, param: str) -> str:
@@ -105,7 +133,7 @@ class ChatImages:
             raise OpenAIError(
                 f"At most {self.max_images} images are accepted per request (--max-images-per-request).", param=param
             )
-        self.parts.append(read_image_part(part, param))
+        self.parts.append(read_image_part(part, param, self.policy))
         return self.placeholder
 
 

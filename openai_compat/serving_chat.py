@@ -40,8 +40,9 @@ from openai_compat.generation import (
     open_streams,
     push_events,
 )
-from openai_compat.images import ChatImages, prepare_images, render_with_images
+from openai_compat.images import ChatImages, fetch_parts, prepare_images, render_with_images
 from openai_compat.logprobs import chat_logprobs
+from openai_compat.media_fetch import MediaPolicy
 from openai_compat.prompt_size import check_prompt_text
 from openai_compat.protocol import (
     ChatChoiceLogprobs,
@@ -179,13 +180,16 @@ class ChatServing:
         chat_format = self.chat_format(tokenizer)
         constraint = structured_output(req, plan, chat_format.tool_format)
         processor = state.engine.image_processor
-        images = ChatImages(processor.placeholder if processor else None, state.settings.max_images_per_request)
+        settings = state.settings
+        policy = MediaPolicy(tuple(settings.allowed_media_domains), settings.media_fetch_timeout, settings.max_image_bytes)
+        images = ChatImages(processor.placeholder if processor else None, settings.max_images_per_request, policy)
         messages, tools = chat_format.conversation(
             template_messages(req.messages, images), plan, req.chat_template_kwargs
         )
         inputs: list[ImageInput] = []
-        if images.parts:  # decoded and preprocessed beside the tokenizer's thread
-            inputs = await asyncio.to_thread(prepare_images, images.parts, processor, state.settings.max_image_pixels)
+        if images.parts:  # fetched (URLs), then decoded and preprocessed beside the tokenizer's thread
+            parts = await fetch_parts(images.parts, policy)
+            inputs = await asyncio.to_thread(prepare_images, parts, processor, settings.max_image_pixels)
         # A text far too long for the context is refused without tokenizing it. Checked on the
         # rendered prompt, not on the messages: a template may trim or drop their text (and a
         # request's own template may add any amount), but rendering costs little next to

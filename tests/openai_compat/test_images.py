@@ -125,3 +125,27 @@ def test_chat_templates_place_the_images(llava: tuple[Any, Any], template: str |
         render_with_images(render_chat, processor, images, tokenizer, [{**messages[0], "content": "<image> <image>"}],
                            True, kwargs)
     assert info.value.param == "messages"
+
+
+@pytest.mark.parametrize(("url", "allowed"), [
+    ("https://example.com/a.png", True),
+    ("http://img.example.com/a.png", True),  # a subdomain of an allowed domain
+    ("https://EXAMPLE.com./a.png", True),
+    ("https://badexample.com/a.png", False),  # not a subdomain, only the same suffix
+    ("https://example.com.evil.net/a.png", False),
+    ("ftp://example.com/a.png", False),
+    ("https://other.org/a.png", False),
+])
+def test_media_policy_allows_only_its_domains(url: str, allowed: bool) -> None:
+    from openai_compat.media_fetch import MediaPolicy
+
+    policy = MediaPolicy(("example.com",))
+    assert policy.allows(url) is allowed
+    assert not MediaPolicy().allows(url) and MediaPolicy(("*",)).allows(url) is url.startswith("http")
+    if allowed:
+        part = read_image_part(_part(url), PARAM, policy)
+        assert part.url == url and part.data == b""
+    else:
+        with pytest.raises(OpenAIError) as info:
+            read_image_part(_part(url), PARAM, policy)
+        assert info.value.param == PARAM

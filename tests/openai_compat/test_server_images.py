@@ -1,11 +1,15 @@
 """Images in chat through the server, with the openai SDK: a tiny LLaVA 1.5 (25 tokens an image)
-answering base64 PNGs, streamed and not; the prefix cache over a repeated image; each bad image
-input a 400 naming its part; a tiny LLaVA-NeXT (tokens by image size) answering too."""
+answering base64 PNGs, streamed and not, and images at http URLs of an allowed host; the prefix
+cache over a repeated image; each bad image input a 400 naming its part; a tiny LLaVA-NeXT
+(tokens by image size) answering too."""
 
 from __future__ import annotations
 
 import base64
+import http.server
 import io
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,7 @@ def llava_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessSe
     model = build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
     server = ProcessServer(
         "--model", str(model), *TINY_ARGS, "--max-num-batched-tokens", "16", "--max-images-per-request", "2",
+        "--allowed-media-domains", "127.0.0.1", "--media-fetch-timeout", "2", "--max-image-bytes", "200000",
         log_dir=tmp_path_factory.mktemp("logs"),
     )
     try:
@@ -116,7 +121,8 @@ def _error(server: ProcessServer, messages: list[dict[str, Any]]) -> dict[str, A
 
 
 BAD_IMAGES = {
-    "an http URL (fetching is off)": ("https://example.com/cat.png", "not fetched"),
+    "an http URL of a host not allowed": ("https://example.com/cat.png", "not fetched"),
+    "larger than --max-image-bytes": (_data_url(b"\0" * 200_100), "larger than"),
     "not base64": ("data:image/png;base64,%%%", "base64"),
     "not an image": (_data_url(b"just some bytes"), "could not be decoded"),
     "a truncated PNG": (_data_url(_encoded(20, 20, seed=5)[:60]), "could not be decoded"),
@@ -190,3 +196,71 @@ def test_llava_next_chat_with_images_of_different_sizes(llava_next_server: Proce
         assert again.usage is not None and again.usage.prompt_tokens_details is not None
         assert again.usage.prompt_tokens_details.cached_tokens > tokens
     assert texts[0] != texts[1]
+
+
+class _ImageHost(http.server.BaseHTTPRequestHandler):
+    """A web server of images: a PNG, redirects to it (one to a host the server does not allow:
+    `localhost` where only 127.0.0.1 is), a missing path, a body past --max-image-bytes, a slow one."""
+
+    png = _encoded(30, 20, seed=21)
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        port = self.server.server_address[1]
+        routes: dict[str, tuple[int, dict[str, str], bytes]] = {
+            "/cat.png": (200, {"Content-Type": "image/png"}, self.png),
+            "/redirect": (302, {"Location": "/cat.png"}, b""),
+            "/away": (302, {"Location": f"http://localhost:{port}/cat.png"}, b""),
+            "/big.png": (200, {"Content-Type": "image/png"}, b"\0" * 300_000),
+        }
+        if self.path == "/slow.png":
+            time.sleep(4)
+        status, headers, body = routes.get(self.path, (404, {}, b"no such image"))
+        try:
+            self.send_response(status)
+            for key, value in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the server gave up on a slow or large body
+            pass
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_host() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHost)
+    server.daemon_threads = False  # server_close() waits for the handlers (the slow one) and their sockets
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_image_at_an_allowed_url_is_fetched(llava_server: ProcessServer, image_host: str) -> None:
+    """The image at an http URL of an allowed host (directly, and through a redirect) gives the
+    answer of the same image sent inline."""
+    client = _client(llava_server)
+    kwargs: dict[str, Any] = dict(model=TINY, max_tokens=6, temperature=0.0, extra_body={"ignore_eos": True})
+    inline = client.chat.completions.create(messages=_ask(_data_url(_ImageHost.png)), **kwargs)
+    for path in ("/cat.png", "/redirect"):
+        fetched = client.chat.completions.create(messages=_ask(image_host + path), **kwargs)
+        assert fetched.choices[0].message.content == inline.choices[0].message.content
+        assert fetched.usage is not None and inline.usage is not None
+        assert fetched.usage.prompt_tokens == inline.usage.prompt_tokens
+
+
+@pytest.mark.parametrize(("path", "words"), [
+    ("/away", "not one of them"),  # redirected to a host not allowed
+    ("/missing.png", "HTTP status 404"),
+    ("/big.png", "larger than this server's 200000 bytes"),
+    ("/slow.png", "within 2 s"),
+])
+def test_bad_image_url_is_a_400_naming_the_part(llava_server: ProcessServer, image_host: str, path: str,
+                                                words: str) -> None:
+    error = _error(llava_server, _ask(image_host + path))
+    assert error["param"] == "messages[0].content[1]" and words in error["message"], error
