@@ -1,13 +1,14 @@
 """Images in prompts: preprocessing, placeholders and cache keys (server process), `PromptImage` (both).
 
-A vision-language model (`LlavaForConditionalGeneration`) reads each image as a run of
-placeholder tokens (its `image_token_id`, `<image>` in its tokenizer), one per image embedding
-the vision tower and projector make of it. The HTTP layer renders one placeholder per image,
+A vision-language model (`LlavaForConditionalGeneration`, `Qwen2VLForConditionalGeneration`,
+`Qwen2_5_VLForConditionalGeneration`) reads each image as a run of placeholder tokens (its
+`image_token_id`: `<image>`, `<|image_pad|>`), one per image embedding its vision tower makes. The HTTP layer renders one placeholder per image,
 tokenizes, and `ImageProcessor.expand_placeholders` widens each to the image's number of tokens,
 so the prompt's ids (and `usage.prompt_tokens`) are the positions the model computes.
 
-Preprocessing (resize, center crop, rescale, normalize: transformers' CLIP image processor,
-its PIL backend) runs here, in the server process, off the event loop, not in the workers: the
+Preprocessing (resize, center crop, rescale, normalize: transformers' CLIP image processor, its
+PIL backend; for Qwen2-VL its own, which resizes within min / max pixels to a multiple of
+patch x merge size and cuts the patches: grid_t * grid_h * grid_w / merge_size^2 tokens) runs here, in the server process, off the event loop, not in the workers: the
 number of tokens an image takes must be known to build the prompt (for LLaVA 1.5 it is fixed,
 for any-resolution models it depends on the image), the content hash that keys the prefix cache
 is taken of what the model sees, and it runs once, not on every tensor-parallel rank. The
@@ -29,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
-# Architectures whose prompts take images.
-VISION_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration"})
+# Architectures whose prompts take images; Qwen2-VL's take them at their own resolution.
+QWEN2_VL_ARCHITECTURES = frozenset({"Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"})
+VISION_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration", *QWEN2_VL_ARCHITECTURES})
 # The CLIP processor resizes the shorter side to the tower's size before cropping: a long thin
 # image would become a huge array first (1 x 10 000 px: 336 x 3 360 000). Refused beyond this.
 MAX_ASPECT_RATIO = 64
@@ -44,16 +46,18 @@ class PromptImage:
 
     offset: int  # the first of its placeholder positions in the prompt
     num_tokens: int  # its positions: offset .. offset + num_tokens - 1
-    pixel_values: np.ndarray  # [3, H, W] float32, the vision tower's input
+    pixel_values: np.ndarray  # [3, H, W] float32, the vision tower's input (Qwen2-VL: [patches, C * T * P * P])
+    grid_thw: tuple[int, int, int] | None = None  # Qwen2-VL: its patch grid (t, h, w)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class ImageInput:
     """One image preprocessed for the model."""
 
-    pixel_values: np.ndarray  # [3, H, W] float32, the vision tower's input
+    pixel_values: np.ndarray  # [3, H, W] float32, the vision tower's input (Qwen2-VL: [patches, C * T * P * P])
     num_tokens: int  # placeholder tokens it takes in the prompt
     cache_key: int  # negative, from the pixels' hash: the prefix cache's id for its positions
+    grid_thw: tuple[int, int, int] | None = None  # Qwen2-VL: its patch grid (t, h, w)
 
 
 class ImageProcessor:
@@ -67,7 +71,12 @@ class ImageProcessor:
         self.patch_size = int(vision.patch_size)
         # "default" drops the vision tower's class token, "full" keeps it
         self.extra_tokens = 1 if getattr(hf_config, "vision_feature_select_strategy", "default") == "full" else 0
-        self._processor = _clip_processor(model_path, int(vision.image_size))
+        # Qwen2-VL: native resolution, patches and their grid; else CLIP's fixed size
+        self.merge_size = 0
+        if hf_config.architectures[0] in QWEN2_VL_ARCHITECTURES:
+            self._processor, self.merge_size = qwen2_vl_processor(model_path, vision), int(vision.spatial_merge_size)
+        else:
+            self._processor = _clip_processor(model_path, int(vision.image_size))
 
     def preprocess(self, image: Any) -> ImageInput:
         """A Pillow RGB image -> its pixels as the model reads them, its token count and cache key;
@@ -75,13 +84,19 @@ class ImageProcessor:
         width, height = image.size
         if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
             raise ValueError(f"a {width}x{height} image: one side may be at most {MAX_ASPECT_RATIO} times the other")
-        pixels = np.ascontiguousarray(self._processor(images=[image], return_tensors="np")["pixel_values"][0],
-                                      dtype=np.float32)
-        height, width = pixels.shape[-2:]
-        num_tokens = (height // self.patch_size) * (width // self.patch_size) + self.extra_tokens
-        digest = hashlib.sha256(pixels.tobytes() + repr(pixels.shape).encode()).digest()
+        out = self._processor(images=[image], return_tensors="np")
+        grid: tuple[int, int, int] | None = None
+        if self.merge_size:  # [patches, C * T * P * P] and its (t, h, w) grid; a token per merge block
+            pixels = np.ascontiguousarray(out["pixel_values"], dtype=np.float32)
+            t, h, w = (int(n) for n in out["image_grid_thw"][0])
+            grid, num_tokens = (t, h, w), t * h * w // self.merge_size**2
+        else:
+            pixels = np.ascontiguousarray(out["pixel_values"][0], dtype=np.float32)
+            height, width = pixels.shape[-2:]
+            num_tokens = (height // self.patch_size) * (width // self.patch_size) + self.extra_tokens
+        digest = hashlib.sha256(pixels.tobytes() + repr((pixels.shape, grid)).encode()).digest()
         key = -2 - (int.from_bytes(digest[:8], "little") >> (64 - _KEY_BITS))
-        return ImageInput(pixels, num_tokens, key)
+        return ImageInput(pixels, num_tokens, key, grid)
 
     def expand_placeholders(self, prompt_ids: list[int], images: Sequence[ImageInput]) -> list[int]:
         """Each placeholder token, in order, widened to its image's number of tokens; ValueError
@@ -109,6 +124,25 @@ def _clip_processor(model_path: str, image_size: int) -> Any:
     if os.path.isfile(os.path.join(model_path, "preprocessor_config.json")):
         return Processor.from_pretrained(model_path)
     return Processor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+
+
+def qwen2_vl_processor(model_path: str, vision: Any) -> Any:
+    """The directory's Qwen2-VL image processor (its min / max pixels), else the defaults at the
+    vision tower's patch sizes; the PIL backend. ValueError when its patch sizes are not the tower's."""
+    import transformers
+
+    Processor: Any = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+    if os.path.isfile(os.path.join(model_path, "preprocessor_config.json")):
+        processor = Processor.from_pretrained(model_path)
+    else:
+        processor = Processor(patch_size=int(vision.patch_size), temporal_patch_size=int(vision.temporal_patch_size),
+                              merge_size=int(vision.spatial_merge_size))
+    ours = (int(vision.patch_size), int(vision.temporal_patch_size), int(vision.spatial_merge_size))
+    theirs = (int(processor.patch_size), int(processor.temporal_patch_size), int(processor.merge_size))
+    if ours != theirs:
+        raise ValueError(f"the image processor's patch, temporal patch and merge sizes {theirs} are not the "
+                         f"vision tower's {ours}")
+    return processor
 
 
 def image_processor_for(model_path: str, hf_config: Any, tokenizer: Any | None) -> ImageProcessor | None:
@@ -141,6 +175,6 @@ def place_images(
         start += image.num_tokens
         if run[-1] - run[0] + 1 != image.num_tokens:
             raise ValueError("an image's placeholder tokens must be contiguous in the prompt", "images")
-        placed.append(PromptImage(run[0], image.num_tokens, image.pixel_values))
+        placed.append(PromptImage(run[0], image.num_tokens, image.pixel_values, image.grid_thw))
         keys[run[0] : run[-1] + 1] = [image.cache_key] * image.num_tokens
     return tuple(placed), keys

@@ -9,6 +9,10 @@ chunk may end inside an image: the image is embedded at its first chunk and the 
 slice the same embedding; it is dropped once its last position is computed (a preempted row
 comes back with a new `NewRow` and embeds it again). Steps with images run eagerly, never
 through a CUDA graph (the graphs take token ids only).
+
+An M-RoPE model (Qwen2-VL: `model.mrope`) takes its images as patches with their grids, all of a
+step's new images in one call, and its rotary positions from `rope_positions`: each row with
+images keeps its `RowRope` (engine/worker/mrope_positions.py) until it is freed.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 
 from engine.messages import SeqStep
 from engine.multimodal import PromptImage
+from engine.worker.mrope_positions import RowRope
 from engine.worker.transfer import to_device
 
 
@@ -36,15 +41,34 @@ class ImageInputs:
         self.model = model
         self.device = device
         self.rows: dict[int, list[_RowImage]] = {}  # row -> its prompt's images, in order
+        # M-RoPE: row -> its positions' offsets (rows with images only)
+        self.merge_size: int | None = model.spatial_merge_size if getattr(model, "mrope", False) else None
+        self.rope: dict[int, RowRope] = {}
 
     def set_row(self, row: int, images: Sequence[PromptImage]) -> None:
         if images:
             self.rows[row] = [_RowImage(image) for image in images]
+            if self.merge_size is not None:
+                self.rope[row] = RowRope.of(images, self.merge_size)
         else:
-            self.rows.pop(row, None)
+            self.free_row(row)
 
     def free_row(self, row: int) -> None:
         self.rows.pop(row, None)
+        self.rope.pop(row, None)
+
+    def rope_positions(self, seqs: Sequence[SeqStep]) -> np.ndarray | None:
+        """An M-RoPE model's positions of a packed step in which a row has images: [T] when each
+        token's three are equal (no image token in the step), else [3, T]; None when no row of
+        the step has images (the positions are the token indices)."""
+        if not self.rope or not any(s.row in self.rope for s in seqs):
+            return None
+        parts = []
+        for s in seqs:
+            rope, n = self.rope.get(s.row), len(s.token_ids)
+            parts.append(rope.positions(s.start_pos, n) if rope else np.broadcast_to(np.arange(s.start_pos, s.start_pos + n), (3, n)))
+        out = np.concatenate(parts, axis=1)
+        return out[0] if (out[1:] == out[0]).all() else out
 
     def in_step(self, seqs: Sequence[SeqStep]) -> bool:
         """Whether any of the step's tokens is an image's placeholder."""
@@ -86,7 +110,20 @@ class ImageInputs:
         return to_device(index, torch.long, self.device), torch.cat(rows)
 
     def _embed(self, entries: list[_RowImage]) -> None:
-        """Embed the images of `entries`, one batch per pixel shape."""
+        """Embed the images of `entries`: one batch per pixel shape, or (patches with their
+        grids) every image packed in one batch."""
+        if self.merge_size is not None:
+            if entries:
+                patches = np.concatenate([e.image.pixel_values for e in entries])
+                embeds = self.model.embed_images(  # [sum of tokens, hidden_size]
+                    to_device(torch.from_numpy(patches), torch.float32, self.device),
+                    [e.image.grid_thw for e in entries],
+                )
+                sizes = [e.image.num_tokens for e in entries]
+                _check_tokens(embeds.shape[0], sum(sizes))
+                for entry, rows in zip(entries, embeds.split(sizes), strict=True):
+                    entry.embeds = rows
+            return
         by_shape: dict[tuple[int, ...], list[_RowImage]] = {}
         for entry in entries:
             by_shape.setdefault(entry.image.pixel_values.shape, []).append(entry)
@@ -94,8 +131,10 @@ class ImageInputs:
             pixels = to_device(torch.from_numpy(np.stack([e.image.pixel_values for e in group])), torch.float32, self.device)
             embeds = self.model.embed_images(pixels)  # [N, tokens, hidden_size]
             for entry, rows in zip(group, embeds, strict=True):
-                if rows.shape[0] != entry.image.num_tokens:
-                    raise ValueError(
-                        f"an image embeds as {rows.shape[0]} tokens where the prompt holds {entry.image.num_tokens}"
-                    )
+                _check_tokens(rows.shape[0], entry.image.num_tokens)
                 entry.embeds = rows
+
+
+def _check_tokens(embedded: int, placeholders: int) -> None:
+    if embedded != placeholders:
+        raise ValueError(f"images embed as {embedded} tokens where the prompt holds {placeholders}")
