@@ -2,8 +2,9 @@
 
 A vision-language model (`LlavaForConditionalGeneration`, `Qwen2VLForConditionalGeneration`,
 `Qwen2_5_VLForConditionalGeneration`) reads each image as a run of placeholder tokens (its
-`image_token_id`: `<image>`, `<|image_pad|>`), one per image embedding its vision tower makes. The HTTP layer renders one placeholder per image,
-tokenizes, and `ImageProcessor.expand_placeholders` widens each to the image's number of tokens,
+`image_token_id`: `<image>`, `<|image_pad|>`), one per image embedding its vision tower makes.
+The HTTP layer renders one placeholder per image (Qwen2-VL's between its vision start and end
+tokens), tokenizes, and `ImageProcessor.expand_placeholders` widens each to the image's number of tokens,
 so the prompt's ids (and `usage.prompt_tokens`) are the positions the model computes.
 
 Preprocessing (resize, center crop, rescale, normalize: transformers' CLIP image processor, its
@@ -75,6 +76,9 @@ class ImageProcessor:
         self.merge_size = 0
         if hf_config.architectures[0] in QWEN2_VL_ARCHITECTURES:
             self._processor, self.merge_size = qwen2_vl_processor(model_path, vision), int(vision.spatial_merge_size)
+            if tokenizer:  # an image stands as its vision tokens, also inline in a template for text content
+                self.placeholder = "".join(tokenizer.convert_ids_to_tokens(
+                    [int(hf_config.vision_start_token_id), self.image_token_id, int(hf_config.vision_end_token_id)]))
         else:
             self._processor = _clip_processor(model_path, int(vision.image_size))
 

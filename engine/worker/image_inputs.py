@@ -58,17 +58,21 @@ class ImageInputs:
         self.rope.pop(row, None)
 
     def rope_positions(self, seqs: Sequence[SeqStep]) -> np.ndarray | None:
-        """An M-RoPE model's positions of a packed step in which a row has images: [T] when each
-        token's three are equal (no image token in the step), else [3, T]; None when no row of
-        the step has images (the positions are the token indices)."""
+        """An M-RoPE model's positions of a packed step in which a row has images: [3, T] when
+        the step has image tokens, else [T] (every token's three are equal: its index shifted by
+        the images before it); None when no row of the step has images (the token indices)."""
         if not self.rope or not any(s.row in self.rope for s in seqs):
             return None
-        parts = []
-        for s in seqs:
-            rope, n = self.rope.get(s.row), len(s.token_ids)
-            parts.append(rope.positions(s.start_pos, n) if rope else np.broadcast_to(np.arange(s.start_pos, s.start_pos + n), (3, n)))
-        out = np.concatenate(parts, axis=1)
-        return out[0] if (out[1:] == out[0]).all() else out
+        if self.in_step(seqs):
+            return np.concatenate([self._three(s) for s in seqs], axis=1)
+        firsts = [s.start_pos + (rope.shift_at(s.start_pos) if (rope := self.rope.get(s.row)) else 0) for s in seqs]
+        if all(len(s.token_ids) == 1 for s in seqs):  # decodes: no array per sequence
+            return np.array(firsts, dtype=np.int64)
+        return np.concatenate([np.arange(a, a + len(s.token_ids)) for a, s in zip(firsts, seqs, strict=True)])
+
+    def _three(self, s: SeqStep) -> np.ndarray:
+        rope, n = self.rope.get(s.row), len(s.token_ids)
+        return rope.positions(s.start_pos, n) if rope else np.broadcast_to(np.arange(s.start_pos, s.start_pos + n), (3, n))
 
     def in_step(self, seqs: Sequence[SeqStep]) -> bool:
         """Whether any of the step's tokens is an image's placeholder."""

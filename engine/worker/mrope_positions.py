@@ -35,6 +35,12 @@ class RowRope:
         last = images[-1]
         return cls(tuple(images), merge_size, last.offset + last.num_tokens, shift)
 
+    def shift_at(self, index: int) -> int:
+        """Rotary position - token index of a text token at `index` (not an image's)."""
+        if index >= self.end:
+            return self.shift
+        return sum(_span(i, self.merge_size) - i.num_tokens for i in self.images if i.offset + i.num_tokens <= index)
+
     def positions(self, start: int, count: int) -> np.ndarray:
         """[3, count] int64: the positions of token indices start .. start + count - 1."""
         if start >= self.end:  # past every image (decodes): one shift

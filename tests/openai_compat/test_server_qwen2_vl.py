@@ -119,3 +119,31 @@ def test_repeated_image_served_from_the_prefix_cache(qwen_server: ProcessServer,
     again = client.chat.completions.create(messages=turn, **kwargs)
     assert again.usage is not None and again.usage.prompt_tokens_details is not None
     assert again.usage.prompt_tokens_details.cached_tokens >= _prompt_tokens(qwen_model, "Describe it.", 40) - 3
+
+
+@pytest.mark.parametrize("template,expected", [
+    (None, "<|im_start|>user\nWhat is this?<|vision_start|><|image_pad|><|vision_end|><|im_end|>"),  # from parts
+    ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% endfor %}",  # a template for text content
+     "user: What is this?\n<|vision_start|><|image_pad|><|vision_end|>"),
+])
+def test_an_image_stands_as_its_vision_tokens(qwen_model: Path, template: str | None, expected: str) -> None:
+    """Placed by the model's template from content parts, or inline: between vision start and end."""
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    from engine.models.loader import load_hf_config
+    from engine.multimodal import image_processor_for
+    from openai_compat.images import render_with_images
+    from openai_compat.serving_chat import render_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen_model)
+    processor = image_processor_for(str(qwen_model), load_hf_config(str(qwen_model)), tokenizer)
+    assert processor is not None and processor.placeholder == "<|vision_start|><|image_pad|><|vision_end|>"
+    images = [processor.preprocess(Image.new("RGB", (40, 50), (1, 2, 3)))]
+    messages = [{"role": "user", "content": "What is this?\n" + processor.placeholder}]
+    text, ids = render_with_images(render_chat, processor, images, tokenizer, messages, True,
+                                   {"chat_template": template} if template else None)
+    assert expected in text
+    assert ids.count(processor.image_token_id) == images[0].num_tokens == 30  # 40 x 48 px: 5 x 6 tokens
+    start = ids.index(processor.image_token_id) - 1
+    assert tokenizer.convert_ids_to_tokens([ids[start], ids[start + 31]]) == ["<|vision_start|>", "<|vision_end|>"]

@@ -180,8 +180,10 @@ def test_chunk_boundaries_inside_images(pair: tuple[Any, Any, ImageProcessor]) -
     _, ours, processor = pair
     ids, _, placed = _prompt(processor, *CASES["two images of different sizes"], seed=6)
     whole = _harness(ours, placed).prefill(0, ids)
-    # image 0 at 5..36, image 1 at 44..87: boundaries at 12 (inside 0), 40, 60 and 80 (inside 1)
-    chunked = _harness(ours, placed, seed=5).prefill(0, ids, chunk_sizes=[12, 28, 20, 20])
+    # image 0 at 4..35, image 1 at 42..85: boundaries at 12 (inside 0), 36 and 42 (a chunk of the
+    # text between them, at shifted positions), 60 and 80 (inside 1)
+    assert ids[4:36] == [IMAGE_TOKEN] * 32 and ids[36:42].count(IMAGE_TOKEN) == 0 and ids[42:86] == [IMAGE_TOKEN] * 44
+    chunked = _harness(ours, placed, seed=5).prefill(0, ids, chunk_sizes=[12, 24, 6, 18, 20])
     assert rel_err(chunked, whole) < 1e-5
 
 
