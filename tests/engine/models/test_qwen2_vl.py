@@ -212,8 +212,28 @@ def test_packed_batch_with_and_without_images_matches_alone(pair: tuple[Any, Any
     assert tokens[0] == alone[0] and tokens[2] == alone[1]
 
 
-def test_checkpoint_names_of_the_published_layout(tmp_path: Path, pair: tuple[Any, Any, ImageProcessor]) -> None:
-    """The published layout (`model.layers.*`, `visual.*`, `lm_head.*`) loads to the same model."""
+def _published_config(config: Any) -> dict[str, Any]:
+    """`config` as the published checkpoints write it: the decoder's sizes at the top level, the
+    M-RoPE sections in `rope_scaling` of type "mrope", the tower's channels as `in_chans`."""
+    text = config.text_config.to_dict()
+    flat = {name: text[name] for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                          "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "vocab_size")}
+    vision = config.vision_config.to_dict()
+    vision["in_chans"] = vision.pop("in_channels")
+    for name in ("rope_parameters", "model_type", "dtype", "transformers_version"):
+        vision.pop(name, None)
+    return dict(flat, architectures=config.architectures, model_type=config.model_type, rope_theta=10000.0,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, vision_config=vision,
+                image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+                vision_end_token_id=VISION_END, bos_token_id=None, eos_token_id=None, tie_word_embeddings=False,
+                use_sliding_window=False, torch_dtype="float32")
+
+
+def test_checkpoint_and_config_of_the_published_layout(tmp_path: Path, pair: tuple[Any, Any, ImageProcessor]) -> None:
+    """The published layout (`model.layers.*`, `visual.*`, `lm_head.*`; a flat config.json with
+    `rope_scaling` of type "mrope") loads to the same model."""
+    import json
+
     from safetensors.torch import save_file
 
     from engine.models.qwen2_vl import _rename
@@ -232,7 +252,7 @@ def test_checkpoint_names_of_the_published_layout(tmp_path: Path, pair: tuple[An
         renamed[name] = tensor.contiguous()
     assert "visual.merger.ln_q.weight" in renamed and "model.embed_tokens.weight" in renamed
     save_file(renamed, str(tmp_path / "model.safetensors"))
-    hf.config.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(_published_config(hf.config)))
     published = load_model(str(tmp_path), torch.float32, "cpu")
     ids, _, placed = _prompt(processor, *CASES["one image"], seed=10)
     assert torch.equal(_harness(published, placed).prefill(0, ids), _harness(ours, placed).prefill(0, ids))
