@@ -47,7 +47,7 @@ class PromptImage:
 
     offset: int  # the first of its placeholder positions in the prompt
     num_tokens: int  # its positions: offset .. offset + num_tokens - 1
-    pixel_values: np.ndarray  # [3, H, W] float32, the vision tower's input (Qwen2-VL: [patches, C * T * P * P])
+    pixel_values: np.ndarray  # [3, H, W] float32, the vision tower's input (Qwen2-VL: [patches, C * P * P])
     grid_thw: tuple[int, int, int] | None = None  # Qwen2-VL: its patch grid (t, h, w)
 
 
@@ -55,7 +55,7 @@ class PromptImage:
 class ImageInput:
     """One image preprocessed for the model."""
 
-    pixel_values: np.ndarray  # [3, H, W] float32, the vision tower's input (Qwen2-VL: [patches, C * T * P * P])
+    pixel_values: np.ndarray  # [3, H, W] float32, the vision tower's input (Qwen2-VL: [patches, C * P * P])
     num_tokens: int  # placeholder tokens it takes in the prompt
     cache_key: int  # negative, from the pixels' hash: the prefix cache's id for its positions
     grid_thw: tuple[int, int, int] | None = None  # Qwen2-VL: its patch grid (t, h, w)
@@ -76,6 +76,7 @@ class ImageProcessor:
         self.merge_size = 0
         if hf_config.architectures[0] in QWEN2_VL_ARCHITECTURES:
             self._processor, self.merge_size = qwen2_vl_processor(model_path, vision), int(vision.spatial_merge_size)
+            self.frame_shape = (int(vision.in_channels), int(vision.temporal_patch_size))
             if tokenizer:  # an image stands as its vision tokens, also inline in a template for text content
                 self.placeholder = "".join(tokenizer.convert_ids_to_tokens(
                     [int(hf_config.vision_start_token_id), self.image_token_id, int(hf_config.vision_end_token_id)]))
@@ -90,8 +91,13 @@ class ImageProcessor:
             raise ValueError(f"a {width}x{height} image: one side may be at most {MAX_ASPECT_RATIO} times the other")
         out = self._processor(images=[image], return_tensors="np")
         grid: tuple[int, int, int] | None = None
-        if self.merge_size:  # [patches, C * T * P * P] and its (t, h, w) grid; a token per merge block
-            pixels = np.ascontiguousarray(out["pixel_values"], dtype=np.float32)
+        if self.merge_size:  # [patches, C * P * P] and its (t, h, w) grid; a token per merge block
+            # The processor repeats a still image over the temporal patch ([patches, C * T * P * P]):
+            # one frame is kept (half the bytes held and sent to every rank), the tower repeats it.
+            patches = out["pixel_values"]
+            channels, temporal = self.frame_shape
+            frames = patches.reshape(patches.shape[0], channels, temporal, -1)
+            pixels = np.ascontiguousarray(frames[:, :, 0].reshape(patches.shape[0], -1), dtype=np.float32)
             t, h, w = (int(n) for n in out["image_grid_thw"][0])
             grid, num_tokens = (t, h, w), t * h * w // self.merge_size**2
         else:

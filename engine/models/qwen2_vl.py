@@ -62,7 +62,7 @@ class Qwen2VLForConditionalGeneration(CausalLM):
 
     @torch.inference_mode()
     def embed_images(self, patches: torch.Tensor, grids: Sequence[Grid]) -> torch.Tensor:
-        """patches [N, C * T * P * P] of the images back to back, their (t, h, w) patch grids ->
+        """patches [N, C * P * P] of the images back to back, their (t, h, w) patch grids ->
         image embeddings [N / merge_size^2, hidden_size], image by image, one per placeholder."""
         return self.visual(patches, grids)
 

@@ -1,9 +1,9 @@
 """Qwen2-VL's and Qwen2.5-VL's native-resolution vision transformers: patches -> image tokens.
 
-An image arrives as its patches, [num_patches, C * T * P * P] float32 (transformers' Qwen2-VL
-image processor: a still image repeated over the temporal patch of 2, patches listed merge block
-by merge block: the 2 x 2 patches that become one token are consecutive), with its patch grid
-(t, h, w). Data flow, every image of a batch packed back to back:
+An image arrives as its patches, [num_patches, C * P * P] float32 (transformers' Qwen2-VL image
+processor's, which repeats a still image over the temporal patch of 2: one frame of it, repeated
+here; patches listed merge block by merge block: the 2 x 2 patches that become one token are
+consecutive), with its patch grid (t, h, w). Data flow, every image of a batch packed back to back:
 
     patch embedding (a Conv3d of stride = kernel: one linear map of each flattened patch)
     -> blocks: pre-norm attention with a 2-D rotary (each head's first half turns at the patch's
@@ -35,23 +35,28 @@ Grid = tuple[int, int, int]  # (t, h, w) in patches
 
 
 class _Segments:
-    """Attention within segments of the packed patches (images, or windows), as one padded batch:
-    `gather` [S, L] the tokens of each segment (padding: token 0, masked out as a key)."""
+    """Attention within segments of the packed patches (images, or windows): the segments of
+    each length as one batch (no padding, no mask)."""
 
     def __init__(self, lengths: Sequence[int], device: torch.device) -> None:
-        longest = max(lengths)
-        starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
-        offsets = torch.arange(longest)
-        valid = offsets[None, :] < torch.tensor(lengths)[:, None]  # [S, L]
-        self.gather = torch.where(valid, starts[:, None] + offsets[None, :], 0).to(device)
-        self.mask = None if all(n == longest for n in lengths) else valid[:, None, None, :].to(device)
-        self.keep = valid.flatten().nonzero().squeeze(1).to(device)  # the real rows of [S * L]
+        starts: dict[int, list[int]] = {}  # length -> the first patch of each segment of that length
+        first = 0
+        for n in lengths:
+            starts.setdefault(n, []).append(first)
+            first += n
+        # [segments, length]: the patches of each segment, one tensor per length
+        self.groups = [(torch.tensor(s)[:, None] + torch.arange(n)).to(device) for n, s in starts.items()]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q, k, v: [N, heads, head_dim] -> [N, heads * head_dim]
-        batch = [t[self.gather].transpose(1, 2) for t in (q, k, v)]  # [S, heads, L, head_dim]
-        out = F.scaled_dot_product_attention(*batch, attn_mask=self.mask)
-        return out.transpose(1, 2).flatten(0, 1)[self.keep].flatten(1)
+        if len(self.groups) == 1 and self.groups[0].shape[0] == 1:  # one segment: the whole batch
+            out = F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v)))
+            return out.transpose(0, 1).flatten(1)
+        out = torch.empty_like(q)
+        for index in self.groups:
+            batch = [t[index].transpose(1, 2) for t in (q, k, v)]  # [segments, heads, length, head_dim]
+            out[index] = F.scaled_dot_product_attention(*batch).transpose(1, 2)
+        return out.flatten(1)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -137,9 +142,13 @@ class PatchEmbed(nn.Module):
         self.proj.weight.requires_grad_(False)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        # [N, C * T * P * P] -> [N, dim]: a kernel the size of its stride is a linear map of each patch
-        weight = self.proj.weight
-        return F.linear(patches.to(weight.dtype), weight.view(weight.shape[0], -1))
+        # [N, C * T * P * P], or [N, C * P * P] (a still image's one frame, repeated over T here)
+        # -> [N, dim]: a kernel the size of its stride is a linear map of each patch
+        weight = self.proj.weight  # [dim, C, T, P, P]
+        dim, channels, temporal = weight.shape[:3]
+        if patches.shape[1] * temporal == weight[0].numel():
+            patches = patches.view(-1, channels, 1, patches.shape[1] // channels).expand(-1, -1, temporal, -1)
+        return F.linear(patches.reshape(patches.shape[0], -1).to(weight.dtype), weight.view(dim, -1))
 
 
 class Qwen2VisionTransformer(nn.Module):
@@ -171,7 +180,7 @@ class Qwen2VisionTransformer(nn.Module):
         return VisionMLP(dim, int(dim * config.mlp_ratio), config.hidden_act)
 
     def forward(self, patches: torch.Tensor, grids: Sequence[Grid]) -> torch.Tensor:
-        """patches [N, C * T * P * P] of the images back to back, their grids -> image tokens
+        """patches [N, C * P * P] of the images back to back, their grids -> image tokens
         [N / merge_size^2, out_dim], image by image."""
         device = patches.device
         x = self.patch_embed(patches)

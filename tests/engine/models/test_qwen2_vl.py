@@ -99,11 +99,16 @@ def _prompt(
     return ids, images, placed
 
 
+def _both_frames(patches: np.ndarray) -> np.ndarray:
+    """[N, C * P * P] -> [N, C * T * P * P], the frame repeated over the temporal patch (T = 2)."""
+    return np.repeat(patches.reshape(patches.shape[0], 3, 1, -1), 2, axis=2).reshape(patches.shape[0], -1)
+
+
 def _hf_inputs(ids: list[int], images: list[ImageInput]) -> dict[str, torch.Tensor]:
     input_ids = torch.tensor([ids])
     return dict(
         input_ids=input_ids, mm_token_type_ids=(input_ids == IMAGE_TOKEN).int(),
-        pixel_values=torch.from_numpy(np.concatenate([image.pixel_values for image in images])),
+        pixel_values=torch.from_numpy(np.concatenate([_both_frames(image.pixel_values) for image in images])),
         image_grid_thw=torch.tensor([image.grid_thw for image in images]),
     )
 
@@ -124,7 +129,9 @@ def test_image_tokens_and_grids(pair: tuple[Any, Any, ImageProcessor]) -> None:
     ids, images, _ = _prompt(processor, *CASES["two images of different sizes"], seed=1)
     assert [image.grid_thw for image in images] == [(1, 8, 16), (1, 22, 8)]
     assert [image.num_tokens for image in images] == [32, 44]
-    assert images[0].pixel_values.shape == (128, 3 * 2 * 4 * 4)
+    assert images[0].pixel_values.shape == (128, 3 * 4 * 4)  # one frame of the two the processor gives
+    given = processor._processor(images=[_image(64, 31, seed=1)], return_tensors="np")["pixel_values"]
+    assert np.array_equal(_both_frames(images[0].pixel_values), given)
     assert len(ids) == 13 + 4 + 32 + 44 and ids.count(IMAGE_TOKEN) == 76
 
 
