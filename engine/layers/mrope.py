@@ -21,6 +21,8 @@ import torch
 
 from engine.layers.rotary import RotaryEmbedding, rope_parameters_from_config
 
+_DEFAULT_SECTION = [16, 24, 24]  # (head_dim 128)
+
 
 class MRotaryEmbedding(RotaryEmbedding):
     """`RotaryEmbedding` that also takes positions [3, T] (temporal, height, width)."""
@@ -70,12 +72,11 @@ class MRotaryEmbedding(RotaryEmbedding):
 
 
 def get_mrope(config: Any, head_size: int) -> MRotaryEmbedding:
-    """The M-RoPE of a Qwen2-VL text config (`mrope_section` in its rope parameters; a rope type
-    of "mrope", as older configs name it, is the default frequencies). The whole head rotates."""
+    """The M-RoPE of a Qwen2-VL text config (`mrope_section` in its rope parameters, transformers'
+    16 / 24 / 24 when absent; a rope type of "mrope", as older configs name it, is the default
+    frequencies). The whole head rotates."""
     params = rope_parameters_from_config(config)
-    section = params.get("mrope_section")
-    if not section:
-        raise ValueError("the model's rope parameters have no mrope_section")
+    section = params.get("mrope_section") or _DEFAULT_SECTION
     if params["rope_type"] == "mrope":
         params["rope_type"] = "default"
     max_position = int(getattr(config, "max_position_embeddings", 4096) or 4096)
