@@ -114,7 +114,8 @@ def write_model(out: str, config: dict[str, Any], seed: int = 0) -> None:
     from safetensors.torch import save_file
 
     os.makedirs(out, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
+    # on the GPU when there is one: drawing the ~16 B values of the MoE shape on a CPU takes minutes
+    generator = torch.Generator(device="cuda" if torch.cuda.is_available() else "cpu").manual_seed(seed)
     shard: dict[str, torch.Tensor] = {}
     weight_map: dict[str, str] = {}
     files: list[str] = []
@@ -131,7 +132,7 @@ def write_model(out: str, config: dict[str, Any], seed: int = 0) -> None:
         if name.endswith("norm.weight"):
             tensor = torch.ones(shape, dtype=torch.bfloat16)
         else:
-            tensor = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+            tensor = (torch.randn(shape, generator=generator, device=generator.device) * 0.02).to(torch.bfloat16).cpu()
         shard[name] = tensor
         size += tensor.numel() * 2
         total += tensor.numel() * 2

@@ -11,7 +11,9 @@ weights are loaded (the LM head and the embedding keep theirs):
 
 On a GPU with FP8 tensor cores (compute capability 8.9 or more: Ada, Hopper) the product is one
 `torch._scaled_mm` with row-wise scales; elsewhere (the CPU, older GPUs) the same function is
-computed from the dequantized operands in float32 — slower, for correctness checks.
+computed from the dequantized operands in float32 — slower, for correctness checks. On the GPU
+the activations are quantized by one Triton kernel (`engine.kernels.fp8_quant`), equal to
+`quantize_fp8_rows` bit for bit.
 """
 
 from __future__ import annotations
@@ -54,9 +56,12 @@ def fp8_linear(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """x: [T, K] bf16 / fp16 / fp32; weight: [N, K] e4m3; weight_scale: [N, 1] float32 -> [T, N] in x's dtype."""
-    xq, x_scale = quantize_fp8_rows(x)
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _has_fp8_gemm(x.device.index or 0):
+        from engine.kernels.fp8_quant import quantize_fp8_rows_triton  # Triton only where a GPU is
+
+        xq, x_scale = quantize_fp8_rows_triton(x if x.stride(-1) == 1 else x.contiguous())
         y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(), out_dtype=x.dtype)
     else:  # the same product from the dequantized operands, in float32
+        xq, x_scale = quantize_fp8_rows(x)
         y = ((xq.float() * x_scale) @ (weight.float() * weight_scale).t()).to(x.dtype)
     return y if bias is None else y + bias

@@ -3,8 +3,9 @@
 A row's `NewRow.images` (`PromptImage`: pixels and the placeholder positions they fill) are kept
 here until the row is freed. When a step's tokens of a row cover some of an image's placeholder
 positions, the image is embedded (`model.embed_images`: vision tower and projector; all the
-step's new images in one batch per pixel shape), and the rows of the embedding that those
-positions take go to the model's forward pass with their indices in the packed batch. A prefill
+step's new images in one batch per pixel shape, for any-resolution images per tile count), and
+the rows of the embedding that those positions take go to the model's forward pass with their
+indices in the packed batch. A prefill
 chunk may end inside an image: the image is embedded at its first chunk and the later chunks
 slice the same embedding; it is dropped once its last position is computed (a preempted row
 comes back with a new `NewRow` and embeds it again). Steps with images run eagerly, never
@@ -133,7 +134,8 @@ class ImageInputs:
             by_shape.setdefault(entry.image.pixel_values.shape, []).append(entry)
         for group in by_shape.values():
             pixels = to_device(torch.from_numpy(np.stack([e.image.pixel_values for e in group])), torch.float32, self.device)
-            embeds = self.model.embed_images(pixels)  # [N, tokens, hidden_size]
+            # one [tokens, hidden_size] per image (any-resolution models unpad by the image's size)
+            embeds = self.model.embed_images(pixels, [e.image.image_size for e in group])
             for entry, rows in zip(group, embeds, strict=True):
                 _check_tokens(rows.shape[0], entry.image.num_tokens)
                 entry.embeds = rows

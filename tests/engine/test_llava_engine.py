@@ -1,5 +1,5 @@
-"""LLaVA 1.5 through the engine (`LLM`, worker processes): tensor parallel 2 equal to 1 (the
-vision tower replicated on each rank), and preemption, chunked prefill and the prefix cache
+"""LLaVA 1.5 and LLaVA-NeXT through the engine (`LLM`, worker processes): tensor parallel 2 equal
+to 1 (the vision tower replicated on each rank), and (LLaVA 1.5) preemption, chunked prefill and the prefix cache
 giving the same answers as a roomy run."""
 
 from __future__ import annotations
@@ -21,6 +21,13 @@ IMAGE_TOKEN = 255
 def llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("llava-engine")
     save_tiny_llava(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llava_next_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("llava-next-engine")
+    save_tiny_llava(path, next_=True)
     return path
 
 
@@ -64,9 +71,11 @@ def _close(a: list[Any], b: list[Any]) -> bool:
     return True
 
 
-def test_tensor_parallel_2_equals_1(llava_dir: Path) -> None:
-    tp1 = _generate(llava_dir, kv_cache_memory_gb=0.01)
-    tp2 = _generate(llava_dir, kv_cache_memory_gb=0.01, tensor_parallel_size=2)
+@pytest.mark.parametrize("model_dir", ["llava_dir", "llava_next_dir"])
+def test_tensor_parallel_2_equals_1(model_dir: str, request: pytest.FixtureRequest) -> None:
+    path = request.getfixturevalue(model_dir)
+    tp1 = _generate(path, kv_cache_memory_gb=0.01)
+    tp2 = _generate(path, kv_cache_memory_gb=0.01, tensor_parallel_size=2)
     assert _close(tp1[:-1], tp2[:-1])
 
 

@@ -48,10 +48,11 @@ def build_tiny_model(out: Path) -> Path:
     return out
 
 
-def build_tiny_llava(out: Path) -> Path:
+def build_tiny_llava(out: Path, next_: bool = False) -> Path:
     """A random LLaVA 1.5 in `out`: a tiny CLIP vision tower (30 px images, 6 px patches: 25 tokens
     an image) and a 2-layer Llama, with the default model's tokenizer and chat template plus an
-    `<image>` token."""
+    `<image>` token; with `next_`, LLaVA-NeXT's: the same, reading images as tiles of 30 px (25
+    tokens for the whole image, then a grid of up to 3 tiles a side, unpadded, a newline a row)."""
     import torch
     from transformers import (
         AutoTokenizer,
@@ -59,6 +60,8 @@ def build_tiny_llava(out: Path) -> Path:
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
     )
 
     build_tiny_model(out)  # the tokenizer files (and a text model's weights, replaced below)
@@ -75,11 +78,19 @@ def build_tiny_llava(out: Path) -> Path:
         vocab_size=len(tokenizer), max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    torch.manual_seed(0)
+    if next_:
+        pinpoints = [[30, 60], [60, 30], [60, 60], [90, 30], [30, 90]]
+        LlavaNextForConditionalGeneration(LlavaNextConfig(
+            vision_config=vision, text_config=text, image_token_id=image_token_id, image_grid_pinpoints=pinpoints,
+            architectures=["LlavaNextForConditionalGeneration"],
+        )).save_pretrained(out)
+        return out
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_config=vision, text_config=text, image_token_id=image_token_id,
         architectures=["LlavaForConditionalGeneration"],
     )
-    torch.manual_seed(0)
     LlavaForConditionalGeneration(config).save_pretrained(out)
     return out
 

@@ -1,6 +1,6 @@
 """Images in chat through the server, with the openai SDK: a tiny LLaVA 1.5 (25 tokens an image)
 answering base64 PNGs, streamed and not; the prefix cache over a repeated image; each bad image
-input a 400 naming its part."""
+input a 400 naming its part; a tiny LLaVA-NeXT (tokens by image size) answering too."""
 
 from __future__ import annotations
 
@@ -64,20 +64,27 @@ def _num_text_tokens(server: ProcessServer, text: str) -> int:
     return int(post(server.url, "/tokenize", {"model": TINY, "messages": messages}).json()["count"])
 
 
-def test_chat_with_an_image_answered_and_streamed(llava_server: ProcessServer) -> None:
-    client = _client(llava_server)
-    messages = _ask(_data_url(_encoded(48, 40, seed=1)))
-    kwargs: dict[str, Any] = dict(model=TINY, messages=messages, max_tokens=8, temperature=0.0,
+def _answered_and_streamed(server: ProcessServer, url: str, image_tokens: int) -> tuple[str, Any]:
+    """A chat with the image at `url` answered, then streamed: the same text, `prompt_tokens`
+    counting the image's tokens -> (the text, the arguments asked with)."""
+    client = _client(server)
+    kwargs: dict[str, Any] = dict(model=TINY, messages=_ask(url), max_tokens=8, temperature=0.0,
                                   extra_body={"ignore_eos": True})
     response = client.chat.completions.create(**kwargs)
     text = response.choices[0].message.content
     assert text and response.choices[0].finish_reason == "length"
     assert response.usage is not None and response.usage.completion_tokens == 8
-    expected = _num_text_tokens(llava_server, "What is in this picture?") - 1 + TOKENS_PER_IMAGE
+    expected = _num_text_tokens(server, "What is in this picture?") - 1 + image_tokens
     assert response.usage.prompt_tokens == expected
     chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
     assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == expected
+    return text, kwargs
+
+
+def test_chat_with_an_image_answered_and_streamed(llava_server: ProcessServer) -> None:
+    client = _client(llava_server)
+    text, kwargs = _answered_and_streamed(llava_server, _data_url(_encoded(48, 40, seed=1)), TOKENS_PER_IMAGE)
     # another image, the same text: another answer (the image is read)
     other = client.chat.completions.create(**{**kwargs, "messages": _ask(_data_url(_encoded(48, 40, seed=2)))})
     assert other.choices[0].message.content != text
@@ -154,3 +161,32 @@ def test_completions_stay_text_only(llava_server: ProcessServer) -> None:
 def test_image_to_a_text_only_model_is_a_400(tiny_server: ProcessServer, tiny_model_dir: Path) -> None:
     error = _error(tiny_server, _ask(_data_url(_encoded(20, 20, seed=9))))
     assert error["param"] == "messages[0].content[1]" and "does not take images" in error["message"], error
+
+
+@pytest.fixture(scope="module")
+def llava_next_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessServer]:
+    model = build_tiny_llava(tmp_path_factory.mktemp("tiny-llava-next"), next_=True)
+    server = ProcessServer("--model", str(model), *TINY_ARGS, "--max-num-batched-tokens", "64",
+                           log_dir=tmp_path_factory.mktemp("logs"))
+    try:
+        yield server.wait_healthy()
+    finally:
+        server.stop()
+
+
+# (width, height) -> LLaVA-NeXT's tokens: 25 for the whole image, then the grid of 30 px tiles (5
+# features a side) unpadded, one newline a row. 48x40: 2x2 tiles, 8 of the 10 rows shown:
+# 25 + 8 * (10 + 1); 96x30: 1x3 tiles, all 5 rows of 15: 25 + 5 * (15 + 1).
+NEXT_TOKENS = {(48, 40): 113, (96, 30): 105}
+
+
+def test_llava_next_chat_with_images_of_different_sizes(llava_next_server: ProcessServer) -> None:
+    texts = []
+    for (width, height), tokens in NEXT_TOKENS.items():
+        url = _data_url(_encoded(width, height, seed=11))
+        text, kwargs = _answered_and_streamed(llava_next_server, url, tokens)
+        texts.append(text)
+        again = _client(llava_next_server).chat.completions.create(**kwargs)  # the same image: from the cache
+        assert again.usage is not None and again.usage.prompt_tokens_details is not None
+        assert again.usage.prompt_tokens_details.cached_tokens > tokens
+    assert texts[0] != texts[1]

@@ -18,10 +18,13 @@ from tests.engine.models.harness import Harness, rel_err
 IMAGE_TOKEN = 255
 IMAGE_SIZE, PATCH = 30, 6
 TOKENS_PER_IMAGE = (IMAGE_SIZE // PATCH) ** 2
+# LLaVA-NeXT's grid resolutions (height, width): the published ones' shapes in tiles of IMAGE_SIZE
+NEXT_PINPOINTS = [[30, 60], [60, 30], [60, 60], [90, 30], [30, 90]]
 
 
-def tiny_llava_config(llava_overrides: dict[str, Any] | None = None, **text_overrides: Any) -> Any:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+def tiny_llava_config(llava_overrides: dict[str, Any] | None = None, next_: bool = False, **text_overrides: Any) -> Any:
+    """A tiny LLaVA 1.5 config, or LLaVA-NeXT's (`next_`) with the same tower and decoder."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
 
     vision = CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=IMAGE_SIZE,
@@ -31,6 +34,11 @@ def tiny_llava_config(llava_overrides: dict[str, Any] | None = None, **text_over
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, **text_overrides,
     )
+    if next_:
+        return LlavaNextConfig(
+            vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, image_grid_pinpoints=NEXT_PINPOINTS,
+            architectures=["LlavaNextForConditionalGeneration"], **(llava_overrides or {}),
+        )
     return LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
         architectures=["LlavaForConditionalGeneration"], **(llava_overrides or {}),
@@ -38,12 +46,14 @@ def tiny_llava_config(llava_overrides: dict[str, Any] | None = None, **text_over
 
 
 def save_tiny_llava(
-    path: Path, seed: int = 0, llava_overrides: dict[str, Any] | None = None, **text_overrides: Any
+    path: Path, seed: int = 0, llava_overrides: dict[str, Any] | None = None, next_: bool = False,
+    **text_overrides: Any,
 ) -> nn.Module:
-    from transformers import LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(tiny_llava_config(llava_overrides, **text_overrides)).eval()
+    model_class = LlavaNextForConditionalGeneration if next_ else LlavaForConditionalGeneration
+    model = model_class(tiny_llava_config(llava_overrides, next_, **text_overrides)).eval()
     with torch.no_grad():  # the projector and tower at the language model's scale: peaked logits
         for name, param in model.named_parameters():
             if "multi_modal_projector" in name and name.endswith("weight"):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from engine.models import load_model
-from engine.multimodal import ImageInput, ImageProcessor, PromptImage, place_images
+from engine.multimodal import ImageInput, ImageProcessor, PromptImage, Qwen2VLImageProcessor, place_images
 from engine.worker.mrope_positions import RowRope
 from tests.engine.models.harness import Harness, rel_err
 
@@ -68,7 +68,7 @@ def save_tiny_qwen2_vl(path: Path, family: str, seed: int = 0, **text_overrides:
 def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, ImageProcessor]:
     path = tmp_path_factory.mktemp(request.param)
     hf = save_tiny_qwen2_vl(path, request.param)
-    processor = ImageProcessor(str(path), hf.config, None)
+    processor = Qwen2VLImageProcessor(str(path), hf.config, None)
     return hf, load_model(str(path), torch.float32, "cpu"), processor
 
 
