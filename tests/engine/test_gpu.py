@@ -227,7 +227,7 @@ def test_gpu_llava_greedy_matches_cpu(tmp_path: Path, next_: bool) -> None:
                  max_num_batched_tokens=16) as gpu:
             outs = gpu.generate(prompts, params, images=images)
         for out, ref in zip(outs, expected, strict=True):
-            _check_greedy(out.outputs[0], ref.outputs[0], dtype, ("triton", eager), 2.0)
+            _check_greedy(out.outputs[0], ref.outputs[0], dtype, ("triton", eager))
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
@@ -249,4 +249,4 @@ def test_gpu_qwen2_vl_greedy_matches_cpu(tmp_path: Path, family: str) -> None:
                  max_num_batched_tokens=16) as gpu:
             outs = gpu.generate(prompts, params, images=images)
         for out, ref in zip(outs, expected, strict=True):
-            _check_greedy(out.outputs[0], ref.outputs[0], dtype, ("triton", eager), 2.0)
+            _check_greedy(out.outputs[0], ref.outputs[0], dtype, ("triton", eager))
