@@ -43,7 +43,9 @@ class MRotaryEmbedding(RotaryEmbedding):
         # positions [3, T]: cos / sin of each axis [3, T, rotary_dim // 2], each frequency from its axis
         cos, sin = super()._lookup(positions.reshape(-1), dtype)  # [3T, 1, rotary_dim], halves repeated
         half = self.rotary_dim // 2
-        axis = self._axis.to(positions.device).view(1, 1, -1).expand(1, positions.shape[1], -1)
+        if self._axis.device != positions.device:
+            self._axis = self._axis.to(positions.device)  # once
+        axis = self._axis.view(1, 1, -1).expand(1, positions.shape[1], -1)
         pick = lambda t: t[:, 0, half:].reshape(3, -1, half).gather(0, axis)[0]  # noqa: E731  [T, half]
         cos_h, sin_h = pick(cos), pick(sin)  # (sin's second half is +sin)
         return torch.cat((cos_h, cos_h), dim=-1).unsqueeze(1), torch.cat((-sin_h, sin_h), dim=-1).unsqueeze(1)

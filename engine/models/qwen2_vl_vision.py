@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.layers import Activation, LayerNorm, ReplicatedLinear, RMSNorm
+from engine.worker.transfer import to_device
 
 Grid = tuple[int, int, int]  # (t, h, w) in patches
 
@@ -45,7 +46,7 @@ class _Segments:
             starts.setdefault(n, []).append(first)
             first += n
         # [segments, length]: the patches of each segment, one tensor per length
-        self.groups = [(torch.tensor(s)[:, None] + torch.arange(n)).to(device) for n, s in starts.items()]
+        self.groups = [to_device(torch.tensor(s)[:, None] + torch.arange(n), torch.long, device) for n, s in starts.items()]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q, k, v: [N, heads, head_dim] -> [N, heads * head_dim]
@@ -186,20 +187,18 @@ class Qwen2VisionTransformer(nn.Module):
         x = self.patch_embed(patches)
         rope = self._rope(grids, device)
         images = _Segments([h * w for t, h, w in grids for _ in range(t)], device)
-        order = None
-        if self.window is not None:
-            order, window_lens = window_order(grids, self.merge_size, self.window)
+        windows, order = images, None  # Qwen2-VL: every block attends over its whole image
+        if self.window is not None:  # Qwen2.5-VL: the patches window by window, merge block by merge block
+            window_ids, window_lens = window_order(grids, self.merge_size, self.window)
             unit = self.merge_size**2
-            order_t = torch.tensor(order, device=device)
-            x = x.view(-1, unit, x.shape[-1])[order_t].flatten(0, 1)
-            rope = tuple(r.view(-1, unit, *r.shape[1:])[order_t].flatten(0, 1) for r in rope)  # type: ignore[assignment]
+            order = to_device(window_ids, torch.long, device)
+            x = x.view(-1, unit, x.shape[-1])[order].flatten(0, 1)
+            rope = tuple(r.view(-1, unit, *r.shape[1:])[order].flatten(0, 1) for r in rope)  # type: ignore[assignment]
             windows = _Segments([n * unit for n in window_lens], device)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, images if self.window is None or i in self.full_blocks else windows)
+            x = block(x, rope, images if i in self.full_blocks else windows)
         tokens = self.merger(x)
-        if order is not None:  # back to image order
-            tokens = tokens[torch.argsort(torch.tensor(order, device=device))]
-        return tokens
+        return tokens if order is None else tokens[torch.argsort(order)]  # (back in image order)
 
     def _rope(self, grids: Sequence[Grid], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [N, 1, head_dim] float32 of each patch at its (row, column) in its image."""
@@ -213,8 +212,8 @@ class Qwen2VisionTransformer(nn.Module):
             cols.append(c.repeat(t))
         freqs = torch.cat([torch.outer(torch.cat(rows).float(), self.inv_freq),
                            torch.outer(torch.cat(cols).float(), self.inv_freq)], dim=-1)  # [N, head_dim / 2]
-        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1).to(device)
-        return emb.cos(), emb.sin()
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
+        return to_device(emb.cos(), torch.float32, device), to_device(emb.sin(), torch.float32, device)
 
 
 def window_order(grids: Sequence[Grid], merge_size: int, window: int) -> tuple[list[int], list[int]]:
