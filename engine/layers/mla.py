@@ -127,7 +127,6 @@ class MLAAttention(nn.Module):
 
     def _decode(self, ctx: ForwardContext, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
         # One new token per sequence: the absorbed form, H query rows of the one latent "head"
-        num_seqs = q_nope.shape[0]
         q = self._absorb_query(q_nope, q_pe)  # [B, H, r + dr]
         if use_decode_kernel(q):
             k_scale = ctx.kv.k_scale[self.layer_idx] if ctx.kv.k_scale is not None else None
@@ -138,11 +137,31 @@ class MLAAttention(nn.Module):
             return self._unabsorb_output(o_latent)
         # torch: over the padded [B, L] grid of latents
         slots, bias = decode_grid(ctx, None, q_nope.dtype)
-        keys = self._read(ctx.kv, slots, q_nope.dtype).unsqueeze(1)  # [B, 1, L, r + dr]
+        return self._decode_torch(q, slots, bias)
+
+    def _decode_torch(self, q: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # q [B, H, r + dr] absorbed, slots [B, L], bias [B, 1, 1, L] or None -> [B, H, dv]
+        keys = self._read(get_forward_context().kv, slots, q.dtype).unsqueeze(1)  # [B, 1, L, r + dr]
         o = F.scaled_dot_product_attention(
             q.unsqueeze(1), keys, keys[..., : self.kv_lora_rank], attn_mask=bias, scale=self.scale
         )  # [B, 1, H, r]
-        return self._unabsorb_output(o.view(num_seqs, self.num_heads, self.kv_lora_rank))
+        return self._unabsorb_output(o.view(q.shape[0], self.num_heads, self.kv_lora_rank))
+
+    def _leading_decodes(self, ctx: ForwardContext, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+        """A packed step's first `ctx.decode_rows` sequences, one new token each at packed rows
+        0 .. D-1: batched as a decode step (the kernel on the GPU), not one attention each."""
+        rows = ctx.decode_rows
+        q = self._absorb_query(q_nope[:rows], q_pe[:rows])  # [D, H, r + dr]
+        max_len = max(ctx.start_pos_list[:rows]) + 1
+        if use_decode_kernel(q):
+            k_scale = ctx.kv.k_scale[self.layer_idx] if ctx.kv.k_scale is not None else None
+            o_latent = mla_decode_attention(
+                q, ctx.kv.k[self.layer_idx], ctx.req_to_token, ctx.req_indices[:rows], ctx.seq_lens[:rows],
+                self.kv_lora_rank, self.scale, max_len, pool_scale=k_scale, num_splits=None,
+            )
+            return self._unabsorb_output(o_latent)
+        slots, bias = leading_decode_grid(ctx, max_len, q.dtype)
+        return self._decode_torch(q, slots, bias)
 
     def _per_sequence(
         self, ctx: ForwardContext, q_nope: torch.Tensor, q_pe: torch.Tensor, new_entries: torch.Tensor
@@ -151,8 +170,11 @@ class MLAAttention(nn.Module):
         # A sequence without a cached prefix attends to exactly this step's entries when the
         # pool holds them unchanged (same dtype, not int8): no need to read them back.
         pool_is_exact = ctx.kv.k_scale is None and ctx.kv.k[self.layer_idx].dtype == q_nope.dtype
-        offset = 0
-        for row, start, num_new in zip(ctx.req_indices_list, ctx.start_pos_list, ctx.new_lens_list, strict=True):
+        offset = ctx.decode_rows
+        if offset:
+            out[:offset] = self._leading_decodes(ctx, q_nope, q_pe)
+        for row, start, num_new in zip(ctx.req_indices_list[offset:], ctx.start_pos_list[offset:],
+                                       ctx.new_lens_list[offset:], strict=True):
             seq_len = start + num_new
             if start == 0 and pool_is_exact:
                 keys = new_entries[offset : offset + num_new]
@@ -223,6 +245,22 @@ def use_decode_kernel(q: torch.Tensor) -> bool:
     """Decode-only steps take the Triton kernel (engine/kernels/mla_decode.py) on CUDA with the
     Triton backend."""
     return q.is_cuda and use_triton()
+
+
+def leading_decode_grid(ctx: ForwardContext, max_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The padded slot ids [D, L] and additive mask [D, 1, 1, L] of a packed step's leading
+    decodes (the torch path), once per step for every layer."""
+    key = ("mla_leading_decodes", dtype)
+    cached = ctx.derived.get(key)
+    if cached is not None:
+        return cached  # type: ignore[return-value]
+    rows = ctx.decode_rows
+    slots = ctx.req_to_token[ctx.req_indices[:rows], :max_len].long()  # [D, L]
+    valid = torch.arange(max_len, device=slots.device).unsqueeze(0) < ctx.seq_lens[:rows].unsqueeze(1)
+    slots = torch.where(valid, slots, ctx.kv.dummy_slot)  # padding may hold stale slot ids
+    bias = torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, float("-inf"))
+    ctx.derived[key] = (slots, bias[:, None, None, :])
+    return ctx.derived[key]  # type: ignore[return-value]
 
 
 def _causal_mask(start: int, num_new: int, seq_len: int, device: torch.device) -> torch.Tensor | None:

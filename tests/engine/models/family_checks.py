@@ -18,6 +18,7 @@ __all__ = [
     "test_chunked_prefill_gives_same_logits",
     "test_greedy_tokens_match_transformers",
     "test_int8_kv_cache_stays_close",
+    "test_mixed_step_with_leading_decodes_matches_sequences_alone",
     "test_packed_batch_matches_sequences_alone",
     "test_prefill_logits_match_transformers",
 ]
@@ -64,6 +65,20 @@ def test_packed_batch_matches_sequences_alone(pair: tuple[nn.Module, nn.Module])
     assert rel_err(packed[0], alone[0][2:]) < 1e-5
     for i in (1, 2, 3):
         assert rel_err(packed[i], alone[i]) < 1e-5
+
+
+@torch.inference_mode()
+def test_mixed_step_with_leading_decodes_matches_sequences_alone(pair: tuple[nn.Module, nn.Module]) -> None:
+    """A step as continuous batching forms it: running sequences' one-token decodes first, then a
+    prompt's next chunk and a new prompt (families may batch the leading decodes apart)."""
+    _, ours = pair
+    prompts = [_prompt(n, seed=30 + n) for n in (6, 10, 4, 8)]
+    alone = [Harness(ours).prefill(0, p) for p in prompts]
+    harness = Harness(ours)
+    harness.step([(0, prompts[0][:-1]), (1, prompts[1][:-1]), (2, prompts[2][:2])])
+    packed = harness.step([(0, prompts[0][-1:]), (1, prompts[1][-1:]), (2, prompts[2][2:]), (3, prompts[3])])
+    for i, want in enumerate((alone[0][-1:], alone[1][-1:], alone[2][2:], alone[3])):
+        assert rel_err(packed[i], want) < 1e-5, i
 
 
 def test_batched_decode_matches_sequences_alone(pair: tuple[nn.Module, nn.Module]) -> None:
