@@ -173,16 +173,6 @@ def test_greedy_tokens_match_transformers(pair: tuple[Any, Any, ImageProcessor],
     assert _harness(ours, placed).generate(ids, 24) == expected[0, len(ids):].tolist()
 
 
-@torch.inference_mode()
-def test_text_only_matches_transformers(pair: tuple[Any, Any, ImageProcessor]) -> None:
-    hf, ours, _ = pair
-    ids = _text(19, seed=5)
-    expected = hf(input_ids=torch.tensor([ids])).logits[0]
-    assert rel_err(Harness(ours).prefill(0, ids), expected) < 1e-4
-    greedy = hf.generate(input_ids=torch.tensor([ids]), max_new_tokens=24, min_new_tokens=24, do_sample=False)
-    assert Harness(ours).generate(ids, 24) == greedy[0, len(ids):].tolist()
-
-
 def test_chunk_boundaries_inside_images(pair: tuple[Any, Any, ImageProcessor]) -> None:
     _, ours, processor = pair
     ids, _, placed = _prompt(processor, *CASES["two images of different sizes"], seed=6)
