@@ -4,6 +4,7 @@ with one full-attention block) and a tiny Qwen2 with M-RoPE (sections 2 / 3 / 3)
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -253,3 +254,41 @@ def test_checkpoint_and_config_of_the_published_layout(tmp_path: Path, pair: tup
     published = load_model(str(tmp_path), torch.float32, "cpu")
     ids, _, placed = _prompt(processor, *CASES["one image"], seed=10)
     assert torch.equal(_harness(published, placed).prefill(0, ids), _harness(ours, placed).prefill(0, ids))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.inference_mode()
+def test_random_model_maker_writes_what_both_load(tmp_path: Path, family: str) -> None:
+    """scripts/make_random_qwen2_vl.py at tiny sizes, with the default model's tokenizer: the
+    published config layout and transformers' tensor names, read alike by transformers and here."""
+    import importlib.util
+
+    import transformers
+
+    from engine.models.loader import resolve_model
+    from engine.multimodal import image_processor_for
+
+    spec = importlib.util.spec_from_file_location("maker", Path(__file__).parents[3] / "scripts/make_random_qwen2_vl.py")
+    assert spec is not None and spec.loader is not None
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=49216, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    vision = dict(depth=2, embed_dim=32, num_heads=4, hidden_size=64, patch_size=4)  # (hidden_size: the merger's out)
+    if family == "qwen2_5_vl":  # (hidden_size: the tower's width)
+        vision.update(hidden_size=48, out_hidden_size=64, intermediate_size=48, window_size=16, fullatt_block_indexes=[1])
+    maker.main(["--out", str(tmp_path), "--tokenizer-dir", resolve_model(None), "--set", f"vision_config={json.dumps(vision)}",
+                *(f"--set={k}={json.dumps(v)}" for k, v in tiny.items()), *(["--qwen2_5"] if family == "qwen2_5_vl" else [])])
+    hf = getattr(transformers, ARCHITECTURES[family]).from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ours = load_model(str(tmp_path), torch.float32, "cpu")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    processor = image_processor_for(str(tmp_path), hf.config, tokenizer)
+    assert processor is not None and processor.placeholder == "<|vision_start|><|image_pad|><|vision_end|>"
+    images = [processor.preprocess(_image(60, 44, seed=1))]
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, {"type": "image"}]}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = processor.expand_placeholders(ids, images)
+    placed, _ = place_images(ids, images, processor.image_token_id)
+    inputs = _hf_inputs(ids, images)
+    inputs["mm_token_type_ids"] = (inputs["input_ids"] == processor.image_token_id).int()
+    assert rel_err(_harness(ours, placed).prefill(0, ids), hf(**inputs).logits[0]) < 1e-4
