@@ -1,13 +1,11 @@
 """FP8 linear layers against bf16 on the GPU, at an 8B model's shapes, by token count.
 
-    python scripts/fp8_linear_bench.py [--tokens 1,16,128,1024,4096] [--hbm-gbps 3350] [--sweep]
+    python scripts/fp8_linear_bench.py [--tokens 1,16,128,1024,4096] [--hbm-gbps 3350]
 
 For each of a Llama-3-8B layer's four products (fused q/k/v, output, fused gate/up, down) and
-each token count: the bf16 product (`F.linear`), the whole FP8 linear (`fp8_linear`: the fused
-kernel of `engine.kernels.fp8_gemv` up to its MAX_ROWS rows, else activation quantization +
-`torch._scaled_mm`), the parts of the second form alone (the Triton quantization kernel, the
+each token count: the bf16 product (`F.linear`), the whole FP8 linear (`fp8_linear`: activation
+quantization + `torch._scaled_mm`), its two parts alone (the Triton quantization kernel, the
 plain-torch one, the scaled product), and the weight-read floor of each dtype at --hbm-gbps.
-`--sweep` first times the fused kernel's launch settings at 1 and MAX_ROWS rows, per product.
 Every time is a CUDA graph replay (as decode steps run). The last rows sum a whole model's
 32 layers: the linear layers' share of a step.
 """
@@ -19,7 +17,6 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from engine.kernels.fp8_gemv import MAX_ROWS, default_launch, fp8_gemv
 from engine.kernels.fp8_quant import quantize_fp8_rows_triton
 from engine.kernels.timing import graph_time_ms
 from engine.layers.fp8 import fp8_linear, quantize_fp8_rows
@@ -47,39 +44,12 @@ def _row(name: str, tokens: int, k: int, n: int, hbm: float) -> dict[str, float]
     return times
 
 
-def _sweep(hbm: float) -> None:
-    """The fused kernel's time by launch (BLOCK_N, BLOCK_K, warps, stages), the best per product."""
-    launches = [(bn, bk, w, st) for bn in (16, 32, 64) for bk in (128, 256, 512) for w in (4,) for st in (3, 5)]
-    for tokens in (1, MAX_ROWS):
-        for name, (k, n) in SHAPES.items():
-            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-            x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
-            wq, ws = quantize_fp8_rows(w)
-            times = {}
-            for launch in launches:
-                def product(launch: tuple[int, int, int, int] = launch, x: torch.Tensor = x, wq: torch.Tensor = wq,
-                            ws: torch.Tensor = ws) -> torch.Tensor:
-                    return fp8_gemv(x, wq, ws, None, launch)
-                try:
-                    times[launch] = graph_time_ms(product, iters=30)
-                except Exception as exc:  # a launch the GPU cannot take (shared memory)
-                    print(f"  {name} {tokens} {launch}: {type(exc).__name__}")
-            best = sorted(times, key=times.__getitem__)[:3]
-            print(f"sweep {name:8s} {tokens:3d} default {default_launch(n, k)} "
-                  f"{times.get(default_launch(n, k), float('nan')):.4f} ms; best "
-                  + ", ".join(f"{b} {times[b]:.4f}" for b in best) + f"; floor {n * k / hbm * 1e3:.4f}",
-                  flush=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", default="1,16,128,1024,4096")
     parser.add_argument("--hbm-gbps", type=float, default=3350.0, help="H100 SXM: 3350")
-    parser.add_argument("--sweep", action="store_true", help="time the fused kernel's launch settings first")
     args = parser.parse_args()
     hbm = args.hbm_gbps * 1e9
-    if args.sweep:
-        _sweep(hbm)
     print(torch.cuda.get_device_name(), "times in ms")
     header = ["bf16", "fp8", "quant_triton", "quant_torch", "scaled_mm", "floor_bf16", "floor_fp8"]
     print(f"{'product':8s} {'tokens':>6s} " + " ".join(f"{h:>12s}" for h in header))

@@ -13,9 +13,7 @@ On a GPU with FP8 tensor cores (compute capability 8.9 or more: Ada, Hopper) the
 `torch._scaled_mm` with row-wise scales; elsewhere (the CPU, older GPUs) the same function is
 computed from the dequantized operands in float32 — slower, for correctness checks. On the GPU
 the activations are quantized by one Triton kernel (`engine.kernels.fp8_quant`), equal to
-`quantize_fp8_rows` bit for bit; up to `fp8_gemv.MAX_ROWS` token rows (decode batches) the
-quantization and the product are one Triton kernel (`engine.kernels.fp8_gemv`), the same
-function up to the float32 accumulation order.
+`quantize_fp8_rows` bit for bit.
 """
 
 from __future__ import annotations
@@ -59,14 +57,9 @@ def fp8_linear(
 ) -> torch.Tensor:
     """x: [T, K] bf16 / fp16 / fp32; weight: [N, K] e4m3; weight_scale: [N, 1] float32 -> [T, N] in x's dtype."""
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _has_fp8_gemm(x.device.index or 0):
-        from engine.kernels.fp8_gemv import MAX_ROWS, fp8_gemv  # Triton only where a GPU is
-        from engine.kernels.fp8_quant import quantize_fp8_rows_triton
+        from engine.kernels.fp8_quant import quantize_fp8_rows_triton  # Triton only where a GPU is
 
-        x = x if x.stride(-1) == 1 else x.contiguous()
-        if x.shape[0] <= MAX_ROWS and weight.stride(-1) == 1 and weight_scale.is_contiguous():
-            # decode batches: one launch, the quantization fused into the product
-            return fp8_gemv(x, weight, weight_scale, bias)
-        xq, x_scale = quantize_fp8_rows_triton(x)
+        xq, x_scale = quantize_fp8_rows_triton(x if x.stride(-1) == 1 else x.contiguous())
         y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(), out_dtype=x.dtype)
     else:  # the same product from the dequantized operands, in float32
         xq, x_scale = quantize_fp8_rows(x)
