@@ -1,13 +1,16 @@
 """Images in prompts: preprocessing, placeholders and cache keys (server process), `PromptImage` (both).
 
-A vision-language model (`LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration`) reads each image as a run of
-placeholder tokens (its `image_token_id`, `<image>` in its tokenizer), one per image embedding
-the vision tower and projector make of it. The HTTP layer renders one placeholder per image,
-tokenizes, and `ImageProcessor.expand_placeholders` widens each to the image's number of tokens,
+A vision-language model (`LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration`,
+`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`) reads each image as a
+run of placeholder tokens (its `image_token_id`: `<image>`, `<|image_pad|>`), one per image
+embedding its vision tower makes. The HTTP layer renders one placeholder per image (Qwen2-VL's
+between its vision start and end tokens), tokenizes, and `ImageProcessor.expand_placeholders` widens each to the image's number of tokens,
 so the prompt's ids (and `usage.prompt_tokens`) are the positions the model computes.
 
 Preprocessing (resize, center crop, rescale, normalize: transformers' CLIP image processor,
-its PIL backend; for LLaVA-NeXT its any-resolution tiles, engine/anyres.py) runs here, in the server process, off the event loop, not in the workers: the
+its PIL backend; for LLaVA-NeXT its any-resolution tiles, engine/anyres.py; for Qwen2-VL its own,
+which resizes within min / max pixels to a multiple of patch x merge size and cuts the patches:
+grid_t * grid_h * grid_w / merge_size^2 tokens) runs here, in the server process, off the event loop, not in the workers: the
 number of tokens an image takes must be known to build the prompt (for LLaVA 1.5 it is fixed,
 for any-resolution models it depends on the image), the content hash that keys the prefix cache
 is taken of what the model sees, and it runs once, not on every tensor-parallel rank. The
@@ -31,8 +34,11 @@ import numpy as np
 
 from engine.anyres import check_select_strategy, grid_pinpoints, grid_shape, num_image_tokens
 
-# Architectures whose prompts take images.
-VISION_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"})
+# Architectures whose prompts take images; Qwen2-VL's take them at their own resolution.
+QWEN2_VL_ARCHITECTURES = frozenset({"Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"})
+VISION_ARCHITECTURES = frozenset(
+    {"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", *QWEN2_VL_ARCHITECTURES}
+)
 # The CLIP processor resizes the shorter side to the tower's size before cropping: a long thin
 # image would become a huge array first (1 x 10 000 px: 336 x 3 360 000). Refused beyond this.
 MAX_ASPECT_RATIO = 64
@@ -48,6 +54,7 @@ class PromptImage:
     num_tokens: int  # its positions: offset .. offset + num_tokens - 1
     pixel_values: np.ndarray  # float32, the vision tower's input: [3, H, W], or [tiles, 3, S, S] (any-resolution)
     image_size: tuple[int, int] = (0, 0)  # (height, width) as sent: any-resolution models unpad by it
+    grid_thw: tuple[int, int, int] | None = None  # Qwen2-VL: [patches, C * P * P] pixels and their grid (t, h, w)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -58,6 +65,7 @@ class ImageInput:
     num_tokens: int  # placeholder tokens it takes in the prompt
     cache_key: int  # negative, from the pixels' and size's hash: the prefix cache's id for its positions
     image_size: tuple[int, int] = (0, 0)  # (height, width) as sent
+    grid_thw: tuple[int, int, int] | None = None  # Qwen2-VL: [patches, C * P * P] pixels and their grid (t, h, w)
 
 
 class ImageProcessor:
@@ -85,16 +93,11 @@ class ImageProcessor:
     def preprocess(self, image: Any) -> ImageInput:
         """A Pillow RGB image -> its pixels as the model reads them, its token count and cache key;
         ValueError for a side more than `MAX_ASPECT_RATIO` times the other."""
-        width, height = image.size
-        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-            raise ValueError(f"a {width}x{height} image: one side may be at most {MAX_ASPECT_RATIO} times the other")
+        image_size = _checked_size(image)
         pixels = np.ascontiguousarray(self._processor(images=[image], return_tensors="np")["pixel_values"][0],
                                       dtype=np.float32)
-        image_size = (height, width)
         # (the size too: an any-resolution model's tokens depend on it, beyond the pixels)
-        digest = hashlib.sha256(pixels.tobytes() + repr((pixels.shape, image_size)).encode()).digest()
-        key = -2 - (int.from_bytes(digest[:8], "little") >> (64 - _KEY_BITS))
-        return ImageInput(pixels, self.num_tokens(pixels, image_size), key, image_size)
+        return ImageInput(pixels, self.num_tokens(pixels, image_size), _cache_key(pixels, image_size), image_size)
 
     def expand_placeholders(self, prompt_ids: list[int], images: Sequence[ImageInput]) -> list[int]:
         """Each placeholder token, in order, widened to its image's number of tokens; ValueError
@@ -110,6 +113,20 @@ class ImageProcessor:
         for token in prompt_ids:
             out.extend([token] * next(it).num_tokens if token == self.image_token_id else (token,))
         return out
+
+
+def _checked_size(image: Any) -> tuple[int, int]:
+    """A Pillow image's (height, width); ValueError for a side more than `MAX_ASPECT_RATIO` times the other."""
+    width, height = image.size
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ValueError(f"a {width}x{height} image: one side may be at most {MAX_ASPECT_RATIO} times the other")
+    return height, width
+
+
+def _cache_key(pixels: np.ndarray, extra: object) -> int:
+    """A negative id from the pixels' (and `extra`'s) SHA-256: the prefix cache's for their positions."""
+    digest = hashlib.sha256(pixels.tobytes() + repr((pixels.shape, extra)).encode()).digest()
+    return -2 - (int.from_bytes(digest[:8], "little") >> (64 - _KEY_BITS))
 
 
 def _clip_processor(model_path: str, image_size: int) -> Any:
@@ -156,6 +173,52 @@ class AnyResImageProcessor(ImageProcessor):
         return num_image_tokens(image_size, self.pinpoints, self.tile_size, self.patch_size)
 
 
+class Qwen2VLImageProcessor(ImageProcessor):
+    """Qwen2-VL's and Qwen2.5-VL's image side in the server process: transformers' Qwen2-VL image
+    processor (the directory's min / max pixels), patches [N, C * P * P] with their grid (t, h, w),
+    t * h * w / merge_size^2 tokens; an image stands as its vision start, pad and end tokens."""
+
+    def __init__(self, model_path: str, hf_config: Any, tokenizer: Any | None) -> None:
+        vision = hf_config.vision_config
+        self.merge_size = int(vision.spatial_merge_size)
+        self.frame_shape = (int(vision.in_channels), int(vision.temporal_patch_size))
+        super().__init__(model_path, hf_config, tokenizer)
+        if tokenizer:  # (also inline in a template for text content)
+            self.placeholder = "".join(tokenizer.convert_ids_to_tokens(
+                [int(hf_config.vision_start_token_id), self.image_token_id, int(hf_config.vision_end_token_id)]))
+
+    def _load_processor(self, model_path: str, hf_config: Any) -> Any:
+        """The directory's processor (preprocessor_config.json), else the defaults at the tower's
+        patch sizes; the PIL backend. ValueError when its patch sizes are not the tower's."""
+        import transformers
+
+        vision = hf_config.vision_config
+        Processor: Any = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+        if os.path.isfile(os.path.join(model_path, "preprocessor_config.json")):
+            processor = Processor.from_pretrained(model_path)
+        else:
+            processor = Processor(patch_size=int(vision.patch_size), temporal_patch_size=int(vision.temporal_patch_size),
+                                  merge_size=self.merge_size)
+        ours = (int(vision.patch_size), int(vision.temporal_patch_size), self.merge_size)
+        theirs = (int(processor.patch_size), int(processor.temporal_patch_size), int(processor.merge_size))
+        if ours != theirs:
+            raise ValueError(f"the image processor's patch, temporal patch and merge sizes {theirs} are not the "
+                             f"vision tower's {ours}")
+        return processor
+
+    def preprocess(self, image: Any) -> ImageInput:
+        image_size = _checked_size(image)
+        out = self._processor(images=[image], return_tensors="np")
+        # The processor repeats a still image over the temporal patch ([N, C * T * P * P]): one
+        # frame is kept (half the bytes held and sent to every rank), the tower repeats it.
+        patches = out["pixel_values"]
+        channels, temporal = self.frame_shape
+        frames = patches.reshape(patches.shape[0], channels, temporal, -1)
+        pixels = np.ascontiguousarray(frames[:, :, 0].reshape(patches.shape[0], -1), dtype=np.float32)
+        t, h, w = (int(n) for n in out["image_grid_thw"][0])
+        return ImageInput(pixels, t * h * w // self.merge_size**2, _cache_key(pixels, (t, h, w)), image_size, (t, h, w))
+
+
 def image_processor_for(model_path: str, hf_config: Any, tokenizer: Any | None) -> ImageProcessor | None:
     """The model's image processor; None for a model that reads text only."""
     architectures = getattr(hf_config, "architectures", None) or []
@@ -163,6 +226,8 @@ def image_processor_for(model_path: str, hf_config: Any, tokenizer: Any | None) 
         return None
     if architectures[0] == "LlavaNextForConditionalGeneration":
         return AnyResImageProcessor(model_path, hf_config, tokenizer)
+    if architectures[0] in QWEN2_VL_ARCHITECTURES:
+        return Qwen2VLImageProcessor(model_path, hf_config, tokenizer)
     return ImageProcessor(model_path, hf_config, tokenizer)
 
 
@@ -188,6 +253,6 @@ def place_images(
         start += image.num_tokens
         if run[-1] - run[0] + 1 != image.num_tokens:
             raise ValueError("an image's placeholder tokens must be contiguous in the prompt", "images")
-        placed.append(PromptImage(run[0], image.num_tokens, image.pixel_values, image.image_size))
+        placed.append(PromptImage(run[0], image.num_tokens, image.pixel_values, image.image_size, image.grid_thw))
         keys[run[0] : run[-1] + 1] = [image.cache_key] * image.num_tokens
     return tuple(placed), keys

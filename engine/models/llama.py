@@ -159,7 +159,7 @@ class LlamaModel(nn.Module):
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size, tp_rank, tp_size)
-        rotary_emb = get_rope(config, shape.head_dim)  # shared by every layer (one cos/sin cache)
+        rotary_emb = arch.rotary_of(config, shape.head_dim)  # shared by every layer (one cos/sin cache)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, shape, i, rotary_emb, arch, tp_rank, tp_size)
             for i in range(shape.num_layers)
@@ -216,6 +216,10 @@ class LlamaForCausalLM(CausalLM):
     def mlp_of(cls, config: Any, shape: ModelConfig, layer_idx: int, tp_rank: int, tp_size: int) -> nn.Module:
         """Layer `layer_idx`'s MLP: [T, hidden] -> [T, hidden], reduced over the ranks."""
         return LlamaMLP(shape, bool(getattr(config, "mlp_bias", False)), tp_rank, tp_size)
+
+    @classmethod
+    def rotary_of(cls, config: Any, head_dim: int) -> RotaryEmbedding:
+        return get_rope(config, head_dim)
 
     @classmethod
     def sliding_window_of(cls, config: Any, layer_idx: int) -> int | None:

@@ -29,10 +29,23 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MiniCPM3ForCausalLM": ("minicpm", "MiniCPM3ForCausalLM"),
     "LlavaForConditionalGeneration": ("llava", "LlavaForConditionalGeneration"),
     "LlavaNextForConditionalGeneration": ("llava", "LlavaNextForConditionalGeneration"),
+    "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VLForConditionalGeneration"),
+    "Qwen2_5_VLForConditionalGeneration": ("qwen2_vl", "Qwen2_5_VLForConditionalGeneration"),
     "MixtralForCausalLM": ("moe", "MixtralForCausalLM"),
     "Qwen2MoeForCausalLM": ("moe", "Qwen2MoeForCausalLM"),
     "Qwen3MoeForCausalLM": ("moe", "Qwen3MoeForCausalLM"),
     "DeepseekV2ForCausalLM": ("deepseek_v2", "DeepseekV2ForCausalLM"),
+}
+
+
+# Architectures refused with a reason rather than "unsupported".
+_REFUSED: dict[str, str] = {
+    "QWenLMHeadModel": (
+        "the first Qwen and Qwen-VL (QWenLMHeadModel) are not served: their modelling code ships with the "
+        "checkpoint (Qwen-VL's vision resampler and its image references inside the prompt text among it), "
+        "and lightgate runs no model code from a model directory; Qwen2 / Qwen2.5 (Qwen2ForCausalLM) and "
+        "Qwen2-VL / Qwen2.5-VL (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration) are served"
+    ),
 }
 
 
@@ -41,6 +54,8 @@ def supported_architectures() -> list[str]:
 
 
 def get_model_class(architecture: str) -> type[CausalLM]:
+    if architecture in _REFUSED:
+        raise ValueError(_REFUSED[architecture])
     try:
         module_name, class_name = _MODELS[architecture]
     except KeyError:

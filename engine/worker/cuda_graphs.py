@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from engine.messages import SeqStep
     from engine.models.causal_lm import CausalLM
 
-_IDS, _POS, _ROWS, _LENS, _SLOTS = range(5)
+_IDS, _POS, _ROWS, _LENS, _SLOTS, _ROPE = range(6)
 # PrefillGraphs' per-token and per-sequence rows of the static buffers.
 _T_IDS, _T_POS, _T_SLOTS, _T_ROWS = range(4)
 _S_ROWS, _S_START, _S_NEW, _S_SEQ_LEN, _S_CU, _S_DECODE_LEN = range(6)
@@ -129,9 +129,11 @@ class DecodeGraphs:
         self.buckets = batch_buckets(max_batch)
         self.max_batch = self.buckets[-1]
         device = req_to_token.device
-        self._host = torch.zeros((5, self.max_batch), dtype=torch.int64, pin_memory=True)
+        # An M-RoPE model's rotary positions (row 5) may differ from the token positions (row 1).
+        self._rope_row = _ROPE if getattr(model, "mrope", False) else _POS
+        self._host = torch.zeros((6, self.max_batch), dtype=torch.int64, pin_memory=True)
         self._host_np = self._host.numpy()
-        self._static = torch.zeros((5, self.max_batch), dtype=torch.int64, device=device)
+        self._static = torch.zeros((6, self.max_batch), dtype=torch.int64, device=device)
         self._ones = torch.ones(self.max_batch, dtype=torch.int64, device=device)
         self._cu = torch.arange(self.max_batch + 1, dtype=torch.int64, device=device)
         # One logits buffer for every bucket: each graph writes its rows into it.
@@ -172,7 +174,7 @@ class DecodeGraphs:
     def _forward(self, bs: int) -> None:
         ids = self._static[_IDS, :bs]
         ids = torch.where(ids < 0, self.last_sampled[self._static[_ROWS, :bs]], ids)
-        hidden = self.model(ids, self._static[_POS, :bs])
+        hidden = self.model(ids, self._static[self._rope_row, :bs])
         self.logits[:bs].copy_(self.model.compute_logits(hidden))
 
     def capture(self) -> None:
@@ -184,11 +186,13 @@ class DecodeGraphs:
         return 0 < num_seqs <= self.max_batch and bool(self._graphs)
 
     def run(
-        self, input_ids: list[int], positions: list[int], rows: list[int], slots: list[int]
+        self, input_ids: list[int], positions: list[int], rows: list[int], slots: list[int],
+        rope_positions: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """One decode step of len(input_ids) sequences -> logits [n, vocab] float32.
 
-        positions[i] is the position of sequence i's new token, so its seq len is positions[i] + 1.
+        positions[i] is the position of sequence i's new token, so its seq len is positions[i] + 1;
+        `rope_positions`, an M-RoPE model's rotary positions where they differ (else `positions`).
         The returned tensor is a view of the shared buffer: read it before the next replay.
         """
         n = len(input_ids)
@@ -201,9 +205,12 @@ class DecodeGraphs:
         h[_LENS, :n] = positions
         h[_LENS, :n] += 1
         h[_SLOTS, :n] = slots
+        if self._rope_row == _ROPE:
+            h[_ROPE, :n] = positions if rope_positions is None else rope_positions
         if bs > n:  # the rows of an earlier, larger step: back to padding
             h[: _LENS + 1, n:bs] = 0
             h[_SLOTS, n:bs] = self.kv.dummy_slot
+            h[_ROPE, n:bs] = 0
         self._static.copy_(self._host, non_blocking=True)
         self._copied.record()
         self._graphs[bs].replay()
@@ -339,14 +346,17 @@ class PrefillGraphs:
         tiles = sum(-(-n // self.block_m) for n in new_lens[leading_decodes(new_lens) :])
         return next((b for b in self.buckets if b >= num_tokens and self._num_tiles[b] >= tiles), None)
 
-    def run(self, seqs: Sequence[SeqStep], bucket: int) -> torch.Tensor:
+    def run(self, seqs: Sequence[SeqStep], bucket: int, rope_positions: np.ndarray | None = None) -> torch.Tensor:
         """The model body over `seqs` packed, replayed in `bucket` (from `bucket_for`) ->
         hidden [num_tokens, hidden_size], a view of the graphs' output buffer: read it (in
-        stream order) before the next replay."""
+        stream order) before the next replay. `rope_positions` [num_tokens]: an M-RoPE model's
+        rotary positions where they differ from the token positions (no image token here)."""
         assert self._copied is not None
         self._use_buffer(self._turn ^ 1)
         self._copied[self._turn].synchronize()  # its copy two steps back
         num_tokens = self._stage(seqs, bucket)
+        if rope_positions is not None:  # (the attention reads the token positions from the starts)
+            self._tok_np[_T_POS, :num_tokens] = rope_positions
         self._static.copy_(self._host, non_blocking=True)
         self._copied[self._turn].record()
         self._graphs[bucket].replay()

@@ -65,7 +65,7 @@ class ForwardContext:
     seq_lens: torch.Tensor  # [num_seqs] int64: start_pos + new_lens
     cu_new_lens: torch.Tensor  # [num_seqs + 1] int64: offsets of each sequence in the packed tokens
     out_slots: torch.Tensor  # [num_tokens] int64: KV slot of each new token
-    positions: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64 (an M-RoPE step with image tokens: [3, num_tokens], model_runner.py)
     # Host copies of the small vectors, for the torch path's per-sequence loops (no syncs).
     start_pos_list: list[int]
     new_lens_list: list[int]

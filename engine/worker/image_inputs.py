@@ -10,6 +10,10 @@ chunk may end inside an image: the image is embedded at its first chunk and the 
 slice the same embedding; it is dropped once its last position is computed (a preempted row
 comes back with a new `NewRow` and embeds it again). Steps with images run eagerly, never
 through a CUDA graph (the graphs take token ids only).
+
+An M-RoPE model (Qwen2-VL: `model.mrope`) takes its images as patches with their grids, all of a
+step's new images in one call, and its rotary positions from `rope_positions`: each row with
+images keeps its `RowRope` (engine/worker/mrope_positions.py) until it is freed.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 
 from engine.messages import SeqStep
 from engine.multimodal import PromptImage
+from engine.worker.mrope_positions import RowRope
 from engine.worker.transfer import to_device
 
 
@@ -37,15 +42,38 @@ class ImageInputs:
         self.model = model
         self.device = device
         self.rows: dict[int, list[_RowImage]] = {}  # row -> its prompt's images, in order
+        # M-RoPE: row -> its positions' offsets (rows with images only)
+        self.merge_size: int | None = model.spatial_merge_size if getattr(model, "mrope", False) else None
+        self.rope: dict[int, RowRope] = {}
 
     def set_row(self, row: int, images: Sequence[PromptImage]) -> None:
         if images:
             self.rows[row] = [_RowImage(image) for image in images]
+            if self.merge_size is not None:
+                self.rope[row] = RowRope.of(images, self.merge_size)
         else:
-            self.rows.pop(row, None)
+            self.free_row(row)
 
     def free_row(self, row: int) -> None:
         self.rows.pop(row, None)
+        self.rope.pop(row, None)
+
+    def rope_positions(self, seqs: Sequence[SeqStep]) -> np.ndarray | None:
+        """An M-RoPE model's positions of a packed step in which a row has images: [3, T] when
+        the step has image tokens, else [T] (every token's three are equal: its index shifted by
+        the images before it); None when no row of the step has images (the token indices)."""
+        if not self.rope or not any(s.row in self.rope for s in seqs):
+            return None
+        if self.in_step(seqs):
+            return np.concatenate([self._three(s) for s in seqs], axis=1)
+        firsts = [s.start_pos + (rope.shift_at(s.start_pos) if (rope := self.rope.get(s.row)) else 0) for s in seqs]
+        if all(len(s.token_ids) == 1 for s in seqs):  # decodes: no array per sequence
+            return np.array(firsts, dtype=np.int64)
+        return np.concatenate([np.arange(a, a + len(s.token_ids)) for a, s in zip(firsts, seqs, strict=True)])
+
+    def _three(self, s: SeqStep) -> np.ndarray:
+        rope, n = self.rope.get(s.row), len(s.token_ids)
+        return rope.positions(s.start_pos, n) if rope else np.broadcast_to(np.arange(s.start_pos, s.start_pos + n), (3, n))
 
     def in_step(self, seqs: Sequence[SeqStep]) -> bool:
         """Whether any of the step's tokens is an image's placeholder."""
@@ -87,7 +115,20 @@ class ImageInputs:
         return to_device(index, torch.long, self.device), torch.cat(rows)
 
     def _embed(self, entries: list[_RowImage]) -> None:
-        """Embed the images of `entries`, one batch per pixel shape."""
+        """Embed the images of `entries`: one batch per pixel shape, or (patches with their
+        grids) every image packed in one batch."""
+        if self.merge_size is not None:
+            if entries:
+                patches = np.concatenate([e.image.pixel_values for e in entries])
+                embeds = self.model.embed_images(  # [sum of tokens, hidden_size]
+                    to_device(torch.from_numpy(patches), torch.float32, self.device),
+                    [e.image.grid_thw for e in entries],
+                )
+                sizes = [e.image.num_tokens for e in entries]
+                _check_tokens(embeds.shape[0], sum(sizes))
+                for entry, rows in zip(entries, embeds.split(sizes), strict=True):
+                    entry.embeds = rows
+            return
         by_shape: dict[tuple[int, ...], list[_RowImage]] = {}
         for entry in entries:
             by_shape.setdefault(entry.image.pixel_values.shape, []).append(entry)
@@ -96,8 +137,10 @@ class ImageInputs:
             # one [tokens, hidden_size] per image (any-resolution models unpad by the image's size)
             embeds = self.model.embed_images(pixels, [e.image.image_size for e in group])
             for entry, rows in zip(group, embeds, strict=True):
-                if rows.shape[0] != entry.image.num_tokens:
-                    raise ValueError(
-                        f"an image embeds as {rows.shape[0]} tokens where the prompt holds {entry.image.num_tokens}"
-                    )
+                _check_tokens(rows.shape[0], entry.image.num_tokens)
                 entry.embeds = rows
+
+
+def _check_tokens(embedded: int, placeholders: int) -> None:
+    if embedded != placeholders:
+        raise ValueError(f"images embed as {embedded} tokens where the prompt holds {placeholders}")

@@ -24,6 +24,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from engine.config import EngineConfig
@@ -37,7 +38,8 @@ from engine.worker.forward_context import build_forward_context, set_forward_con
 from engine.worker.grammar_masks import GrammarMasks
 from engine.worker.image_inputs import ImageInputs
 from engine.worker.kv_pool import KVLayout, kv_budget_bytes
-from engine.worker.sampler import PendingSample, Sampler, compute_prompt_logprobs
+from engine.worker.pending_step import PendingStep
+from engine.worker.sampler import Sampler, compute_prompt_logprobs
 from engine.worker.sampling_state import SamplingState
 from engine.worker.transfer import host_wait_allowed, to_device
 
@@ -51,41 +53,6 @@ logger = logging.getLogger(__name__)
 # contexts. Else (a few long contexts) they replay the decode graph, which splits each context.
 _FUSED_MIN_DECODE_PROGRAMS = 512
 _FUSED_MAX_SHORT_CONTEXT = 4096
-
-
-class PendingStep:
-    """A launched step (`ModelRunner.launch`): `finish()` waits for its tokens and gives its
-    result, once; `done()` says whether waiting would return at once."""
-
-    def __init__(
-        self, result: StepResult, sample: PendingSample | None = None, states: list[SamplingState] | None = None
-    ) -> None:
-        self._result = result
-        self._sample = sample
-        self._states = states or []
-        self._finished = sample is None
-
-    def done(self) -> bool:
-        return self._sample is None or self._sample.done()
-
-    def wait(self) -> None:
-        """Until `done()`, without reading the tokens (any thread)."""
-        if self._sample is not None:
-            self._sample.copy.wait()
-
-    def finish(self) -> StepResult:
-        if self._finished:
-            return self._result
-        assert self._sample is not None
-        out = self._sample.result()
-        result = self._result
-        result.sampled_token_ids = out.token_ids
-        # (rows that asked for no logprobs have None)
-        result.sampled_logprobs = out.logprobs if out.logprobs is not None else [None] * len(self._states)
-        for state, token_id in zip(self._states, out.token_ids, strict=True):
-            state.append(token_id)
-        self._finished = True
-        return result
 
 
 class ModelRunner:
@@ -306,7 +273,7 @@ class ModelRunner:
             decodes = [seqs[i] for i in decode_idx]
             logits = self.graphs.run(
                 [s.token_ids[0] for s in decodes], [s.start_pos for s in decodes], [s.row for s in decodes],
-                [s.out_slots[0] for s in decodes],
+                [s.out_slots[0] for s in decodes], self.images.rope_positions(decodes),
             )
             parts.append((logits, decode_idx))
         if len(decode_idx) < len(seqs):
@@ -344,7 +311,7 @@ class ModelRunner:
         bucket = graphs.bucket_for(seqs) if graphs is not None else None
         if bucket is not None:
             assert self.prefill_graphs is not None
-            hidden = self.prefill_graphs.run(seqs, bucket)
+            hidden = self.prefill_graphs.run(seqs, bucket, self.images.rope_positions(seqs))
         else:
             hidden = self._forward_eager(seqs)
         ends = [0]
@@ -375,6 +342,9 @@ class ModelRunner:
             new_lens=[len(s.token_ids) for s in seqs],
             out_slots=out_slots,
         )
+        rope = self.images.rope_positions(seqs)  # an M-RoPE model's rows with images: their own positions
+        if rope is not None:
+            ctx.positions = to_device(torch.from_numpy(np.ascontiguousarray(rope)), torch.int64, self.device)
         image_embeds = self.images.step_embeds(seqs)  # (passed only to a model that takes images)
         with set_forward_context(ctx):  # -> [num_tokens, hidden]
             return self.model(input_ids, ctx.positions, *(() if image_embeds is None else (image_embeds,)))

@@ -37,7 +37,8 @@ from engine.worker.transfer import host_wait_allowed, sync_debug
 if TYPE_CHECKING:
     from engine.grammar import GrammarCompiler
     from engine.messages import StepPlan
-    from engine.worker.model_runner import ModelRunner, PendingStep
+    from engine.worker.model_runner import ModelRunner
+    from engine.worker.pending_step import PendingStep
 
 logger = logging.getLogger(__name__)
 

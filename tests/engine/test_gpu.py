@@ -228,3 +228,25 @@ def test_gpu_llava_greedy_matches_cpu(tmp_path: Path, next_: bool) -> None:
             outs = gpu.generate(prompts, params, images=images)
         for out, ref in zip(outs, expected, strict=True):
             _check_greedy(out.outputs[0], ref.outputs[0], dtype, ("triton", eager))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_gpu_qwen2_vl_greedy_matches_cpu(tmp_path: Path, family: str) -> None:
+    """Qwen2-VL / Qwen2.5-VL with one, two and no images (a repeated image from the prefix cache),
+    prefill chunks of 16 tokens cut inside the images: the steps with image tokens eager (M-RoPE's
+    [3, T] positions rotated in torch), the text chunks after an image through the prefill graphs
+    and the decodes through the decode graphs at their shifted positions (the Triton rotary)."""
+    from tests.engine.models.test_qwen2_vl import save_tiny_qwen2_vl
+    from tests.engine.test_qwen2_vl_engine import requests_with_images
+
+    save_tiny_qwen2_vl(tmp_path, family)
+    prompts, images = requests_with_images(tmp_path)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=5)
+    with LLM(str(tmp_path), device="cpu", dtype="float32", kv_cache_memory_gb=0.01) as cpu:
+        expected = cpu.generate(prompts, params, images=images)
+    for dtype, eager in (("float32", True), ("float32", False), ("bfloat16", False)):
+        with LLM(str(tmp_path), device="cuda", dtype=dtype, kv_cache_memory_gb=0.05, enforce_eager=eager,
+                 max_num_batched_tokens=16) as gpu:
+            outs = gpu.generate(prompts, params, images=images)
+        for out, ref in zip(outs, expected, strict=True):
+            _check_greedy(out.outputs[0], ref.outputs[0], dtype, ("triton", eager))

@@ -117,6 +117,19 @@ def test_tp2_matches_tp1(tmp_path: Path, kind: str, overrides: dict[str, Any]) -
             assert max(abs(got[k] - expected[k]) for k in expected) < 1e-4
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", pytest.param("qwen2_5_vl", marks=_SLOW)])
+def test_tp2_matches_tp1_with_images(tmp_path: Path, family: str) -> None:
+    """Qwen2-VL / Qwen2.5-VL with one, two and no images, chunks cut inside the images: the decoder
+    split by heads, the vision tower whole on each rank, the M-RoPE offsets on every rank."""
+    from tests.engine.models.test_qwen2_vl import save_tiny_qwen2_vl
+    from tests.engine.test_qwen2_vl_engine import generate_with_images, same_answers
+
+    save_tiny_qwen2_vl(tmp_path, family)
+    single = generate_with_images(tmp_path, kv_cache_memory_gb=0.01)
+    split = generate_with_images(tmp_path, kv_cache_memory_gb=0.01, tensor_parallel_size=2)
+    assert same_answers(single[:-1], split[:-1])
+
+
 @pytest.mark.parametrize(
     "kind,overrides,field",
     [

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -65,6 +66,9 @@ class Harness:
         )
         input_ids = torch.tensor([t for _, ids in batch for t in ids], dtype=torch.int64)
         seqs = [SeqStep(row, start, ids, [], False) for (row, ids), start in zip(batch, starts, strict=True)]
+        rope = self.images.rope_positions(seqs)  # an M-RoPE model's rows with images, as the worker gives them
+        if rope is not None:
+            ctx.positions = torch.from_numpy(np.ascontiguousarray(rope))
         image_embeds = self.images.step_embeds(seqs)
         with set_forward_context(ctx):
             hidden = self.model(input_ids, ctx.positions, *(() if image_embeds is None else (image_embeds,)))
