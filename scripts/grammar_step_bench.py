@@ -1,6 +1,6 @@
 """The worker's host time per constrained step: the previous step's tokens taken, the next masks filled.
 
-    python scripts/grammar_step_bench.py [--rows 1,64,512] [--vocab 128256] [--device cuda]
+    python scripts/grammar_step_bench.py [--rows 1,64,512] [--vocab 128256] [--device cuda] [--apply]
                                          [--threads N] [--steps 64] [--warmup 32] [--tokenizer DIR]
                                          [--schema bench/schemas/catalog.json]
 
@@ -13,15 +13,18 @@ launches (engine/worker/model_runner.py `PendingStep.finish`, `ModelRunner.launc
     fill     `GrammarMasks.fill(states)`: each row's bitmask on the host (the library's threads),
              then, on CUDA, its copy queued on a side stream (not waited for)
 
-The tokens are drawn as a random-weight model's greedy choice under the mask: fresh random logits
-each step, masked (`apply_token_bitmask`, timed apart as "apply", with a device sync), argmax. So
-rows wander through the grammar's states (keys, enums, numbers, string contents) as the served
-benchmark's do, and every library and engine version sees the same tokens for the same seed.
-`--warmup` steps first, unmeasured, spread the rows apart. Prints milliseconds per step: the
-median and mean of take, fill and their sum (host, wall time; and the CPU time of all the
-process's threads, which other processes' load inflates less), and the median of apply. `--vocab` is the
+Each row's next token is drawn at random among those its mask allows (a random non-zero word of
+its row, a random set bit of it: what a random-weight model's greedy choice under the mask looks
+like to the grammar), from a fixed seed: rows wander through the grammar's states (keys, enums,
+numbers, string contents) as the served benchmark's do, and every engine version sees the same
+tokens. `--warmup` steps first, unmeasured, spread the rows apart. Prints milliseconds per step:
+the median and mean of take, fill and their sum (host, wall time), the mean CPU time of the
+process's threads over the same span (which other processes' load inflates less; it includes the
+library's threads spinning after their work), and with `--apply` the median of the sampler's part:
+`apply_token_bitmask` on a copy of [rows, vocab] float32 logits, synchronised. `--vocab` is the
 logits' width (default: the tokenizer's; 128 256 for the 8B-shaped model, whose tokenizer is
-the default model's). `--threads`: the mask threads (default: the worker's, cores / 1).
+the default model's). `--threads`: the mask threads (default: the machine's cores, as a worker at
+tensor parallelism 1 has).
 """
 
 from __future__ import annotations
@@ -60,13 +63,25 @@ def _ms(values: list[float], q: float | None = None) -> float:
     return 1e3 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _draw(mask: StepMask, pool: list[torch.Tensor], gen: torch.Generator) -> list[int]:
-    """A random-weight model's greedy tokens under the mask: random logits (one of the pool's,
-    its rows rolled by a random shift: cheaper than drawing them afresh), masked, argmax."""
-    pick = torch.randint(len(pool) * pool[0].shape[0], (1,), generator=gen).item()
-    logits = pool[pick % len(pool)].roll(pick // len(pool), dims=0)
-    apply_token_bitmask(logits, mask.bitmask, mask.rows)
-    return logits.argmax(dim=-1).tolist()
+def _draw(bitmask: torch.Tensor, gen: torch.Generator) -> list[int]:
+    """An allowed token per row, at random (what a random-weight model's greedy choice under the
+    mask looks like to the grammar): a random non-zero word of the row, a random set bit of it."""
+    device = bitmask.device
+    scores = torch.rand(bitmask.shape, generator=gen).to(device)
+    word = scores.masked_fill_(bitmask == 0, -1.0).argmax(dim=1)  # (a row allows a stop id at least)
+    bits = (bitmask.gather(1, word.unsqueeze(1)) >> torch.arange(32, device=device, dtype=torch.int32)) & 1
+    bit = torch.rand(bits.shape, generator=gen).to(device).masked_fill_(bits == 0, -1.0).argmax(dim=1)
+    return (32 * word + bit).tolist()
+
+
+def _apply_seconds(logits: torch.Tensor, mask: StepMask) -> float:
+    """The sampler's part: the mask applied to a copy of [rows, vocab] logits, device time included."""
+    copy = logits.clone()
+    _sync(logits.device)
+    start = time.perf_counter()
+    apply_token_bitmask(copy, mask.bitmask, mask.rows)
+    _sync(logits.device)
+    return time.perf_counter() - start
 
 
 def _sync(device: torch.device) -> None:
@@ -75,7 +90,7 @@ def _sync(device: torch.device) -> None:
 
 
 def run_rows(masks: GrammarMasks, so: StructuredOutput, vocab: int, rows: int, device: torch.device,
-             steps: int, warmup: int) -> Times:
+             steps: int, warmup: int, apply: bool) -> Times:
     params = SamplingParams(max_tokens=1 << 20, structured_output=so)
     states = []
     for _ in range(rows):
@@ -83,8 +98,7 @@ def run_rows(masks: GrammarMasks, so: StructuredOutput, vocab: int, rows: int, d
         state.compiled_grammar = masks.compile(so)
         states.append(state)
     gen = torch.Generator().manual_seed(rows)
-    # Only the tokenizer's ids can be allowed: logits that wide pick the same tokens.
-    pool = [torch.randn(rows, vocab, generator=gen).to(device) for _ in range(4)]
+    logits = torch.randn(rows, vocab, generator=gen).to(device) if apply else None
     times = Times()
     tokens: list[int] | None = None
     for step in range(warmup + steps):
@@ -99,14 +113,13 @@ def run_rows(masks: GrammarMasks, so: StructuredOutput, vocab: int, rows: int, d
         filled = time.perf_counter()
         cpu = time.process_time() - cpu_start
         assert mask is not None
-        tokens = _draw(mask, pool, gen)
-        _sync(device)
-        applied = time.perf_counter()
         if step >= warmup:
             times.take.append(taken - start)
             times.fill.append(filled - taken)
             times.cpu.append(cpu)
-            times.apply.append(applied - filled)
+            if logits is not None:
+                times.apply.append(_apply_seconds(logits, mask))
+        tokens = _draw(mask.bitmask, gen)
     return times
 
 
@@ -120,6 +133,7 @@ def main() -> None:
     parser.add_argument("--schema", default=str(CATALOG))
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=32)
+    parser.add_argument("--apply", action="store_true", help="also time the mask applied to the logits")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
@@ -142,10 +156,11 @@ def main() -> None:
     print("\n| rows | take p50 / mean ms | fill p50 / p90 / mean ms | host (take + fill) p50 / mean ms | host CPU mean ms "
           "| apply p50 ms |\n| ---: | ---: | ---: | ---: | ---: | ---: |")
     for rows in (int(r) for r in args.rows.split(",")):
-        t = run_rows(masks, so, len(tokenizer), rows, device, args.steps, args.warmup)
+        t = run_rows(masks, so, gt.vocab_size, rows, device, args.steps, args.warmup, args.apply)
         host = [a + b for a, b in zip(t.take, t.fill, strict=True)]
+        apply = f"{_ms(t.apply, 0.5):.3f}" if t.apply else "-"
         print(f"| {rows} | {_ms(t.take, 0.5):.3f} / {_ms(t.take):.3f} | {_ms(t.fill, 0.5):.3f} / {_ms(t.fill, 0.9):.3f} / "
-              f"{_ms(t.fill):.3f} | {_ms(host, 0.5):.3f} / {_ms(host):.3f} | {_ms(t.cpu):.3f} | {_ms(t.apply, 0.5):.3f} |", flush=True)
+              f"{_ms(t.fill):.3f} | {_ms(host, 0.5):.3f} / {_ms(host):.3f} | {_ms(t.cpu):.3f} | {apply} |", flush=True)
 
 
 if __name__ == "__main__":

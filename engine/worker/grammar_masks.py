@@ -29,7 +29,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from engine.worker.transfer import to_device
@@ -101,6 +100,11 @@ class GrammarMasks:
             return StepMask(bitmask, torch.tensor(constrained, dtype=torch.int64))
         return StepMask(self._copy(bitmask), to_device(constrained, torch.long, self.device))
 
+    def forget_last_step(self) -> None:
+        """For a step with no constrained row (None, as its mask): let go of the last constrained
+        step's bitmask and states, kept for their tokens, whose rows are all freed now."""
+        self._last = None
+
     def _take_tokens(self) -> None:
         """The last step's rows' matchers advanced by the token each sampled under its mask, at
         once on the library's threads. A token its row's mask did not allow (one sampled behind
@@ -112,20 +116,17 @@ class GrammarMasks:
 
         bitmask, states = self._last
         self._last = None
-        waiting = [(k, s) for k, s in enumerate(states) if len(s.grammar_ids) == 1 and s.grammar is not None]
-        if not waiting:
-            return
-        rows = np.fromiter((k for k, _ in waiting), dtype=np.int64, count=len(waiting))
-        tokens = np.fromiter((s.grammar_ids[0] for _, s in waiting), dtype=np.int64, count=len(waiting))
         words = bitmask.numpy()
-        inside = (tokens >= 0) & (tokens < 32 * words.shape[1])
-        word = words[rows, np.where(inside, tokens >> 5, 0)].astype(np.int64)
-        allowed = inside & (((word >> (tokens & 31)) & 1) == 1)
+        num_ids = 32 * words.shape[1]
         taken = []
-        for (_, state), ok in zip(waiting, allowed.tolist(), strict=True):
-            if ok:
-                assert state.grammar is not None
-                taken.append((state.grammar, state.grammar_ids.pop()))
+        for k, state in enumerate(states):
+            ids = state.grammar_ids
+            if len(ids) == 1 and state.grammar is not None:
+                token = ids[0]
+                # (`item` gives the int32 word as a Python int: >> keeps the sign, & 1 the bit)
+                if 0 <= token < num_ids and (words.item(k, token >> 5) >> (token & 31)) & 1:
+                    taken.append((state.grammar, token))
+                    ids.clear()
         accept_allowed(taken, self.num_threads)
 
     def _copy(self, bitmask: torch.Tensor) -> torch.Tensor:
