@@ -1,7 +1,7 @@
 """The worker's host time per constrained step: the previous step's tokens taken, the next masks filled.
 
     python scripts/grammar_step_bench.py [--rows 1,64,512] [--vocab 128256] [--device cuda] [--apply]
-                                         [--threads N] [--steps 64] [--warmup 32] [--tokenizer DIR]
+                                         [--threads 8,16] [--steps 64] [--warmup 32] [--tokenizer DIR]
                                          [--schema bench/schemas/catalog.json]
 
 `rows` constrained rows, each a `SamplingState` with the schema's compiled grammar (default: the
@@ -18,18 +18,20 @@ its row, a random set bit of it: what a random-weight model's greedy choice unde
 like to the grammar), from a fixed seed: rows wander through the grammar's states (keys, enums,
 numbers, string contents) as the served benchmark's do, and every engine version sees the same
 tokens. `--warmup` steps first, unmeasured, spread the rows apart. Prints milliseconds per step:
-the median and mean of take, fill and their sum (host, wall time), the mean CPU time of the
-process's threads over the same span (which other processes' load inflates less; it includes the
-library's threads spinning after their work), and with `--apply` the median of the sampler's part:
+the median and mean of take, fill and their sum (host, wall time); the mean CPU time over the same
+span of all the process's threads (which other processes' load inflates less; it includes the
+library's threads spinning after their work) and of the calling thread alone: the serial part,
+Python under the GIL, which more cores do not shorten; and with `--apply` the median of the sampler's part:
 `apply_token_bitmask` on a copy of [rows, vocab] float32 logits, synchronised. `--vocab` is the
 logits' width (default: the tokenizer's; 128 256 for the 8B-shaped model, whose tokenizer is
-the default model's). `--threads`: the mask threads (default: the machine's cores, as a worker at
-tensor parallelism 1 has).
+the default model's). `--threads`: the mask threads, a run for each of a list (default: the
+machine's cores, as a worker at tensor parallelism 1 has).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import time
@@ -53,6 +55,7 @@ class Times:
     take: list[float] = field(default_factory=list)
     fill: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)  # take + fill, CPU time of all the process's threads
+    main_cpu: list[float] = field(default_factory=list)  # take + fill, CPU time of the calling thread alone
     apply: list[float] = field(default_factory=list)
 
 
@@ -103,7 +106,7 @@ def run_rows(masks: GrammarMasks, so: StructuredOutput, vocab: int, rows: int, d
     tokens: list[int] | None = None
     for step in range(warmup + steps):
         _sync(device)
-        cpu_start = time.process_time()
+        cpu_start, main_start = time.process_time(), time.thread_time()
         start = time.perf_counter()
         if tokens is not None:
             for state, token in zip(states, tokens, strict=True):
@@ -111,12 +114,13 @@ def run_rows(masks: GrammarMasks, so: StructuredOutput, vocab: int, rows: int, d
         taken = time.perf_counter()
         mask = masks.fill(states)
         filled = time.perf_counter()
-        cpu = time.process_time() - cpu_start
+        cpu, main_cpu = time.process_time() - cpu_start, time.thread_time() - main_start
         assert mask is not None
         if step >= warmup:
             times.take.append(taken - start)
             times.fill.append(filled - taken)
             times.cpu.append(cpu)
+            times.main_cpu.append(main_cpu)
             if logits is not None:
                 times.apply.append(_apply_seconds(logits, mask))
         tokens = _draw(mask.bitmask, gen)
@@ -128,7 +132,7 @@ def main() -> None:
     parser.add_argument("--rows", default="1,64,512")
     parser.add_argument("--vocab", type=int, default=None)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="mask threads (default: the machine's cores)")
+    parser.add_argument("--threads", default=None, help="mask threads, one run per value: 8,16 (default: the cores)")
     parser.add_argument("--tokenizer", default=None)
     parser.add_argument("--schema", default=str(CATALOG))
     parser.add_argument("--steps", type=int, default=64)
@@ -147,20 +151,21 @@ def main() -> None:
         torch.cuda.set_device(device)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     gt = GrammarTokenizer(tokenizer, vocab_size=args.vocab, eos_token_ids=[tokenizer.eos_token_id])
-    threads = args.threads or os.cpu_count() or 1
-    masks = GrammarMasks(device, num_threads=threads)
+    thread_counts = [int(n) for n in args.threads.split(",")] if args.threads else [os.cpu_count() or 1]
+    masks = GrammarMasks(device)
     masks.start(lambda: GrammarCompiler(gt))
     so = StructuredOutput(json_schema=Path(args.schema).read_text())
     print(f"tokenizer {args.tokenizer}: {len(tokenizer)} tokens, logits {gt.vocab_size} wide; schema {args.schema}; "
-          f"device {args.device}; mask threads {threads}; {args.warmup} + {args.steps} steps")
-    print("\n| rows | take p50 / mean ms | fill p50 / p90 / mean ms | host (take + fill) p50 / mean ms | host CPU mean ms "
-          "| apply p50 ms |\n| ---: | ---: | ---: | ---: | ---: | ---: |")
-    for rows in (int(r) for r in args.rows.split(",")):
+          f"device {args.device}; {args.warmup} + {args.steps} steps")
+    print("\n| threads | rows | take p50 / mean ms | fill p50 / p90 / mean ms | host (take + fill) p50 / mean ms "
+          "| host CPU: all threads / main thread, mean ms | apply p50 ms |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for threads, rows in itertools.product(thread_counts, (int(r) for r in args.rows.split(","))):
+        masks.num_threads = threads
         t = run_rows(masks, so, gt.vocab_size, rows, device, args.steps, args.warmup, args.apply)
         host = [a + b for a, b in zip(t.take, t.fill, strict=True)]
         apply = f"{_ms(t.apply, 0.5):.3f}" if t.apply else "-"
-        print(f"| {rows} | {_ms(t.take, 0.5):.3f} / {_ms(t.take):.3f} | {_ms(t.fill, 0.5):.3f} / {_ms(t.fill, 0.9):.3f} / "
-              f"{_ms(t.fill):.3f} | {_ms(host, 0.5):.3f} / {_ms(host):.3f} | {_ms(t.cpu):.3f} | {apply} |", flush=True)
+        print(f"| {threads} | {rows} | {_ms(t.take, 0.5):.3f} / {_ms(t.take):.3f} | {_ms(t.fill, 0.5):.3f} / {_ms(t.fill, 0.9):.3f} / "
+              f"{_ms(t.fill):.3f} | {_ms(host, 0.5):.3f} / {_ms(host):.3f} | {_ms(t.cpu):.3f} / {_ms(t.main_cpu):.3f} | {apply} |", flush=True)
 
 
 if __name__ == "__main__":
