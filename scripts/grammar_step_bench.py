@@ -147,7 +147,8 @@ def main() -> None:
         args.tokenizer = resolve_model(None)
     device = torch.device(args.device)
     select_backend(args.device)
-    if device.type == "cuda":
+    if device.type == "cuda":  # (the worker's device has its index: "cuda:0")
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     gt = GrammarTokenizer(tokenizer, vocab_size=args.vocab, eos_token_ids=[tokenizer.eos_token_id])
