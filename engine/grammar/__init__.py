@@ -7,13 +7,14 @@ The grammar library is llguidance (why: docs/benchmarks.md "Grammar libraries").
 
 from engine.grammar.bitmask import allocate_token_bitmask, apply_token_bitmask
 from engine.grammar.compiler import CompiledGrammar, GrammarCompiler, GrammarTokenizer
-from engine.grammar.matcher import GrammarMatcher, fill_bitmasks
+from engine.grammar.matcher import GrammarMatcher, accept_allowed, fill_bitmasks
 
 __all__ = [
     "CompiledGrammar",
     "GrammarCompiler",
     "GrammarMatcher",
     "GrammarTokenizer",
+    "accept_allowed",
     "allocate_token_bitmask",
     "apply_token_bitmask",
     "fill_bitmasks",

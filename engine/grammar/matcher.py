@@ -10,8 +10,8 @@ sampler applies the mask) allows only stop ids from then on, so generation ends 
 
 `rollback(n)` undoes the last n accepted tokens; `replay(ids)` starts again from a sequence's
 output tokens (a preempted sequence that comes back). `fill_bitmasks` fills the rows of many
-matchers at once on the library's threads (it drops the GIL). A matcher is used by one thread
-at a time.
+matchers at once, and `accept_allowed` advances many by a token each, on the library's threads
+(they drop the GIL). A matcher is used by one thread at a time.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import torch
 from engine.grammar.compiler import CompiledGrammar, GrammarTokenizer
 
 _executors: dict[int | None, llguidance.LLExecutor] = {}
+# A row allowing only these stop ids, per (row width, stop ids): a finished matcher's row each step.
+_stops_rows: dict[tuple[int, frozenset[int]], torch.Tensor] = {}
 
 
 class GrammarMatcher:
@@ -131,8 +133,14 @@ class GrammarMatcher:
             _set_bits(target, self._extra_stop_ids, self._m.is_accepting())
 
     def _only_stops(self, target: torch.Tensor) -> None:
-        target.zero_()
-        _set_bits(target, sorted(self._stop_ids), True)
+        key = (target.shape[0], self._stop_ids)
+        row = _stops_rows.get(key)
+        if row is None:
+            row = torch.zeros(target.shape[0], dtype=torch.int32)
+            _set_bits(row, sorted(self._stop_ids), True)
+            if len(_stops_rows) < 64:  # (request stop ids vary: keep the common few)
+                _stops_rows[key] = row
+        target.copy_(row)
 
 
 def fill_bitmasks(
@@ -145,21 +153,44 @@ def fill_bitmasks(
         return
     words = rows[0][0]._words
     _check_bitmask(bitmask, words)
-    live: list[tuple[llguidance.LLMatcher, int]] = []
-    for matcher, row in rows:
-        if matcher._words != words:
-            raise ValueError("the matchers of one bitmask must share a tokenizer")
-        if not 0 <= row < bitmask.shape[0]:
-            raise ValueError(f"row {row} is outside the bitmask's {bitmask.shape[0]} rows")
-        if matcher._done():
-            matcher._only_stops(bitmask[row])
-        else:
-            live.append((matcher._m, row))
+    num_rows = bitmask.shape[0]
+    if any(m._words != words for m, _ in rows):
+        raise ValueError("the matchers of one bitmask must share a tokenizer")
+    if not all(0 <= row < num_rows for _, row in rows):
+        raise ValueError(f"a row is outside the bitmask's {num_rows} rows")
+    live = [(m._m, row) for m, row in rows if not (m._terminated or m._failed)]
     if live:
-        _get_executor(num_threads).unsafe_compute_mask_ptr(live, bitmask.data_ptr(), words * 4, bitmask.shape[0])
+        _get_executor(num_threads).unsafe_compute_mask_ptr(live, bitmask.data_ptr(), words * 4, num_rows)
     for matcher, row in rows:
-        if not matcher._done():
+        if matcher._terminated or matcher._failed:
+            matcher._only_stops(bitmask[row])
+        elif matcher._extra_stop_ids or matcher._m.is_error():  # (rare: one call each otherwise)
             matcher._finish_row(bitmask[row])
+
+
+def accept_allowed(rows: Sequence[tuple[GrammarMatcher, int]], num_threads: int | None = None) -> None:
+    """`matcher.accept(token_id)` for each (matcher, token_id), where each token is one that the
+    matcher's last filled bitmask row allowed (the caller checked it): those the library decides
+    go to its threads at once (`num_threads` as for `fill_bitmasks`), without the GIL; stop ids
+    and finished matchers take `accept`. Should the library refuse a token its own mask allowed,
+    that matcher allows only stop ids from then on, as after `accept` of a refused token (but
+    `rollback` cannot undo it)."""
+    par: list[tuple[llguidance.LLMatcher, int]] = []
+    advanced: list[GrammarMatcher] = []
+    for matcher, token_id in rows:
+        if matcher._terminated or matcher._failed or token_id in matcher._stop_ids:
+            matcher.accept(token_id)
+        else:
+            par.append((matcher._m, token_id))
+            advanced.append(matcher)
+    if not par:
+        return
+    consumed = _get_executor(num_threads).consume_token_par(par)
+    for matcher, ok in zip(advanced, consumed, strict=True):
+        if ok:
+            matcher._num_tokens += 1
+        else:
+            matcher._failed = True
 
 
 def _get_executor(num_threads: int | None) -> llguidance.LLExecutor:

@@ -204,11 +204,13 @@ def process_logits(
     """logit_bias, min_tokens, penalties and the grammar mask applied to a copy (or `logits`
     itself if none apply). States not in a `PenaltyTable` yet go into `penalty_table` (a new
     one if None)."""
-    if grammar_mask is None and all(s.is_plain for s in states):
+    plain = all(s.is_plain for s in states)
+    if grammar_mask is None and plain:
         return logits
     processed = logits.clone()
-    _apply_bias_and_min_tokens(processed, states)
-    apply_penalties(processed, states, penalty_table)
+    if not plain:  # (a constrained step's rows are mostly plain: no per-row pass for nothing)
+        _apply_bias_and_min_tokens(processed, states)
+        apply_penalties(processed, states, penalty_table)
     if grammar_mask is not None:
         apply_token_bitmask(processed, grammar_mask.bitmask, grammar_mask.rows)
     return processed

@@ -45,8 +45,10 @@ class SamplingState:
 
     A constrained row (`params.structured_output`) is given its grammar's compilation
     (`compiled_grammar`, engine/worker/grammar_masks.py) and makes its `GrammarMatcher` at its
-    first sample (`grammar_matcher`), replaying the outputs it had; from then on `append`
-    advances the matcher too.
+    first sample (`grammar_matcher`), replaying the outputs it had. `append` only records a
+    token for the matcher (`grammar_ids`): the step's masks advance every row's matcher at once
+    on the grammar library's threads (`GrammarMasks.fill`), and whatever reads the matcher
+    first takes the tokens it has not seen (`grammar_matcher`, `blocks_stop_ids`).
     """
 
     params: SamplingParams
@@ -60,14 +62,14 @@ class SamplingState:
     _mask_slot: int = field(init=False, default=-1)  # its row of _table.prompt_mask (repetition penalty only)
     compiled_grammar: Future[CompiledGrammar] | None = field(init=False, default=None)  # a constrained row's
     grammar: GrammarMatcher | None = field(init=False, default=None)  # made at its first sample
-    _grammar_ids: list[int] = field(init=False, default_factory=list)  # outputs its matcher has yet to see
+    grammar_ids: list[int] = field(init=False, default_factory=list)  # outputs its matcher has yet to see
 
     def __post_init__(self) -> None:
         self.num_output_tokens = len(self.output_token_ids)
         if self.params.needs_penalties:
             self._pending_ids = list(self.output_token_ids)
         if self.params.structured_output is not None:
-            self._grammar_ids = list(self.output_token_ids)  # replayed by its matcher (after preemption)
+            self.grammar_ids = list(self.output_token_ids)  # replayed by its matcher (after preemption)
         if self.params.repetition_penalty == 1.0:
             self.prompt_token_ids = ()  # only the repetition penalty looks at the prompt
         self.output_token_ids = ()  # counted from here on; the engine keeps the ids
@@ -83,25 +85,31 @@ class SamplingState:
         self.num_output_tokens += 1
         if self.params.needs_penalties:
             self._pending_ids.append(token_id)
-        if self.grammar is not None:
-            # A token its grammar refuses is one sampled for a row whose stop id the engine has
-            # not seen yet (a step launched behind it): the matcher allows only stop ids then.
-            self.grammar.accept(token_id)
-        elif self.compiled_grammar is not None:
-            self._grammar_ids.append(token_id)
+        if self.compiled_grammar is not None:
+            self.grammar_ids.append(token_id)
 
     def grammar_matcher(self, tokenizer: GrammarTokenizer) -> GrammarMatcher:
-        """A constrained row's matcher: made on first use from its compiled grammar (waiting for
-        the compilation) and the outputs it had (a preempted sequence's, replayed)."""
+        """A constrained row's matcher, with every token appended so far: made on first use from
+        its compiled grammar (waiting for the compilation) and the outputs it had (a preempted
+        sequence's, replayed)."""
         if self.grammar is None:
             from engine.grammar import GrammarMatcher
 
             assert self.compiled_grammar is not None, "an unconstrained row has no matcher"
             matcher = GrammarMatcher(self.compiled_grammar.result(), tokenizer, self.params.stop_token_ids or ())
-            matcher.replay(self._grammar_ids)
-            self._grammar_ids = []
+            matcher.replay(self.grammar_ids)
+            self.grammar_ids = []
             self.grammar = matcher
+        elif self.grammar_ids:
+            self._take_grammar_ids()
         return self.grammar
+
+    def _take_grammar_ids(self) -> None:
+        assert self.grammar is not None
+        # A token its grammar refuses is one sampled for a row whose stop id the engine has
+        # not seen yet (a step launched behind it): the matcher allows only stop ids then.
+        self.grammar.accept_tokens(self.grammar_ids)
+        self.grammar_ids.clear()
 
     @property
     def is_plain(self) -> bool:
@@ -115,7 +123,11 @@ class SamplingState:
         mask allows no other token once the output is complete."""
         if self.num_output_tokens >= self.params.min_tokens or not self.stop_token_ids:
             return False
-        return self.grammar is None or not self.grammar.allows_stop
+        if self.grammar is None:
+            return True
+        if self.grammar_ids:
+            self._take_grammar_ids()
+        return not self.grammar.allows_stop
 
     def output_counts(self, vocab_size: int, device: torch.device) -> torch.Tensor:
         """[vocab] int32: how often each token occurs in the output so far (a view of its row)."""

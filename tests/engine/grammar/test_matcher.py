@@ -13,6 +13,7 @@ from engine.grammar import (
     GrammarCompiler,
     GrammarMatcher,
     GrammarTokenizer,
+    accept_allowed,
     apply_token_bitmask,
     fill_bitmasks,
 )
@@ -219,6 +220,35 @@ def test_fill_bitmasks_matches_one_by_one(
         assert torch.equal(unpack_bitmask(batch[row : row + 1], gt.vocab_size)[0], allowed(m, gt))
     assert unpack_bitmask(batch[0:1], gt.vocab_size)[0].nonzero().flatten().tolist() == [eos]
     assert (batch[3] == -1).all() and (batch[7] == -1).all()  # rows not named are left alone
+
+
+def test_accept_allowed_matches_accept_one_by_one(
+    compiler: GrammarCompiler, grammar_tokenizer: GrammarTokenizer, tiny_tokenizer: Any
+) -> None:
+    """The library's threads take each matcher's token as `accept` would: the document's next
+    token, the end once complete, an end too early (refused: only stops, rollback clears it), a
+    token after the end; a request's own stop id."""
+    gt, eos = grammar_tokenizer, tiny_tokenizer.eos_token_id
+    ids = encode(tiny_tokenizer, json.dumps(DOCUMENT))
+    compiled = compiler.compile(StructuredOutput(json_schema=json.dumps(SCHEMA)))
+    stop = ids[0] + 1  # a request's stop id (an ordinary token otherwise)
+    starts = [(0, ids[0]), (5, ids[5]), (17, ids[17]), (len(ids), eos), (3, eos), (len(ids) + 1, ids[0]), (len(ids), stop)]
+
+    def matchers() -> list[GrammarMatcher]:
+        made = [GrammarMatcher(compiled, gt, (stop,)) for _ in starts]
+        for m, (n, _) in zip(made, starts, strict=True):
+            assert m.accept_tokens([*ids, eos][:n])
+        return made
+
+    one_by_one, batched = matchers(), matchers()
+    expected = [m.accept(token) for m, (_, token) in zip(one_by_one, starts, strict=True)]
+    assert expected == [True, True, True, True, False, False, True]
+    accept_allowed([(m, token) for m, (_, token) in zip(batched, starts, strict=True)], num_threads=2)
+    for a, b in zip(one_by_one, batched, strict=True):
+        assert (a.num_tokens, a.is_terminated, a.is_accepting) == (b.num_tokens, b.is_terminated, b.is_accepting)
+        assert torch.equal(allowed(a, gt), allowed(b, gt))
+    batched[4].rollback(0)  # the early end never reached the grammar
+    assert walk(batched[4], gt, ids[3:]) is None and batched[4].is_accepting
 
 
 def test_bitmask_must_fit_the_tokenizer(compiler: GrammarCompiler, grammar_tokenizer: GrammarTokenizer) -> None:
