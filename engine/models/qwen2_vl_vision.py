@@ -51,12 +51,12 @@ class _Segments:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q, k, v: [N, heads, head_dim] -> [N, heads * head_dim]
         if len(self.groups) == 1 and self.groups[0].shape[0] == 1:  # one segment: the whole batch
-            out = F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v)))
+            out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))
             return out.transpose(0, 1).flatten(1)
         out = torch.empty_like(q)
         for index in self.groups:
-            batch = [t[index].transpose(1, 2) for t in (q, k, v)]  # [segments, heads, length, head_dim]
-            out[index] = F.scaled_dot_product_attention(*batch).transpose(1, 2)
+            qs, ks, vs = (t[index].transpose(1, 2) for t in (q, k, v))  # [segments, heads, length, head_dim]
+            out[index] = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)
         return out.flatten(1)
 
 

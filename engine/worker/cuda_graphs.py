@@ -187,7 +187,7 @@ class DecodeGraphs:
 
     def run(
         self, input_ids: list[int], positions: list[int], rows: list[int], slots: list[int],
-        rope_positions: Sequence[int] | None = None,
+        rope_positions: Sequence[int] | np.ndarray | None = None,
     ) -> torch.Tensor:
         """One decode step of len(input_ids) sequences -> logits [n, vocab] float32.
 

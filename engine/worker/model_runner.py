@@ -251,7 +251,11 @@ class ModelRunner:
         # rank) and keeps the tokens for the next step's placeholders; rank 0 sends the result.
         states = [self.states[seqs[i].row] for i in sample_idx]
         # (after on_forward_queued: the previous step's tokens are in its matchers)
-        mask = self.grammar.fill(states) if self.constrained_rows else self.grammar.forget_last_step()
+        mask = None
+        if self.constrained_rows:
+            mask = self.grammar.fill(states)
+        else:
+            self.grammar.forget_last_step()
         pending = self.sampler.sample_async(logits, states, mask)
         rows = to_device([seqs[i].row for i in sample_idx], torch.long, self.device)
         self.last_sampled.index_copy_(0, rows, pending.sampled)
