@@ -41,6 +41,8 @@ class Workload:
     top_p: float | None = None
     top_k: int | None = None  # an extension of the API (ours, vLLM, SGLang)
     json_schema: dict[str, Any] | None = None  # every request's output constrained to it (response_format)
+    # (width, height): each request a chat of one such image and prompt_len words (bench/image_requests.py)
+    image_size: tuple[int, int] | None = None
 
     def sampling(self) -> dict[str, Any]:
         """The request body's sampling fields, and its constraint."""
@@ -55,6 +57,8 @@ class Workload:
         out = dataclasses.asdict(self)
         out["prompt_len"] = list(self.prompt_len)
         out["output_len"] = list(self.output_len)
+        if self.image_size is not None:
+            out["image_size"] = list(self.image_size)
         out["request_rate"] = "inf" if math.isinf(self.request_rate) else self.request_rate
         return out
 
@@ -67,6 +71,7 @@ class RequestSpec:
     prompt: list[int]
     output_len: int
     sampling: dict[str, Any] = field(default_factory=lambda: {"temperature": 0.0})
+    messages: list[dict[str, Any]] | None = None  # a chat request (to /chat/completions) instead of `prompt`
 
 
 def sample_lengths(rng: random.Random, bounds: tuple[int, int], n: int) -> list[int]:
@@ -81,6 +86,13 @@ def build_requests(workload: Workload) -> list[RequestSpec]:
     prefix = [rng.randrange(*TOKEN_IDS) for _ in range(workload.shared_prefix_len)]
     prompt_lens = sample_lengths(rng, workload.prompt_len, workload.num_requests)
     output_lens = sample_lengths(rng, workload.output_len, workload.num_requests)
+    if workload.image_size is not None:
+        from bench.image_requests import image_chat
+
+        return [
+            RequestSpec([], o, workload.sampling(), image_chat(rng, p, workload.image_size, workload.seed * 100_003 + i))
+            for i, (p, o) in enumerate(zip(prompt_lens, output_lens, strict=True))
+        ]
     return [
         RequestSpec(prefix + [rng.randrange(*TOKEN_IDS) for _ in range(p)], o, workload.sampling())
         for p, o in zip(prompt_lens, output_lens, strict=True)
@@ -160,9 +172,11 @@ def _error_text(body: str) -> str:
 
 async def send_request(client: Any, url: str, model: str, spec: RequestSpec,
                        headers: dict[str, str] | None = None) -> RequestResult:
-    """One streamed completion; every text chunk's arrival time is kept."""
+    """One streamed completion (or chat completion, for a spec with messages); every text
+    chunk's arrival time is kept."""
+    prompt = {"messages": spec.messages} if spec.messages is not None else {"prompt": spec.prompt}
     payload = {
-        "model": model, "prompt": spec.prompt, "max_tokens": spec.output_len, **spec.sampling,
+        "model": model, **prompt, "max_tokens": spec.output_len, **spec.sampling,
         "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
     }
     result = RequestResult(prompt_len=len(spec.prompt), output_len=spec.output_len)
@@ -188,13 +202,16 @@ async def send_request(client: Any, url: str, model: str, spec: RequestSpec,
                         result.error = "error event: " + _error_text(event)
                         return result
                     choices = chunk.get("choices") or []
-                    if choices and choices[0].get("text"):
+                    text = choices and (choices[0].get("text") or (choices[0].get("delta") or {}).get("content"))
+                    if text:
                         result.chunk_times.append(now)
                         if texts is not None:
-                            texts.append(choices[0]["text"])
+                            texts.append(text)
                     usage = chunk.get("usage")
                     if usage:
                         usage_tokens = usage.get("completion_tokens")
+                        if spec.messages is not None:  # a chat's prompt, its image tokens included
+                            result.prompt_len = int(usage.get("prompt_tokens") or 0)
                         details = usage.get("prompt_tokens_details") or {}
                         if details.get("cached_tokens") is not None:
                             result.cached_tokens = int(details["cached_tokens"])
@@ -258,7 +275,7 @@ async def run_workload(base_url: str, model: str, workload: Workload, *, timeout
     arrivals = arrival_times(len(specs), workload.request_rate, workload.seed)
     cap = workload.max_concurrency
     _raise_fd_limit(2 * (cap or len(specs)) + 256)
-    url = base_url.rstrip("/") + "/completions"
+    url = base_url.rstrip("/") + ("/chat/completions" if workload.image_size else "/completions")
     limit = asyncio.Semaphore(cap) if cap else None
     bar = tqdm(total=len(specs), desc=desc, unit="req", disable=not progress, dynamic_ncols=True)
     ssl_context = ssl.create_default_context()  # one for all clients: each would load the CA file
@@ -339,12 +356,18 @@ async def server_info(base_url: str, headers: dict[str, str] | None = None) -> d
 
 async def warm_up(base_url: str, model: str, workload: Workload, count: int,
                   headers: dict[str, str] | None) -> None:
-    """`count` short requests (own random prompts, no shared prefix) before measuring."""
+    """`count` short requests (own random prompts, no shared prefix; own images for an image
+    workload) before measuring."""
     rng = random.Random(workload.seed + 10_007)
+    path = "/chat/completions" if workload.image_size else "/completions"
     async with _client(600.0, 4) as client:
-        for _ in range(count):
+        for k in range(count):
             spec = RequestSpec([rng.randrange(*TOKEN_IDS) for _ in range(workload.prompt_len[0])],
                                min(16, workload.output_len[1]), workload.sampling())
-            result = await send_request(client, base_url.rstrip("/") + "/completions", model, spec, headers)
+            if workload.image_size is not None:
+                from bench.image_requests import image_chat
+
+                spec.messages = image_chat(rng, workload.prompt_len[0], workload.image_size, seed=-1 - k)
+            result = await send_request(client, base_url.rstrip("/") + path, model, spec, headers)
             if not result.ok:
                 raise RuntimeError(f"the warm-up request failed: {result.error}")

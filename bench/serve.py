@@ -54,6 +54,9 @@ WORKLOADS: dict[str, Workload] = {
     "prefix16rps": Workload(300, (64, 256), (64, 128), request_rate=16.0, shared_prefix_len=1536),
     "cpu1": Workload(4, (128, 128), (128, 128), max_concurrency=1),
     "cpu16": Workload(64, (32, 256), (32, 128), max_concurrency=16),
+    # vision-language models: a chat of one 1024 x 768 image and 16-48 words per request
+    "image4rps": Workload(200, (16, 48), (128, 128), request_rate=4.0, image_size=(1024, 768)),
+    "image200": Workload(200, (16, 48), (128, 128), image_size=(1024, 768)),
 }
 
 

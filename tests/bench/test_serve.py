@@ -272,3 +272,39 @@ def test_failed_requests_are_counted_and_reported(tiny_server: ProcessServer, tm
     assert (m["completed"], m["failed"]) == (0, 3)
     assert m["first_error"].startswith("HTTP 400")
     assert "3 failed" in capsys.readouterr().out
+
+
+def test_image_requests_are_seeded_chats_of_one_picture() -> None:
+    workload = bs.WORKLOADS["image200"]
+    specs = bh.build_requests(bh.Workload(3, (4, 6), (8, 8), image_size=(64, 48), seed=5))
+    again = bh.build_requests(bh.Workload(3, (4, 6), (8, 8), image_size=(64, 48), seed=5))
+    assert [s.messages for s in specs] == [s.messages for s in again]
+    urls = [s.messages[0]["content"][0]["image_url"]["url"] for s in specs if s.messages]
+    assert len(set(urls)) == 3 and all(u.startswith("data:image/jpeg;base64,") for u in urls)
+    from openai_compat.images import ImagePart, decode_image, read_image_part
+
+    part = read_image_part(argparse.Namespace(type="image_url", image_url={"url": urls[0]}), "p")
+    assert decode_image(ImagePart("p", part.data), max_pixels=10**6).size == (64, 48)
+    assert workload.image_size == (1024, 768) and bs.WORKLOADS["image4rps"].request_rate == 4.0
+
+
+def test_bench_serve_image_chats_against_a_vision_model(tmp_path: Path) -> None:
+    """The image workloads through a tiny LLaVA server: chats with a picture each, streamed,
+    `prompt_len` the server's count (the image's tokens included)."""
+    from tests.openai_compat.servers import TINY_ARGS, build_tiny_llava
+
+    (tmp_path / "logs").mkdir()
+    server = ProcessServer("--model", str(build_tiny_llava(tmp_path / "llava")), *TINY_ARGS,
+                           log_dir=tmp_path / "logs")
+    try:
+        server.wait_healthy()
+        out = tmp_path / "image.json"
+        assert bs.main(["--base-url", f"{server.url}/v1", "--workload", "image200", "--num-requests", "2", "--warmup", "0",
+                        "--output-len", "3:5", "--no-progress", "--json", str(out)]) == 0
+    finally:
+        server.stop()
+    workload = json.loads(out.read_text())["runs"][0]["workloads"]["image200"]
+    assert workload["config"]["image_size"] == [1024, 768]
+    assert workload["metrics"]["completed"] == 2 and workload["metrics"]["failed"] == 0
+    for r in workload["requests"]:
+        assert r["output_tokens"] == r["output_len"] and r["prompt_len"] > 25  # LLaVA's 25 image tokens and words
