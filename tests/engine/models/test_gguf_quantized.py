@@ -1,0 +1,144 @@
+"""A quantized GGUF served in its blocks on the CPU (`gguf_weights` "quantized", the default):
+the same greedy tokens as the dequantized path, the linear layers holding the file's bytes and
+no float copy, and the dequantized path where asked or where a layer cannot take blocks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from engine.kernels import gguf_cpu
+from engine.layers.gguf_linear import GGUFWeight
+from engine.layers.linear import LinearBase
+from engine.models import load_model, resolve_model
+from tests.engine.kernels.test_gguf_cpu import random_blocks
+from tests.engine.models.harness import Harness, save_tiny_model, tiny_config
+from tests.engine.models.test_gguf import write_gguf
+
+QT = gguf.GGMLQuantizationType
+pytestmark = pytest.mark.skipif(not gguf_cpu.available(), reason="the GGUF CPU kernels did not build here")
+
+PROMPT = [5, 17, 42, 9, 100, 3, 77]
+# Q4_K_M's mix: most projections in Q4_K, v and down in Q6_K (a fused q | k | v of two types)
+Q4_K_M = {"attn_v": QT.Q6_K, "ffn_down": QT.Q6_K}
+
+
+def write_k_quant_llama(path: Path, types: dict[str, QT], default: QT = QT.Q4_K) -> None:
+    """A random 2-layer Llama GGUF (hidden 256: whole K-quant super-blocks) whose projections
+    are random blocks of `types[part]` (else `default`), embeddings and norms in F32."""
+    hidden, ffn, layers, vocab, heads, kv_heads = 256, 512, 2, 256, 4, 2
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(layers)
+    writer.add_context_length(512)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(vocab)
+    rng = np.random.default_rng(0)
+    writer.add_tensor("token_embd.weight", rng.standard_normal((vocab, hidden)).astype(np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))
+    writer.add_tensor("output.weight", (rng.standard_normal((vocab, hidden)) * 0.2).astype(np.float32))
+    kv = hidden // heads * kv_heads
+    shapes = {"attn_q": (hidden, hidden), "attn_k": (kv, hidden), "attn_v": (kv, hidden),
+              "attn_output": (hidden, hidden), "ffn_gate": (ffn, hidden), "ffn_up": (ffn, hidden),
+              "ffn_down": (hidden, ffn)}  # fmt: skip
+    for layer in range(layers):
+        for norm in ("attn_norm", "ffn_norm"):
+            writer.add_tensor(f"blk.{layer}.{norm}.weight", np.ones(hidden, dtype=np.float32))
+        for i, (part, (rows, cols)) in enumerate(shapes.items()):
+            qtype = types.get(part, default)
+            blocks = random_blocks(qtype, rows, cols, seed=10 * layer + i, scale=0.002)
+            writer.add_tensor(f"blk.{layer}.{part}.weight", blocks, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def served_and_dequantized(file: Path, cache: Path) -> tuple[nn.Module, nn.Module]:
+    path = resolve_model(str(file), str(cache))
+    return load_model(path, torch.float32, "cpu"), load_model(path, torch.float32, "cpu", gguf_weights="dequantized")
+
+
+def linear_layers(model: nn.Module) -> list[LinearBase]:
+    return [m for m in model.modules() if isinstance(m, LinearBase)]
+
+
+def resident_bytes(module: nn.Module) -> int:
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if t.device.type != "meta")
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> nn.Module:
+    cfg = tiny_config("llama", num_hidden_layers=2, tie_word_embeddings=False)
+    return save_tiny_model(str(tmp_path_factory.mktemp("hf")), cfg)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_1], ids=lambda q: q.name)
+def test_quantized_gguf_serves_the_dequantized_greedy_tokens(
+    qtype: QT, tiny_hf: nn.Module, tmp_path: Path, cache: Path
+) -> None:
+    file = tmp_path / f"tiny-{qtype.name}.gguf"
+    write_gguf(file, tiny_hf, qtype)
+    served, dequantized = served_and_dequantized(file, cache)
+    assert all(isinstance(m.packed_weight, GGUFWeight) for m in linear_layers(served))
+    assert Harness(served).generate(PROMPT, 16) == Harness(dequantized).generate(PROMPT, 16)
+
+
+@torch.inference_mode()
+def test_q4_k_m_gguf_keeps_the_file_bytes_and_serves_the_dequantized_greedy_tokens(tmp_path: Path, cache: Path) -> None:
+    file = tmp_path / "tiny-Q4_K_M.gguf"
+    write_k_quant_llama(file, Q4_K_M)
+    served, dequantized = served_and_dequantized(file, cache)
+    reader = gguf.GGUFReader(str(file))
+    quantized_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.tensor_type in (QT.Q4_K, QT.Q6_K))
+    layers = linear_layers(served)
+    assert all(m.weight.device.type == "meta" and isinstance(m.packed_weight, GGUFWeight) for m in layers)
+    assert sum(resident_bytes(m) for m in layers) == quantized_bytes  # the blocks, no float copy
+    float_bytes = sum(resident_bytes(m) for m in linear_layers(dequantized))
+    assert resident_bytes(served) == resident_bytes(dequantized) - float_bytes + quantized_bytes
+    qkv: Any = served.model.layers[0].self_attn.qkv_proj
+    assert [s.qtype for s in qkv.packed_weight.segments] == [int(QT.Q4_K), int(QT.Q6_K)]  # q | k, then v
+    prompt = [p % 256 for p in PROMPT]
+    assert Harness(served).generate(prompt, 16) == Harness(dequantized).generate(prompt, 16)
+
+
+@torch.inference_mode()
+def test_a_fused_layer_with_an_unquantized_part_and_unsupported_types_are_dequantized(
+    tmp_path: Path, cache: Path
+) -> None:
+    """k in F16 beside q and v in Q8_0: the fused q | k | v is served dense, the rest in blocks;
+    an unsupported type (Q2_K) is dequantized at load as before."""
+    file = tmp_path / "tiny-mixed.gguf"
+    write_k_quant_llama(file, {"attn_q": QT.Q8_0, "attn_v": QT.Q8_0, "attn_k": QT.F16, "ffn_up": QT.Q2_K})
+    served, dequantized = served_and_dequantized(file, cache)
+    layer: Any = served.model.layers[0]
+    assert layer.self_attn.qkv_proj.weight.device.type == "cpu"
+    assert not isinstance(layer.self_attn.qkv_proj.packed_weight, GGUFWeight)
+    assert not isinstance(layer.mlp.gate_up_proj.packed_weight, GGUFWeight)  # Q2_K's up beside Q4_K's gate
+    assert isinstance(layer.self_attn.o_proj.packed_weight, GGUFWeight)
+    torch.testing.assert_close(
+        layer.self_attn.qkv_proj.weight, dequantized.model.layers[0].self_attn.qkv_proj.weight, rtol=0, atol=0
+    )
+    prompt = [p % 256 for p in PROMPT]
+    assert Harness(served).generate(prompt, 16) == Harness(dequantized).generate(prompt, 16)
+
+
+def test_dequantized_opt_out_loads_float_weights(tiny_hf: nn.Module, tmp_path: Path, cache: Path) -> None:
+    file = tmp_path / "tiny-Q8_0.gguf"
+    write_gguf(file, tiny_hf, QT.Q8_0)
+    _, dequantized = served_and_dequantized(file, cache)
+    assert not any(isinstance(m.packed_weight, GGUFWeight) for m in linear_layers(dequantized))
+    assert all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in linear_layers(dequantized))
