@@ -1,16 +1,16 @@
 // Products with GGUF block-quantized weights on the CPU, the blocks read as they are stored.
 //
 // A weight [N, K] is N rows of K / QK blocks, each block laid out as in a GGUF file (Q4_0,
-// Q4_1, Q5_0, Q5_1, Q8_0: 32 values; Q4_K, Q5_K, Q6_K: super-blocks of 256). For a few
-// activation rows (decode) every block is decoded once into float32 values in a small
-// on-stack buffer and multiplied into up to four activation rows at a time, so the weight
-// bytes cross the memory bus once per step; the decode is plain C++ written for the
-// compiler's vectorizer (built with -march=native / -mcpu=native: AVX2, AVX-512 or NEON,
-// whatever the CPU has). Values are decoded exactly as gguf's reference dequantization
-// computes them (float32 scale times integer, plus the block's minimum), so the product is the
-// dequantize-then-matmul product up to the order of the float32 sums. For many rows (prefill)
-// the weight is dequantized to float32 and handed to torch's GEMM.
-// Rows are split across torch's intra-op threads.
+// Q4_1, Q5_0, Q5_1, Q8_0: 32 values; Q4_K, Q5_K, Q6_K: super-blocks of 256). Each format's
+// `visit` decodes a block into float32 vectors of 16 values in registers, computed exactly
+// as gguf's reference dequantization computes them (float32 scale times integer code, plus
+// the block's minimum where it has one), so a product is the dequantize-then-matmul product up
+// to the order of the float32 sums. For a few activation rows (decode) every decoded vector is
+// multiplied into up to `kMaxTile` rows at once, so the weight bytes cross the memory bus once
+// per step; for many rows (prefill) the weight is dequantized to float32 and handed to torch's
+// GEMM. The vectors are GCC / Clang vector extensions: built with -march=native (or
+// -mcpu=native) they become AVX-512, AVX2 or NEON code, whatever the CPU has. Rows are split
+// across torch's intra-op threads.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -18,6 +18,10 @@
 #include <ATen/ops/mm.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -29,197 +33,227 @@ namespace {
 constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8;
 constexpr int64_t kQ4_K = 12, kQ5_K = 13, kQ6_K = 14;
 
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+
 inline float half_at(const uint8_t* p) {
   uint16_t bits;
   std::memcpy(&bits, p, 2);
   return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
 }
 
-// Each format decodes a block into int8 codes q[QK] and, per sub-block of SUB values, a float
-// scale and offset: value = scale * q + offset, computed as gguf's reference computes it. The
-// code extraction is byte arithmetic over whole arrays and the conversion one loop of
-// multiply-adds, the shapes the compiler's vectorizer handles.
+// Loads and widenings: intrinsics on x86 (GCC scalarizes a widening of bytes it loaded itself),
+// the generic vector conversions elsewhere.
+inline u8x16 load_u8(const uint8_t* p) {
+#if defined(__SSE2__)
+  return (u8x16)_mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+#else
+  u8x16 v;
+  std::memcpy(&v, p, 16);
+  return v;
+#endif
+}
 
-// kBits[b][i] = bit i of byte b: Q5's fifth bits, spread one per code.
-struct BitTable {
-  uint8_t v[256][8];
-  constexpr BitTable() : v() {
-    for (int b = 0; b < 256; ++b)
-      for (int i = 0; i < 8; ++i) v[b][i] = static_cast<uint8_t>((b >> i) & 1);
-  }
-};
-constexpr BitTable kBits{};
+inline f32x16 load_f32(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, 64);
+  return v;
+}
 
-inline void spread_bits(const uint8_t* qh, uint8_t* bits) {  // 32 bits -> 32 bytes of 0 / 1
-  for (int i = 0; i < 4; ++i) std::memcpy(bits + 8 * i, kBits.v[qh[i]], 8);
+inline i32x16 widen(u8x16 v) {  // zero-extended
+#if defined(__AVX512F__)
+  return (i32x16)_mm512_cvtepu8_epi32((__m128i)v);
+#elif defined(__AVX2__)
+  i32x16 out;
+  const __m256i lo = _mm256_cvtepu8_epi32((__m128i)v), hi = _mm256_cvtepu8_epi32(_mm_srli_si128((__m128i)v, 8));
+  std::memcpy(&out, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&out) + 32, &hi, 32);
+  return out;
+#else
+  return __builtin_convertvector(v, i32x16);
+#endif
+}
+
+inline i32x16 widen_signed(u8x16 v) {  // the bytes as int8, sign-extended
+#if defined(__AVX512F__)
+  return (i32x16)_mm512_cvtepi8_epi32((__m128i)v);
+#else
+  return (widen(v) ^ 0x80) - 0x80;
+#endif
+}
+
+inline f32x16 to_float(u8x16 v) { return __builtin_convertvector(widen(v), f32x16); }
+inline f32x16 signed_to_float(u8x16 v) { return __builtin_convertvector(widen_signed(v), f32x16); }
+inline f32x16 splat(float s) { return f32x16{} + s; }
+
+// code - bias as float32 (Q4_0's 8, Q5_0's 16, Q6_K's 32): exact small integers
+inline f32x16 centered(u8x16 code, int bias) {
+  return __builtin_convertvector(widen(code) - bias, f32x16);
+}
+
+// Bits [shift, shift + 16) of a 32-bit mask, one per lane, moved to bit 4 (Q5's fifth bits).
+inline u8x16 fifth_bits(uint32_t qh, int shift) {
+  const i32x16 lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const i32x16 bits = ((i32x16{} + static_cast<int32_t>(qh)) >> (lanes + shift)) & 1;
+  return __builtin_convertvector(bits << 4, u8x16);
 }
 
 struct Q4_0 {
-  static constexpr int QK = 32, SUB = 32, BYTES = 18;
-  static inline void decode(const uint8_t* b, int8_t* q, float* scale, float* offset) {
-    scale[0] = half_at(b);
-    offset[0] = 0.f;
-    for (int j = 0; j < 16; ++j) {
-      q[j] = static_cast<int8_t>((b[2 + j] & 0x0F) - 8);
-      q[j + 16] = static_cast<int8_t>((b[2 + j] >> 4) - 8);
-    }
+  static constexpr int QK = 32, BYTES = 18;
+  template <typename V> static inline void visit(const uint8_t* b, V&& v) {
+    const f32x16 d = splat(half_at(b));
+    const u8x16 q = load_u8(b + 2);
+    v(0, d * centered(q & 0x0F, 8));
+    v(1, d * centered(q >> 4, 8));
   }
 };
 
 struct Q4_1 {
-  static constexpr int QK = 32, SUB = 32, BYTES = 20;
-  static inline void decode(const uint8_t* b, int8_t* q, float* scale, float* offset) {
-    scale[0] = half_at(b);
-    offset[0] = half_at(b + 2);
-    for (int j = 0; j < 16; ++j) {
-      q[j] = static_cast<int8_t>(b[4 + j] & 0x0F);
-      q[j + 16] = static_cast<int8_t>(b[4 + j] >> 4);
-    }
+  static constexpr int QK = 32, BYTES = 20;
+  template <typename V> static inline void visit(const uint8_t* b, V&& v) {
+    const f32x16 d = splat(half_at(b)), m = splat(half_at(b + 2));
+    const u8x16 q = load_u8(b + 4);
+    v(0, d * to_float(q & 0x0F) + m);
+    v(1, d * to_float(q >> 4) + m);
   }
 };
 
-inline void q5_codes(const uint8_t* qh, const uint8_t* qs, int bias, int8_t* q) {
-  alignas(32) uint8_t bits[32];
-  spread_bits(qh, bits);
-  for (int j = 0; j < 16; ++j) {
-    q[j] = static_cast<int8_t>(((qs[j] & 0x0F) | (bits[j] << 4)) - bias);
-    q[j + 16] = static_cast<int8_t>(((qs[j] >> 4) | (bits[j + 16] << 4)) - bias);
-  }
-}
-
 struct Q5_0 {
-  static constexpr int QK = 32, SUB = 32, BYTES = 22;
-  static inline void decode(const uint8_t* b, int8_t* q, float* scale, float* offset) {
-    scale[0] = half_at(b);
-    offset[0] = 0.f;
-    q5_codes(b + 2, b + 6, 16, q);
+  static constexpr int QK = 32, BYTES = 22;
+  template <typename V> static inline void visit(const uint8_t* b, V&& v) {
+    const f32x16 d = splat(half_at(b));
+    uint32_t qh;
+    std::memcpy(&qh, b + 2, 4);
+    const u8x16 q = load_u8(b + 6);
+    v(0, d * centered((q & 0x0F) | fifth_bits(qh, 0), 16));
+    v(1, d * centered((q >> 4) | fifth_bits(qh, 16), 16));
   }
 };
 
 struct Q5_1 {
-  static constexpr int QK = 32, SUB = 32, BYTES = 24;
-  static inline void decode(const uint8_t* b, int8_t* q, float* scale, float* offset) {
-    scale[0] = half_at(b);
-    offset[0] = half_at(b + 2);
-    q5_codes(b + 4, b + 8, 0, q);
+  static constexpr int QK = 32, BYTES = 24;
+  template <typename V> static inline void visit(const uint8_t* b, V&& v) {
+    const f32x16 d = splat(half_at(b)), m = splat(half_at(b + 2));
+    uint32_t qh;
+    std::memcpy(&qh, b + 4, 4);
+    const u8x16 q = load_u8(b + 8);
+    v(0, d * to_float((q & 0x0F) | fifth_bits(qh, 0)) + m);
+    v(1, d * to_float((q >> 4) | fifth_bits(qh, 16)) + m);
   }
 };
 
 struct Q8_0 {
-  static constexpr int QK = 32, SUB = 32, BYTES = 34;
-  static inline void decode(const uint8_t* b, int8_t* q, float* scale, float* offset) {
-    scale[0] = half_at(b);
-    offset[0] = 0.f;
-    std::memcpy(q, b + 2, 32);
+  static constexpr int QK = 32, BYTES = 34;
+  template <typename V> static inline void visit(const uint8_t* b, V&& v) {
+    const f32x16 d = splat(half_at(b));
+    v(0, d * signed_to_float(load_u8(b + 2)));
+    v(1, d * signed_to_float(load_u8(b + 18)));
   }
 };
 
-// The 6-bit scales and minimums of the 8 sub-blocks of a Q4_K / Q5_K super-block, as
-// scale = d * sc, offset = -(dmin * m).
-inline void k4_scales(const uint8_t* b, float* scale, float* offset) {
-  const float d = half_at(b), dmin = half_at(b + 2);
+// The 6-bit scale and minimum of sub-block j of a Q4_K / Q5_K super-block, as d * sc and
+// dmin * m.
+inline void k4_scale(const uint8_t* b, int j, float* scale, float* min) {
   const uint8_t* s = b + 4;
-  for (int j = 0; j < 8; ++j) {
-    int sc, m;
-    if (j < 4) {
-      sc = s[j] & 63;
-      m = s[j + 4] & 63;
-    } else {
-      sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
-      m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-    }
-    scale[j] = d * static_cast<float>(sc);
-    offset[j] = -(dmin * static_cast<float>(m));
+  int sc, m;
+  if (j < 4) {
+    sc = s[j] & 63;
+    m = s[j + 4] & 63;
+  } else {
+    sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+    m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
   }
+  *scale = half_at(b) * static_cast<float>(sc);
+  *min = half_at(b + 2) * static_cast<float>(m);
 }
 
 struct Q4_K {
-  static constexpr int QK = 256, SUB = 32, BYTES = 144;
-  static inline void decode(const uint8_t* b, int8_t* q, float* scale, float* offset) {
-    k4_scales(b, scale, offset);
-    const uint8_t* qs = b + 16;
-    for (int j = 0; j < 4; ++j)
-      for (int l = 0; l < 32; ++l) {
-        q[64 * j + l] = static_cast<int8_t>(qs[32 * j + l] & 0x0F);
-        q[64 * j + 32 + l] = static_cast<int8_t>(qs[32 * j + l] >> 4);
+  static constexpr int QK = 256, BYTES = 144;
+  template <typename V> static inline void visit(const uint8_t* b, V&& v) {
+    for (int j = 0; j < 4; ++j) {  // 32 bytes: sub-block 2j in the low nibbles, 2j + 1 in the high
+      float s1, m1, s2, m2;
+      k4_scale(b, 2 * j, &s1, &m1);
+      k4_scale(b, 2 * j + 1, &s2, &m2);
+      for (int h = 0; h < 2; ++h) {
+        const u8x16 q = load_u8(b + 16 + 32 * j + 16 * h);
+        v(4 * j + h, splat(s1) * to_float(q & 0x0F) - splat(m1));
+        v(4 * j + 2 + h, splat(s2) * to_float(q >> 4) - splat(m2));
       }
+    }
   }
 };
 
 struct Q5_K {
-  static constexpr int QK = 256, SUB = 32, BYTES = 176;
-  static inline void decode(const uint8_t* b, int8_t* q, float* scale, float* offset) {
-    k4_scales(b, scale, offset);
-    const uint8_t* qh = b + 16;
-    const uint8_t* ql = b + 48;
-    for (int j = 0; j < 4; ++j)
-      for (int l = 0; l < 32; ++l) {
-        const uint8_t h = static_cast<uint8_t>(qh[l] >> (2 * j));
-        q[64 * j + l] = static_cast<int8_t>((ql[32 * j + l] & 0x0F) | ((h & 1) << 4));
-        q[64 * j + 32 + l] = static_cast<int8_t>((ql[32 * j + l] >> 4) | ((h & 2) << 3));
+  static constexpr int QK = 256, BYTES = 176;
+  template <typename V> static inline void visit(const uint8_t* b, V&& v) {
+    for (int j = 0; j < 4; ++j) {
+      float s1, m1, s2, m2;
+      k4_scale(b, 2 * j, &s1, &m1);
+      k4_scale(b, 2 * j + 1, &s2, &m2);
+      for (int h = 0; h < 2; ++h) {
+        const u8x16 q = load_u8(b + 48 + 32 * j + 16 * h);
+        const u8x16 qh = load_u8(b + 16 + 16 * h) >> (2 * j);
+        v(4 * j + h, splat(s1) * to_float((q & 0x0F) | ((qh & 1) << 4)) - splat(m1));
+        v(4 * j + 2 + h, splat(s2) * to_float((q >> 4) | ((qh & 2) << 3)) - splat(m2));
       }
+    }
   }
 };
 
 struct Q6_K {
-  static constexpr int QK = 256, SUB = 16, BYTES = 210;
-  static inline void decode(const uint8_t* b, int8_t* q, float* scale, float* offset) {
+  static constexpr int QK = 256, BYTES = 210;
+  template <typename V> static inline void visit(const uint8_t* b, V&& v) {
     const float d = half_at(b + 208);
     const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
-    for (int s = 0; s < 16; ++s) {
-      scale[s] = d * static_cast<float>(sc[s]);
-      offset[s] = 0.f;
-    }
     for (int half = 0; half < 2; ++half) {
       const uint8_t* ql = b + 64 * half;
       const uint8_t* qh = b + 128 + 32 * half;
-      int8_t* y = q + 128 * half;
-      for (int l = 0; l < 32; ++l) {
-        y[l] = static_cast<int8_t>(((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) - 32);
-        y[l + 32] = static_cast<int8_t>(((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32);
-        y[l + 64] = static_cast<int8_t>(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
-        y[l + 96] = static_cast<int8_t>(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+      const int8_t* s = sc + 8 * half;
+      for (int h = 0; h < 2; ++h) {  // values l = 16h .. 16h + 15 of each quarter
+        const u8x16 lo = load_u8(ql + 16 * h), hi = load_u8(ql + 32 + 16 * h), top = load_u8(qh + 16 * h);
+        const int g = 8 * half + h;
+        v(g, splat(d * static_cast<float>(s[h])) * centered((lo & 0x0F) | ((top & 3) << 4), 32));
+        v(g + 2, splat(d * static_cast<float>(s[h + 2])) * centered((hi & 0x0F) | (((top >> 2) & 3) << 4), 32));
+        v(g + 4, splat(d * static_cast<float>(s[h + 4])) * centered((lo >> 4) | (((top >> 4) & 3) << 4), 32));
+        v(g + 6, splat(d * static_cast<float>(s[h + 6])) * centered((hi >> 4) | (((top >> 6) & 3) << 4), 32));
       }
     }
   }
 };
 
-// One block of format F -> its QK float32 values.
-template <typename F>
-inline void decode_values(const uint8_t* b, float* y) {
-  alignas(64) int8_t q[F::QK];
-  float scale[F::QK / F::SUB], offset[F::QK / F::SUB];
-  F::decode(b, q, scale, offset);
-  for (int s = 0; s < F::QK / F::SUB; ++s) {
-    const float d = scale[s], m = offset[s];
-    for (int j = 0; j < F::SUB; ++j) y[s * F::SUB + j] = d * static_cast<float>(q[s * F::SUB + j]) + m;
-  }
+// Activation rows multiplied per decoded vector; two accumulators per row hide the FMA latency.
+#if defined(__AVX512F__) || defined(__ARM_NEON)
+constexpr int kMaxTile = 4;
+#else
+constexpr int kMaxTile = 2;  // 16 vector registers (AVX2): more rows would spill
+#endif
+constexpr int kSliceValues = 4096 / kMaxTile;  // activation values per row in a slice of K (16 KiB a tile)
+constexpr int kRowChunk = 8;  // weight rows kept hot in cache while the activation tiles pass
+
+inline float hsum(f32x16 v) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
 }
 
-constexpr int kLanes = 32;      // independent float32 partial sums per activation row
-constexpr int kRowChunk = 8;    // weight rows kept hot in cache while the activation tiles pass
-
-// out[m, n] for m in [m0, m0 + MT), n in [n0, n1): MT activation rows share each decoded block.
+// out[m, n] (+)= the product over blocks [b0, b1) for m in [m0, m0 + MT), n in [n0, n1): MT
+// activation rows share each decoded vector.
 template <typename F, int MT>
 void rows_tile(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, float* out, int64_t N,
-               int64_t m0, int64_t n0, int64_t n1) {
-  alignas(64) float buf[F::QK];
-  const int64_t nb = K / F::QK;
+               int64_t m0, int64_t n0, int64_t n1, int64_t b0, int64_t b1) {
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * row_bytes;
-    alignas(64) float acc[MT][kLanes] = {};
-    for (int64_t b = 0; b < nb; ++b) {
-      decode_values<F>(row + b * F::BYTES, buf);
-      for (int m = 0; m < MT; ++m) {
-        const float* xm = x + (m0 + m) * K + b * F::QK;
-        for (int c = 0; c < F::QK; c += kLanes)
-          for (int j = 0; j < kLanes; ++j) acc[m][j] += buf[c + j] * xm[c + j];
-      }
+    f32x16 acc[MT][2] = {};
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const float* xb = x + m0 * K + blk * F::QK;
+      F::visit(row + blk * F::BYTES, [&](int g, f32x16 values) {
+        for (int m = 0; m < MT; ++m) acc[m][g & 1] += values * load_f32(xb + m * K + 16 * g);
+      });
     }
     for (int m = 0; m < MT; ++m) {
-      float s = 0.f;
-      for (int j = 0; j < kLanes; ++j) s += acc[m][j];
-      out[(m0 + m) * N + n] = s;
+      const float sum = hsum(acc[m][0] + acc[m][1]);
+      out[(m0 + m) * N + n] = b0 == 0 ? sum : out[(m0 + m) * N + n] + sum;
     }
   }
 }
@@ -227,16 +261,22 @@ void rows_tile(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, f
 template <typename F>
 void few_rows(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes, float* out,
               int64_t N) {
+  const int64_t nb = K / F::QK;
+  // With more than one tile of rows, K is taken in slices whose activations stay in L1.
+  const int64_t slice = M > kMaxTile ? std::max<int64_t>(1, kSliceValues / F::QK) : nb;
   at::parallel_for(0, (N + kRowChunk - 1) / kRowChunk, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t n0 = c * kRowChunk, n1 = std::min(N, n0 + kRowChunk);
-      int64_t m0 = 0;
-      for (; m0 + 4 <= M; m0 += 4) rows_tile<F, 4>(x, K, w, row_bytes, out, N, m0, n0, n1);
-      switch (M - m0) {
-        case 3: rows_tile<F, 3>(x, K, w, row_bytes, out, N, m0, n0, n1); break;
-        case 2: rows_tile<F, 2>(x, K, w, row_bytes, out, N, m0, n0, n1); break;
-        case 1: rows_tile<F, 1>(x, K, w, row_bytes, out, N, m0, n0, n1); break;
-        default: break;
+      for (int64_t b0 = 0; b0 < nb; b0 += slice) {
+        const int64_t b1 = std::min(nb, b0 + slice);
+        int64_t m0 = 0;
+        for (; m0 + kMaxTile <= M; m0 += kMaxTile) rows_tile<F, kMaxTile>(x, K, w, row_bytes, out, N, m0, n0, n1, b0, b1);
+        switch (M - m0) {
+          case 3: rows_tile<F, 3>(x, K, w, row_bytes, out, N, m0, n0, n1, b0, b1); break;
+          case 2: rows_tile<F, 2>(x, K, w, row_bytes, out, N, m0, n0, n1, b0, b1); break;
+          case 1: rows_tile<F, 1>(x, K, w, row_bytes, out, N, m0, n0, n1, b0, b1); break;
+          default: break;
+        }
       }
     }
   });
@@ -246,7 +286,10 @@ template <typename F>
 void dequantize_rows(const uint8_t* w, int64_t row_bytes, int64_t N, int64_t K, float* y) {
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
-      for (int64_t b = 0; b < K / F::QK; ++b) decode_values<F>(w + n * row_bytes + b * F::BYTES, y + n * K + b * F::QK);
+      for (int64_t blk = 0; blk < K / F::QK; ++blk) {
+        float* yb = y + n * K + blk * F::QK;
+        F::visit(w + n * row_bytes + blk * F::BYTES, [&](int g, f32x16 values) { std::memcpy(yb + 16 * g, &values, 64); });
+      }
   });
 }
 
