@@ -328,6 +328,24 @@ at::Tensor dequantize(const at::Tensor& w, int64_t qtype, int64_t K) {
   return y;
 }
 
+// Many rows: the weight dequantized a slice of rows at a time into one cache-sized buffer,
+// each slice's product by torch's GEMM.
+at::Tensor dequantized_mm(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t slice = std::max<int64_t>(16, (int64_t{1} << 21) / (4 * K));  // about 2 MiB of float32
+  at::Tensor out = at::empty({M, N}, x.options());
+  at::Tensor buffer = at::empty({std::min(slice, N), K}, x.options());
+  for (int64_t n0 = 0; n0 < N; n0 += slice) {
+    const int64_t rows = std::min(slice, N - n0);
+    at::Tensor part = buffer.narrow(0, 0, rows);
+    dispatch(qtype, [&](auto f) {
+      dequantize_rows<decltype(f)>(w.data_ptr<uint8_t>() + n0 * w.size(1), w.size(1), rows, K, part.data_ptr<float>());
+    });
+    out.narrow(1, n0, rows).copy_(at::mm(x, part.t()));
+  }
+  return out;
+}
+
 // x [M, K] float32, weight [N, row_bytes] (blocks of `qtype`) -> x @ W.T, float32 [M, N];
 // M up to `max_direct_rows` through the block kernel, more through a dequantized GEMM.
 at::Tensor mm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t max_direct_rows) {
@@ -335,7 +353,7 @@ at::Tensor mm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t m
               "GGUF matmul: x must be a float32 [rows, K] CPU tensor");
   const int64_t K = x.size(1);
   check_weight(w, qtype, K);
-  if (x.size(0) > max_direct_rows) return at::mm(x, dequantize(w, qtype, K).t());
+  if (x.size(0) > max_direct_rows) return dequantized_mm(x, w, qtype);
   const at::Tensor xc = x.contiguous();
   const int64_t M = xc.size(0), N = w.size(0);
   at::Tensor out = at::empty({M, N}, x.options());

@@ -31,6 +31,8 @@ from engine.distributed.lazy_weight import LazyWeight, WeightLike
 from engine.kernels.gguf_cpu import gguf_dequantize, gguf_mm
 
 GGUF_BLOCKS_FILE = "gguf-blocks.safetensors.raw"  # not *.safetensors: not a checkpoint shard
+# name -> (raw blocks uint8 [rows, bytes per row], ggml type id), as converted
+Blocks = dict[str, tuple[torch.Tensor, int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +110,20 @@ class GGUFWeight:
             out = out.add_(bias)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` [T] of the weight, dequantized: float32 [T, in] (an embedding lookup)."""
+        ids = ids.reshape(-1)
+        if len(self.segments) == 1:
+            segment = self.segments[0]
+            return gguf_dequantize(segment.blocks.index_select(0, ids - segment.start), segment.qtype, self.in_features)
+        out = torch.empty(ids.shape[0], self.in_features)
+        for segment in self.segments:
+            local = ids - segment.start
+            hit = ((local >= 0) & (local < segment.blocks.shape[0])).nonzero().squeeze(1)
+            picked = segment.blocks.index_select(0, local.index_select(0, hit))
+            out.index_copy_(0, hit, gguf_dequantize(picked, segment.qtype, self.in_features))
+        return out
+
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [out, in] (exactly gguf's dequantization)."""
         return torch.cat([gguf_dequantize(s.blocks, s.qtype, self.in_features) for s in self.segments])
@@ -135,36 +151,47 @@ def _covers(segments: list[Segment], rows: int) -> bool:
     return end == rows
 
 
+def _weight_owners(model: nn.Module) -> dict[int, list[nn.Module]]:
+    """Modules that can serve blocks (a `packed_weight` slot: linear layers and the LM head; a
+    `gguf_weight` slot: the embedding), by their weight's storage (a tied head shares it)."""
+    owners: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        weight = module._parameters.get("weight")
+        if weight is None or weight.dim() != 2 or weight.device.type != "cpu":
+            continue
+        if hasattr(module, "packed_weight") or hasattr(module, "gguf_weight"):
+            owners.setdefault(weight.untyped_storage().data_ptr(), []).append(module)
+    return owners
+
+
 def attach_gguf_weights(model: nn.Module, sink: BlockSink) -> int:
     """Give each layer whose weight rows all came as blocks its `GGUFWeight` (as
-    `packed_weight`, the blocks also registered as buffers) and drop its float weight;
-    dequantize the blocks of every other region taken. Returns how many layers kept blocks."""
+    `packed_weight`, or `gguf_weight` for an embedding; the blocks also registered as buffers)
+    and drop its float weight; dequantize the blocks of every other region taken. Returns how
+    many weights kept blocks."""
     count = 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if not hasattr(module, "packed_weight") or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            continue
-        if weight.device.type != "cpu":
-            continue
-        regions = sink.regions.get(weight.untyped_storage().data_ptr())
-        segments = [segment for segment, _ in regions or []]
+    for address, modules in _weight_owners(model).items():
+        segments = [segment for segment, _ in sink.regions.get(address, [])]
+        weight = modules[0]._parameters["weight"]
+        assert weight is not None
         rows, cols = weight.shape
         if not segments or not _covers(segments, rows):
             continue  # a fused layer with a part stored unquantized: dense (dequantize_rest)
-        del sink.regions[weight.untyped_storage().data_ptr()]
+        del sink.regions[address]
         packed = GGUFWeight(cols, _merged(segments))
-        for i, segment in enumerate(packed.segments):
-            module.register_buffer(f"gguf_blocks{i}", segment.blocks, persistent=False)
-        setattr(module, "packed_weight", packed)  # noqa: B010 (a slot of LinearBase's, typed there)
-        module.weight = nn.Parameter(torch.empty(rows, cols, dtype=weight.dtype, device="meta"), requires_grad=False)
+        for module in modules:
+            for i, segment in enumerate(packed.segments):
+                module.register_buffer(f"gguf_blocks{i}", segment.blocks, persistent=False)
+            slot = "packed_weight" if hasattr(module, "packed_weight") else "gguf_weight"
+            setattr(module, slot, packed)
+            module.weight = nn.Parameter(torch.empty(rows, cols, dtype=weight.dtype, device="meta"), requires_grad=False)
         count += 1
     sink.dequantize_rest()
     return count
 
 
-def save_gguf_blocks(blocks: dict[str, tuple[torch.Tensor, int]], file: str) -> None:
-    """Write {name: (blocks uint8 [rows, bytes per row], ggml type id)} to `file` (safetensors,
-    the types in its metadata)."""
+def save_gguf_blocks(blocks: Blocks, file: str) -> None:
+    """Write `blocks` to `file` (safetensors, the type ids in its metadata)."""
     from safetensors.torch import save_file
 
     types = {name: qtype for name, (_, qtype) in blocks.items()}

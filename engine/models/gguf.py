@@ -14,10 +14,7 @@ Config and tokenizer come from transformers' own GGUF metadata readers, complete
 mapping leaves something out; the config of the architectures it lacks or misreads comes from
 `engine/models/gguf_metadata.py` or, for `starcoder`, is written from the metadata here
 (`OWN_CONFIG_READERS`).
-Beside `model.safetensors`, the raw blocks of the 2-D tensors in a type the CPU kernels take
-(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), rows laid out as in `model.safetensors`, go
-to `GGUF_BLOCKS_FILE`, from which the loader serves linear layers in their blocks
-(`engine.layers.gguf_linear`).
+Raw blocks of 2-D tensors the CPU kernels take: `GGUF_BLOCKS_FILE` (`engine.layers.gguf_linear`).
 """
 
 from __future__ import annotations
@@ -30,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.layers.gguf_linear import GGUF_BLOCKS_FILE, save_gguf_blocks
+from engine.kernels.gguf_cpu import SUPPORTED_TYPES
+from engine.layers.gguf_linear import GGUF_BLOCKS_FILE, Blocks, save_gguf_blocks
 from engine.layers.rotary import interleaved_to_half_rows
 from engine.models.gguf_deepseek import DEEPSEEK2_BLOCK_NAMES, deepseek2_config, merge_kv_b
 from engine.models.gguf_moe import (
@@ -175,15 +173,9 @@ def dequantize_tensor(tensor: Any) -> torch.Tensor:
     return torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))  # a writable copy
 
 
-def read_gguf_tensors(
-    reader: Any, config: dict[str, Any], blocks: dict[str, tuple[torch.Tensor, int]] | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (transformers name, tensor) for every tensor of an opened `gguf.GGUFReader`.
-
-    With `blocks`, each 2-D tensor in a type the CPU kernels take also goes there as
-    (its raw blocks uint8 [rows, bytes per row] with the rows laid out as the yielded tensor's,
-    its ggml type id), under the same name (not for `deepseek2`, whose kv_b halves are joined).
-    """
+def read_gguf_tensors(reader: Any, config: dict[str, Any], blocks: Blocks | None = None) -> Iterator[tuple[str, Any]]:
+    """Yield (transformers name, tensor) for every tensor of an opened `gguf.GGUFReader`; a 2-D
+    tensor the CPU kernels take also goes to `blocks` (not for `deepseek2`'s joined kv_b)."""
     architecture = _read_str(reader, "general.architecture")
     if architecture == "deepseek2":  # kv_b_proj's halves joined back
         yield from merge_kv_b(_read_tensors(reader, config, architecture, None))
@@ -191,11 +183,7 @@ def read_gguf_tensors(
         yield from _read_tensors(reader, config, architecture, blocks)
 
 
-def _read_tensors(
-    reader: Any, config: dict[str, Any], architecture: str, blocks: dict[str, tuple[torch.Tensor, int]] | None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    from engine.kernels.gguf_cpu import SUPPORTED_TYPES
-
+def _read_tensors(reader: Any, config: dict[str, Any], architecture: str, blocks: Blocks | None) -> Iterator[Any]:
     num_heads = _num_heads(config)
     num_kv_heads = int(config.get("num_key_value_heads") or num_heads)
     for tensor in reader.tensors:
@@ -210,17 +198,13 @@ def _read_tensors(
 
 
 def _relayout(value: torch.Tensor, name: str, architecture: str, num_heads: int, num_kv_heads: int) -> torch.Tensor:
-    """The rows of a converted tensor (values or raw blocks) in transformers' order: q | k | v
-    per head for multi-head StarCoder and BLOOM, llama's q/k rows un-permuted."""
-    if architecture == "starcoder" and ".c_attn." in name and num_kv_heads == num_heads:
-        value = qkv_blocks_to_heads(value, num_heads)
-    elif architecture == "bloom" and ".query_key_value." in name:  # BLOOM's rows are per head too
-        value = qkv_blocks_to_heads(value, num_heads)
-    if architecture == "llama":  # only llama's converter permutes q/k
-        if ".self_attn.q_proj." in name:
-            value = undo_rope_permute(value, num_heads)
-        elif ".self_attn.k_proj." in name:
-            value = undo_rope_permute(value, num_kv_heads)
+    """Rows (values or raw blocks) in transformers' order (see the module docstring)."""
+    if (architecture == "starcoder" and ".c_attn." in name and num_kv_heads == num_heads) or (
+        architecture == "bloom" and ".query_key_value." in name
+    ):
+        return qkv_blocks_to_heads(value, num_heads)
+    if architecture == "llama" and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
+        return undo_rope_permute(value, num_heads if ".q_proj." in name else num_kv_heads)
     return value
 
 
@@ -305,7 +289,7 @@ def convert_gguf(gguf_path: str, out_dir: str) -> None:
     # Where transformers cannot read the file's config, AutoTokenizer is told the tokenizer's
     # model type (it would read that config first to find it).
     tokenizer_type = model_type if _read_str(reader, "general.architecture") in OWN_CONFIG_READERS else None
-    blocks: dict[str, tuple[torch.Tensor, int]] = {}
+    blocks: Blocks = {}
     tensors = dict(read_gguf_tensors(reader, config_dict, blocks))
     if config_dict.get("tie_word_embeddings"):
         tensors.pop("lm_head.weight", None)

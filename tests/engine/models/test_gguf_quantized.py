@@ -5,7 +5,8 @@ no float copy, and the dequantized path where asked or where a layer cannot take
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import gguf
 import numpy as np
@@ -134,6 +135,30 @@ def test_a_fused_layer_with_an_unquantized_part_and_unsupported_types_are_dequan
     )
     prompt = [p % 256 for p in PROMPT]
     assert Harness(served).generate(prompt, 16) == Harness(dequantized).generate(prompt, 16)
+
+
+@torch.inference_mode()
+def test_tied_embedding_and_lm_head_share_the_file_blocks(tmp_path: Path, cache: Path) -> None:
+    """A tied model (as the default model, whose token_embd is Q8_0): the embedding looks its
+    rows up in the blocks and the LM head multiplies by them; one copy of the blocks."""
+    hf = save_tiny_model(str(tmp_path / "hf"), tiny_config("llama", num_hidden_layers=1, tie_word_embeddings=True))
+    file = tmp_path / "tiny-tied-Q8_0.gguf"
+    state = {name: t for name, t in hf.state_dict().items() if name != "lm_head.weight"}  # no `output`: tied
+    write_gguf(file, cast(nn.Module, SimpleNamespace(config=hf.config, state_dict=lambda: state)), QT.Q8_0)
+    served, dequantized = served_and_dequantized(file, cache)
+    embed, head = served.model.embed_tokens, served.lm_head  # type: ignore[union-attr]
+    assert isinstance(embed.gguf_weight, GGUFWeight) and head.packed_weight is embed.gguf_weight
+    assert embed.weight.device.type == "meta" and head.weight.device.type == "meta"
+    ids = torch.tensor([0, 7, 255, 7])
+    reference = dequantized.model.embed_tokens.weight[ids]  # type: ignore[union-attr]
+    torch.testing.assert_close(embed(ids), reference, rtol=0, atol=0)
+    block_bytes = embed.gguf_weight.segments[0].blocks.nbytes
+    float_bytes = dequantized.model.embed_tokens.weight.nbytes  # type: ignore[union-attr]
+    served_bytes = resident_bytes(served)
+    assert served_bytes == resident_bytes(dequantized) - float_bytes + block_bytes - sum(
+        resident_bytes(m) for m in linear_layers(dequantized)
+    ) + sum(resident_bytes(m) for m in linear_layers(served))
+    assert Harness(served).generate(PROMPT, 16) == Harness(dequantized).generate(PROMPT, 16)
 
 
 def test_dequantized_opt_out_loads_float_weights(tiny_hf: nn.Module, tmp_path: Path, cache: Path) -> None:
