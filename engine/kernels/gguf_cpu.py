@@ -90,6 +90,14 @@ def _build(compiler: str) -> str:
     return library
 
 
+_errors: list[str] = []
+
+
+def build_error() -> str | None:
+    """Why `available()` is False (the compiler's complaint), or None."""
+    return _errors[-1] if _errors else None
+
+
 @functools.cache
 def available() -> bool:
     """Build (once) and load the kernels; False where that is not possible here."""
@@ -97,11 +105,13 @@ def available() -> bool:
         return True
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if compiler is None:
-        logger.warning("no C++ compiler found: GGUF weights are served dequantized")
+        _errors.append("no C++ compiler found (g++, c++, clang++ or $CXX)")
+        logger.warning("%s: GGUF weights are served dequantized", _errors[-1])
         return False
     try:
         torch.ops.load_library(_build(compiler))
     except (OSError, RuntimeError) as e:
+        _errors.append(str(e))
         logger.warning("GGUF CPU kernels unavailable, weights are served dequantized: %s", e)
         return False
     return True

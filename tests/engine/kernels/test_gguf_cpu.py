@@ -17,7 +17,11 @@ TYPES = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
 # The gguf package has no quantizer for the K-quants: where their fp16 scales lie, and how many.
 K_QUANT_SCALES = {QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208, 1), QT.Q2_K: (80, 2)}
 
-pytestmark = pytest.mark.skipif(not gguf_cpu.available(), reason="the GGUF CPU kernels did not build here")
+
+@pytest.fixture(autouse=True, scope="module")
+def kernels() -> None:
+    """The kernels build here (the CI machine has a C++ compiler): a failed build fails."""
+    assert gguf_cpu.available(), f"the GGUF CPU kernels did not build: {gguf_cpu.build_error()}"
 
 
 def random_blocks(qtype: QT, rows: int, cols: int, seed: int = 0, scale: float = 0.01) -> np.ndarray:

@@ -23,7 +23,12 @@ from tests.engine.models.harness import Harness, save_tiny_model, tiny_config
 from tests.engine.models.test_gguf import write_gguf
 
 QT = gguf.GGMLQuantizationType
-pytestmark = pytest.mark.skipif(not gguf_cpu.available(), reason="the GGUF CPU kernels did not build here")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def kernels() -> None:
+    """The kernels build here (the CI machine has a C++ compiler): a failed build fails."""
+    assert gguf_cpu.available(), f"the GGUF CPU kernels did not build: {gguf_cpu.build_error()}"
 
 PROMPT = [5, 17, 42, 9, 100, 3, 77]
 # Q4_K_M's mix: most projections in Q4_K, v and down in Q6_K (a fused q | k | v of two types)
