@@ -117,8 +117,9 @@ class EngineConfig:
     )
     gguf_weights: Literal["quantized", "dequantized"] = setting(
         "quantized",
-        "CPU: a GGUF file's linear layers in Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K kept in their "
-        "blocks and multiplied by the CPU kernels, or dequantized to dtype at load (other types always are)",
+        "CPU: a GGUF file's linear layers, embedding and LM head in Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K "
+        "or Q6_K kept in their blocks and computed by the CPU kernels, or dequantized to dtype at load (other "
+        "types always are)",
     )
     quantization: Literal["none", "fp8"] = setting(
         "none",
