@@ -31,8 +31,10 @@ def kernels() -> None:
     assert gguf_cpu.available(), f"the GGUF CPU kernels did not build: {gguf_cpu.build_error()}"
 
 PROMPT = [5, 17, 42, 9, 100, 3, 77]
-# Q4_K_M's mix: most projections in Q4_K, v and down in Q6_K (a fused q | k | v of two types)
-Q4_K_M = {"attn_v": QT.Q6_K, "ffn_down": QT.Q6_K}
+# Q4_K_M's and Q5_K_M's mixes: most projections in Q4_K / Q5_K, v and down in Q6_K (a fused
+# q | k | v of two types)
+K_MIXES = {"Q4_K_M": QT.Q4_K, "Q5_K_M": QT.Q5_K}
+Q6_K_PARTS = {"attn_v": QT.Q6_K, "ffn_down": QT.Q6_K}
 
 
 def write_k_quant_llama(path: Path, types: dict[str, QT], default: QT = QT.Q4_K) -> None:
@@ -104,19 +106,22 @@ def test_quantized_gguf_serves_the_dequantized_greedy_tokens(
 
 
 @torch.inference_mode()
-def test_q4_k_m_gguf_keeps_the_file_bytes_and_serves_the_dequantized_greedy_tokens(tmp_path: Path, cache: Path) -> None:
-    file = tmp_path / "tiny-Q4_K_M.gguf"
-    write_k_quant_llama(file, Q4_K_M)
+@pytest.mark.parametrize("mix", sorted(K_MIXES))
+def test_k_quant_gguf_keeps_the_file_bytes_and_serves_the_dequantized_greedy_tokens(
+    mix: str, tmp_path: Path, cache: Path
+) -> None:
+    file = tmp_path / f"tiny-{mix}.gguf"
+    write_k_quant_llama(file, Q6_K_PARTS, default=K_MIXES[mix])
     served, dequantized = served_and_dequantized(file, cache)
     reader = gguf.GGUFReader(str(file))
-    quantized_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.tensor_type in (QT.Q4_K, QT.Q6_K))
+    quantized_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.tensor_type in (K_MIXES[mix], QT.Q6_K))
     layers = linear_layers(served)
     assert all(m.weight.device.type == "meta" and isinstance(m.packed_weight, GGUFWeight) for m in layers)
     assert sum(resident_bytes(m) for m in layers) == quantized_bytes  # the blocks, no float copy
     float_bytes = sum(resident_bytes(m) for m in linear_layers(dequantized))
     assert resident_bytes(served) == resident_bytes(dequantized) - float_bytes + quantized_bytes
     qkv: Any = served.model.layers[0].self_attn.qkv_proj
-    assert [s.qtype for s in qkv.packed_weight.segments] == [int(QT.Q4_K), int(QT.Q6_K)]  # q | k, then v
+    assert [s.qtype for s in qkv.packed_weight.segments] == [int(K_MIXES[mix]), int(QT.Q6_K)]  # q | k, then v
     prompt = [p % 256 for p in PROMPT]
     assert Harness(served).generate(prompt, 16) == Harness(dequantized).generate(prompt, 16)
 
