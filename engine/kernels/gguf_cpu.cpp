@@ -33,11 +33,59 @@ namespace {
 constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8;
 constexpr int64_t kQ4_K = 12, kQ5_K = 13, kQ6_K = 14;
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
+// Everything on the per-vector path is forced inline: a 64-byte vector passed to a call that is
+// not inlined goes through memory where the CPU has no 64-byte registers (AVX2).
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
 typedef uint8_t u8x16 __attribute__((vector_size(16)));
 
-inline float half_at(const uint8_t* p) {
+#if defined(__AVX512F__)
+// 16 float32 / int32 lanes: one 512-bit register.
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+ALWAYS_INLINE f32x16 to_f32(i32x16 v) { return __builtin_convertvector(v, f32x16); }
+ALWAYS_INLINE f32x16 splat(float s) { return f32x16{} + s; }
+ALWAYS_INLINE float hsum(f32x16 v) { return _mm512_reduce_add_ps((__m512)v); }
+ALWAYS_INLINE i32x16 splat_i(int32_t s) { return i32x16{} + s; }
+ALWAYS_INLINE i32x16 lane_index() { return i32x16{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
+#else
+// 16 lanes as two halves of 8 (AVX2's 256-bit registers, two NEON pairs): GCC lowers a 64-byte
+// vector type badly where registers are narrower, a pair of 32-byte ones well.
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+template <typename H>
+struct Pair {
+  H lo, hi;
+};
+template <typename H> ALWAYS_INLINE Pair<H> operator+(Pair<H> a, Pair<H> b) { return {a.lo + b.lo, a.hi + b.hi}; }
+template <typename H> ALWAYS_INLINE Pair<H> operator-(Pair<H> a, Pair<H> b) { return {a.lo - b.lo, a.hi - b.hi}; }
+template <typename H> ALWAYS_INLINE Pair<H> operator*(Pair<H> a, Pair<H> b) { return {a.lo * b.lo, a.hi * b.hi}; }
+template <typename H> ALWAYS_INLINE Pair<H>& operator+=(Pair<H>& a, Pair<H> b) { a.lo += b.lo; a.hi += b.hi; return a; }
+template <typename H> ALWAYS_INLINE Pair<H> operator-(Pair<H> a, int b) { return {a.lo - b, a.hi - b}; }
+template <typename H> ALWAYS_INLINE Pair<H> operator^(Pair<H> a, int b) { return {a.lo ^ b, a.hi ^ b}; }
+template <typename H> ALWAYS_INLINE Pair<H> operator+(Pair<H> a, int b) { return {a.lo + b, a.hi + b}; }
+template <typename H> ALWAYS_INLINE Pair<H> operator&(Pair<H> a, int b) { return {a.lo & b, a.hi & b}; }
+template <typename H> ALWAYS_INLINE Pair<H> operator<<(Pair<H> a, int b) { return {a.lo << b, a.hi << b}; }
+template <typename H> ALWAYS_INLINE Pair<H> operator|(Pair<H> a, Pair<H> b) { return {a.lo | b.lo, a.hi | b.hi}; }
+template <typename H> ALWAYS_INLINE Pair<H> operator>>(Pair<H> a, Pair<H> b) { return {a.lo >> b.lo, a.hi >> b.hi}; }
+typedef Pair<f32x8> f32x16;
+typedef Pair<i32x8> i32x16;
+
+ALWAYS_INLINE f32x16 to_f32(i32x16 v) { return {__builtin_convertvector(v.lo, f32x8), __builtin_convertvector(v.hi, f32x8)}; }
+ALWAYS_INLINE f32x16 splat(float s) { return {f32x8{} + s, f32x8{} + s}; }
+ALWAYS_INLINE i32x16 splat_i(int32_t s) { return {i32x8{} + s, i32x8{} + s}; }
+ALWAYS_INLINE i32x16 lane_index() { return {i32x8{0, 1, 2, 3, 4, 5, 6, 7}, i32x8{8, 9, 10, 11, 12, 13, 14, 15}}; }
+ALWAYS_INLINE float hsum(f32x16 v) {
+  const f32x8 h = v.lo + v.hi;
+  float s = 0.f;
+  for (int i = 0; i < 8; ++i) s += h[i];
+  return s;
+}
+#endif
+
+ALWAYS_INLINE float half_at(const uint8_t* p) {
   uint16_t bits;
   std::memcpy(&bits, p, 2);
   return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
@@ -45,7 +93,7 @@ inline float half_at(const uint8_t* p) {
 
 // Loads and widenings: intrinsics on x86 (GCC scalarizes a widening of bytes it loaded itself),
 // the generic vector conversions elsewhere.
-inline u8x16 load_u8(const uint8_t* p) {
+ALWAYS_INLINE u8x16 load_u8(const uint8_t* p) {
 #if defined(__SSE2__)
   return (u8x16)_mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
 #else
@@ -55,53 +103,58 @@ inline u8x16 load_u8(const uint8_t* p) {
 #endif
 }
 
-inline f32x16 load_f32(const float* p) {
+ALWAYS_INLINE f32x16 load_f32(const float* p) {
+#if defined(__AVX512F__)
   f32x16 v;
   std::memcpy(&v, p, 64);
   return v;
-}
-
-inline i32x16 widen(u8x16 v) {  // zero-extended
-#if defined(__AVX512F__)
-  return (i32x16)_mm512_cvtepu8_epi32((__m128i)v);
-#elif defined(__AVX2__)
-  i32x16 out;
-  const __m256i lo = _mm256_cvtepu8_epi32((__m128i)v), hi = _mm256_cvtepu8_epi32(_mm_srli_si128((__m128i)v, 8));
-  std::memcpy(&out, &lo, 32);
-  std::memcpy(reinterpret_cast<char*>(&out) + 32, &hi, 32);
-  return out;
 #else
-  return __builtin_convertvector(v, i32x16);
+  f32x8 lo, hi;  // each half on its own: a copy of the pair would go through memory
+  std::memcpy(&lo, p, 32);
+  std::memcpy(&hi, p + 8, 32);
+  return {lo, hi};
 #endif
 }
 
-inline i32x16 widen_signed(u8x16 v) {  // the bytes as int8, sign-extended
+ALWAYS_INLINE i32x16 widen(u8x16 v) {  // zero-extended
+#if defined(__AVX512F__)
+  return (i32x16)_mm512_cvtepu8_epi32((__m128i)v);
+#elif defined(__AVX2__)
+  return {(i32x8)_mm256_cvtepu8_epi32((__m128i)v), (i32x8)_mm256_cvtepu8_epi32(_mm_srli_si128((__m128i)v, 8))};
+#else
+  typedef uint8_t u8x8 __attribute__((vector_size(8)));
+  u8x8 lo, hi;
+  std::memcpy(&lo, &v, 8);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 8, 8);
+  return {__builtin_convertvector(lo, i32x8), __builtin_convertvector(hi, i32x8)};
+#endif
+}
+
+ALWAYS_INLINE i32x16 widen_signed(u8x16 v) {  // the bytes as int8, sign-extended
 #if defined(__AVX512F__)
   return (i32x16)_mm512_cvtepi8_epi32((__m128i)v);
+#elif defined(__AVX2__)
+  return {(i32x8)_mm256_cvtepi8_epi32((__m128i)v), (i32x8)_mm256_cvtepi8_epi32(_mm_srli_si128((__m128i)v, 8))};
 #else
   return (widen(v) ^ 0x80) - 0x80;
 #endif
 }
 
-inline f32x16 to_float(u8x16 v) { return __builtin_convertvector(widen(v), f32x16); }
-inline f32x16 signed_to_float(u8x16 v) { return __builtin_convertvector(widen_signed(v), f32x16); }
-inline f32x16 splat(float s) { return f32x16{} + s; }
+ALWAYS_INLINE f32x16 to_float(u8x16 v) { return to_f32(widen(v)); }
+ALWAYS_INLINE f32x16 signed_to_float(u8x16 v) { return to_f32(widen_signed(v)); }
 
 // code - bias as float32 (Q4_0's 8, Q5_0's 16, Q6_K's 32): exact small integers
-inline f32x16 centered(u8x16 code, int bias) {
-  return __builtin_convertvector(widen(code) - bias, f32x16);
-}
+ALWAYS_INLINE f32x16 centered(u8x16 code, int bias) { return to_f32(widen(code) - bias); }
 
-// Bits [shift, shift + 16) of a 32-bit mask, one per lane, moved to bit 4 (Q5's fifth bits).
-inline u8x16 fifth_bits(uint32_t qh, int shift) {
-  const i32x16 lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const i32x16 bits = ((i32x16{} + static_cast<int32_t>(qh)) >> (lanes + shift)) & 1;
-  return __builtin_convertvector(bits << 4, u8x16);
+// Q5 codes: 4 low bits from `q`, the fifth from bit `shift + lane` of the 32-bit mask `qh`
+// (shift 0 or 16), in 32-bit lanes (variable shifts, no narrowing).
+ALWAYS_INLINE i32x16 q5_codes(u8x16 q, uint32_t qh, int shift) {
+  return widen(q) | (((splat_i(static_cast<int32_t>(qh >> shift)) >> lane_index()) & 1) << 4);
 }
 
 struct Q4_0 {
   static constexpr int QK = 32, BYTES = 18;
-  template <typename V> static inline void visit(const uint8_t* b, V&& v) {
+  template <typename V> static ALWAYS_INLINE void visit(const uint8_t* b, V&& v) {
     const f32x16 d = splat(half_at(b));
     const u8x16 q = load_u8(b + 2);
     v(0, d * centered(q & 0x0F, 8));
@@ -111,7 +164,7 @@ struct Q4_0 {
 
 struct Q4_1 {
   static constexpr int QK = 32, BYTES = 20;
-  template <typename V> static inline void visit(const uint8_t* b, V&& v) {
+  template <typename V> static ALWAYS_INLINE void visit(const uint8_t* b, V&& v) {
     const f32x16 d = splat(half_at(b)), m = splat(half_at(b + 2));
     const u8x16 q = load_u8(b + 4);
     v(0, d * to_float(q & 0x0F) + m);
@@ -121,31 +174,31 @@ struct Q4_1 {
 
 struct Q5_0 {
   static constexpr int QK = 32, BYTES = 22;
-  template <typename V> static inline void visit(const uint8_t* b, V&& v) {
+  template <typename V> static ALWAYS_INLINE void visit(const uint8_t* b, V&& v) {
     const f32x16 d = splat(half_at(b));
     uint32_t qh;
     std::memcpy(&qh, b + 2, 4);
     const u8x16 q = load_u8(b + 6);
-    v(0, d * centered((q & 0x0F) | fifth_bits(qh, 0), 16));
-    v(1, d * centered((q >> 4) | fifth_bits(qh, 16), 16));
+    v(0, d * to_f32(q5_codes(q & 0x0F, qh, 0) - 16));
+    v(1, d * to_f32(q5_codes(q >> 4, qh, 16) - 16));
   }
 };
 
 struct Q5_1 {
   static constexpr int QK = 32, BYTES = 24;
-  template <typename V> static inline void visit(const uint8_t* b, V&& v) {
+  template <typename V> static ALWAYS_INLINE void visit(const uint8_t* b, V&& v) {
     const f32x16 d = splat(half_at(b)), m = splat(half_at(b + 2));
     uint32_t qh;
     std::memcpy(&qh, b + 4, 4);
     const u8x16 q = load_u8(b + 8);
-    v(0, d * to_float((q & 0x0F) | fifth_bits(qh, 0)) + m);
-    v(1, d * to_float((q >> 4) | fifth_bits(qh, 16)) + m);
+    v(0, d * to_f32(q5_codes(q & 0x0F, qh, 0)) + m);
+    v(1, d * to_f32(q5_codes(q >> 4, qh, 16)) + m);
   }
 };
 
 struct Q8_0 {
   static constexpr int QK = 32, BYTES = 34;
-  template <typename V> static inline void visit(const uint8_t* b, V&& v) {
+  template <typename V> static ALWAYS_INLINE void visit(const uint8_t* b, V&& v) {
     const f32x16 d = splat(half_at(b));
     v(0, d * signed_to_float(load_u8(b + 2)));
     v(1, d * signed_to_float(load_u8(b + 18)));
@@ -154,7 +207,7 @@ struct Q8_0 {
 
 // The 6-bit scale and minimum of sub-block j of a Q4_K / Q5_K super-block, as d * sc and
 // dmin * m.
-inline void k4_scale(const uint8_t* b, int j, float* scale, float* min) {
+ALWAYS_INLINE void k4_scale(const uint8_t* b, int j, float* scale, float* min) {
   const uint8_t* s = b + 4;
   int sc, m;
   if (j < 4) {
@@ -170,7 +223,7 @@ inline void k4_scale(const uint8_t* b, int j, float* scale, float* min) {
 
 struct Q4_K {
   static constexpr int QK = 256, BYTES = 144;
-  template <typename V> static inline void visit(const uint8_t* b, V&& v) {
+  template <typename V> static ALWAYS_INLINE void visit(const uint8_t* b, V&& v) {
     for (int j = 0; j < 4; ++j) {  // 32 bytes: sub-block 2j in the low nibbles, 2j + 1 in the high
       float s1, m1, s2, m2;
       k4_scale(b, 2 * j, &s1, &m1);
@@ -186,7 +239,7 @@ struct Q4_K {
 
 struct Q5_K {
   static constexpr int QK = 256, BYTES = 176;
-  template <typename V> static inline void visit(const uint8_t* b, V&& v) {
+  template <typename V> static ALWAYS_INLINE void visit(const uint8_t* b, V&& v) {
     for (int j = 0; j < 4; ++j) {
       float s1, m1, s2, m2;
       k4_scale(b, 2 * j, &s1, &m1);
@@ -203,7 +256,7 @@ struct Q5_K {
 
 struct Q6_K {
   static constexpr int QK = 256, BYTES = 210;
-  template <typename V> static inline void visit(const uint8_t* b, V&& v) {
+  template <typename V> static ALWAYS_INLINE void visit(const uint8_t* b, V&& v) {
     const float d = half_at(b + 208);
     const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
     for (int half = 0; half < 2; ++half) {
@@ -231,11 +284,6 @@ constexpr int kMaxTile = 2;  // 16 vector registers (AVX2): more rows would spil
 constexpr int kSliceValues = 4096 / kMaxTile;  // activation values per row in a slice of K (16 KiB a tile)
 constexpr int kRowChunk = 8;  // weight rows kept hot in cache while the activation tiles pass
 
-inline float hsum(f32x16 v) {
-  float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
-}
 
 // out[m, n] (+)= the product over blocks [b0, b1) for m in [m0, m0 + MT), n in [n0, n1): MT
 // activation rows share each decoded vector.
@@ -247,7 +295,7 @@ void rows_tile(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, f
     f32x16 acc[MT][2] = {};
     for (int64_t blk = b0; blk < b1; ++blk) {
       const float* xb = x + m0 * K + blk * F::QK;
-      F::visit(row + blk * F::BYTES, [&](int g, f32x16 values) {
+      F::visit(row + blk * F::BYTES, [&](int g, f32x16 values) __attribute__((always_inline)) {
         for (int m = 0; m < MT; ++m) acc[m][g & 1] += values * load_f32(xb + m * K + 16 * g);
       });
     }
@@ -288,7 +336,7 @@ void dequantize_rows(const uint8_t* w, int64_t row_bytes, int64_t N, int64_t K, 
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t blk = 0; blk < K / F::QK; ++blk) {
         float* yb = y + n * K + blk * F::QK;
-        F::visit(w + n * row_bytes + blk * F::BYTES, [&](int g, f32x16 values) { std::memcpy(yb + 16 * g, &values, 64); });
+        F::visit(w + n * row_bytes + blk * F::BYTES, [&](int g, f32x16 values) __attribute__((always_inline)) { std::memcpy(yb + 16 * g, &values, 64); });
       }
   });
 }
