@@ -1,7 +1,8 @@
 """GGUF block-quantized products on the CPU: `gguf_cpu.cpp`, compiled on first use.
 
 The C++ source is built once per machine (for its own SIMD: `-march=native`, or
-`-mcpu=native` on ARM) with the system's C++ compiler against the installed torch, and the
+`-mcpu=native` on ARM; `LIGHTGATE_KERNEL_MARCH` names another target, e.g. `haswell` for
+AVX2 only) with the system's C++ compiler against the installed torch, and the
 shared library is cached under `~/.cache/lightgate/kernels/` (`LIGHTGATE_KERNEL_CACHE`
 overrides), keyed by the source, the torch version, the compiler and the CPU; later processes
 load it at once. The library registers the ops `torch.ops.lightgate_gguf.mm` and
@@ -50,7 +51,8 @@ def _cpu_signature() -> str:
 def _compile_command(compiler: str, output: str) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
-    arch = "-mcpu=native" if platform.machine() in ("aarch64", "arm64") else "-march=native"
+    target = os.environ.get("LIGHTGATE_KERNEL_MARCH", "native")
+    arch = f"-mcpu={target}" if platform.machine() in ("aarch64", "arm64") else f"-march={target}"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     libs = library_paths()
     return [
@@ -69,7 +71,8 @@ def _build(compiler: str) -> str:
         source = f.read()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(b"|".join(
-        [source, torch.__version__.encode(), version.encode(), _cpu_signature().encode()]
+        [source, torch.__version__.encode(), version.encode(), _cpu_signature().encode(),
+         os.environ.get("LIGHTGATE_KERNEL_MARCH", "native").encode()]
     )).hexdigest()[:16]  # fmt: skip
     directory = os.path.join(_cache_root(), f"gguf_cpu-{key}")
     library = os.path.join(directory, "gguf_cpu.so")
