@@ -115,6 +115,12 @@ class EngineConfig:
         "none",
         "CPU: weight-only int8 (a scale per row) or int4 (groups of 32) linear layers, bfloat16 compute; lossy",
     )
+    gguf_weights: Literal["quantized", "dequantized"] = setting(
+        "quantized",
+        "CPU: a GGUF file's linear layers, embedding and LM head in Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K "
+        "or Q6_K kept in their blocks and computed by the CPU kernels, or dequantized to dtype at load (other "
+        "types always are)",
+    )
     quantization: Literal["none", "fp8"] = setting(
         "none",
         "fp8: linear layers in FP8 (e4m3; a scale per weight row and per token), quantized from the checkpoint "
@@ -157,6 +163,8 @@ class EngineConfig:
             raise ValueError(f"weight_quantization must be none, int8 or int4, got {quantization!r}")
         if quantization != "none" and self.dtype not in ("auto", "bfloat16", "bf16"):
             raise ValueError(f"weight_quantization {quantization} computes in bfloat16, not {self.dtype}")
+        if self.gguf_weights not in ("quantized", "dequantized"):
+            raise ValueError(f"gguf_weights must be quantized or dequantized, got {self.gguf_weights!r}")
         if self.quantization not in ("none", "fp8"):
             raise ValueError(f"quantization must be none or fp8, got {self.quantization!r}")
         if self.quantization != "none" and quantization != "none":

@@ -25,6 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--weight-quantization", default="none", choices=["none", "int8", "int4"])
+    parser.add_argument("--gguf-weights", default="quantized", choices=["quantized", "dequantized"])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=100)
     parser.add_argument("--steps", type=int, default=10)
@@ -34,7 +35,8 @@ def main() -> None:
 
     path = resolve_model(None)
     config = EngineConfig(dtype=args.dtype, device="cpu").resolve(max_position_embeddings=8192)
-    model = load_model(path, config.torch_dtype(), "cpu")
+    gguf_weights = args.gguf_weights if args.weight_quantization == "none" else "dequantized"  # as the worker
+    model = load_model(path, config.torch_dtype(), "cpu", gguf_weights=gguf_weights)
     if args.weight_quantization != "none":
         quantize_model_weights(model, args.weight_quantization)
     runner = ModelRunner(config, model, load_hf_config(path))
@@ -69,11 +71,16 @@ def main() -> None:
 
     for i in range(3):
         step(i)
-    start = time.perf_counter()
+    times = []
     for i in range(args.steps):
+        start = time.perf_counter()
         step(i)
+        times.append(time.perf_counter() - start)
+    times.sort()
     print(
-        f"{args.dtype}, weights {args.weight_quantization}, batch {batch}: {(time.perf_counter() - start) / args.steps * 1e3:.1f} ms per step"
+        f"{args.dtype}, weights {args.weight_quantization}, GGUF {gguf_weights}, batch {batch}: "
+        f"{sum(times) / len(times) * 1e3:.1f} ms per step (median {times[len(times) // 2] * 1e3:.1f}, "
+        f"best {times[0] * 1e3:.1f})"
     )
     with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape) as prof:
         for i in range(5):

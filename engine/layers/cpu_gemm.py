@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.gguf_linear import GGUFWeight
+
 _PACKABLE = (torch.float32, torch.bfloat16, torch.float16)
 # The batch size oneDNN picks its blocking for; decode batches are around this size.
 _BATCH_HINT = 16
@@ -148,8 +150,10 @@ def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    packed: torch.Tensor | QuantizedWeight | None,
+    packed: torch.Tensor | QuantizedWeight | GGUFWeight | None,
 ) -> torch.Tensor:
+    if isinstance(packed, GGUFWeight):  # any activation dtype: the kernels compute in float32
+        return packed(x, bias)
     if packed is not None and x.dtype == weight.dtype:
         if isinstance(packed, QuantizedWeight):
             return packed(x, bias)
@@ -161,7 +165,7 @@ class Projection(Protocol):
     """A module whose product `linear()` computes: the linear layers and the LM head."""
 
     weight: torch.Tensor  # [out, in]
-    packed_weight: torch.Tensor | QuantizedWeight | None  # set after loading, on CPU
+    packed_weight: torch.Tensor | QuantizedWeight | GGUFWeight | None  # set after loading, on CPU
 
 
 def _is_projection(module: nn.Module) -> TypeGuard[Projection]:

@@ -16,6 +16,7 @@ from torch import nn
 
 from engine.distributed import WeightLike, all_gather, all_reduce, read_weight
 from engine.layers import cpu_gemm
+from engine.layers.gguf_linear import GGUFWeight, QuantizedRows
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -41,6 +42,9 @@ class VocabParallelEmbedding(nn.Module):
             torch.empty(self.shard_size, embedding_dim, dtype=params_dtype), requires_grad=False
         )
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        # A GGUF file's quantized rows, kept as blocks (engine.layers.gguf_linear); the weight
+        # is then on the meta device.
+        self.gguf_weight: GGUFWeight | None = None
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: WeightLike) -> None:
         shape = tuple(loaded_weight.shape)
@@ -56,10 +60,14 @@ class VocabParallelEmbedding(nn.Module):
         owned = self.vocab_end - self.vocab_start
         param.data[owned:].zero_()
         if owned:
-            param.data[:owned].copy_(read_weight(loaded_weight.narrow(0, self.vocab_start, owned)))
+            rows = loaded_weight.narrow(0, self.vocab_start, owned)
+            if not (isinstance(rows, QuantizedRows) and rows.take(param.data[:owned])):
+                param.data[:owned].copy_(read_weight(rows))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # input_ids: [num_tokens] int64 -> [num_tokens, embedding_dim]
+        if self.gguf_weight is not None:  # one rank: the tokens' rows dequantized
+            return self.gguf_weight.rows(input_ids).to(self.weight.dtype)
         if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)
         owned = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
@@ -88,7 +96,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         if bias:
             self.bias = nn.Parameter(torch.empty(self.shard_size, dtype=params_dtype), requires_grad=False)
             self.bias.weight_loader = self.bias_loader  # type: ignore[attr-defined]
-        self.packed_weight: torch.Tensor | cpu_gemm.QuantizedWeight | None = None  # CPU layout, see cpu_gemm
+        # CPU layout, see cpu_gemm
+        self.packed_weight: torch.Tensor | cpu_gemm.QuantizedWeight | GGUFWeight | None = None
 
     def bias_loader(self, param: nn.Parameter, loaded_weight: WeightLike) -> None:
         if loaded_weight.dim() != 1 or loaded_weight.shape[0] < self.num_embeddings:

@@ -23,6 +23,7 @@ from torch import nn
 from engine.distributed import WeightLike, all_reduce, read_weight
 from engine.layers import cpu_gemm
 from engine.layers.fp8 import FP8_DTYPE, fp8_linear
+from engine.layers.gguf_linear import GGUFWeight, QuantizedRows
 
 
 def _divide(numerator: int, denominator: int) -> int:
@@ -60,7 +61,8 @@ class LinearBase(nn.Module):
             self.bias = _new_param(output_size, dtype=params_dtype)
             self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
 
-        self.packed_weight: torch.Tensor | cpu_gemm.QuantizedWeight | None = None  # CPU layout, see cpu_gemm
+        # CPU layout, see cpu_gemm; GGUF blocks: engine.layers.gguf_linear
+        self.packed_weight: torch.Tensor | cpu_gemm.QuantizedWeight | GGUFWeight | None = None
         self.weight_scale: torch.Tensor  # [out, 1] float32, set with an e4m3 weight (engine.layers.fp8)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: WeightLike) -> None:
@@ -82,11 +84,14 @@ class LinearBase(nn.Module):
 
 
 def _copy(dst: torch.Tensor, src: WeightLike) -> None:
-    """Check the shape, then read `src` (only its region, for a LazyWeight) into `dst`."""
+    """Check the shape, then read `src` (only its region, for a LazyWeight) into `dst`; GGUF
+    blocks for whole weight rows are recorded instead (`QuantizedRows.take`)."""
     if dst.shape != src.shape:
         raise ValueError(
             f"weight shape mismatch: parameter {tuple(dst.shape)}, checkpoint {tuple(src.shape)}"
         )
+    if isinstance(src, QuantizedRows) and src.take(dst):
+        return
     dst.copy_(read_weight(src))
 
 

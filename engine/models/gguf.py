@@ -14,6 +14,7 @@ Config and tokenizer come from transformers' own GGUF metadata readers, complete
 mapping leaves something out; the config of the architectures it lacks or misreads comes from
 `engine/models/gguf_metadata.py` or, for `starcoder`, is written from the metadata here
 (`OWN_CONFIG_READERS`).
+Raw blocks of 2-D tensors the CPU kernels take: `GGUF_BLOCKS_FILE` (`engine.layers.gguf_linear`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.kernels.gguf_cpu import SUPPORTED_TYPES
+from engine.layers.gguf_linear import GGUF_BLOCKS_FILE, Blocks, save_gguf_blocks
 from engine.layers.rotary import interleaved_to_half_rows
 from engine.models.gguf_deepseek import DEEPSEEK2_BLOCK_NAMES, deepseek2_config, merge_kv_b
 from engine.models.gguf_moe import (
@@ -170,33 +173,39 @@ def dequantize_tensor(tensor: Any) -> torch.Tensor:
     return torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))  # a writable copy
 
 
-def read_gguf_tensors(reader: Any, config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (transformers name, tensor) for every tensor of an opened `gguf.GGUFReader`."""
+def read_gguf_tensors(reader: Any, config: dict[str, Any], blocks: Blocks | None = None) -> Iterator[tuple[str, Any]]:
+    """Yield (transformers name, tensor) for every tensor of an opened `gguf.GGUFReader`; a 2-D
+    tensor the CPU kernels take also goes to `blocks` (not for `deepseek2`'s joined kv_b)."""
     architecture = _read_str(reader, "general.architecture")
     if architecture == "deepseek2":  # kv_b_proj's halves joined back
-        yield from merge_kv_b(_read_tensors(reader, config, architecture))
+        yield from merge_kv_b(_read_tensors(reader, config, architecture, None))
     else:
-        yield from _read_tensors(reader, config, architecture)
+        yield from _read_tensors(reader, config, architecture, blocks)
 
 
-def _read_tensors(reader: Any, config: dict[str, Any], architecture: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _read_tensors(reader: Any, config: dict[str, Any], architecture: str, blocks: Blocks | None) -> Iterator[Any]:
     num_heads = _num_heads(config)
     num_kv_heads = int(config.get("num_key_value_heads") or num_heads)
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name, architecture)
         if name is None:
             continue
-        value = dequantize_tensor(tensor)
-        if architecture == "starcoder" and ".c_attn." in name and num_kv_heads == num_heads:
-            value = qkv_blocks_to_heads(value, num_heads)
-        elif architecture == "bloom" and ".query_key_value." in name:  # BLOOM's rows are per head too
-            value = qkv_blocks_to_heads(value, num_heads)
-        if architecture == "llama":  # only llama's converter permutes q/k
-            if ".self_attn.q_proj." in name:
-                value = undo_rope_permute(value, num_heads)
-            elif ".self_attn.k_proj." in name:
-                value = undo_rope_permute(value, num_kv_heads)
+        value = _relayout(dequantize_tensor(tensor), name, architecture, num_heads, num_kv_heads)
+        if blocks is not None and len(tensor.shape) == 2 and int(tensor.tensor_type) in SUPPORTED_TYPES:
+            raw = torch.from_numpy(np.array(tensor.data, dtype=np.uint8).reshape(value.shape[0], -1))
+            blocks[name] = (_relayout(raw, name, architecture, num_heads, num_kv_heads), int(tensor.tensor_type))
         yield from expand_experts(name, value)
+
+
+def _relayout(value: torch.Tensor, name: str, architecture: str, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """Rows (values or raw blocks) in transformers' order (see the module docstring)."""
+    if (architecture == "starcoder" and ".c_attn." in name and num_kv_heads == num_heads) or (
+        architecture == "bloom" and ".query_key_value." in name
+    ):
+        return qkv_blocks_to_heads(value, num_heads)
+    if architecture == "llama" and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
+        return undo_rope_permute(value, num_heads if ".q_proj." in name else num_kv_heads)
+    return value
 
 
 def _num_heads(config: dict[str, Any]) -> int:
@@ -280,11 +289,15 @@ def convert_gguf(gguf_path: str, out_dir: str) -> None:
     # Where transformers cannot read the file's config, AutoTokenizer is told the tokenizer's
     # model type (it would read that config first to find it).
     tokenizer_type = model_type if _read_str(reader, "general.architecture") in OWN_CONFIG_READERS else None
-    tensors = dict(read_gguf_tensors(reader, config_dict))
+    blocks: Blocks = {}
+    tensors = dict(read_gguf_tensors(reader, config_dict, blocks))
     if config_dict.get("tie_word_embeddings"):
         tensors.pop("lm_head.weight", None)
+        blocks.pop("lm_head.weight", None)
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    del tensors, reader
+    if blocks:
+        save_gguf_blocks(blocks, os.path.join(out_dir, GGUF_BLOCKS_FILE))
+    del tensors, blocks, reader
 
     if has_tokenizer:
         directory, filename = os.path.split(os.path.abspath(gguf_path))

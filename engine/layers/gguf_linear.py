@@ -1,0 +1,221 @@
+"""Linear layers served in a GGUF file's quantized blocks on the CPU.
+
+A converted GGUF directory (`engine.models.gguf`) holds, beside its dequantized
+`model.safetensors`, the raw blocks of every quantized 2-D tensor (`GGUF_BLOCKS_FILE`, rows
+already in the layout the model uses). `load_model` hands such a tensor to its parameter's
+weight loader as a `QuantizedRows`: a `LazyWeight` over the dequantized tensor that also
+carries the blocks. A linear layer's loader (`engine.layers.linear`) gives each whole-row
+region it copies to `QuantizedRows.take`, which records the region's blocks instead of
+dequantizing them; every other loader reads the dequantized values as before. Once all
+weights are in, `attach_gguf_weights` turns each linear layer whose rows all came as blocks
+into a `GGUFWeight` (its float weight dropped: the weight parameter moves to the meta device),
+and dequantizes the blocks of any layer only partly covered (the kernels' exact
+dequantization, `gguf_dequantize`).
+
+A layer fused from parts stored in different types (Q4_K_M files keep some `attn_v` and
+`ffn_down` in Q6_K beside Q4_K) keeps one segment of rows per type; its product is the
+segments' products side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from engine.distributed.lazy_weight import LazyWeight, WeightLike
+from engine.kernels.gguf_cpu import gguf_dequantize, gguf_mm
+
+GGUF_BLOCKS_FILE = "gguf-blocks.safetensors.raw"  # not *.safetensors: not a checkpoint shard
+# name -> (raw blocks uint8 [rows, bytes per row], ggml type id), as converted
+Blocks = dict[str, tuple[torch.Tensor, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Rows [start, start + blocks.shape[0]) of a weight, as blocks of ggml type `qtype`."""
+
+    start: int
+    qtype: int
+    blocks: torch.Tensor  # uint8 [rows, bytes per row]
+
+
+@dataclass(slots=True)
+class BlockSink:
+    """The block regions linear layers' loaders took, by the storage they were meant for."""
+
+    # storage address -> (segment, the region of the weight it stands for)
+    regions: dict[int, list[tuple[Segment, torch.Tensor]]] = field(default_factory=dict)
+
+    def dequantize_rest(self) -> None:
+        """Dequantize every recorded region into its weight (those no layer kept as blocks)."""
+        for regions in self.regions.values():
+            for segment, dst in regions:
+                dst.copy_(gguf_dequantize(segment.blocks, segment.qtype, dst.shape[1]))
+        self.regions.clear()
+
+
+class QuantizedRows(LazyWeight):
+    """A quantized checkpoint tensor [rows, cols]: its dequantized values (read as any
+    `LazyWeight`) and its blocks [rows, bytes per row], narrowed together along the rows."""
+
+    def __init__(self, dense: LazyWeight, blocks: LazyWeight, qtype: int, sink: BlockSink) -> None:
+        super().__init__(dense._source, dense.shape, dense._starts, dense.dtype_name)
+        self.dense = dense
+        self.blocks = blocks
+        self.qtype = qtype
+        self.sink = sink
+
+    def narrow(self, dim: int, start: int, length: int) -> LazyWeight:
+        if dim % 2 == 0:
+            return QuantizedRows(
+                self.dense.narrow(0, start, length), self.blocks.narrow(0, start, length), self.qtype, self.sink
+            )
+        if start == 0 and length == self.shape[1]:
+            return self
+        return self.dense.narrow(dim, start, length)  # part of each row: the dequantized values
+
+    def take(self, dst: torch.Tensor) -> bool:
+        """Record the blocks for `dst` (whole rows of a 2-D float weight) instead of copying
+        values into it; False (nothing recorded) where `dst` is not such a region."""
+        if dst.dim() != 2 or dst.device.type != "cpu" or not dst.is_floating_point():
+            return False
+        row_stride = dst.stride(0)
+        if dst.stride(1) != 1 or dst.shape[1] != row_stride or dst.storage_offset() % row_stride:
+            return False
+        if dst.shape != self.shape:
+            return False
+        segment = Segment(dst.storage_offset() // row_stride, self.qtype, self.blocks.read().contiguous())
+        self.sink.regions.setdefault(dst.untyped_storage().data_ptr(), []).append((segment, dst))
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class GGUFWeight:
+    """A linear layer's weight [out, in] as GGUF blocks, in segments of rows."""
+
+    in_features: int
+    segments: tuple[Segment, ...]
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # x: [num_tokens, in] -> [num_tokens, out], in x's dtype
+        x32 = x if x.dtype == torch.float32 else x.float()
+        parts = [gguf_mm(x32, s.blocks, s.qtype) for s in self.segments]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        if bias is not None:
+            out = out.add_(bias)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` [T] of the weight, dequantized: float32 [T, in] (an embedding lookup)."""
+        ids = ids.reshape(-1)
+        if len(self.segments) == 1:
+            segment = self.segments[0]
+            return gguf_dequantize(segment.blocks.index_select(0, ids - segment.start), segment.qtype, self.in_features)
+        out = torch.empty(ids.shape[0], self.in_features)
+        for segment in self.segments:
+            local = ids - segment.start
+            hit = ((local >= 0) & (local < segment.blocks.shape[0])).nonzero().squeeze(1)
+            picked = segment.blocks.index_select(0, local.index_select(0, hit))
+            out.index_copy_(0, hit, gguf_dequantize(picked, segment.qtype, self.in_features))
+        return out
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [out, in] (exactly gguf's dequantization)."""
+        return torch.cat([gguf_dequantize(s.blocks, s.qtype, self.in_features) for s in self.segments])
+
+
+def _merged(segments: list[Segment]) -> tuple[Segment, ...]:
+    """Adjacent segments of one type joined (a fused q | k | v of one type: one product)."""
+    merged: list[Segment] = []
+    for segment in sorted(segments, key=lambda s: s.start):
+        last = merged[-1] if merged else None
+        if last is not None and last.qtype == segment.qtype and last.start + last.blocks.shape[0] == segment.start:
+            merged[-1] = Segment(last.start, last.qtype, torch.cat((last.blocks, segment.blocks)))
+        else:
+            merged.append(segment)
+    return tuple(merged)
+
+
+def _covers(segments: list[Segment], rows: int) -> bool:
+    """Whether the segments tile rows [0, rows) exactly."""
+    end = 0
+    for segment in sorted(segments, key=lambda s: s.start):
+        if segment.start != end:
+            return False
+        end += segment.blocks.shape[0]
+    return end == rows
+
+
+def _weight_owners(model: nn.Module) -> dict[int, list[nn.Module]]:
+    """Modules that can serve blocks (a `packed_weight` slot: linear layers and the LM head; a
+    `gguf_weight` slot: the embedding), by their weight's storage (a tied head shares it)."""
+    owners: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        weight = module._parameters.get("weight")
+        if weight is None or weight.dim() != 2 or weight.device.type != "cpu":
+            continue
+        if hasattr(module, "packed_weight") or hasattr(module, "gguf_weight"):
+            owners.setdefault(weight.untyped_storage().data_ptr(), []).append(module)
+    return owners
+
+
+def attach_gguf_weights(model: nn.Module, sink: BlockSink) -> int:
+    """Give each layer whose weight rows all came as blocks its `GGUFWeight` (as
+    `packed_weight`, or `gguf_weight` for an embedding; the blocks also registered as buffers)
+    and drop its float weight; dequantize the blocks of every other region taken. Returns how
+    many weights kept blocks."""
+    count = 0
+    for address, modules in _weight_owners(model).items():
+        segments = [segment for segment, _ in sink.regions.get(address, [])]
+        weight = modules[0]._parameters["weight"]
+        assert weight is not None
+        rows, cols = weight.shape
+        if not segments or not _covers(segments, rows):
+            continue  # a fused layer with a part stored unquantized: dense (dequantize_rest)
+        del sink.regions[address]
+        packed = GGUFWeight(cols, _merged(segments))
+        for module in modules:
+            for i, segment in enumerate(packed.segments):
+                module.register_buffer(f"gguf_blocks{i}", segment.blocks, persistent=False)
+            slot = "packed_weight" if hasattr(module, "packed_weight") else "gguf_weight"
+            setattr(module, slot, packed)
+            module.weight = nn.Parameter(torch.empty(rows, cols, dtype=weight.dtype, device="meta"), requires_grad=False)
+        count += 1
+    sink.dequantize_rest()
+    return count
+
+
+def save_gguf_blocks(blocks: Blocks, file: str) -> None:
+    """Write `blocks` to `file` (safetensors, the type ids in its metadata)."""
+    from safetensors.torch import save_file
+
+    types = {name: qtype for name, (_, qtype) in blocks.items()}
+    tensors = {name: raw.contiguous() for name, (raw, _) in blocks.items()}
+    save_file(tensors, file, metadata={"format": "pt", "gguf_types": json.dumps(types)})
+
+
+def has_gguf_blocks(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, GGUF_BLOCKS_FILE))
+
+
+def with_gguf_blocks(
+    weights: Iterable[tuple[str, WeightLike]], path: str, sink: BlockSink
+) -> Iterator[tuple[str, WeightLike]]:
+    """`weights` of the converted GGUF directory `path`, each tensor with blocks in
+    `GGUF_BLOCKS_FILE` as a `QuantizedRows` that records its blocks into `sink`."""
+    import safetensors
+
+    with safetensors.safe_open(os.path.join(path, GGUF_BLOCKS_FILE), framework="pt", device="cpu") as f:
+        types: dict[str, int] = json.loads(f.metadata()["gguf_types"])
+        for name, weight in weights:
+            if name in types and isinstance(weight, LazyWeight):
+                raw = f.get_slice(name)
+                blocks = LazyWeight(raw, raw.get_shape(), dtype_name=raw.get_dtype())
+                yield name, QuantizedRows(weight, blocks, types[name], sink)
+            else:
+                yield name, weight

@@ -1,0 +1,89 @@
+"""The GGUF CPU kernels against the `gguf` package's own dequantization: each format's
+dequantization bit for bit, its product with a few rows (the block kernel) and with many rows
+(the dequantized GEMM) equal to dequantize-then-matmul up to the float32 sums' order."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from engine.kernels import gguf_cpu
+from engine.layers.gguf_linear import GGUFWeight, Segment
+
+QT = gguf.GGMLQuantizationType
+TYPES = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
+# The gguf package has no quantizer for the K-quants: where their fp16 scales lie, and how many.
+K_QUANT_SCALES = {QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208, 1), QT.Q2_K: (80, 2)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def kernels() -> None:
+    """The kernels build here (the CI machine has a C++ compiler): a failed build fails."""
+    assert gguf_cpu.available(), f"the GGUF CPU kernels did not build: {gguf_cpu.build_error()}"
+
+
+def random_blocks(qtype: QT, rows: int, cols: int, seed: int = 0, scale: float = 0.01) -> np.ndarray:
+    """Blocks of `qtype` as uint8 [rows, bytes per row]: the gguf quantizer's output for the
+    types it quantizes (of normal values times `scale` * 30); random codes and sub-block scales
+    with positive fp16 scales below `scale` for the K-quants."""
+    rng = np.random.default_rng(seed)
+    if qtype not in K_QUANT_SCALES:
+        values = rng.standard_normal((rows, cols)) * scale * 30
+        return gguf.quants.quantize(values.astype(np.float32), qtype)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+    offset, count = K_QUANT_SCALES[qtype]
+    scales = (rng.random((rows, cols // block, count)) * scale).astype(np.float16).view(np.uint8)
+    raw[..., offset : offset + 2 * count] = scales.reshape(rows, cols // block, 2 * count)
+    return raw.reshape(rows, -1)
+
+
+def reference(blocks: np.ndarray, qtype: QT, rows: int, cols: int) -> torch.Tensor:
+    values = np.array(gguf.quants.dequantize(blocks, qtype), dtype=np.float32)
+    return torch.from_numpy(values).reshape(rows, cols)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_dequantize_is_gguf_dequantize_exactly(qtype: QT) -> None:
+    rows, cols = 19, 512
+    blocks = random_blocks(qtype, rows, cols)
+    ours = gguf_cpu.gguf_dequantize(torch.from_numpy(blocks), int(qtype), cols)
+    torch.testing.assert_close(ours, reference(blocks, qtype, rows, cols), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("num_tokens", [1, 3, 4, 7, gguf_cpu.MAX_DIRECT_ROWS + 5])
+def test_matmul_equals_dequantize_then_matmul(qtype: QT, num_tokens: int) -> None:
+    rows, cols = 37, 768  # rows: not a multiple of the kernel's row chunk
+    blocks = random_blocks(qtype, rows, cols, seed=num_tokens)
+    x = torch.randn(num_tokens, cols, generator=torch.Generator().manual_seed(1))
+    out = gguf_cpu.gguf_mm(x, torch.from_numpy(blocks), int(qtype))
+    expected = x.double() @ reference(blocks, qtype, rows, cols).double().T
+    assert out.shape == (num_tokens, rows) and out.dtype == torch.float32
+    # float32 sums in another order: a few ulps of the largest terms, far below any format's step
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_segments_of_mixed_types_are_side_by_side_and_take_bfloat16() -> None:
+    """A fused layer stored as Q4_K rows then Q6_K rows (Q4_K_M's mix), with a bias, on bf16
+    activations: the rows of each part's product, in order, in bf16."""
+    cols = 512
+    parts = [(QT.Q4_K, random_blocks(QT.Q4_K, 16, cols)), (QT.Q6_K, random_blocks(QT.Q6_K, 8, cols, seed=1))]
+    weight = GGUFWeight(
+        cols, (Segment(0, int(QT.Q4_K), torch.from_numpy(parts[0][1])), Segment(16, int(QT.Q6_K), torch.from_numpy(parts[1][1])))
+    )
+    dense = torch.cat([reference(b, q, b.shape[0], cols) for q, b in parts])
+    torch.testing.assert_close(weight.dequantize(), dense, rtol=0, atol=0)
+    x = torch.randn(2, cols).bfloat16()
+    bias = torch.randn(24)
+    out = weight(x, bias)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 24)
+    torch.testing.assert_close(out.float(), (x.float() @ dense.T + bias).bfloat16().float(), rtol=1e-2, atol=1e-2)
+
+
+def test_wrong_row_size_is_refused() -> None:
+    blocks = torch.from_numpy(random_blocks(QT.Q8_0, 4, 64))
+    with pytest.raises(RuntimeError, match="bytes per row"):
+        gguf_cpu.gguf_mm(torch.randn(1, 96), blocks, int(QT.Q8_0))
