@@ -7,8 +7,8 @@ when the server fetches images from its host (`--allowed-media-domains`, off by 
 `openai_compat/media_fetch.py`), fetched by `fetch_parts` before decoding; either at most
 `--max-image-bytes`. `decode_image` then decodes it with Pillow, off the event loop:
 PNG, JPEG, WebP or GIF (its first frame), no more pixels than `max_pixels` (checked from the
-header, before the pixels are decoded), as RGB. Each problem is a 400 naming the part,
-`messages[i].content[j]`. `detail` is accepted and has no effect: the model's image processor
+header, before the pixels are decoded), as RGB, turned upright by its EXIF orientation. Each
+problem is a 400 naming the part, `messages[i].content[j]`. `detail` is accepted and has no effect: the model's image processor
 decides the resolution.
 """
 
@@ -93,7 +93,7 @@ async def fetch_parts(parts: list[ImagePart], policy: MediaPolicy) -> list[Image
 def decode_image(part: ImagePart, max_pixels: int) -> Any:
     """The part's image as an RGB Pillow image (run off the event loop); a 400 naming the part
     for data that is no image, a format not served, or more than `max_pixels` pixels."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         image = Image.open(io.BytesIO(part.data))
@@ -111,7 +111,8 @@ def decode_image(part: ImagePart, max_pixels: int) -> Any:
         )
     try:
         image.seek(0)  # a GIF's (or animated WebP's) first frame
-        return image.convert("RGB")  # decodes the pixels
+        # (decodes the pixels) a camera's photo turned as it is shown, by its EXIF orientation
+        return ImageOps.exif_transpose(image).convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError):
         raise OpenAIError("The image could not be decoded.", param=part.param) from None
 

@@ -264,3 +264,24 @@ def test_bad_image_url_is_a_400_naming_the_part(llava_server: ProcessServer, ima
                                                 words: str) -> None:
     error = _error(llava_server, _ask(image_host + path))
     assert error["param"] == "messages[0].content[1]" and words in error["message"], error
+
+
+def _prompt_tokens(server: ProcessServer, data: bytes, mime: str) -> int:
+    response = _client(server).chat.completions.create(model=TINY, messages=_ask(_data_url(data, mime)), max_tokens=1)
+    assert response.usage is not None
+    return response.usage.prompt_tokens
+
+
+def test_a_photo_is_read_upright_by_its_exif_orientation(llava_next_server: ProcessServer) -> None:
+    """A camera's JPEG stored 96 x 30 with EXIF orientation 6 (turn 90 degrees to view) shows
+    30 x 96: the model reads it as shown (LLaVA-NeXT's tokens tell which way it was read)."""
+    from PIL import Image
+
+    stored = Image.open(io.BytesIO(_encoded(96, 30, seed=12, fmt="JPEG")))
+    exif = stored.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", exif=exif)
+    upright = _prompt_tokens(llava_next_server, _encoded(30, 96, seed=12), "image/png")
+    assert upright != _prompt_tokens(llava_next_server, _encoded(96, 30, seed=12), "image/png")
+    assert _prompt_tokens(llava_next_server, buffer.getvalue(), "image/jpeg") == upright
