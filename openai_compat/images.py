@@ -8,8 +8,8 @@ when the server fetches images from its host (`--allowed-media-domains`, off by 
 `--max-image-bytes`. `decode_image` then decodes it with Pillow, off the event loop:
 PNG, JPEG, WebP or GIF (its first frame), no more pixels than `max_pixels` (checked from the
 header, before the pixels are decoded), as RGB, turned upright by its EXIF orientation. Each
-problem is a 400 naming the part, `messages[i].content[j]`. `detail` is accepted and has no effect: the model's image processor
-decides the resolution.
+problem is a 400 naming the part, `messages[i].content[j]`. `detail` is accepted and has no
+effect: the model's image processor decides the resolution.
 """
 
 from __future__ import annotations
