@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from openai_compat.errors import OpenAIError
-from openai_compat.media_fetch import MediaPolicy, fetch_image
+from openai_compat.media_fetch import MediaPolicy, fetch_image, valid_url
 
 # Pillow's format names of the image types served; anything else is refused by name.
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
@@ -55,6 +55,8 @@ def read_image_part(part: Any, param: str, policy: MediaPolicy | None = None) ->
     policy = policy or MediaPolicy()
     url = image_url_of(part, param)
     if url.startswith(("http://", "https://")):
+        if not valid_url(url):
+            raise OpenAIError("The image URL is not a valid URL.", param=param)
         if policy.allows(url):
             return ImagePart(param, b"", url)
         raise OpenAIError(

@@ -285,3 +285,14 @@ def test_a_photo_is_read_upright_by_its_exif_orientation(llava_next_server: Proc
     upright = _prompt_tokens(llava_next_server, _encoded(30, 96, seed=12), "image/png")
     assert upright != _prompt_tokens(llava_next_server, _encoded(96, 30, seed=12), "image/png")
     assert _prompt_tokens(llava_next_server, buffer.getvalue(), "image/jpeg") == upright
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:99999/cat.png",  # a port out of range
+    "http://127.0.0.1:port/cat.png",  # a port that is no number
+    "http://[::1/cat.png",  # an IPv6 host not closed
+    "http://127.0.0.1/cat\x00.png",  # a control character
+])
+def test_malformed_image_url_of_an_allowed_host_is_a_400(llava_server: ProcessServer, url: str) -> None:
+    error = _error(llava_server, _ask(url))
+    assert error["param"] == "messages[0].content[1]", error
