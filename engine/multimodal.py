@@ -235,13 +235,16 @@ def place_images(
     prompt_ids: list[int], images: Sequence[ImageInput], image_token_id: int | None
 ) -> tuple[tuple[PromptImage, ...], list[int] | None]:
     """The images at their placeholder runs, in order -> (what the workers get, the ids the prefix
-    cache keys the prompt by; None without images). ValueError naming `images` when the
-    placeholders do not make one contiguous run of the right length per image."""
+    cache keys the prompt by; None without images). ValueError naming `prompt` for image tokens
+    without images, `images` when the placeholders do not make one contiguous run of the right
+    length per image."""
     positions = [p for p, t in enumerate(prompt_ids) if t == image_token_id] if image_token_id is not None else []
     if not images and not positions:
         return (), None
     if image_token_id is None:
         raise ValueError("this model does not take images", "images")
+    if not images:  # the text names the image token itself
+        raise ValueError(f"the prompt holds {len(positions)} image tokens (id {image_token_id}) but no image", "prompt")
     if len(positions) != sum(image.num_tokens for image in images):
         raise ValueError(
             f"the prompt has {len(positions)} image tokens where its {len(images)} images take "

@@ -158,10 +158,11 @@ def test_too_many_images_is_a_400_naming_the_first_one_past_the_limit(llava_serv
 
 
 def test_completions_stay_text_only(llava_server: ProcessServer) -> None:
-    """A completions prompt that names the image placeholder has no image for it: a 400."""
+    """A completions prompt that names the image placeholder has no image for it: a 400 naming
+    the prompt (the request has no `images` field)."""
     response = post(llava_server.url, "/v1/completions", {"model": TINY, "prompt": "look: <image>", "max_tokens": 2})
     assert response.status_code == 400, response.text
-    assert response.json()["error"]["param"] == "images"
+    assert response.json()["error"]["param"] == "prompt"
 
 
 def test_image_to_a_text_only_model_is_a_400(tiny_server: ProcessServer, tiny_model_dir: Path) -> None:

@@ -161,3 +161,11 @@ def test_tokenize_counts_a_chat_with_images_as_the_chat_does(qwen_server: Proces
 
     pad = AutoTokenizer.from_pretrained(qwen_model).convert_tokens_to_ids("<|image_pad|>")
     assert counted.json()["tokens"].count(pad) == 30 + 40  # 6 x 5 and 5 x 8 merged patches
+
+
+def test_image_token_in_chat_text_without_an_image_is_a_400_naming_messages(qwen_server: ProcessServer) -> None:
+    """(not `images`, a field a chat request does not have; /v1/completions': test_server_images.py)"""
+    messages = [{"role": "user", "content": "What is <|image_pad|>?"}]
+    response = post(qwen_server.url, "/v1/chat/completions", {"model": TINY, "max_tokens": 2, "messages": messages})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "messages", response.text
