@@ -27,8 +27,9 @@ import httpx
 from openai_compat.errors import OpenAIError
 from openai_compat.media_fetch import MediaPolicy, fetch_image, valid_url
 
-# Pillow's format names of the image types served; anything else is refused by name.
-FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+# Pillow's format names of the image types served; anything else is refused by name. (MPO: a
+# JPEG with more pictures after the first, as cameras and phones save photos; its first is read.)
+FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF")
 
 
 @dataclass(frozen=True, slots=True)

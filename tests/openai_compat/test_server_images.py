@@ -146,6 +146,24 @@ def test_other_image_formats_are_read(llava_server: ProcessServer) -> None:
         assert response.status_code == 200, (fmt, response.text)
 
 
+def test_a_multi_picture_jpeg_is_read_as_its_first_picture(llava_server: ProcessServer) -> None:
+    """A camera's JPEG with a second picture in it (MPO, as phones save photos): its first."""
+    from PIL import Image
+
+    first = Image.open(io.BytesIO(_encoded(40, 30, seed=13)))
+    second = Image.open(io.BytesIO(_encoded(40, 30, seed=14)))
+    mpo, jpeg = io.BytesIO(), io.BytesIO()
+    first.save(mpo, format="MPO", save_all=True, append_images=[second])
+    first.save(jpeg, format="JPEG")
+    answers = []
+    for data in (mpo.getvalue(), jpeg.getvalue()):
+        body = {"model": TINY, "messages": _ask(_data_url(data, "image/jpeg")), "max_tokens": 4, "temperature": 0.0}
+        response = post(llava_server.url, "/v1/chat/completions", body)
+        assert response.status_code == 200, response.text
+        answers.append(response.json()["choices"][0]["message"]["content"])
+    assert answers[0] == answers[1]
+
+
 def test_too_many_images_is_a_400_naming_the_first_one_past_the_limit(llava_server: ProcessServer) -> None:
     url = _data_url(_encoded(20, 20, seed=8))
     messages = [
