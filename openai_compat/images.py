@@ -96,7 +96,7 @@ async def fetch_parts(parts: list[ImagePart], policy: MediaPolicy) -> list[Image
 def decode_image(part: ImagePart, max_pixels: int) -> Any:
     """The part's image as an RGB Pillow image (run off the event loop); a 400 naming the part
     for data that is no image, a format not served, or more than `max_pixels` pixels."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     try:
         image = Image.open(io.BytesIO(part.data))
@@ -114,10 +114,25 @@ def decode_image(part: ImagePart, max_pixels: int) -> Any:
         )
     try:
         image.seek(0)  # a GIF's (or animated WebP's) first frame
-        # (decodes the pixels) a camera's photo turned as it is shown, by its EXIF orientation
-        return ImageOps.exif_transpose(image).convert("RGB")
+        turn = _exif_turn(image)
+        rgb = image.convert("RGB")  # decodes the pixels
+        return rgb.transpose(turn) if turn is not None else rgb  # a camera's photo as it is shown
     except (OSError, ValueError, Image.DecompressionBombError):
         raise OpenAIError("The image could not be decoded.", param=part.param) from None
+
+
+def _exif_turn(image: Any) -> Any:
+    """The transpose that shows `image` as its EXIF orientation says; None to keep it as stored
+    (also where its EXIF data does not parse: ImageOps.exif_transpose raises then)."""
+    from PIL import Image
+
+    try:
+        orientation = int(image.getexif().get(0x0112, 1))
+    except Exception:  # (Pillow raises SyntaxError, struct.error, TypeError, ... on broken EXIF data)
+        return None
+    t = Image.Transpose
+    return {2: t.FLIP_LEFT_RIGHT, 3: t.ROTATE_180, 4: t.FLIP_TOP_BOTTOM, 5: t.TRANSPOSE, 6: t.ROTATE_270,
+            7: t.TRANSVERSE, 8: t.ROTATE_90}.get(orientation)
 
 
 @dataclass(slots=True)

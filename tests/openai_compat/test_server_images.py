@@ -299,11 +299,17 @@ def test_a_photo_is_read_upright_by_its_exif_orientation(llava_next_server: Proc
     stored = Image.open(io.BytesIO(_encoded(96, 30, seed=12, fmt="JPEG")))
     exif = stored.getexif()
     exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    exif[0x010F] = "camera"  # Make
     buffer = io.BytesIO()
     stored.save(buffer, format="JPEG", exif=exif)
     upright = _prompt_tokens(llava_next_server, _encoded(30, 96, seed=12), "image/png")
     assert upright != _prompt_tokens(llava_next_server, _encoded(96, 30, seed=12), "image/png")
     assert _prompt_tokens(llava_next_server, buffer.getvalue(), "image/jpeg") == upright
+    # the Make tag renamed to a tag whose value must be a number: Pillow's exif_transpose fails on
+    # it, the orientation still reads
+    broken = buffer.getvalue().replace(b"\x01\x0f\x00\x02", b"\x01\x42\x00\x02", 1)
+    assert broken != buffer.getvalue()
+    assert _prompt_tokens(llava_next_server, broken, "image/jpeg") == upright
 
 
 @pytest.mark.parametrize("url", [
