@@ -28,7 +28,7 @@ import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -80,6 +80,22 @@ class ImageProcessor:
         # "default" drops the vision tower's class token, "full" keeps it
         self.extra_tokens = 1 if getattr(hf_config, "vision_feature_select_strategy", "default") == "full" else 0
         self._processor = self._load_processor(model_path, hf_config)
+        if self.square_tiles:
+            self._check_tile_size(int(vision.image_size))
+
+    # The processor's pixels are squares (tiles) of the vision tower's image size (Qwen2-VL's are not).
+    square_tiles: ClassVar[bool] = True
+
+    def _check_tile_size(self, size: int) -> None:
+        """ValueError when the processor makes pixels of another size than the tower's `size` (a
+        preprocessor_config.json of another model): the tower could not read them."""
+        from PIL import Image
+
+        pixels = self._processor(images=[Image.new("RGB", (size, size))], return_tensors="np")["pixel_values"][0]
+        height, width = pixels.shape[-2:]
+        if (height, width) != (size, size):
+            raise ValueError(f"the image processor (preprocessor_config.json) makes images of {height} x {width} px "
+                             f"where the vision tower reads {size} x {size}")
 
     def _load_processor(self, model_path: str, hf_config: Any) -> Any:
         """transformers' image processor for the model."""
@@ -178,6 +194,8 @@ class Qwen2VLImageProcessor(ImageProcessor):
     processor (the directory's min / max pixels), patches [N, C * P * P] with their grid (t, h, w),
     t * h * w / merge_size^2 tokens; an image stands as its vision start, pad and end tokens."""
 
+    square_tiles: ClassVar[bool] = False  # (its patch sizes are checked instead)
+
     def __init__(self, model_path: str, hf_config: Any, tokenizer: Any | None) -> None:
         vision = hf_config.vision_config
         self.merge_size = int(vision.spatial_merge_size)
@@ -235,13 +253,16 @@ def place_images(
     prompt_ids: list[int], images: Sequence[ImageInput], image_token_id: int | None
 ) -> tuple[tuple[PromptImage, ...], list[int] | None]:
     """The images at their placeholder runs, in order -> (what the workers get, the ids the prefix
-    cache keys the prompt by; None without images). ValueError naming `images` when the
-    placeholders do not make one contiguous run of the right length per image."""
+    cache keys the prompt by; None without images). ValueError naming `prompt` for image tokens
+    without images, `images` when the placeholders do not make one contiguous run of the right
+    length per image."""
     positions = [p for p, t in enumerate(prompt_ids) if t == image_token_id] if image_token_id is not None else []
     if not images and not positions:
         return (), None
     if image_token_id is None:
         raise ValueError("this model does not take images", "images")
+    if not images:  # the text names the image token itself
+        raise ValueError(f"the prompt holds {len(positions)} image tokens (id {image_token_id}) but no image", "prompt")
     if len(positions) != sum(image.num_tokens for image in images):
         raise ValueError(
             f"the prompt has {len(positions)} image tokens where its {len(images)} images take "

@@ -7,9 +7,9 @@ when the server fetches images from its host (`--allowed-media-domains`, off by 
 `openai_compat/media_fetch.py`), fetched by `fetch_parts` before decoding; either at most
 `--max-image-bytes`. `decode_image` then decodes it with Pillow, off the event loop:
 PNG, JPEG, WebP or GIF (its first frame), no more pixels than `max_pixels` (checked from the
-header, before the pixels are decoded), as RGB. Each problem is a 400 naming the part,
-`messages[i].content[j]`. `detail` is accepted and has no effect: the model's image processor
-decides the resolution.
+header, before the pixels are decoded), as RGB, turned upright by its EXIF orientation. Each
+problem is a 400 naming the part, `messages[i].content[j]`. `detail` is accepted and has no
+effect: the model's image processor decides the resolution.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from typing import Any
 import httpx
 
 from openai_compat.errors import OpenAIError
-from openai_compat.media_fetch import MediaPolicy, fetch_image
+from openai_compat.media_fetch import MediaPolicy, fetch_image, valid_url
 
-# Pillow's format names of the image types served; anything else is refused by name.
-FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+# Pillow's format names of the image types served; anything else is refused by name. (MPO: a
+# JPEG with more pictures after the first, as cameras and phones save photos; its first is read.)
+FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +56,8 @@ def read_image_part(part: Any, param: str, policy: MediaPolicy | None = None) ->
     policy = policy or MediaPolicy()
     url = image_url_of(part, param)
     if url.startswith(("http://", "https://")):
+        if not valid_url(url):
+            raise OpenAIError("The image URL is not a valid URL.", param=param)
         if policy.allows(url):
             return ImagePart(param, b"", url)
         raise OpenAIError(
@@ -111,9 +114,25 @@ def decode_image(part: ImagePart, max_pixels: int) -> Any:
         )
     try:
         image.seek(0)  # a GIF's (or animated WebP's) first frame
-        return image.convert("RGB")  # decodes the pixels
+        turn = _exif_turn(image)
+        rgb = image.convert("RGB")  # decodes the pixels
+        return rgb.transpose(turn) if turn is not None else rgb  # a camera's photo as it is shown
     except (OSError, ValueError, Image.DecompressionBombError):
         raise OpenAIError("The image could not be decoded.", param=part.param) from None
+
+
+def _exif_turn(image: Any) -> Any:
+    """The transpose that shows `image` as its EXIF orientation says; None to keep it as stored
+    (also where its EXIF data does not parse: ImageOps.exif_transpose raises then)."""
+    from PIL import Image
+
+    try:
+        orientation = int(image.getexif().get(0x0112, 1))
+    except Exception:  # (Pillow raises SyntaxError, struct.error, TypeError, ... on broken EXIF data)
+        return None
+    t = Image.Transpose
+    return {2: t.FLIP_LEFT_RIGHT, 3: t.ROTATE_180, 4: t.FLIP_TOP_BOTTOM, 5: t.TRANSPOSE, 6: t.ROTATE_270,
+            7: t.TRANSVERSE, 8: t.ROTATE_90}.get(orientation)
 
 
 @dataclass(slots=True)

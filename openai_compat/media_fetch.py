@@ -36,6 +36,8 @@ class MediaPolicy:
 
     def allows(self, url: str) -> bool:
         """Whether `url` is http(s) and its host is allowed."""
+        if not valid_url(url):
+            return False
         parts = urlsplit(url)
         host = (parts.hostname or "").rstrip(".").lower()
         if parts.scheme not in ("http", "https") or not host:
@@ -45,6 +47,17 @@ class MediaPolicy:
             if domain == "*" or host == domain or host.endswith("." + domain):
                 return True
         return False
+
+
+def valid_url(url: str) -> bool:
+    """Whether `url` parses as a URL that can be requested (a port that is a number in range, an
+    IPv6 host closed, no control characters)."""
+    try:
+        _ = urlsplit(url).port  # (ValueError for a bad one)
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL):
+        return False
+    return True
 
 
 async def fetch_image(client: httpx.AsyncClient, url: str, policy: MediaPolicy, param: str) -> bytes:
@@ -63,6 +76,8 @@ async def fetch_image(client: httpx.AsyncClient, url: str, policy: MediaPolicy, 
 
 async def _fetch(client: httpx.AsyncClient, url: str, policy: MediaPolicy, param: str) -> bytes:
     for _ in range(MAX_REDIRECTS + 1):
+        if not valid_url(url):  # (a redirect's)
+            raise OpenAIError(f"The image URL {url!r} is not a valid URL.", param=param)
         if not policy.allows(url):
             raise OpenAIError(
                 f"Images are fetched only from the hosts this server allows (--allowed-media-domains); "

@@ -198,7 +198,8 @@ class ChatServing:
             check_prompt_text, bound=state.prompt_bound, max_model_len=state.engine.max_model_len,
             max_tokens=params.max_tokens,
         )
-        render = partial(render_with_images, render_chat, processor, inputs) if inputs else render_chat
+        # (with no image too: image tokens in the text are a 400 naming messages)
+        render = partial(render_with_images, render_chat, processor, inputs) if processor else render_chat
         try:
             text, prompt_ids = await state.run_tokenizer(
                 render, tokenizer, messages, req.add_generation_prompt, req.chat_template_kwargs,

@@ -93,3 +93,16 @@ def test_preemption_and_prefix_cache_give_the_same_answers(llava_dir: Path) -> N
     )
     assert tight[-1] > 0
     assert _close(roomy[:-1], tight[:-1])
+
+
+@pytest.mark.parametrize("next_", [False, True])
+def test_an_image_processor_of_another_size_than_the_tower_is_refused_at_start(tmp_path: Path, next_: bool) -> None:
+    """preprocessor_config.json cropping to 36 px for a 30 px vision tower: refused when the engine
+    starts, not a worker that dies on the first image (and every request after it)."""
+    import transformers
+
+    save_tiny_llava(tmp_path, next_=next_)
+    Processor: Any = transformers.LlavaNextImageProcessor if next_ else transformers.CLIPImageProcessor
+    Processor(size={"shortest_edge": 36}, crop_size={"height": 36, "width": 36}).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="36 x 36 px where the vision tower reads 30 x 30"):
+        LLM(str(tmp_path), dtype="float32")

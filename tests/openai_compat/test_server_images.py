@@ -146,6 +146,24 @@ def test_other_image_formats_are_read(llava_server: ProcessServer) -> None:
         assert response.status_code == 200, (fmt, response.text)
 
 
+def test_a_multi_picture_jpeg_is_read_as_its_first_picture(llava_server: ProcessServer) -> None:
+    """A camera's JPEG with a second picture in it (MPO, as phones save photos): its first."""
+    from PIL import Image
+
+    first = Image.open(io.BytesIO(_encoded(40, 30, seed=13)))
+    second = Image.open(io.BytesIO(_encoded(40, 30, seed=14)))
+    mpo, jpeg = io.BytesIO(), io.BytesIO()
+    first.save(mpo, format="MPO", save_all=True, append_images=[second])
+    first.save(jpeg, format="JPEG")
+    answers = []
+    for data in (mpo.getvalue(), jpeg.getvalue()):
+        body = {"model": TINY, "messages": _ask(_data_url(data, "image/jpeg")), "max_tokens": 4, "temperature": 0.0}
+        response = post(llava_server.url, "/v1/chat/completions", body)
+        assert response.status_code == 200, response.text
+        answers.append(response.json()["choices"][0]["message"]["content"])
+    assert answers[0] == answers[1]
+
+
 def test_too_many_images_is_a_400_naming_the_first_one_past_the_limit(llava_server: ProcessServer) -> None:
     url = _data_url(_encoded(20, 20, seed=8))
     messages = [
@@ -158,10 +176,11 @@ def test_too_many_images_is_a_400_naming_the_first_one_past_the_limit(llava_serv
 
 
 def test_completions_stay_text_only(llava_server: ProcessServer) -> None:
-    """A completions prompt that names the image placeholder has no image for it: a 400."""
+    """A completions prompt that names the image placeholder has no image for it: a 400 naming
+    the prompt (the request has no `images` field)."""
     response = post(llava_server.url, "/v1/completions", {"model": TINY, "prompt": "look: <image>", "max_tokens": 2})
     assert response.status_code == 400, response.text
-    assert response.json()["error"]["param"] == "images"
+    assert response.json()["error"]["param"] == "prompt"
 
 
 def test_image_to_a_text_only_model_is_a_400(tiny_server: ProcessServer, tiny_model_dir: Path) -> None:
@@ -264,3 +283,41 @@ def test_bad_image_url_is_a_400_naming_the_part(llava_server: ProcessServer, ima
                                                 words: str) -> None:
     error = _error(llava_server, _ask(image_host + path))
     assert error["param"] == "messages[0].content[1]" and words in error["message"], error
+
+
+def _prompt_tokens(server: ProcessServer, data: bytes, mime: str) -> int:
+    response = _client(server).chat.completions.create(model=TINY, messages=_ask(_data_url(data, mime)), max_tokens=1)
+    assert response.usage is not None
+    return response.usage.prompt_tokens
+
+
+def test_a_photo_is_read_upright_by_its_exif_orientation(llava_next_server: ProcessServer) -> None:
+    """A camera's JPEG stored 96 x 30 with EXIF orientation 6 (turn 90 degrees to view) shows
+    30 x 96: the model reads it as shown (LLaVA-NeXT's tokens tell which way it was read)."""
+    from PIL import Image
+
+    stored = Image.open(io.BytesIO(_encoded(96, 30, seed=12, fmt="JPEG")))
+    exif = stored.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    exif[0x010F] = "camera"  # Make
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", exif=exif)
+    upright = _prompt_tokens(llava_next_server, _encoded(30, 96, seed=12), "image/png")
+    assert upright != _prompt_tokens(llava_next_server, _encoded(96, 30, seed=12), "image/png")
+    assert _prompt_tokens(llava_next_server, buffer.getvalue(), "image/jpeg") == upright
+    # the Make tag renamed to a tag whose value must be a number: Pillow's exif_transpose fails on
+    # it, the orientation still reads
+    broken = buffer.getvalue().replace(b"\x01\x0f\x00\x02", b"\x01\x42\x00\x02", 1)
+    assert broken != buffer.getvalue()
+    assert _prompt_tokens(llava_next_server, broken, "image/jpeg") == upright
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:99999/cat.png",  # a port out of range
+    "http://127.0.0.1:port/cat.png",  # a port that is no number
+    "http://[::1/cat.png",  # an IPv6 host not closed
+    "http://127.0.0.1/cat\x00.png",  # a control character
+])
+def test_malformed_image_url_of_an_allowed_host_is_a_400(llava_server: ProcessServer, url: str) -> None:
+    error = _error(llava_server, _ask(url))
+    assert error["param"] == "messages[0].content[1]", error

@@ -12,7 +12,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.openai_compat.servers import TINY, TINY_ARGS, ProcessServer, build_tiny_model
+from tests.openai_compat.servers import TINY, TINY_ARGS, ProcessServer, build_tiny_model, post
 from tests.openai_compat.test_server_images import _ask, _data_url, _encoded
 
 # A ChatML template that writes each image part as Qwen2-VL's vision tokens.
@@ -147,3 +147,25 @@ def test_an_image_stands_as_its_vision_tokens(qwen_model: Path, template: str | 
     assert ids.count(processor.image_token_id) == images[0].num_tokens == 30  # 40 x 48 px: 5 x 6 tokens
     start = ids.index(processor.image_token_id) - 1
     assert tokenizer.convert_ids_to_tokens([ids[start], ids[start + 31]]) == ["<|vision_start|>", "<|vision_end|>"]
+
+
+def test_tokenize_counts_a_chat_with_images_as_the_chat_does(qwen_server: ProcessServer, qwen_model: Path) -> None:
+    """/tokenize of a chat with images: the ids the model sees, as many as the chat's prompt_tokens."""
+    messages = [*_ask(_data_url(_encoded(48, 40, seed=4))), {"role": "assistant", "content": "A cat."},
+                *_ask(_data_url(_encoded(40, 64, seed=5)), "And this one?")]
+    chat = _client(qwen_server).chat.completions.create(model=TINY, messages=messages, max_tokens=1)  # type: ignore[arg-type]
+    counted = post(qwen_server.url, "/tokenize", {"model": TINY, "messages": messages})
+    assert counted.status_code == 200, counted.text
+    assert chat.usage is not None and counted.json()["count"] == chat.usage.prompt_tokens
+    from transformers import AutoTokenizer
+
+    pad = AutoTokenizer.from_pretrained(qwen_model).convert_tokens_to_ids("<|image_pad|>")
+    assert counted.json()["tokens"].count(pad) == 30 + 40  # 6 x 5 and 5 x 8 merged patches
+
+
+def test_image_token_in_chat_text_without_an_image_is_a_400_naming_messages(qwen_server: ProcessServer) -> None:
+    """(not `images`, a field a chat request does not have; /v1/completions': test_server_images.py)"""
+    messages = [{"role": "user", "content": "What is <|image_pad|>?"}]
+    response = post(qwen_server.url, "/v1/chat/completions", {"model": TINY, "max_tokens": 2, "messages": messages})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "messages", response.text
