@@ -33,7 +33,6 @@ import torch.multiprocessing as mp
 from engine.config import WARMUP_STEPS, WARMUP_TIMEOUT_FACTOR, EngineConfig
 from engine.errors import EngineDeadError
 from engine.messages import StepPlan, StepResult, WorkerInfo
-from engine.worker.cpu_threads import worker_environment
 from engine.worker.process import ProgressFn, worker_main
 
 logger = logging.getLogger(__name__)
@@ -102,7 +101,7 @@ class WorkerClient:
                 name="lightgate-worker" if n == 1 else f"lightgate-worker-{rank}",
                 daemon=True,
             )
-            with _main_module_hidden(), worker_environment(config.resolved_device()):
+            with _main_module_hidden():
                 proc.start()
             child_conn.close()
             self._conns.append(conn)

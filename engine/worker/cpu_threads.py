@@ -6,25 +6,17 @@ A CPU worker runs torch's kernels on its own thread pool (OpenMP). Its size is, 
 split evenly between the tensor-parallel ranks, at least one. More threads than cores would
 make every parallel region wait for a thread that is not running.
 
-Between two parallel regions (every projection, attention, norm of a decode step: a few
-hundred a step) OpenMP's idle threads spin by default before they sleep. That is right on a
-machine the worker has to itself, but where other processes want the same cores (the server
-process, the client, other programs), a spinning thread holds a core that the thread a region
-waits for could run on, and a decode step takes several times longer. A CPU worker therefore
-starts with `OMP_WAIT_POLICY=PASSIVE` (idle threads sleep at once) unless the user set
-`OMP_WAIT_POLICY` or `GOMP_SPINCOUNT`; `OMP_WAIT_POLICY=ACTIVE lightgate serve` brings back
-spinning for a dedicated machine. OpenMP reads these when torch loads, so they are set in the
-environment the worker process is started with (`worker_environment`).
+How idle threads wait between parallel regions (a few hundred a decode step) is OpenMP's
+setting, read when torch loads, and left to the user: by default they spin a while before they
+sleep, the faster choice where the worker has its cores to itself; on a machine shared with
+busy processes `OMP_WAIT_POLICY=PASSIVE` (sleep at once) is much faster, since a spinning
+thread holds a core that the thread a region waits for could run on (docs/benchmarks.md,
+"CPU, served: one stream's step beyond its matmuls").
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-
-# The user's own choices of how OpenMP threads wait: any one of them set, nothing is changed.
-_WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def usable_cores() -> int:
@@ -42,27 +34,3 @@ def worker_threads(tp_size: int) -> int:
         return int(requested)
     return max(1, usable_cores() // max(1, tp_size))
 
-
-def worker_env_overrides(device: str, environ: dict[str, str] | None = None) -> dict[str, str]:
-    """Variables a worker on `device` is started with, beyond the server's own environment."""
-    environ = dict(os.environ) if environ is None else environ
-    if device != "cpu" or any(name in environ for name in _WAIT_SETTINGS):
-        return {}
-    return {"OMP_WAIT_POLICY": "PASSIVE"}
-
-
-@contextmanager
-def worker_environment(device: str) -> Iterator[None]:
-    """`os.environ` with `worker_env_overrides(device)` while workers are started (a spawned
-    process inherits the environment at its start); the server's own is restored after."""
-    overrides = worker_env_overrides(device)
-    previous = {name: os.environ.get(name) for name in overrides}
-    os.environ.update(overrides)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
