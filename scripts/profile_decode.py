@@ -1,16 +1,23 @@
 """Profile decode steps of the default model in one process (no worker, no scheduler).
 
     .venv/bin/python scripts/profile_decode.py --dtype bfloat16 --batch 16
+    .venv/bin/python scripts/profile_decode.py --model DIR --threads 1 --cprofile
 
 Prefills `--batch` sequences of `--context` tokens, then times greedy decode steps of
-`ModelRunner.execute` and prints the torch profiler's table of the heaviest ops.
+`ModelRunner.execute` (median and fastest) and prints the torch profiler's table of the
+heaviest ops, or with `--cprofile` the Python profile of the timed steps. A model of the same
+depth but tiny width (`--model`) costs little in its matmuls: its step is the work around them.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
+import statistics
 import time
 
+import torch
 from torch.profiler import ProfilerActivity, profile
 
 from engine.config import EngineConfig
@@ -31,9 +38,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--by-shape", action="store_true", help="split the table by input shapes")
     parser.add_argument("--rows", type=int, default=15, help="rows of the table")
+    parser.add_argument("--model", default=None, help="a model directory (default: the embedded model)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--cprofile", action="store_true", help="a cProfile of the timed steps instead")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    path = resolve_model(None)
+    path = resolve_model(args.model)
     config = EngineConfig(dtype=args.dtype, device="cpu").resolve(max_position_embeddings=8192)
     gguf_weights = args.gguf_weights if args.weight_quantization == "none" else "dequantized"  # as the worker
     model = load_model(path, config.torch_dtype(), "cpu", gguf_weights=gguf_weights)
@@ -76,12 +88,18 @@ def main() -> None:
         start = time.perf_counter()
         step(i)
         times.append(time.perf_counter() - start)
-    times.sort()
     print(
         f"{args.dtype}, weights {args.weight_quantization}, GGUF {gguf_weights}, batch {batch}: "
-        f"{sum(times) / len(times) * 1e3:.1f} ms per step (median {times[len(times) // 2] * 1e3:.1f}, "
-        f"best {times[0] * 1e3:.1f})"
+        f"{statistics.median(times) * 1e3:.2f} ms per step (median), {min(times) * 1e3:.2f} ms (min)"
     )
+    if args.cprofile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for i in range(args.steps):
+            step(i)
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.rows)
+        return
     with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape) as prof:
         for i in range(5):
             step(i)

@@ -32,6 +32,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.gc_tuning import freeze_startup_objects, unfreeze
+from engine.worker.cpu_threads import worker_threads
 from engine.worker.transfer import host_wait_allowed, sync_debug
 
 if TYPE_CHECKING:
@@ -72,8 +73,11 @@ def worker_main(
         from engine.worker.model_runner import ModelRunner
 
         device = config.resolved_device()
+        threads = worker_threads(tp_size)  # (engine/worker/cpu_threads.py: how a user pins them)
         if device == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp_size))
+            torch.set_num_threads(threads)
+            with contextlib.suppress(RuntimeError):  # nothing here runs inter-op work: no idle pool
+                torch.set_num_interop_threads(1)
         init_tensor_parallel(rank, tp_size, port, device)  # nothing at tp=1
         if tp_size == 1 and device.startswith("cuda:"):
             torch.cuda.set_device(device)  # events and pinned copies follow the current device
@@ -91,7 +95,7 @@ def worker_main(
 
             quantize_model_weights(model, config.weight_quantization)
         conn.send(("progress", (0.8, "allocating KV cache")))
-        grammar = GrammarMasks(device, num_threads=max(1, (os.cpu_count() or 1) // tp_size))
+        grammar = GrammarMasks(device, num_threads=threads)
         runner = ModelRunner(config, model, hf_config, grammar)
         freeze_startup_objects()
         conn.send(("ready", runner.info()))
