@@ -9,10 +9,10 @@ llama-server from scripts/build_llama_server.sh (unless --llama-server names a b
 two servers run one after the other on the same port, each started, measured with
 `lightgate bench serve --workload ...` (streaming /v1/completions, random token-id prompts,
 greedy, `ignore_eos`) and stopped; just before it stops, the resident memory of the server
-and all its child processes (VmRSS from /proc) is read. llama-server runs with `-np 16 -t
+and all its child processes is read from /proc (VmRSS and PSS, each summed over them). llama-server runs with `-np 16 -t
 THREADS -c 8192` (16 slots of 512 tokens, enough for cpu16's longest request), lightgate
 with `lightgate serve --model FILE.gguf` and its defaults. The table prints per workload:
-output tok/s, TPOT p50, TTFT p50, requests lost (failed of sent), then the servers' RSS;
+output tok/s, TPOT p50, TTFT p50, requests lost (failed of sent), then the servers' memory;
 the bench client's own result files are left in --work-dir.
 """
 
@@ -124,8 +124,7 @@ def wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float) -> None:
     raise RuntimeError(f"the server was not ready after {timeout:.0f} s")
 
 
-def tree_rss_mib(pid: int) -> float:
-    """VmRSS of a process and every descendant, in MiB."""
+def _descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -133,19 +132,32 @@ def tree_rss_mib(pid: int) -> float:
                 stat = Path(f"/proc/{entry}/stat").read_text()
             except OSError:
                 continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    total_kib, todo = 0, [pid]
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    found, todo = [], [pid]
     while todo:
         current = todo.pop()
+        found.append(current)
         todo.extend(children.get(current, []))
-        try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total_kib += int(line.split()[1])
-        except OSError:
-            continue
-    return total_kib / 1024
+    return found
+
+
+def _kib(path: str, key: str) -> int:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def tree_memory_mib(pid: int) -> tuple[float, float]:
+    """(VmRSS, Pss) of a process and every descendant, summed, in MiB. RSS counts pages the
+    processes share once per process; PSS splits them, so its sum is what the tree holds."""
+    pids = _descendants(pid)
+    rss = sum(_kib(f"/proc/{p}/status", "VmRSS:") for p in pids)
+    pss = sum(_kib(f"/proc/{p}/smaps_rollup", "Pss:") for p in pids)
+    return rss / 1024, pss / 1024
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -158,7 +170,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def measure(server: str, args: argparse.Namespace, model: Path) -> tuple[dict[str, Any], float]:
+def measure(server: str, args: argparse.Namespace, model: Path) -> tuple[dict[str, Any], tuple[float, float]]:
     """The bench client's run against one server, and the server's resident MiB after it."""
     url = f"http://127.0.0.1:{args.port}/v1"
     result = args.work_dir / f"{model.stem}.{server}.json"
@@ -173,30 +185,30 @@ def measure(server: str, args: argparse.Namespace, model: Path) -> tuple[dict[st
                  "--workload", *args.workload, "--label", server, "--json", str(result), "--no-progress"]
         if args.num_requests is not None:
             bench += ["--num-requests", str(args.num_requests)]
-        print("+", " ".join(bench), flush=True)
+        print("+", " ".join(bench), f"  # load average {os.getloadavg()[0]:.1f}", flush=True)
         subprocess.run(bench, check=True, env=env())
-        rss = tree_rss_mib(proc.pid)
+        memory = tree_memory_mib(proc.pid)
     finally:
         stop(proc)
     with open(result) as f:
-        return json.load(f)["runs"][-1], rss
+        return json.load(f)["runs"][-1], memory
 
 
-def table(runs: dict[str, tuple[dict[str, Any], float]], workloads: list[str]) -> str:
+def table(runs: dict[str, tuple[dict[str, Any], tuple[float, float]]], workloads: list[str]) -> str:
     head = "| server |"
     rule = "| --- |"
     for name in workloads:
         head += f" {name} output tok/s | {name} TPOT p50 ms | {name} TTFT p50 ms | {name} lost |"
         rule += " ---: | ---: | ---: | ---: |"
-    lines = [head + " RSS MiB |", rule + " ---: |"]
-    for server, (run, rss) in runs.items():
+    lines = [head + " RSS / PSS MiB |", rule + " ---: |"]
+    for server, (run, (rss, pss)) in runs.items():
         row = f"| {server} |"
         for name in workloads:
             m = run["workloads"][name]["metrics"]
             tpot = m["tpot_ms"]["p50"]
             row += (f" {m['output_throughput']:.1f} | {'-' if tpot is None else f'{tpot:.1f}'} |"
                     f" {m['ttft_ms']['p50']:.0f} | {m['failed']} of {m['failed'] + m['completed']} |")
-        lines.append(row + f" {rss:.0f} |")
+        lines.append(row + f" {rss:.0f} / {pss:.0f} |")
     return "\n".join(lines)
 
 

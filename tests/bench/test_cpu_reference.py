@@ -115,10 +115,12 @@ def test_resident_memory_counts_child_processes() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; b = b'x' * (200 << 20); time.sleep(30)"])
     try:
         deadline = time.monotonic() + 20
-        while cpu_vs.tree_rss_mib(child.pid) < 200 and time.monotonic() < deadline:
+        while cpu_vs.tree_memory_mib(child.pid)[0] < 200 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert cpu_vs.tree_rss_mib(os.getpid()) >= cpu_vs.tree_rss_mib(child.pid) + 10  # ours plus the child's
-        assert cpu_vs.tree_rss_mib(child.pid) >= 200
+        child_rss, child_pss = cpu_vs.tree_memory_mib(child.pid)
+        assert child_rss >= 200 and child_pss >= 200
+        ours_rss, ours_pss = cpu_vs.tree_memory_mib(os.getpid())
+        assert ours_rss >= child_rss + 10 and ours_pss >= child_pss + 10  # ours plus the child's
     finally:
         child.kill()
         child.wait()
