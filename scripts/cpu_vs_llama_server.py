@@ -186,10 +186,14 @@ def measure(server: str, args: argparse.Namespace, model: Path) -> tuple[dict[st
         if args.num_requests is not None:
             bench += ["--num-requests", str(args.num_requests)]
         print("+", " ".join(bench), f"  # load average {os.getloadavg()[0]:.1f}", flush=True)
-        subprocess.run(bench, check=True, env=env())
+        result.unlink(missing_ok=True)
+        # the client exits non-zero when a request failed: lost requests are a result here
+        code = subprocess.run(bench, env=env()).returncode
         memory = tree_memory_mib(proc.pid)
     finally:
         stop(proc)
+    if not result.exists():
+        raise RuntimeError(f"the bench client exited with {code} and wrote no {result}")
     with open(result) as f:
         return json.load(f)["runs"][-1], memory
 
