@@ -7,7 +7,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import ModuleType
 
@@ -112,15 +111,14 @@ def test_build_script_only_prints_a_binary_already_built(tmp_path: Path) -> None
 
 
 def test_resident_memory_counts_child_processes() -> None:
-    child = subprocess.Popen([sys.executable, "-c", "import time; b = b'x' * (200 << 20); time.sleep(30)"])
+    code = "import sys, time; b = b'x' * (200 << 20); print('ready', flush=True); time.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 20
-        while cpu_vs.tree_memory_mib(child.pid)[0] < 200 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
         child_rss, child_pss = cpu_vs.tree_memory_mib(child.pid)
         assert child_rss >= 200 and child_pss >= 200
         ours_rss, ours_pss = cpu_vs.tree_memory_mib(os.getpid())
         assert ours_rss >= child_rss + 10 and ours_pss >= child_pss + 10  # ours plus the child's
     finally:
         child.kill()
-        child.wait()
+        child.communicate()
