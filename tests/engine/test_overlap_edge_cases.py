@@ -233,7 +233,7 @@ def _runner(model_dir: str, graphs: bool, fuse: bool = True):
             def can_run(self, n: int) -> bool:
                 return n > 0
 
-            def run(self, ids, positions, rows, slots):
+            def run(self, ids, positions, rows, slots, rope_positions=None):  # (None: no M-RoPE model)
                 seqs = [SeqStep(row=r, start_pos=p, token_ids=[t], out_slots=[s], sample=True)
                         for t, p, r, s in zip(ids, positions, rows, slots, strict=True)]
                 logits, _ = runner._forward_packed(seqs, list(range(len(seqs))), StepResult(0, [], []))
