@@ -45,6 +45,19 @@ _DECODERS: dict[str, type[LlamaForCausalLM]] = {
 _WRAPPED = ("model.language_model.", "model.vision_tower.", "model.multi_modal_projector.", "model.image_newline")
 
 
+def forward_with_images(
+    lm: Any, input_ids: torch.Tensor, positions: torch.Tensor, image_embeds: tuple[torch.Tensor, torch.Tensor] | None
+) -> torch.Tensor:
+    """The language model `lm`'s body over `input_ids`, with `image_embeds` (packed indices [K],
+    rows [K, hidden_size]) in place of those tokens' embeddings (LLaVA's and Qwen2-VL's forward)."""
+    inputs_embeds = None
+    if image_embeds is not None:
+        index, rows = image_embeds
+        inputs_embeds = lm.model.embed_tokens(input_ids)
+        inputs_embeds.index_copy_(0, index, rows.to(inputs_embeds.dtype))
+    return lm.model(input_ids, positions, inputs_embeds)
+
+
 class LlavaProjector(nn.Module):
     def __init__(self, config: Any, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -95,13 +108,7 @@ class LlavaForConditionalGeneration(CausalLM):
     ) -> torch.Tensor:
         """As `CausalLM.forward`; `image_embeds` (packed indices [K], rows [K, hidden_size]) replace
         those tokens' embeddings."""
-        lm = self.language_model
-        inputs_embeds = None
-        if image_embeds is not None:
-            index, rows = image_embeds
-            inputs_embeds = lm.model.embed_tokens(input_ids)
-            inputs_embeds.index_copy_(0, index, rows.to(inputs_embeds.dtype))
-        return lm.model(input_ids, positions, inputs_embeds)
+        return forward_with_images(self.language_model, input_ids, positions, image_embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model.compute_logits(hidden)

@@ -25,6 +25,7 @@ from engine.distributed.lazy_weight import WeightLike
 from engine.layers.mrope import MRotaryEmbedding, get_mrope
 from engine.models.causal_lm import CausalLM
 from engine.models.llama import LlamaForCausalLM, Qwen2ForCausalLM
+from engine.models.llava import forward_with_images
 from engine.models.qwen2_vl_vision import Grid, Qwen2VisionTransformer
 
 
@@ -71,13 +72,7 @@ class Qwen2VLForConditionalGeneration(CausalLM):
     ) -> torch.Tensor:
         """As `CausalLM.forward` with positions [T] or [3, T] (M-RoPE); `image_embeds` (packed
         indices [K], rows [K, hidden_size]) replace those tokens' embeddings."""
-        lm = self.language_model
-        inputs_embeds = None
-        if image_embeds is not None:
-            index, rows = image_embeds
-            inputs_embeds = lm.model.embed_tokens(input_ids)
-            inputs_embeds.index_copy_(0, index, rows.to(inputs_embeds.dtype))
-        return lm.model(input_ids, positions, inputs_embeds)
+        return forward_with_images(self.language_model, input_ids, positions, image_embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model.compute_logits(hidden)
