@@ -219,15 +219,7 @@ def test_gpu_llava_greedy_matches_cpu(tmp_path: Path, next_: bool) -> None:
 
     save_tiny_llava(tmp_path, next_=next_)
     prompts, images = _requests(tmp_path)
-    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=5)
-    with LLM(str(tmp_path), device="cpu", dtype="float32", kv_cache_memory_gb=0.01) as cpu:
-        expected = cpu.generate(prompts, params, images=images)
-    for dtype, eager in (("float32", True), ("float32", False), ("bfloat16", False)):
-        with LLM(str(tmp_path), device="cuda", dtype=dtype, kv_cache_memory_gb=0.05, enforce_eager=eager,
-                 max_num_batched_tokens=16) as gpu:
-            outs = gpu.generate(prompts, params, images=images)
-        for out, ref in zip(outs, expected, strict=True):
-            _check_greedy(out.outputs[0], ref.outputs[0], dtype, ("triton", eager))
+    _check_images_greedy(tmp_path, prompts, images)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
@@ -241,11 +233,17 @@ def test_gpu_qwen2_vl_greedy_matches_cpu(tmp_path: Path, family: str) -> None:
 
     save_tiny_qwen2_vl(tmp_path, family)
     prompts, images = requests_with_images(tmp_path)
+    _check_images_greedy(tmp_path, prompts, images)
+
+
+def _check_images_greedy(model_dir: Path, prompts: Any, images: Any) -> None:
+    """The GPU's greedy tokens with images against the CPU's fp32 ones: fp32 eager and graphed, bf16
+    graphed, prefill chunks of 16 tokens (cut inside the images)."""
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=5)
-    with LLM(str(tmp_path), device="cpu", dtype="float32", kv_cache_memory_gb=0.01) as cpu:
+    with LLM(str(model_dir), device="cpu", dtype="float32", kv_cache_memory_gb=0.01) as cpu:
         expected = cpu.generate(prompts, params, images=images)
     for dtype, eager in (("float32", True), ("float32", False), ("bfloat16", False)):
-        with LLM(str(tmp_path), device="cuda", dtype=dtype, kv_cache_memory_gb=0.05, enforce_eager=eager,
+        with LLM(str(model_dir), device="cuda", dtype=dtype, kv_cache_memory_gb=0.05, enforce_eager=eager,
                  max_num_batched_tokens=16) as gpu:
             outs = gpu.generate(prompts, params, images=images)
         for out, ref in zip(outs, expected, strict=True):
