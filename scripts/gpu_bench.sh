@@ -26,8 +26,13 @@
 #                      BENCH_ARGS_<LABEL> for one server's (its label, "-" as "_": BENCH_ARGS_kv_auto), e.g.
 #                      CONFIGS="topp=" WORKLOADS_topp=offline1000 BENCH_ARGS_topp="--temperature 0.7 --top-p 0.9"
 #                      (e.g. "--num-requests 200" to cut every workload short)
-#   MODEL              default /tmp/llama8b; written by .gpu_tok/make_random_llama.py unless it
-#                      holds a config.json already; MODEL_ARGS: more flags for that tool
+#   MODEL              default /tmp/llama8b; written by MODEL_SCRIPT (default .gpu_tok/make_random_llama.py;
+#                      e.g. scripts/make_random_deepseek_v2.py, scripts/make_random_qwen2_vl.py: each takes
+#                      --out and --tokenizer-dir) unless it holds a config.json already; MODEL_ARGS: more
+#                      flags for that tool
+#   EXTRA              more commands, "CMD;CMD" (e.g. "python3 scripts/fp8_quality.py --model /tmp/llama8b
+#                      --device cuda"), run one after the other once the model is written and before any
+#                      server, each bounded by EXTRA_S (150) seconds, output in $OUT/extra_<i>.log
 #   BUDGET_S           default 570: seconds for the whole script (a device command gets 600);
 #                      a benchmark still running when only RESERVE_S (25) are left is stopped,
 #                      and what it finished is kept
@@ -106,7 +111,7 @@ MAKE_PID=
 if [ "${GPU_TESTS_ONLY:-0}" != 1 ] && [ ! -f "$MODEL/config.json" ]; then
     say "writing the random model to $MODEL"
     # shellcheck disable=SC2086
-    "$PYTHON" .gpu_tok/make_random_llama.py --out "$MODEL" --tokenizer-dir .gpu_tok/tok $MODEL_ARGS &
+    "$PYTHON" "${MODEL_SCRIPT:-.gpu_tok/make_random_llama.py}" --out "$MODEL" --tokenizer-dir .gpu_tok/tok $MODEL_ARGS &
     MAKE_PID=$!
 fi
 if [ -n "${GPU_TESTS:-}" ]; then  # the GPU test tier, while the model is written
@@ -165,6 +170,15 @@ if [ -n "${PROFILE:-}" ]; then  # where a step's time goes, before any server
         >"$OUT/profile.log" 2>&1
     say "profile: $(grep -c . "$OUT/profile.log") lines in profile.log"
 fi
+IFS=';' read -ra extra_commands <<<"${EXTRA:-}"
+for i in "${!extra_commands[@]}"; do  # the plan's other measurements, before any server
+    cmd=${extra_commands[$i]}
+    [ -n "${cmd// /}" ] || continue
+    say "extra $i: $cmd (at most ${EXTRA_S:-150} s)"
+    timeout -s TERM "${EXTRA_S:-150}" bash -c "$cmd" >"$OUT/extra_$i.log" 2>&1
+    say "extra $i: exit $?; the end of extra_$i.log:"
+    tail -n 15 "$OUT/extra_$i.log"
+done
 
 SERVER_PID=
 stop_server() {
