@@ -32,7 +32,8 @@
 #                      flags for that tool
 #   EXTRA              more commands, "CMD;CMD" (e.g. "python3 scripts/fp8_quality.py --model /tmp/llama8b
 #                      --device cuda"), run one after the other once the model is written and before any
-#                      server, each bounded by EXTRA_S (150) seconds, output in $OUT/extra_<i>.log
+#                      server (a command holds no ";" itself), each bounded by EXTRA_S (150) seconds, output
+#                      in $OUT/extra_<i>.log
 #   BUDGET_S           default 570: seconds for the whole script (a device command gets 600);
 #                      a benchmark still running when only RESERVE_S (25) are left is stopped,
 #                      and what it finished is kept
