@@ -115,30 +115,35 @@ class ImageInputs:
         return to_device(index, torch.long, self.device), torch.cat(rows)
 
     def _embed(self, entries: list[_RowImage]) -> None:
-        """Embed the images of `entries`: one batch per pixel shape, or (patches with their
-        grids) every image packed in one batch."""
+        for entry, embeds in zip(entries, self.embed([e.image for e in entries]), strict=True):
+            entry.embeds = embeds
+
+    def embed(self, images: Sequence[PromptImage]) -> list[torch.Tensor]:
+        """Each image's embedding [num_tokens, hidden_size]: one tower batch per pixel shape, or
+        (patches with their grids) every image packed in one batch."""
+        if not images:
+            return []
         if self.merge_size is not None:
-            if entries:
-                patches = np.concatenate([e.image.pixel_values for e in entries])
-                embeds = self.model.embed_images(  # [sum of tokens, hidden_size]
-                    to_device(torch.from_numpy(patches), torch.float32, self.device),
-                    [e.image.grid_thw for e in entries],
-                )
-                sizes = [e.image.num_tokens for e in entries]
-                _check_tokens(embeds.shape[0], sum(sizes))
-                for entry, rows in zip(entries, embeds.split(sizes), strict=True):
-                    entry.embeds = rows
-            return
-        by_shape: dict[tuple[int, ...], list[_RowImage]] = {}
-        for entry in entries:
-            by_shape.setdefault(entry.image.pixel_values.shape, []).append(entry)
+            patches = np.concatenate([image.pixel_values for image in images])
+            packed = self.model.embed_images(  # [sum of tokens, hidden_size]
+                to_device(torch.from_numpy(patches), torch.float32, self.device), [image.grid_thw for image in images]
+            )
+            sizes = [image.num_tokens for image in images]
+            _check_tokens(packed.shape[0], sum(sizes))
+            return list(packed.split(sizes))
+        by_shape: dict[tuple[int, ...], list[int]] = {}  # pixel shape -> indices of its images
+        for i, image in enumerate(images):
+            by_shape.setdefault(image.pixel_values.shape, []).append(i)
+        out: list[torch.Tensor] = [torch.empty(0)] * len(images)
         for group in by_shape.values():
-            pixels = to_device(torch.from_numpy(np.stack([e.image.pixel_values for e in group])), torch.float32, self.device)
+            stacked = np.stack([images[i].pixel_values for i in group])
+            pixels = to_device(torch.from_numpy(stacked), torch.float32, self.device)
             # one [tokens, hidden_size] per image (any-resolution models unpad by the image's size)
-            embeds = self.model.embed_images(pixels, [e.image.image_size for e in group])
-            for entry, rows in zip(group, embeds, strict=True):
-                _check_tokens(rows.shape[0], entry.image.num_tokens)
-                entry.embeds = rows
+            embeds = self.model.embed_images(pixels, [images[i].image_size for i in group])
+            for i, rows in zip(group, embeds, strict=True):
+                _check_tokens(rows.shape[0], images[i].num_tokens)
+                out[i] = rows
+        return out
 
 
 def _check_tokens(embedded: int, placeholders: int) -> None:

@@ -33,7 +33,7 @@ class LocalWorker:
         device = config.resolved_device()
         select_backend(device, config.attention_backend)
         model = load_model(model_path, config.torch_dtype(), device)
-        self.runner = ModelRunner(config, model, load_hf_config(model_path))
+        self.runner = ModelRunner(config, model, load_hf_config(model_path), model_path=model_path)
         self.results: deque[StepResult] = deque()
         self.alive = True
         self.dead_reason: str | None = None
