@@ -56,6 +56,7 @@ class PromptImage:
     pixel_values: np.ndarray  # float32, the vision tower's input: [3, H, W], or [tiles, 3, S, S] (any-resolution)
     image_size: tuple[int, int] = (0, 0)  # (height, width) as sent: any-resolution models unpad by it
     grid_thw: tuple[int, int, int] | None = None  # Qwen2-VL: [patches, C * P * P] pixels and their grid (t, h, w)
+    cache_key: int | None = None  # `ImageInput.cache_key`: the worker shares one embedding between rows by it
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -323,6 +324,8 @@ def place_images(
         start += image.num_tokens
         if run[-1] - run[0] + 1 != image.num_tokens:
             raise ValueError("an image's placeholder tokens must be contiguous in the prompt", "images")
-        placed.append(PromptImage(run[0], image.num_tokens, image.pixel_values, image.image_size, image.grid_thw))
+        placed.append(
+            PromptImage(run[0], image.num_tokens, image.pixel_values, image.image_size, image.grid_thw, image.cache_key)
+        )
         keys[run[0] : run[-1] + 1] = [image.cache_key] * image.num_tokens
     return tuple(placed), keys

@@ -178,7 +178,8 @@ def profile_activations(
     the costliest way (top-k, top-p and a grammar mask, which copies the logits). With `images`
     (a vision-language model: `ImageProcessor.profile_images`), the step first embeds them all in
     one go, as a step embeds its new images, and its leading tokens are their placeholders, with
-    every embedding held through the forward pass (as a row holds an image's until it is computed).
+    every embedding held through the forward pass (as a row holds an image's until it is computed),
+    beside the bytes of the worker's recent embeddings at their bound (`max_image_tokens_per_step`).
     """
     assert config.max_model_len is not None and config.max_num_seqs is not None
     device = config.resolved_device()
@@ -196,7 +197,7 @@ def profile_activations(
         kv, req_to_token, list(range(len(lens))), [0] * len(lens), lens, torch.arange(num_tokens)
     )
     input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
-    held, image_args = _embed_images(model, images, num_tokens, device)
+    held, image_args = _embed_images(model, images, num_tokens, device, config.max_image_tokens_per_step or 0)
     if image_args and getattr(model, "mrope", False):  # a step with image tokens: M-RoPE's [3, T] positions
         ctx.positions = ctx.positions.expand(3, -1).contiguous()
     with set_forward_context(ctx):
@@ -218,14 +219,16 @@ def profile_activations(
 
 
 def _embed_images(
-    model: CausalLM, images: Sequence[ImageInput], num_tokens: int, device: str
+    model: CausalLM, images: Sequence[ImageInput], num_tokens: int, device: str, recent_tokens: int
 ) -> tuple[list[torch.Tensor], tuple[tuple[torch.Tensor, torch.Tensor], ...]]:
-    """The profile's images embedded -> (their embeddings, the forward pass's `image_embeds`
-    argument for the first `num_tokens` of their rows: () without images)."""
+    """The profile's images embedded -> (their embeddings and, beside them, as many bytes as the
+    worker's recent embeddings may hold (`ImageInputs.recent`, of `recent_tokens` tokens); the
+    forward pass's `image_embeds` argument for the first `num_tokens` of their rows: () without images)."""
     if not images:
         return [], ()
     placed = [PromptImage(0, i.num_tokens, i.pixel_values, i.image_size, i.grid_thw) for i in images]
     held = ImageInputs(model, device).embed(placed)
+    held.append(torch.empty(recent_tokens, held[0].shape[-1], dtype=held[0].dtype, device=device))
     rows, left = [], num_tokens
     for embeds in held:
         if left == 0:

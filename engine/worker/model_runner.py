@@ -97,7 +97,8 @@ class ModelRunner:
         # tokenizer) a constrained row is refused.
         self.grammar = grammar if grammar is not None else GrammarMasks(self.device)
         self.constrained_rows: set[int] = set()  # rows whose state has a grammar: fill masks while any
-        self.images = ImageInputs(model, self.device)  # a vision-language model's images, per row
+        # a vision-language model's images, per row, and the newest embeddings
+        self.images = ImageInputs(model, self.device, config.max_image_tokens_per_step or 0)
 
         logger.info("%s", self.info().kv_cache_summary())
         # Row r's last sampled token, on the device: an overlapped step computes it before the
