@@ -75,11 +75,8 @@ class ModelRunner:
         self.kv_layout = KVLayout.for_model(shape, self.tp_size, config.kv_torch_dtype())
         self.num_kv_heads = self.kv_layout.num_kv_heads  # on this rank
         self.sampler = Sampler(seed=config.seed)
-        # (a vision-language model's profile embeds images as its processor makes them: model_path's)
-        profile_images = partial(profile_images_of, model_path, hf_config, config.max_image_tokens_per_step)
-        self.kv_budget_bytes = kv_budget_bytes(
-            config, self.kv_layout, model, self.sampler, self._prefill_graph_tokens(), profile_images
-        )
+        images = partial(profile_images_of, model_path, hf_config, config.max_image_tokens_per_step)  # (model_path's)
+        self.kv_budget_bytes = kv_budget_bytes(config, self.kv_layout, model, self.sampler, self._prefill_graph_tokens(), images)
         # The same slot indices are valid on every rank: the smallest pool any rank can hold.
         self.num_slots = all_reduce_min_int(self.kv_budget_bytes // self.kv_layout.bytes_per_token())
         if self.num_slots < 16:
@@ -97,8 +94,7 @@ class ModelRunner:
         # tokenizer) a constrained row is refused.
         self.grammar = grammar if grammar is not None else GrammarMasks(self.device)
         self.constrained_rows: set[int] = set()  # rows whose state has a grammar: fill masks while any
-        # a vision-language model's images, per row, and the newest embeddings
-        self.images = ImageInputs(model, self.device, config.max_image_tokens_per_step or 0)
+        self.images = ImageInputs(model, self.device, config.max_image_tokens_per_step or 0)  # a VLM's, per row
 
         logger.info("%s", self.info().kv_cache_summary())
         # Row r's last sampled token, on the device: an overlapped step computes it before the
