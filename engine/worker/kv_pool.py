@@ -114,18 +114,22 @@ def kv_budget_bytes(
     profile_images: Callable[[], Sequence[ImageInput]] = tuple,
 ) -> int:
     """The bytes this rank's pool may take (see the module's docstring). On CUDA, once the
-    weights are loaded: it runs the largest step (with `profile_images()`) to measure its activations."""
+    weights are loaded: it runs the largest step to measure its activations, and for a
+    vision-language model that step again with `profile_images()`."""
     if config.kv_cache_memory_gb is not None:
         return int(config.kv_cache_memory_gb * _GIB)
     if not config.resolved_device().startswith("cuda"):
         return _GIB  # CPU default: 1 GiB
-    activation_peak_bytes = profile_activations(config, layout, model, sampler, profile_images())
+    text_peak_bytes = activation_peak_bytes = profile_activations(config, layout, model, sampler)
+    images = profile_images()
+    if images:  # a vision-language model: the step again, embedding the heaviest images a step may
+        activation_peak_bytes = max(text_peak_bytes, profile_activations(config, layout, model, sampler, images))
     torch.cuda.empty_cache()
     free, _total = torch.cuda.mem_get_info()
     # The prefill graphs keep a pool of their own for their largest bucket's activations,
-    # which grow about linearly with the tokens of a step.
+    # which grow about linearly with the tokens of a step (a graphed step has no images).
     profiled = config.max_num_batched_tokens or 8192
-    graph_reserve = activation_peak_bytes * prefill_graph_tokens // profiled
+    graph_reserve = text_peak_bytes * prefill_graph_tokens // profiled
     budget = int((free - activation_peak_bytes - graph_reserve) * config.gpu_memory_utilization)
     logger.info(
         "GPU memory: %.2f GiB free after the weights, %.2f GiB peak activations, %.2f GiB for prefill graphs, "
