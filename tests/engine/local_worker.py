@@ -56,6 +56,19 @@ class LocalWorker:
         self.alive = False
 
 
+def counted_embeds(model: Any) -> list[int]:
+    """The images of each of `model`'s vision tower batches from now on (the real method runs)."""
+    batches: list[int] = []
+    embed_images = model.embed_images
+
+    def counted(pixels: Any, *args: Any) -> Any:
+        batches.append(len(args[0]))
+        return embed_images(pixels, *args)
+
+    model.embed_images = counted
+    return batches
+
+
 @contextlib.contextmanager
 def in_process_workers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Engines made inside run their worker in this process (`LocalWorker.last`)."""

@@ -12,7 +12,7 @@ import pytest
 from engine import LLM, SamplingParams
 from engine.models.loader import load_hf_config
 from engine.multimodal import ImageInput, image_processor_for
-from tests.engine.local_worker import LocalWorker, in_process_workers
+from tests.engine.local_worker import LocalWorker, counted_embeds, in_process_workers
 from tests.engine.models.test_llava import _image, _text, save_tiny_llava
 
 IMAGE_TOKEN = 255
@@ -107,19 +107,6 @@ def test_an_image_processor_of_another_size_than_the_tower_is_refused_at_start(t
     Processor(size={"shortest_edge": 36}, crop_size={"height": 36, "width": 36}).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="36 x 36 px where the vision tower reads 30 x 30"):
         LLM(str(tmp_path), dtype="float32")
-
-
-def counted_embeds(model: Any) -> list[int]:
-    """The images of each of `model`'s vision tower batches from now on (the real method runs)."""
-    batches: list[int] = []
-    embed_images = model.embed_images
-
-    def counted(pixels: Any, *args: Any) -> Any:
-        batches.append(len(args[0]))
-        return embed_images(pixels, *args)
-
-    model.embed_images = counted
-    return batches
 
 
 def test_a_step_embeds_at_most_max_image_tokens_per_step_with_the_answers_of_each_alone(
