@@ -73,6 +73,14 @@ class EngineConfig:
     max_num_batched_tokens: int | None = setting(
         None, "tokens per engine step, prefill chunks included (default: 8192 on GPU, 512 on CPU)"
     )
+    # The vision tower's work and memory of a step grow with the images it embeds: a step embeds
+    # at most this many image tokens (placeholder positions), and the GPU memory profile runs the
+    # tower at that bound before the KV pool is sized (engine/router/image_budget.py).
+    max_image_tokens_per_step: int | None = setting(
+        None,
+        "vision-language models: image tokens a step may embed through the vision tower; images past it wait "
+        "for a later step, one larger image runs alone (default: max_num_batched_tokens)",
+    )
     max_waiting_requests: int = setting(4096, "waiting sequences before new requests are refused (429)")
     admission: Literal["conservative", "aggressive"] = setting(
         "conservative", "router admission: by max_tokens, or by observed lengths with preemption"
@@ -148,7 +156,9 @@ class EngineConfig:
             raise ValueError(f"admission must be conservative or aggressive, got {self.admission!r}")
         if self.max_prefill_graph_tokens < 0:
             raise ValueError("max_prefill_graph_tokens must be >= 0 (0: no prefill graphs)")
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_waiting_requests"):
+        for name in (
+            "max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_image_tokens_per_step", "max_waiting_requests"
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value!r}")
@@ -218,5 +228,6 @@ class EngineConfig:
             max_model_len=max_model_len,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=budget,
+            max_image_tokens_per_step=self.max_image_tokens_per_step or budget,
             step_timeout_s=self.resolved_step_timeout_s() or 0.0,
         )

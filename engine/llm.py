@@ -77,8 +77,10 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         images: Sequence[Sequence[ImageInput]] | None = None,
     ) -> list[RequestOutput]:
-        """`images`, for a vision-language model: one list per prompt, filling its image
-        placeholders in order (`ImageProcessor.preprocess`, `expand_placeholders`)."""
+        """`images`, for a vision-language model: one list per prompt (`ImageProcessor.preprocess`),
+        filling its image placeholders in order. A text prompt names each image once, by the
+        processor's `placeholder` text, and is tokenized and widened to the images' tokens as a
+        chat is (`expand_placeholders`); token ids come widened already."""
         prompt_list: list[PromptType] = [prompts] if _is_one_prompt(prompts) else list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -95,9 +97,13 @@ class LLM:
         core = self.core
         order: list[str] = []
         accs: dict[str, OutputAccumulator] = {}
+        texts: dict[str, str] = {}  # request id -> its text prompt, sent as ids (images widened)
         try:
             for prompt, params, prompt_images in zip(prompt_list, params_list, images_list, strict=True):
                 request_id = f"offline-{next(self._ids)}"
+                if isinstance(prompt, str) and prompt_images:
+                    texts[request_id] = prompt
+                    prompt = _expanded(core, prompt, prompt_images)
                 core.add_request(request_id, prompt, params, prompt_images)
                 order.append(request_id)
                 accs[request_id] = OutputAccumulator(params.n)
@@ -109,7 +115,10 @@ class LLM:
                 core.abort_request(request_id)
             core.drain()
             raise
-        return [accs[r].result() for r in order]
+        results = [accs[r].result() for r in order]
+        for out in results:
+            out.prompt = texts.get(out.request_id, out.prompt)
+        return results
 
     def shutdown(self) -> None:
         if self._core is not None:
@@ -121,3 +130,18 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _expanded(core: EngineCore, prompt: str, images: Sequence[ImageInput]) -> PromptType:
+    """A text prompt with one placeholder per image -> its token ids, each placeholder widened to
+    its image's tokens (as the chat path reads a chat); ValueError naming `prompt` when the
+    placeholders and the images differ in number. Left as it is for the engine to refuse without a
+    tokenizer or an image processor."""
+    processor = core.image_processor
+    if processor is None or core.tokenizer is None:
+        return prompt
+    ids = core.tokenizer.encode(prompt, add_special_tokens=False)
+    try:
+        return processor.expand_placeholders(ids, images)
+    except ValueError as e:
+        raise ValueError(e.args[0], "prompt") from None

@@ -25,6 +25,7 @@ when the image is the same.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ class PromptImage:
     pixel_values: np.ndarray  # float32, the vision tower's input: [3, H, W], or [tiles, 3, S, S] (any-resolution)
     image_size: tuple[int, int] = (0, 0)  # (height, width) as sent: any-resolution models unpad by it
     grid_thw: tuple[int, int, int] | None = None  # Qwen2-VL: [patches, C * P * P] pixels and their grid (t, h, w)
+    cache_key: int | None = None  # `ImageInput.cache_key`: the worker shares one embedding between rows by it
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -77,6 +79,7 @@ class ImageProcessor:
         # the placeholder's text (a model that ships no tokenizer takes token ids only)
         self.placeholder: str = tokenizer.convert_ids_to_tokens(self.image_token_id) if tokenizer else "<image>"
         self.patch_size = int(vision.patch_size)
+        self.tower_size = int(getattr(vision, "image_size", 0))  # (Qwen2-VL's tower reads any size)
         # "default" drops the vision tower's class token, "full" keeps it
         self.extra_tokens = 1 if getattr(hf_config, "vision_feature_select_strategy", "default") == "full" else 0
         self._processor = self._load_processor(model_path, hf_config)
@@ -129,6 +132,25 @@ class ImageProcessor:
         for token in prompt_ids:
             out.extend([token] * next(it).num_tokens if token == self.image_token_id else (token,))
         return out
+
+    def profile_images(self, max_tokens: int) -> list[ImageInput]:
+        """The heaviest images one step may embed when the router bounds a step's image tokens by
+        `max_tokens` (engine/router/image_budget.py), for the worker's GPU memory profile: the
+        largest image this processor makes, as many times as such images fit the bound, at least
+        once (an image larger than the bound runs alone)."""
+        from PIL import Image
+
+        width, height = self._largest_size()
+        largest = self.preprocess(Image.new("RGB", (width, height), (127, 127, 127)))
+        return [largest] * max(1, self._profile_count(max_tokens, largest.num_tokens))
+
+    def _largest_size(self) -> tuple[int, int]:
+        """(width, height) of an image that takes the most tokens and pixels (any: CLIP's are all one size)."""
+        return self.tower_size, self.tower_size
+
+    def _profile_count(self, max_tokens: int, largest_tokens: int) -> int:
+        """How many of the largest images fill a bound of `max_tokens` (all images take as many tokens)."""
+        return max_tokens // largest_tokens
 
 
 def _checked_size(image: Any) -> tuple[int, int]:
@@ -188,6 +210,17 @@ class AnyResImageProcessor(ImageProcessor):
             raise ValueError(f"the image processor made {pixels.shape[0]} tiles where the model reads {1 + rows * cols}")
         return num_image_tokens(image_size, self.pinpoints, self.tile_size, self.patch_size)
 
+    def _largest_size(self) -> tuple[int, int]:
+        """The pinpoint with the most tiles (then pixels): an image of that size fills its whole grid."""
+        height, width = max(self.pinpoints, key=lambda p: (math.prod(grid_shape(p, self.pinpoints, self.tile_size)), p[0] * p[1]))
+        return width, height
+
+    def _profile_count(self, max_tokens: int, largest_tokens: int) -> int:
+        """Any image takes the base tile's tokens and at least one row of its grid's, but as many
+        tiles as the largest when its grid is as large (a long, thin image keeps few rows of its
+        map): the tower's work is counted by the most tiles the bound can bring."""
+        return max_tokens // ((self.tile_size // self.patch_size) ** 2 + 1)
+
 
 class Qwen2VLImageProcessor(ImageProcessor):
     """Qwen2-VL's and Qwen2.5-VL's image side in the server process: transformers' Qwen2-VL image
@@ -236,6 +269,23 @@ class Qwen2VLImageProcessor(ImageProcessor):
         t, h, w = (int(n) for n in out["image_grid_thw"][0])
         return ImageInput(pixels, t * h * w // self.merge_size**2, _cache_key(pixels, (t, h, w)), image_size, (t, h, w))
 
+    def _largest_size(self) -> tuple[int, int]:
+        """An image of the processor's max pixels, both sides multiples of patch x merge size
+        (which it keeps as they are): the most tokens an image can take."""
+        size = self._processor.size
+        max_pixels = getattr(self._processor, "max_pixels", None) or (
+            size["longest_edge"] if isinstance(size, dict) else size.longest_edge
+        )
+        unit = self.patch_size * self.merge_size
+        area = int(max_pixels) // unit**2  # in tokens
+        rows = math.isqrt(area)
+        return (area // rows) * unit, rows * unit
+
+    def _profile_count(self, max_tokens: int, largest_tokens: int) -> int:
+        """Tokens and patches go together (merge_size^2 patches a token): the largest images up to
+        the bound, rounded up (a smaller image may fill the rest)."""
+        return -(-max_tokens // largest_tokens)
+
 
 def image_processor_for(model_path: str, hf_config: Any, tokenizer: Any | None) -> ImageProcessor | None:
     """The model's image processor; None for a model that reads text only."""
@@ -274,6 +324,8 @@ def place_images(
         start += image.num_tokens
         if run[-1] - run[0] + 1 != image.num_tokens:
             raise ValueError("an image's placeholder tokens must be contiguous in the prompt", "images")
-        placed.append(PromptImage(run[0], image.num_tokens, image.pixel_values, image.image_size, image.grid_thw))
+        placed.append(
+            PromptImage(run[0], image.num_tokens, image.pixel_values, image.image_size, image.grid_thw, image.cache_key)
+        )
         keys[run[0] : run[-1] + 1] = [image.cache_key] * image.num_tokens
     return tuple(placed), keys

@@ -1,8 +1,9 @@
 """Admission: which waiting sequences join the running batch, at the end of a step's plan.
 
 Waiting sequences are admitted first come first served while a `req_to_token` row, slots, the
-step's token budget and the future-usage check allow (a prompt larger than the budget left gets
-a chunk). With `admission_batch` > 1, a full batch of at least 32 decodes admits only once that
+step's token budget, its image budget (engine/router/image_budget.py) and the future-usage check
+allow (a prompt larger than the budget left gets a chunk; one that reaches an image past the
+image budget, a chunk up to that image). With `admission_batch` > 1, a full batch of at least 32 decodes admits only once that
 many rows are free (or after 8 steps), so prompts are computed in fewer, larger passes. A step
 that had to preempt admits nothing, and admission never preempts.
 
@@ -29,6 +30,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
 from engine.router.future_usage import FutureUsage
+from engine.router.image_budget import ImageBudget
 from engine.router.prefix_cache import RadixPrefixCache
 from engine.router.scheduler_config import SchedulerConfig
 from engine.router.seq import Seq, SequenceStatus
@@ -51,6 +53,7 @@ class Router(Protocol):
     prefix_cache: RadixPrefixCache | None
     waiting: deque[Seq]
     running: list[Seq]
+    image_budget: ImageBudget
 
     def take(
         self, seq: Seq, n: int, prefix_slots: list[int] | None, is_new_row: bool,
@@ -129,6 +132,7 @@ class Admission:
                 continue
             num_shared = seq.num_prompt_tokens - 1 if donor is not None else 0
             n = min(seq.num_tokens - num_shared, budget - used_budget, sched.allocator.num_free)
+            n = sched.image_budget.fit(seq, num_shared, n, True) if n > 0 else n
             if n <= 0 or not self._fits(seq, num_shared, usage):
                 break
             sched.waiting.popleft()
@@ -160,6 +164,7 @@ class Admission:
         cache.lock(node)  # before counting what eviction could free: the match itself must stay
         m = len(slots)
         n = min(seq.num_tokens - m, budget, sched.allocator.num_free + cache.num_evictable_tokens)
+        n = sched.image_budget.fit(seq, m, n, True) if n > 0 else n
         locked = cache.num_cached_tokens - cache.num_evictable_tokens
         if n <= 0 or not self._fits(seq, m, usage, self._slot_limit - locked):
             cache.unlock(node)

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from engine.errors import PromptTooLongError
 from engine.messages import NewRow, SeqStep
 from engine.router.admission import Admission
+from engine.router.image_budget import ImageBudget
 from engine.router.prefix_cache import RadixPrefixCache
 from engine.router.scheduler_config import SchedulerConfig
 from engine.router.seq import Seq, SequenceStatus
@@ -72,6 +73,7 @@ class Scheduler:
         self.num_preemptions = 0  # total, for stats
         self.prefix_cache = RadixPrefixCache(allocator) if config.enable_prefix_caching else None
         self._evict_chunk = max(1, config.num_slots // _EVICT_CHUNK_DIVISOR)
+        self.image_budget = ImageBudget(config.max_image_tokens_per_step)
         self.admission = Admission(self)
 
     # -- queries ---------------------------------------------------------------------------------
@@ -170,6 +172,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
+        self.image_budget.reset()
         scheduled: list[SeqStep] = []
         scheduled_ids: set[str] = set()
         preempted: list[Seq] = []
@@ -201,7 +204,8 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = self._make_room(seq, min(seq.num_uncomputed_tokens, budget), scheduled_ids, preempted)
+            n = self.image_budget.fit(seq, seq.num_computed_tokens, min(seq.num_uncomputed_tokens, budget), False)
+            n = self._make_room(seq, n, scheduled_ids, preempted) if n else 0
             if n:
                 scheduled.append(self.take(seq, n, None, is_new_row=False))
                 scheduled_ids.add(seq.seq_id)
@@ -308,6 +312,7 @@ class Scheduler:
             assert out_slots is not None, "callers make room first"
         seq.slots.extend(out_slots)
         assert seq.req_idx is not None
+        self.image_budget.spend(seq, start, n, is_new_row)
         new_row = (
             NewRow(seq.params, seq.prompt_token_ids, list(seq.output_token_ids), seq.stop_token_ids, seq.images)
             if is_new_row else None

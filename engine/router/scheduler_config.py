@@ -24,6 +24,9 @@ class SchedulerConfig:
     # until this many rows are free (or `_MAX_ADMISSION_WAIT` steps passed), so prompts are
     # computed in fewer, larger passes. 1: admit whenever a row is free (engine/router/admission.py).
     admission_batch: int = 1
+    # Image tokens a step may embed (vision-language models; engine/router/image_budget.py);
+    # None: no bound.
+    max_image_tokens_per_step: int | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -32,6 +35,8 @@ class SchedulerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_image_tokens_per_step is not None and self.max_image_tokens_per_step < 1:
+            raise ValueError(f"max_image_tokens_per_step must be at least 1, got {self.max_image_tokens_per_step}")
         if self.admission not in ("conservative", "aggressive"):
             raise ValueError(f"admission must be conservative or aggressive, got {self.admission!r}")
         if not 0.0 <= self.watermark < 1.0:
@@ -50,4 +55,5 @@ class SchedulerConfig:
             admission=config.admission,
             enable_prefix_caching=config.enable_prefix_caching,
             admission_batch=config.admission_batch,
+            max_image_tokens_per_step=config.max_image_tokens_per_step,
         )

@@ -8,8 +8,11 @@ the rows of the embedding that those positions take go to the model's forward pa
 indices in the packed batch. A prefill
 chunk may end inside an image: the image is embedded at its first chunk and the later chunks
 slice the same embedding; it is dropped once its last position is computed (a preempted row
-comes back with a new `NewRow` and embeds it again). Steps with images run eagerly, never
-through a CUDA graph (the graphs take token ids only).
+comes back with a new `NewRow`). The newest embeddings are also kept by their image's content
+key, up to the router's image tokens a step (`max_image_tokens_per_step`): a row that needs the
+same image (a sibling of an `n > 1` request, a prompt whose cached prefix ends inside it, a
+preempted row back) takes it from there instead of running the tower again. Steps with images
+run eagerly, never through a CUDA graph (the graphs take token ids only).
 
 An M-RoPE model (Qwen2-VL: `model.mrope`) takes its images as patches with their grids, all of a
 step's new images in one call, and its rotary positions from `rope_positions`: each row with
@@ -18,6 +21,7 @@ images keeps its `RowRope` (engine/worker/mrope_positions.py) until it is freed.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,9 +42,15 @@ class _RowImage:
 
 
 class ImageInputs:
-    def __init__(self, model: Any, device: str | torch.device) -> None:
+    def __init__(self, model: Any, device: str | torch.device, max_recent_tokens: int = 0) -> None:
         self.model = model
         self.device = device
+        # The newest embeddings by their image's content key (least recently used first), up to
+        # `max_recent_tokens` tokens: another row with the same image takes it from here (the
+        # choices of an `n > 1` request, a prompt cached up to inside the image, a preempted row).
+        self.recent: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.max_recent_tokens = max_recent_tokens
+        self.num_recent_tokens = 0
         self.rows: dict[int, list[_RowImage]] = {}  # row -> its prompt's images, in order
         # M-RoPE: row -> its positions' offsets (rows with images only)
         self.merge_size: int | None = model.spatial_merge_size if getattr(model, "mrope", False) else None
@@ -115,30 +125,62 @@ class ImageInputs:
         return to_device(index, torch.long, self.device), torch.cat(rows)
 
     def _embed(self, entries: list[_RowImage]) -> None:
-        """Embed the images of `entries`: one batch per pixel shape, or (patches with their
-        grids) every image packed in one batch."""
-        if self.merge_size is not None:
-            if entries:
-                patches = np.concatenate([e.image.pixel_values for e in entries])
-                embeds = self.model.embed_images(  # [sum of tokens, hidden_size]
-                    to_device(torch.from_numpy(patches), torch.float32, self.device),
-                    [e.image.grid_thw for e in entries],
-                )
-                sizes = [e.image.num_tokens for e in entries]
-                _check_tokens(embeds.shape[0], sum(sizes))
-                for entry, rows in zip(entries, embeds.split(sizes), strict=True):
-                    entry.embeds = rows
-            return
-        by_shape: dict[tuple[int, ...], list[_RowImage]] = {}
+        """Embed the images of `entries`: each distinct image once, unless a recent embedding has it."""
+        todo: dict[object, _RowImage] = {}  # content key (or the entry itself) -> the entry that embeds it
         for entry in entries:
-            by_shape.setdefault(entry.image.pixel_values.shape, []).append(entry)
+            key = entry.image.cache_key
+            if key is not None and (recent := self.recent.get(key)) is not None:
+                self.recent.move_to_end(key)
+                entry.embeds = recent
+            else:
+                todo.setdefault(entry if key is None else key, entry)
+        made = list(todo.values())
+        for entry, embeds in zip(made, self.embed([e.image for e in made]), strict=True):
+            entry.embeds = self._remember(entry.image.cache_key, embeds)
+        for entry in entries:
+            if entry.embeds is None:  # the same image as another entry's, embedded just now
+                entry.embeds = todo[entry.image.cache_key].embeds
+
+    def _remember(self, key: int | None, embeds: torch.Tensor) -> torch.Tensor:
+        """Keep `embeds` among the recent ones (a copy of its own when it is part of a batch's
+        tensor: a slice would hold all of it), the oldest dropped past the bound."""
+        num_tokens = embeds.shape[0]
+        if key is None or num_tokens > self.max_recent_tokens:
+            return embeds
+        if embeds.untyped_storage().nbytes() > embeds.numel() * embeds.element_size():
+            embeds = embeds.clone()
+        self.recent[key] = embeds
+        self.num_recent_tokens += num_tokens
+        while self.num_recent_tokens > self.max_recent_tokens:
+            self.num_recent_tokens -= self.recent.popitem(last=False)[1].shape[0]
+        return embeds
+
+    def embed(self, images: Sequence[PromptImage]) -> list[torch.Tensor]:
+        """Each image's embedding [num_tokens, hidden_size]: one tower batch per pixel shape, or
+        (patches with their grids) every image packed in one batch."""
+        if not images:
+            return []
+        if self.merge_size is not None:
+            patches = np.concatenate([image.pixel_values for image in images])
+            packed = self.model.embed_images(  # [sum of tokens, hidden_size]
+                to_device(torch.from_numpy(patches), torch.float32, self.device), [image.grid_thw for image in images]
+            )
+            sizes = [image.num_tokens for image in images]
+            _check_tokens(packed.shape[0], sum(sizes))
+            return list(packed.split(sizes))
+        by_shape: dict[tuple[int, ...], list[int]] = {}  # pixel shape -> indices of its images
+        for i, image in enumerate(images):
+            by_shape.setdefault(image.pixel_values.shape, []).append(i)
+        out: list[torch.Tensor] = [torch.empty(0)] * len(images)
         for group in by_shape.values():
-            pixels = to_device(torch.from_numpy(np.stack([e.image.pixel_values for e in group])), torch.float32, self.device)
+            stacked = np.stack([images[i].pixel_values for i in group])
+            pixels = to_device(torch.from_numpy(stacked), torch.float32, self.device)
             # one [tokens, hidden_size] per image (any-resolution models unpad by the image's size)
-            embeds = self.model.embed_images(pixels, [e.image.image_size for e in group])
-            for entry, rows in zip(group, embeds, strict=True):
-                _check_tokens(rows.shape[0], entry.image.num_tokens)
-                entry.embeds = rows
+            embeds = self.model.embed_images(pixels, [images[i].image_size for i in group])
+            for i, rows in zip(group, embeds, strict=True):
+                _check_tokens(rows.shape[0], images[i].num_tokens)
+                out[i] = rows
+        return out
 
 
 def _check_tokens(embedded: int, placeholders: int) -> None:

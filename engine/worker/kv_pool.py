@@ -5,8 +5,9 @@ rank's KV heads (and, for int8, a scale per token and head), or for multi-head l
 one latent per layer, the same on every rank (`KVLayout.for_model`). `kv_budget_bytes` is the memory the
 pool may take on this rank: `kv_cache_memory_gb` when set; on CUDA a fraction
 (`gpu_memory_utilization`) of the memory that stays free beside the weights, the largest step's
-activations (measured by one profiling pass, `profile_activations`) and the prefill graphs' own
-pool; else 1 GiB. The model runner divides it by the bytes per token, takes the smallest count
+activations (measured by one profiling pass, `profile_activations`; for a vision-language model
+the step also embeds the heaviest images the router lets one step embed, whose tower activations
+and embeddings count) and the prefill graphs' own pool; else 1 GiB. The model runner divides it by the bytes per token, takes the smallest count
 over the ranks (one slot index means the same token everywhere) and allocates the pool with
 `allocate_kv_pool`, one dummy slot at its end for padded entries to point at.
 """
@@ -14,7 +15,9 @@ over the ranks (one slot index means the same token everywhere) and allocates th
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
@@ -22,6 +25,7 @@ from engine.config import EngineConfig
 from engine.distributed import num_local_kv_heads
 from engine.model_config import ModelConfig
 from engine.models.causal_lm import CausalLM
+from engine.multimodal import ImageInput, PromptImage, image_processor_for
 from engine.sampling_params import SamplingParams
 from engine.worker.forward_context import (
     INT8_KV_SCALE_DTYPE,
@@ -30,6 +34,7 @@ from engine.worker.forward_context import (
     set_forward_context,
 )
 from engine.worker.grammar_masks import StepMask
+from engine.worker.image_inputs import ImageInputs
 from engine.worker.sampler import SEARCH_MIN_ROWS, Sampler
 from engine.worker.sampling_state import SamplingState
 
@@ -105,21 +110,26 @@ class KVLayout:
 
 
 def kv_budget_bytes(
-    config: EngineConfig, layout: KVLayout, model: CausalLM, sampler: Sampler, prefill_graph_tokens: int
+    config: EngineConfig, layout: KVLayout, model: CausalLM, sampler: Sampler, prefill_graph_tokens: int,
+    profile_images: Callable[[], Sequence[ImageInput]] = tuple,
 ) -> int:
     """The bytes this rank's pool may take (see the module's docstring). On CUDA, once the
-    weights are loaded: it runs the largest step to measure its activations."""
+    weights are loaded: it runs the largest step to measure its activations, and for a
+    vision-language model that step again with `profile_images()`."""
     if config.kv_cache_memory_gb is not None:
         return int(config.kv_cache_memory_gb * _GIB)
     if not config.resolved_device().startswith("cuda"):
         return _GIB  # CPU default: 1 GiB
-    activation_peak_bytes = profile_activations(config, layout, model, sampler)
+    text_peak_bytes = activation_peak_bytes = profile_activations(config, layout, model, sampler)
+    images = profile_images()
+    if images:  # a vision-language model: the step again, embedding the heaviest images a step may
+        activation_peak_bytes = max(text_peak_bytes, profile_activations(config, layout, model, sampler, images))
     torch.cuda.empty_cache()
     free, _total = torch.cuda.mem_get_info()
     # The prefill graphs keep a pool of their own for their largest bucket's activations,
-    # which grow about linearly with the tokens of a step.
+    # which grow about linearly with the tokens of a step (a graphed step has no images).
     profiled = config.max_num_batched_tokens or 8192
-    graph_reserve = activation_peak_bytes * prefill_graph_tokens // profiled
+    graph_reserve = text_peak_bytes * prefill_graph_tokens // profiled
     budget = int((free - activation_peak_bytes - graph_reserve) * config.gpu_memory_utilization)
     logger.info(
         "GPU memory: %.2f GiB free after the weights, %.2f GiB peak activations, %.2f GiB for prefill graphs, "
@@ -129,13 +139,51 @@ def kv_budget_bytes(
     return budget
 
 
+def profile_images_of(model_path: str | None, hf_config: Any, max_tokens: int | None) -> list[ImageInput]:
+    """A vision-language model's images for the profile: the heaviest a step may embed under the
+    router's bound (`ImageProcessor.profile_images`); none for a model of text only."""
+    processor = image_processor_for(model_path, hf_config, None) if model_path is not None else None
+    if processor is None or max_tokens is None:
+        return []
+    return processor.profile_images(max_tokens)
+
+
+class PeakMemory(Protocol):
+    """Measures the peak memory of what runs between `start` and `peak`, beyond what was held at `start`."""
+
+    def start(self) -> None: ...
+
+    def peak(self) -> int: ...
+
+
+class CudaPeakMemory:
+    """The CUDA caching allocator's peak."""
+
+    def start(self) -> None:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.base = torch.cuda.memory_allocated()
+
+    def peak(self) -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - self.base
+
+
 @torch.inference_mode()
-def profile_activations(config: EngineConfig, layout: KVLayout, model: CausalLM, sampler: Sampler) -> int:
-    """Peak CUDA memory of the largest step the scheduler can plan, beyond the weights.
+def profile_activations(
+    config: EngineConfig, layout: KVLayout, model: CausalLM, sampler: Sampler, images: Sequence[ImageInput] = (),
+    meter: PeakMemory | None = None,
+) -> int:
+    """Peak memory (CUDA's, unless `meter` measures) of the largest step the scheduler can plan,
+    beyond the weights.
 
     A prefill of max_num_batched_tokens tokens (cut into sequences of at most
     max_model_len) over a temporary pool of its own, and logits for max_num_seqs rows sampled
-    the costliest way (top-k, top-p and a grammar mask, which copies the logits).
+    the costliest way (top-k, top-p and a grammar mask, which copies the logits). With `images`
+    (a vision-language model: `ImageProcessor.profile_images`), the step first embeds them all in
+    one go, as a step embeds its new images, and its leading tokens are their placeholders, with
+    every embedding held through the forward pass (as a row holds an image's until it is computed),
+    beside the bytes of the worker's recent embeddings at their bound (`max_image_tokens_per_step`).
     """
     assert config.max_model_len is not None and config.max_num_seqs is not None
     device = config.resolved_device()
@@ -147,15 +195,17 @@ def profile_activations(config: EngineConfig, layout: KVLayout, model: CausalLM,
     offsets = [sum(lens[:i]) for i in range(len(lens))]
     for row, (offset, n) in enumerate(zip(offsets, lens, strict=True)):
         req_to_token[row, :n] = torch.arange(offset, offset + n, dtype=torch.int32)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    meter = meter if meter is not None else CudaPeakMemory()
+    meter.start()
     ctx = build_forward_context(
         kv, req_to_token, list(range(len(lens))), [0] * len(lens), lens, torch.arange(num_tokens)
     )
     input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    held, image_args = _embed_images(model, images, num_tokens, device, config.max_image_tokens_per_step or 0)
+    if image_args and getattr(model, "mrope", False):  # a step with image tokens: M-RoPE's [3, T] positions
+        ctx.positions = ctx.positions.expand(3, -1).contiguous()
     with set_forward_context(ctx):
-        hidden = model(input_ids, ctx.positions)
+        hidden = model(input_ids, ctx.positions, *image_args)
     rows = min(config.max_num_seqs, num_tokens)
     logits = model.compute_logits(hidden[:rows])
     # Every row constrained (a grammar mask that allows everything): the processed logits' copy
@@ -167,7 +217,27 @@ def profile_activations(config: EngineConfig, layout: KVLayout, model: CausalLM,
     if rows >= SEARCH_MIN_ROWS:  # fewer rows sort the vocabulary for top-k / top-p: more memory a row
         sorted_rows = SEARCH_MIN_ROWS - 1
         sampler.sample(logits[:sorted_rows], [SamplingState(_PROFILE_PARAMS, [])] * sorted_rows)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del kv, req_to_token, ctx, hidden, logits
+    peak = meter.peak()
+    del kv, req_to_token, ctx, hidden, logits, held, image_args
     return peak
+
+
+def _embed_images(
+    model: CausalLM, images: Sequence[ImageInput], num_tokens: int, device: str, recent_tokens: int
+) -> tuple[list[torch.Tensor], tuple[tuple[torch.Tensor, torch.Tensor], ...]]:
+    """The profile's images embedded -> (their embeddings and, beside them, as many bytes as the
+    worker's recent embeddings may hold (`ImageInputs.recent`, of `recent_tokens` tokens); the
+    forward pass's `image_embeds` argument for the first `num_tokens` of their rows: () without images)."""
+    if not images:
+        return [], ()
+    placed = [PromptImage(0, i.num_tokens, i.pixel_values, i.image_size, i.grid_thw) for i in images]
+    held = ImageInputs(model, device).embed(placed)
+    held.append(torch.empty(recent_tokens, held[0].shape[-1], dtype=held[0].dtype, device=device))
+    rows, left = [], num_tokens
+    for embeds in held:
+        if left == 0:
+            break
+        rows.append(embeds[:left])
+        left -= rows[-1].shape[0]
+    index = torch.arange(num_tokens - left, device=device)
+    return held, ((index, torch.cat(rows)),)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -37,7 +38,7 @@ from engine.models.causal_lm import CausalLM
 from engine.worker.forward_context import build_forward_context, set_forward_context
 from engine.worker.grammar_masks import GrammarMasks
 from engine.worker.image_inputs import ImageInputs
-from engine.worker.kv_pool import KVLayout, kv_budget_bytes
+from engine.worker.kv_pool import KVLayout, kv_budget_bytes, profile_images_of
 from engine.worker.pending_step import PendingStep
 from engine.worker.sampler import Sampler, compute_prompt_logprobs
 from engine.worker.sampling_state import SamplingState
@@ -57,7 +58,8 @@ _FUSED_MAX_SHORT_CONTEXT = 4096
 
 class ModelRunner:
     def __init__(
-        self, config: EngineConfig, model: CausalLM, hf_config: object, grammar: GrammarMasks | None = None
+        self, config: EngineConfig, model: CausalLM, hf_config: object, grammar: GrammarMasks | None = None,
+        model_path: str | None = None,
     ) -> None:
         self.config = config
         self.model = model
@@ -73,7 +75,8 @@ class ModelRunner:
         self.kv_layout = KVLayout.for_model(shape, self.tp_size, config.kv_torch_dtype())
         self.num_kv_heads = self.kv_layout.num_kv_heads  # on this rank
         self.sampler = Sampler(seed=config.seed)
-        self.kv_budget_bytes = kv_budget_bytes(config, self.kv_layout, model, self.sampler, self._prefill_graph_tokens())
+        images = partial(profile_images_of, model_path, hf_config, config.max_image_tokens_per_step)  # (model_path's)
+        self.kv_budget_bytes = kv_budget_bytes(config, self.kv_layout, model, self.sampler, self._prefill_graph_tokens(), images)
         # The same slot indices are valid on every rank: the smallest pool any rank can hold.
         self.num_slots = all_reduce_min_int(self.kv_budget_bytes // self.kv_layout.bytes_per_token())
         if self.num_slots < 16:
@@ -91,7 +94,7 @@ class ModelRunner:
         # tokenizer) a constrained row is refused.
         self.grammar = grammar if grammar is not None else GrammarMasks(self.device)
         self.constrained_rows: set[int] = set()  # rows whose state has a grammar: fill masks while any
-        self.images = ImageInputs(model, self.device)  # a vision-language model's images, per row
+        self.images = ImageInputs(model, self.device, config.max_image_tokens_per_step or 0)  # a VLM's, per row
 
         logger.info("%s", self.info().kv_cache_summary())
         # Row r's last sampled token, on the device: an overlapped step computes it before the

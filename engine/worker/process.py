@@ -96,7 +96,7 @@ def worker_main(
             quantize_model_weights(model, config.weight_quantization)
         conn.send(("progress", (0.8, "allocating KV cache")))
         grammar = GrammarMasks(device, num_threads=threads)
-        runner = ModelRunner(config, model, hf_config, grammar)
+        runner = ModelRunner(config, model, hf_config, grammar, model_path=model_path)
         freeze_startup_objects()
         conn.send(("ready", runner.info()))
         if has_tokenizer(config.tokenizer or model_path):  # constrained decoding needs one

@@ -31,6 +31,7 @@ def create_scheduler(
     watermark: float = 0.0,
     initial_output_len: int = 128,
     enable_prefix_caching: bool = False,
+    max_image_tokens_per_step: int | None = None,
 ) -> Scheduler:
     config = SchedulerConfig(
         max_num_seqs=max_num_seqs,
@@ -41,6 +42,7 @@ def create_scheduler(
         watermark=watermark,
         initial_output_len=initial_output_len,
         enable_prefix_caching=enable_prefix_caching,
+        max_image_tokens_per_step=max_image_tokens_per_step,
     )
     return Scheduler(config, KVSlotAllocator(num_slots))
 

@@ -12,6 +12,7 @@ import pytest
 from engine import LLM, SamplingParams
 from engine.models.loader import load_hf_config
 from engine.multimodal import ImageInput, image_processor_for
+from tests.engine.local_worker import LocalWorker, counted_embeds, in_process_workers
 from tests.engine.models.test_llava import _image, _text, save_tiny_llava
 
 IMAGE_TOKEN = 255
@@ -106,3 +107,48 @@ def test_an_image_processor_of_another_size_than_the_tower_is_refused_at_start(t
     Processor(size={"shortest_edge": 36}, crop_size={"height": 36, "width": 36}).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="36 x 36 px where the vision tower reads 30 x 30"):
         LLM(str(tmp_path), dtype="float32")
+
+
+def test_a_step_embeds_at_most_max_image_tokens_per_step_with_the_answers_of_each_alone(
+    llava_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four requests (four images of 25 tokens, the last the first's) in one step of 512 tokens; at
+    most 50 image tokens a step: the images come two by two, each request's answer as alone."""
+    prompts, images = _requests(llava_dir)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    options: dict[str, Any] = dict(dtype="float32", kv_cache_memory_gb=0.01, enable_prefix_caching=False)
+    with LLM(str(llava_dir), **options) as llm:
+        alone = [llm.generate(p, params, images=[i])[0].outputs[0].token_ids for p, i in zip(prompts, images, strict=True)]
+    with in_process_workers(monkeypatch), LLM(str(llava_dir), max_image_tokens_per_step=50, **options) as llm:
+        assert LocalWorker.last is not None
+        batches = counted_embeds(LocalWorker.last.model)
+        together = llm.generate(prompts, params, images=images)
+    assert [o.outputs[0].token_ids for o in together] == alone
+    # two images a step (unbounded: all in the first); the fourth request's image is the first's,
+    # taken from the worker's recent embeddings
+    assert batches == [2, 1]
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_the_choices_of_one_request_embed_its_image_once(
+    llava_dir: Path, monkeypatch: pytest.MonkeyPatch, prefix_cache: bool
+) -> None:
+    """n = 3 of a prompt that ends inside its image (each choice computes the prompt's last
+    position, an image token, in its own row): the tower runs once, and the choices are the
+    answers of three requests seeded as they are (seed + i)."""
+    processor = image_processor_for(str(llava_dir), load_hf_config(str(llava_dir)), None)
+    assert processor is not None
+    image = processor.preprocess(_image(40, 50, seed=1))
+    prompt = processor.expand_placeholders([*_text(4, 1), IMAGE_TOKEN], [image])
+    options: dict[str, Any] = dict(dtype="float32", kv_cache_memory_gb=0.01, enable_prefix_caching=prefix_cache)
+    sampled = dict(temperature=1.0, max_tokens=8, ignore_eos=True)
+    with in_process_workers(monkeypatch), LLM(str(llava_dir), **options) as llm:
+        assert LocalWorker.last is not None
+        batches = counted_embeds(LocalWorker.last.model)
+        choices = llm.generate(prompt, SamplingParams(n=3, seed=7, **sampled), images=[[image]])[0].outputs
+    assert batches == [1]
+    with LLM(str(llava_dir), **options) as llm:
+        separate = [llm.generate(prompt, SamplingParams(seed=seed, **sampled), images=[[image]])[0].outputs[0].token_ids
+                    for seed in (7, 8, 9)]
+    assert [c.token_ids for c in choices] == separate
+    assert len({tuple(ids) for ids in separate}) > 1  # (seeded apart: a test of three different answers)

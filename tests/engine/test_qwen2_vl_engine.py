@@ -13,6 +13,7 @@ import pytest
 from engine import LLM, SamplingParams
 from engine.models.loader import load_hf_config
 from engine.multimodal import ImageInput, image_processor_for
+from tests.engine.local_worker import LocalWorker, counted_embeds, in_process_workers
 from tests.engine.models.test_qwen2_vl import (
     IMAGE_TOKEN,
     VISION_END,
@@ -84,6 +85,25 @@ def test_batched_equals_each_alone(model_dir: Path) -> None:
         alone = [llm.generate([p], params, images=[i])[0].outputs[0].token_ids for p, i in zip(prompts, images, strict=True)]
     assert together == alone
     assert len({tuple(t) for t in together}) == 4
+
+
+def test_one_image_a_step_gives_the_answers_of_each_alone(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """All four requests in steps of 512 tokens, at most one image token a step: every image (each
+    larger than that) runs alone in its step, the chunks stopping before the next one, and each
+    request's answer is the one it gets alone."""
+    prompts, images = requests_with_images(model_dir)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    options: dict[str, Any] = dict(dtype="float32", kv_cache_memory_gb=0.01, enable_prefix_caching=False)
+    with LLM(str(model_dir), **options) as llm:
+        alone = [llm.generate([p], params, images=[i])[0].outputs[0].token_ids for p, i in zip(prompts, images, strict=True)]
+    with in_process_workers(monkeypatch), LLM(str(model_dir), max_image_tokens_per_step=1, **options) as llm:
+        assert LocalWorker.last is not None
+        batches = counted_embeds(LocalWorker.last.model)
+        together = [o.outputs[0].token_ids for o in llm.generate(prompts, params, images=images)]
+    assert together == alone
+    # one image a batch; the fourth request's image is the first's, but the worker keeps recent
+    # embeddings only up to the same bound: it is embedded again
+    assert batches == [1, 1, 1, 1]
 
 
 def test_preemption_and_prefix_cache_give_the_same_answers(model_dir: Path) -> None:

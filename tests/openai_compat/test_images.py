@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -91,15 +92,22 @@ PARTS_TEMPLATE = (
 
 
 @pytest.fixture(scope="module")
-def llava(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
-    """(tokenizer, image processor) of a tiny LLaVA with the default model's tokenizer + `<image>`."""
+def llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny LLaVA with the default model's tokenizer + `<image>`."""
+    from tests.openai_compat.servers import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("llava-template"))
+
+
+@pytest.fixture(scope="module")
+def llava(llava_dir: Path) -> tuple[Any, Any]:
+    """(tokenizer, image processor) of `llava_dir`."""
     from transformers import AutoTokenizer
 
     from engine.models.loader import load_hf_config
     from engine.multimodal import image_processor_for
-    from tests.openai_compat.servers import build_tiny_llava
 
-    path = build_tiny_llava(tmp_path_factory.mktemp("llava-template"))
+    path = llava_dir
     tokenizer = AutoTokenizer.from_pretrained(path)
     return tokenizer, image_processor_for(str(path), load_hf_config(str(path)), tokenizer)
 
@@ -125,6 +133,34 @@ def test_chat_templates_place_the_images(llava: tuple[Any, Any], template: str |
         render_with_images(render_chat, processor, images, tokenizer, [{**messages[0], "content": "<image> <image>"}],
                            True, kwargs)
     assert info.value.param == "messages"
+
+
+def test_offline_generate_reads_a_text_prompt_with_images_as_a_chat_is_read(
+    llava_dir: Path, llava: tuple[Any, Any]
+) -> None:
+    """`LLM.generate` with the chat's rendered text and its image: the chat path's token ids (each
+    placeholder widened to the image's tokens) and answer; a placeholder too many is a ValueError
+    naming the prompt."""
+    from PIL import Image
+
+    from engine import LLM, SamplingParams
+    from openai_compat.images import render_with_images
+    from openai_compat.serving_chat import render_chat
+
+    tokenizer, processor = llava
+    images = [processor.preprocess(Image.new("RGB", (40, 50), (1, 2, 3)))]
+    messages = [{"role": "user", "content": "What is this?\n<image>"}]
+    text, ids = render_with_images(render_chat, processor, images, tokenizer, messages, True,
+                                   {"chat_template": PARTS_TEMPLATE})
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    with LLM(str(llava_dir), dtype="float32", kv_cache_memory_gb=0.01) as llm:
+        from_text, from_ids = llm.generate([text, ids], params, images=[images, images])
+        with pytest.raises(ValueError) as info:
+            llm.generate(text + "<image>", params, images=[images])
+    assert from_text.prompt_token_ids == ids and ids.count(processor.image_token_id) == 25
+    assert from_text.prompt == text
+    assert from_text.outputs[0].token_ids == from_ids.outputs[0].token_ids
+    assert info.value.args[1] == "prompt"
 
 
 @pytest.mark.parametrize(("url", "allowed"), [
