@@ -11,7 +11,7 @@ weights (up to its MAX_ROWS rows; the `decode_gemv` setting's path), and the wei
 each dtype at --hbm-gbps. Every time is a CUDA graph replay (as decode steps run). The last rows
 sum a whole model's 32 layers: the linear layers' share of a step.
 
-`--sweep` first times the GEMV's launch settings (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages) per
+`--sweep` first times the GEMV's launch settings (BLOCK_N, BLOCK_K, SPLIT_K, warps) per
 product, weight kind and --sweep-tokens row count, prints the best ones against the default rule
 and the floor, then the `_TUNED` entries to keep in engine/kernels/gemv.py; the table that follows
 uses them.
@@ -58,13 +58,13 @@ def _row(name: str, tokens: int, k: int, n: int, hbm: float) -> dict[str, float]
     return times
 
 
-def _launches(rows: int, fp8: bool) -> list[GemvLaunch]:
-    """The sweep's candidates: weight tiles of 4-32 KiB, accumulators of at most 128 fp32 values a
-    thread (smaller tiles leave too few loads in flight, larger ones spill)."""
+def _launches(rows: int) -> list[GemvLaunch]:
+    """The sweep's candidates: a tile row across every thread with 4, 8 or 16 contiguous inputs
+    each, 2-32 weight rows per tile (at most 64 accumulator values a thread), 4 or 8 warps, K
+    split 1-16 ways."""
     block_m = 1 << (rows - 1).bit_length()
-    grid = itertools.product((4, 8, 16, 32), (128, 256, 512), (1, 2, 4, 8, 16), (4, 8), (1, 3))
-    return [GemvLaunch(bn, bk, split, warps, stages) for bn, bk, split, warps, stages in grid
-            if 4096 <= bn * bk * (1 if fp8 else 2) <= 32768 and block_m * bn * bk <= 128 * 32 * warps]
+    grid = itertools.product((2, 4, 8, 16, 32), (4, 8, 16), (4, 8), (1, 2, 4, 8, 16))
+    return [GemvLaunch(bn, vec * 32 * warps, split, warps) for bn, vec, warps, split in grid if block_m * bn <= 64]
 
 
 def _sweep_product(name: str, rows: int, n: int, k: int, fp8: bool, hbm: float) -> tuple[GemvLaunch, float]:
@@ -74,7 +74,7 @@ def _sweep_product(name: str, rows: int, n: int, k: int, fp8: bool, hbm: float) 
     wq, ws = quantize_fp8_rows(w)
     current = launch_for(rows, n, k, fp8, x.device)
     times: dict[GemvLaunch, float] = {}
-    for launch in dict.fromkeys([current, *_launches(rows, fp8)]):
+    for launch in dict.fromkeys([current, *_launches(rows)]):
         product = functools.partial(fp8_gemv, x, wq, ws, None, launch) if fp8 else functools.partial(
             gemv, x, w, None, launch)
         try:

@@ -5,8 +5,8 @@
 At one to eight rows a linear layer is a read of its weights; the tensor cores have nothing to
 do, and a GEMM tiled for them (16+ rows per tile) wastes most of what it loads. Here every
 program reads a [BLOCK_N, BLOCK_K] tile of W per iteration, multiplies it with the rows of x
-broadcast over it, and keeps fp32 products in a [BLOCK_M, BLOCK_N, BLOCK_K] accumulator that is
-summed over K once, at the end (no cross-thread reduction inside the loop).
+broadcast over it, and adds the fp32 products to a [BLOCK_M, BLOCK_N, BLOCK_K / VEC] accumulator
+that is summed across threads once, at the end (no cross-thread reduction inside the loop).
 
 The grid splits both N and K: (ceil(N / BLOCK_N), SPLIT_K). With SPLIT_K == 1 a program writes its
 outputs directly. Otherwise each split writes fp32 partial sums to a [SPLIT_K, M, N] buffer and a
@@ -29,10 +29,15 @@ The e4m3 rounding is done with float32 arithmetic and integer ops (`_round_to_e4
 torch's codes bit for bit on the GPU and under the CPU interpreter alike (the interpreter's own
 float32 -> e4m3 cast rounds some values wrongly).
 
-The launch (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) comes from `launch_for`: a table of
-measured settings by (weight kind, row bucket, N bucket, K bucket) (`scripts/fp8_linear_bench.py
---sweep` prints its entries), else a rule that keeps the accumulator in registers and gives every
-SM several programs. No host synchronisation and no allocation outside torch's caching allocator:
+Both tiles are loaded through 3-D pointers ([BLOCK_M, 1, BLOCK_K] and [1, BLOCK_N, BLOCK_K]) so
+that the loads' vectorized layout is the accumulator's: built from 2-D tiles and broadcast, the
+weights went through shared memory every iteration (seen in the compiled TTGIR). Each thread
+sums its VEC contiguous products before adding them to the accumulator (a reshape that moves no
+data), so the accumulator takes BLOCK_M * BLOCK_N registers a thread, not VEC times that. The
+launch (BLOCK_N, BLOCK_K, SPLIT_K, num_warps) comes from `launch_for`: a table of measured
+settings by (weight kind, row bucket, N bucket, K bucket) (`scripts/fp8_linear_bench.py --sweep`
+prints its entries), else a rule that keeps the accumulator in registers and gives every SM
+several programs. No host synchronisation and no allocation outside torch's caching allocator:
 the launches are captured in CUDA graphs as they are.
 """
 
@@ -113,7 +118,7 @@ def _gemv_kernel(
     x_ptr, w_ptr, out_ptr, partial_ptr, x_scale_ptr, w_scale_ptr, bias_ptr,
     M, N, K, k_per_split, stride_xm, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, SPLIT: tl.constexpr, FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr, SPLIT: tl.constexpr, FP8: tl.constexpr, HAS_BIAS: tl.constexpr, VEC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -126,24 +131,28 @@ def _gemv_kernel(
         x_scale = _row_scales(x_ptr, M, K, stride_xm, BLOCK_M, BLOCK_K)  # [BLOCK_M]
     else:
         x_scale = tl.zeros([BLOCK_M], dtype=tl.float32)  # unused
-    x_rows = x_ptr + offs_m[:, None] * stride_xm  # [BLOCK_M, 1]
-    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn  # [BLOCK_N, 1]
+    # 3-D pointers for both tiles, so that the loads' own (vectorized) layout is the product's:
+    # x [BLOCK_M, 1, BLOCK_K] and W [1, BLOCK_N, BLOCK_K] broadcast to the accumulator's shape.
+    x_rows = x_ptr + offs_m[:, None, None] * stride_xm  # [BLOCK_M, 1, 1]
+    w_rows = w_ptr + offs_n[None, :, None].to(tl.int64) * stride_wn  # [1, BLOCK_N, 1]
+    x_mask = mask_m[:, None, None]
+    w_mask = mask_n[None, :, None]
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        ks = k0 + offs_k
+        ks = (k0 + offs_k)[None, None, :]  # [1, 1, BLOCK_K]
         if EVEN_K:  # no mask along K: the loads stay vectorized
-            x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None], other=0.0)
-            w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None], other=0.0)
+            x = tl.load(x_rows + ks, mask=x_mask, other=0.0)
+            w = tl.load(w_rows + ks, mask=w_mask, other=0.0)
         else:
-            mask_k = ks < k_end
-            x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        xf = x.to(tl.float32)  # [BLOCK_M, BLOCK_K]
+            x = tl.load(x_rows + ks, mask=x_mask & (ks < k_end), other=0.0)
+            w = tl.load(w_rows + ks, mask=w_mask & (ks < k_end), other=0.0)
+        xf = x.to(tl.float32)  # [BLOCK_M, 1, BLOCK_K]
         if FP8:
-            xf = _round_to_e4m3(tl.clamp(tl.math.div_rn(xf, x_scale[:, None]), -448.0, 448.0))
-        acc += xf[:, None, :] * w.to(tl.float32)[None, :, :]
+            xf = _round_to_e4m3(tl.clamp(tl.math.div_rn(xf, x_scale[:, None, None]), -448.0, 448.0))
+        prod = xf * w.to(tl.float32)  # [BLOCK_M, BLOCK_N, BLOCK_K]
+        acc += tl.sum(tl.reshape(prod, [BLOCK_M, BLOCK_N, BLOCK_K // VEC, VEC]), axis=3)
     sums = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
     if SPLIT:
         part = partial_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
@@ -176,13 +185,14 @@ def _reduce_kernel(
 
 @dataclass(frozen=True, slots=True)
 class GemvLaunch:
-    """One launch configuration: output rows and inputs per tile, K splits, warps, stages."""
+    """One launch configuration: output rows and inputs per tile, K splits, warps. (No stages:
+    Triton does not pipeline these loads, whose uses are no `tl.dot`; the compiled code is the
+    same for any num_stages.)"""
 
     block_n: int
     block_k: int
     split_k: int
     num_warps: int = 4
-    num_stages: int = 1
 
 
 # Measured on an H100 with `scripts/fp8_linear_bench.py --sweep`, which prints these entries:
@@ -199,21 +209,23 @@ def table_key(kind: str, m: int, n: int, k: int) -> tuple[str, int, int, int]:
 
 
 def default_launch(m: int, n: int, k: int, fp8: bool, num_sms: int = _NOMINAL_SMS) -> GemvLaunch:
-    """A launch for shapes without a measured one: 16-byte loads along K per thread, an fp32
-    accumulator of at most 64 values per thread (4 warps), and K split until every SM has about
-    four programs, each split keeping at least two tiles of K."""
+    """A launch for shapes without a measured one. A tile row spans every thread with 8
+    contiguous inputs each (16-byte loads of 16-bit weights, 8-byte ones of FP8): the activations'
+    own loads then land in the weights' layout, with no shuffle through shared memory in the loop.
+    16 weight rows per tile at one token row, fewer as rows grow (the activations' registers grow
+    with them); 4 warps, 8 at 8 rows; K split until every SM has about four programs, each split
+    keeping two tiles."""
     block_m = triton.next_power_of_2(m)
-    block_k = min(512 if fp8 else 256, max(16, triton.next_power_of_2(k)))
-    block_n = 16
-    while block_m * block_n * block_k > 8192 and block_n > 4:
-        block_n //= 2
-    while block_m * block_n * block_k > 8192 and block_k > 64:
+    num_warps = 4 if block_m <= 4 else 8
+    block_k = 8 * 32 * num_warps
+    while block_k > 64 and block_k >= 2 * triton.next_power_of_2(k):  # short rows: smaller tiles
         block_k //= 2
+    block_n = max(2, 16 // block_m)
     n_blocks = triton.cdiv(n, block_n)
     split_k = 1
     while n_blocks * split_k < 4 * num_sms and triton.cdiv(k, 2 * split_k) >= 2 * block_k:
         split_k *= 2
-    return GemvLaunch(block_n, block_k, split_k)
+    return GemvLaunch(block_n, block_k, split_k, num_warps)
 
 
 @functools.cache
@@ -231,6 +243,12 @@ def launch_for(m: int, n: int, k: int, fp8: bool, device: torch.device) -> GemvL
         if bucket >= rows and (kind, bucket, n_bucket, k_bucket) in _TUNED:
             return _TUNED[(kind, bucket, n_bucket, k_bucket)]
     return default_launch(m, n, k, fp8, _num_sms(device))
+
+
+def _vec(cfg: GemvLaunch) -> int:
+    """Contiguous inputs a thread holds along K when a tile row spans its threads (at most 8, as
+    the layout of a 16-byte load of 16-bit activations has)."""
+    return max(1, min(8, cfg.block_k // (32 * cfg.num_warps)))
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -268,7 +286,7 @@ def _launch(
         x, weight, out, partial, x_scale, w_scale_arg, bias_arg,
         m, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % k_per_split == 0,
-        SPLIT=split, FP8=fp8, HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SPLIT=split, FP8=fp8, HAS_BIAS=bias is not None, VEC=_vec(cfg), num_warps=cfg.num_warps,
     )
     if split:
         _reduce_kernel[(triton.cdiv(n, _REDUCE_BLOCK_N),)](
