@@ -72,7 +72,7 @@ class LinearBase(nn.Module):
     def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.weight.dtype == FP8_DTYPE:  # quantized after loading (--quantization fp8)
             return fp8_linear(x, self.weight, self.weight_scale, bias)
-        if x.is_cuda and use_decode_gemv(x.shape[0]) and x.dtype == self.weight.dtype:
+        if x.is_cuda and x.dim() == 2 and use_decode_gemv(x.shape[0]) and x.dtype == self.weight.dtype:
             from engine.kernels.gemv import gemv  # Triton only where a GPU is
 
             return gemv(x if x.stride(-1) == 1 else x.contiguous(), self.weight, bias)
