@@ -141,7 +141,9 @@ def _gemv_kernel(
     k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        ks = (k0 + offs_k)[None, None, :]  # [1, 1, BLOCK_K]
+        # At most VEC contiguous inputs a thread: FP8 weights then take the 16-bit activations'
+        # layout (8-byte loads) instead of a shuffle of the activations through shared memory.
+        ks = tl.max_contiguous(k0 + offs_k, VEC)[None, None, :]  # [1, 1, BLOCK_K]
         if EVEN_K:  # no mask along K: the loads stay vectorized
             x = tl.load(x_rows + ks, mask=x_mask, other=0.0)
             w = tl.load(w_rows + ks, mask=w_mask, other=0.0)
