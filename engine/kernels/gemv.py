@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -247,10 +248,23 @@ def launch_for(m: int, n: int, k: int, fp8: bool, device: torch.device) -> GemvL
     return default_launch(m, n, k, fp8, _num_sms(device))
 
 
-def _vec(cfg: GemvLaunch) -> int:
+def vec_of(cfg: GemvLaunch) -> int:
     """Contiguous inputs a thread holds along K when a tile row spans its threads (at most 8, as
     the layout of a 16-byte load of 16-bit activations has)."""
     return max(1, min(8, cfg.block_k // (32 * cfg.num_warps)))
+
+
+class SplitPlan(NamedTuple):
+    k_per_split: int  # inputs per split: whole BLOCK_K tiles
+    num_splits: int  # fewer than asked when K is short
+    block_m: int  # rows of x padded to a power of two
+    even_k: bool  # every split is whole tiles: no mask along K
+
+
+def split_plan(m: int, k: int, cfg: GemvLaunch) -> SplitPlan:
+    """How a launch covers K (also what `scripts/gemv_sass.py` specializes the kernel by)."""
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    return SplitPlan(k_per_split, triton.cdiv(k, k_per_split), triton.next_power_of_2(m), k % k_per_split == 0)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -275,10 +289,7 @@ def _launch(
     if m == 0 or n == 0:
         return out
     cfg = launch or launch_for(m, n, k, fp8, x.device)
-    # Each split covers whole BLOCK_K tiles; fewer splits than asked when K is short.
-    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
-    num_splits = triton.cdiv(k, k_per_split)
-    block_m = triton.next_power_of_2(m)
+    k_per_split, num_splits, block_m, even_k = split_plan(m, k, cfg)
     split = num_splits > 1
     partial = torch.empty((num_splits, m, n), dtype=torch.float32, device=x.device) if split else out
     x_scale = torch.empty((m,), dtype=torch.float32, device=x.device) if split and fp8 else out
@@ -287,8 +298,8 @@ def _launch(
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), num_splits)](
         x, weight, out, partial, x_scale, w_scale_arg, bias_arg,
         m, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % k_per_split == 0,
-        SPLIT=split, FP8=fp8, HAS_BIAS=bias is not None, VEC=_vec(cfg), num_warps=cfg.num_warps,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k,
+        SPLIT=split, FP8=fp8, HAS_BIAS=bias is not None, VEC=vec_of(cfg), num_warps=cfg.num_warps,
     )
     if split:
         _reduce_kernel[(triton.cdiv(n, _REDUCE_BLOCK_N),)](
