@@ -11,7 +11,8 @@ weights (up to its MAX_ROWS rows; the `decode_gemv` setting's path), and the wei
 each dtype at --hbm-gbps. Every time is a CUDA graph replay (as decode steps run). The last rows
 sum a whole model's 32 layers: the linear layers' share of a step.
 
-`--sweep` first times the GEMV's launch settings (BLOCK_N, BLOCK_K, SPLIT_K, warps) per
+`--sweep` first times the GEMV's launch settings (BLOCK_N, BLOCK_K, SPLIT_K, warps; the best split
+ones again with the last split adding the partials instead of a second launch) per
 product, weight kind and --sweep-tokens row count, prints the best ones against the default rule
 and the floor, then the `_TUNED` entries to keep in engine/kernels/gemv.py; the table that follows
 uses them.
@@ -20,6 +21,7 @@ uses them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import itertools
 import math
@@ -74,13 +76,21 @@ def _sweep_product(name: str, rows: int, n: int, k: int, fp8: bool, hbm: float) 
     wq, ws = quantize_fp8_rows(w)
     current = launch_for(rows, n, k, fp8, x.device)
     times: dict[GemvLaunch, float] = {}
-    for launch in dict.fromkeys([current, *_launches(rows)]):
-        product = functools.partial(fp8_gemv, x, wq, ws, None, launch) if fp8 else functools.partial(
-            gemv, x, w, None, launch)
-        try:
-            times[launch] = graph_time_ms(product, iters=30)
-        except Exception as exc:  # a launch the GPU cannot take (registers, shared memory)
-            print(f"  {name} {rows} {launch}: {type(exc).__name__}", flush=True)
+
+    def time_launches(launches: list[GemvLaunch]) -> None:
+        for launch in launches:
+            product = functools.partial(fp8_gemv, x, wq, ws, None, launch) if fp8 else functools.partial(
+                gemv, x, w, None, launch)
+            try:
+                times[launch] = graph_time_ms(product, iters=30)
+            except Exception as exc:  # a launch the GPU cannot take (registers, shared memory)
+                print(f"  {name} {rows} {launch}: {type(exc).__name__}", flush=True)
+
+    time_launches(list(dict.fromkeys([current, *_launches(rows)])))
+    # The best split launches again with the last split adding the partials (one launch, not two).
+    split = [launch for launch in sorted(times, key=times.__getitem__) if launch.split_k > 1][:6]
+    time_launches([dataclasses.replace(launch, last_finishes=True) for launch in split
+                   if not launch.last_finishes and dataclasses.replace(launch, last_finishes=True) not in times])
     ranked = sorted(times, key=times.__getitem__)
     floor = n * k * (1 if fp8 else 2) / hbm * 1e3
     print(f"sweep {'fp8' if fp8 else 'bf16':4s} {name:8s} rows {rows}: floor {floor:.4f} ms, current "

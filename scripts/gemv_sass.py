@@ -7,8 +7,8 @@ loads, and the layout conversions inside each K loop (each one a trip through sh
 barrier: the amax loop of FP8 first, then the product's loop, which should have none).
 
     python scripts/gemv_sass.py                          # rows 1 and 8, the engine's launches
-    python scripts/gemv_sass.py --rows 1 --launch 16,1024,2,4 --out /tmp/gemv
-    # --launch BLOCK_N,BLOCK_K,SPLIT_K,num_warps
+    python scripts/gemv_sass.py --rows 1 --launch 16,1024,2,4,1 --out /tmp/gemv
+    # --launch BLOCK_N,BLOCK_K,SPLIT_K,num_warps[,last_finishes 0/1]
 
 Counts and registers, not times: a guide to compare variants by before a GPU measures them.
 """
@@ -40,9 +40,10 @@ def compile_gemv(rows: int, n: int, k: int, fp8: bool, cfg: GemvLaunch, arch: in
             "stride_om": n}
     constexprs: dict[str, object] = dict(
         BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=plan.even_k,
-        SPLIT=plan.num_splits > 1, FP8=fp8, HAS_BIAS=False, VEC=vec_of(cfg))
+        SPLIT=plan.num_splits > 1, LAST_FINISHES=plan.num_splits > 1 and cfg.last_finishes, FP8=fp8,
+        HAS_BIAS=False, VEC=vec_of(cfg))
     pointers = {"x_ptr": "bf16", "w_ptr": "fp8e4nv" if fp8 else "bf16", "out_ptr": "bf16", "partial_ptr": "fp32",
-                "x_scale_ptr": "fp32", "w_scale_ptr": "fp32", "bias_ptr": "bf16"}
+                "x_scale_ptr": "fp32", "w_scale_ptr": "fp32", "bias_ptr": "bf16", "counter_ptr": "i32"}
     params = gemv_module._gemv_kernel.arg_names
     signature: dict[str, str] = {}
     attrs: dict[tuple[int, ...], list[list[object]]] = {}
@@ -82,13 +83,15 @@ def loop_conversions(ttgir: str) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="1,8", help="activation rows (1..8)")
-    parser.add_argument("--launch", default="", help="BLOCK_N,BLOCK_K,SPLIT_K,num_warps (default: the engine's)")
+    parser.add_argument("--launch", default="", help="BLOCK_N,BLOCK_K,SPLIT_K,num_warps[,last_finishes] "
+                        "(default: the engine's)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     parser.add_argument("--out", type=Path, help="a folder for the .ptx and .ttgir")
     args = parser.parse_args()
     for rows in (int(r) for r in args.rows.split(",")):
         for (name, (k, n)), fp8 in ((item, fp8) for fp8 in (False, True) for item in SHAPES.items()):
-            cfg = GemvLaunch(*map(int, args.launch.split(","))) if args.launch else launch_for(
+            numbers = [int(v) for v in args.launch.split(",")] if args.launch else []
+            cfg = GemvLaunch(*numbers[:4], *(bool(v) for v in numbers[4:5])) if numbers else launch_for(
                 rows, n, k, fp8, torch.device("cpu"))
             asm = compile_gemv(rows, n, k, fp8, cfg, args.arch)
             loads = collections.Counter(re.findall(r"ld\.global[.\w]*", asm["ptx"]))

@@ -9,10 +9,12 @@ broadcast over it, and adds the fp32 products to a [BLOCK_M, BLOCK_N, BLOCK_K / 
 that is summed across threads once, at the end (no cross-thread reduction inside the loop).
 
 The grid splits both N and K: (ceil(N / BLOCK_N), SPLIT_K). With SPLIT_K == 1 a program writes its
-outputs directly. Otherwise each split writes fp32 partial sums to a [SPLIT_K, M, N] buffer and a
-second, tiny launch adds them in split order and finishes the rows (scales, bias, rounding). That
-order is fixed, so a step gives the same bits every run (atomic adds would sum in arrival order
-and could flip a greedy token between runs).
+outputs directly. Otherwise each split writes fp32 partial sums to a [SPLIT_K, M, N] buffer, and
+the partials are added in split order and the rows finished (scales, bias, rounding) either by a
+second, tiny launch, or (`GemvLaunch.last_finishes`) by whichever split of a column block arrives
+last, counted with an atomic per block: one launch, no gap between two. Either way the order of
+the sums is fixed, so a step gives the same bits every run (atomic adds of the partials into the
+output would sum in arrival order and could flip a greedy token between runs).
 
 Two weight formats, one kernel:
 
@@ -116,10 +118,10 @@ def _finish_rows(
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, out_ptr, partial_ptr, x_scale_ptr, w_scale_ptr, bias_ptr,
+    x_ptr, w_ptr, out_ptr, partial_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, counter_ptr,
     M, N, K, k_per_split, stride_xm, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, SPLIT: tl.constexpr, FP8: tl.constexpr, HAS_BIAS: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    SPLIT: tl.constexpr, LAST_FINISHES: tl.constexpr, FP8: tl.constexpr, HAS_BIAS: tl.constexpr, VEC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -160,11 +162,34 @@ def _gemv_kernel(
     if SPLIT:
         part = partial_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
         tl.store(part, sums, mask=mask_m[:, None] & mask_n[None, :])
-        if FP8:
+        if LAST_FINISHES:
+            # The split that arrives last adds all of them, in split order. bar.sync: every thread's
+            # partial stored; the acq_rel atomic publishes them (release) and, for the last one,
+            # makes the others' visible (acquire); the last one resets the counter for the next launch.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == tl.num_programs(1) - 1:
+                acc2 = _sum_splits(partial_ptr, offs_m, offs_n, M, N, tl.num_programs(1), BLOCK_M, BLOCK_N)
+                _finish_rows(acc2, x_scale, offs_m, offs_n, M, N, out_ptr, stride_om, w_scale_ptr, bias_ptr, FP8,
+                             HAS_BIAS)
+                tl.store(counter_ptr + pid_n, 0)
+        elif FP8:
             if (pid_n == 0) & (pid_k == 0):  # every program found the same scales
                 tl.store(x_scale_ptr + offs_m, x_scale, mask=mask_m)
     else:
         _finish_rows(sums, x_scale, offs_m, offs_n, M, N, out_ptr, stride_om, w_scale_ptr, bias_ptr, FP8, HAS_BIAS)
+
+
+@triton.jit
+def _sum_splits(partial_ptr, offs_m, offs_n, M, N, num_splits, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] sums of the fp32 partials [num_splits, M, N], in split order (the same
+    sum every run); loaded past L1, which may not hold other SMs' writes."""
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    part = partial_ptr + offs_m[:, None] * N + offs_n[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for s in range(0, num_splits):
+        acc += tl.load(part + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+    return acc
 
 
 @triton.jit
@@ -174,11 +199,7 @@ def _reduce_kernel(
 ):
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    part = partial_ptr + offs_m[:, None] * N + offs_n[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for s in range(0, num_splits):  # split order: the same sum every run
-        acc += tl.load(part + s * M * N, mask=mask, other=0.0)
+    acc = _sum_splits(partial_ptr, offs_m, offs_n, M, N, num_splits, BLOCK_M, BLOCK_N)
     if FP8:
         x_scale = tl.load(x_scale_ptr + offs_m, mask=offs_m < M, other=1.0)
     else:
@@ -188,7 +209,8 @@ def _reduce_kernel(
 
 @dataclass(frozen=True, slots=True)
 class GemvLaunch:
-    """One launch configuration: output rows and inputs per tile, K splits, warps. (No stages:
+    """One launch configuration: output rows and inputs per tile, K splits, warps, where the
+    splits are added. (No stages:
     Triton does not pipeline these loads, whose uses are no `tl.dot`; the compiled code is the
     same for any num_stages.)"""
 
@@ -196,6 +218,9 @@ class GemvLaunch:
     block_k: int
     split_k: int
     num_warps: int = 4
+    # With split K: the split that finishes last adds the partial sums (one launch, a counter per
+    # column block), instead of a second launch.
+    last_finishes: bool = False
 
 
 # Measured on an H100 with `scripts/fp8_linear_bench.py --sweep`, which prints these entries:
@@ -216,8 +241,8 @@ def default_launch(m: int, n: int, k: int, fp8: bool, num_sms: int = _NOMINAL_SM
     contiguous inputs each (16-byte loads of 16-bit weights, 8-byte ones of FP8): the activations'
     own loads then land in the weights' layout, with no shuffle through shared memory in the loop.
     16 weight rows per tile at one token row, fewer as rows grow (the activations' registers grow
-    with them); 4 warps, 8 at 8 rows; K split until every SM has about four programs, each split
-    keeping two tiles."""
+    with them); 4 warps, 8 at 8 rows; K split into equal splits of two or more tiles until every SM
+    has about four programs, the last split to arrive adding them up."""
     block_m = triton.next_power_of_2(m)
     num_warps = 4 if block_m <= 4 else 8
     block_k = 8 * 32 * num_warps
@@ -226,9 +251,11 @@ def default_launch(m: int, n: int, k: int, fp8: bool, num_sms: int = _NOMINAL_SM
     block_n = max(2, 16 // block_m)
     n_blocks = triton.cdiv(n, block_n)
     split_k = 1
-    while n_blocks * split_k < 4 * num_sms and triton.cdiv(k, 2 * split_k) >= 2 * block_k:
-        split_k *= 2
-    return GemvLaunch(block_n, block_k, split_k, num_warps)
+    tiles = triton.cdiv(k, block_k)
+    # Splits of equal whole tiles (a short last split leaves its SMs idle), at least two each.
+    splits = [d for d in range(1, tiles // 2 + 1) if tiles % d == 0] or [1]
+    split_k = next((d for d in splits if n_blocks * d >= 4 * num_sms), splits[-1])
+    return GemvLaunch(block_n, block_k, split_k, num_warps, last_finishes=split_k > 1)
 
 
 @functools.cache
@@ -267,6 +294,22 @@ def split_plan(m: int, k: int, cfg: GemvLaunch) -> SplitPlan:
     return SplitPlan(k_per_split, triton.cdiv(k, k_per_split), triton.next_power_of_2(m), k % k_per_split == 0)
 
 
+_MAX_COLUMN_BLOCKS = 1 << 16  # arrival counters per stream (256 KiB)
+
+
+def _arrival_counters(device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counters for `last_finishes` launches on the current stream. Launches on one
+    stream run one after another, and each leaves its counters at zero again; another stream (a
+    CUDA graph's capture stream) gets its own."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    return _counters_of(device, stream)
+
+
+@functools.cache
+def _counters_of(device: torch.device, stream: int) -> torch.Tensor:
+    return torch.zeros(_MAX_COLUMN_BLOCKS, dtype=torch.int32, device=device)
+
+
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     assert x.dim() == 2 and x.stride(-1) == 1, "x: [M, K], each row contiguous"
     assert x.shape[0] <= MAX_ROWS, f"at most {MAX_ROWS} rows"
@@ -291,17 +334,21 @@ def _launch(
     cfg = launch or launch_for(m, n, k, fp8, x.device)
     k_per_split, num_splits, block_m, even_k = split_plan(m, k, cfg)
     split = num_splits > 1
+    n_blocks = triton.cdiv(n, cfg.block_n)
+    last_finishes = split and cfg.last_finishes and n_blocks <= _MAX_COLUMN_BLOCKS
+    second_launch = split and not last_finishes
     partial = torch.empty((num_splits, m, n), dtype=torch.float32, device=x.device) if split else out
-    x_scale = torch.empty((m,), dtype=torch.float32, device=x.device) if split and fp8 else out
+    x_scale = torch.empty((m,), dtype=torch.float32, device=x.device) if second_launch and fp8 else out
+    counters = _arrival_counters(x.device) if last_finishes else out
     w_scale_arg = w_scale if w_scale is not None else out  # never read without FP8
     bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
-    _gemv_kernel[(triton.cdiv(n, cfg.block_n), num_splits)](
-        x, weight, out, partial, x_scale, w_scale_arg, bias_arg,
+    _gemv_kernel[(n_blocks, num_splits)](
+        x, weight, out, partial, x_scale, w_scale_arg, bias_arg, counters,
         m, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k,
-        SPLIT=split, FP8=fp8, HAS_BIAS=bias is not None, VEC=vec_of(cfg), num_warps=cfg.num_warps,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k, SPLIT=split,
+        LAST_FINISHES=last_finishes, FP8=fp8, HAS_BIAS=bias is not None, VEC=vec_of(cfg), num_warps=cfg.num_warps,
     )
-    if split:
+    if second_launch:
         _reduce_kernel[(triton.cdiv(n, _REDUCE_BLOCK_N),)](
             partial, out, x_scale, w_scale_arg, bias_arg, m, n, num_splits, out.stride(0),
             BLOCK_M=block_m, BLOCK_N=_REDUCE_BLOCK_N, FP8=fp8, HAS_BIAS=bias is not None, num_warps=4,

@@ -23,7 +23,12 @@ _UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float3
 # An 8B Llama layer's products: (N, K) of fused q/k/v, output, fused gate/up, down.
 REAL_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 # Small shapes on the same code paths: one tile, ragged N and K, several K splits.
-LAUNCHES = [None, GemvLaunch(16, 64, 3), GemvLaunch(8, 128, 2, num_warps=2), GemvLaunch(2, 32, 3, num_warps=1)]
+LAUNCHES = [
+    None,
+    GemvLaunch(16, 64, 3),  # the partial sums added by a second launch
+    GemvLaunch(8, 128, 2, num_warps=2, last_finishes=True),  # ... by the split that arrives last
+    GemvLaunch(2, 32, 3, num_warps=1, last_finishes=True),
+]
 
 
 def _device() -> str:
@@ -89,7 +94,7 @@ def test_fp8_gemv_matches_fp8_linear(m: int, n: int, k: int, dtype: torch.dtype,
     _assert_within(got, want, extra)
 
 
-@pytest.mark.parametrize("launch", [None, GemvLaunch(8, 16, 4)])
+@pytest.mark.parametrize("launch", [None, GemvLaunch(8, 16, 4), GemvLaunch(8, 16, 4, last_finishes=True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp8_activation_codes_are_torchs(dtype: torch.dtype, launch: GemvLaunch | None) -> None:
     """With an identity weight (scale 1) the output is each activation's e4m3 code times its row
@@ -113,9 +118,23 @@ def test_fp8_zero_row_gives_zeros() -> None:
     x, w, _ = _inputs(3, 32, 128, torch.bfloat16, seed=3)
     x[1] = 0
     wq, ws = quantize_fp8_rows(w)
-    for launch in (None, GemvLaunch(16, 32, 2)):
+    for launch in (None, GemvLaunch(16, 32, 2), GemvLaunch(16, 32, 2, last_finishes=True)):
         got = fp8_gemv(x, wq, ws, None, launch)
         assert not got.isnan().any() and torch.equal(got[1].float().cpu(), torch.zeros(32))
+
+
+def test_both_split_reductions_give_the_same_bits() -> None:
+    """A second launch or the last split: the same partial sums added in the same order. The
+    arrival counters are back at zero after each launch (the next one counts from there)."""
+    from engine.kernels.gemv import _arrival_counters
+
+    x, w, b = _inputs(5, 40, 384, torch.bfloat16, seed=11)
+    wq, ws = quantize_fp8_rows(w)
+    for splits in (2, 3, 6):
+        apart, last = GemvLaunch(8, 64, splits), GemvLaunch(8, 64, splits, last_finishes=True)
+        assert torch.equal(gemv(x, w, b, apart), gemv(x, w, b, last))
+        assert torch.equal(fp8_gemv(x, wq, ws, b, apart), fp8_gemv(x, wq, ws, b, last))
+    assert not _arrival_counters(x.device).any()
 
 
 def test_strided_rows() -> None:
@@ -189,11 +208,16 @@ def test_gpu_real_shapes(n: int, k: int) -> None:
 @pytest.mark.gpu
 @gpu
 def test_gpu_same_bits_every_run_and_inside_cuda_graphs() -> None:
-    """Split K sums in a fixed order: ten runs give the same bits; a CUDA graph captured once and
+    """Split K sums in a fixed order, whether a second launch or the last split adds the partials
+    (the same bits either way): ten runs give the same bits; a CUDA graph captured once and
     replayed on new activations gives what an eager call gives."""
     x, w, b = _inputs(MAX_ROWS, 4096, 14336, torch.bfloat16, seed=1)
     wq, ws = quantize_fp8_rows(w)
-    for product in (lambda: gemv(x, w, b), lambda: fp8_gemv(x, wq, ws, b)):
+    apart, last = GemvLaunch(2, 1024, 7, num_warps=4), GemvLaunch(2, 1024, 7, num_warps=4, last_finishes=True)
+    products = [lambda: gemv(x, w, b, apart), lambda: gemv(x, w, b, last), lambda: fp8_gemv(x, wq, ws, b, apart),
+                lambda: fp8_gemv(x, wq, ws, b, last)]
+    assert torch.equal(products[0](), products[1]()) and torch.equal(products[2](), products[3]())
+    for product in products:
         first = product()
         assert all(torch.equal(product(), first) for _ in range(10))
         torch.cuda.synchronize()
