@@ -58,8 +58,9 @@ from engine.kernels._rounding import round_to
 __all__ = ["MAX_ROWS", "GemvLaunch", "default_launch", "fp8_gemv", "gemv", "launch_for"]
 
 MAX_ROWS = 8  # rows of x one launch takes (the accumulator holds all of them)
-_FP8_MAX = 448.0
-_MIN_SCALE = 1e-12
+# As engine.layers.fp8 / engine.kernels.fp8_quant: e4m3's largest value; an all-zero row's scale.
+_FP8_MAX = tl.constexpr(448.0)
+_MIN_SCALE = tl.constexpr(1e-12)
 _REDUCE_BLOCK_N = 128
 # SMs assumed when the tensors are not on a GPU (the CPU interpreter): an H100's, so that tests
 # there take the split-K paths the GPU takes.
@@ -68,7 +69,8 @@ _NOMINAL_SMS = 132
 
 @triton.jit
 def _round_to_e4m3(v):
-    """float32 v with |v| <= 448 -> the nearest e4m3 value (ties to even), as float32."""
+    """float32 v with |v| <= 448 -> the nearest e4m3 value (ties to even), as float32: what
+    torch's cast to float8_e4m3fn gives, bit for bit."""
     a = tl.abs(v)
     # Normal range (>= 2^-6): keep 3 of float32's 23 fraction bits, rounding half to even; a carry
     # into the exponent is the correct rounding up.
@@ -91,7 +93,7 @@ def _row_scales(x_ptr, M, K, stride_xm, BLOCK_M: tl.constexpr, BLOCK_K: tl.const
         mask = (offs_m[:, None] < M) & (k0 + offs_k[None, :] < K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k0 + offs_k[None, :], mask=mask, other=0.0)
         amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-    return tl.maximum(tl.math.div_rn(tl.max(amax, axis=1), 448.0), 1e-12)
+    return tl.maximum(tl.math.div_rn(tl.max(amax, axis=1), _FP8_MAX), _MIN_SCALE)
 
 
 @triton.jit
@@ -155,7 +157,7 @@ def _gemv_kernel(
             w = tl.load(w_rows + ks, mask=w_mask & (ks < k_end), other=0.0)
         xf = x.to(tl.float32)  # [BLOCK_M, 1, BLOCK_K]
         if FP8:
-            xf = _round_to_e4m3(tl.clamp(tl.math.div_rn(xf, x_scale[:, None, None]), -448.0, 448.0))
+            xf = _round_to_e4m3(tl.clamp(tl.math.div_rn(xf, x_scale[:, None, None]), -_FP8_MAX, _FP8_MAX))
         prod = xf * w.to(tl.float32)  # [BLOCK_M, BLOCK_N, BLOCK_K]
         acc += tl.sum(tl.reshape(prod, [BLOCK_M, BLOCK_N, BLOCK_K // VEC, VEC]), axis=3)
     sums = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
@@ -236,6 +238,7 @@ def table_key(kind: str, m: int, n: int, k: int) -> tuple[str, int, int, int]:
     return (kind, triton.next_power_of_2(m), triton.next_power_of_2(n), triton.next_power_of_2(k))
 
 
+@functools.cache  # a pure function of the shape, asked for on every eager call
 def default_launch(m: int, n: int, k: int, fp8: bool, num_sms: int = _NOMINAL_SMS) -> GemvLaunch:
     """A launch for shapes without a measured one. A tile row spans every thread with 8
     contiguous inputs each (16-byte loads of 16-bit weights, 8-byte ones of FP8): the activations'
