@@ -1,7 +1,7 @@
 """FP8 linear layers against bf16 on the GPU, at an 8B model's shapes, by token count.
 
     python scripts/fp8_linear_bench.py [--tokens 1,4,8,16,128,1024,4096] [--hbm-gbps 3350]
-                                       [--sweep [--sweep-tokens 1,8]]
+                                       [--sweep [--sweep-tokens 1,8] [--sweep-jobs 16]]
 
 For each of a Llama-3-8B layer's four products (fused q/k/v, output, fused gate/up, down) and
 each token count: the bf16 product (`F.linear`), the whole FP8 linear (`fp8_linear`: activation
@@ -15,16 +15,22 @@ sum a whole model's 32 layers: the linear layers' share of a step.
 ones again with the last split adding the partials instead of a second launch) per
 product, weight kind and --sweep-tokens row count, prints the best ones against the default rule
 and the floor, then the `_TUNED` entries to keep in engine/kernels/gemv.py; the table that follows
-uses them.
+uses them. Its few hundred kernels are compiled first by --sweep-jobs processes (Triton's cache on
+disk carries them to the timing process).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import itertools
 import math
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +75,42 @@ def _launches(rows: int) -> list[GemvLaunch]:
     return [GemvLaunch(bn, vec * 32 * warps, split, warps) for bn, vec, warps, split in grid if block_m * bn <= 64]
 
 
+def _candidates(rows: int, n: int, k: int, fp8: bool) -> list[GemvLaunch]:
+    """The engine's current launch, then the grid's."""
+    return list(dict.fromkeys([launch_for(rows, n, k, fp8, torch.device("cuda")), *_launches(rows)]))
+
+
+def _compile_job(job: tuple[int, int, int, bool, tuple[GemvLaunch, ...]]) -> None:
+    """Run each launch once in this (spawned) process: its kernels compile into Triton's cache on
+    disk, where the timing process finds them."""
+    rows, n, k, fp8, launches = job
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.zeros(n, k, device="cuda", dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16)
+    ws = torch.ones(n, 1, device="cuda")
+    for launch in launches:
+        with contextlib.suppress(Exception):  # a launch the GPU cannot take: the sweep reports it
+            _ = fp8_gemv(x, w, ws, None, launch) if fp8 else gemv(x, w, None, launch)
+    torch.cuda.synchronize()
+
+
+def _compile_ahead(tokens: list[int], jobs: int) -> None:
+    """Compile every candidate (and each split one's last_finishes twin) in `jobs` processes
+    first: a few hundred kernels, about a second each on one core."""
+    work = []
+    for rows, (k, n), fp8 in itertools.product(tokens, SHAPES.values(), (False, True)):
+        launches = _candidates(rows, n, k, fp8)
+        launches += [dataclasses.replace(launch, last_finishes=True) for launch in launches if launch.split_k > 1]
+        work += [(rows, n, k, fp8, tuple(launches[i : i + 8])) for i in range(0, len(launches), 8)]
+    start = time.perf_counter()
+    try:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_compile_job, work))
+    except Exception as exc:  # e.g. a GPU in exclusive-process mode: the sweep compiles as it goes
+        print(f"compiling ahead failed ({type(exc).__name__}: {exc}); compiling in the sweep", flush=True)
+        return
+    print(f"compiled the sweep's launches in {jobs} processes: {time.perf_counter() - start:.0f} s", flush=True)
+
+
 def _sweep_product(name: str, rows: int, n: int, k: int, fp8: bool, hbm: float) -> tuple[GemvLaunch, float]:
     """Every candidate launch of one product; prints the best three; returns the best."""
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -86,7 +128,7 @@ def _sweep_product(name: str, rows: int, n: int, k: int, fp8: bool, hbm: float) 
             except Exception as exc:  # a launch the GPU cannot take (registers, shared memory)
                 print(f"  {name} {rows} {launch}: {type(exc).__name__}", flush=True)
 
-    time_launches(list(dict.fromkeys([current, *_launches(rows)])))
+    time_launches(_candidates(rows, n, k, fp8))
     # The best split launches again with the last split adding the partials (one launch, not two).
     split = [launch for launch in sorted(times, key=times.__getitem__) if launch.split_k > 1][:6]
     time_launches([dataclasses.replace(launch, last_finishes=True) for launch in split
@@ -121,10 +163,15 @@ def main() -> None:
     parser.add_argument("--hbm-gbps", type=float, default=3350.0, help="H100 SXM: 3350")
     parser.add_argument("--sweep", action="store_true", help="time the decode GEMV's launch settings first")
     parser.add_argument("--sweep-tokens", default="1,8", help=f"row counts the sweep tunes (<= {MAX_ROWS})")
+    parser.add_argument("--sweep-jobs", type=int, default=min(16, os.cpu_count() or 1),
+                        help="processes that compile the sweep's kernels first (1: compile while timing)")
     args = parser.parse_args()
     hbm = args.hbm_gbps * 1e9
     if args.sweep:
-        _sweep([int(t) for t in args.sweep_tokens.split(",")], hbm)
+        sweep_tokens = [int(t) for t in args.sweep_tokens.split(",")]
+        if args.sweep_jobs > 1:
+            _compile_ahead(sweep_tokens, args.sweep_jobs)
+        _sweep(sweep_tokens, hbm)
     print(torch.cuda.get_device_name(), "times in ms")
     header = ["bf16", "fp8", "quant_triton", "quant_torch", "scaled_mm", "gemv_bf16", "gemv_fp8", "floor_bf16",
               "floor_fp8"]
