@@ -138,11 +138,15 @@ def test_both_split_reductions_give_the_same_bits() -> None:
 
 
 def test_strided_rows() -> None:
-    """Rows of a wider tensor (a slice of the step's hidden states) read only their columns."""
+    """Rows of a wider tensor (a slice of the step's hidden states) read only their columns, for
+    the product and for the FP8 scales alike."""
     wide, w, b = _inputs(4, 24, 160, torch.bfloat16, seed=5)
-    x = torch.cat([wide, wide], dim=1)[:, 40:200]
+    x = torch.cat([wide, wide * 100], dim=1)[:, 40:200]  # the columns past 200 would set other scales
     got = gemv(x, w, b, GemvLaunch(8, 32, 2))
     _assert_within(got, F.linear(x.float(), w.float(), b.float()), _sum_error(x.float().abs() @ w.float().abs().t(), 160))
+    wq, ws = quantize_fp8_rows(w)
+    got = fp8_gemv(x, wq, ws, None, GemvLaunch(8, 32, 2, last_finishes=True))
+    assert torch.equal(got, fp8_gemv(x.contiguous(), wq, ws, None, GemvLaunch(8, 32, 2, last_finishes=True)))
 
 
 @pytest.mark.parametrize("fp8", [False, True])
