@@ -211,10 +211,9 @@ def _reduce_kernel(
 
 @dataclass(frozen=True, slots=True)
 class GemvLaunch:
-    """One launch configuration: output rows and inputs per tile, K splits, warps, where the
-    splits are added. (No stages:
-    Triton does not pipeline these loads, whose uses are no `tl.dot`; the compiled code is the
-    same for any num_stages.)"""
+    """One launch configuration: weight rows and inputs per tile, K splits, warps, and where the
+    splits are added. (No num_stages: Triton does not pipeline these loads, whose uses are no
+    `tl.dot`; the compiled code is the same for any.)"""
 
     block_n: int
     block_k: int
@@ -253,7 +252,6 @@ def default_launch(m: int, n: int, k: int, fp8: bool, num_sms: int = _NOMINAL_SM
         block_k //= 2
     block_n = max(2, 16 // block_m)
     n_blocks = triton.cdiv(n, block_n)
-    split_k = 1
     tiles = triton.cdiv(k, block_k)
     # Splits of equal whole tiles (a short last split leaves its SMs idle), at least two each.
     splits = [d for d in range(1, tiles // 2 + 1) if tiles % d == 0] or [1]
