@@ -118,6 +118,12 @@ class EngineConfig:
     attention_backend: Literal["auto", "triton", "torch"] = setting(
         "auto", "layer kernels: auto (Triton on CUDA, torch elsewhere), triton or torch"
     )
+    # Off until its kernels are measured against cuBLAS on the H100 (docs/benchmarks.md).
+    decode_gemv: bool = setting(
+        False,
+        "GPU, triton backend: linear layers' products of up to 8 token rows (decode at small batches) "
+        "in a CUDA-core GEMV kernel instead of cuBLAS; off until measured on the H100",
+    )
     # Lossy, so opt-in.
     weight_quantization: Literal["none", "int8", "int4"] = setting(
         "none",

@@ -13,7 +13,8 @@ On a GPU with FP8 tensor cores (compute capability 8.9 or more: Ada, Hopper) the
 `torch._scaled_mm` with row-wise scales; elsewhere (the CPU, older GPUs) the same function is
 computed from the dequantized operands in float32 — slower, for correctness checks. On the GPU
 the activations are quantized by one Triton kernel (`engine.kernels.fp8_quant`), equal to
-`quantize_fp8_rows` bit for bit.
+`quantize_fp8_rows` bit for bit. With the `decode_gemv` setting, products of a few token rows
+take `engine.kernels.gemv.fp8_gemv` instead: the quantization inside the product, on the CUDA cores.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from engine.layers.backend import use_decode_gemv
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -57,9 +60,14 @@ def fp8_linear(
 ) -> torch.Tensor:
     """x: [T, K] bf16 / fp16 / fp32; weight: [N, K] e4m3; weight_scale: [N, 1] float32 -> [T, N] in x's dtype."""
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _has_fp8_gemm(x.device.index or 0):
-        from engine.kernels.fp8_quant import quantize_fp8_rows_triton  # Triton only where a GPU is
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        if use_decode_gemv(x.shape[0]):  # a few rows: quantized inside the product (one launch)
+            from engine.kernels.gemv import fp8_gemv  # Triton only where a GPU is
 
-        xq, x_scale = quantize_fp8_rows_triton(x if x.stride(-1) == 1 else x.contiguous())
+            return fp8_gemv(x, weight, weight_scale, bias)
+        from engine.kernels.fp8_quant import quantize_fp8_rows_triton
+
+        xq, x_scale = quantize_fp8_rows_triton(x)
         y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(), out_dtype=x.dtype)
     else:  # the same product from the dequantized operands, in float32
         xq, x_scale = quantize_fp8_rows(x)

@@ -22,6 +22,7 @@ from torch import nn
 
 from engine.distributed import WeightLike, all_reduce, read_weight
 from engine.layers import cpu_gemm
+from engine.layers.backend import use_decode_gemv
 from engine.layers.fp8 import FP8_DTYPE, fp8_linear
 from engine.layers.gguf_linear import GGUFWeight, QuantizedRows
 
@@ -71,6 +72,10 @@ class LinearBase(nn.Module):
     def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.weight.dtype == FP8_DTYPE:  # quantized after loading (--quantization fp8)
             return fp8_linear(x, self.weight, self.weight_scale, bias)
+        if x.is_cuda and x.dim() == 2 and use_decode_gemv(x.shape[0]) and x.dtype == self.weight.dtype:
+            from engine.kernels.gemv import gemv  # Triton only where a GPU is
+
+            return gemv(x if x.stride(-1) == 1 else x.contiguous(), self.weight, bias)
         return cpu_gemm.linear(x, self.weight, bias, self.packed_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -81,7 +81,7 @@ def worker_main(
         init_tensor_parallel(rank, tp_size, port, device)  # nothing at tp=1
         if tp_size == 1 and device.startswith("cuda:"):
             torch.cuda.set_device(device)  # events and pinned copies follow the current device
-        select_backend(device, config.attention_backend)  # once, before the model exists
+        select_backend(device, config.attention_backend, config.decode_gemv)  # once, before the model exists
         conn.send(("progress", (0.1, "loading weights")))
         hf_config = load_hf_config(model_path)
         # --weight-quantization requantizes float weights: a GGUF's come dequantized then.

@@ -120,6 +120,29 @@ def _check_greedy(got: Any, want: Any, dtype: str, run: tuple[str, bool], tie_ma
         assert got.logprobs[i][tid].logprob == pytest.approx(want.logprobs[i][tid].logprob, abs=tol), run
 
 
+def test_decode_gemv_greedy_matches_cpu_and_repeats(tmp_path: Path) -> None:
+    """With `decode_gemv` the decode steps' linear layers (1-8 rows; 6 prompts) take the GEMV
+    kernels, eager and inside CUDA graphs: the same greedy tokens as the CPU's float32 model
+    (bf16: up to a near-tie), and a second bf16 run gives the same tokens and logprobs (the split-K
+    partial sums are added in a fixed order)."""
+    save_tiny_model(str(tmp_path), tiny_config("llama"))
+    prompts = _prompts(6)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=5)
+    with LLM(str(tmp_path), device="cpu", dtype="float32", kv_cache_memory_gb=0.01) as cpu:
+        expected = cpu.generate(prompts, params)
+    bf16_runs = []
+    for dtype, eager in [("float32", True), ("float32", False), ("bfloat16", False), ("bfloat16", False)]:
+        with LLM(str(tmp_path), device="cuda", dtype=dtype, kv_cache_memory_gb=0.05, decode_gemv=True,
+                 enforce_eager=eager, max_num_seqs=32) as gpu:
+            outs = gpu.generate(prompts, params)
+        for out, ref in zip(outs, expected, strict=True):
+            _check_greedy(out.outputs[0], ref.outputs[0], dtype, ("decode_gemv", eager))
+        if dtype == "bfloat16":
+            bf16_runs.append([(o.outputs[0].token_ids, [lp[t].logprob for lp, t in zip(
+                o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)]) for o in outs])
+    assert bf16_runs[0] == bf16_runs[1]
+
+
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
 def test_cuda_graphs_match_eager_across_buckets(kv_cache_dtype: str, tmp_path: Path) -> None:
     # 37 requests of different lengths finishing at different steps: the decode batch grows and

@@ -100,3 +100,66 @@ def test_packed_cpu_weights_give_the_same_products(dtype: torch.dtype) -> None:
         layer.packed_weight = None
         tol = 1e-5 if dtype == torch.float32 else 2e-2  # float32: only the summation order differs
         torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)
+
+
+def test_decode_gemv_setting_takes_only_few_row_products_with_triton() -> None:
+    """`decode_gemv` sends products of 1..MAX_ROWS rows to the GEMV only with the Triton backend
+    (CUDA); on the CPU, with the setting on, a layer computes exactly what it computed before."""
+    import importlib.util
+
+    from engine.layers.backend import select_backend, use_decode_gemv
+
+    layer = ColumnParallelLinear(8, 6, bias=True)
+    w, b = torch.randn(6, 8), torch.randn(6)
+    layer.weight.weight_loader(layer.weight, w)
+    layer.bias.weight_loader(layer.bias, b)  # type: ignore[union-attr]
+    x = torch.randn(1, 8)
+    try:
+        select_backend("cpu", "auto", decode_gemv=True)
+        assert not use_decode_gemv(1)
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, w, b))
+        if importlib.util.find_spec("triton") is None:
+            return
+        select_backend("cuda", "torch", decode_gemv=True)
+        assert not use_decode_gemv(1)
+        select_backend("cuda", "auto", decode_gemv=False)
+        assert not use_decode_gemv(1)
+        select_backend("cuda", "auto", decode_gemv=True)
+        assert use_decode_gemv(1) and use_decode_gemv(8)
+        assert not use_decode_gemv(0) and not use_decode_gemv(9)
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, w, b))  # CPU tensors: the CPU path
+    finally:
+        select_backend("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_decode_gemv_setting_routes_bf16_and_fp8_layers() -> None:
+    """On CUDA with the setting on, 1..8 rows take the GEMV kernels (the same bits as calling
+    them), 9 rows the cuBLAS path (F.linear / fp8_linear's scaled product)."""
+    from engine.kernels.gemv import fp8_gemv, gemv
+    from engine.layers.backend import select_backend
+    from engine.layers.fp8 import fp8_linear, quantize_fp8_rows
+
+    layer = RowParallelLinear(4096, 1024, bias=True, params_dtype=torch.bfloat16).cuda()
+    layer.weight.data.normal_(0, 0.02)
+    layer.bias.data.normal_()  # type: ignore[union-attr]
+    w, b = layer.weight.data.clone(), layer.bias.data.clone()  # type: ignore[union-attr]
+    try:
+        select_backend("cuda", "auto", decode_gemv=True)
+        for rows in (1, 8, 9):
+            x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+            want = gemv(x, w, b) if rows <= 8 else torch.nn.functional.linear(x, w, b)
+            assert torch.equal(layer(x), want)
+        wq, ws = quantize_fp8_rows(w)
+        layer.weight = torch.nn.Parameter(wq, requires_grad=False)
+        layer.weight_scale = ws
+        for rows in (1, 8, 9):
+            x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+            select_backend("cuda", "auto", decode_gemv=False)
+            cublas = fp8_linear(x, wq, ws, b)
+            select_backend("cuda", "auto", decode_gemv=True)
+            want = fp8_gemv(x, wq, ws, b) if rows <= 8 else cublas
+            assert torch.equal(layer(x), want)
+    finally:
+        select_backend("cpu")
