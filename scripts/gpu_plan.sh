@@ -26,7 +26,7 @@ py=${PYTHON:-python3}
 
 case $plan in
 llama8b-a)
-    export GPU_TESTS=${GPU_TESTS-"tests/engine/kernels/test_gemv.py tests/engine/test_gpu.py::test_gpu_qwen2_vl_greedy_matches_cpu"}
+    export GPU_TESTS=${GPU_TESTS-"tests/engine/kernels/test_gemv.py tests/engine/test_gpu.py::test_decode_gemv_greedy_matches_cpu_and_repeats tests/engine/test_gpu.py::test_gpu_qwen2_vl_greedy_matches_cpu"}
     export GPU_TESTS_S=${GPU_TESTS_S:-120}
     export EXTRA=${EXTRA-"$py scripts/grammar_step_bench.py --rows 64,512,1024 --vocab 128256 --device cuda --apply --threads 4,8,16;
 $py scripts/fp8_quality.py --model /tmp/llama8b --device cuda"}
@@ -37,7 +37,9 @@ $py scripts/fp8_quality.py --model /tmp/llama8b --device cuda"}
     export BENCH_ARGS_json=${BENCH_ARGS_json:-"--json-schema bench/schemas/catalog.json"}
     ;;
 llama8b-b)
-    export EXTRA=${EXTRA-"$py scripts/fp8_linear_bench.py --sweep"}
+    # The sweep prints the GEMV's best launches as `_TUNED` lines for engine/kernels/gemv.py
+    export EXTRA=${EXTRA-"$py scripts/fp8_linear_bench.py --sweep --tokens 1,4,8,16,128"}
+    export EXTRA_S=${EXTRA_S:-300}
     export WORKLOADS=${WORKLOADS:-"bs1 offline1000"}
     export WORKLOADS_auto=${WORKLOADS_auto:-bs1}  # offline1000's bf16 baseline: plan llama8b-a, same warm machine
     export WORKLOADS_fp8=${WORKLOADS_fp8:-bs1}
