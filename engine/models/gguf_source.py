@@ -78,9 +78,10 @@ class GGUFTensorSource:
     """A `TensorRef` as a `LazyWeight` source: `source[rows, cols, ...]` (slices) dequantizes
     the file rows behind `rows` only."""
 
-    def __init__(self, file: GGUFFile, ref: TensorRef) -> None:
+    def __init__(self, file: GGUFFile, ref: TensorRef, name: str) -> None:
         self.file = file
         self.ref = ref
+        self.name = name  # the tensor's transformers name
 
     def __getitem__(self, index: tuple[slice, ...]) -> torch.Tensor:
         if self.ref.join == "kv_b":  # a small latent projection: joined whole, then cut
@@ -135,8 +136,8 @@ class GGUFLazyWeight(LazyWeight):
     """A reference's dense values; `gguf_blocks`: (its raw rows, ggml type) where it is
     served in its blocks, else None."""
 
-    def __init__(self, file: GGUFFile, ref: TensorRef) -> None:
-        super().__init__(GGUFTensorSource(file, ref), ref.shape, dtype_name=ref.dtype_name)
+    def __init__(self, file: GGUFFile, ref: TensorRef, name: str) -> None:
+        super().__init__(GGUFTensorSource(file, ref, name), ref.shape, dtype_name=ref.dtype_name)
         self.gguf_blocks: tuple[LazyWeight, int] | None = None
         if ref.blocks:
             part = ref.parts[0]
@@ -154,7 +155,7 @@ def gguf_weights(path: str) -> Iterator[tuple[str, LazyWeight]]:
     hold_entry(path)
     file = GGUFFile(manifest["source"], manifest["fingerprint"], path)
     for name, ref in refs_of(manifest):
-        yield name, GGUFLazyWeight(file, ref)
+        yield name, GGUFLazyWeight(file, ref, name)
 
 
 def has_gguf_blocks(path: str) -> bool:
