@@ -1,8 +1,7 @@
 """The cache of converted GGUF files: `<cache_dir>/<file stem>-<key>/`, keyed by content.
 
-The key is `_CACHE_FORMAT` and `gguf_fingerprint`: the file's size, a hash of its header
-(metadata and tensor infos: names, types, shapes, offsets) and of 32 samples of 4 KiB spread
-over its tensor data. It is read in milliseconds, and the same file under another path (a new
+The key is `_CACHE_FORMAT` and `gguf_fingerprint` (`engine.models.gguf_fingerprint`: the
+file's size, its header and samples of its tensor data), so the same file under another path (a new
 virtual environment, a clean clone, a copy) finds the same entry, while a file whose metadata or
 weights changed gets a new one. An entry holds no weights of its own (`engine.models.gguf_tensors`:
 they are read from the GGUF file at load), so it names the file it reads (`source` in its
@@ -22,72 +21,24 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import mmap
 import os
 import re
 import shutil
-import struct
 import tempfile
+
+from engine.models.gguf_fingerprint import gguf_fingerprint
+from engine.models.gguf_tensors import GGUF_TENSORS_FILE, read_manifest
 
 logger = logging.getLogger(__name__)
 
 _CACHE_FORMAT = "4"  # bump when the conversion changes: older entries are replaced and removed
 FORMAT_FILE = "cache-format"
 LOCK_FILE = ".in-use"
-_SAMPLES, _SAMPLE_BYTES = 32, 4096
-# GGUF value type -> bytes (8: string, 9: array are read apart)
-_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _held: dict[str, int] = {}  # entry -> the descriptor whose shared lock this process holds
 
 
 def default_cache_dir() -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "lightgate")
-
-
-def _skip_value(data: mmap.mmap, pos: int, vtype: int) -> int:
-    if vtype in _SCALAR_BYTES:
-        return pos + _SCALAR_BYTES[vtype]
-    if vtype == 8:
-        return pos + 8 + struct.unpack_from("<Q", data, pos)[0]
-    if vtype != 9:
-        raise ValueError(f"not a GGUF file: value type {vtype}")
-    etype, count = struct.unpack_from("<IQ", data, pos)
-    pos += 12
-    if etype in _SCALAR_BYTES:
-        return pos + count * _SCALAR_BYTES[etype]
-    for _ in range(count):
-        pos = _skip_value(data, pos, etype)
-    return pos
-
-
-def _header_end(data: mmap.mmap) -> int:
-    """The offset where the tensor infos end (GGUF version 2 and 3 layout)."""
-    if data[:4] != b"GGUF":
-        raise ValueError("not a GGUF file")
-    num_tensors, num_kv = struct.unpack_from("<QQ", data, 8)
-    pos = 24
-    for _ in range(num_kv):
-        pos = _skip_value(data, pos, 8)  # the key
-        pos = _skip_value(data, pos + 4, struct.unpack_from("<I", data, pos)[0])
-    for _ in range(num_tensors):
-        pos = _skip_value(data, pos, 8)  # the name
-        num_dims = struct.unpack_from("<I", data, pos)[0]
-        pos += 4 + 8 * num_dims + 4 + 8  # dims, type, offset
-    return pos
-
-
-def gguf_fingerprint(path: str) -> str:
-    """A hash of `path`'s size, header and sampled tensor bytes (the module docstring)."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        size = len(data)
-        end = _header_end(data)
-        digest = hashlib.sha256(f"{size}|".encode())
-        digest.update(data[:end])
-        span = max(size - end - _SAMPLE_BYTES, 0)
-        for i in range(_SAMPLES + 1):  # the last sample is the file's end
-            start = end + span * i // _SAMPLES
-            digest.update(data[start : start + _SAMPLE_BYTES])
-    return digest.hexdigest()[:32]
 
 
 def hold_entry(entry: str) -> None:
@@ -106,8 +57,6 @@ def hold_entry(entry: str) -> None:
 
 def _claim(entry: str, gguf_path: str) -> bool:
     """Whether `entry` is a complete cache entry; if so, hold it and point it at `gguf_path`."""
-    from engine.models.gguf_tensors import GGUF_TENSORS_FILE, read_manifest
-
     if not os.path.isfile(os.path.join(entry, "config.json")):
         return False
     hold_entry(entry)

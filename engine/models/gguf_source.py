@@ -24,6 +24,8 @@ import torch
 
 from engine.distributed.lazy_weight import LazyWeight
 from engine.kernels import gguf_cpu
+from engine.models.gguf_cache import hold_entry
+from engine.models.gguf_fingerprint import gguf_fingerprint
 from engine.models.gguf_tensors import Part, TensorRef, read_manifest, refs_of, relayout_rows
 
 _CHUNK_BYTES = 64 << 20  # the float rows dequantized at once while reading part of each row
@@ -34,8 +36,6 @@ class GGUFFile:
     the one the directory was converted from."""
 
     def __init__(self, path: str, fingerprint: str, directory: str) -> None:
-        from engine.models.gguf_cache import gguf_fingerprint
-
         if not os.path.isfile(path) or gguf_fingerprint(path) != fingerprint:
             raise ValueError(
                 f"{path} is gone or changed since {directory} was converted from it: "
@@ -104,7 +104,7 @@ class GGUFTensorSource:
 
     def _part_rows(self, part: Part, start: int, stop: int, rest: tuple[slice, ...]) -> torch.Tensor:
         if len(part.shape) != 2:
-            return self._whole(part)[(slice(start, stop), *rest)].clone()
+            return self._whole(part)[(slice(start, stop),) + rest].clone()
         ids = _row_ids(part)
         columns = part.shape[-1]
         step = max(1, _CHUNK_BYTES // (4 * columns))
@@ -113,7 +113,7 @@ class GGUFTensorSource:
             b = min(stop, a + step)
             raw = self.file.rows(part, slice(a, b) if ids is None else ids[a:b])
             dense = dequantize_rows(raw, part.qtype, columns)
-            chunks.append(dense[(slice(None), *rest)].contiguous() if rest else dense)
+            chunks.append(dense[(slice(None),) + rest].contiguous() if rest else dense)
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
@@ -129,7 +129,7 @@ class GGUFBlockSource:
     def __getitem__(self, index: tuple[slice, ...]) -> torch.Tensor:
         rows = index[0]
         raw = self.file.rows(self.part, rows if self.ids is None else self.ids[rows])
-        return torch.from_numpy(raw)[(slice(None), *index[1:])]
+        return torch.from_numpy(raw)[(slice(None),) + index[1:]]
 
 
 class GGUFLazyWeight(LazyWeight):
@@ -147,8 +147,6 @@ class GGUFLazyWeight(LazyWeight):
 def gguf_weights(path: str) -> Iterator[tuple[str, LazyWeight]]:
     """(name, lazy tensor) for every reference of the converted directory `path` (none where
     it has no `GGUF_TENSORS_FILE`)."""
-    from engine.models.gguf_cache import hold_entry
-
     manifest = read_manifest(path)
     if manifest is None:
         return

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from engine.layers.rotary import interleaved_to_half_rows
+from engine.models.gguf_fingerprint import gguf_fingerprint
 
 GGUF_TENSORS_FILE = "gguf-tensors.json"
 ROPE, QKV_HEADS = "rope", "qkv_heads"  # the row re-layouts a reference may name
@@ -138,8 +139,6 @@ def write_converted(items: Iterable[tuple[str, Planned]], out_dir: str, gguf_pat
     """`model.safetensors` (the dense tensors) and `GGUF_TENSORS_FILE` (the references) of
     `items` into `out_dir`; with `tied`, no `lm_head.weight` (the embedding serves as head)."""
     from safetensors.torch import save_file
-
-    from engine.models.gguf_cache import gguf_fingerprint
 
     dense: dict[str, torch.Tensor] = {}
     refs: dict[str, TensorRef] = {}
