@@ -14,7 +14,7 @@ from engine.distributed.lazy_weight import LazyWeight, read_weight
 from engine.models import gguf_source, load_model, resolve_model
 from engine.models.gguf import dequantize_tensor, hf_tensor_name, undo_rope_permute
 from engine.models.gguf_source import gguf_weights
-from tests.engine.models.harness import converted_tensors
+from tests.engine.models.harness import Harness, converted_tensors, dense_checkpoint
 from tests.engine.models.test_gguf_quantized import write_k_quant_llama
 
 QT = gguf.GGMLQuantizationType
@@ -112,3 +112,20 @@ def test_bfloat16_dense_load_equals_the_float32_one_rounded(mixed: Path, cache: 
     half = load_model(entry, torch.bfloat16, "cpu", gguf_weights="dequantized")
     for (name, a), (_, b) in zip(full.named_parameters(), half.named_parameters(), strict=True):
         assert torch.equal(a.to(torch.bfloat16), b), name
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_weight_quantization_of_a_gguf_equals_that_of_its_dense_checkpoint(
+    method: str, mixed: Path, cache: Path, tmp_path: Path
+) -> None:
+    """`--weight-quantization` loads a GGUF dense (as bf16) and quantizes it: the same model as
+    from a directory holding every tensor dense, as conversions wrote it before."""
+    from engine.models.quantize import quantize_model_weights
+
+    entry = resolve_model(str(mixed), str(cache))
+    from_gguf = load_model(entry, torch.bfloat16, "cpu", gguf_weights="dequantized")
+    from_dense = load_model(dense_checkpoint(entry, str(tmp_path / "dense")), torch.bfloat16, "cpu")
+    assert quantize_model_weights(from_gguf, method) == quantize_model_weights(from_dense, method) > 0
+    prompt = [5, 17, 42, 9, 100, 3, 77]
+    assert torch.equal(Harness(from_gguf).prefill(0, prompt), Harness(from_dense).prefill(0, prompt))
