@@ -40,7 +40,9 @@ cpu_vs: object = _load_cpu_vs()
 
 
 def _complete(url: str) -> None:
-    body = json.dumps({"model": "m", "prompt": "Hello", "max_tokens": 8, "temperature": 0}).encode()
+    with urllib.request.urlopen(f"{url}/models", timeout=60) as response:
+        model = json.load(response)["data"][0]["id"]
+    body = json.dumps({"model": model, "prompt": "Hello", "max_tokens": 8, "temperature": 0}).encode()
     request = urllib.request.Request(f"{url}/completions", body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=600) as response:
         response.read()

@@ -10,11 +10,12 @@ whole float tensor. A reference marked `blocks` also carries its raw rows
 are stored). Quantized rows are dequantized by the GGUF CPU kernels where they built (exactly
 gguf's dequantization), else by `gguf.quants.dequantize`; F32 / F16 / BF16 rows are copied.
 The memory map lives as long as the yielded weights do: once loading ends, nothing of the
-file stays mapped.
+file stays mapped; while it loads, the pages of each tensor read are let go (`GGUFFile.rows`).
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -41,13 +42,21 @@ class GGUFFile:
                 f"{path} is gone or changed since {directory} was converted from it: "
                 "load the GGUF file itself again, so that it is converted anew"
             )
-        self.data = np.memmap(path, dtype=np.uint8, mode="r")
+        with open(path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.data = np.frombuffer(self._map, dtype=np.uint8)
 
     def rows(self, part: Part, ids: np.ndarray | slice) -> np.ndarray:
-        """Raw rows `ids` of `part` (uint8 [n, row_bytes]), copied out of the map."""
+        """Raw rows `ids` of `part` (uint8 [n, row_bytes]), copied out of the map; the map's
+        pages of the part are let go after (the page cache keeps them), so that loading never
+        holds the file's pages and their copies at once."""
         size = part.num_rows * part.row_bytes
         view = self.data[part.offset : part.offset + size].reshape(part.num_rows, part.row_bytes)
-        return np.array(view[ids])
+        out = np.array(view[ids])
+        if hasattr(mmap, "MADV_DONTNEED"):
+            start = part.offset - part.offset % mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_DONTNEED, start, part.offset + size - start)
+        return out
 
 
 def dequantize_rows(raw: np.ndarray, qtype: int, columns: int) -> torch.Tensor:
