@@ -7,7 +7,7 @@ to its first answer includes the conversion), answers one 8-token completion, an
 of each of its processes is read from /proc (VmRSS and PSS, as scripts/cpu_vs_llama_server.py
 reads them); then it stops and starts again on the now filled cache (the time to ready without
 a conversion). Printed per file: its size, the cache entry's size, both start times, and each
-process's RSS / PSS in MiB (the worker, which holds the weights and the KV cache, is the
+process's RSS / PSS and its peak RSS (VmHWM: while loading) in MiB (the worker, which holds the weights and the KV cache, is the
 largest child).
 """
 
@@ -48,17 +48,21 @@ def _complete(url: str) -> None:
         response.read()
 
 
-def _process_memory(pid: int) -> list[tuple[int, str, float, float]]:
-    """(pid, role, RSS MiB, PSS MiB) of the server and each descendant."""
+Memory = tuple[int, str, float, float, float]  # pid, role, RSS, PSS, peak RSS (MiB)
+
+
+def _process_memory(pid: int) -> list[Memory]:
+    """The server's and each descendant's memory."""
     out = []
     for p in cpu_vs._descendants(pid):  # type: ignore[attr-defined]
         rss = cpu_vs._kib(f"/proc/{p}/status", "VmRSS:") / 1024  # type: ignore[attr-defined]
         pss = cpu_vs._kib(f"/proc/{p}/smaps_rollup", "Pss:") / 1024  # type: ignore[attr-defined]
-        out.append((p, "server" if p == pid else "child", rss, pss))
+        peak = cpu_vs._kib(f"/proc/{p}/status", "VmHWM:") / 1024  # type: ignore[attr-defined]
+        out.append((p, "server" if p == pid else "child", rss, pss, peak))
     return out
 
 
-def _serve(model: Path, cache: Path, args: argparse.Namespace) -> tuple[float, list[tuple[int, str, float, float]]]:
+def _serve(model: Path, cache: Path, args: argparse.Namespace) -> tuple[float, list[Memory]]:
     """Seconds until the first answer, and the processes' memory after it."""
     url = f"http://127.0.0.1:{args.port}/v1"
     cmd = [sys.executable, "-m", "openai_compat.cli", "serve", "--model", str(model), "--cache-dir", str(cache),
@@ -98,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{model.name}: file {model.stat().st_size / mib:.0f} MiB, cache entry "
                   f"{_tree_bytes(cache) / mib:.1f} MiB, first answer {first:.1f} s (with the conversion), "
                   f"{second:.1f} s (cached), KV cache {args.kv_cache_memory_gb} GiB")
-            for pid, role, rss, pss in processes:
-                print(f"  {role} {pid}: RSS {rss:.0f} MiB, PSS {pss:.0f} MiB")
+            for pid, role, rss, pss, peak in processes:
+                print(f"  {role} {pid}: RSS {rss:.0f} MiB, PSS {pss:.0f} MiB, peak RSS {peak:.0f} MiB")
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return 0
