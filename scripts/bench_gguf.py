@@ -26,8 +26,8 @@ import argparse
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import gguf
 import numpy as np
@@ -158,8 +158,7 @@ def more_bits(layer: int, layers: int) -> bool:
     return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
 
 
-@dataclass(frozen=True)
-class LlamaShape:
+class LlamaShape(NamedTuple):
     layers: int = 16
     hidden: int = 2048
     heads: int = 32
@@ -263,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         write_default(tmp, args.quant)
     else:
         shape = SHAPES[args.shape]
-        write_random_llama(tmp, args.quant, replace(shape, layers=args.layers or shape.layers))
+        write_random_llama(tmp, args.quant, shape._replace(layers=args.layers or shape.layers))
     tmp.replace(args.out)  # an interrupted run leaves no file that looks whole
     print(args.out)
     return 0

@@ -271,7 +271,8 @@ def gguf_config(gguf_path: str, reader: Any) -> dict[str, Any]:
 
 
 def convert_gguf(gguf_path: str, out_dir: str) -> None:
-    """Write config.json, model.safetensors and the tokenizer files of `gguf_path` into `out_dir`."""
+    """Write config.json, the tokenizer files, the norms (`model.safetensors`) and where every
+    other tensor lies in `gguf_path` (`gguf-tensors.json`) into `out_dir`."""
     from gguf import GGUFReader
     from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
