@@ -175,11 +175,15 @@ def _open_by_a_process(entry: str) -> bool:
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
-            if any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith(inside) for fd in fds):
-                return True
             with open(f"/proc/{pid}/maps") as maps:
                 if any(inside in line for line in maps):
                     return True
         except OSError:  # gone, or another user's: it cannot use this user's cache either
             continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(inside):
+                    return True
+            except OSError:  # closed since the listing
+                continue
     return False
