@@ -2,6 +2,7 @@
 
     python scripts/bench_gguf.py default --quant Q8_0 --out smollm2.Q8_0.gguf
     python scripts/bench_gguf.py random-llama --quant Q4_K_M --out llama1b.Q4_K_M.gguf
+    python scripts/bench_gguf.py random-llama --shape 8b --quant Q4_K_M --out llama8b.Q4_K_M.gguf
 
 `default`: the embedded default model's GGUF (SmolLM2-135M-Instruct, shipped as Q4_1 with a
 Q8_0 embedding) with its 4-bit matrices re-quantized to Q4_0, Q4_1 or Q8_0 (from the shipped
@@ -11,7 +12,10 @@ as a 1B model (16 layers, hidden 2048, 32 heads, 8 kv heads, ffn 8192, tied embe
 the default model's tokenizer (49 152 ids), in Q8_0 or in the mix llama.cpp calls Q4_K_M:
 Q4_K everywhere except Q6_K for the embedding (it is also the output) and for `attn_v` and
 `ffn_down` of the layers llama.cpp gives more bits (the first and last eighth and every
-third in between). `gguf.quants` has no K-quant quantizers, so Q4_K and Q6_K are written
+third in between). `--shape 8b`: Llama-3-8B's sizes (32 layers, hidden 4096, ffn 14 336, a
+128 256-id untied head: Q4_K embedding, Q6_K output, as in its Q4_K_M file). Tensors are
+written one at a time, so writing an 8B file needs the memory of one quantized tensor.
+`gguf.quants` has no K-quant quantizers, so Q4_K and Q6_K are written
 here (one scale and min per group from its range, no search) and checked against
 `gguf.quants.dequantize` by tests/bench/test_bench_gguf.py.
 """
@@ -23,6 +27,7 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import gguf
 import numpy as np
@@ -153,47 +158,89 @@ def more_bits(layer: int, layers: int) -> bool:
     return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
 
 
-def write_random_llama(out: Path, mix: str, layers: int = 16, hidden: int = 2048, heads: int = 32,
-                       kv_heads: int = 8, ffn: int = 8192, seed: int = 0) -> None:
-    """A tied-embedding Llama of random weights in `mix` (Q4_K_M or Q8_0), the default model's tokenizer."""
+class LlamaShape(NamedTuple):
+    layers: int = 16
+    hidden: int = 2048
+    heads: int = 32
+    kv_heads: int = 8
+    ffn: int = 8192
+    vocab: int | None = None  # None: the tokenizer's
+    tied: bool = True
+
+
+# 1b: the default above; 8b: Llama-3-8B's sizes (an untied 128 256-id head, as its Q4_K_M file)
+SHAPES = {"1b": LlamaShape(), "8b": LlamaShape(32, 4096, 32, 8, 14336, 128256, tied=False)}
+_CHUNK_ROWS = 2048  # rows drawn and quantized at once: a tensor is never whole in float32
+
+
+def _random_tensors(shape: LlamaShape, vocab: int, mix: str) -> list[tuple[str, int, int, str]]:
+    """(name, rows, cols, ggml type) of every tensor, in file order; `ones` marks a norm."""
+    head_dim = shape.hidden // shape.heads
+    kv, q8 = shape.kv_heads * head_dim, mix == "Q8_0"
+
+    def qtype(kind: str) -> str:
+        return "Q8_0" if q8 else kind
+
+    # Q4_K_M: a tied embedding doubles as the output (Q6_K); an untied one is Q4_K, its output Q6_K
+    out = [("token_embd.weight", vocab, shape.hidden, qtype("Q6_K" if shape.tied else "Q4_K")),
+           ("output_norm.weight", 1, shape.hidden, "ones")]
+    if not shape.tied:
+        out.append(("output.weight", vocab, shape.hidden, qtype("Q6_K")))
+    for i in range(shape.layers):
+        wide = qtype("Q6_K" if more_bits(i, shape.layers) else "Q4_K")
+        out += [(f"blk.{i}.attn_norm.weight", 1, shape.hidden, "ones"), (f"blk.{i}.ffn_norm.weight", 1, shape.hidden, "ones"),
+                (f"blk.{i}.attn_q.weight", shape.hidden, shape.hidden, qtype("Q4_K")),
+                (f"blk.{i}.attn_k.weight", kv, shape.hidden, qtype("Q4_K")), (f"blk.{i}.attn_v.weight", kv, shape.hidden, wide),
+                (f"blk.{i}.attn_output.weight", shape.hidden, shape.hidden, qtype("Q4_K")),
+                (f"blk.{i}.ffn_gate.weight", shape.ffn, shape.hidden, qtype("Q4_K")),
+                (f"blk.{i}.ffn_up.weight", shape.ffn, shape.hidden, qtype("Q4_K")),
+                (f"blk.{i}.ffn_down.weight", shape.hidden, shape.ffn, wide)]  # fmt: skip
+    return out
+
+
+def write_random_llama(out: Path, mix: str, shape: LlamaShape = SHAPES["1b"], seed: int = 0) -> None:
+    """A Llama of random weights (std 0.02) in `mix` (Q4_K_M or Q8_0) with the default model's
+    tokenizer, written tensor by tensor (each drawn and quantized in chunks of rows): memory
+    holds one quantized tensor, never the model."""
     reader = gguf.GGUFReader(default_model_path())
-    vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
-    head_dim = hidden // heads
+    vocab = shape.vocab or len(reader.fields["tokenizer.ggml.tokens"].data)
     writer = gguf.GGUFWriter(str(out), "llama")
-    writer.add_name(f"random-llama-{layers}x{hidden}")
+    writer.add_name(f"random-llama-{shape.layers}x{shape.hidden}")
     _copy_fields(reader, writer, keep=lambda key: key.startswith("tokenizer.") or key == "general.quantization_version")
     writer.add_file_type(FILE_TYPES[mix])
     writer.add_context_length(8192)
-    writer.add_embedding_length(hidden)
-    writer.add_block_count(layers)
-    writer.add_feed_forward_length(ffn)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
+    writer.add_embedding_length(shape.hidden)
+    writer.add_block_count(shape.layers)
+    writer.add_feed_forward_length(shape.ffn)
+    writer.add_head_count(shape.heads)
+    writer.add_head_count_kv(shape.kv_heads)
     writer.add_rope_freq_base(500000.0)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(shape.hidden // shape.heads)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(vocab)
+    tensors = _random_tensors(shape, vocab, mix)
+    for name, rows, cols, kind in tensors:
+        if kind == "ones":
+            writer.add_tensor_info(name, [cols], np.dtype(np.float32), cols * 4)
+        else:
+            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
+            nbytes = rows * cols // block * size
+            writer.add_tensor_info(name, [rows, cols // block * size], np.dtype(np.uint8), nbytes,
+                                   raw_dtype=gguf.GGMLQuantizationType[kind])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
     rng = np.random.default_rng(seed)
-    q8, q4k, q6k = (gguf.GGMLQuantizationType[t] for t in ("Q8_0", "Q4_K", "Q6_K"))
-
-    def add(name: str, rows: int, cols: int, qtype: gguf.GGMLQuantizationType) -> None:
-        weights = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(0.02)
-        writer.add_tensor(name, quantize(weights, q8 if mix == "Q8_0" else qtype), raw_dtype=q8 if mix == "Q8_0" else qtype)
-
-    add("token_embd.weight", vocab, hidden, q6k)
-    writer.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))
-    for i in range(layers):
-        wide = q6k if more_bits(i, layers) else q4k
-        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, dtype=np.float32))
-        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, dtype=np.float32))
-        add(f"blk.{i}.attn_q.weight", hidden, hidden, q4k)
-        add(f"blk.{i}.attn_k.weight", kv_heads * head_dim, hidden, q4k)
-        add(f"blk.{i}.attn_v.weight", kv_heads * head_dim, hidden, wide)
-        add(f"blk.{i}.attn_output.weight", hidden, hidden, q4k)
-        add(f"blk.{i}.ffn_gate.weight", ffn, hidden, q4k)
-        add(f"blk.{i}.ffn_up.weight", ffn, hidden, q4k)
-        add(f"blk.{i}.ffn_down.weight", hidden, ffn, wide)
-    _finish(writer)
+    for _, rows, cols, kind in tensors:
+        if kind == "ones":
+            writer.write_tensor_data(np.ones(cols, dtype=np.float32))
+            continue
+        qtype = gguf.GGMLQuantizationType[kind]
+        chunks = [quantize(rng.standard_normal((min(_CHUNK_ROWS, rows - r), cols), dtype=np.float32) * np.float32(0.02),
+                           qtype) for r in range(0, rows, _CHUNK_ROWS)]  # fmt: skip
+        writer.write_tensor_data(chunks[0] if len(chunks) == 1 else np.concatenate(chunks))
+        del chunks
+    writer.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,18 +249,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quant", required=True, help=f"default: {', '.join(REQUANT_TYPES)}; "
                         f"random-llama: {', '.join(RANDOM_MIXES)}")
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--layers", type=int, default=16, help="random-llama only")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="random-llama only: 1b (default) or 8b")
+    parser.add_argument("--layers", type=int, default=None, help="random-llama only: the shape's layers otherwise")
     args = parser.parse_args(argv)
     allowed = REQUANT_TYPES if args.model == "default" else RANDOM_MIXES
     if args.quant not in allowed:
         parser.error(f"--quant for {args.model} must be one of {', '.join(allowed)}, not {args.quant!r}")
-    if args.layers < 1:
+    if args.layers is not None and args.layers < 1:
         parser.error("--layers must be at least 1")
     tmp = args.out.with_name(args.out.name + ".partial")
     if args.model == "default":
         write_default(tmp, args.quant)
     else:
-        write_random_llama(tmp, args.quant, layers=args.layers)
+        shape = SHAPES[args.shape]
+        write_random_llama(tmp, args.quant, shape._replace(layers=args.layers or shape.layers))
     tmp.replace(args.out)  # an interrupted run leaves no file that looks whole
     print(args.out)
     return 0

@@ -1,10 +1,9 @@
 """Linear layers served in a GGUF file's quantized blocks on the CPU.
 
-A converted GGUF directory (`engine.models.gguf`) holds, beside its dequantized
-`model.safetensors`, the raw blocks of every quantized 2-D tensor (`GGUF_BLOCKS_FILE`, rows
-already in the layout the model uses). `load_model` hands such a tensor to its parameter's
-weight loader as a `QuantizedRows`: a `LazyWeight` over the dequantized tensor that also
-carries the blocks. A linear layer's loader (`engine.layers.linear`) gives each whole-row
+A converted GGUF directory's quantized 2-D tensors are read from the GGUF file
+(`engine.models.gguf_source`), each with its raw rows in the layout the model uses.
+`load_model` hands such a tensor to its parameter's weight loader as a `QuantizedRows`: a
+`LazyWeight` over the dequantized tensor that also carries the blocks. A linear layer's loader (`engine.layers.linear`) gives each whole-row
 region it copies to `QuantizedRows.take`, which records the region's blocks instead of
 dequantizing them; every other loader reads the dequantized values as before. Once all
 weights are in, `attach_gguf_weights` turns each linear layer whose rows all came as blocks
@@ -19,8 +18,6 @@ segments' products side by side.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -29,10 +26,6 @@ from torch import nn
 
 from engine.distributed.lazy_weight import LazyWeight, WeightLike
 from engine.kernels.gguf_cpu import gguf_dequantize, gguf_mm
-
-GGUF_BLOCKS_FILE = "gguf-blocks.safetensors.raw"  # not *.safetensors: not a checkpoint shard
-# name -> (raw blocks uint8 [rows, bytes per row], ggml type id), as converted
-Blocks = dict[str, tuple[torch.Tensor, int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,32 +183,12 @@ def attach_gguf_weights(model: nn.Module, sink: BlockSink) -> int:
     return count
 
 
-def save_gguf_blocks(blocks: Blocks, file: str) -> None:
-    """Write `blocks` to `file` (safetensors, the type ids in its metadata)."""
-    from safetensors.torch import save_file
-
-    types = {name: qtype for name, (_, qtype) in blocks.items()}
-    tensors = {name: raw.contiguous() for name, (raw, _) in blocks.items()}
-    save_file(tensors, file, metadata={"format": "pt", "gguf_types": json.dumps(types)})
-
-
-def has_gguf_blocks(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, GGUF_BLOCKS_FILE))
-
-
-def with_gguf_blocks(
-    weights: Iterable[tuple[str, WeightLike]], path: str, sink: BlockSink
-) -> Iterator[tuple[str, WeightLike]]:
-    """`weights` of the converted GGUF directory `path`, each tensor with blocks in
-    `GGUF_BLOCKS_FILE` as a `QuantizedRows` that records its blocks into `sink`."""
-    import safetensors
-
-    with safetensors.safe_open(os.path.join(path, GGUF_BLOCKS_FILE), framework="pt", device="cpu") as f:
-        types: dict[str, int] = json.loads(f.metadata()["gguf_types"])
-        for name, weight in weights:
-            if name in types and isinstance(weight, LazyWeight):
-                raw = f.get_slice(name)
-                blocks = LazyWeight(raw, raw.get_shape(), dtype_name=raw.get_dtype())
-                yield name, QuantizedRows(weight, blocks, types[name], sink)
-            else:
-                yield name, weight
+def with_gguf_blocks(weights: Iterable[tuple[str, WeightLike]], sink: BlockSink) -> Iterator[tuple[str, WeightLike]]:
+    """`weights`, each one that carries blocks (`gguf_blocks`: its raw rows and ggml type, as
+    `engine.models.gguf_source` yields them) as a `QuantizedRows` recording into `sink`."""
+    for name, weight in weights:
+        blocks: tuple[LazyWeight, int] | None = getattr(weight, "gguf_blocks", None)
+        if blocks is not None and isinstance(weight, LazyWeight):
+            yield name, QuantizedRows(weight, blocks[0], blocks[1], sink)
+        else:
+            yield name, weight

@@ -1,20 +1,22 @@
-"""GGUF file -> Hugging Face directory (config.json, model.safetensors, tokenizer files).
+"""GGUF file -> Hugging Face directory (config.json, tokenizer files, and where each tensor is).
 
-The conversion runs once per file (the loader caches its output): tensors are dequantized
-with `gguf.quants.dequantize` (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and whatever
-else the installed `gguf` package can dequantize), renamed from llama.cpp's names
-(`blk.N.attn_q.weight`) to transformers' (`model.layers.N.self_attn.q_proj.weight`), and for
-the `llama` architecture the q/k rows are un-permuted: llama.cpp's converter interleaves the
-two rotary halves of every head, `undo_rope_permute` restores the `rotate_half` layout
-(`deepseek2`: engine/models/gguf_deepseek.py).
+The conversion runs once per file (the loader caches its output, `engine.models.gguf_cache`).
+Tensors keep their transformers names (`model.layers.N.self_attn.q_proj.weight` for llama.cpp's
+`blk.N.attn_q.weight`) but stay in the GGUF file: the directory records each one's offset, type
+and row re-layout (`engine.models.gguf_tensors`), and the loader dequantizes them lazily, or
+serves their blocks as they are (`engine.models.gguf_source`, `engine.layers.gguf_linear`).
+Only one-dimensional tensors (norms, biases) are dequantized here, into `model.safetensors`
+(`gguf.quants.dequantize`: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and whatever else the
+installed `gguf` package can dequantize). For the `llama` architecture the q/k rows are
+un-permuted: llama.cpp's converter interleaves the two rotary halves of every head,
+`undo_rope_permute` restores the `rotate_half` layout (`deepseek2`: engine/models/gguf_deepseek.py).
 For `bloom` the names are BLOOM's (`transformer.h.N.self_attention.query_key_value`), and the
 fused q/k/v goes back from llama.cpp's q | k | v rows to BLOOM's per-head [H, 3, D] rows, so
-the directory is an ordinary BLOOM checkpoint.
+the directory loads as an ordinary BLOOM checkpoint.
 Config and tokenizer come from transformers' own GGUF metadata readers, completed where its
 mapping leaves something out; the config of the architectures it lacks or misreads comes from
 `engine/models/gguf_metadata.py` or, for `starcoder`, is written from the metadata here
 (`OWN_CONFIG_READERS`).
-Raw blocks of 2-D tensors the CPU kernels take: `GGUF_BLOCKS_FILE` (`engine.layers.gguf_linear`).
 """
 
 from __future__ import annotations
@@ -28,8 +30,6 @@ import numpy as np
 import torch
 
 from engine.kernels.gguf_cpu import SUPPORTED_TYPES
-from engine.layers.gguf_linear import GGUF_BLOCKS_FILE, Blocks, save_gguf_blocks
-from engine.layers.rotary import interleaved_to_half_rows
 from engine.models.gguf_deepseek import DEEPSEEK2_BLOCK_NAMES, deepseek2_config, merge_kv_b
 from engine.models.gguf_moe import (
     MIXTRAL_BLOCK_NAMES,
@@ -38,6 +38,14 @@ from engine.models.gguf_moe import (
     expand_experts,
     legacy_expert_name,
 )
+from engine.models.gguf_tensors import (
+    QKV_HEADS,
+    ROPE,
+    Planned,
+    dense_or_ref,
+    write_converted,
+)
+from engine.models.gguf_tensors import undo_rope_permute as undo_rope_permute  # re-exported
 
 # general.architecture -> transformers class
 GGUF_ARCHITECTURES = {
@@ -143,14 +151,6 @@ def hf_tensor_name(gguf_name: str, architecture: str = "llama") -> str | None:
     return f"{global_names[base]}.{kind}"
 
 
-def undo_rope_permute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Rows of q/k (weight [H * D, in] or bias [H * D]) from llama.cpp's layout to HF's.
-
-    llama.cpp stores head h's rows as (d/2, 2) pairs [x0, x_{D/2}, x1, ...]; HF as (2, d/2).
-    """
-    return interleaved_to_half_rows(weight, num_heads)
-
-
 def dequantize_tensor(tensor: Any) -> torch.Tensor:
     """A `gguf.ReaderTensor` -> torch tensor in transformers' [rows, cols] order.
 
@@ -173,39 +173,36 @@ def dequantize_tensor(tensor: Any) -> torch.Tensor:
     return torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))  # a writable copy
 
 
-def read_gguf_tensors(reader: Any, config: dict[str, Any], blocks: Blocks | None = None) -> Iterator[tuple[str, Any]]:
-    """Yield (transformers name, tensor) for every tensor of an opened `gguf.GGUFReader`; a 2-D
-    tensor the CPU kernels take also goes to `blocks` (not for `deepseek2`'s joined kv_b)."""
+def read_gguf_tensors(reader: Any, config: dict[str, Any]) -> Iterator[tuple[str, Planned]]:
+    """Yield (transformers name, dense tensor or `TensorRef`) for every tensor of an opened
+    `gguf.GGUFReader` (`engine.models.gguf_tensors`); a 2-D tensor the CPU kernels take is
+    marked to be served in its blocks (not for `deepseek2`, whose kv_b is joined)."""
     architecture = _read_str(reader, "general.architecture")
-    if architecture == "deepseek2":  # kv_b_proj's halves joined back
-        yield from merge_kv_b(_read_tensors(reader, config, architecture, None))
-    else:
-        yield from _read_tensors(reader, config, architecture, blocks)
-
-
-def _read_tensors(reader: Any, config: dict[str, Any], architecture: str, blocks: Blocks | None) -> Iterator[Any]:
     num_heads = _num_heads(config)
     num_kv_heads = int(config.get("num_key_value_heads") or num_heads)
+    planned = _read_tensors(reader, architecture, num_heads, num_kv_heads)
+    yield from merge_kv_b(planned) if architecture == "deepseek2" else planned
+
+
+def _read_tensors(reader: Any, architecture: str, num_heads: int, num_kv_heads: int) -> Iterator[tuple[str, Planned]]:
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name, architecture)
         if name is None:
             continue
-        value = _relayout(dequantize_tensor(tensor), name, architecture, num_heads, num_kv_heads)
-        if blocks is not None and len(tensor.shape) == 2 and int(tensor.tensor_type) in SUPPORTED_TYPES:
-            raw = torch.from_numpy(np.array(tensor.data, dtype=np.uint8).reshape(value.shape[0], -1))
-            blocks[name] = (_relayout(raw, name, architecture, num_heads, num_kv_heads), int(tensor.tensor_type))
-        yield from expand_experts(name, value)
+        relayout = _relayout_of(name, architecture, num_heads, num_kv_heads)
+        blocks = architecture != "deepseek2" and len(tensor.shape) == 2 and int(tensor.tensor_type) in SUPPORTED_TYPES
+        yield from expand_experts(name, dense_or_ref(tensor, relayout, blocks, dequantize_tensor))
 
 
-def _relayout(value: torch.Tensor, name: str, architecture: str, num_heads: int, num_kv_heads: int) -> torch.Tensor:
-    """Rows (values or raw blocks) in transformers' order (see the module docstring)."""
+def _relayout_of(name: str, architecture: str, num_heads: int, num_kv_heads: int) -> tuple[str, int] | None:
+    """How the rows of `name` go from llama.cpp's order to transformers' (module docstring)."""
     if (architecture == "starcoder" and ".c_attn." in name and num_kv_heads == num_heads) or (
         architecture == "bloom" and ".query_key_value." in name
     ):
-        return qkv_blocks_to_heads(value, num_heads)
+        return QKV_HEADS, num_heads
     if architecture == "llama" and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
-        return undo_rope_permute(value, num_heads if ".q_proj." in name else num_kv_heads)
-    return value
+        return ROPE, num_heads if ".q_proj." in name else num_kv_heads
+    return None
 
 
 def _num_heads(config: dict[str, Any]) -> int:
@@ -274,9 +271,9 @@ def gguf_config(gguf_path: str, reader: Any) -> dict[str, Any]:
 
 
 def convert_gguf(gguf_path: str, out_dir: str) -> None:
-    """Write config.json, model.safetensors and the tokenizer files of `gguf_path` into `out_dir`."""
+    """Write config.json, the tokenizer files, the norms (`model.safetensors`) and where every
+    other tensor lies in `gguf_path` (`gguf-tensors.json`) into `out_dir`."""
     from gguf import GGUFReader
-    from safetensors.torch import save_file
     from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
     reader = GGUFReader(gguf_path)
@@ -289,15 +286,9 @@ def convert_gguf(gguf_path: str, out_dir: str) -> None:
     # Where transformers cannot read the file's config, AutoTokenizer is told the tokenizer's
     # model type (it would read that config first to find it).
     tokenizer_type = model_type if _read_str(reader, "general.architecture") in OWN_CONFIG_READERS else None
-    blocks: Blocks = {}
-    tensors = dict(read_gguf_tensors(reader, config_dict, blocks))
-    if config_dict.get("tie_word_embeddings"):
-        tensors.pop("lm_head.weight", None)
-        blocks.pop("lm_head.weight", None)
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    if blocks:
-        save_gguf_blocks(blocks, os.path.join(out_dir, GGUF_BLOCKS_FILE))
-    del tensors, blocks, reader
+    tied = bool(config_dict.get("tie_word_embeddings"))
+    write_converted(read_gguf_tensors(reader, config_dict), out_dir, gguf_path, tied=tied)
+    del reader
 
     if has_tokenizer:
         directory, filename = os.path.split(os.path.abspath(gguf_path))
@@ -391,10 +382,3 @@ def _complete_bloom_config(config: dict[str, Any], reader: Any) -> None:
     config["tie_word_embeddings"] = all(t.name != "output.weight" for t in reader.tensors)
     if _read_int(reader, "bloom.vocab_size") is None:
         config["vocab_size"] = _tensor_rows(reader, "token_embd.weight") or config.get("vocab_size")
-
-
-def qkv_blocks_to_heads(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Fused q | k | v rows (weight [3 * H * D, in] or bias) -> multi-head GPTBigCode's or
-    BLOOM's [H, (q, k, v), D] rows."""
-    rest = weight.shape[1:]
-    return weight.reshape(3, num_heads, -1, *rest).transpose(0, 1).reshape(weight.shape)

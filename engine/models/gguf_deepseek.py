@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from engine.models.gguf_metadata import metadata_value
+from engine.models.gguf_tensors import Planned, TensorRef
 
 # llama.cpp block tensor -> DeepSeek-V2's module under model.layers.N
 DEEPSEEK2_BLOCK_NAMES = {
@@ -146,10 +147,16 @@ def _rope_parameters(reader: Any, theta: float) -> dict[str, Any]:
     }
 
 
-def merge_kv_b(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+def join_kv_b(k_b: torch.Tensor, v_b: torch.Tensor) -> torch.Tensor:
+    """k_b_proj [H, r, dn] and v_b_proj [H, dv, r] -> kv_b_proj [H * (dn + dv), r]."""
+    return torch.cat((k_b.transpose(1, 2), v_b), dim=1).reshape(-1, k_b.shape[1]).contiguous()
+
+
+def merge_kv_b(tensors: Iterable[tuple[str, Planned]]) -> Iterator[tuple[str, Planned]]:
     """Pass the tensors through, joining each layer's k_b_proj [H, r, dn] and v_b_proj
-    [H, dv, r] into kv_b_proj [H * (dn + dv), r] once both are read."""
-    halves: dict[str, dict[str, torch.Tensor]] = {}
+    [H, dv, r] into kv_b_proj [H * (dn + dv), r] once both are read (references into one
+    reference joined at load, `join` "kv_b")."""
+    halves: dict[str, dict[str, Planned]] = {}
     for name, tensor in tensors:
         match = _HALF_RE.match(name)
         if match is None:
@@ -159,8 +166,12 @@ def merge_kv_b(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[st
         parts = halves.setdefault(prefix, {})
         parts[half] = tensor
         if len(parts) == 2:
-            k_b, v_b = parts["k"].transpose(1, 2), parts["v"]  # [H, dn, r], [H, dv, r]
-            yield f"{prefix}.kv_b_proj.weight", torch.cat((k_b, v_b), dim=1).reshape(-1, k_b.shape[-1]).contiguous()
+            k_b, v_b = parts["k"], parts["v"]
+            if isinstance(k_b, TensorRef) and isinstance(v_b, TensorRef):
+                yield f"{prefix}.kv_b_proj.weight", TensorRef((k_b.parts[0], v_b.parts[0]), join="kv_b")
+            else:
+                assert isinstance(k_b, torch.Tensor) and isinstance(v_b, torch.Tensor)
+                yield f"{prefix}.kv_b_proj.weight", join_kv_b(k_b, v_b)
             del halves[prefix]
     if halves:
         raise ValueError(f"GGUF deepseek2 file with half of kv_b_proj only: {sorted(halves)}")

@@ -30,8 +30,9 @@ from typing import Any
 
 import torch
 
-from engine.models.gguf import dequantize_tensor, undo_rope_permute
+from engine.models.gguf import dequantize_tensor
 from engine.models.gguf_metadata import metadata_value
+from engine.models.gguf_tensors import ROPE, Planned, TensorRef, dense_or_ref, write_converted
 
 GGUF_FAMILY_ARCHITECTURES = {
     "internlm2": "InternLM2ForCausalLM",
@@ -143,44 +144,52 @@ def _family_name(gguf_name: str, arch: str) -> str | None:
     return f"{global_names[base]}.{kind}"
 
 
-def read_family_tensors(reader: Any, config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name the family's class loads, tensor) for every tensor of the file."""
+def read_family_tensors(reader: Any, config: dict[str, Any]) -> Iterator[tuple[str, Planned]]:
+    """(name the family's class loads, dense tensor or `TensorRef`) for every tensor of the
+    file (`engine.models.gguf_tensors`: references for tensors of two or more dimensions)."""
     arch = config["model_type"]
     heads = int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or config.get("multi_query_group_num") or heads)
-    separate: dict[str, dict[str, torch.Tensor]] = {}  # chatglm: "layer.kind" -> attn_q / attn_k / attn_v
+    separate: dict[str, dict[str, Planned]] = {}  # chatglm: "layer.kind" -> attn_q / attn_k / attn_v
     for tensor in reader.tensors:
         name = _family_name(tensor.name, arch)
-        value = dequantize_tensor(tensor)
+        relayout = None
+        if name is not None and arch != "chatglm" and ".self_attn.q_proj." in name:
+            relayout = (ROPE, heads)
+        elif name is not None and arch != "chatglm" and ".self_attn.k_proj." in name:
+            relayout = (ROPE, kv_heads)
+        value = dense_or_ref(tensor, relayout, False, dequantize_tensor)
         if name is None:  # chatglm's q / k / v, fused once all three are read
             layer, part, kind = _BLOCK_RE.match(tensor.name).groups()  # type: ignore[union-attr]
             parts = separate.setdefault(f"{layer}.{kind}", {})
             parts[part] = value
             if len(parts) == 3:
-                fused = torch.cat([parts["attn_q"], parts["attn_k"], parts["attn_v"]])
-                yield f"transformer.encoder.layers.{layer}.self_attention.query_key_value.{kind}", fused
+                yield f"transformer.encoder.layers.{layer}.self_attention.query_key_value.{kind}", _fused_qkv(parts)
             continue
-        if arch != "chatglm" and ".self_attn.q_proj." in name:
-            value = undo_rope_permute(value, heads)
-        elif arch != "chatglm" and ".self_attn.k_proj." in name:
-            value = undo_rope_permute(value, kv_heads)
-        yield name, value.contiguous()
+        yield name, value
+
+
+def _fused_qkv(parts: dict[str, Planned]) -> Planned:
+    """q | k | v rows: one reference of three parts, or (biases) one dense tensor."""
+    ordered = [parts["attn_q"], parts["attn_k"], parts["attn_v"]]
+    if all(isinstance(p, TensorRef) for p in ordered):
+        return TensorRef(tuple(p.parts[0] for p in ordered if isinstance(p, TensorRef)))
+    return torch.cat([p for p in ordered if isinstance(p, torch.Tensor)])
 
 
 def convert_family_gguf(gguf_path: str, out_dir: str) -> None:
-    """Write config.json, model.safetensors and the tokenizer files of `gguf_path` into `out_dir`."""
+    """Write config.json, the tokenizer files and the tensors' places (`write_converted`) of
+    `gguf_path` into `out_dir`."""
     from gguf import GGUFReader
-    from safetensors.torch import save_file
     from transformers import PreTrainedTokenizerFast
 
     reader = GGUFReader(gguf_path)
     config = family_gguf_config(reader)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    tensors = dict(read_family_tensors(reader, config))
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    write_converted(read_family_tensors(reader, config), out_dir, gguf_path)
     has_tokenizer = "tokenizer.ggml.model" in reader.fields
-    del tensors, reader
+    del reader
     if has_tokenizer:
         directory, filename = os.path.split(os.path.abspath(gguf_path))
         PreTrainedTokenizerFast.from_pretrained(directory, gguf_file=filename).save_pretrained(out_dir)

@@ -16,9 +16,8 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-import torch
-
 from engine.models.gguf_metadata import metadata_value
+from engine.models.gguf_tensors import Planned, TensorRef, split_experts
 
 # llama.cpp block tensor -> transformers name; `*` is the expert index of a stacked tensor.
 MOE_BLOCK_NAMES = {
@@ -54,9 +53,17 @@ def legacy_expert_name(gguf_name: str, architecture: str) -> str | None:
     return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{_MIXTRAL_PARTS[part]}.weight"
 
 
-def expand_experts(name: str, value: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """(transformers name, tensor) pairs of one converted tensor: a stacked experts tensor
-    [E, ...] -> one per expert; the shared expert's gate [H] -> [1, H]; others as they are."""
+def expand_experts(name: str, value: Planned) -> Iterator[tuple[str, Planned]]:
+    """(transformers name, tensor or reference) pairs of one converted tensor: a stacked
+    experts tensor [E, ...] -> one per expert; the shared expert's gate [H] -> [1, H]; others
+    as they are."""
+    if isinstance(value, TensorRef):
+        if ".*." in name:
+            for expert, part in enumerate(split_experts(value.parts[0])):
+                yield name.replace(".*.", f".{expert}."), TensorRef((part,))
+        else:
+            yield name, value
+        return
     if ".*." in name:
         for expert in range(value.shape[0]):
             yield name.replace(".*.", f".{expert}."), value[expert].contiguous()

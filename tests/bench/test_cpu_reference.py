@@ -122,3 +122,24 @@ def test_resident_memory_counts_child_processes() -> None:
     finally:
         child.kill()
         child.communicate()
+
+
+def test_random_llama_is_written_tensor_by_tensor_and_reads_back(tmp_path: Path) -> None:
+    """The streamed writer's file: each tensor where its header says, in its mix's type, with
+    the std the writer draws; the 8B shape is the size of Llama-3-8B's Q4_K_M file."""
+    shape = bench_gguf.LlamaShape(layers=2, hidden=256, heads=4, kv_heads=2, ffn=512, vocab=300, tied=False)
+    out = tmp_path / "tiny.gguf"
+    bench_gguf.write_random_llama(out, "Q4_K_M", shape)
+    tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    assert len(tensors) == 3 + 9 * 2
+    qt = gguf.GGMLQuantizationType
+    assert tensors["token_embd.weight"].tensor_type == qt.Q4_K and tensors["output.weight"].tensor_type == qt.Q6_K
+    assert tensors["blk.0.attn_v.weight"].tensor_type == qt.Q4_K and tensors["blk.1.attn_v.weight"].tensor_type == qt.Q6_K
+    for name in ("blk.1.ffn_down.weight", "output.weight"):
+        values = gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type)
+        assert 0.018 < float(np.std(values)) < 0.022, name
+    assert np.all(np.asarray(tensors["output_norm.weight"].data) == 1.0)
+    eight_b = bench_gguf._random_tensors(bench_gguf.SHAPES["8b"], 128256, "Q4_K_M")
+    sizes = {kind: gguf.GGML_QUANT_SIZES[qt[kind]] for kind in ("Q4_K", "Q6_K")}
+    total = sum(rows * cols // sizes[kind][0] * sizes[kind][1] for _, rows, cols, kind in eight_b if kind != "ones")
+    assert 4.85e9 < total < 4.95e9

@@ -1,6 +1,7 @@
 """Each tensor-parallel rank reads only its shard of the checkpoint from disk.
 
-safetensors' `safe_open` is wrapped so that every read is recorded: which tensor, which index
+safetensors' `safe_open` (and, for a converted GGUF, the source that reads its tensors from
+the GGUF file) is wrapped so that every read is recorded: which tensor, which index
 range along each dim, how many bytes came back. Loading rank 0 and rank 1 of a tp=2 model in
 this process (no process group is needed to load) must read each checkpoint tensor exactly
 once per rank, exactly the rows / columns of that rank's shard (whole tensors only for the
@@ -23,6 +24,7 @@ import torch
 from engine.distributed import LazyWeight, read_weight
 from engine.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from engine.models import load_model, resolve_model
+from engine.models.gguf_source import GGUFTensorSource
 from tests.engine.models.harness import save_tiny_model, tiny_config
 
 TP = 2
@@ -77,18 +79,29 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, Region, i
     log: list[tuple[str, Region, int]] = []
     real = safetensors.safe_open
     monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: _RecordingFile(real(*a, **k), log))
+    real_gguf_read = GGUFTensorSource.__getitem__
+
+    class GGUFSlice:  # what `_RecordingSlice` needs of a reference read from the GGUF file
+        def __init__(self, source: GGUFTensorSource) -> None:
+            self.source = source
+
+        def get_shape(self) -> list[int]:
+            return list(self.source.ref.shape)
+
+        def __getitem__(self, index: Any) -> torch.Tensor:
+            return real_gguf_read(self.source, index)
+
+    def gguf_read(source: GGUFTensorSource, index: Any) -> torch.Tensor:
+        return _RecordingSlice(GGUFSlice(source), source.name, log)[index]
+
+    monkeypatch.setattr(GGUFTensorSource, "__getitem__", gguf_read)
     yield log
 
 
 def _checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
-    from engine.models.loader import safetensors_files
+    from engine.models.loader import iterate_weights
 
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in safetensors_files(path):
-        with safetensors.safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                shapes[name] = tuple(f.get_slice(name).get_shape())
-    return shapes
+    return {name: tuple(weight.shape) for name, weight in iterate_weights(path)}
 
 
 def _split(n: int, rank: int) -> tuple[int, int]:
@@ -166,7 +179,7 @@ def test_gguf_model_is_read_by_shard_too(
     config = tiny_config("llama", tie_word_embeddings=False)
     hf = save_tiny_model(str(tmp_path / "hf"), config)
     write_gguf(tmp_path / "tiny.gguf", hf, QT.F32)
-    converted = resolve_model(str(tmp_path / "tiny.gguf"), str(tmp_path / "cache"))  # the cached safetensors directory
+    converted = resolve_model(str(tmp_path / "tiny.gguf"), str(tmp_path / "cache"))  # norms in safetensors, the rest read from the GGUF file
     per_rank = _assert_each_rank_reads_its_shard(converted, config, reads)
     total = sum(math.prod(s) for s in _checkpoint_shapes(converted).values()) * 4
     assert all(n < 0.55 * total for n in per_rank), (per_rank, total)

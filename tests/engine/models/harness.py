@@ -6,6 +6,7 @@ req_to_token indirection rather than relying on contiguous slots.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -276,3 +277,28 @@ def save_tiny_model(path: str, config: Any, seed: int = 0, **save_kwargs: Any) -
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.float() - expected.float()).norm() / expected.float().norm())
+
+
+def converted_tensors(directory: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a converted GGUF directory, read whole as the dense load path reads it
+    (norms from its safetensors, the rest dequantized from the GGUF file)."""
+    from engine.distributed.lazy_weight import read_weight
+    from engine.models.loader import iterate_weights
+
+    return {name: read_weight(weight) for name, weight in iterate_weights(directory)}
+
+
+def dense_checkpoint(directory: str, out_dir: str) -> str:
+    """A copy of a converted GGUF directory with all its tensors in one dense
+    `model.safetensors` (what transformers' `from_pretrained` loads); returns `out_dir`."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from engine.models.gguf_cache import FORMAT_FILE, LOCK_FILE
+    from engine.models.gguf_tensors import GGUF_TENSORS_FILE
+
+    skipped = shutil.ignore_patterns("model.safetensors", GGUF_TENSORS_FILE, LOCK_FILE, FORMAT_FILE)
+    shutil.copytree(directory, out_dir, ignore=skipped)  # config and tokenizer files
+    save_file(converted_tensors(directory), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    return out_dir

@@ -10,13 +10,12 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from engine.models import gguf as gguf_convert
 from engine.models import load_model, resolve_model
 from engine.models.gguf import hf_tensor_name, undo_rope_permute
-from tests.engine.models.harness import Harness, rel_err, save_tiny_model, tiny_config
+from tests.engine.models.harness import Harness, converted_tensors, rel_err, save_tiny_model, tiny_config
 
 QT = gguf.GGMLQuantizationType
 QUANT_TYPES = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1]
@@ -111,7 +110,7 @@ def test_converted_tensors_equal_gguf_dequantize(
 ) -> None:
     file = tmp_path / f"tiny-{qtype.name}.gguf"
     write_gguf(file, tiny_hf, qtype)
-    converted = load_file(os.path.join(resolve_model(str(file), str(cache)), "model.safetensors"))
+    converted = converted_tensors(resolve_model(str(file), str(cache)))
     cfg: Any = tiny_hf.config
     reader = gguf.GGUFReader(str(file))
     assert len(converted) == len(reader.tensors)
@@ -193,7 +192,7 @@ def test_long_context_phi3_gguf_is_refused(tmp_path: Path, cache: Path) -> None:
         resolve_model(str(file), str(cache))
 
 
-def test_conversion_is_cached_and_keyed_by_mtime(
+def test_conversion_is_cached_and_keyed_by_content(
     tiny_hf: nn.Module, tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     file = tmp_path / "tiny.gguf"
@@ -206,7 +205,13 @@ def test_conversion_is_cached_and_keyed_by_mtime(
 
     monkeypatch.setattr(gguf_convert, "convert_gguf", fail)
     assert resolve_model(str(file), str(cache)) == first
-    os.utime(file, ns=(1, 1))  # a changed file is a new cache entry
+    os.utime(file, ns=(1, 1))  # touched, not changed: the same entry
+    assert resolve_model(str(file), str(cache)) == first
+    with open(file, "r+b") as f:  # a changed weight byte is a new cache entry
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
     with pytest.raises(AssertionError, match="converted twice"):
         resolve_model(str(file), str(cache))
 

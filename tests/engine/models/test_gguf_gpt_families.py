@@ -3,7 +3,6 @@ llama.cpp's converter writes them, with the `gguf` package's own tensor-name map
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +10,17 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from engine.models import load_model, resolve_model
-from tests.engine.models.harness import Harness, rel_err, save_tiny_model, tiny_config
+from tests.engine.models.harness import (
+    Harness,
+    converted_tensors,
+    dense_checkpoint,
+    rel_err,
+    save_tiny_model,
+    tiny_config,
+)
 
 QT = gguf.GGMLQuantizationType
 
@@ -107,7 +112,7 @@ def test_starcoder_gguf_matches_transformers_gptbigcode(tmp_path: Path, cache: P
     prompt = list(range(3, 40, 3))
     expected = hf(torch.tensor([prompt])).logits[0]
     assert rel_err(Harness(model).prefill(0, prompt), expected) < 1e-4
-    reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    reloaded = AutoModelForCausalLM.from_pretrained(dense_checkpoint(path, str(tmp_path / "dense")), dtype=torch.float32)
     assert rel_err(reloaded(torch.tensor([prompt])).logits[0], expected) < 1e-4
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = tokenizer("def f(): pass")["input_ids"]
@@ -134,7 +139,7 @@ def test_multi_head_starcoder_gguf_and_its_quantized_weights(
     assert model.lm_head.weight is not model.transformer.wte.weight
     prompt = list(range(3, 40, 3))
     ours = Harness(model).prefill(0, prompt)
-    reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    reloaded = AutoModelForCausalLM.from_pretrained(dense_checkpoint(path, str(tmp_path / "dense")), dtype=torch.float32)
     assert rel_err(ours, reloaded(torch.tensor([prompt])).logits[0]) < 1e-4
     assert rel_err(ours, hf(torch.tensor([prompt])).logits[0]) < (1e-4 if qtype == QT.F32 else 5e-2)
 
@@ -231,7 +236,7 @@ def test_bloom_gguf_matches_original_and_transformers_gguf(with_output: bool, tm
     file = tmp_path / "tiny-bloom.gguf"
     write_bloom_gguf(file, hf, QT.F32, with_output)
     directory = resolve_model(str(file), str(cache))
-    converted = load_file(os.path.join(directory, "model.safetensors"))
+    converted = converted_tensors(directory)
     for name, value in hf.state_dict().items():  # BLOOM's own names and per-head q/k/v layout again
         if name in converted:
             assert torch.equal(converted[name], value), name

@@ -4,7 +4,6 @@ shared expert `ffn_*_shexp` with its gate)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +11,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from engine.models import load_model, resolve_model
-from tests.engine.models.harness import Harness, rel_err, save_tiny_model, tiny_config
+from tests.engine.models.harness import Harness, converted_tensors, rel_err, save_tiny_model, tiny_config
 from tests.engine.models.test_gguf import _gguf_name, _rope_permute
 
 QT = gguf.GGMLQuantizationType
@@ -131,7 +129,7 @@ def test_quantized_expert_tensors_dequantize_per_expert(tmp_path: Path) -> None:
     hf = save_tiny_model(str(tmp_path / "hf"), tiny_config("qwen3_moe", num_hidden_layers=1))
     file = tmp_path / "tiny-q8.gguf"
     write_moe_gguf(file, hf, "qwen3moe", QT.Q8_0)
-    converted = load_file(os.path.join(resolve_model(str(file), str(tmp_path / "cache")), "model.safetensors"))
+    converted = converted_tensors(resolve_model(str(file), str(tmp_path / "cache")))
     reader = gguf.GGUFReader(str(file))
     stacked = next(t for t in reader.tensors if t.name == "blk.0.ffn_down_exps.weight")
     shape = tuple(int(n) for n in reversed(stacked.shape))
