@@ -5,12 +5,13 @@
 // `visit` decodes a block into float32 vectors of 16 values in registers, computed exactly
 // as gguf's reference dequantization computes them (float32 scale times integer code, plus
 // the block's minimum where it has one), so a product is the dequantize-then-matmul product up
-// to the order of the float32 sums. For a few activation rows (decode) every decoded vector is
-// multiplied into up to `kMaxTile` rows at once, so the weight bytes cross the memory bus once
-// per step; for many rows (prefill) the weight is dequantized to float32 and handed to torch's
-// GEMM. The vectors are GCC / Clang vector extensions: built with -march=native (or
-// -mcpu=native) they become AVX-512, AVX2 or NEON code, whatever the CPU has. Rows are split
-// across torch's intra-op threads.
+// to the order of the float32 sums. For up to `max_direct_rows` activation rows (a decode batch)
+// every decoded vector is multiplied into a tile of up to `kMaxTile` rows at once (all the rows
+// of a batch in balanced tiles), so each weight vector is decoded once per tile and the weight
+// bytes cross the memory bus once per step; for more rows (prefill) the weight is dequantized to
+// float32 and handed to torch's GEMM. The vectors are GCC / Clang vector extensions: built with
+// -march=native (or -mcpu=native) they become AVX-512, AVX2 or NEON code, whatever the CPU has.
+// Weight rows are split across torch's intra-op threads.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -24,6 +25,8 @@
 #endif
 
 #include <algorithm>
+#include <array>
+#include <utility>
 #include <cstdint>
 #include <cstring>
 
@@ -275,41 +278,56 @@ struct Q6_K {
   }
 };
 
-// Activation rows multiplied per decoded vector; two accumulators per row hide the FMA latency.
-#if defined(__AVX512F__) || defined(__ARM_NEON)
-constexpr int kMaxTile = 4;
+// Activation rows multiplied per decoded vector, one accumulator each (two where fewer than 4
+// rows, to keep 4 FMA chains in flight): the rows of a decode batch are taken in tiles of up to
+// kMaxTile, balanced, and each weight vector is decoded once per tile.
+#if defined(__AVX512F__)
+constexpr int kMaxTile = 12;  // 12 accumulators of the 32 zmm registers; 16 spill
+#elif defined(__ARM_NEON) || defined(__AVX2__)
+constexpr int kMaxTile = 6;  // each 16-lane vector is a pair of registers (12 of 16 ymm on AVX2)
 #else
-constexpr int kMaxTile = 2;  // 16 vector registers (AVX2): more rows would spill
+constexpr int kMaxTile = 2;
 #endif
-constexpr int kSliceValues = 4096 / kMaxTile;  // activation values per row in a slice of K (16 KiB a tile)
+constexpr int kSliceValues = 8192 / kMaxTile;  // activation values per row in a slice of K
 constexpr int kRowChunk = 8;  // weight rows kept hot in cache while the activation tiles pass
-
 
 // out[m, n] (+)= the product over blocks [b0, b1) for m in [m0, m0 + MT), n in [n0, n1): MT
 // activation rows share each decoded vector.
 template <typename F, int MT>
 void rows_tile(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, float* out, int64_t N,
                int64_t m0, int64_t n0, int64_t n1, int64_t b0, int64_t b1) {
+  constexpr int ACC = MT >= 4 ? 1 : 2;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * row_bytes;
-    f32x16 acc[MT][2] = {};
+    f32x16 acc[MT][ACC] = {};
     for (int64_t blk = b0; blk < b1; ++blk) {
       const float* xb = x + m0 * K + blk * F::QK;
       F::visit(row + blk * F::BYTES, [&](int g, f32x16 values) __attribute__((always_inline)) {
-        for (int m = 0; m < MT; ++m) acc[m][g & 1] += values * load_f32(xb + m * K + 16 * g);
+        for (int m = 0; m < MT; ++m) acc[m][g % ACC] += values * load_f32(xb + m * K + 16 * g);
       });
     }
     for (int m = 0; m < MT; ++m) {
-      const float sum = hsum(acc[m][0] + acc[m][1]);
+      f32x16 total = acc[m][0];
+      for (int a = 1; a < ACC; ++a) total += acc[m][a];
+      const float sum = hsum(total);
       out[(m0 + m) * N + n] = b0 == 0 ? sum : out[(m0 + m) * N + n] + sum;
     }
   }
 }
 
 template <typename F>
+using RowsTileFn = void (*)(const float*, int64_t, const uint8_t*, int64_t, float*, int64_t, int64_t, int64_t,
+                            int64_t, int64_t, int64_t);
+template <typename F, std::size_t... MT>
+constexpr std::array<RowsTileFn<F>, kMaxTile> rows_tiles(std::index_sequence<MT...>) {
+  return {&rows_tile<F, MT + 1>...};
+}
+
+template <typename F>
 void few_rows(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes, float* out,
               int64_t N) {
-  const int64_t nb = K / F::QK;
+  constexpr auto tiles = rows_tiles<F>(std::make_index_sequence<kMaxTile>{});  // tiles[MT - 1]
+  const int64_t nb = K / F::QK, num_tiles = (M + kMaxTile - 1) / kMaxTile;
   // With more than one tile of rows, K is taken in slices whose activations stay in L1.
   const int64_t slice = M > kMaxTile ? std::max<int64_t>(1, kSliceValues / F::QK) : nb;
   at::parallel_for(0, (N + kRowChunk - 1) / kRowChunk, 1, [&](int64_t c0, int64_t c1) {
@@ -317,13 +335,10 @@ void few_rows(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t ro
       const int64_t n0 = c * kRowChunk, n1 = std::min(N, n0 + kRowChunk);
       for (int64_t b0 = 0; b0 < nb; b0 += slice) {
         const int64_t b1 = std::min(nb, b0 + slice);
-        int64_t m0 = 0;
-        for (; m0 + kMaxTile <= M; m0 += kMaxTile) rows_tile<F, kMaxTile>(x, K, w, row_bytes, out, N, m0, n0, n1, b0, b1);
-        switch (M - m0) {
-          case 3: rows_tile<F, 3>(x, K, w, row_bytes, out, N, m0, n0, n1, b0, b1); break;
-          case 2: rows_tile<F, 2>(x, K, w, row_bytes, out, N, m0, n0, n1, b0, b1); break;
-          case 1: rows_tile<F, 1>(x, K, w, row_bytes, out, N, m0, n0, n1, b0, b1); break;
-          default: break;
+        for (int64_t t = 0, m0 = 0; t < num_tiles; ++t) {
+          const int64_t mt = M / num_tiles + (t < M % num_tiles);  // tiles of balanced sizes
+          tiles[mt - 1](x, K, w, row_bytes, out, N, m0, n0, n1, b0, b1);
+          m0 += mt;
         }
       }
     }
@@ -331,13 +346,17 @@ void few_rows(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t ro
 }
 
 template <typename F>
+ALWAYS_INLINE void dequantize_row(const uint8_t* row, int64_t K, float* y) {
+  for (int64_t blk = 0; blk < K / F::QK; ++blk) {
+    float* yb = y + blk * F::QK;
+    F::visit(row + blk * F::BYTES, [&](int g, f32x16 values) __attribute__((always_inline)) { std::memcpy(yb + 16 * g, &values, 64); });
+  }
+}
+
+template <typename F>
 void dequantize_rows(const uint8_t* w, int64_t row_bytes, int64_t N, int64_t K, float* y) {
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t blk = 0; blk < K / F::QK; ++blk) {
-        float* yb = y + n * K + blk * F::QK;
-        F::visit(w + n * row_bytes + blk * F::BYTES, [&](int g, f32x16 values) __attribute__((always_inline)) { std::memcpy(yb + 16 * g, &values, 64); });
-      }
+    for (int64_t n = n0; n < n1; ++n) dequantize_row<F>(w + n * row_bytes, K, y + n * K);
   });
 }
 

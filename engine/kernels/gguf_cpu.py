@@ -30,7 +30,7 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gguf_cpu.cpp
 # ggml type ids with a kernel: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
 SUPPORTED_TYPES = frozenset({2, 3, 6, 7, 8, 12, 13, 14})
 # Activation rows up to which the block kernel runs; more rows take a dequantized GEMM.
-MAX_DIRECT_ROWS = 8
+MAX_DIRECT_ROWS = 64
 
 
 def _cache_root() -> str:

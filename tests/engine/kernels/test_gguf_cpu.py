@@ -53,17 +53,35 @@ def test_dequantize_is_gguf_dequantize_exactly(qtype: QT) -> None:
     torch.testing.assert_close(ours, reference(blocks, qtype, rows, cols), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
-@pytest.mark.parametrize("num_tokens", [1, 3, 4, 7, gguf_cpu.MAX_DIRECT_ROWS + 5])
-def test_matmul_equals_dequantize_then_matmul(qtype: QT, num_tokens: int) -> None:
-    rows, cols = 37, 768  # rows: not a multiple of the kernel's row chunk
-    blocks = random_blocks(qtype, rows, cols, seed=num_tokens)
-    x = torch.randn(num_tokens, cols, generator=torch.Generator().manual_seed(1))
+def assert_product(qtype: QT, num_tokens: int, rows: int, cols: int, seed: int) -> None:
+    blocks = random_blocks(qtype, rows, cols, seed=seed)
+    x = torch.randn(num_tokens, cols, generator=torch.Generator().manual_seed(seed + 1))
     out = gguf_cpu.gguf_mm(x, torch.from_numpy(blocks), int(qtype))
     expected = x.double() @ reference(blocks, qtype, rows, cols).double().T
     assert out.shape == (num_tokens, rows) and out.dtype == torch.float32
     # float32 sums in another order: a few ulps of the largest terms, far below any format's step
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+# Decode batches: one row, the tile sizes and their neighbours (the rows of a batch are taken in
+# balanced tiles of up to 12 with AVX-512, 6 with AVX2 / NEON), up to the direct kernel's limit;
+# then a prefill past it (the dequantized GEMM).
+NUM_TOKENS = [1, 2, 3, 4, 5, 6, 7, 11, 12, 13, 16, 25, 33, 63, 64, gguf_cpu.MAX_DIRECT_ROWS + 5]
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("num_tokens", NUM_TOKENS)
+def test_matmul_equals_dequantize_then_matmul(qtype: QT, num_tokens: int) -> None:
+    # rows: not a multiple of the kernel's row chunk; columns: 24 blocks of 32, 3 of 256
+    assert_product(qtype, num_tokens, rows=37, cols=768, seed=num_tokens)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize(("num_tokens", "rows", "cols"), [(1, 1, 256), (9, 3, 256), (2, 5, 1280), (17, 61, 2304)])
+def test_matmul_at_odd_sizes(qtype: QT, num_tokens: int, rows: int, cols: int) -> None:
+    """One weight row, fewer weight rows than threads or a row chunk, odd numbers of blocks
+    (5 and 9 super-blocks of 256), a K longer than one slice of the activations."""
+    assert_product(qtype, num_tokens, rows, cols, seed=rows)
 
 
 def test_segments_of_mixed_types_are_side_by_side_and_take_bfloat16() -> None:
