@@ -91,7 +91,11 @@ ALWAYS_INLINE float hsum(f32x16 v) {
 ALWAYS_INLINE float half_at(const uint8_t* p) {
   uint16_t bits;
   std::memcpy(&bits, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(bits);  // one instruction; c10::Half's conversion adds a few around it
+#else
   return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+#endif
 }
 
 // Loads and widenings: intrinsics on x86 (GCC scalarizes a widening of bytes it loaded itself),
@@ -155,6 +159,65 @@ ALWAYS_INLINE i32x16 q5_codes(u8x16 q, uint32_t qh, int shift) {
   return widen(q) | (((splat_i(static_cast<int32_t>(qh >> shift)) >> lane_index()) & 1) << 4);
 }
 
+#if defined(__AVX512F__)
+// AVX-512: a 4- or 5-bit code's value is looked up in a table of the 16 (32) values the block's
+// codes can take, built with one FMA a block (code times an fp16 scale is exact in float32, so
+// fma(code, d, m) rounds once, as d * code + m does): a permute a vector instead of a widening,
+// a conversion and an FMA. vpermps reads the low 4 bits of each 32-bit index, vpermt2ps the low
+// 5 (bit 4 choosing the table of codes 16..31).
+ALWAYS_INLINE __m512 codes_from(int32_t first) {  // first, first + 1, ... first + 15 as float32
+  return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_set1_epi32(first), (__m512i)lane_index()));
+}
+template <typename V>
+ALWAYS_INLINE void visit_nibbles(const uint8_t* q, __m512 table, V& v) {
+  const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+  v(0, (f32x16)_mm512_permutexvar_ps(codes, table));  // byte i's low nibble: value i
+  v(1, (f32x16)_mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table));  // high: value 16 + i
+}
+template <typename V>
+ALWAYS_INLINE void visit_q5(const uint8_t* q, uint32_t qh, __m512 low, __m512 high, V& v) {
+  const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+  const __m512i sixteen = _mm512_set1_epi32(16);
+  const __m512i lo = _mm512_and_epi32(codes, _mm512_set1_epi32(15)), hi = _mm512_srli_epi32(codes, 4);
+  v(0, (f32x16)_mm512_permutex2var_ps(low, _mm512_mask_or_epi32(lo, __mmask16(qh), lo, sixteen), high));
+  v(1, (f32x16)_mm512_permutex2var_ps(low, _mm512_mask_or_epi32(hi, __mmask16(qh >> 16), hi, sixteen), high));
+}
+
+struct Q4_0 {
+  static constexpr int QK = 32, BYTES = 18;
+  template <typename V> static ALWAYS_INLINE void visit(const uint8_t* b, V&& v) {
+    visit_nibbles(b + 2, _mm512_mul_ps(codes_from(-8), _mm512_set1_ps(half_at(b))), v);
+  }
+};
+
+struct Q4_1 {
+  static constexpr int QK = 32, BYTES = 20;
+  template <typename V> static ALWAYS_INLINE void visit(const uint8_t* b, V&& v) {
+    const __m512 d = _mm512_set1_ps(half_at(b)), m = _mm512_set1_ps(half_at(b + 2));
+    visit_nibbles(b + 4, _mm512_fmadd_ps(codes_from(0), d, m), v);
+  }
+};
+
+struct Q5_0 {
+  static constexpr int QK = 32, BYTES = 22;
+  template <typename V> static ALWAYS_INLINE void visit(const uint8_t* b, V&& v) {
+    const __m512 d = _mm512_set1_ps(half_at(b));
+    uint32_t qh;
+    std::memcpy(&qh, b + 2, 4);
+    visit_q5(b + 6, qh, _mm512_mul_ps(codes_from(-16), d), _mm512_mul_ps(codes_from(0), d), v);
+  }
+};
+
+struct Q5_1 {
+  static constexpr int QK = 32, BYTES = 24;
+  template <typename V> static ALWAYS_INLINE void visit(const uint8_t* b, V&& v) {
+    const __m512 d = _mm512_set1_ps(half_at(b)), m = _mm512_set1_ps(half_at(b + 2));
+    uint32_t qh;
+    std::memcpy(&qh, b + 4, 4);
+    visit_q5(b + 8, qh, _mm512_fmadd_ps(codes_from(0), d, m), _mm512_fmadd_ps(codes_from(16), d, m), v);
+  }
+};
+#else
 struct Q4_0 {
   static constexpr int QK = 32, BYTES = 18;
   template <typename V> static ALWAYS_INLINE void visit(const uint8_t* b, V&& v) {
@@ -198,6 +261,8 @@ struct Q5_1 {
     v(1, d * to_f32(q5_codes(q >> 4, qh, 16)) + m);
   }
 };
+
+#endif
 
 struct Q8_0 {
   static constexpr int QK = 32, BYTES = 34;
@@ -292,11 +357,12 @@ constexpr int kSliceValues = 8192 / kMaxTile;  // activation values per row in a
 constexpr int kRowChunk = 8;  // weight rows kept hot in cache while the activation tiles pass
 
 // out[m, n] (+)= the product over blocks [b0, b1) for m in [m0, m0 + MT), n in [n0, n1): MT
-// activation rows share each decoded vector.
+// activation rows share each decoded vector. (Two weight rows at a time for one activation row
+// did not pay: slower on a weight streamed from memory.)
 template <typename F, int MT>
 void rows_tile(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, float* out, int64_t N,
                int64_t m0, int64_t n0, int64_t n1, int64_t b0, int64_t b1) {
-  constexpr int ACC = MT >= 4 ? 1 : 2;
+  constexpr int ACC = MT >= 4 ? 1 : 2;  // at least 4 independent FMA chains where there are rows for it
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * row_bytes;
     f32x16 acc[MT][ACC] = {};
