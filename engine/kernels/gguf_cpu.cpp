@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -28,7 +29,10 @@
 #include <array>
 #include <utility>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
+#include <tuple>
+#include <vector>
 
 namespace {
 
@@ -497,6 +501,116 @@ at::Tensor mm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t m
   return out;
 }
 
+// ---- the decode step's work between the products (float32, CPU) --------------------------------
+
+// x . y over D values (16 at a time where D allows)
+ALWAYS_INLINE float dot(const float* x, const float* y, int64_t D) {
+  int64_t d = 0;
+  float s = 0.f;
+  if (D >= 16) {
+    f32x16 acc = splat(0.f);
+    for (; d + 16 <= D; d += 16) acc += load_f32(x + d) * load_f32(y + d);
+    s = hsum(acc);
+  }
+  for (; d < D; ++d) s += x[d] * y[d];
+  return s;
+}
+
+// One new token per sequence against its keys in the KV pool, read in place through
+// req_to_token (no gathered copy): q [B, H, D], k_pool / v_pool [slots, KV, D], req_to_token
+// [rows, max_len] int32, req_indices / seq_lens [B] int64 -> [B, H, D]. Sequence b sees keys
+// [start, seq_lens[b]) of its row, start = seq_len - window when a window (> 0) is shorter.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                            const at::Tensor& req_to_token, const at::Tensor& req_indices,
+                            const at::Tensor& seq_lens, double scale, int64_t window) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k_pool.scalar_type() == at::kFloat && v_pool.scalar_type() == at::kFloat &&
+                  q.dim() == 3 && k_pool.dim() == 3 && k_pool.is_contiguous() && v_pool.is_contiguous() &&
+                  req_to_token.scalar_type() == at::kInt && req_indices.scalar_type() == at::kLong &&
+                  seq_lens.scalar_type() == at::kLong,
+              "decode_attention: float32 q [B, H, D] and pools [slots, KV, D], int32 req_to_token, int64 rows and lengths");
+  const at::Tensor qc = q.contiguous(), rows = req_indices.contiguous(), lens = seq_lens.contiguous();
+  const int64_t B = qc.size(0), H = qc.size(1), D = qc.size(2), KV = k_pool.size(1);
+  TORCH_CHECK(H % KV == 0 && k_pool.size(2) == D && v_pool.sizes() == k_pool.sizes(), "decode_attention: shapes");
+  at::Tensor out = at::empty_like(qc);
+  const float* qp = qc.data_ptr<float>();
+  const float *kp = k_pool.data_ptr<float>(), *vp = v_pool.data_ptr<float>();
+  const int32_t* table = req_to_token.data_ptr<int32_t>();
+  const int64_t table_stride = req_to_token.stride(0), G = H / KV;
+  const int64_t *row_p = rows.data_ptr<int64_t>(), *len_p = lens.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  // A sequence at a time, all its heads per key: each key / value row [KV, D] is read once,
+  // front to back.
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> scores, acc(H * D);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t L = len_p[b], start = window > 0 ? std::max<int64_t>(0, L - window) : 0, n = L - start;
+      const int32_t* slots = table + row_p[b] * table_stride + start;
+      const float* qb = qp + b * H * D;
+      scores.resize(H * n);
+      for (int64_t j = 0; j < n; ++j) {
+        const float* keys = kp + int64_t{slots[j]} * KV * D;
+        for (int64_t hh = 0; hh < H; ++hh) scores[hh * n + j] = dot(qb + hh * D, keys + hh / G * D, D) * sc;
+      }
+      std::vector<float> total(H, 0.f);
+      for (int64_t hh = 0; hh < H; ++hh) {  // softmax numerators, in place
+        float* row = scores.data() + hh * n;
+        const float top = *std::max_element(row, row + n);
+        for (int64_t j = 0; j < n; ++j) total[hh] += (row[j] = std::exp(row[j] - top));
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        const float* values = vp + int64_t{slots[j]} * KV * D;
+        for (int64_t hh = 0; hh < H; ++hh) {
+          const float p = scores[hh * n + j], *vv = values + hh / G * D;
+          float* a = acc.data() + hh * D;
+          int64_t d = 0;
+          for (; d + 16 <= D; d += 16) {
+            const f32x16 sum = load_f32(a + d) + splat(p) * load_f32(vv + d);
+            std::memcpy(a + d, &sum, 64);
+          }
+          for (; d < D; ++d) a[d] += p * vv[d];
+        }
+      }
+      float* o = op + b * H * D;
+      for (int64_t hh = 0; hh < H; ++hh)
+        for (int64_t d = 0; d < D; ++d) o[hh * D + d] = acc[hh * D + d] / total[hh];
+    }
+  });
+  return out;
+}
+
+// RMSNorm of float32 rows x [T, C] with weight [C]: x / sqrt(mean(x^2) + eps) * weight; with a
+// residual [T, C], of x + residual, which is returned too (the next layer's residual).
+std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                                            const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && weight.scalar_type() == at::kFloat &&
+                  weight.numel() == x.size(1),
+              "rms_norm: float32 x [T, C] and weight [C]");
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const int64_t T = xc.size(0), C = xc.size(1);
+  at::Tensor rc;
+  const float* rp = nullptr;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == xc.sizes() && residual->scalar_type() == at::kFloat, "rms_norm: residual like x");
+    rc = residual->contiguous();
+    rp = rc.data_ptr<float>();
+  }
+  at::Tensor sum = rp == nullptr ? xc : at::empty_like(xc), out = at::empty_like(xc);
+  const float *xp = xc.data_ptr<float>(), *wp = wc.data_ptr<float>();
+  float *sp = sum.data_ptr<float>(), *op = out.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* row = sp + t * C;
+      if (rp != nullptr)
+        for (int64_t c = 0; c < C; ++c) row[c] = xp[t * C + c] + rp[t * C + c];
+      const float inv = 1.f / std::sqrt(dot(row, row, C) / static_cast<float>(C) + static_cast<float>(eps));
+      for (int64_t c = 0; c < C; ++c) op[t * C + c] = row[c] * inv * wp[c];
+    }
+  });
+  return std::make_tuple(out, sum);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lightgate_gguf, m) {
@@ -507,4 +621,15 @@ TORCH_LIBRARY(lightgate_gguf, m) {
 TORCH_LIBRARY_IMPL(lightgate_gguf, CPU, m) {
   m.impl("mm", &mm);
   m.impl("dequantize", &dequantize);
+}
+
+TORCH_LIBRARY(lightgate_cpu, m) {
+  m.def("decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor req_to_token, Tensor req_indices, "
+        "Tensor seq_lens, float scale, int window) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(lightgate_cpu, CPU, m) {
+  m.impl("decode_attention", &decode_attention);
+  m.impl("rms_norm", &rms_norm);
 }

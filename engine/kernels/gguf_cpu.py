@@ -6,7 +6,8 @@ AVX2 only) with the system's C++ compiler against the installed torch, and the
 shared library is cached under `~/.cache/lightgate/kernels/` (`LIGHTGATE_KERNEL_CACHE`
 overrides), keyed by the source, the torch version, the compiler and the CPU; later processes
 load it at once. The library registers the ops `torch.ops.lightgate_gguf.mm` and
-`torch.ops.lightgate_gguf.dequantize`. Where no compiler is found or the build fails,
+`torch.ops.lightgate_gguf.dequantize`, and the decode step's ops of `engine.kernels.cpu_decode`
+(`torch.ops.lightgate_cpu`). Where no compiler is found or the build fails,
 `available()` is False and GGUF weights are served dequantized instead.
 """
 
@@ -94,6 +95,12 @@ def _build(compiler: str) -> str:
 
 
 _errors: list[str] = []
+_loaded: list[bool] = []  # [True] once the library is loaded
+
+
+def loaded() -> bool:
+    """Whether `available()` has loaded the library in this process (builds nothing)."""
+    return bool(_loaded)
 
 
 def build_error() -> str | None:
@@ -105,6 +112,7 @@ def build_error() -> str | None:
 def available() -> bool:
     """Build (once) and load the kernels; False where that is not possible here."""
     if hasattr(torch.ops, "lightgate_gguf") and hasattr(torch.ops.lightgate_gguf, "mm"):
+        _loaded.append(True)
         return True
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if compiler is None:
@@ -117,6 +125,7 @@ def available() -> bool:
         _errors.append(str(e))
         logger.warning("GGUF CPU kernels unavailable, weights are served dequantized: %s", e)
         return False
+    _loaded.append(True)
     return True
 
 

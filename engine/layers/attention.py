@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.kernels import cpu_decode
 from engine.layers.alibi import alibi_bias
 from engine.layers.backend import use_triton
 from engine.worker.forward_context import INT8_KV_SCALE_DTYPE, ForwardContext, KVPool, get_forward_context
@@ -213,8 +214,16 @@ class Attention(nn.Module):
         return mask
 
     def _decode(self, ctx: ForwardContext, q: torch.Tensor) -> torch.Tensor:
-        # One new token per sequence: q [B, H, D]. Keys are gathered into a padded [B, L] grid.
+        # One new token per sequence: q [B, H, D]. Keys are gathered into a padded [B, L] grid,
+        # or on the CPU read in place by one C++ op (float32 pools, no ALiBi).
         num_seqs = q.shape[0]
+        kv = ctx.kv
+        if kv.k_scale is None and self.alibi_slopes is None and q.dtype == torch.float32 and cpu_decode.loaded():
+            k_pool, v_pool = kv.k[self.layer_idx], kv.v[self.layer_idx]
+            if k_pool.dtype == torch.float32 and not q.is_cuda:
+                return cpu_decode.decode_attention(
+                    q, k_pool, v_pool, ctx.req_to_token, ctx.req_indices, ctx.seq_lens, self.scale, self.sliding_window
+                )
         group = self.num_heads // self.num_kv_heads
         slots, bias = self._decode_grid(ctx, q.dtype)
         if self.alibi_slopes is not None:

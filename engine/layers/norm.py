@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed import WeightLike, read_weight
+from engine.kernels import cpu_decode
 from engine.layers.backend import use_triton
 
 
@@ -39,6 +40,10 @@ class RMSNorm(nn.Module):
             from engine.kernels.rmsnorm import rms_norm
 
             return rms_norm(x, self.weight, self.eps, residual)  # the residual is updated in place
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and x.dim() == 2 and cpu_decode.loaded():
+            if not x.is_cuda:  # one C++ op instead of torch's several (a CPU decode step's dispatch)
+                normed, x = cpu_decode.rms_norm(x, residual, self.weight, self.eps)
+                return normed if residual is None else (normed, x)
         if residual is None:
             return self._norm(x)
         x = x + residual
@@ -72,6 +77,10 @@ class LayerNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and x.dim() == 2 and cpu_decode.loaded():
+            if not x.is_cuda:  # one C++ op instead of torch's several (a CPU decode step's dispatch)
+                normed, x = cpu_decode.rms_norm(x, residual, self.weight, self.eps)
+                return normed if residual is None else (normed, x)
         if residual is None:
             return self._norm(x)
         x = x + residual
