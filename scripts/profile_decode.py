@@ -4,7 +4,8 @@
     .venv/bin/python scripts/profile_decode.py --model DIR --threads 1 --cprofile
 
 Prefills `--batch` sequences of `--context` tokens, then times greedy decode steps of
-`ModelRunner.execute` (median and fastest) and prints the torch profiler's table of the
+`ModelRunner.execute` (median and fastest; wall time, and the process's CPU time with the part
+spent in GGUF block products) and prints the torch profiler's table of the
 heaviest ops, or with `--cprofile` the Python profile of the timed steps. A model of the same
 depth but tiny width (`--model`) costs little in its matmuls: its step is the work around them.
 """
@@ -26,6 +27,23 @@ from engine.models import load_hf_config, load_model, resolve_model
 from engine.models.quantize import quantize_model_weights
 from engine.sampling_params import SamplingParams
 from engine.worker.model_runner import ModelRunner
+
+
+def _time_gguf_products() -> list[float]:
+    """Wrap the GGUF product so that each call adds its CPU time to the returned cell."""
+    from engine.layers import gguf_linear
+
+    cell = [0.0]
+    product = gguf_linear.gguf_mm
+
+    def timed(x: torch.Tensor, weight: torch.Tensor, qtype: int) -> torch.Tensor:
+        start = time.process_time()
+        out = product(x, weight, qtype)
+        cell[0] += time.process_time() - start
+        return out
+
+    gguf_linear.gguf_mm = timed
+    return cell
 
 
 def main() -> None:
@@ -83,18 +101,21 @@ def main() -> None:
 
     for i in range(3):
         step(i)
-    times, cpu_times = [], []
+    in_gguf = _time_gguf_products()
+    times, cpu_times, gguf_times = [], [], []
     for i in range(args.steps):
+        in_gguf[0] = 0.0
         start, cpu_start = time.perf_counter(), time.process_time()
         step(i)
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
+        gguf_times.append(in_gguf[0])
     # CPU time (all of the process's threads) is what a shared machine leaves comparable
     print(
         f"{args.dtype}, weights {args.weight_quantization}, GGUF {gguf_weights}, batch {batch}, "
         f"{torch.get_num_threads()} threads: {statistics.median(times) * 1e3:.2f} ms per step (median), "
         f"{min(times) * 1e3:.2f} ms (min); CPU time {statistics.median(cpu_times) * 1e3:.2f} ms (median), "
-        f"{min(cpu_times) * 1e3:.2f} ms (min)"
+        f"{min(cpu_times) * 1e3:.2f} ms (min), of which in GGUF products {statistics.median(gguf_times) * 1e3:.2f} ms"
     )
     if args.cprofile:
         profiler = cProfile.Profile()
