@@ -77,10 +77,6 @@ class LayerNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and x.dim() == 2 and cpu_decode.loaded():
-            if not x.is_cuda:  # one C++ op instead of torch's several (a CPU decode step's dispatch)
-                normed, x = cpu_decode.rms_norm(x, residual, self.weight, self.eps)
-                return normed if residual is None else (normed, x)
         if residual is None:
             return self._norm(x)
         x = x + residual
