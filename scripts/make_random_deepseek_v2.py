@@ -20,10 +20,16 @@ import argparse
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+# the sibling module, also where this file is loaded by path rather than run (appended: nothing shadowed)
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+from safetensors_shards import default_generator, random_bf16, write_shards  # noqa: E402
 
 LITE: dict[str, Any] = {
     "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
@@ -39,7 +45,6 @@ LITE: dict[str, Any] = {
     "rms_norm_eps": 1e-6, "hidden_act": "silu", "attention_bias": False, "tie_word_embeddings": False,
     "bos_token_id": 100000, "eos_token_id": 100001, "torch_dtype": "bfloat16",
 }
-_SHARD_BYTES = 2 << 30
 
 
 def _is_moe(config: dict[str, Any], layer: int) -> bool:
@@ -111,38 +116,11 @@ def active_bytes(c: dict[str, Any]) -> int:
 
 def write_model(out: str, config: dict[str, Any], seed: int = 0) -> None:
     """Write config.json and the random weights (safetensors shards + index) into `out`."""
-    from safetensors.torch import save_file
-
-    os.makedirs(out, exist_ok=True)
-    # on the GPU when there is one: drawing the ~16 B values of the MoE shape on a CPU takes minutes
-    generator = torch.Generator(device="cuda" if torch.cuda.is_available() else "cpu").manual_seed(seed)
-    shard: dict[str, torch.Tensor] = {}
-    weight_map: dict[str, str] = {}
-    files: list[str] = []
-
-    def flush() -> None:
-        name = f"model-{len(files) + 1:05d}.safetensors"
-        save_file(shard, os.path.join(out, name), metadata={"format": "pt"})
-        files.append(name)
-        weight_map.update(dict.fromkeys(shard, name))
-        shard.clear()
-
-    size = total = 0
-    for name, shape in tensor_shapes(config):
-        if name.endswith("norm.weight"):
-            tensor = torch.ones(shape, dtype=torch.bfloat16)
-        else:
-            tensor = (torch.randn(shape, generator=generator, device=generator.device) * 0.02).to(torch.bfloat16).cpu()
-        shard[name] = tensor
-        size += tensor.numel() * 2
-        total += tensor.numel() * 2
-        if size >= _SHARD_BYTES:
-            flush()
-            size = 0
-    if shard:
-        flush()
-    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+    generator = default_generator(seed)
+    write_shards(out, (
+        (name, torch.ones(shape, dtype=torch.bfloat16) if name.endswith("norm.weight") else random_bf16(shape, generator))
+        for name, shape in tensor_shapes(config)
+    ))
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
 

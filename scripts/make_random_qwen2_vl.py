@@ -21,10 +21,16 @@ import argparse
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+# the sibling module, also where this file is loaded by path rather than run (appended: nothing shadowed)
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+from safetensors_shards import default_generator, random_bf16, write_shards  # noqa: E402
 
 QWEN2_VL_7B: dict[str, Any] = {
     "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
@@ -51,7 +57,6 @@ _TEMPLATE = (
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-_SHARD_BYTES = 2 << 30
 
 
 def tensor_shapes(config_dir: str) -> Iterator[tuple[str, tuple[int, ...]]]:
@@ -65,39 +70,17 @@ def tensor_shapes(config_dir: str) -> Iterator[tuple[str, tuple[int, ...]]]:
         yield name, tuple(param.shape)
 
 
+def _tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Norm weights ones, norm biases zeros, everything else random."""
+    if "norm" in name or ".ln_q." in name:
+        return torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
+    return random_bf16(shape, generator)
+
+
 def write_weights(out: str, seed: int = 0) -> int:
     """The random weights of `out`/config.json (safetensors shards + index) -> their bytes."""
-    from safetensors.torch import save_file
-
-    generator = torch.Generator(device="cuda" if torch.cuda.is_available() else "cpu").manual_seed(seed)
-    shard: dict[str, torch.Tensor] = {}
-    weight_map: dict[str, str] = {}
-    files: list[str] = []
-
-    def flush() -> None:
-        name = f"model-{len(files) + 1:05d}.safetensors"
-        save_file(shard, os.path.join(out, name), metadata={"format": "pt"})
-        files.append(name)
-        weight_map.update(dict.fromkeys(shard, name))
-        shard.clear()
-
-    size = total = 0
-    for name, shape in tensor_shapes(out):
-        if "norm" in name or ".ln_q." in name:
-            tensor = torch.ones(shape, dtype=torch.bfloat16) if name.endswith("weight") else torch.zeros(shape)
-        else:
-            tensor = (torch.randn(shape, generator=generator, device=generator.device) * 0.02).to(torch.bfloat16).cpu()
-        shard[name] = tensor.to(torch.bfloat16)
-        size += tensor.numel() * 2
-        total += tensor.numel() * 2
-        if size >= _SHARD_BYTES:
-            flush()
-            size = 0
-    if shard:
-        flush()
-    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
-    return total
+    generator = default_generator(seed)
+    return write_shards(out, ((name, _tensor(name, shape, generator)) for name, shape in tensor_shapes(out)))
 
 
 def _tokenizer(tokenizer_dir: str, out: str) -> dict[str, int]:

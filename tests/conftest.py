@@ -13,6 +13,12 @@ import pytest
 from tests.openai_compat.servers import ALIASES, TINY_ARGS, ProcessServer, build_tiny_model
 
 os.environ.setdefault("OPENAI_API_KEY", "unused")
+# Idle OpenMP threads sleep at once rather than spin: the tests run torch in this process, in
+# engine workers and in servers at the same time, more threads than a small machine's cores, and
+# a spinning thread holds a core that the thread a parallel region waits for could run on
+# (engine/worker/cpu_threads.py). Read when torch loads, which nothing above imports; the
+# processes the tests start inherit it. Only how idle threads wait changes, not what they compute.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")

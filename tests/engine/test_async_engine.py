@@ -9,9 +9,10 @@ import logging
 import os
 import signal
 import time
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
+import pytest_asyncio
 
 from engine import (
     AsyncEngine,
@@ -24,10 +25,11 @@ from engine import (
 from tests.engine.models.harness import save_tiny_model, tiny_config
 
 
-@pytest.fixture
-def model_dir(tmp_path: Path) -> str:
-    save_tiny_model(str(tmp_path), tiny_config("llama"))
-    return str(tmp_path)
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    save_tiny_model(str(path), tiny_config("llama"))
+    return str(path)
 
 
 async def _started(model_dir: str) -> AsyncEngine:
@@ -36,65 +38,74 @@ async def _started(model_dir: str) -> AsyncEngine:
     return engine
 
 
-async def test_delta_stream_adds_up_to_the_final_output(model_dir: str) -> None:
-    engine = await _started(model_dir)
+# The checks of a healthy engine's streams, sinks and aborts share one engine (started once, on
+# the module's event loop): each leaves it idle with every slot free, as it asserts; the checks
+# that kill a worker or start one differently start their own.
+_SHARED_LOOP = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def engine(model_dir: str) -> AsyncIterator[AsyncEngine]:
+    shared = await _started(model_dir)
     try:
-        prompt = [5, 9, 11, 200, 17]
-        final = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, n=2, seed=1,
-                               output_kind=RequestOutputKind.FINAL_ONLY)
-        outs = [o async for o in engine.generate(prompt, final, "final")]
-        assert len(outs) == 1 and outs[0].finished
-        delta = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, n=2, seed=1,
-                               output_kind=RequestOutputKind.DELTA)
-        tokens: dict[int, list[int]] = {0: [], 1: []}
-        finishes: dict[int, int] = {0: 0, 1: 0}
-        async for out in engine.generate(prompt, delta, "delta"):
-            for choice in out.outputs:
-                assert len(choice.token_ids) == 1  # one token per delta while the consumer keeps up
-                tokens[choice.index] += choice.token_ids
-                finishes[choice.index] += choice.finish_reason is not None
-        assert tokens == {c.index: c.token_ids for c in outs[0].outputs}
-        assert finishes == {0: 1, 1: 1}  # each choice finishes exactly once
+        yield shared
     finally:
-        await engine.shutdown()
+        await shared.shutdown()
 
 
-async def test_a_consumer_that_falls_behind_gets_the_queued_deltas_as_one(model_dir: str) -> None:
+@_SHARED_LOOP
+async def test_delta_stream_adds_up_to_the_final_output(engine: AsyncEngine) -> None:
+    prompt = [5, 9, 11, 200, 17]
+    final = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, n=2, seed=1,
+                           output_kind=RequestOutputKind.FINAL_ONLY)
+    outs = [o async for o in engine.generate(prompt, final, "final")]
+    assert len(outs) == 1 and outs[0].finished
+    delta = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, n=2, seed=1,
+                           output_kind=RequestOutputKind.DELTA)
+    tokens: dict[int, list[int]] = {0: [], 1: []}
+    finishes: dict[int, int] = {0: 0, 1: 0}
+    async for out in engine.generate(prompt, delta, "delta"):
+        for choice in out.outputs:
+            assert len(choice.token_ids) == 1  # one token per delta while the consumer keeps up
+            tokens[choice.index] += choice.token_ids
+            finishes[choice.index] += choice.finish_reason is not None
+    assert tokens == {c.index: c.token_ids for c in outs[0].outputs}
+    assert finishes == {0: 1, 1: 1}  # each choice finishes exactly once
+
+
+@_SHARED_LOOP
+async def test_a_consumer_that_falls_behind_gets_the_queued_deltas_as_one(engine: AsyncEngine) -> None:
     # While a consumer is busy, its request's deltas queue up; the next one it takes carries
     # them all (text, tokens, logprobs in order; the finish once), so it catches up at once.
-    engine = await _started(model_dir)
-    try:
-        prompt = [5, 9, 11, 200, 17]
-        final = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, n=2, seed=1, logprobs=2,
-                               output_kind=RequestOutputKind.FINAL_ONLY)
-        (want,) = [o async for o in engine.generate(prompt, final, "final")]
-        delta = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, n=2, seed=1, logprobs=2,
-                               output_kind=RequestOutputKind.DELTA)
-        got: dict[int, tuple[list[int], list, str]] = {0: ([], [], ""), 1: ([], [], "")}
-        finishes = {0: 0, 1: 0}
-        sizes = []
-        async for out in engine.generate(prompt, delta, "slow"):
-            for c in out.outputs:
-                ids, lps, text = got[c.index]
-                got[c.index] = (ids + c.token_ids, lps + (c.logprobs or []), text + c.text)
-                finishes[c.index] += c.finish_reason is not None
-            sizes.append(max(len(c.token_ids) for c in out.outputs))
-            if len(sizes) == 2:  # falls behind once: until the engine has finished the request
-                for _ in range(3000):
-                    if engine.stats().num_running == 0:
-                        break
-                    await asyncio.sleep(0.01)
-            await asyncio.sleep(0)
-        for c in want.outputs:  # (the second request's prompt comes from the prefix cache)
+    prompt = [5, 9, 11, 200, 17]
+    final = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, n=2, seed=1, logprobs=2,
+                           output_kind=RequestOutputKind.FINAL_ONLY)
+    (want,) = [o async for o in engine.generate(prompt, final, "final")]
+    delta = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, n=2, seed=1, logprobs=2,
+                           output_kind=RequestOutputKind.DELTA)
+    got: dict[int, tuple[list[int], list, str]] = {0: ([], [], ""), 1: ([], [], "")}
+    finishes = {0: 0, 1: 0}
+    sizes = []
+    async for out in engine.generate(prompt, delta, "slow"):
+        for c in out.outputs:
             ids, lps, text = got[c.index]
-            assert (ids, text) == (c.token_ids, c.text)
-            assert [list(d) for d in lps] == [list(d) for d in c.logprobs]
-            flat = [lp.logprob for d in lps for lp in d.values()]
-            assert flat == pytest.approx([lp.logprob for d in c.logprobs for lp in d.values()], abs=1e-4)
-        assert finishes == {0: 1, 1: 1}
-        assert sizes[0] == 1 and max(sizes) > 1 and len(sizes) < 16
-    finally:
-        await engine.shutdown()
+            got[c.index] = (ids + c.token_ids, lps + (c.logprobs or []), text + c.text)
+            finishes[c.index] += c.finish_reason is not None
+        sizes.append(max(len(c.token_ids) for c in out.outputs))
+        if len(sizes) == 2:  # falls behind once: until the engine has finished the request
+            for _ in range(3000):
+                if engine.stats().num_running == 0:
+                    break
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0)
+    for c in want.outputs:  # (the second request's prompt comes from the prefix cache)
+        ids, lps, text = got[c.index]
+        assert (ids, text) == (c.token_ids, c.text)
+        assert [list(d) for d in lps] == [list(d) for d in c.logprobs]
+        flat = [lp.logprob for d in lps for lp in d.values()]
+        assert flat == pytest.approx([lp.logprob for d in c.logprobs for lp in d.values()], abs=1e-4)
+    assert finishes == {0: 1, 1: 1}
+    assert sizes[0] == 1 and max(sizes) > 1 and len(sizes) < 16
 
 
 def test_merged_deltas_keep_every_choice_in_order() -> None:
@@ -131,41 +142,35 @@ def test_step_times_leave_idle_time_out() -> None:
     assert times.seconds["worker idle"] == pytest.approx(0.003)
 
 
-async def test_closing_the_stream_aborts_and_frees_slots(model_dir: str) -> None:
-    engine = await _started(model_dir)
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
-        streams = [engine.generate(list(range(3, 60)), params, f"r{i}") for i in range(8)]
-        for stream in streams:
-            await stream.__anext__()
-        assert engine.stats().num_running == 8 and engine.stats().kv_cache_usage > 0
-        for stream in streams:
-            await stream.aclose()
-        await asyncio.sleep(0.05)
-        stats = engine.stats()
-        assert stats.num_running == 0 and stats.num_waiting == 0 and stats.kv_cache_usage == 0
-        # The engine keeps serving afterwards.
-        done = [o async for o in engine.generate([3, 4], SamplingParams(max_tokens=3, ignore_eos=True), "after")]
-        assert len(done[-1].outputs[0].token_ids) == 3
-    finally:
-        await engine.shutdown()
+@_SHARED_LOOP
+async def test_closing_the_stream_aborts_and_frees_slots(engine: AsyncEngine) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    streams = [engine.generate(list(range(3, 60)), params, f"r{i}") for i in range(8)]
+    for stream in streams:
+        await stream.__anext__()
+    assert engine.stats().num_running == 8 and engine.stats().kv_cache_usage > 0
+    for stream in streams:
+        await stream.aclose()
+    await asyncio.sleep(0.05)
+    stats = engine.stats()
+    assert stats.num_running == 0 and stats.num_waiting == 0 and stats.kv_cache_usage == 0
+    # The engine keeps serving afterwards.
+    done = [o async for o in engine.generate([3, 4], SamplingParams(max_tokens=3, ignore_eos=True), "after")]
+    assert len(done[-1].outputs[0].token_ids) == 3
 
 
-async def test_abort_all_ends_every_open_request_as_aborted(model_dir: str) -> None:
-    engine = await _started(model_dir)
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
-        streams = [engine.generate(list(range(3, 40)), params, f"r{i}") for i in range(3)]
-        for stream in streams:
-            await stream.__anext__()
-        await engine.abort_all()
-        for stream in streams:
-            last = [out async for out in stream][-1]
-            assert last.finished and last.outputs[0].finish_reason == "abort"
-        stats = engine.stats()
-        assert stats.num_running == 0 and stats.kv_cache_usage == 0
-    finally:
-        await engine.shutdown()
+@_SHARED_LOOP
+async def test_abort_all_ends_every_open_request_as_aborted(engine: AsyncEngine) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    streams = [engine.generate(list(range(3, 40)), params, f"r{i}") for i in range(3)]
+    for stream in streams:
+        await stream.__anext__()
+    await engine.abort_all()
+    for stream in streams:
+        last = [out async for out in stream][-1]
+        assert last.finished and last.outputs[0].finish_reason == "abort"
+    stats = engine.stats()
+    assert stats.num_running == 0 and stats.kv_cache_usage == 0
 
 
 async def test_a_server_process_freezes_its_startup_objects_until_shutdown(model_dir: str) -> None:
@@ -186,112 +191,102 @@ async def test_a_server_process_freezes_its_startup_objects_until_shutdown(model
         await plain.shutdown()
 
 
-async def test_a_sink_gets_each_output_once_in_order_as_the_iterator_does(model_dir: str) -> None:
+@_SHARED_LOOP
+async def test_a_sink_gets_each_output_once_in_order_as_the_iterator_does(engine: AsyncEngine) -> None:
     # A request's sink (the one way out) gets the deltas an iterated request gets, from the
     # engine loop, in order, the finished output once and last.
-    engine = await _started(model_dir)
-    try:
-        prompt = [5, 9, 11, 200, 17]
-        params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, n=2, seed=1,
-                                output_kind=RequestOutputKind.DELTA)
-        want: dict[int, list[int]] = {0: [], 1: []}
-        async for out in engine.generate(prompt, params, "iterated"):
-            for c in out.outputs:
-                want[c.index] += c.token_ids
-        items: list[object] = []
-        done = asyncio.get_running_loop().create_future()
+    prompt = [5, 9, 11, 200, 17]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, n=2, seed=1,
+                            output_kind=RequestOutputKind.DELTA)
+    want: dict[int, list[int]] = {0: [], 1: []}
+    async for out in engine.generate(prompt, params, "iterated"):
+        for c in out.outputs:
+            want[c.index] += c.token_ids
+    items: list[object] = []
+    done = asyncio.get_running_loop().create_future()
 
-        def sink(item: object) -> None:
-            items.append(item)
-            if getattr(item, "finished", False):
-                done.set_result(None)
+    def sink(item: object) -> None:
+        items.append(item)
+        if getattr(item, "finished", False):
+            done.set_result(None)
 
-        engine.add_request(prompt, params, "pushed", sink)
-        await asyncio.wait_for(done, 10)
-        await asyncio.sleep(0.1)  # nothing comes after the finished output
-        assert all(isinstance(item, RequestOutput) for item in items)
-        assert [item.finished for item in items] == [False] * (len(items) - 1) + [True]  # type: ignore[attr-defined]
-        got: dict[int, list[int]] = {0: [], 1: []}
-        finishes: list[int] = []
-        for item in items:
-            for c in item.outputs:  # type: ignore[attr-defined]
-                got[c.index] += c.token_ids
-                if c.finish_reason is not None:
-                    finishes.append(c.index)
-        assert got == want and sorted(finishes) == [0, 1]
-        count = len(items)
-        await engine.abort("pushed")  # a finished request: nothing to abort, nothing delivered
-        assert len(items) == count
-    finally:
-        await engine.shutdown()
+    engine.add_request(prompt, params, "pushed", sink)
+    await asyncio.wait_for(done, 10)
+    await asyncio.sleep(0.1)  # nothing comes after the finished output
+    assert all(isinstance(item, RequestOutput) for item in items)
+    assert [item.finished for item in items] == [False] * (len(items) - 1) + [True]  # type: ignore[attr-defined]
+    got: dict[int, list[int]] = {0: [], 1: []}
+    finishes: list[int] = []
+    for item in items:
+        for c in item.outputs:  # type: ignore[attr-defined]
+            got[c.index] += c.token_ids
+            if c.finish_reason is not None:
+                finishes.append(c.index)
+    assert got == want and sorted(finishes) == [0, 1]
+    count = len(items)
+    await engine.abort("pushed")  # a finished request: nothing to abort, nothing delivered
+    assert len(items) == count
 
 
 @pytest.mark.parametrize("abort_after", [1, 2, 5])
-async def test_an_aborted_request_gets_its_outputs_once_then_the_abort_and_frees(model_dir: str,
-                                                                                abort_after: int) -> None:
+@_SHARED_LOOP
+async def test_an_aborted_request_gets_its_outputs_once_then_the_abort_and_frees(engine: AsyncEngine, abort_after: int) -> None:
     # Aborted from another task after its sink got `abort_after` outputs: the consumer gets
     # every token computed so far once and in order (none still on its way is lost or
     # repeated), then the abort as the last output; its slots are free.
-    engine = await _started(model_dir)
-    try:
-        prompt = list(range(3, 40))
-        params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
-        (want,) = [o async for o in engine.generate(prompt, dataclasses.replace(
-            params, output_kind=RequestOutputKind.FINAL_ONLY), "reference")]
-        items: list[RequestOutput] = []
-        reached = asyncio.Event()
+    prompt = list(range(3, 40))
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    (want,) = [o async for o in engine.generate(prompt, dataclasses.replace(
+        params, output_kind=RequestOutputKind.FINAL_ONLY), "reference")]
+    items: list[RequestOutput] = []
+    reached = asyncio.Event()
 
-        def sink(item: object) -> None:
-            assert isinstance(item, RequestOutput)
-            items.append(item)
-            if len(items) == abort_after:
-                reached.set()
+    def sink(item: object) -> None:
+        assert isinstance(item, RequestOutput)
+        items.append(item)
+        if len(items) == abort_after:
+            reached.set()
 
-        engine.add_request(prompt, params, "victim", sink)
-        await reached.wait()
-        assert engine.core is not None
-        num_sampled = engine.core.requests["victim"].choices[0].seq.num_sampled_tokens  # processed so far
-        await engine.abort("victim")
-        count = len(items)
-        await asyncio.sleep(0.2)  # the steps in flight end: nothing more comes
-        assert len(items) == count
-        assert items[-1].finished and items[-1].outputs[0].finish_reason == "abort"
-        assert not any(item.finished for item in items[:-1])
-        tokens = [t for item in items for c in item.outputs for t in c.token_ids]
-        assert tokens == want.outputs[0].token_ids[:num_sampled] and num_sampled >= abort_after
-        stats = engine.stats()
-        assert stats.num_running == 0 and stats.kv_cache_usage == 0
-    finally:
-        await engine.shutdown()
+    engine.add_request(prompt, params, "victim", sink)
+    await reached.wait()
+    assert engine.core is not None
+    num_sampled = engine.core.requests["victim"].choices[0].seq.num_sampled_tokens  # processed so far
+    await engine.abort("victim")
+    count = len(items)
+    await asyncio.sleep(0.2)  # the steps in flight end: nothing more comes
+    assert len(items) == count
+    assert items[-1].finished and items[-1].outputs[0].finish_reason == "abort"
+    assert not any(item.finished for item in items[:-1])
+    tokens = [t for item in items for c in item.outputs for t in c.token_ids]
+    assert tokens == want.outputs[0].token_ids[:num_sampled] and num_sampled >= abort_after
+    stats = engine.stats()
+    assert stats.num_running == 0 and stats.kv_cache_usage == 0
 
 
-async def test_an_abort_while_an_output_is_on_its_way_hands_it_over_first(model_dir: str) -> None:
+@_SHARED_LOOP
+async def test_an_abort_while_an_output_is_on_its_way_hands_it_over_first(engine: AsyncEngine) -> None:
     # A step's outputs wait for the next step to be sent; an abort in that window gives the
     # consumer that output, then the abort: none is lost, none comes twice or after the end.
-    engine = await _started(model_dir)
-    try:
-        prompt = list(range(3, 40))
-        params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
-        items: list[RequestOutput] = []
-        engine.add_request(prompt, params, "victim", items.append)  # type: ignore[arg-type]
+    prompt = list(range(3, 40))
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    items: list[RequestOutput] = []
+    engine.add_request(prompt, params, "victim", items.append)  # type: ignore[arg-type]
 
-        def on_its_way() -> RequestOutput | None:
-            return next((o for o in engine._undelivered if o.request_id == "victim"), None)
+    def on_its_way() -> RequestOutput | None:
+        return next((o for o in engine._undelivered if o.request_id == "victim"), None)
 
-        while len(items) < 3 or on_its_way() is None:  # polled at every turn of the event loop
-            await asyncio.sleep(0)
-        waiting = on_its_way()
-        assert waiting is not None and engine.core is not None
-        num_sampled = engine.core.requests["victim"].choices[0].seq.num_sampled_tokens
-        await engine.abort("victim")
-        assert items[-2] is waiting and items[-1].outputs[0].finish_reason == "abort"
-        count = len(items)
-        await asyncio.sleep(0.2)
-        assert len(items) == count
-        assert sum(len(o.outputs[0].token_ids) for o in items) == num_sampled
-        assert engine.stats().num_running == 0
-    finally:
-        await engine.shutdown()
+    while len(items) < 3 or on_its_way() is None:  # polled at every turn of the event loop
+        await asyncio.sleep(0)
+    waiting = on_its_way()
+    assert waiting is not None and engine.core is not None
+    num_sampled = engine.core.requests["victim"].choices[0].seq.num_sampled_tokens
+    await engine.abort("victim")
+    assert items[-2] is waiting and items[-1].outputs[0].finish_reason == "abort"
+    count = len(items)
+    await asyncio.sleep(0.2)
+    assert len(items) == count
+    assert sum(len(o.outputs[0].token_ids) for o in items) == num_sampled
+    assert engine.stats().num_running == 0
 
 
 async def test_a_sink_gets_the_abort_and_the_engine_death(model_dir: str) -> None:

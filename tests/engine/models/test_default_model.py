@@ -30,6 +30,12 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> str:
     return path
 
 
+@pytest.fixture(scope="module")
+def served(converted: str) -> torch.nn.Module:
+    """The converted model loaded as the engine serves it (its GGUF blocks kept), once for the module."""
+    return load_model(converted, torch.float32, "cpu")
+
+
 def test_converted_directory_has_hf_layout(converted: str) -> None:
     from transformers import AutoTokenizer
 
@@ -40,16 +46,14 @@ def test_converted_directory_has_hf_layout(converted: str) -> None:
 
 
 @torch.inference_mode()
-def test_chat_greedy_matches_transformers(converted: str) -> None:
+def test_chat_greedy_matches_transformers(converted: str, served: torch.nn.Module) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = load_model(converted, torch.float32, "cpu")
 
     tokenizer = AutoTokenizer.from_pretrained(converted)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ours = Harness(model, max_len=256).generate(ids, MAX_NEW_TOKENS)
+    ours = Harness(served, max_len=256).generate(ids, MAX_NEW_TOKENS)
 
     gguf_path = default_gguf_path()
     reference = AutoModelForCausalLM.from_pretrained(
@@ -83,14 +87,13 @@ def greedy_rows(model: torch.nn.Module, prompts: list[list[int]], new_tokens: in
 
 
 @torch.inference_mode()
-def test_blocks_serve_the_dequantized_greedy_answers(converted: str) -> None:
+def test_blocks_serve_the_dequantized_greedy_answers(converted: str, served: torch.nn.Module) -> None:
     """The default model's Q4_1 layers and Q8_0 embedding / tied head served in their blocks
     (the default) answer five chats as the dequantized float32 path does, 16 greedy tokens."""
     from transformers import AutoTokenizer
 
     from engine.layers.gguf_linear import GGUFWeight
 
-    served = load_model(converted, torch.float32, "cpu")
     dequantized = load_model(converted, torch.float32, "cpu", gguf_weights="dequantized")
     assert isinstance(served.lm_head.packed_weight, GGUFWeight)  # type: ignore[union-attr]
     tokenizer = AutoTokenizer.from_pretrained(converted)
