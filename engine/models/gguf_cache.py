@@ -82,6 +82,8 @@ def gguf_to_hf_dir(gguf_path: str, cache_dir: str | None = None) -> str:
     root = os.path.expanduser(cache_dir or default_cache_dir())
     target = os.path.join(root, f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
     if _claim(target, gguf_path):
+        # also at a hit: an older version may have written its own entry of this file since
+        remove_stale_entries(root, stem, target)
         return target
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{stem}-", dir=root)

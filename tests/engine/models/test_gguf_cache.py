@@ -101,6 +101,17 @@ def test_stale_entries_of_older_formats_are_removed_unless_in_use(
     )
 
 
+def test_a_cached_entry_removes_stale_ones_written_since(tiny_hf: nn.Module, tmp_path: Path, cache: Path) -> None:
+    """An older version's entry of the same file, written after ours (two versions installed
+    side by side), goes at our next start, which finds its own entry cached."""
+    file = tmp_path / "tiny.gguf"
+    write_gguf(file, tiny_hf, QT.Q8_0)
+    entry = resolve_model(str(file), str(cache))
+    stale = _fake_entry(cache, "tiny-0123456789abcdef")  # format 3: no format file, no lock
+    assert resolve_model(str(file), str(cache)) == entry
+    assert not stale.exists() and Path(entry).is_dir()
+
+
 def test_an_entry_this_process_resolved_is_kept_by_a_newer_format(
     tiny_hf: nn.Module, tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
