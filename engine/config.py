@@ -135,6 +135,14 @@ class EngineConfig:
         "or Q6_K kept in their blocks and computed by the CPU kernels, or dequantized to dtype at load (other "
         "types always are)",
     )
+    # Lossy (a near-tie of the default model's answers flips), so opt-in; docs/benchmarks.md has its
+    # speed where the CPU multiplies bfloat16 natively.
+    gguf_prefill: Literal["float32", "bfloat16"] = setting(
+        "float32",
+        "CPU, GGUF blocks: the products of steps with more than 64 token rows (prefill) take the weight "
+        "dequantized to this dtype and the activations rounded to it (float32 sums, rounded to it); float32 is exact "
+        "up to summation order, bfloat16 faster where the CPU has bfloat16 dot products (AVX512-BF16, AMX)",
+    )
     quantization: Literal["none", "fp8"] = setting(
         "none",
         "fp8: linear layers in FP8 (e4m3; a scale per weight row and per token), quantized from the checkpoint "
@@ -181,6 +189,8 @@ class EngineConfig:
             raise ValueError(f"weight_quantization {quantization} computes in bfloat16, not {self.dtype}")
         if self.gguf_weights not in ("quantized", "dequantized"):
             raise ValueError(f"gguf_weights must be quantized or dequantized, got {self.gguf_weights!r}")
+        if self.gguf_prefill not in ("float32", "bfloat16"):
+            raise ValueError(f"gguf_prefill must be float32 or bfloat16, got {self.gguf_prefill!r}")
         if self.quantization not in ("none", "fp8"):
             raise ValueError(f"quantization must be none or fp8, got {self.quantization!r}")
         if self.quantization != "none" and quantization != "none":

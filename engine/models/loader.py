@@ -34,7 +34,7 @@ from torch import nn
 from engine.distributed.lazy_weight import LazyWeight, WeightLike, read_weight
 from engine.kernels import gguf_cpu
 from engine.layers.cpu_gemm import pack_model_weights
-from engine.layers.gguf_linear import BlockSink, attach_gguf_weights, with_gguf_blocks
+from engine.layers.gguf_linear import BlockSink, attach_gguf_weights, prefill_dtype, with_gguf_blocks
 from engine.models.causal_lm import CausalLM
 from engine.models.fp8_checkpoint import dequantized_weights, is_fp8_checkpoint
 from engine.models.gguf_cache import gguf_to_hf_dir
@@ -246,7 +246,7 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 def load_model(
     path: str, dtype: torch.dtype, device: str | torch.device, tp_rank: int = 0, tp_size: int = 1,
-    quantization: str = "none", gguf_weights: str = "quantized",
+    quantization: str = "none", gguf_weights: str = "quantized", gguf_prefill: str = "float32",
 ) -> CausalLM:
     """Build the architecture named by `path/config.json` and load its weights.
 
@@ -256,7 +256,8 @@ def load_model(
     (`engine.models.fp8_checkpoint`) is served in FP8 whatever `quantization` says.
     `gguf_weights` "quantized": a converted GGUF's quantized linear layers keep their blocks
     on a CPU (`engine.layers.gguf_linear`; one rank, no `quantization`, kernels built here);
-    "dequantized", or where that does not apply: their float values in `dtype`.
+    "dequantized", or where that does not apply: their float values in `dtype`. `gguf_prefill`:
+    the dtype of the blocks' products over more than 64 rows (`engine.layers.gguf_linear`).
     """
     config = load_hf_config(path)
     architectures = getattr(config, "architectures", None) or []
@@ -276,7 +277,7 @@ def load_model(
         weights = with_gguf_blocks(weights, sink)
     load_weights(model, model.checkpoint_weights(weights))
     if sink is not None:
-        logger.info("%d linear layers served in their GGUF blocks", attach_gguf_weights(model, sink))
+        logger.info("%d linear layers served in their GGUF blocks", attach_gguf_weights(model, sink, prefill_dtype(gguf_prefill)))
     if fp8:
         quantize_model_fp8(model)
         if torch.device(device).type == "cuda":

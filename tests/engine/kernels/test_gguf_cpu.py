@@ -101,6 +101,27 @@ def test_segments_of_mixed_types_are_side_by_side_and_take_bfloat16() -> None:
     torch.testing.assert_close(out.float(), (x.float() @ dense.T + bias).bfloat16().float(), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("qtype", [QT.Q4_1, QT.Q4_K, QT.Q6_K], ids=lambda q: q.name)
+def test_prefill_in_bfloat16_rounds_both_operands_and_sums_in_float32(qtype: QT) -> None:
+    """`gguf_prefill` bfloat16: past the block kernel's rows the product is the bf16-rounded
+    activations times the bf16-rounded dequantized weight, summed in float32 (not bf16) and rounded
+    to bf16, in x's dtype; up to the block kernel's rows it stays the exact float32 product."""
+    rows, cols = 40, 768
+    blocks = random_blocks(qtype, rows, cols, seed=3)
+    dense = reference(blocks, qtype, rows, cols)
+    weight = GGUFWeight(cols, (Segment(0, int(qtype), torch.from_numpy(blocks)),), prefill_dtype=torch.bfloat16)
+    x = torch.randn(gguf_cpu.MAX_DIRECT_ROWS + 7, cols, generator=torch.Generator().manual_seed(4))
+    out = weight(x, None)
+    assert out.dtype == torch.float32
+    expected = x.bfloat16().double() @ dense.bfloat16().double().T
+    # one bf16 rounding of a float32 sum: half an ulp of 8 bits (a bf16 sum would be far off)
+    torch.testing.assert_close(out.double(), expected, rtol=2**-8, atol=1e-5 * float(expected.abs().max()))
+    exact = x.double() @ dense.double().T
+    assert not torch.allclose(out.double(), exact, rtol=1e-5, atol=1e-5 * float(exact.abs().max()))
+    decode = weight(x[: gguf_cpu.MAX_DIRECT_ROWS], None)
+    torch.testing.assert_close(decode.double(), exact[: gguf_cpu.MAX_DIRECT_ROWS], rtol=1e-5, atol=1e-5 * float(exact.abs().max()))
+
+
 def test_wrong_row_size_is_refused() -> None:
     blocks = torch.from_numpy(random_blocks(QT.Q8_0, 4, 64))
     with pytest.raises(RuntimeError, match="bytes per row"):
