@@ -516,10 +516,102 @@ ALWAYS_INLINE float dot(const float* x, const float* y, int64_t D) {
   return s;
 }
 
+// Softmax numerators of a row of scores, in place: exp(row[j] - max); returns their sum. With
+// AVX-512 or AVX2 + FMA, exp of 16 (8) scores at once, to within a few ulps of std::exp:
+// x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so r is exact to float32), exp(r) by its
+// Taylor series to r^7 (error below r^8 / 8!, under an ulp) times 2^n built in the exponent
+// bits; below -87 (2^n would leave the normal range) the numerator is 0.
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#if defined(__AVX512F__)
+typedef __m512 fvec;
+constexpr int64_t kExpLanes = 16;
+ALWAYS_INLINE fvec vset(float v) { return _mm512_set1_ps(v); }
+ALWAYS_INLINE fvec vfma(fvec a, fvec b, fvec c) { return _mm512_fmadd_ps(a, b, c); }
+ALWAYS_INLINE fvec vexp_nonpositive(fvec x) {
+  const fvec clamped = _mm512_max_ps(x, vset(-87.f));
+  const fvec n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, vset(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  fvec r = _mm512_fnmadd_ps(n, vset(0.693145752f), clamped);
+  r = _mm512_fnmadd_ps(n, vset(1.42860677e-6f), r);
+  fvec p = vset(1.f / 5040.f);
+  for (float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) p = vfma(p, r, vset(c));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  const fvec value = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, vset(-87.f), _CMP_GE_OQ), value);
+}
+ALWAYS_INLINE fvec vload(const float* p) { return _mm512_loadu_ps(p); }
+ALWAYS_INLINE void vstore(float* p, fvec v) { _mm512_storeu_ps(p, v); }
+ALWAYS_INLINE float vsum(fvec v) { return _mm512_reduce_add_ps(v); }
+ALWAYS_INLINE float vmax(fvec v) { return _mm512_reduce_max_ps(v); }
+ALWAYS_INLINE fvec vmaxv(fvec a, fvec b) { return _mm512_max_ps(a, b); }
+ALWAYS_INLINE fvec vsub(fvec a, fvec b) { return _mm512_sub_ps(a, b); }
+ALWAYS_INLINE fvec vadd(fvec a, fvec b) { return _mm512_add_ps(a, b); }
+#else
+typedef __m256 fvec;
+constexpr int64_t kExpLanes = 8;
+ALWAYS_INLINE fvec vset(float v) { return _mm256_set1_ps(v); }
+ALWAYS_INLINE fvec vfma(fvec a, fvec b, fvec c) { return _mm256_fmadd_ps(a, b, c); }
+ALWAYS_INLINE fvec vexp_nonpositive(fvec x) {
+  const fvec clamped = _mm256_max_ps(x, vset(-87.f));
+  const fvec n = _mm256_round_ps(_mm256_mul_ps(clamped, vset(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  fvec r = _mm256_fnmadd_ps(n, vset(0.693145752f), clamped);
+  r = _mm256_fnmadd_ps(n, vset(1.42860677e-6f), r);
+  fvec p = vset(1.f / 5040.f);
+  for (float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) p = vfma(p, r, vset(c));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const fvec value = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  return _mm256_and_ps(value, _mm256_cmp_ps(x, vset(-87.f), _CMP_GE_OQ));
+}
+ALWAYS_INLINE fvec vload(const float* p) { return _mm256_loadu_ps(p); }
+ALWAYS_INLINE void vstore(float* p, fvec v) { _mm256_storeu_ps(p, v); }
+ALWAYS_INLINE float vsum(fvec v) {
+  float lanes[8];
+  _mm256_storeu_ps(lanes, v);
+  return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+}
+ALWAYS_INLINE float vmax(fvec v) {
+  float lanes[8];
+  _mm256_storeu_ps(lanes, v);
+  return *std::max_element(lanes, lanes + 8);
+}
+ALWAYS_INLINE fvec vmaxv(fvec a, fvec b) { return _mm256_max_ps(a, b); }
+ALWAYS_INLINE fvec vsub(fvec a, fvec b) { return _mm256_sub_ps(a, b); }
+ALWAYS_INLINE fvec vadd(fvec a, fvec b) { return _mm256_add_ps(a, b); }
+#endif
+float softmax_numerators(float* row, int64_t n) {
+  int64_t j = 0;
+  float top = -INFINITY;
+  if (n >= kExpLanes) {
+    fvec m = vload(row);
+    for (j = kExpLanes; j + kExpLanes <= n; j += kExpLanes) m = vmaxv(m, vload(row + j));
+    top = vmax(m);
+  }
+  for (; j < n; ++j) top = std::max(top, row[j]);
+  fvec sum = vset(0.f);
+  const fvec shift = vset(top);
+  for (j = 0; j + kExpLanes <= n; j += kExpLanes) {
+    const fvec e = vexp_nonpositive(vsub(vload(row + j), shift));
+    vstore(row + j, e);
+    sum = vadd(sum, e);
+  }
+  float total = vsum(sum);
+  for (; j < n; ++j) total += (row[j] = std::exp(row[j] - top));
+  return total;
+}
+#else
+float softmax_numerators(float* row, int64_t n) {
+  const float top = *std::max_element(row, row + n);
+  float total = 0.f;
+  for (int64_t j = 0; j < n; ++j) total += (row[j] = std::exp(row[j] - top));
+  return total;
+}
+#endif
+
 // One new token per sequence against its keys in the KV pool, read in place through
 // req_to_token (no gathered copy): q [B, H, D], k_pool / v_pool [slots, KV, D], req_to_token
 // [rows, max_len] int32, req_indices / seq_lens [B] int64 -> [B, H, D]. Sequence b sees keys
 // [start, seq_lens[b]) of its row, start = seq_len - window when a window (> 0) is shorter.
+// Work items are (sequence, kv head) pairs, so one sequence's heads spread over the threads;
+// an item's key and value rows are read once for the query heads that share them.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                             const at::Tensor& req_to_token, const at::Tensor& req_indices,
                             const at::Tensor& seq_lens, double scale, int64_t window) {
@@ -539,42 +631,37 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const
   const int64_t *row_p = rows.data_ptr<int64_t>(), *len_p = lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  // A sequence at a time, all its heads per key: each key / value row [KV, D] is read once,
-  // front to back.
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> scores, acc(H * D);
-    for (int64_t b = b0; b < b1; ++b) {
+  at::parallel_for(0, B * KV, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores, acc(G * D);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / KV, g = i % KV;
       const int64_t L = len_p[b], start = window > 0 ? std::max<int64_t>(0, L - window) : 0, n = L - start;
       const int32_t* slots = table + row_p[b] * table_stride + start;
-      const float* qb = qp + b * H * D;
-      scores.resize(H * n);
+      const float* qg = qp + (b * H + g * G) * D;  // the G query heads of kv head g
+      scores.resize(G * n);
       for (int64_t j = 0; j < n; ++j) {
-        const float* keys = kp + int64_t{slots[j]} * KV * D;
-        for (int64_t hh = 0; hh < H; ++hh) scores[hh * n + j] = dot(qb + hh * D, keys + hh / G * D, D) * sc;
+        const float* key = kp + (int64_t{slots[j]} * KV + g) * D;
+        for (int64_t h = 0; h < G; ++h) scores[h * n + j] = dot(qg + h * D, key, D) * sc;
       }
-      std::vector<float> total(H, 0.f);
-      for (int64_t hh = 0; hh < H; ++hh) {  // softmax numerators, in place
-        float* row = scores.data() + hh * n;
-        const float top = *std::max_element(row, row + n);
-        for (int64_t j = 0; j < n; ++j) total[hh] += (row[j] = std::exp(row[j] - top));
-      }
+      std::vector<float> total(G);
+      for (int64_t h = 0; h < G; ++h) total[h] = softmax_numerators(scores.data() + h * n, n);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j = 0; j < n; ++j) {
-        const float* values = vp + int64_t{slots[j]} * KV * D;
-        for (int64_t hh = 0; hh < H; ++hh) {
-          const float p = scores[hh * n + j], *vv = values + hh / G * D;
-          float* a = acc.data() + hh * D;
+        const float* value = vp + (int64_t{slots[j]} * KV + g) * D;
+        for (int64_t h = 0; h < G; ++h) {
+          const float p = scores[h * n + j];
+          float* a = acc.data() + h * D;
           int64_t d = 0;
           for (; d + 16 <= D; d += 16) {
-            const f32x16 sum = load_f32(a + d) + splat(p) * load_f32(vv + d);
+            const f32x16 sum = load_f32(a + d) + splat(p) * load_f32(value + d);
             std::memcpy(a + d, &sum, 64);
           }
-          for (; d < D; ++d) a[d] += p * vv[d];
+          for (; d < D; ++d) a[d] += p * value[d];
         }
       }
-      float* o = op + b * H * D;
-      for (int64_t hh = 0; hh < H; ++hh)
-        for (int64_t d = 0; d < D; ++d) o[hh * D + d] = acc[hh * D + d] / total[hh];
+      float* o = op + (b * H + g * G) * D;
+      for (int64_t h = 0; h < G; ++h)
+        for (int64_t d = 0; d < D; ++d) o[h * D + d] = acc[h * D + d] / total[h];
     }
   });
   return out;

@@ -62,3 +62,17 @@ def test_decode_attention_reads_the_pool_in_place(heads: int, kv_heads: int, hea
     )
     expected = reference_attention(q, k_pool, v_pool, slots, head_dim**-0.5)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_softmax_over_a_wide_range_of_scores() -> None:
+    """Scores hundreds apart (most numerators below float32's range, a few near the top), as the
+    vectorized exponential must get them: 0 where std::exp underflows, within a few ulps elsewhere."""
+    gen = torch.Generator().manual_seed(5)
+    k_pool = torch.randn(300, 2, 64, generator=gen) * 8
+    v_pool = torch.randn(300, 2, 64, generator=gen)
+    req_to_token = torch.arange(300, dtype=torch.int32).view(2, 150)
+    q = torch.randn(2, 4, 64, generator=gen) * 8
+    lens = [150, 37]
+    out = cpu_decode.decode_attention(q, k_pool, v_pool, req_to_token, torch.tensor([0, 1]), torch.tensor(lens), 0.125, None)
+    slots = [list(range(150)), list(range(150, 187))]
+    torch.testing.assert_close(out, reference_attention(q, k_pool, v_pool, slots, 0.125), rtol=1e-5, atol=1e-5)
