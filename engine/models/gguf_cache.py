@@ -109,10 +109,12 @@ def gguf_to_hf_dir(gguf_path: str, cache_dir: str | None = None) -> str:
 def _convert(gguf_path: str, out_dir: str) -> None:
     from engine.models import gguf
     from engine.models.gguf_families import GGUF_FAMILY_ARCHITECTURES, convert_family_gguf, gguf_architecture
+    from engine.models.gguf_reader import shared_readers
 
     logger.info("converting %s into %s (once)", gguf_path, out_dir)
-    family = gguf_architecture(gguf_path) in GGUF_FAMILY_ARCHITECTURES  # InternLM2, ChatGLM, MiniCPM
-    (convert_family_gguf if family else gguf.convert_gguf)(gguf_path, out_dir)
+    with shared_readers():  # the file's metadata parsed once, not once per reader
+        family = gguf_architecture(gguf_path) in GGUF_FAMILY_ARCHITECTURES  # InternLM2, ChatGLM, MiniCPM
+        (convert_family_gguf if family else gguf.convert_gguf)(gguf_path, out_dir)
 
 
 def _entry_format(entry: str) -> str | None:

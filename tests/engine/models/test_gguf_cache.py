@@ -126,3 +126,26 @@ def test_an_entry_this_process_resolved_is_kept_by_a_newer_format(
     monkeypatch.setattr(gguf_cache, "_CACHE_FORMAT", "after-next")
     newest = resolve_model(str(file), str(cache))
     assert not os.path.exists(old) and os.path.isdir(new) and os.path.isdir(newest)
+
+
+def test_a_conversion_parses_the_file_once(
+    tiny_hf: nn.Module, tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The architecture, transformers' config and tokenizer loaders and the tensors all read one
+    parse of the file's metadata (seconds each for a large vocabulary); afterwards GGUFReader
+    is gguf's own class again."""
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, tiny_hf, QT.Q8_0)
+    original = gguf.GGUFReader
+    parses = []
+
+    class Counting(original):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            parses.append(args[0])
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    entry = resolve_model(str(path), str(cache))
+    assert parses == [str(path)]
+    assert gguf.GGUFReader is Counting
+    assert Harness(load_model(entry, torch.float32, "cpu")).prefill(0, [3, 5, 7]).shape[0] == 3
