@@ -485,6 +485,29 @@ at::Tensor dequantized_mm(const at::Tensor& x, const at::Tensor& w, int64_t qtyp
 
 // x [M, K] float32, weight [N, row_bytes] (blocks of `qtype`) -> x @ W.T, float32 [M, N];
 // M up to `max_direct_rows` through the block kernel, more through a dequantized GEMM.
+// x [M, K] bfloat16 @ the weight dequantized to bfloat16, transposed -> float32 [M, N]: the weight
+// in slices of rows as in dequantized_mm, each rounded to bfloat16 and multiplied by torch's
+// bfloat16 GEMM (float32 sums, rounded to bfloat16).
+at::Tensor dequantized_mm_bf16(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2,
+              "GGUF matmul: x must be a bfloat16 [rows, K] CPU tensor");
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0);
+  check_weight(w, qtype, K);
+  const int64_t slice = std::max<int64_t>(16, (int64_t{1} << 21) / (4 * K));
+  at::Tensor out = at::empty({M, N}, xc.options().dtype(at::kFloat));
+  at::Tensor buffer = at::empty({std::min(slice, N), K}, xc.options().dtype(at::kFloat));
+  for (int64_t n0 = 0; n0 < N; n0 += slice) {
+    const int64_t rows = std::min(slice, N - n0);
+    at::Tensor part = buffer.narrow(0, 0, rows);
+    dispatch(qtype, [&](auto f) {
+      dequantize_rows<decltype(f)>(w.data_ptr<uint8_t>() + n0 * w.size(1), w.size(1), rows, K, part.data_ptr<float>());
+    });
+    out.narrow(1, n0, rows).copy_(at::mm(xc, part.to(at::kBFloat16).t()));
+  }
+  return out;
+}
+
 at::Tensor mm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t max_direct_rows) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
               "GGUF matmul: x must be a float32 [rows, K] CPU tensor");
@@ -703,11 +726,13 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const c10::opti
 TORCH_LIBRARY(lightgate_gguf, m) {
   m.def("mm(Tensor x, Tensor weight, int qtype, int max_direct_rows) -> Tensor");
   m.def("dequantize(Tensor weight, int qtype, int columns) -> Tensor");
+  m.def("mm_bf16(Tensor x, Tensor weight, int qtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lightgate_gguf, CPU, m) {
   m.impl("mm", &mm);
   m.impl("dequantize", &dequantize);
+  m.impl("mm_bf16", &dequantized_mm_bf16);
 }
 
 TORCH_LIBRARY(lightgate_cpu, m) {

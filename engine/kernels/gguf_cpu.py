@@ -5,7 +5,7 @@ The C++ source is built once per machine (for its own SIMD: `-march=native`, or
 AVX2 only) with the system's C++ compiler against the installed torch, and the
 shared library is cached under `~/.cache/lightgate/kernels/` (`LIGHTGATE_KERNEL_CACHE`
 overrides), keyed by the source, the torch version, the compiler and the CPU; later processes
-load it at once. The library registers the ops `torch.ops.lightgate_gguf.mm` and
+load it at once. The library registers the ops `torch.ops.lightgate_gguf.mm`, `.mm_bf16` and
 `torch.ops.lightgate_gguf.dequantize`, and the decode step's ops of `engine.kernels.cpu_decode`
 (`torch.ops.lightgate_cpu`). Where no compiler is found or the build fails,
 `available()` is False and GGUF weights are served dequantized instead.
@@ -132,6 +132,12 @@ def available() -> bool:
 def gguf_mm(x: torch.Tensor, weight: torch.Tensor, qtype: int) -> torch.Tensor:
     """x [M, K] float32 @ the GGUF weight [N, bytes per row] of `qtype`, transposed -> [M, N]."""
     return torch.ops.lightgate_gguf.mm(x, weight, qtype, MAX_DIRECT_ROWS)
+
+
+def gguf_mm_bf16(x: torch.Tensor, weight: torch.Tensor, qtype: int) -> torch.Tensor:
+    """x [M, K] bfloat16 @ the GGUF weight dequantized and rounded to bfloat16, transposed ->
+    float32 [M, N] (bfloat16 products summed in float32, the sums rounded to bfloat16)."""
+    return torch.ops.lightgate_gguf.mm_bf16(x, weight, qtype)
 
 
 def gguf_dequantize(weight: torch.Tensor, qtype: int, columns: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from engine.distributed.lazy_weight import LazyWeight, WeightLike
-from engine.kernels.gguf_cpu import MAX_DIRECT_ROWS, gguf_dequantize, gguf_mm
+from engine.kernels.gguf_cpu import MAX_DIRECT_ROWS, gguf_dequantize, gguf_mm, gguf_mm_bf16
 
 
 def prefill_dtype(name: str) -> torch.dtype:
@@ -110,12 +110,9 @@ class GGUFWeight:
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x: [num_tokens, in] -> [num_tokens, out], in x's dtype
         x32 = x if x.dtype == torch.float32 else x.float()
-        if x.shape[0] > MAX_DIRECT_ROWS and self.prefill_dtype != torch.float32:
-            low = x32.to(self.prefill_dtype)
-            parts = [
-                torch.mm(low, gguf_dequantize(s.blocks, s.qtype, self.in_features).to(low.dtype).t()).float()
-                for s in self.segments
-            ]
+        if x.shape[0] > MAX_DIRECT_ROWS and self.prefill_dtype == torch.bfloat16:
+            low = x.to(torch.bfloat16)
+            parts = [gguf_mm_bf16(low, s.blocks, s.qtype) for s in self.segments]
         else:
             parts = [gguf_mm(x32, s.blocks, s.qtype) for s in self.segments]
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
