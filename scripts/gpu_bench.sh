@@ -171,7 +171,7 @@ if [ -n "${PROFILE:-}" ]; then  # where a step's time goes, before any server
         >"$OUT/profile.log" 2>&1
     say "profile: $(grep -c . "$OUT/profile.log") lines in profile.log"
 fi
-IFS=';' read -ra extra_commands <<<"${EXTRA:-}"
+IFS=';' read -ra extra_commands -d '' <<<"${EXTRA:-}" || true  # every line: -d '' reads to the end
 for i in "${!extra_commands[@]}"; do  # the plan's other measurements, before any server
     cmd=${extra_commands[$i]}
     [ -n "${cmd// /}" ] || continue

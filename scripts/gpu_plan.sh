@@ -28,7 +28,7 @@ case $plan in
 llama8b-a)
     export GPU_TESTS=${GPU_TESTS-"tests/engine/kernels/test_gemv.py tests/engine/test_gpu.py::test_decode_gemv_greedy_matches_cpu_and_repeats tests/engine/test_gpu.py::test_gpu_qwen2_vl_greedy_matches_cpu"}
     export GPU_TESTS_S=${GPU_TESTS_S:-120}
-    export EXTRA=${EXTRA-"$py scripts/grammar_step_bench.py --rows 64,512,1024 --vocab 128256 --device cuda --apply --threads 4,8,16;
+    export EXTRA=${EXTRA-"$py scripts/grammar_step_bench.py --rows 64,512,1024 --vocab 128256 --device cuda --apply --threads 4,8,16 --tokenizer .gpu_tok/tok;
 $py scripts/fp8_quality.py --model /tmp/llama8b --device cuda"}
     export WORKLOADS=${WORKLOADS:-"bs1 offline1000"}
     export NOCACHE_WORKLOADS=${NOCACHE_WORKLOADS-}
