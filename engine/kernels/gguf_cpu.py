@@ -5,9 +5,9 @@ The C++ source is built once per machine (for its own SIMD: `-march=native`, or
 AVX2 only) with the system's C++ compiler against the installed torch, and the
 shared library is cached under `~/.cache/lightgate/kernels/` (`LIGHTGATE_KERNEL_CACHE`
 overrides), keyed by the source, the torch version, the compiler and the CPU; later processes
-load it at once. The library registers the ops `torch.ops.lightgate_gguf.mm`, `.mm_bf16` and
-`torch.ops.lightgate_gguf.dequantize`, and the decode step's ops of `engine.kernels.cpu_decode`
-(`torch.ops.lightgate_cpu`). Where no compiler is found or the build fails,
+load it at once. The library registers the ops `torch.ops.lightgate_gguf.mm`, `.mm_bf16`,
+`.has_int8_activations` and `.dequantize`, and the decode step's ops of
+`engine.kernels.cpu_decode` (`torch.ops.lightgate_cpu`). Where no compiler is found or the build fails,
 `available()` is False and GGUF weights are served dequantized instead.
 """
 
@@ -129,9 +129,22 @@ def available() -> bool:
     return True
 
 
-def gguf_mm(x: torch.Tensor, weight: torch.Tensor, qtype: int) -> torch.Tensor:
-    """x [M, K] float32 @ the GGUF weight [N, bytes per row] of `qtype`, transposed -> [M, N]."""
-    return torch.ops.lightgate_gguf.mm(x, weight, qtype, MAX_DIRECT_ROWS)
+@functools.cache
+def has_int8_activations() -> bool:
+    """Whether the kernels built here have the int8-activation path (x86 with AVX2: AVX-512 VNNI,
+    AVX-VNNI or AVX2 code); without it an int8 product is the float32 one."""
+    return available() and bool(torch.ops.lightgate_gguf.has_int8_activations())
+
+
+def gguf_mm(x: torch.Tensor, weight: torch.Tensor, qtype: int, int8_activations: bool = False) -> torch.Tensor:
+    """x [M, K] float32 @ the GGUF weight [N, bytes per row] of `qtype`, transposed -> [M, N].
+
+    With `int8_activations` (and `has_int8_activations()`), up to `MAX_DIRECT_ROWS` rows of x are
+    quantized per row and weight block (32 values, 256 for the K-quants: scale max|x| / 127,
+    rounded to nearest, ties to even) and multiplied in integers: the product of the dequantized
+    weight with those dequantized activations, up to float32 summation order. Otherwise the
+    product with x as it is, up to float32 summation order."""
+    return torch.ops.lightgate_gguf.mm(x, weight, qtype, MAX_DIRECT_ROWS, int8_activations)
 
 
 def gguf_mm_bf16(x: torch.Tensor, weight: torch.Tensor, qtype: int) -> torch.Tensor:
