@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gguf_cpu.cpp")
 # ggml type ids with a kernel: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
 SUPPORTED_TYPES = frozenset({2, 3, 6, 7, 8, 12, 13, 14})
+# The K-quants (Q4_K, Q5_K, Q6_K): their float32 kernels are bound by decoding, not by memory.
+K_QUANT_TYPES = frozenset({12, 13, 14})
 # Activation rows up to which the block kernel runs; more rows take a dequantized GEMM.
 MAX_DIRECT_ROWS = 64
 
@@ -134,6 +136,18 @@ def has_int8_activations() -> bool:
     """Whether the kernels built here have the int8-activation path (x86 with AVX2: AVX-512 VNNI,
     AVX-VNNI or AVX2 code); without it an int8 product is the float32 one."""
     return available() and bool(torch.ops.lightgate_gguf.has_int8_activations())
+
+
+def int8_types(activations: str) -> frozenset[int]:
+    """The ggml types whose decode products take int8 activations under the `gguf_activations`
+    setting: none for "float32" or where `has_int8_activations()` is False, every supported type
+    for "int8", the K-quants for "auto" (the 32-value formats' float32 kernels already run near
+    memory speed for one row, and keep their products exact)."""
+    if activations not in ("auto", "int8", "float32"):
+        raise ValueError(f"gguf_activations must be auto, int8 or float32, got {activations!r}")
+    if activations == "float32" or not has_int8_activations():
+        return frozenset()
+    return SUPPORTED_TYPES if activations == "int8" else K_QUANT_TYPES
 
 
 def gguf_mm(x: torch.Tensor, weight: torch.Tensor, qtype: int, int8_activations: bool = False) -> torch.Tensor:

@@ -125,6 +125,16 @@ def test_int8_activations_of_extreme_values(qtype: QT) -> None:
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
+def test_int8_types_follow_the_setting() -> None:
+    """auto: the K-quants; int8: every format; float32: none (none at all without the path)."""
+    everything = gguf_cpu.has_int8_activations()
+    assert gguf_cpu.int8_types("auto") == (gguf_cpu.K_QUANT_TYPES if everything else frozenset())
+    assert gguf_cpu.int8_types("int8") == (gguf_cpu.SUPPORTED_TYPES if everything else frozenset())
+    assert gguf_cpu.int8_types("float32") == frozenset()
+    with pytest.raises(ValueError, match="gguf_activations"):
+        gguf_cpu.int8_types("int4")
+
+
 def test_int8_activations_are_closer_to_float_than_a_format_step() -> None:
     """The quantization of x costs about what int8 rounding costs (~1 % of a product), not more."""
     cols = 2048
