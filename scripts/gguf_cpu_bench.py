@@ -76,23 +76,27 @@ def main() -> None:
     }  # fmt: skip
     if args.gguf_only:
         paths.clear()
-    for qtype in TYPES:
+    print(f"weight [{n}, {k}], {torch.get_num_threads()} threads; best ms per product", end="")
+    print(" (GB/s of weight read), distinct weights cycled" if args.weights_mb else "")
+    print(f"{'path':<20} {'MB':>6} " + " ".join(f"{f'M={m}':>14}" for m in args.rows))
+    for name, (nbytes, fn) in paths.items():
+        print_row(name, nbytes, fn, args, rate=False)
+    for qtype in TYPES:  # one type's weights in memory at a time
         copies = [torch.from_numpy(random_blocks(qtype, n, k, rng))]
         while len(copies) * copies[0].nbytes < args.weights_mb * 1e6:
             copies.append(torch.from_numpy(random_blocks(qtype, n, k, rng)))
         for activations in ("float32", "int8"):
             fn = cycling(copies, int(qtype), activations == "int8")
-            paths[f"gguf {qtype.name} {activations}"] = (copies[0].nbytes, fn)
-    print(f"weight [{n}, {k}], {torch.get_num_threads()} threads; best ms per product", end="")
-    print(f" (GB/s of weight read), {len(copies)} weights cycled" if args.weights_mb else "")
-    print(f"{'path':<20} {'MB':>6} " + " ".join(f"{f'M={m}':>14}" for m in args.rows))
-    for name, (nbytes, fn) in paths.items():
-        cells = []
-        for m in args.rows:
-            x = torch.randn(m, k)
-            ms = best_ms(lambda fn=fn, x=x: fn(x), args.seconds)
-            cells.append(f"{ms:7.3f} ({nbytes / ms / 1e6:4.1f})" if args.weights_mb else f"{ms:14.3f}")
-        print(f"{name:<20} {nbytes / 1e6:6.1f} " + " ".join(cells))
+            print_row(f"gguf {qtype.name} {activations}", copies[0].nbytes, fn, args, rate=bool(args.weights_mb))
+
+
+def print_row(name: str, nbytes: int, fn: Callable[[torch.Tensor], object], args: argparse.Namespace, rate: bool) -> None:
+    cells = []
+    for m in args.rows:
+        x = torch.randn(m, args.inp)
+        ms = best_ms(lambda x=x: fn(x), args.seconds)
+        cells.append(f"{ms:7.3f} ({nbytes / ms / 1e6:4.1f})" if rate else f"{ms:14.3f}")
+    print(f"{name:<20} {nbytes / 1e6:6.1f} " + " ".join(cells), flush=True)
 
 
 def cycling(copies: list[torch.Tensor], qtype: int, int8: bool) -> Callable[[torch.Tensor], object]:
