@@ -704,7 +704,7 @@ struct Q6_Ki {
 // keep the multiply-adds in flight), then the block's fold to float.
 template <typename F, int MT>
 ALWAYS_INLINE void kquant_block(const uint8_t* block, const QuantizedX& x, int64_t m0, int64_t blk, __m256* acc) {
-  constexpr int ACC = MT >= 4 ? 1 : (MT >= 2 ? 2 : 4);
+  constexpr int ACC = MT >= 4 ? 1 : 2;  // two chains for one to three rows: the multiply-adds stay in flight
   __m256i s[MT][ACC];
   for (int m = 0; m < MT; ++m)
     for (int a = 0; a < ACC; ++a) s[m][a] = _mm256_setzero_si256();
