@@ -517,9 +517,14 @@ void quantize_row(const float* x, int64_t K, int64_t qk, int8_t* q, float* d, in
     dsum[k] = d[k * 32 / qk] * static_cast<float>(sums[2 * k] + sums[2 * k + 1]);
 }
 
+template <typename T>
+std::unique_ptr<T[]> uninitialized(int64_t n) {  // every element is written before it is read
+  return std::unique_ptr<T[]>(new T[n]);
+}
+
 QuantizedX quantize_activations(const float* x, int64_t M, int64_t K, int64_t qk) {
-  QuantizedX xq{K, qk, std::make_unique<int8_t[]>(M * K), std::make_unique<float[]>(M * (K / qk)),
-                std::make_unique<float[]>(M * (K / 32)), std::make_unique<int16_t[]>(M * (K / 16))};
+  QuantizedX xq{K, qk, uninitialized<int8_t>(M * K), uninitialized<float>(M * (K / qk)),
+                uninitialized<float>(M * (K / 32)), uninitialized<int16_t>(M * (K / 16))};
   at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
       quantize_row(x + m * K, K, qk, xq.q.get() + m * K, xq.d.get() + m * (K / qk), xq.sums.get() + m * (K / 16),
