@@ -11,7 +11,8 @@
 // bytes cross the memory bus once per step; for more rows (prefill) the weight is dequantized to
 // float32 and handed to torch's GEMM. The vectors are GCC / Clang vector extensions: built with
 // -march=native (or -mcpu=native) they become AVX-512, AVX2 or NEON code, whatever the CPU has.
-// Weight rows are split across torch's intra-op threads.
+// Weight rows are split across torch's intra-op threads. Decode batches can instead take their
+// activations quantized to int8 and multiply integers (x86 with AVX2: "int8 activations" below).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -436,8 +437,8 @@ void few_rows(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t ro
 // VNNI or AVX-VNNI, vpmaddubsw / vpmaddwd with AVX2), the K-quants' sub-block scales folded into
 // the integer sums, scaled to float once a block; offsets and minimums go through the block sums
 // of q. The result is the dequantized weight times the dequantized activations, up to float32
-// summation order. 256-bit vectors throughout: the same code is the AVX2 path, and on a CPU that
-// splits 512-bit work in two halves (Zen 4) it is as fast as 512-bit code.
+// summation order. 256-bit vectors throughout: the same code is the AVX2 path (and Zen 4 runs a
+// 512-bit instruction as two 256-bit halves).
 #if defined(__AVX2__)
 constexpr bool kInt8Activations = true;
 
