@@ -143,6 +143,15 @@ class EngineConfig:
         "dequantized to this dtype and the activations rounded to it (float32 sums, rounded to it); float32 is exact "
         "up to summation order, bfloat16 faster where the CPU has bfloat16 dot products (AVX512-BF16, AMX)",
     )
+    # int8 rounds each activation to 1/254 of its block's largest (products move by about 1 %):
+    # auto takes it where it pays, for the K-quants, whose float32 kernels are bound by decoding;
+    # the 32-value formats' are near memory speed for one row and keep their products exact.
+    gguf_activations: Literal["auto", "int8", "float32"] = setting(
+        "auto",
+        "CPU, GGUF weights kept in blocks: decode batches (up to 64 rows) multiply int8 activations (quantized "
+        "per row and block: scale max|x| / 127) in integer dot products, or the float32 activations as they are; "
+        "auto: int8 for Q4_K, Q5_K and Q6_K where the CPU has AVX2 (AVX-512 VNNI, AVX-VNNI), float32 otherwise",
+    )
     quantization: Literal["none", "fp8"] = setting(
         "none",
         "fp8: linear layers in FP8 (e4m3; a scale per weight row and per token), quantized from the checkpoint "
@@ -191,6 +200,8 @@ class EngineConfig:
             raise ValueError(f"gguf_weights must be quantized or dequantized, got {self.gguf_weights!r}")
         if self.gguf_prefill not in ("float32", "bfloat16"):
             raise ValueError(f"gguf_prefill must be float32 or bfloat16, got {self.gguf_prefill!r}")
+        if self.gguf_activations not in ("auto", "int8", "float32"):
+            raise ValueError(f"gguf_activations must be auto, int8 or float32, got {self.gguf_activations!r}")
         if self.quantization not in ("none", "fp8"):
             raise ValueError(f"quantization must be none or fp8, got {self.quantization!r}")
         if self.quantization != "none" and quantization != "none":

@@ -1,9 +1,14 @@
-"""Micro-benchmark: one projection's product on the CPU, GGUF block kernels against the dense
-and torch-quantized paths the engine has (fp32 / bf16 packed, int8 / int4 weight-only).
+"""Micro-benchmark: one projection's product on the CPU, GGUF block kernels (float32 and int8
+activations) against the dense and torch-quantized paths the engine has (fp32 / bf16 packed,
+int8 / int4 weight-only).
 
     PYTHONPATH=. .venv/bin/python scripts/gguf_cpu_bench.py --out 8192 --in 2048 --rows 1 4 16
+    PYTHONPATH=. .venv/bin/python scripts/gguf_cpu_bench.py --rows 1 4 16 64 --gguf-only --weights-mb 256
 
-Prints the best time of a product per path and row count, with the weight's bytes.
+Prints the best time of a product per path and row count, with the weight's bytes. With
+`--weights-mb`, each GGUF path cycles through distinct weights of that many MB in all (more than
+the last-level cache: each product reads its weight from memory) and also prints the weight
+bytes read per second.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from engine.kernels import gguf_cpu
 from engine.layers import cpu_gemm
 
 QT = gguf.GGMLQuantizationType
-TYPES = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
+TYPES = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
 
 
 def random_blocks(qtype: QT, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -52,6 +57,8 @@ def main() -> None:
     parser.add_argument("--in", dest="inp", type=int, default=2048)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--seconds", type=float, default=0.5, help="per measurement")
+    parser.add_argument("--weights-mb", type=float, default=0.0, help="GGUF: cycle through weights of this many MB")
+    parser.add_argument("--gguf-only", action="store_true", help="only the GGUF block kernels")
     args = parser.parse_args()
     assert gguf_cpu.available(), "the GGUF CPU kernels did not build"
     rng = np.random.default_rng(0)
@@ -67,17 +74,40 @@ def main() -> None:
         "int8 (torch)": (int8.qweight.nbytes + int8.scales.nbytes, lambda x: int8(x.bfloat16(), None)),
         "int4 (torch)": (int4.qweight.nbytes + int4.scales.nbytes, lambda x: int4(x.bfloat16(), None)),
     }  # fmt: skip
-    for qtype in TYPES:
-        blocks = torch.from_numpy(random_blocks(qtype, n, k, rng))
-        paths[f"gguf {qtype.name}"] = (blocks.nbytes, lambda x, b=blocks, q=int(qtype): gguf_cpu.gguf_mm(x, b, q))
-    print(f"weight [{n}, {k}], {torch.get_num_threads()} threads; best ms per product")
-    print(f"{'path':<14} {'MB':>7} " + " ".join(f"{f'M={m}':>8}" for m in args.rows))
+    if args.gguf_only:
+        paths.clear()
+    print(f"weight [{n}, {k}], {torch.get_num_threads()} threads; best ms per product", end="")
+    print(" (GB/s of weight read), distinct weights cycled" if args.weights_mb else "")
+    print(f"{'path':<20} {'MB':>6} " + " ".join(f"{f'M={m}':>14}" for m in args.rows))
     for name, (nbytes, fn) in paths.items():
-        cells = []
-        for m in args.rows:
-            x = torch.randn(m, k)
-            cells.append(f"{best_ms(lambda fn=fn, x=x: fn(x), args.seconds):8.3f}")
-        print(f"{name:<14} {nbytes / 1e6:7.1f} " + " ".join(cells))
+        print_row(name, nbytes, fn, args, rate=False)
+    for qtype in TYPES:  # one type's weights in memory at a time
+        copies = [torch.from_numpy(random_blocks(qtype, n, k, rng))]
+        while len(copies) * copies[0].nbytes < args.weights_mb * 1e6:
+            copies.append(torch.from_numpy(random_blocks(qtype, n, k, rng)))
+        for activations in ("float32", "int8"):
+            fn = cycling(copies, int(qtype), activations == "int8")
+            print_row(f"gguf {qtype.name} {activations}", copies[0].nbytes, fn, args, rate=bool(args.weights_mb))
+
+
+def print_row(name: str, nbytes: int, fn: Callable[[torch.Tensor], object], args: argparse.Namespace, rate: bool) -> None:
+    cells = []
+    for m in args.rows:
+        x = torch.randn(m, args.inp)
+        ms = best_ms(lambda x=x: fn(x), args.seconds)
+        cells.append(f"{ms:7.3f} ({nbytes / ms / 1e6:4.1f})" if rate else f"{ms:14.3f}")
+    print(f"{name:<20} {nbytes / 1e6:6.1f} " + " ".join(cells), flush=True)
+
+
+def cycling(copies: list[torch.Tensor], qtype: int, int8: bool) -> Callable[[torch.Tensor], object]:
+    """A product with the next of `copies` at each call."""
+    turn = [0]
+
+    def product(x: torch.Tensor) -> object:
+        turn[0] = (turn[0] + 1) % len(copies)
+        return torch.ops.lightgate_gguf.mm(x, copies[turn[0]], qtype, gguf_cpu.MAX_DIRECT_ROWS, int8)
+
+    return product
 
 
 if __name__ == "__main__":

@@ -36,9 +36,9 @@ def _time_gguf_products() -> list[float]:
     cell = [0.0]
     product = gguf_linear.gguf_mm
 
-    def timed(x: torch.Tensor, weight: torch.Tensor, qtype: int) -> torch.Tensor:
+    def timed(x: torch.Tensor, weight: torch.Tensor, qtype: int, int8_activations: bool = False) -> torch.Tensor:
         start = time.process_time()
-        out = product(x, weight, qtype)
+        out = product(x, weight, qtype, int8_activations)
         cell[0] += time.process_time() - start
         return out
 
@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--weight-quantization", default="none", choices=["none", "int8", "int4"])
     parser.add_argument("--gguf-weights", default="quantized", choices=["quantized", "dequantized"])
+    parser.add_argument("--gguf-activations", default="auto", choices=["auto", "int8", "float32"])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=100)
     parser.add_argument("--steps", type=int, default=10)
@@ -66,7 +67,9 @@ def main() -> None:
     path = resolve_model(args.model)
     config = EngineConfig(dtype=args.dtype, device="cpu").resolve(max_position_embeddings=8192)
     gguf_weights = args.gguf_weights if args.weight_quantization == "none" else "dequantized"  # as the worker
-    model = load_model(path, config.torch_dtype(), "cpu", gguf_weights=gguf_weights)
+    model = load_model(
+        path, config.torch_dtype(), "cpu", gguf_weights=gguf_weights, gguf_activations=args.gguf_activations
+    )
     if args.weight_quantization != "none":
         quantize_model_weights(model, args.weight_quantization)
     runner = ModelRunner(config, model, load_hf_config(path))
@@ -112,7 +115,8 @@ def main() -> None:
         gguf_times.append(in_gguf[0])
     # CPU time (all of the process's threads) is what a shared machine leaves comparable
     print(
-        f"{args.dtype}, weights {args.weight_quantization}, GGUF {gguf_weights}, batch {batch}, "
+        f"{args.dtype}, weights {args.weight_quantization}, GGUF {gguf_weights} "
+        f"({args.gguf_activations} activations), batch {batch}, "
         f"{torch.get_num_threads()} threads: {statistics.median(times) * 1e3:.2f} ms per step (median), "
         f"{min(times) * 1e3:.2f} ms (min); CPU time {statistics.median(cpu_times) * 1e3:.2f} ms (median), "
         f"{min(cpu_times) * 1e3:.2f} ms (min), of which in GGUF products {statistics.median(gguf_times) * 1e3:.2f} ms"

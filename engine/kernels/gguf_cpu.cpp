@@ -11,7 +11,8 @@
 // bytes cross the memory bus once per step; for more rows (prefill) the weight is dequantized to
 // float32 and handed to torch's GEMM. The vectors are GCC / Clang vector extensions: built with
 // -march=native (or -mcpu=native) they become AVX-512, AVX2 or NEON code, whatever the CPU has.
-// Weight rows are split across torch's intra-op threads.
+// Weight rows are split across torch's intra-op threads. Decode batches can instead take their
+// activations quantized to int8 and multiply integers (x86 with AVX2: "int8 activations" below).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -31,6 +32,7 @@
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -393,27 +395,403 @@ constexpr std::array<RowsTileFn<F>, kMaxTile> rows_tiles(std::index_sequence<MT.
   return {&rows_tile<F, MT + 1>...};
 }
 
-template <typename F>
-void few_rows(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes, float* out,
-              int64_t N) {
-  constexpr auto tiles = rows_tiles<F>(std::make_index_sequence<kMaxTile>{});  // tiles[MT - 1]
-  const int64_t nb = K / F::QK, num_tiles = (M + kMaxTile - 1) / kMaxTile;
-  // With more than one tile of rows, K is taken in slices whose activations stay in L1.
-  const int64_t slice = M > kMaxTile ? std::max<int64_t>(1, kSliceValues / F::QK) : nb;
+// The work of a product with few rows: weight rows in chunks of kRowChunk over torch's threads, K
+// in slices of `slice` blocks, the M rows in tiles of balanced sizes up to `max_tile`, each given
+// to tile(rows in the tile, its first row, n0, n1, b0, b1).
+template <typename Tile>
+void in_tiles(int64_t M, int64_t N, int64_t nb, int64_t slice, int64_t max_tile, Tile&& tile) {
+  const int64_t num_tiles = (M + max_tile - 1) / max_tile;
   at::parallel_for(0, (N + kRowChunk - 1) / kRowChunk, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t n0 = c * kRowChunk, n1 = std::min(N, n0 + kRowChunk);
       for (int64_t b0 = 0; b0 < nb; b0 += slice) {
         const int64_t b1 = std::min(nb, b0 + slice);
         for (int64_t t = 0, m0 = 0; t < num_tiles; ++t) {
-          const int64_t mt = M / num_tiles + (t < M % num_tiles);  // tiles of balanced sizes
-          tiles[mt - 1](x, K, w, row_bytes, out, N, m0, n0, n1, b0, b1);
+          const int64_t mt = M / num_tiles + (t < M % num_tiles);
+          tile(mt, m0, n0, n1, b0, b1);
           m0 += mt;
         }
       }
     }
   });
 }
+
+template <typename F>
+void few_rows(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes, float* out,
+              int64_t N) {
+  constexpr auto tiles = rows_tiles<F>(std::make_index_sequence<kMaxTile>{});  // tiles[MT - 1]
+  const int64_t nb = K / F::QK;
+  // With more than one tile of rows, K is taken in slices whose activations stay in L1.
+  const int64_t slice = M > kMaxTile ? std::max<int64_t>(1, kSliceValues / F::QK) : nb;
+  in_tiles(M, N, nb, slice, kMaxTile, [&](int64_t mt, int64_t m0, int64_t n0, int64_t n1, int64_t b0, int64_t b1) {
+    tiles[mt - 1](x, K, w, row_bytes, out, N, m0, n0, n1, b0, b1);
+  });
+}
+
+// ---- int8 activations ---------------------------------------------------------------------------
+//
+// The activations of a product are quantized once, per row and block (32 values for the 32-value
+// formats, 256 for the K-quants, the weight's block): d = max|x| / 127 and q = x * (127 / max|x|)
+// rounded to the nearest integer (ties to even). A block's product is then an integer dot product
+// of the weight's codes with q (u8 x s8 products summed in int32: vpdpbusd / vpdpwssd with AVX-512
+// VNNI or AVX-VNNI, vpmaddubsw / vpmaddwd with AVX2), the K-quants' sub-block scales folded into
+// the integer sums, scaled to float once a block; offsets and minimums go through the block sums
+// of q. The result is the dequantized weight times the dequantized activations, up to float32
+// summation order. 256-bit vectors throughout: the same code is the AVX2 path (and Zen 4 runs a
+// 512-bit instruction as two 256-bit halves).
+#if defined(__AVX2__)
+constexpr bool kInt8Activations = true;
+
+ALWAYS_INLINE float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+ALWAYS_INLINE float hmax8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+ALWAYS_INLINE __m256i load_256(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// acc + the sums of 4 adjacent u8 x s8 products, in int32 lanes (u * s pairs fit int16 here: u <= 128)
+ALWAYS_INLINE __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+// acc + the u8 x s8 pair sums (u < 64: no int16 saturation) times int16 `scale`, in int32 lanes
+ALWAYS_INLINE __m256i dot_scaled(__m256i acc, __m256i u, __m256i s, __m256i scale) {
+  const __m256i pairs = _mm256_maddubs_epi16(u, s);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(acc, pairs, scale);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpwssd_avx_epi32(acc, pairs, scale);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, scale));
+#endif
+}
+
+// A product's activations as int8: q [M, K], d [M, K / qk], sums16 [M, K / 16] (sums of q over
+// 16 values), dsum [M, K / 32] (d times the sums over 32: the 32-value formats' minimums).
+struct QuantizedX {
+  int64_t K, qk;
+  std::unique_ptr<int8_t[]> q;
+  std::unique_ptr<float[]> d, dsum;
+  std::unique_ptr<int16_t[]> sums;
+  const int8_t* row(int64_t m) const { return q.get() + m * K; }
+  float scale(int64_t m, int64_t blk) const { return d[m * (K / qk) + blk]; }
+  float scaled_sum(int64_t m, int64_t blk) const { return dsum[m * (K / 32) + blk]; }
+  const int16_t* sums16(int64_t m, int64_t blk) const { return sums.get() + m * (K / 16) + blk * (qk / 16); }
+};
+
+void quantize_row(const float* x, int64_t K, int64_t qk, int8_t* q, float* d, int16_t* sums, float* dsum) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' interleaving
+  for (int64_t b = 0; b < K / qk; ++b) {
+    const float* xb = x + b * qk;
+    __m256 top = _mm256_setzero_ps();
+    for (int64_t i = 0; i < qk; i += 8) top = _mm256_max_ps(top, _mm256_and_ps(_mm256_loadu_ps(xb + i), magnitude));
+    const float amax = hmax8(top);
+    d[b] = amax / 127.f;
+    const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    for (int64_t i = 0; i < qk; i += 32) {
+      __m256i v[4];
+      for (int k = 0; k < 4; ++k) v[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i + 8 * k), inv));
+      const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * qk + i), _mm256_permutevar8x32_epi32(packed, order));
+    }
+  }
+  for (int64_t k = 0; k < K / 16; ++k) {
+    int32_t s = 0;
+    for (int i = 0; i < 16; ++i) s += q[16 * k + i];
+    sums[k] = static_cast<int16_t>(s);
+  }
+  for (int64_t k = 0; k < K / 32; ++k)
+    dsum[k] = d[k * 32 / qk] * static_cast<float>(sums[2 * k] + sums[2 * k + 1]);
+}
+
+template <typename T>
+std::unique_ptr<T[]> uninitialized(int64_t n) {  // every element is written before it is read
+  return std::unique_ptr<T[]>(new T[n]);
+}
+
+QuantizedX quantize_activations(const float* x, int64_t M, int64_t K, int64_t qk) {
+  QuantizedX xq{K, qk, uninitialized<int8_t>(M * K), uninitialized<float>(M * (K / qk)),
+                uninitialized<float>(M * (K / 32)), uninitialized<int16_t>(M * (K / 16))};
+  at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      quantize_row(x + m * K, K, qk, xq.q.get() + m * K, xq.d.get() + m * (K / qk), xq.sums.get() + m * (K / 16),
+                   xq.dsum.get() + m * (K / 32));
+  });
+  return xq;
+}
+
+// ---- 32-value formats: a block's 32 weights as signed values (Q4_0, Q5_0, Q8_0: times d) or
+// unsigned codes (Q4_1, Q5_1: times d, plus m)
+struct SmallBlock {
+  __m256i w;
+  float d, m;
+};
+
+// 16 bytes of nibbles -> 32 bytes: the low nibbles (values 0..15), then the high ones (16..31)
+ALWAYS_INLINE __m256i nibbles(const uint8_t* p) {
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0F));
+}
+
+// The 32-bit mask at p -> 32 bytes, 0x10 where bit i is set (a Q5 code's fifth bit)
+ALWAYS_INLINE __m256i fifth_bits(const uint8_t* p) {
+  uint32_t qh;
+  std::memcpy(&qh, p, 4);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  return _mm256_maskz_mov_epi8(static_cast<__mmask32>(qh), _mm256_set1_epi8(0x10));
+#else
+  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int32_t>(qh)), spread);  // byte i: qh byte i / 8
+  const __m256i bit = _mm256_set1_epi64x(0x8040201008040201);  // byte i: 1 << (i % 8)
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit), _mm256_set1_epi8(0x10));
+#endif
+}
+
+struct Q4_0i {
+  static constexpr int QK = 32, BYTES = 18;
+  static constexpr bool kSigned = true;
+  static ALWAYS_INLINE SmallBlock visit_i8(const uint8_t* b) {
+    return {_mm256_sub_epi8(nibbles(b + 2), _mm256_set1_epi8(8)), half_at(b), 0.f};
+  }
+};
+struct Q4_1i {
+  static constexpr int QK = 32, BYTES = 20;
+  static constexpr bool kSigned = false;
+  static ALWAYS_INLINE SmallBlock visit_i8(const uint8_t* b) { return {nibbles(b + 4), half_at(b), half_at(b + 2)}; }
+};
+struct Q5_0i {
+  static constexpr int QK = 32, BYTES = 22;
+  static constexpr bool kSigned = true;
+  static ALWAYS_INLINE SmallBlock visit_i8(const uint8_t* b) {
+    const __m256i codes = _mm256_or_si256(nibbles(b + 6), fifth_bits(b + 2));
+    return {_mm256_sub_epi8(codes, _mm256_set1_epi8(16)), half_at(b), 0.f};
+  }
+};
+struct Q5_1i {
+  static constexpr int QK = 32, BYTES = 24;
+  static constexpr bool kSigned = false;
+  static ALWAYS_INLINE SmallBlock visit_i8(const uint8_t* b) {
+    return {_mm256_or_si256(nibbles(b + 8), fifth_bits(b + 4)), half_at(b), half_at(b + 2)};
+  }
+};
+struct Q8_0i {
+  static constexpr int QK = 32, BYTES = 34;
+  static constexpr bool kSigned = true;
+  static ALWAYS_INLINE SmallBlock visit_i8(const uint8_t* b) { return {load_256(b + 2), half_at(b), 0.f}; }
+};
+
+// MT rows of one 32-value block: acc[m] (8 float lanes) += d * dx * (w . q); mins[m] += m * dx * sum(q).
+// Signed weights go through |w| and q with w's sign (vpsignb), as the products want u8 x s8.
+template <typename F, int MT>
+ALWAYS_INLINE void small_block(const uint8_t* block, const QuantizedX& x, int64_t m0, int64_t blk, __m256* acc,
+                               float* mins) {
+  const SmallBlock wb = F::visit_i8(block);
+  const __m256i u = F::kSigned ? _mm256_sign_epi8(wb.w, wb.w) : wb.w;
+  const int8_t* xb = x.row(m0) + blk * 32;
+  for (int m = 0; m < MT; ++m) {
+    __m256i s = load_256(xb + m * x.K);
+    if constexpr (F::kSigned) s = _mm256_sign_epi8(s, wb.w);
+    const __m256i t = dot_u8s8(_mm256_setzero_si256(), u, s);
+    const float dx = x.scale(m0 + m, blk);
+    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(wb.d * dx), acc[m]);
+    if constexpr (!F::kSigned) mins[m] += wb.m * x.scaled_sum(m0 + m, blk);
+  }
+}
+
+// ---- K-quants: a super-block visited as 8 chunks of 32 codes (u8), each with its int16 scales
+// (a chunk's two halves may have their own), then folded to float per row by the block's `Fold`.
+
+// 16 int16 lanes: word w0 of each 128-bit half of v in the low 8, word w1 in the high 8
+ALWAYS_INLINE __m256i words(__m256i v, int w0, int w1) {
+  const __m128i lo = _mm_set1_epi16(static_cast<int16_t>(0x0202 * w0 + 0x0100));
+  const __m128i hi = _mm_set1_epi16(static_cast<int16_t>(0x0202 * w1 + 0x0100));
+  return _mm256_shuffle_epi8(v, _mm256_set_m128i(hi, lo));
+}
+
+// 0x10 in the bytes of v whose bit `bit` is set (16-bit shifts: the mask drops what crossed bytes)
+ALWAYS_INLINE __m256i bit_as_16(__m256i v, int bit) {
+  const __m256i moved = bit <= 4 ? _mm256_slli_epi16(v, 4 - bit) : _mm256_srli_epi16(v, bit - 4);
+  return _mm256_and_si256(moved, _mm256_set1_epi8(0x10));
+}
+
+// Q4_K / Q5_K: d * sum(sc_j * codes . q) - dmin * sum(m_j * sum(q over sub-block j)), times dx
+struct FoldMin {
+  float d, dmin;
+  __m256i mins;  // int16: m0, m0, m1, m1, ... m7, m7 (against the sums over 16)
+  ALWAYS_INLINE __m256 operator()(__m256i s, float dx, const int16_t* sums) const {
+    const __m256i m = _mm256_madd_epi16(load_256(sums), mins);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * dx),
+                           _mm256_mul_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(-dmin * dx)));
+  }
+};
+
+// The 6-bit scales and minimums of a Q4_K / Q5_K super-block, one byte each (sub-block j in byte j)
+ALWAYS_INLINE void k4_scale_bytes(const uint8_t* b, uint64_t* scales, uint64_t* mins) {
+  uint32_t a, c, e;
+  std::memcpy(&a, b + 4, 4);
+  std::memcpy(&c, b + 8, 4);
+  std::memcpy(&e, b + 12, 4);
+  *scales = (a & 0x3F3F3F3Fu) | uint64_t{(e & 0x0F0F0F0Fu) | ((a >> 2) & 0x30303030u)} << 32;
+  *mins = (c & 0x3F3F3F3Fu) | uint64_t{((e >> 4) & 0x0F0F0F0Fu) | ((c >> 2) & 0x30303030u)} << 32;
+}
+
+template <int QH>  // 0: Q4_K; else the offset of Q5_K's fifth bits
+struct K4i {
+  static constexpr int QK = 256, BYTES = QH ? 176 : 144;
+  template <typename V> static ALWAYS_INLINE FoldMin visit_i8(const uint8_t* b, V&& v) {
+    uint64_t sc, mn;
+    k4_scale_bytes(b, &sc, &mn);
+    const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(static_cast<int64_t>(sc))));
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256i qh = QH ? load_256(b + QH) : _mm256_setzero_si256();
+    for (int j = 0; j < 4; ++j) {  // 32 bytes: sub-block 2j in the low nibbles, 2j + 1 in the high
+      const __m256i q = load_256(b + (QH ? 48 : 16) + 32 * j);
+      __m256i c0 = _mm256_and_si256(q, low), c1 = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
+      if (QH) {
+        c0 = _mm256_or_si256(c0, bit_as_16(qh, 2 * j));
+        c1 = _mm256_or_si256(c1, bit_as_16(qh, 2 * j + 1));
+      }
+      v(2 * j, c0, words(scales, 2 * j, 2 * j));
+      v(2 * j + 1, c1, words(scales, 2 * j + 1, 2 * j + 1));
+    }
+    const __m128i m8 = _mm_cvtsi64_si128(static_cast<int64_t>(mn));
+    return {half_at(b), half_at(b + 2), _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8))};
+  }
+};
+using Q4_Ki = K4i<0>;
+using Q5_Ki = K4i<16>;
+
+// Q6_K: d * sum(s_k * (codes - 32) . q) over its 16 sub-blocks of 16, times dx
+struct FoldCentered {
+  float d;
+  __m256i scales32;  // int16: 32 * s_k, k = 0..15 (against the sums over 16)
+  ALWAYS_INLINE __m256 operator()(__m256i s, float dx, const int16_t* sums) const {
+    const __m256i offset = _mm256_madd_epi16(load_256(sums), scales32);
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(s, offset)), _mm256_set1_ps(d * dx));
+  }
+};
+
+struct Q6_Ki {
+  static constexpr int QK = 256, BYTES = 210;
+  template <typename V> static ALWAYS_INLINE FoldCentered visit_i8(const uint8_t* b, V&& v) {
+    const __m128i s8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192));
+    const __m256i low = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30);
+    for (int half = 0; half < 2; ++half) {  // 128 values: ql 64 bytes, qh 32
+      const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(half ? _mm_srli_si128(s8, 8) : s8));
+      const __m256i l0 = load_256(b + 64 * half), l1 = load_256(b + 64 * half + 32);
+      const __m256i h = load_256(b + 128 + 32 * half);
+      const int c = 4 * half;  // chunk k: values 32k..32k + 31 of the half, sub-blocks 2k and 2k + 1
+      v(c, _mm256_or_si256(_mm256_and_si256(l0, low), _mm256_and_si256(_mm256_slli_epi16(h, 4), top)), words(scales, 0, 1));
+      v(c + 1, _mm256_or_si256(_mm256_and_si256(l1, low), _mm256_and_si256(_mm256_slli_epi16(h, 2), top)), words(scales, 2, 3));
+      v(c + 2, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low), _mm256_and_si256(h, top)), words(scales, 4, 5));
+      v(c + 3, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low), _mm256_and_si256(_mm256_srli_epi16(h, 2), top)),
+        words(scales, 6, 7));
+    }
+    return {half_at(b + 208), _mm256_slli_epi16(_mm256_cvtepi8_epi16(s8), 5)};
+  }
+};
+
+// MT rows of one super-block: the integer sums per row (several chains where rows are few, to
+// keep the multiply-adds in flight), then the block's fold to float.
+template <typename F, int MT>
+ALWAYS_INLINE void kquant_block(const uint8_t* block, const QuantizedX& x, int64_t m0, int64_t blk, __m256* acc) {
+  constexpr int ACC = MT >= 4 ? 1 : 2;  // two chains for one to three rows: the multiply-adds stay in flight
+  __m256i s[MT][ACC];
+  for (int m = 0; m < MT; ++m)
+    for (int a = 0; a < ACC; ++a) s[m][a] = _mm256_setzero_si256();
+  const int8_t* xb = x.row(m0) + blk * 256;
+  const auto fold = F::visit_i8(block, [&](int c, __m256i u, __m256i scale) __attribute__((always_inline)) {
+    for (int m = 0; m < MT; ++m) s[m][c % ACC] = dot_scaled(s[m][c % ACC], u, load_256(xb + m * x.K + 32 * c), scale);
+  });
+  for (int m = 0; m < MT; ++m) {
+    __m256i total = s[m][0];
+    for (int a = 1; a < ACC; ++a) total = _mm256_add_epi32(total, s[m][a]);
+    acc[m] = _mm256_add_ps(acc[m], fold(total, x.scale(m0 + m, blk), x.sums16(m0 + m, blk)));
+  }
+}
+
+// out[m, n] (+)= the product over blocks [b0, b1) for m in [m0, m0 + MT), n in [n0, n1)
+template <typename F, int MT>
+void rows_tile_i8(const QuantizedX& x, const uint8_t* w, int64_t row_bytes, float* out, int64_t N, int64_t m0,
+                  int64_t n0, int64_t n1, int64_t b0, int64_t b1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    __m256 acc[MT];
+    float mins[MT];
+    for (int m = 0; m < MT; ++m) {
+      acc[m] = _mm256_setzero_ps();
+      mins[m] = 0.f;
+    }
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      if constexpr (F::QK == 256)
+        kquant_block<F, MT>(row + blk * F::BYTES, x, m0, blk, acc);
+      else
+        small_block<F, MT>(row + blk * F::BYTES, x, m0, blk, acc, mins);
+    }
+    for (int m = 0; m < MT; ++m) {
+      const float sum = hsum8(acc[m]) + mins[m];
+      out[(m0 + m) * N + n] = b0 == 0 ? sum : out[(m0 + m) * N + n] + sum;
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+constexpr int kMaxTileI8 = 8;  // two 256-bit accumulators a row of the 32 registers
+#else
+constexpr int kMaxTileI8 = 4;  // of 16
+#endif
+constexpr int kSliceBytesI8 = 16384 / kMaxTileI8;  // int8 activations per row in a slice of K
+
+template <typename F>
+using RowsTileI8Fn = void (*)(const QuantizedX&, const uint8_t*, int64_t, float*, int64_t, int64_t, int64_t, int64_t,
+                              int64_t, int64_t);
+template <typename F, std::size_t... MT>
+constexpr std::array<RowsTileI8Fn<F>, kMaxTileI8> rows_tiles_i8(std::index_sequence<MT...>) {
+  return {&rows_tile_i8<F, MT + 1>...};
+}
+
+template <typename F>
+void few_rows_i8(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes, float* out, int64_t N) {
+  constexpr auto tiles = rows_tiles_i8<F>(std::make_index_sequence<kMaxTileI8>{});  // tiles[MT - 1]
+  const QuantizedX xq = quantize_activations(x, M, K, F::QK);
+  const int64_t slice = M > kMaxTileI8 ? std::max<int64_t>(1, kSliceBytesI8 / F::QK) : K / F::QK;
+  in_tiles(M, N, K / F::QK, slice, kMaxTileI8, [&](int64_t mt, int64_t m0, int64_t n0, int64_t n1, int64_t b0, int64_t b1) {
+    tiles[mt - 1](xq, w, row_bytes, out, N, m0, n0, n1, b0, b1);
+  });
+}
+
+template <typename Fn>
+void dispatch_i8(int64_t qtype, Fn&& fn) {
+  switch (qtype) {
+    case kQ4_0: fn(Q4_0i{}); break;
+    case kQ4_1: fn(Q4_1i{}); break;
+    case kQ5_0: fn(Q5_0i{}); break;
+    case kQ5_1: fn(Q5_1i{}); break;
+    case kQ8_0: fn(Q8_0i{}); break;
+    case kQ4_K: fn(Q4_Ki{}); break;
+    case kQ5_K: fn(Q5_Ki{}); break;
+    case kQ6_K: fn(Q6_Ki{}); break;
+    default: TORCH_CHECK(false, "GGUF quantization type ", qtype, " has no CPU kernel");
+  }
+}
+#else
+constexpr bool kInt8Activations = false;  // NEON and older x86: the float32 kernels serve int8 requests
+#endif
 
 template <typename F>
 ALWAYS_INLINE void dequantize_row(const uint8_t* row, int64_t K, float* y) {
@@ -483,8 +861,6 @@ at::Tensor dequantized_mm(const at::Tensor& x, const at::Tensor& w, int64_t qtyp
   return out;
 }
 
-// x [M, K] float32, weight [N, row_bytes] (blocks of `qtype`) -> x @ W.T, float32 [M, N];
-// M up to `max_direct_rows` through the block kernel, more through a dequantized GEMM.
 // x [M, K] bfloat16 @ the weight dequantized to bfloat16, transposed -> float32 [M, N]: the weight
 // in slices of rows as in dequantized_mm, each rounded to bfloat16 and multiplied by torch's
 // bfloat16 GEMM (float32 sums, rounded to bfloat16).
@@ -508,7 +884,11 @@ at::Tensor dequantized_mm_bf16(const at::Tensor& x, const at::Tensor& w, int64_t
   return out;
 }
 
-at::Tensor mm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t max_direct_rows) {
+// x [M, K] float32, weight [N, row_bytes] (blocks of `qtype`) -> x @ W.T, float32 [M, N];
+// M up to `max_direct_rows` through the block kernel (with `int8_activations`, where this build
+// has that path, the int8 one), more through a dequantized GEMM.
+at::Tensor mm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t max_direct_rows,
+              bool int8_activations = false) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
               "GGUF matmul: x must be a float32 [rows, K] CPU tensor");
   const int64_t K = x.size(1);
@@ -518,11 +898,19 @@ at::Tensor mm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t m
   const int64_t M = xc.size(0), N = w.size(0);
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
-  dispatch(qtype, [&](auto f) {
-    few_rows<decltype(f)>(xc.data_ptr<float>(), M, K, w.data_ptr<uint8_t>(), w.size(1), out.data_ptr<float>(), N);
-  });
+  const float* xp = xc.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+#if defined(__AVX2__)
+  if (int8_activations) {
+    dispatch_i8(qtype, [&](auto f) { few_rows_i8<decltype(f)>(xp, M, K, wp, w.size(1), out.data_ptr<float>(), N); });
+    return out;
+  }
+#endif
+  dispatch(qtype, [&](auto f) { few_rows<decltype(f)>(xp, M, K, wp, w.size(1), out.data_ptr<float>(), N); });
   return out;
 }
+
+bool has_int8_activations() { return kInt8Activations; }
 
 // ---- the decode step's work between the products (float32, CPU) --------------------------------
 
@@ -724,7 +1112,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const c10::opti
 }  // namespace
 
 TORCH_LIBRARY(lightgate_gguf, m) {
-  m.def("mm(Tensor x, Tensor weight, int qtype, int max_direct_rows) -> Tensor");
+  m.def("mm(Tensor x, Tensor weight, int qtype, int max_direct_rows, bool int8_activations=False) -> Tensor");
+  m.def("has_int8_activations() -> bool", &has_int8_activations);
   m.def("dequantize(Tensor weight, int qtype, int columns) -> Tensor");
   m.def("mm_bf16(Tensor x, Tensor weight, int qtype) -> Tensor");
 }

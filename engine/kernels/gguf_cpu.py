@@ -5,9 +5,9 @@ The C++ source is built once per machine (for its own SIMD: `-march=native`, or
 AVX2 only) with the system's C++ compiler against the installed torch, and the
 shared library is cached under `~/.cache/lightgate/kernels/` (`LIGHTGATE_KERNEL_CACHE`
 overrides), keyed by the source, the torch version, the compiler and the CPU; later processes
-load it at once. The library registers the ops `torch.ops.lightgate_gguf.mm`, `.mm_bf16` and
-`torch.ops.lightgate_gguf.dequantize`, and the decode step's ops of `engine.kernels.cpu_decode`
-(`torch.ops.lightgate_cpu`). Where no compiler is found or the build fails,
+load it at once. The library registers the ops `torch.ops.lightgate_gguf.mm`, `.mm_bf16`,
+`.has_int8_activations` and `.dequantize`, and the decode step's ops of
+`engine.kernels.cpu_decode` (`torch.ops.lightgate_cpu`). Where no compiler is found or the build fails,
 `available()` is False and GGUF weights are served dequantized instead.
 """
 
@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gguf_cpu.cpp")
 # ggml type ids with a kernel: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
 SUPPORTED_TYPES = frozenset({2, 3, 6, 7, 8, 12, 13, 14})
+# The K-quants (Q4_K, Q5_K, Q6_K): their float32 kernels are bound by decoding, not by memory.
+K_QUANT_TYPES = frozenset({12, 13, 14})
 # Activation rows up to which the block kernel runs; more rows take a dequantized GEMM.
 MAX_DIRECT_ROWS = 64
 
@@ -129,9 +131,34 @@ def available() -> bool:
     return True
 
 
-def gguf_mm(x: torch.Tensor, weight: torch.Tensor, qtype: int) -> torch.Tensor:
-    """x [M, K] float32 @ the GGUF weight [N, bytes per row] of `qtype`, transposed -> [M, N]."""
-    return torch.ops.lightgate_gguf.mm(x, weight, qtype, MAX_DIRECT_ROWS)
+@functools.cache
+def has_int8_activations() -> bool:
+    """Whether the kernels built here have the int8-activation path (x86 with AVX2: AVX-512 VNNI,
+    AVX-VNNI or AVX2 code); without it an int8 product is the float32 one."""
+    return available() and bool(torch.ops.lightgate_gguf.has_int8_activations())
+
+
+def int8_types(activations: str) -> frozenset[int]:
+    """The ggml types whose decode products take int8 activations under the `gguf_activations`
+    setting: none for "float32" or where `has_int8_activations()` is False, every supported type
+    for "int8", the K-quants for "auto" (the 32-value formats' float32 kernels already run near
+    memory speed for one row, and keep their products exact)."""
+    if activations not in ("auto", "int8", "float32"):
+        raise ValueError(f"gguf_activations must be auto, int8 or float32, got {activations!r}")
+    if activations == "float32" or not has_int8_activations():
+        return frozenset()
+    return SUPPORTED_TYPES if activations == "int8" else K_QUANT_TYPES
+
+
+def gguf_mm(x: torch.Tensor, weight: torch.Tensor, qtype: int, int8_activations: bool = False) -> torch.Tensor:
+    """x [M, K] float32 @ the GGUF weight [N, bytes per row] of `qtype`, transposed -> [M, N].
+
+    With `int8_activations` (and `has_int8_activations()`), up to `MAX_DIRECT_ROWS` rows of x are
+    quantized per row and weight block (32 values, 256 for the K-quants: scale max|x| / 127,
+    rounded to nearest, ties to even) and multiplied in integers: the product of the dequantized
+    weight with those dequantized activations, up to float32 summation order. Otherwise the
+    product with x as it is, up to float32 summation order."""
+    return torch.ops.lightgate_gguf.mm(x, weight, qtype, MAX_DIRECT_ROWS, int8_activations)
 
 
 def gguf_mm_bf16(x: torch.Tensor, weight: torch.Tensor, qtype: int) -> torch.Tensor:

@@ -101,11 +101,13 @@ class QuantizedRows(LazyWeight):
 
 @dataclass(frozen=True, slots=True)
 class GGUFWeight:
-    """A linear layer's weight [out, in] as GGUF blocks, in segments of rows."""
+    """A linear layer's weight [out, in] as GGUF blocks, in segments of rows; the segments of a
+    type in `int8_types` multiply decode batches' activations quantized to int8 (`gguf_mm`)."""
 
     in_features: int
     segments: tuple[Segment, ...]
     prefill_dtype: torch.dtype = torch.float32  # of products over more than MAX_DIRECT_ROWS rows
+    int8_types: frozenset[int] = frozenset()
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x: [num_tokens, in] -> [num_tokens, out], in x's dtype
@@ -114,7 +116,7 @@ class GGUFWeight:
             low = x.to(torch.bfloat16)
             parts = [gguf_mm_bf16(low, s.blocks, s.qtype) for s in self.segments]
         else:
-            parts = [gguf_mm(x32, s.blocks, s.qtype) for s in self.segments]
+            parts = [gguf_mm(x32, s.blocks, s.qtype, s.qtype in self.int8_types) for s in self.segments]
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         if bias is not None:
             out = out.add_(bias)
@@ -174,12 +176,14 @@ def _weight_owners(model: nn.Module) -> dict[int, list[nn.Module]]:
     return owners
 
 
-def attach_gguf_weights(model: nn.Module, sink: BlockSink, prefill: torch.dtype = torch.float32) -> int:
+def attach_gguf_weights(
+    model: nn.Module, sink: BlockSink, prefill: torch.dtype = torch.float32, int8_types: frozenset[int] = frozenset()
+) -> int:
     """Give each layer whose weight rows all came as blocks its `GGUFWeight` (products over
-    more than `MAX_DIRECT_ROWS` rows in `prefill`, see the module docstring; as
-    `packed_weight`, or `gguf_weight` for an embedding; the blocks also registered as buffers)
-    and drop its float weight; dequantize the blocks of every other region taken. Returns how
-    many weights kept blocks."""
+    more than `MAX_DIRECT_ROWS` rows in `prefill`, see the module docstring; decode batches'
+    with int8 activations for the types in `int8_types`; as `packed_weight`, or `gguf_weight`
+    for an embedding; the blocks also registered as buffers) and drop its float weight;
+    dequantize the blocks of every other region taken. Returns how many weights kept blocks."""
     count = 0
     for address, modules in _weight_owners(model).items():
         segments = [segment for segment, _ in sink.regions.get(address, [])]
@@ -189,7 +193,7 @@ def attach_gguf_weights(model: nn.Module, sink: BlockSink, prefill: torch.dtype 
         if not segments or not _covers(segments, rows):
             continue  # a fused layer with a part stored unquantized: dense (dequantize_rest)
         del sink.regions[address]
-        packed = GGUFWeight(cols, _merged(segments), prefill)
+        packed = GGUFWeight(cols, _merged(segments), prefill, int8_types)
         for module in modules:
             for i, segment in enumerate(packed.segments):
                 module.register_buffer(f"gguf_blocks{i}", segment.blocks, persistent=False)

@@ -247,6 +247,7 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 def load_model(
     path: str, dtype: torch.dtype, device: str | torch.device, tp_rank: int = 0, tp_size: int = 1,
     quantization: str = "none", gguf_weights: str = "quantized", gguf_prefill: str = "float32",
+    gguf_activations: str = "auto",
 ) -> CausalLM:
     """Build the architecture named by `path/config.json` and load its weights.
 
@@ -258,6 +259,8 @@ def load_model(
     on a CPU (`engine.layers.gguf_linear`; one rank, no `quantization`, kernels built here);
     "dequantized", or where that does not apply: their float values in `dtype`. `gguf_prefill`:
     the dtype of the blocks' products over more than 64 rows (`engine.layers.gguf_linear`).
+    Decode batches multiply the blocks by activations as `gguf_activations` says
+    (`gguf_cpu.int8_types`).
     """
     config = load_hf_config(path)
     architectures = getattr(config, "architectures", None) or []
@@ -277,7 +280,9 @@ def load_model(
         weights = with_gguf_blocks(weights, sink)
     load_weights(model, model.checkpoint_weights(weights))
     if sink is not None:
-        logger.info("%d linear layers served in their GGUF blocks", attach_gguf_weights(model, sink, prefill_dtype(gguf_prefill)))
+        int8_types = gguf_cpu.int8_types(gguf_activations)
+        count = attach_gguf_weights(model, sink, prefill_dtype(gguf_prefill), int8_types)
+        logger.info("%d linear layers served in their GGUF blocks (int8 activations for types %s)", count, sorted(int8_types))
     if fp8:
         quantize_model_fp8(model)
         if torch.device(device).type == "cuda":

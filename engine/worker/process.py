@@ -88,7 +88,7 @@ def worker_main(
         gguf_weights = config.gguf_weights if config.weight_quantization == "none" else "dequantized"
         model = load_model(
             model_path, config.torch_dtype(), device, tp_rank=rank, tp_size=tp_size, quantization=config.quantization,
-            gguf_weights=gguf_weights, gguf_prefill=config.gguf_prefill,
+            gguf_weights=gguf_weights, gguf_prefill=config.gguf_prefill, gguf_activations=config.gguf_activations,
         )
         if config.weight_quantization != "none":
             from engine.models.quantize import quantize_model_weights

@@ -1,6 +1,8 @@
 """The GGUF CPU kernels against the `gguf` package's own dequantization: each format's
 dequantization bit for bit, its product with a few rows (the block kernel) and with many rows
-(the dequantized GEMM) equal to dequantize-then-matmul up to the float32 sums' order."""
+(the dequantized GEMM) equal to dequantize-then-matmul up to the float32 sums' order; with int8
+activations, equal to the dequantized weight times the activations quantized as the kernel
+quantizes them (per row and block, max|x| / 127) and dequantized."""
 
 from __future__ import annotations
 
@@ -53,11 +55,23 @@ def test_dequantize_is_gguf_dequantize_exactly(qtype: QT) -> None:
     torch.testing.assert_close(ours, reference(blocks, qtype, rows, cols), rtol=0, atol=0)
 
 
-def assert_product(qtype: QT, num_tokens: int, rows: int, cols: int, seed: int) -> None:
+def int8_activations(x: torch.Tensor, qtype: QT) -> torch.Tensor:
+    """x [M, K] quantized as the kernels do (per row and block of the weight's block size:
+    round(x * 127 / max|x|), ties to even), dequantized (times max|x| / 127)."""
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    blocks = x.reshape(x.shape[0], -1, block)
+    top = blocks.abs().amax(-1, keepdim=True)
+    # a float32 division (`127.0 / top` would multiply by top's reciprocal: another rounding)
+    inverse = torch.where(top > 0, torch.full_like(top, 127.0) / top, torch.zeros_like(top))
+    return (torch.round(blocks * inverse) * (top / 127)).reshape(x.shape)
+
+
+def assert_product(qtype: QT, num_tokens: int, rows: int, cols: int, seed: int, int8: bool = False) -> None:
     blocks = random_blocks(qtype, rows, cols, seed=seed)
     x = torch.randn(num_tokens, cols, generator=torch.Generator().manual_seed(seed + 1))
-    out = gguf_cpu.gguf_mm(x, torch.from_numpy(blocks), int(qtype))
-    expected = x.double() @ reference(blocks, qtype, rows, cols).double().T
+    out = gguf_cpu.gguf_mm(x, torch.from_numpy(blocks), int(qtype), int8_activations=int8)
+    quantized = int8 and gguf_cpu.has_int8_activations() and num_tokens <= gguf_cpu.MAX_DIRECT_ROWS
+    expected = (int8_activations(x, qtype) if quantized else x).double() @ reference(blocks, qtype, rows, cols).double().T
     assert out.shape == (num_tokens, rows) and out.dtype == torch.float32
     # float32 sums in another order: a few ulps of the largest terms, far below any format's step
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
@@ -78,10 +92,57 @@ def test_matmul_equals_dequantize_then_matmul(qtype: QT, num_tokens: int) -> Non
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
 @pytest.mark.parametrize(("num_tokens", "rows", "cols"), [(1, 1, 256), (9, 3, 256), (2, 5, 1280), (17, 61, 2304)])
-def test_matmul_at_odd_sizes(qtype: QT, num_tokens: int, rows: int, cols: int) -> None:
+@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
+def test_matmul_at_odd_sizes(qtype: QT, num_tokens: int, rows: int, cols: int, int8: bool) -> None:
     """One weight row, fewer weight rows than threads or a row chunk, odd numbers of blocks
     (5 and 9 super-blocks of 256), a K longer than one slice of the activations."""
-    assert_product(qtype, num_tokens, rows, cols, seed=rows)
+    assert_product(qtype, num_tokens, rows, cols, seed=rows, int8=int8)
+
+
+# The int8 path's tiles: up to 8 rows with AVX-512, 4 with AVX2; 64 is the direct kernel's limit.
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("num_tokens", [1, 3, 12, 13, 64, gguf_cpu.MAX_DIRECT_ROWS + 1])
+def test_matmul_with_int8_activations(qtype: QT, num_tokens: int) -> None:
+    """The product with x quantized to int8 per block equals the dequantized weight times the
+    dequantized int8 activations (past the direct kernel's rows: the float32 GEMM's product)."""
+    assert_product(qtype, num_tokens, rows=37, cols=768, seed=num_tokens, int8=True)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_K, QT.Q6_K], ids=lambda q: q.name)
+def test_int8_activations_of_extreme_values(qtype: QT) -> None:
+    """Rows of zeros, one large value among small ones, a constant block: the scale of each
+    block is its own (zero rows give zeros, no NaN)."""
+    cols = 512
+    blocks = random_blocks(qtype, 8, cols)
+    x = torch.zeros(3, cols)
+    x[1, 5] = 1e4
+    x[1, 6:40] = 1e-3
+    x[2, 256:] = -2.5
+    out = gguf_cpu.gguf_mm(x, torch.from_numpy(blocks), int(qtype), int8_activations=True)
+    quantized = int8_activations(x, qtype) if gguf_cpu.has_int8_activations() else x
+    expected = quantized.double() @ reference(blocks, qtype, 8, cols).double().T
+    assert torch.isfinite(out).all() and (out[0] == 0).all()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_int8_types_follow_the_setting() -> None:
+    """auto: the K-quants; int8: every format; float32: none (none at all without the path)."""
+    everything = gguf_cpu.has_int8_activations()
+    assert gguf_cpu.int8_types("auto") == (gguf_cpu.K_QUANT_TYPES if everything else frozenset())
+    assert gguf_cpu.int8_types("int8") == (gguf_cpu.SUPPORTED_TYPES if everything else frozenset())
+    assert gguf_cpu.int8_types("float32") == frozenset()
+    with pytest.raises(ValueError, match="gguf_activations"):
+        gguf_cpu.int8_types("int4")
+
+
+def test_int8_activations_are_closer_to_float_than_a_format_step() -> None:
+    """The quantization of x costs about what int8 rounding costs (~1 % of a product), not more."""
+    cols = 2048
+    blocks = random_blocks(QT.Q4_K, 64, cols)
+    x = torch.randn(4, cols)
+    exact = gguf_cpu.gguf_mm(x, torch.from_numpy(blocks), int(QT.Q4_K))
+    int8 = gguf_cpu.gguf_mm(x, torch.from_numpy(blocks), int(QT.Q4_K), int8_activations=True)
+    assert float((int8 - exact).norm() / exact.norm()) < 0.02
 
 
 def test_segments_of_mixed_types_are_side_by_side_and_take_bfloat16() -> None:

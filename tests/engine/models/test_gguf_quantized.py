@@ -1,6 +1,8 @@
 """A quantized GGUF served in its blocks on the CPU (`gguf_weights` "quantized", the default):
-the same greedy tokens as the dequantized path, the linear layers holding the file's bytes and
-no float copy, and the dequantized path where asked or where a layer cannot take blocks."""
+the same greedy tokens as the dequantized path (float32 activations), the linear layers holding
+the file's bytes and no float copy, and the dequantized path where asked or where a layer cannot
+take blocks; with the default int8 activations of the K-quants, the greedy tokens of the
+dequantized path fed the same int8 activations."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from engine.kernels import gguf_cpu
 from engine.layers.gguf_linear import GGUFWeight
 from engine.layers.linear import LinearBase
 from engine.models import load_model, resolve_model
-from tests.engine.kernels.test_gguf_cpu import random_blocks
+from tests.engine.kernels.test_gguf_cpu import int8_activations, random_blocks
 from tests.engine.models.harness import Harness, save_tiny_model, tiny_config
 from tests.engine.models.test_gguf import write_gguf
 
@@ -73,9 +75,10 @@ def write_k_quant_llama(path: Path, types: dict[str, QT], default: QT = QT.Q4_K)
     writer.close()
 
 
-def served_and_dequantized(file: Path, cache: Path) -> tuple[nn.Module, nn.Module]:
+def served_and_dequantized(file: Path, cache: Path, activations: str = "float32") -> tuple[nn.Module, nn.Module]:
     path = resolve_model(str(file), str(cache))
-    return load_model(path, torch.float32, "cpu"), load_model(path, torch.float32, "cpu", gguf_weights="dequantized")
+    served = load_model(path, torch.float32, "cpu", gguf_activations=activations)
+    return served, load_model(path, torch.float32, "cpu", gguf_weights="dequantized")
 
 
 def linear_layers(model: nn.Module) -> list[LinearBase]:
@@ -122,6 +125,24 @@ def test_k_quant_gguf_keeps_the_file_bytes_and_serves_the_dequantized_greedy_tok
     assert resident_bytes(served) == resident_bytes(dequantized) - float_bytes + quantized_bytes
     qkv: Any = served.model.layers[0].self_attn.qkv_proj
     assert [s.qtype for s in qkv.packed_weight.segments] == [int(K_MIXES[mix]), int(QT.Q6_K)]  # q | k, then v
+    prompt = [p % 256 for p in PROMPT]
+    assert Harness(served).generate(prompt, 16) == Harness(dequantized).generate(prompt, 16)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("mix", sorted(K_MIXES))
+def test_k_quants_take_int8_activations_by_default(mix: str, tmp_path: Path, cache: Path) -> None:
+    """`gguf_activations` auto (the default): the K-quant layers multiply int8 activations where
+    the kernels have that path, and generate the greedy tokens of the dequantized model whose
+    linear layers see their input quantized as the kernels quantize it (blocks of 256)."""
+    file = tmp_path / f"tiny-{mix}.gguf"
+    write_k_quant_llama(file, Q6_K_PARTS, default=K_MIXES[mix])
+    served, dequantized = served_and_dequantized(file, cache, activations="auto")
+    int8_types = gguf_cpu.K_QUANT_TYPES if gguf_cpu.has_int8_activations() else frozenset()
+    assert all(m.packed_weight.int8_types == int8_types for m in linear_layers(served))
+    if int8_types:
+        for layer in linear_layers(dequantized):
+            layer.register_forward_pre_hook(lambda _, args: (int8_activations(args[0], QT.Q4_K), *args[1:]))
     prompt = [p % 256 for p in PROMPT]
     assert Harness(served).generate(prompt, 16) == Harness(dequantized).generate(prompt, 16)
 
