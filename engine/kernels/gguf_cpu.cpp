@@ -613,6 +613,137 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const c10::opti
 
 }  // namespace
 
+// ---- one whole decoder layer of a decode step (float32, CPU) -----------------------------------
+//
+// A pre-norm Llama-style layer for one new token per sequence, in one call: the C++ ops above in
+// a row with the small steps between them (rotary, KV store, SiLU-and-mul) done in place, so a
+// layer costs one dispatch instead of some twenty. The same arithmetic as the module path: the
+// same RMSNorm, block products, attention and torch's SiLU; the rotary's sums in the same order.
+
+#include <ATen/ops/cat.h>
+#include <ATen/ops/silu.h>
+
+namespace {
+
+// x [M, K] times one segment of a weight's rows: GGUF blocks of `qtype` [N, bytes per row], or
+// (qtype 0) a dense float32 weight [N, K] -> [M, N]
+at::Tensor segment_product(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t max_direct_rows) {
+  if (qtype == 0) {
+    TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.size(1) == x.size(1), "decoder_layer: dense weight");
+    return at::mm(x, w.t());
+  }
+  return mm(x, w, qtype, max_direct_rows);
+}
+
+// A linear layer whose weight is `count` segments of rows from weights[*next] on (the segments'
+// products side by side), plus an optional bias.
+at::Tensor layer_linear(const at::Tensor& x, at::TensorList weights, at::IntArrayRef qtypes, int64_t* next,
+                        int64_t count, const c10::optional<at::Tensor>& bias, int64_t max_direct_rows) {
+  at::Tensor out;
+  if (count == 1) {
+    out = segment_product(x, weights[*next], qtypes[*next], max_direct_rows);
+  } else {
+    std::vector<at::Tensor> parts;
+    for (int64_t i = 0; i < count; ++i) parts.push_back(segment_product(x, weights[*next + i], qtypes[*next + i], max_direct_rows));
+    out = at::cat(parts, 1);
+  }
+  *next += count;
+  if (bias.has_value() && bias->defined()) out.add_(*bias);
+  return out;
+}
+
+// qkv [B, (H + 2 KV) * D] -> q [B, H, D] rotated; each sequence's k rotated and its v copied to
+// its slot of the pools [slots, KV, D]. cos / sin [B, rd]: full rotary width with rotate_half's
+// sign folded into sin (cos = [c | c], sin = [-s | s]); dims past rd are not rotated. Products
+// and sums rounded one at a time (no fused multiply-add), as torch's ops compute them.
+#if defined(__clang__)
+#define NO_FP_CONTRACT
+#else
+#define NO_FP_CONTRACT __attribute__((optimize("fp-contract=off")))
+#endif
+NO_FP_CONTRACT void rotate_and_store(const float* qkv, const float* cos, const float* sin, const int64_t* slots, int64_t B,
+                      int64_t H, int64_t KV, int64_t D, int64_t rd, float* q, float* k_pool, float* v_pool) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  const int64_t half = rd / 2, width = (H + 2 * KV) * D;
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = qkv + b * width;
+    const float *c = cos + b * rd, *s = sin + b * rd;
+    for (int64_t h = 0; h < H + KV; ++h) {
+      const float* x = row + h * D;
+      float* y = h < H ? q + (b * H + h) * D : k_pool + (slots[b] * KV + h - H) * D;
+      // x * cos + rotate_half(x) * sin
+      for (int64_t d = 0; d < half; ++d) {
+        const float a = x[d] * c[d], p = x[d + half] * s[d];
+        y[d] = a + p;
+      }
+      for (int64_t d = half; d < rd; ++d) {
+        const float a = x[d] * c[d], p = x[d - half] * s[d];
+        y[d] = a + p;
+      }
+      for (int64_t d = rd; d < D; ++d) y[d] = x[d];
+    }
+    std::memcpy(v_pool + slots[b] * KV * D, row + (H + KV) * D, KV * D * sizeof(float));
+  }
+}
+
+void check_layer_inputs(const at::Tensor& hidden, at::TensorList weights, at::IntArrayRef qtypes,
+                        at::IntArrayRef counts, const c10::List<c10::optional<at::Tensor>>& biases,
+                        const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_pool,
+                        const at::Tensor& v_pool, const at::Tensor& out_slots, at::IntArrayRef shape) {
+  TORCH_CHECK(hidden.scalar_type() == at::kFloat && hidden.dim() == 2 && hidden.device().is_cpu(),
+              "decoder_layer: float32 hidden [B, C] on the CPU");
+  TORCH_CHECK(shape.size() == 5 && counts.size() == 4 && biases.size() == 4 && weights.size() == qtypes.size(),
+              "decoder_layer: shape [H, KV, D, window, max_direct_rows], 4 segment counts and 4 biases");
+  int64_t total = 0;
+  for (const int64_t n : counts) total += n;
+  TORCH_CHECK(total == static_cast<int64_t>(weights.size()), "decoder_layer: segment counts do not add up");
+  const int64_t B = hidden.size(0), KV = shape[1], D = shape[2];
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.dim() == 2 &&
+                  cos.size(0) == B && cos.sizes() == sin.sizes() && cos.is_contiguous() && sin.is_contiguous() &&
+                  cos.size(1) % 2 == 0 && cos.size(1) <= D,
+              "decoder_layer: cos / sin float32 [B, rotary_dim]");
+  TORCH_CHECK(k_pool.scalar_type() == at::kFloat && v_pool.scalar_type() == at::kFloat && k_pool.dim() == 3 &&
+                  k_pool.size(1) == KV && k_pool.size(2) == D && v_pool.sizes() == k_pool.sizes() &&
+                  k_pool.is_contiguous() && v_pool.is_contiguous(),
+              "decoder_layer: float32 pools [slots, KV, D]");
+  TORCH_CHECK(out_slots.scalar_type() == at::kLong && out_slots.numel() == B, "decoder_layer: int64 out_slots [B]");
+}
+
+// One pre-norm decoder layer for a decode step (B sequences, one new token each): hidden [B, C]
+// (and the residual stream, None before the first layer) -> (the MLP's output, the residual
+// after attention), as PreNormDecoderLayer.forward returns them. weights / qtypes: the segments of
+// qkv, o, gate_up and down in that order, counts[i] of them for linear i; biases: theirs or None.
+// shape: [num_heads, num_kv_heads, head_dim, sliding window (0: none), max_direct_rows].
+std::tuple<at::Tensor, at::Tensor> decoder_layer(
+    const at::Tensor& hidden, const c10::optional<at::Tensor>& residual, const at::Tensor& input_norm,
+    const at::Tensor& post_norm, at::TensorList weights, at::IntArrayRef qtypes, at::IntArrayRef counts,
+    const c10::List<c10::optional<at::Tensor>>& biases, const at::Tensor& cos, const at::Tensor& sin,
+    const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& out_slots, const at::Tensor& req_to_token,
+    const at::Tensor& req_indices, const at::Tensor& seq_lens, at::IntArrayRef shape, double scale, double eps) {
+  check_layer_inputs(hidden, weights, qtypes, counts, biases, cos, sin, k_pool, v_pool, out_slots, shape);
+  const int64_t B = hidden.size(0), H = shape[0], KV = shape[1], D = shape[2], window = shape[3];
+  const int64_t direct = shape[4];
+  int64_t next = 0;
+  auto [normed, res] = rms_norm(hidden, residual, input_norm, eps);
+  const at::Tensor qkv = layer_linear(normed, weights, qtypes, &next, counts[0], biases.get(0), direct).contiguous();
+  TORCH_CHECK(qkv.size(1) == (H + 2 * KV) * D, "decoder_layer: qkv width");
+  at::Tensor q = at::empty({B, H, D}, hidden.options());
+  const at::Tensor slots = out_slots.contiguous();
+  rotate_and_store(qkv.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), slots.data_ptr<int64_t>(), B,
+                   H, KV, D, cos.size(1), q.data_ptr<float>(), k_pool.data_ptr<float>(), v_pool.data_ptr<float>());
+  const at::Tensor attn = decode_attention(q, k_pool, v_pool, req_to_token, req_indices, seq_lens, scale, window);
+  const at::Tensor o = layer_linear(attn.view({B, H * D}), weights, qtypes, &next, counts[1], biases.get(1), direct);
+  auto [normed2, res2] = rms_norm(o, res, post_norm, eps);
+  const at::Tensor gate_up = layer_linear(normed2, weights, qtypes, &next, counts[2], biases.get(2), direct);
+  const int64_t I = gate_up.size(1) / 2;
+  const at::Tensor act = at::silu(gate_up.narrow(1, 0, I)).mul_(gate_up.narrow(1, I, I));  // as SiluAndMul
+  return std::make_tuple(layer_linear(act, weights, qtypes, &next, counts[3], biases.get(3), direct), res2);
+}
+
+}  // namespace
+
 TORCH_LIBRARY(lightgate_gguf, m) {
   m.def("mm(Tensor x, Tensor weight, int qtype, int max_direct_rows) -> Tensor");
   m.def("dequantize(Tensor weight, int qtype, int columns) -> Tensor");
@@ -627,9 +758,14 @@ TORCH_LIBRARY(lightgate_cpu, m) {
   m.def("decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor req_to_token, Tensor req_indices, "
         "Tensor seq_lens, float scale, int window) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("decoder_layer(Tensor hidden, Tensor? residual, Tensor input_norm, Tensor post_norm, Tensor[] weights, "
+        "int[] qtypes, int[] counts, Tensor?[] biases, Tensor cos, Tensor sin, Tensor(a!) k_pool, Tensor(b!) v_pool, "
+        "Tensor out_slots, Tensor req_to_token, Tensor req_indices, Tensor seq_lens, int[] shape, float scale, "
+        "float eps) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lightgate_cpu, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("rms_norm", &rms_norm);
+  m.impl("decoder_layer", &decoder_layer);
 }
