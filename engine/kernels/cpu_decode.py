@@ -3,21 +3,14 @@
 `rms_norm` (with the residual add fused) and `decode_attention` (one new token per sequence,
 its keys and values read in place from the KV pool through `req_to_token`, no gathered copy)
 replace several torch ops each, whose dispatch costs more than their arithmetic at decode sizes;
-`decoder_layer` runs a whole Llama-style layer of a decode step in one call
-(`engine.models.cpu_decode_layer`). They serve only where the library is already loaded (a model
-with GGUF blocks loaded it), so other CPU models keep torch's ops: `loaded()` never builds anything.
+`decoder_layer` runs a whole Llama-style layer of a decode step in one call. A model takes
+them where its loader chose so (`engine.models.cpu_decode_layer.enable_cpu_kernels`, for a
+model served with GGUF blocks, which loaded the library); other models keep torch's ops.
 """
 
 from __future__ import annotations
 
 import torch
-
-from engine.kernels import gguf_cpu
-
-
-def loaded() -> bool:
-    """Whether the library is loaded in this process (never builds it)."""
-    return gguf_cpu.loaded()
 
 
 def rms_norm(

@@ -148,11 +148,13 @@ def fused_decode_layer(layer: nn.Module) -> CpuDecodeLayer | None:
 
 
 def enable_cpu_kernels(model: nn.Module) -> int:
-    """Give each decoder layer of `model` the op computes its `CpuDecodeLayer`. Call once the
-    weights are in (GGUF blocks attached), with the kernel library loaded. Returns how many
-    layers take the op."""
+    """Let `model`'s RMSNorms and attention layers take the C++ decode ops, and give each
+    decoder layer the op computes its `CpuDecodeLayer`. Call once the weights are in (GGUF
+    blocks attached), with the kernel library loaded. Returns how many layers take the op."""
     count = 0
     for module in model.modules():
+        if isinstance(module, (RMSNorm, Attention)):
+            module.cpu_kernels = True
         if isinstance(module, PreNormDecoderLayer):
             module.fused_decode = fused_decode_layer(module)
             count += module.fused_decode is not None

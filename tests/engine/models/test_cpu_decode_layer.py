@@ -1,7 +1,8 @@
 """A decode step's decoder layers as one C++ op each (`engine.models.cpu_decode_layer`): the
 same logits, KV pool and greedy tokens as the module path of the same GGUF model served in its
 blocks, for Llama (GQA), Mistral (sliding window), Qwen2 (q/k/v biases) and a K-quant mix (a
-fused q | k | v of two block types), one sequence and a batch of three of different lengths."""
+fused q | k | v of two block types), one sequence and a batch of three of different lengths;
+the op chosen per model at load, not per process."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from engine.kernels import gguf_cpu
+from engine.layers import Attention, RMSNorm
 from engine.models import load_model, resolve_model
 from engine.models.llama import LlamaAttention, PreNormDecoderLayer
 from engine.worker.forward_context import get_forward_context
@@ -136,3 +138,20 @@ def test_an_int8_pool_keeps_the_module_path(served: nn.Module, monkeypatch: pyte
     assert calls.count(True) == 3 * len(served.model.layers)  # type: ignore[union-attr]
     with module_path(served):
         assert fused == Harness(served, kv_dtype=torch.int8).generate(prompt, 4)
+
+
+def test_the_choice_is_per_model(tmp_path: Path, cache: Path) -> None:
+    """A model served with GGUF blocks takes the C++ ops; a model loaded from safetensors in the
+    same process (the library loaded) keeps torch's; a layer the op cannot compute (Qwen3's
+    q/k norms) keeps its modules."""
+    save_tiny_model(str(tmp_path / "hf"), tiny_config("llama", num_hidden_layers=1))
+    dense = load_model(str(tmp_path / "hf"), torch.float32, "cpu")
+    kernels = [m.cpu_kernels for m in dense.modules() if isinstance(m, (RMSNorm, Attention))]
+    assert kernels and not any(kernels)
+    assert all(layer.fused_decode is None for layer in dense.model.layers)  # type: ignore[union-attr]
+    file = tmp_path / "qwen3.gguf"
+    qwen3 = save_tiny_model(str(tmp_path / "qwen3"), tiny_config("qwen3", num_hidden_layers=1, tie_word_embeddings=False))
+    write_gguf(file, qwen3, QT.Q8_0, arch="qwen3")
+    served = load_model(resolve_model(str(file), str(cache)), torch.float32, "cpu")
+    assert all(m.cpu_kernels for m in served.modules() if isinstance(m, (RMSNorm, Attention)))
+    assert served.model.layers[0].fused_decode is None  # type: ignore[union-attr]
