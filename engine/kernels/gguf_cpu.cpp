@@ -516,6 +516,88 @@ ALWAYS_INLINE float dot(const float* x, const float* y, int64_t D) {
   return s;
 }
 
+// exp(x[i] - top) in place for i < n (every x[i] <= top), returning their sum. AVX-512: 16 at a
+// time, Cephes' single-precision polynomial (within 2 ulp of std::exp) scaled by 2^k in one
+// instruction; the rest (and other CPUs) through std::exp.
+ALWAYS_INLINE float exp_shifted(float* x, int64_t n, float top) {
+  int64_t i = 0;
+  float total = 0.f;
+#if defined(__AVX512F__)
+  const __m512 shift = _mm512_set1_ps(top);
+  __m512 sum = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    // inputs below ln(FLT_MIN) give ~1e-38 instead of 0: nothing against a total of at least 1
+    const __m512 v = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), shift), _mm512_set1_ps(-87.33654f));
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), v);  // v - k ln 2, in two parts
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    const __m512 e = _mm512_scalef_ps(_mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f)), k);
+    _mm512_storeu_ps(x + i, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  total = _mm512_reduce_add_ps(sum);
+#endif
+  for (; i < n; ++i) total += (x[i] = std::exp(x[i] - top));
+  return total;
+}
+
+// One query head against its n keys and values (rows `slots` of the pools, `row` floats per
+// slot, this head's kv head at `offset`): o [D] = softmax(q . k * scale) . v, D = 16 C, q and the
+// output held in registers.
+template <int C>
+void attend_head(const float* q, const float* kp, const float* vp, const int32_t* slots, int64_t n, int64_t row,
+                 int64_t offset, float scale, float* scores, float* o) {
+  f32x16 qv[C];
+  for (int c = 0; c < C; ++c) qv[c] = load_f32(q + 16 * c);
+  float top = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    const float* k = kp + int64_t{slots[j]} * row + offset;
+    f32x16 acc = qv[0] * load_f32(k);
+    for (int c = 1; c < C; ++c) acc += qv[c] * load_f32(k + 16 * c);
+    scores[j] = hsum(acc) * scale;
+    top = std::max(top, scores[j]);
+  }
+  const float total = exp_shifted(scores, n, top);  // softmax numerators, in place
+  f32x16 acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = splat(0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    const float* v = vp + int64_t{slots[j]} * row + offset;
+    const f32x16 p = splat(scores[j]);
+    for (int c = 0; c < C; ++c) acc[c] += p * load_f32(v + 16 * c);
+  }
+  for (int c = 0; c < C; ++c) std::memcpy(o + 16 * c, &acc[c], 64);
+  for (int64_t d = 0; d < 16 * C; ++d) o[d] /= total;
+}
+
+// The same for any head size D, the output accumulated in memory.
+void attend_head_any(const float* q, const float* kp, const float* vp, const int32_t* slots, int64_t n, int64_t row,
+                     int64_t offset, int64_t D, float scale, float* scores, float* o) {
+  float top = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    scores[j] = dot(q, kp + int64_t{slots[j]} * row + offset, D) * scale;
+    top = std::max(top, scores[j]);
+  }
+  const float total = exp_shifted(scores, n, top);
+  std::fill(o, o + D, 0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    const float p = scores[j], *v = vp + int64_t{slots[j]} * row + offset;
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+      const f32x16 sum = load_f32(o + d) + splat(p) * load_f32(v + d);
+      std::memcpy(o + d, &sum, 64);
+    }
+    for (; d < D; ++d) o[d] += p * v[d];
+  }
+  for (int64_t d = 0; d < D; ++d) o[d] /= total;
+}
+
 // One new token per sequence against its keys in the KV pool, read in place through
 // req_to_token (no gathered copy): q [B, H, D], k_pool / v_pool [slots, KV, D], req_to_token
 // [rows, max_len] int32, req_indices / seq_lens [B] int64 -> [B, H, D]. Sequence b sees keys
@@ -539,42 +621,27 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const
   const int64_t *row_p = rows.data_ptr<int64_t>(), *len_p = lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  // A sequence at a time, all its heads per key: each key / value row [KV, D] is read once,
-  // front to back.
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> scores, acc(H * D);
-    for (int64_t b = b0; b < b1; ++b) {
+  int64_t longest = 1;
+  for (int64_t b = 0; b < B; ++b) longest = std::max(longest, len_p[b]);
+  // A (sequence, head) at a time, split across the threads when there is work enough for it (a
+  // short context's heads cost less than waking a thread); a head's keys and values stay in
+  // cache for the other heads of its kv head.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / (longest * D));
+  at::parallel_for(0, B * H, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, hh = i % H, kv_off = hh / G * D;
       const int64_t L = len_p[b], start = window > 0 ? std::max<int64_t>(0, L - window) : 0, n = L - start;
       const int32_t* slots = table + row_p[b] * table_stride + start;
-      const float* qb = qp + b * H * D;
-      scores.resize(H * n);
-      for (int64_t j = 0; j < n; ++j) {
-        const float* keys = kp + int64_t{slots[j]} * KV * D;
-        for (int64_t hh = 0; hh < H; ++hh) scores[hh * n + j] = dot(qb + hh * D, keys + hh / G * D, D) * sc;
+      const float* qh = qp + i * D;
+      float* o = op + i * D;
+      scores.resize(n);
+      switch (D) {  // head sizes whose q and output fit in registers; others through memory
+        case 32: attend_head<2>(qh, kp, vp, slots, n, KV * D, kv_off, sc, scores.data(), o); break;
+        case 64: attend_head<4>(qh, kp, vp, slots, n, KV * D, kv_off, sc, scores.data(), o); break;
+        case 128: attend_head<8>(qh, kp, vp, slots, n, KV * D, kv_off, sc, scores.data(), o); break;
+        default: attend_head_any(qh, kp, vp, slots, n, KV * D, kv_off, D, sc, scores.data(), o);
       }
-      std::vector<float> total(H, 0.f);
-      for (int64_t hh = 0; hh < H; ++hh) {  // softmax numerators, in place
-        float* row = scores.data() + hh * n;
-        const float top = *std::max_element(row, row + n);
-        for (int64_t j = 0; j < n; ++j) total[hh] += (row[j] = std::exp(row[j] - top));
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j = 0; j < n; ++j) {
-        const float* values = vp + int64_t{slots[j]} * KV * D;
-        for (int64_t hh = 0; hh < H; ++hh) {
-          const float p = scores[hh * n + j], *vv = values + hh / G * D;
-          float* a = acc.data() + hh * D;
-          int64_t d = 0;
-          for (; d + 16 <= D; d += 16) {
-            const f32x16 sum = load_f32(a + d) + splat(p) * load_f32(vv + d);
-            std::memcpy(a + d, &sum, 64);
-          }
-          for (; d < D; ++d) a[d] += p * vv[d];
-        }
-      }
-      float* o = op + b * H * D;
-      for (int64_t hh = 0; hh < H; ++hh)
-        for (int64_t d = 0; d < D; ++d) o[hh * D + d] = acc[hh * D + d] / total[hh];
     }
   });
   return out;
