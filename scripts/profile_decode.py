@@ -5,8 +5,9 @@
 
 Prefills `--batch` sequences of `--context` tokens, then times greedy decode steps of
 `ModelRunner.execute` (median and fastest; wall time, and the process's CPU time with the part
-spent in GGUF block products) and prints the torch profiler's table of the
-heaviest ops, or with `--cprofile` the Python profile of the timed steps. A model of the same
+spent in GGUF block products called from Python: the LM head, and the layers' products unless
+they run as one op, `engine/models/cpu_decode_layer.py`; `--module-path` turns that op off)
+and prints the torch profiler's table of the heaviest ops, or with `--cprofile` the Python profile of the timed steps. A model of the same
 depth but tiny width (`--model`) costs little in its matmuls: its step is the work around them.
 """
 
@@ -24,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 from engine.config import EngineConfig
 from engine.messages import NewRow, SeqStep, StepPlan
 from engine.models import load_hf_config, load_model, resolve_model
+from engine.models.llama import PreNormDecoderLayer
 from engine.models.quantize import quantize_model_weights
 from engine.sampling_params import SamplingParams
 from engine.worker.model_runner import ModelRunner
@@ -60,6 +62,9 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a model directory (default: the embedded model)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--cprofile", action="store_true", help="a cProfile of the timed steps instead")
+    parser.add_argument(
+        "--module-path", action="store_true", help="decoder layers through their modules, not the one-op CPU decode layer"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -72,6 +77,10 @@ def main() -> None:
     )
     if args.weight_quantization != "none":
         quantize_model_weights(model, args.weight_quantization)
+    if args.module_path:
+        for layer in model.modules():
+            if isinstance(layer, PreNormDecoderLayer):
+                layer.fused_decode = None
     runner = ModelRunner(config, model, load_hf_config(path))
     params = SamplingParams(temperature=0.0, max_tokens=1000)
     batch, length = args.batch, args.context
@@ -119,7 +128,7 @@ def main() -> None:
         f"({args.gguf_activations} activations), batch {batch}, "
         f"{torch.get_num_threads()} threads: {statistics.median(times) * 1e3:.2f} ms per step (median), "
         f"{min(times) * 1e3:.2f} ms (min); CPU time {statistics.median(cpu_times) * 1e3:.2f} ms (median), "
-        f"{min(cpu_times) * 1e3:.2f} ms (min), of which in GGUF products {statistics.median(gguf_times) * 1e3:.2f} ms"
+        f"{min(cpu_times) * 1e3:.2f} ms (min), of which in GGUF products called from Python {statistics.median(gguf_times) * 1e3:.2f} ms"
     )
     if args.cprofile:
         profiler = cProfile.Profile()

@@ -927,95 +927,87 @@ ALWAYS_INLINE float dot(const float* x, const float* y, int64_t D) {
   return s;
 }
 
-// Softmax numerators of a row of scores, in place: exp(row[j] - max); returns their sum. With
-// AVX-512 or AVX2 + FMA, exp of 16 (8) scores at once, to within a few ulps of std::exp:
-// x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so r is exact to float32), exp(r) by its
-// Taylor series to r^7 (error below r^8 / 8!, under an ulp) times 2^n built in the exponent
-// bits; below -87 (2^n would leave the normal range) the numerator is 0.
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#if defined(__AVX512F__)
-typedef __m512 fvec;
-constexpr int64_t kExpLanes = 16;
-ALWAYS_INLINE fvec vset(float v) { return _mm512_set1_ps(v); }
-ALWAYS_INLINE fvec vfma(fvec a, fvec b, fvec c) { return _mm512_fmadd_ps(a, b, c); }
-ALWAYS_INLINE fvec vexp_nonpositive(fvec x) {
-  const fvec clamped = _mm512_max_ps(x, vset(-87.f));
-  const fvec n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, vset(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  fvec r = _mm512_fnmadd_ps(n, vset(0.693145752f), clamped);
-  r = _mm512_fnmadd_ps(n, vset(1.42860677e-6f), r);
-  fvec p = vset(1.f / 5040.f);
-  for (float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) p = vfma(p, r, vset(c));
-  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  const fvec value = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
-  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, vset(-87.f), _CMP_GE_OQ), value);
-}
-ALWAYS_INLINE fvec vload(const float* p) { return _mm512_loadu_ps(p); }
-ALWAYS_INLINE void vstore(float* p, fvec v) { _mm512_storeu_ps(p, v); }
-ALWAYS_INLINE float vsum(fvec v) { return _mm512_reduce_add_ps(v); }
-ALWAYS_INLINE float vmax(fvec v) { return _mm512_reduce_max_ps(v); }
-ALWAYS_INLINE fvec vmaxv(fvec a, fvec b) { return _mm512_max_ps(a, b); }
-ALWAYS_INLINE fvec vsub(fvec a, fvec b) { return _mm512_sub_ps(a, b); }
-ALWAYS_INLINE fvec vadd(fvec a, fvec b) { return _mm512_add_ps(a, b); }
-#else
-typedef __m256 fvec;
-constexpr int64_t kExpLanes = 8;
-ALWAYS_INLINE fvec vset(float v) { return _mm256_set1_ps(v); }
-ALWAYS_INLINE fvec vfma(fvec a, fvec b, fvec c) { return _mm256_fmadd_ps(a, b, c); }
-ALWAYS_INLINE fvec vexp_nonpositive(fvec x) {
-  const fvec clamped = _mm256_max_ps(x, vset(-87.f));
-  const fvec n = _mm256_round_ps(_mm256_mul_ps(clamped, vset(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  fvec r = _mm256_fnmadd_ps(n, vset(0.693145752f), clamped);
-  r = _mm256_fnmadd_ps(n, vset(1.42860677e-6f), r);
-  fvec p = vset(1.f / 5040.f);
-  for (float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) p = vfma(p, r, vset(c));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  const fvec value = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-  return _mm256_and_ps(value, _mm256_cmp_ps(x, vset(-87.f), _CMP_GE_OQ));
-}
-ALWAYS_INLINE fvec vload(const float* p) { return _mm256_loadu_ps(p); }
-ALWAYS_INLINE void vstore(float* p, fvec v) { _mm256_storeu_ps(p, v); }
-ALWAYS_INLINE float vsum(fvec v) {
-  float lanes[8];
-  _mm256_storeu_ps(lanes, v);
-  return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-}
-ALWAYS_INLINE float vmax(fvec v) {
-  float lanes[8];
-  _mm256_storeu_ps(lanes, v);
-  return *std::max_element(lanes, lanes + 8);
-}
-ALWAYS_INLINE fvec vmaxv(fvec a, fvec b) { return _mm256_max_ps(a, b); }
-ALWAYS_INLINE fvec vsub(fvec a, fvec b) { return _mm256_sub_ps(a, b); }
-ALWAYS_INLINE fvec vadd(fvec a, fvec b) { return _mm256_add_ps(a, b); }
-#endif
-float softmax_numerators(float* row, int64_t n) {
-  int64_t j = 0;
-  float top = -INFINITY;
-  if (n >= kExpLanes) {
-    fvec m = vload(row);
-    for (j = kExpLanes; j + kExpLanes <= n; j += kExpLanes) m = vmaxv(m, vload(row + j));
-    top = vmax(m);
-  }
-  for (; j < n; ++j) top = std::max(top, row[j]);
-  fvec sum = vset(0.f);
-  const fvec shift = vset(top);
-  for (j = 0; j + kExpLanes <= n; j += kExpLanes) {
-    const fvec e = vexp_nonpositive(vsub(vload(row + j), shift));
-    vstore(row + j, e);
-    sum = vadd(sum, e);
-  }
-  float total = vsum(sum);
-  for (; j < n; ++j) total += (row[j] = std::exp(row[j] - top));
-  return total;
-}
-#else
-float softmax_numerators(float* row, int64_t n) {
-  const float top = *std::max_element(row, row + n);
+// exp(x[i] - top) in place for i < n (every x[i] <= top), returning their sum. AVX-512: 16 at a
+// time, Cephes' single-precision polynomial (within 2 ulp of std::exp) scaled by 2^k in one
+// instruction; the rest (and other CPUs) through std::exp.
+ALWAYS_INLINE float exp_shifted(float* x, int64_t n, float top) {
+  int64_t i = 0;
   float total = 0.f;
-  for (int64_t j = 0; j < n; ++j) total += (row[j] = std::exp(row[j] - top));
+#if defined(__AVX512F__)
+  const __m512 shift = _mm512_set1_ps(top);
+  __m512 sum = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    // inputs below ln(FLT_MIN) give ~1e-38 instead of 0: nothing against a total of at least 1
+    const __m512 v = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), shift), _mm512_set1_ps(-87.33654f));
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), v);  // v - k ln 2, in two parts
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    const __m512 e = _mm512_scalef_ps(_mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f)), k);
+    _mm512_storeu_ps(x + i, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  total = _mm512_reduce_add_ps(sum);
+#endif
+  for (; i < n; ++i) total += (x[i] = std::exp(x[i] - top));
   return total;
 }
-#endif
+
+// One query head against its n keys and values (rows `slots` of the pools, `row` floats per
+// slot, this head's kv head at `offset`): o [D] = softmax(q . k * scale) . v, D = 16 C, q and the
+// output held in registers.
+template <int C>
+void attend_head(const float* q, const float* kp, const float* vp, const int32_t* slots, int64_t n, int64_t row,
+                 int64_t offset, float scale, float* scores, float* o) {
+  f32x16 qv[C];
+  for (int c = 0; c < C; ++c) qv[c] = load_f32(q + 16 * c);
+  float top = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    const float* k = kp + int64_t{slots[j]} * row + offset;
+    f32x16 acc = qv[0] * load_f32(k);
+    for (int c = 1; c < C; ++c) acc += qv[c] * load_f32(k + 16 * c);
+    scores[j] = hsum(acc) * scale;
+    top = std::max(top, scores[j]);
+  }
+  const float total = exp_shifted(scores, n, top);  // softmax numerators, in place
+  f32x16 acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = splat(0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    const float* v = vp + int64_t{slots[j]} * row + offset;
+    const f32x16 p = splat(scores[j]);
+    for (int c = 0; c < C; ++c) acc[c] += p * load_f32(v + 16 * c);
+  }
+  for (int c = 0; c < C; ++c) std::memcpy(o + 16 * c, &acc[c], 64);
+  for (int64_t d = 0; d < 16 * C; ++d) o[d] /= total;
+}
+
+// The same for any head size D, the output accumulated in memory.
+void attend_head_any(const float* q, const float* kp, const float* vp, const int32_t* slots, int64_t n, int64_t row,
+                     int64_t offset, int64_t D, float scale, float* scores, float* o) {
+  float top = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    scores[j] = dot(q, kp + int64_t{slots[j]} * row + offset, D) * scale;
+    top = std::max(top, scores[j]);
+  }
+  const float total = exp_shifted(scores, n, top);
+  std::fill(o, o + D, 0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    const float p = scores[j], *v = vp + int64_t{slots[j]} * row + offset;
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+      const f32x16 sum = load_f32(o + d) + splat(p) * load_f32(v + d);
+      std::memcpy(o + d, &sum, 64);
+    }
+    for (; d < D; ++d) o[d] += p * v[d];
+  }
+  for (int64_t d = 0; d < D; ++d) o[d] /= total;
+}
 
 // One new token per sequence against its keys in the KV pool, read in place through
 // req_to_token (no gathered copy): q [B, H, D], k_pool / v_pool [slots, KV, D], req_to_token
@@ -1042,37 +1034,27 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const
   const int64_t *row_p = rows.data_ptr<int64_t>(), *len_p = lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  at::parallel_for(0, B * KV, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores, acc(G * D);
+  int64_t longest = 1;
+  for (int64_t b = 0; b < B; ++b) longest = std::max(longest, len_p[b]);
+  // A (sequence, head) at a time, split across the threads when there is work enough for it (a
+  // short context's heads cost less than waking a thread); a head's keys and values stay in
+  // cache for the other heads of its kv head.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / (longest * D));
+  at::parallel_for(0, B * H, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores;
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / KV, g = i % KV;
+      const int64_t b = i / H, hh = i % H, kv_off = hh / G * D;
       const int64_t L = len_p[b], start = window > 0 ? std::max<int64_t>(0, L - window) : 0, n = L - start;
       const int32_t* slots = table + row_p[b] * table_stride + start;
-      const float* qg = qp + (b * H + g * G) * D;  // the G query heads of kv head g
-      scores.resize(G * n);
-      for (int64_t j = 0; j < n; ++j) {
-        const float* key = kp + (int64_t{slots[j]} * KV + g) * D;
-        for (int64_t h = 0; h < G; ++h) scores[h * n + j] = dot(qg + h * D, key, D) * sc;
+      const float* qh = qp + i * D;
+      float* o = op + i * D;
+      scores.resize(n);
+      switch (D) {  // head sizes whose q and output fit in registers; others through memory
+        case 32: attend_head<2>(qh, kp, vp, slots, n, KV * D, kv_off, sc, scores.data(), o); break;
+        case 64: attend_head<4>(qh, kp, vp, slots, n, KV * D, kv_off, sc, scores.data(), o); break;
+        case 128: attend_head<8>(qh, kp, vp, slots, n, KV * D, kv_off, sc, scores.data(), o); break;
+        default: attend_head_any(qh, kp, vp, slots, n, KV * D, kv_off, D, sc, scores.data(), o);
       }
-      std::vector<float> total(G);
-      for (int64_t h = 0; h < G; ++h) total[h] = softmax_numerators(scores.data() + h * n, n);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j = 0; j < n; ++j) {
-        const float* value = vp + (int64_t{slots[j]} * KV + g) * D;
-        for (int64_t h = 0; h < G; ++h) {
-          const float p = scores[h * n + j];
-          float* a = acc.data() + h * D;
-          int64_t d = 0;
-          for (; d + 16 <= D; d += 16) {
-            const f32x16 sum = load_f32(a + d) + splat(p) * load_f32(value + d);
-            std::memcpy(a + d, &sum, 64);
-          }
-          for (; d < D; ++d) a[d] += p * value[d];
-        }
-      }
-      float* o = op + (b * H + g * G) * D;
-      for (int64_t h = 0; h < G; ++h)
-        for (int64_t d = 0; d < D; ++d) o[h * D + d] = acc[h * D + d] / total[h];
     }
   });
   return out;
@@ -1111,6 +1093,138 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const c10::opti
 
 }  // namespace
 
+// ---- one whole decoder layer of a decode step (float32, CPU) -----------------------------------
+//
+// A pre-norm Llama-style layer for one new token per sequence, in one call: the C++ ops above in
+// a row with the small steps between them (rotary, KV store, SiLU-and-mul) done in place, so a
+// layer costs one dispatch instead of some twenty. The same arithmetic as the module path: the
+// same RMSNorm, block products, attention and torch's SiLU; the rotary's sums in the same order.
+
+#include <ATen/ops/cat.h>
+#include <ATen/ops/silu.h>
+
+namespace {
+
+// x [M, K] times one segment of a weight's rows: GGUF blocks of `qtype` [N, bytes per row] (with
+// kInt8ActivationsFlag added: int8 activations), or (qtype 0) a dense float32 weight [N, K] -> [M, N]
+constexpr int64_t kInt8ActivationsFlag = 1 << 8;
+at::Tensor segment_product(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t max_direct_rows) {
+  if (qtype == 0) {
+    TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.size(1) == x.size(1), "decoder_layer: dense weight");
+    return at::mm(x, w.t());
+  }
+  return mm(x, w, qtype & ~kInt8ActivationsFlag, max_direct_rows, (qtype & kInt8ActivationsFlag) != 0);
+}
+
+// A linear layer whose weight is `count` segments of rows from weights[*next] on (the segments'
+// products side by side), plus an optional bias.
+at::Tensor layer_linear(const at::Tensor& x, at::TensorList weights, at::IntArrayRef qtypes, int64_t* next,
+                        int64_t count, const c10::optional<at::Tensor>& bias, int64_t max_direct_rows) {
+  at::Tensor out;
+  if (count == 1) {
+    out = segment_product(x, weights[*next], qtypes[*next], max_direct_rows);
+  } else {
+    std::vector<at::Tensor> parts;
+    for (int64_t i = 0; i < count; ++i) parts.push_back(segment_product(x, weights[*next + i], qtypes[*next + i], max_direct_rows));
+    out = at::cat(parts, 1);
+  }
+  *next += count;
+  if (bias.has_value() && bias->defined()) out.add_(*bias);
+  return out;
+}
+
+// qkv [B, (H + 2 KV) * D] -> q [B, H, D] rotated; each sequence's k rotated and its v copied to
+// its slot of the pools [slots, KV, D]. cos / sin [B, rd]: full rotary width with rotate_half's
+// sign folded into sin (cos = [c | c], sin = [-s | s]); dims past rd are not rotated. Products
+// and sums rounded one at a time (no fused multiply-add), as torch's ops compute them.
+#if defined(__clang__)
+#define NO_FP_CONTRACT
+#else
+#define NO_FP_CONTRACT __attribute__((optimize("fp-contract=off")))
+#endif
+NO_FP_CONTRACT void rotate_and_store(const float* qkv, const float* cos, const float* sin, const int64_t* slots, int64_t B,
+                      int64_t H, int64_t KV, int64_t D, int64_t rd, float* q, float* k_pool, float* v_pool) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  const int64_t half = rd / 2, width = (H + 2 * KV) * D;
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = qkv + b * width;
+    const float *c = cos + b * rd, *s = sin + b * rd;
+    for (int64_t h = 0; h < H + KV; ++h) {
+      const float* x = row + h * D;
+      float* y = h < H ? q + (b * H + h) * D : k_pool + (slots[b] * KV + h - H) * D;
+      // x * cos + rotate_half(x) * sin
+      for (int64_t d = 0; d < half; ++d) {
+        const float a = x[d] * c[d], p = x[d + half] * s[d];
+        y[d] = a + p;
+      }
+      for (int64_t d = half; d < rd; ++d) {
+        const float a = x[d] * c[d], p = x[d - half] * s[d];
+        y[d] = a + p;
+      }
+      for (int64_t d = rd; d < D; ++d) y[d] = x[d];
+    }
+    std::memcpy(v_pool + slots[b] * KV * D, row + (H + KV) * D, KV * D * sizeof(float));
+  }
+}
+
+void check_layer_inputs(const at::Tensor& hidden, at::TensorList weights, at::IntArrayRef qtypes,
+                        at::IntArrayRef counts, const c10::List<c10::optional<at::Tensor>>& biases,
+                        const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_pool,
+                        const at::Tensor& v_pool, const at::Tensor& out_slots, at::IntArrayRef shape) {
+  TORCH_CHECK(hidden.scalar_type() == at::kFloat && hidden.dim() == 2 && hidden.device().is_cpu(),
+              "decoder_layer: float32 hidden [B, C] on the CPU");
+  TORCH_CHECK(shape.size() == 5 && counts.size() == 4 && biases.size() == 4 && weights.size() == qtypes.size(),
+              "decoder_layer: shape [H, KV, D, window, max_direct_rows], 4 segment counts and 4 biases");
+  int64_t total = 0;
+  for (const int64_t n : counts) total += n;
+  TORCH_CHECK(total == static_cast<int64_t>(weights.size()), "decoder_layer: segment counts do not add up");
+  const int64_t B = hidden.size(0), KV = shape[1], D = shape[2];
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.dim() == 2 &&
+                  cos.size(0) == B && cos.sizes() == sin.sizes() && cos.is_contiguous() && sin.is_contiguous() &&
+                  cos.size(1) % 2 == 0 && cos.size(1) <= D,
+              "decoder_layer: cos / sin float32 [B, rotary_dim]");
+  TORCH_CHECK(k_pool.scalar_type() == at::kFloat && v_pool.scalar_type() == at::kFloat && k_pool.dim() == 3 &&
+                  k_pool.size(1) == KV && k_pool.size(2) == D && v_pool.sizes() == k_pool.sizes() &&
+                  k_pool.is_contiguous() && v_pool.is_contiguous(),
+              "decoder_layer: float32 pools [slots, KV, D]");
+  TORCH_CHECK(out_slots.scalar_type() == at::kLong && out_slots.numel() == B, "decoder_layer: int64 out_slots [B]");
+}
+
+// One pre-norm decoder layer for a decode step (B sequences, one new token each): hidden [B, C]
+// (and the residual stream, None before the first layer) -> (the MLP's output, the residual
+// after attention), as PreNormDecoderLayer.forward returns them. weights / qtypes: the segments of
+// qkv, o, gate_up and down in that order, counts[i] of them for linear i; biases: theirs or None.
+// shape: [num_heads, num_kv_heads, head_dim, sliding window (0: none), max_direct_rows].
+std::tuple<at::Tensor, at::Tensor> decoder_layer(
+    const at::Tensor& hidden, const c10::optional<at::Tensor>& residual, const at::Tensor& input_norm,
+    const at::Tensor& post_norm, at::TensorList weights, at::IntArrayRef qtypes, at::IntArrayRef counts,
+    const c10::List<c10::optional<at::Tensor>>& biases, const at::Tensor& cos, const at::Tensor& sin,
+    const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& out_slots, const at::Tensor& req_to_token,
+    const at::Tensor& req_indices, const at::Tensor& seq_lens, at::IntArrayRef shape, double scale, double eps) {
+  check_layer_inputs(hidden, weights, qtypes, counts, biases, cos, sin, k_pool, v_pool, out_slots, shape);
+  const int64_t B = hidden.size(0), H = shape[0], KV = shape[1], D = shape[2], window = shape[3];
+  const int64_t direct = shape[4];
+  int64_t next = 0;
+  auto [normed, res] = rms_norm(hidden, residual, input_norm, eps);
+  const at::Tensor qkv = layer_linear(normed, weights, qtypes, &next, counts[0], biases.get(0), direct).contiguous();
+  TORCH_CHECK(qkv.size(1) == (H + 2 * KV) * D, "decoder_layer: qkv width");
+  at::Tensor q = at::empty({B, H, D}, hidden.options());
+  const at::Tensor slots = out_slots.contiguous();
+  rotate_and_store(qkv.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), slots.data_ptr<int64_t>(), B,
+                   H, KV, D, cos.size(1), q.data_ptr<float>(), k_pool.data_ptr<float>(), v_pool.data_ptr<float>());
+  const at::Tensor attn = decode_attention(q, k_pool, v_pool, req_to_token, req_indices, seq_lens, scale, window);
+  const at::Tensor o = layer_linear(attn.view({B, H * D}), weights, qtypes, &next, counts[1], biases.get(1), direct);
+  auto [normed2, res2] = rms_norm(o, res, post_norm, eps);
+  const at::Tensor gate_up = layer_linear(normed2, weights, qtypes, &next, counts[2], biases.get(2), direct);
+  const int64_t I = gate_up.size(1) / 2;
+  const at::Tensor act = at::silu(gate_up.narrow(1, 0, I)).mul_(gate_up.narrow(1, I, I));  // as SiluAndMul
+  return std::make_tuple(layer_linear(act, weights, qtypes, &next, counts[3], biases.get(3), direct), res2);
+}
+
+}  // namespace
+
 TORCH_LIBRARY(lightgate_gguf, m) {
   m.def("mm(Tensor x, Tensor weight, int qtype, int max_direct_rows, bool int8_activations=False) -> Tensor");
   m.def("has_int8_activations() -> bool", &has_int8_activations);
@@ -1128,9 +1242,14 @@ TORCH_LIBRARY(lightgate_cpu, m) {
   m.def("decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor req_to_token, Tensor req_indices, "
         "Tensor seq_lens, float scale, int window) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("decoder_layer(Tensor hidden, Tensor? residual, Tensor input_norm, Tensor post_norm, Tensor[] weights, "
+        "int[] qtypes, int[] counts, Tensor?[] biases, Tensor cos, Tensor sin, Tensor(a!) k_pool, Tensor(b!) v_pool, "
+        "Tensor out_slots, Tensor req_to_token, Tensor req_indices, Tensor seq_lens, int[] shape, float scale, "
+        "float eps) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lightgate_cpu, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("rms_norm", &rms_norm);
+  m.impl("decoder_layer", &decoder_layer);
 }

@@ -86,6 +86,9 @@ class Attention(nn.Module):
             self.alibi_slopes = None
         # The kernels take power-of-two head sizes; other models keep the torch path on CUDA too.
         self._kernel_head_dim = head_dim >= 16 and head_dim & (head_dim - 1) == 0
+        # Decode steps over a float32 pool on the CPU take the C++ op (engine.kernels.cpu_decode):
+        # chosen per model at load (engine.models.cpu_decode_layer.enable_cpu_kernels)
+        self.cpu_kernels = False
 
     # ---- KV pool access -------------------------------------------------------------------
 
@@ -218,7 +221,7 @@ class Attention(nn.Module):
         # or on the CPU read in place by one C++ op (float32 pools, no ALiBi).
         num_seqs = q.shape[0]
         kv = ctx.kv
-        if kv.k_scale is None and self.alibi_slopes is None and q.dtype == torch.float32 and cpu_decode.loaded():
+        if self.cpu_kernels and kv.k_scale is None and self.alibi_slopes is None and q.dtype == torch.float32:
             k_pool, v_pool = kv.k[self.layer_idx], kv.v[self.layer_idx]
             if k_pool.dtype == torch.float32 and not q.is_cuda:
                 return cpu_decode.decode_attention(

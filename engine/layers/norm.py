@@ -23,6 +23,9 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=params_dtype), requires_grad=False)
+        # float32 rows on the CPU take the C++ op (engine.kernels.cpu_decode): chosen per model at
+        # load (engine.models.cpu_decode_layer.enable_cpu_kernels)
+        self.cpu_kernels = False
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, hidden]
@@ -40,7 +43,7 @@ class RMSNorm(nn.Module):
             from engine.kernels.rmsnorm import rms_norm
 
             return rms_norm(x, self.weight, self.eps, residual)  # the residual is updated in place
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and x.dim() == 2 and cpu_decode.loaded():
+        if self.cpu_kernels and x.dtype == torch.float32 and self.weight.dtype == torch.float32 and x.dim() == 2:
             if not x.is_cuda:  # one C++ op instead of torch's several (a CPU decode step's dispatch)
                 normed, x = cpu_decode.rms_norm(x, residual, self.weight, self.eps)
                 return normed if residual is None else (normed, x)

@@ -174,6 +174,12 @@ class RotaryEmbedding(nn.Module):
         # Full rotary width, the sign of rotate_half folded into sin: [T, 1, rotary_dim].
         return torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((-sin, sin), dim=-1).unsqueeze(1)
 
+    def cos_sin_rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, rotary_dim] float32 at `positions` [T], full width with the sign of
+        rotate_half folded into sin: x rotates to x * cos + [x2 | x1] * sin (a fused kernel's)."""
+        cos, sin = self._cos_sin(positions, torch.float32)  # [T, 1, rotary_dim]
+        return cos.squeeze(1), sin.squeeze(1)
+
     def _rotate_heads(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # x: [T, heads, head_size] -> rotated copy, same shape
         cos, sin = self._cos_sin(positions, x.dtype)

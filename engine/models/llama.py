@@ -9,7 +9,7 @@ and checkpoints that fuse them already (Phi-3's `qkv_proj`, `gate_up_proj`) load
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -28,6 +28,10 @@ from engine.layers import (
 )
 from engine.model_config import ModelConfig
 from engine.models.causal_lm import CausalLM
+from engine.worker.forward_context import get_forward_context
+
+if TYPE_CHECKING:
+    from engine.models.cpu_decode_layer import CpuDecodeLayer
 
 
 class LlamaAttention(nn.Module):
@@ -103,16 +107,25 @@ class LlamaMLP(nn.Module):
 class PreNormDecoderLayer(nn.Module):
     """A decoder layer norm -> attention -> add, norm -> MLP -> add. Subclasses build
     `self_attn`, `mlp`, `input_layernorm` and `post_attention_layernorm` (RMSNorm or LayerNorm:
-    both take `(x, residual)` and return `(normed, x + residual)`)."""
+    both take `(x, residual)` and return `(normed, x + residual)`).
+
+    `fused_decode`, set at load where the model chose the CPU kernels and the op computes this
+    layer's wiring (engine/models/cpu_decode_layer.py), runs a decode-only step's layer in one op.
+    """
 
     self_attn: nn.Module
     mlp: nn.Module
     input_layernorm: nn.Module
     post_attention_layernorm: nn.Module
+    fused_decode: CpuDecodeLayer | None = None
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused_decode is not None:
+            ctx = get_forward_context()
+            if self.fused_decode.usable(ctx, hidden):
+                return self.fused_decode(ctx, positions, hidden, residual)
         # hidden / residual: [T, hidden_size]; the residual add is fused into the norms.
         if residual is None:
             residual = hidden

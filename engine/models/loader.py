@@ -36,6 +36,7 @@ from engine.kernels import gguf_cpu
 from engine.layers.cpu_gemm import pack_model_weights
 from engine.layers.gguf_linear import BlockSink, attach_gguf_weights, prefill_dtype, with_gguf_blocks
 from engine.models.causal_lm import CausalLM
+from engine.models.cpu_decode_layer import enable_cpu_kernels
 from engine.models.fp8_checkpoint import dequantized_weights, is_fp8_checkpoint
 from engine.models.gguf_cache import gguf_to_hf_dir
 from engine.models.gguf_source import gguf_weights, has_gguf_blocks
@@ -283,6 +284,8 @@ def load_model(
         int8_types = gguf_cpu.int8_types(gguf_activations)
         count = attach_gguf_weights(model, sink, prefill_dtype(gguf_prefill), int8_types)
         logger.info("%d linear layers served in their GGUF blocks (int8 activations for types %s)", count, sorted(int8_types))
+        # the kernel library is loaded: the decode step's C++ ops too, a layer in one op where they can
+        logger.info("%d decoder layers take the one-op CPU decode step", enable_cpu_kernels(model))
     if fp8:
         quantize_model_fp8(model)
         if torch.device(device).type == "cuda":

@@ -13,7 +13,6 @@ from engine.kernels import cpu_decode, gguf_cpu
 @pytest.fixture(autouse=True, scope="module")
 def kernels() -> None:
     assert gguf_cpu.available(), f"the CPU kernels did not build: {gguf_cpu.build_error()}"
-    assert cpu_decode.loaded()
 
 
 @pytest.mark.parametrize(("rows", "cols"), [(1, 576), (16, 576), (3, 37), (70, 64)])
