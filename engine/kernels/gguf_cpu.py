@@ -97,12 +97,6 @@ def _build(compiler: str) -> str:
 
 
 _errors: list[str] = []
-_loaded: list[bool] = []  # [True] once the library is loaded
-
-
-def loaded() -> bool:
-    """Whether `available()` has loaded the library in this process (builds nothing)."""
-    return bool(_loaded)
 
 
 def build_error() -> str | None:
@@ -114,7 +108,6 @@ def build_error() -> str | None:
 def available() -> bool:
     """Build (once) and load the kernels; False where that is not possible here."""
     if hasattr(torch.ops, "lightgate_gguf") and hasattr(torch.ops.lightgate_gguf, "mm"):
-        _loaded.append(True)
         return True
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if compiler is None:
@@ -127,7 +120,6 @@ def available() -> bool:
         _errors.append(str(e))
         logger.warning("GGUF CPU kernels unavailable, weights are served dequantized: %s", e)
         return False
-    _loaded.append(True)
     return True
 
 
