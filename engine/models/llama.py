@@ -9,7 +9,7 @@ and checkpoints that fuse them already (Phi-3's `qkv_proj`, `gate_up_proj`) load
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -28,10 +28,17 @@ from engine.layers import (
 )
 from engine.model_config import ModelConfig
 from engine.models.causal_lm import CausalLM
-from engine.worker.forward_context import get_forward_context
+from engine.worker.forward_context import ForwardContext, get_forward_context
 
-if TYPE_CHECKING:
-    from engine.models.cpu_decode_layer import CpuDecodeLayer
+
+class FusedDecode(Protocol):
+    """A decode-only step's whole layer in one op (engine/models/cpu_decode_layer.py)."""
+
+    def usable(self, ctx: ForwardContext, hidden: torch.Tensor) -> bool: ...
+
+    def __call__(
+        self, ctx: ForwardContext, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class LlamaAttention(nn.Module):
@@ -117,7 +124,7 @@ class PreNormDecoderLayer(nn.Module):
     mlp: nn.Module
     input_layernorm: nn.Module
     post_attention_layernorm: nn.Module
-    fused_decode: CpuDecodeLayer | None = None
+    fused_decode: FusedDecode | None = None
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
