@@ -33,17 +33,21 @@ class Harness:
         seed: int = 0,
     ) -> None:
         shape = ModelConfig.from_hf_config(model.config)
+        # The model's device (a GPU for scripts that score a model there; the tests' is the CPU).
+        # (GGUF-served layers keep their weights on the meta device: the blocks are buffers.)
+        devices = (p.device for p in model.parameters() if p.device.type != "meta")
+        self.device = next(devices, torch.device("cpu"))
         # The model runner's pool layout (int8: int8 values and per (slot, kv head) scales; one
         # latent per token and layer for multi-head latent attention).
-        self.kv = KVLayout.for_model(shape, 1, kv_dtype).allocate(num_slots, "cpu")
+        self.kv = KVLayout.for_model(shape, 1, kv_dtype).allocate(num_slots, str(self.device))
         self.model = model
         # Stale garbage in unused entries: attention must never read past seq_len.
-        self.req_to_token = torch.randint(0, num_slots, (max_rows, max_len), dtype=torch.int32)
+        self.req_to_token = torch.randint(0, num_slots, (max_rows, max_len), dtype=torch.int32).to(self.device)
         generator = torch.Generator().manual_seed(seed)
         self.free_slots: list[int] = torch.randperm(num_slots, generator=generator).tolist()
         self.seq_lens = [0] * max_rows
         # A vision-language model's images per row (`add_images`), placed as the worker places them.
-        self.images = ImageInputs(model, "cpu")
+        self.images = ImageInputs(model, self.device)
 
     def add_images(self, row: int, images: Sequence[PromptImage]) -> None:
         self.images.set_row(row, images)
@@ -65,11 +69,11 @@ class Harness:
         ctx = build_forward_context(
             self.kv, self.req_to_token, rows, starts, new_lens, torch.tensor(slots, dtype=torch.int64)
         )
-        input_ids = torch.tensor([t for _, ids in batch for t in ids], dtype=torch.int64)
+        input_ids = torch.tensor([t for _, ids in batch for t in ids], dtype=torch.int64, device=self.device)
         seqs = [SeqStep(row, start, ids, [], False) for (row, ids), start in zip(batch, starts, strict=True)]
         rope = self.images.rope_positions(seqs)  # an M-RoPE model's rows with images, as the worker gives them
         if rope is not None:
-            ctx.positions = torch.from_numpy(np.ascontiguousarray(rope))
+            ctx.positions = torch.from_numpy(np.ascontiguousarray(rope)).to(self.device)
         image_embeds = self.images.step_embeds(seqs)
         with set_forward_context(ctx):
             hidden = self.model(input_ids, ctx.positions, *(() if image_embeds is None else (image_embeds,)))
