@@ -6,14 +6,15 @@
 #   bash scripts/gpu_plan.sh PLAN
 #
 # Plans, in the order the open issues want them:
-#   llama8b-a  8B Llama shape: GPU tests not yet run on a GPU (decode GEMV kernel, Qwen2-VL
-#              greedy); constrained decoding's host time per step (issue 19); FP8 quality against
+#   llama8b-a  8B Llama shape: the decode GEMV's GPU tests (its FP8 bound failed at K = 4096);
+#              constrained decoding's host time per step (issue 19); FP8 quality against
 #              bf16 (issue 21); then bs1 and offline1000 unconstrained, and offline1000 with a
 #              json_schema on every request (issue 19, 21)
 #   llama8b-b  8B Llama shape, best right after llama8b-a on the same warm machine: the linear
 #              products per step with the GEMV's launch sweep; bs1 and offline1000 with the decode
 #              GEMV on, FP8 with and without it, bf16 bs1 at the defaults again (issue 21)
-#   qwen2vl    Qwen2-VL-7B shape: one 1024x768 image per chat, at 4 requests/s and 200 at once (issue 23)
+#   qwen2vl    Qwen2-VL-7B shape: one 1024x768 image per chat, at 4 requests/s and 200 at once
+#              (issue 23, measured on the H100 on 2026-12-08)
 #   dsv2       DeepSeek-V2-Lite shape: a profile of bs1 and a 64-sequence step, then bs1,
 #              offline1000, long2k (issue 22)
 #
@@ -26,7 +27,8 @@ py=${PYTHON:-python3}
 
 case $plan in
 llama8b-a)
-    export GPU_TESTS=${GPU_TESTS-"tests/engine/kernels/test_gemv.py tests/engine/test_gpu.py::test_decode_gemv_greedy_matches_cpu_and_repeats tests/engine/test_gpu.py::test_gpu_qwen2_vl_greedy_matches_cpu"}
+    # (the GEMV's greedy test and Qwen2-VL's passed on the H100 on 2026-12-08; its FP8 bound did not)
+    export GPU_TESTS=${GPU_TESTS-"tests/engine/kernels/test_gemv.py"}
     export GPU_TESTS_S=${GPU_TESTS_S:-120}
     export EXTRA=${EXTRA-"$py scripts/grammar_step_bench.py --rows 64,512,1024 --vocab 128256 --device cuda --apply --threads 4,8,16 --tokenizer .gpu_tok/tok;
 $py scripts/fp8_quality.py --model /tmp/llama8b --device cuda"}
