@@ -844,44 +844,32 @@ at::Tensor dequantize(const at::Tensor& w, int64_t qtype, int64_t K) {
 }
 
 // Many rows: the weight dequantized a slice of rows at a time into one cache-sized buffer,
-// each slice's product by torch's GEMM.
+// each slice's product by torch's GEMM. x float32 or bfloat16 [M, K] -> float32 [M, N]; a
+// bfloat16 x takes each slice rounded to bfloat16 (bfloat16 GEMM: float32 sums, rounded).
 at::Tensor dequantized_mm(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const int64_t slice = std::max<int64_t>(16, (int64_t{1} << 21) / (4 * K));  // about 2 MiB of float32
-  at::Tensor out = at::empty({M, N}, x.options());
-  at::Tensor buffer = at::empty({std::min(slice, N), K}, x.options());
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  at::Tensor buffer = at::empty({std::min(slice, N), K}, x.options().dtype(at::kFloat));
   for (int64_t n0 = 0; n0 < N; n0 += slice) {
     const int64_t rows = std::min(slice, N - n0);
     at::Tensor part = buffer.narrow(0, 0, rows);
     dispatch(qtype, [&](auto f) {
       dequantize_rows<decltype(f)>(w.data_ptr<uint8_t>() + n0 * w.size(1), w.size(1), rows, K, part.data_ptr<float>());
     });
-    out.narrow(1, n0, rows).copy_(at::mm(x, part.t()));
+    out.narrow(1, n0, rows).copy_(at::mm(x, (bf16 ? part.to(at::kBFloat16) : part).t()));
   }
   return out;
 }
 
-// x [M, K] bfloat16 @ the weight dequantized to bfloat16, transposed -> float32 [M, N]: the weight
-// in slices of rows as in dequantized_mm, each rounded to bfloat16 and multiplied by torch's
-// bfloat16 GEMM (float32 sums, rounded to bfloat16).
+// x [M, K] bfloat16 @ the weight dequantized to bfloat16, transposed -> float32 [M, N], whatever
+// M: dequantized_mm's slices, each rounded to bfloat16.
 at::Tensor dequantized_mm_bf16(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2,
               "GGUF matmul: x must be a bfloat16 [rows, K] CPU tensor");
-  const at::Tensor xc = x.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0);
-  check_weight(w, qtype, K);
-  const int64_t slice = std::max<int64_t>(16, (int64_t{1} << 21) / (4 * K));
-  at::Tensor out = at::empty({M, N}, xc.options().dtype(at::kFloat));
-  at::Tensor buffer = at::empty({std::min(slice, N), K}, xc.options().dtype(at::kFloat));
-  for (int64_t n0 = 0; n0 < N; n0 += slice) {
-    const int64_t rows = std::min(slice, N - n0);
-    at::Tensor part = buffer.narrow(0, 0, rows);
-    dispatch(qtype, [&](auto f) {
-      dequantize_rows<decltype(f)>(w.data_ptr<uint8_t>() + n0 * w.size(1), w.size(1), rows, K, part.data_ptr<float>());
-    });
-    out.narrow(1, n0, rows).copy_(at::mm(xc, part.to(at::kBFloat16).t()));
-  }
-  return out;
+  check_weight(w, qtype, x.size(1));
+  return dequantized_mm(x.contiguous(), w, qtype);
 }
 
 // x [M, K] float32, weight [N, row_bytes] (blocks of `qtype`) -> x @ W.T, float32 [M, N];

@@ -111,11 +111,11 @@ class GGUFWeight:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x: [num_tokens, in] -> [num_tokens, out], in x's dtype
-        x32 = x if x.dtype == torch.float32 else x.float()
         if x.shape[0] > MAX_DIRECT_ROWS and self.prefill_dtype == torch.bfloat16:
             low = x.to(torch.bfloat16)
             parts = [gguf_mm_bf16(low, s.blocks, s.qtype) for s in self.segments]
         else:
+            x32 = x if x.dtype == torch.float32 else x.float()
             parts = [gguf_mm(x32, s.blocks, s.qtype, s.qtype in self.int8_types) for s in self.segments]
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         if bias is not None:
